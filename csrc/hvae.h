@@ -1,0 +1,416 @@
+/*
+ * hvae.h -- the public C API of hvae, a hierarchical variational autoencoder
+ * trained on the CPU.
+ *
+ * The model is a Markov hierarchy of T diagonal-Gaussian latent layers
+ * z_1..z_T over data x = z_0 in R^D:
+ *
+ *   inference   q(z_i | z_{i-1}) = N(mu_i, exp(logvar_i))        i = 1..T
+ *   generation  p(z_T) = N(0, I),  p(z_{i-1} | z_i)             i = T..1
+ *   ELBO(x) = log p(x | z_1) - KL(q(z_T|z_{T-1}) || N(0, I))
+ *                            - sum_{i<T} KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1}))
+ *
+ * with one reparameterised sample z_i = mu_i + exp(logvar_i / 2) * eps_i.
+ * Every block is an MLP of dense layers y = act(x @ W + b), W of shape
+ * (in, out), row-major.
+ *
+ * Memory: the parameters, their gradients and the optimizer moments each
+ * live in one flat float32 buffer with the same layout (see
+ * hvae_model_tensor). Activations live in a workspace sized once for a batch
+ * size; nothing is allocated inside a training step. Functions return an
+ * hvae_status and never print or exit.
+ *
+ * Usage:
+ *
+ *   int64_t latent[] = {32, 16}, hidden[] = {512, 256};
+ *   hvae_config cfg = hvae_config_default(784, 2, latent, 2, hidden);
+ *   cfg.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
+ *   hvae_model *model; hvae_workspace *ws; hvae_optimizer *opt;
+ *   hvae_rng rng;
+ *   if (hvae_model_create(&cfg, &model) != HVAE_OK) ...;
+ *   hvae_model_init(model, 42);                    // PyTorch-default init
+ *   hvae_workspace_create(model, 128, &ws);        // up to 128 rows a call
+ *   hvae_optimizer_config oc = hvae_optimizer_config_default();
+ *   hvae_optimizer_create(model, &oc, &opt);
+ *   hvae_rng_seed(&rng, 42);
+ *   hvae_train_options to = hvae_train_options_default();
+ *   hvae_epoch_stats stats;
+ *   for (int e = 0; e < 10; e++)
+ *       hvae_train_epoch(model, ws, opt, &rng, X, n_rows, &to, &stats);
+ *   hvae_optimizer_free(opt); hvae_workspace_free(ws); hvae_model_free(model);
+ *
+ * Ownership: every *_create has a matching *_free; buffers returned by
+ * accessors belong to the object and live as long as it does. Input arrays
+ * are borrowed for the duration of a call and never written.
+ *
+ * Threads: one object must not be used by two threads at once; distinct
+ * objects may. Matrix products run on OpenBLAS with hvae_set_num_threads().
+ */
+#ifndef HVAE_H
+#define HVAE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define HVAE_API __declspec(dllexport)
+#else
+#define HVAE_API __attribute__((visibility("default")))
+#endif
+
+#define HVAE_VERSION_MAJOR 0
+#define HVAE_VERSION_MINOR 1
+#define HVAE_VERSION_PATCH 0
+
+/* Limits: at most this many latent layers and hidden layers per block. */
+#define HVAE_MAX_LAYERS 16
+#define HVAE_MAX_HIDDEN 16
+
+/* Status codes. New values are only ever added at the end. */
+typedef enum {
+    HVAE_OK = 0,
+    HVAE_ERR_INVALID_ARGUMENT = 1, /* a size, option or pointer is invalid */
+    HVAE_ERR_OUT_OF_MEMORY = 2,    /* an allocation failed */
+    HVAE_ERR_SIZE_OVERFLOW = 3,    /* a requested size does not fit in memory */
+    HVAE_ERR_NONFINITE_INPUT = 4,  /* the data contain NaN or infinity */
+    HVAE_ERR_INPUT_RANGE = 5,      /* Bernoulli data outside [0, 1] */
+    HVAE_ERR_NONFINITE_LOSS = 6,   /* loss or gradient became NaN/inf; the
+                                      step was not applied */
+    HVAE_ERR_STOPPED = 7,          /* the batch hook asked to stop */
+    HVAE_ERR_BATCH_TOO_LARGE = 8   /* more rows than the workspace holds */
+} hvae_status;
+
+/* A static, human-readable description of a status code. */
+HVAE_API const char *hvae_status_to_string(hvae_status status);
+
+typedef enum {
+    HVAE_LIKELIHOOD_GAUSSIAN = 0,  /* p(x|z_1) = N(mu, exp(logvar)) */
+    HVAE_LIKELIHOOD_BERNOULLI = 1  /* p(x|z_1) = Bernoulli(sigmoid(logits)) */
+} hvae_likelihood;
+
+typedef enum {
+    HVAE_ACT_RELU = 0,
+    HVAE_ACT_TANH = 1,
+    HVAE_ACT_LEAKY_RELU = 2,   /* slope 0.01 below zero */
+    HVAE_ACT_ELU = 3,          /* alpha 1 */
+    HVAE_ACT_SOFTPLUS = 4,
+    HVAE_ACT_IDENTITY = 5      /* used for the linear heads */
+} hvae_activation;
+
+typedef enum {
+    HVAE_DECODER_VARIANCE_LEARNED = 0, /* decoders have log-variance heads */
+    HVAE_DECODER_VARIANCE_UNIT = 1     /* decoder variances fixed to 1 */
+} hvae_decoder_variance;
+
+/* The architecture. Arrays are copied by hvae_model_create. */
+typedef struct {
+    int64_t n_features;                 /* D */
+    int32_t n_layers;                   /* T, 1..HVAE_MAX_LAYERS */
+    const int64_t *latent_dims;         /* d_1..d_T */
+    int32_t n_hidden;                   /* 0..HVAE_MAX_HIDDEN */
+    const int64_t *hidden_dims;         /* encoder widths; decoders reverse them */
+    hvae_likelihood likelihood;
+    hvae_activation activation;
+    hvae_decoder_variance decoder_variance;
+} hvae_config;
+
+HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
+                                         const int64_t *latent_dims,
+                                         int32_t n_hidden,
+                                         const int64_t *hidden_dims);
+
+/* ------------------------------------------------------------------------ */
+/* Random numbers: xoshiro256** seeded through splitmix64. The state is a    */
+/* plain struct so that callers can save and restore it.                     */
+
+typedef struct {
+    uint64_t s[4];
+} hvae_rng;
+
+HVAE_API void hvae_rng_seed(hvae_rng *rng, uint64_t seed);
+HVAE_API uint64_t hvae_rng_next(hvae_rng *rng);
+/* n standard normal floats (Box-Muller on 53-bit uniforms). */
+HVAE_API void hvae_rng_normal(hvae_rng *rng, float *out, int64_t n);
+/* A uniformly random permutation of 0..n-1 (Fisher-Yates, unbiased). */
+HVAE_API void hvae_rng_permutation(hvae_rng *rng, int64_t *out, int64_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Per-layer kernels on flat row-major buffers. Forward functions write     */
+/* their outputs; backward functions ACCUMULATE into their gradient outputs */
+/* (+=) so that a buffer fed by several consumers is zeroed once per step.  */
+/* B is the number of rows.                                                 */
+
+/* out (B, n_out) = act(inp (B, n_in) @ weight (n_in, n_out) + bias (n_out)) */
+HVAE_API void hvae_dense_forward(float *out, const float *inp,
+                                 const float *weight, const float *bias,
+                                 hvae_activation act,
+                                 int64_t B, int64_t n_in, int64_t n_out);
+/* Given dout = dL/d(out), CONSUMES dout (turns it into dL/d(pre-activation)
+ * in place) and accumulates dinp (B, n_in) (skipped when NULL),
+ * dweight (n_in, n_out) and dbias (n_out). `out` is the forward output. */
+HVAE_API void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
+                                  float *dout, const float *out,
+                                  const float *inp, const float *weight,
+                                  hvae_activation act,
+                                  int64_t B, int64_t n_in, int64_t n_out);
+
+/* Elementwise activation, out may alias inp. */
+HVAE_API void hvae_activation_forward(float *out, const float *inp,
+                                      hvae_activation act, int64_t n);
+/* dinp += dout * act'(pre), computed from the activation output `out`. */
+HVAE_API void hvae_activation_backward(float *dinp, const float *dout,
+                                       const float *out, hvae_activation act,
+                                       int64_t n);
+
+/* z = mu + exp(logvar / 2) * eps, n elements. */
+HVAE_API void hvae_reparam_forward(float *z, const float *mu,
+                                   const float *logvar, const float *eps,
+                                   int64_t n);
+/* dmu += dz;  dlogvar += dz * eps * exp(logvar / 2) / 2. */
+HVAE_API void hvae_reparam_backward(float *dmu, float *dlogvar,
+                                    const float *dz, const float *logvar,
+                                    const float *eps, int64_t n);
+
+/* Per-row KL(N(mu_q, exp(lv_q)) || N(mu_p, exp(lv_p))) summed over d
+ * dimensions, written to kl (B). mu_p and/or lv_p may be NULL for 0 (the
+ * standard normal prior, or unit variance). */
+HVAE_API void hvae_gaussian_kl_forward(double *kl, const float *mu_q,
+                                       const float *lv_q, const float *mu_p,
+                                       const float *lv_p, int64_t B,
+                                       int64_t d);
+/* Accumulates scale * dKL/d(each input). Gradients for a NULL input are
+ * skipped; dmu_p and dlv_p may also be NULL when their input is given. */
+HVAE_API void hvae_gaussian_kl_backward(float *dmu_q, float *dlv_q,
+                                        float *dmu_p, float *dlv_p,
+                                        float scale, const float *mu_q,
+                                        const float *lv_q, const float *mu_p,
+                                        const float *lv_p, int64_t B,
+                                        int64_t d);
+
+/* Per-row log N(x; mu, exp(lv)) in nats, constants included, into ll (B).
+ * lv may be NULL for unit variance. */
+HVAE_API void hvae_gaussian_loglik_forward(double *ll, const float *x,
+                                           const float *mu, const float *lv,
+                                           int64_t B, int64_t D);
+/* Accumulates scale * dll/dmu and scale * dll/dlv (dlv skipped if NULL). */
+HVAE_API void hvae_gaussian_loglik_backward(float *dmu, float *dlv,
+                                            float scale, const float *x,
+                                            const float *mu, const float *lv,
+                                            int64_t B, int64_t D);
+
+/* Per-row sum of x * l - softplus(l) (Bernoulli log-likelihood with logits
+ * l, x in [0, 1]) into ll (B). */
+HVAE_API void hvae_bernoulli_loglik_forward(double *ll, const float *x,
+                                            const float *logits, int64_t B,
+                                            int64_t D);
+/* dlogits += scale * (x - sigmoid(l)). */
+HVAE_API void hvae_bernoulli_loglik_backward(float *dlogits, float scale,
+                                             const float *x,
+                                             const float *logits, int64_t B,
+                                             int64_t D);
+
+/* ------------------------------------------------------------------------ */
+/* Optimizers over flat buffers.                                             */
+
+/* Adam (Kingma & Ba 2015), in PyTorch's arrangement, step t >= 1:
+ *   g = grad + weight_decay * p
+ *   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+ *   p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)            */
+HVAE_API void hvae_adam_update(float *params, const float *grads, float *m,
+                               float *v, int64_t n, float lr, float beta1,
+                               float beta2, float eps, float weight_decay,
+                               int64_t t);
+/* SGD with optional momentum (PyTorch's form):
+ *   g = grad + weight_decay * p;  buf = momentum * buf + g;  p -= lr * buf
+ * (buf is unused and may be NULL when momentum is 0). */
+HVAE_API void hvae_sgd_update(float *params, const float *grads, float *buf,
+                              int64_t n, float lr, float momentum,
+                              float weight_decay);
+
+/* ------------------------------------------------------------------------ */
+/* The model.                                                                */
+
+typedef struct hvae_model hvae_model;
+
+HVAE_API hvae_status hvae_model_create(const hvae_config *config,
+                                       hvae_model **out);
+HVAE_API void hvae_model_free(hvae_model *model);
+HVAE_API const hvae_config *hvae_model_config(const hvae_model *model);
+
+/* Number of float32 parameters (length of the parameter buffer). */
+HVAE_API int64_t hvae_model_n_params(const hvae_model *model);
+/* The parameter and gradient buffers, n_params floats each. */
+HVAE_API float *hvae_model_params(hvae_model *model);
+HVAE_API float *hvae_model_grads(hvae_model *model);
+
+/* The named tensors that tile the parameter buffer, in buffer order:
+ * encoder blocks enc1..encT, then decoder blocks dec1..decT; within a block
+ * hidden1..hiddenH, then the heads (mu, logvar; or logits), W before b. */
+typedef struct {
+    char name[48];   /* e.g. "enc1.hidden1.W", "dec1.logits.b" */
+    int64_t offset;  /* in floats from the start of the buffer */
+    int64_t rows;    /* W: n_in; b: n_out */
+    int64_t cols;    /* W: n_out; b: 0 (a vector) */
+} hvae_tensor_info;
+
+HVAE_API int32_t hvae_model_n_tensors(const hvae_model *model);
+HVAE_API hvae_status hvae_model_tensor(const hvae_model *model, int32_t index,
+                                       hvae_tensor_info *info);
+
+/* PyTorch's default Linear initialisation: every W and b entry uniform in
+ * [-1/sqrt(n_in), 1/sqrt(n_in)], drawn from an hvae_rng seeded with seed. */
+HVAE_API void hvae_model_init(hvae_model *model, uint64_t seed);
+
+/* Checks that x (n, D) is finite and, for a Bernoulli likelihood, in [0, 1].
+ * On failure *bad_index (if not NULL) receives the flat index of the first
+ * offending value. */
+HVAE_API hvae_status hvae_model_check_data(const hvae_model *model,
+                                           const float *x, int64_t n,
+                                           int64_t *bad_index);
+
+/* ------------------------------------------------------------------------ */
+/* Workspace: activations and their gradients for up to max_rows rows.     */
+
+typedef struct hvae_workspace hvae_workspace;
+
+/* Bytes a workspace for max_rows rows needs (0 if it would overflow). */
+HVAE_API size_t hvae_workspace_bytes(const hvae_model *model, int64_t max_rows);
+HVAE_API hvae_status hvae_workspace_create(const hvae_model *model,
+                                           int64_t max_rows,
+                                           hvae_workspace **out);
+HVAE_API void hvae_workspace_free(hvae_workspace *ws);
+HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
+
+/* ------------------------------------------------------------------------ */
+/* Evaluation. Functions taking n rows process them in chunks of the        */
+/* workspace's max_rows, so n is unbounded.                                  */
+/*                                                                           */
+/* Noise: `eps` is NULL or an array of T pointers, eps[i] pointing to        */
+/* (n, d_{i+1}) standard-normal draws. With NULL, each row's noise is drawn  */
+/* from a generator seeded by a hash of the row's values and `noise_seed`:  */
+/* a row always gets the same draw, wherever it sits in x.                   */
+
+/* Per-row terms: elbo (n), reconstruction log p(x|z_1) (n) and kl (n, T),
+ * kl[:, i] the KL term of layer i+1. Any output may be NULL. */
+HVAE_API hvae_status hvae_elbo(hvae_model *model, hvae_workspace *ws,
+                               const float *x, int64_t n,
+                               const float *const *eps, uint64_t noise_seed,
+                               double *elbo, double *reconstruction,
+                               double *kl);
+
+/* Summed terms of a batch or an epoch. */
+typedef struct {
+    double loss;            /* mean of -(reconstruction - beta * kl_total) */
+    double elbo;            /* mean ELBO */
+    double reconstruction;  /* mean log p(x | z_1) */
+    double kl[HVAE_MAX_LAYERS]; /* mean KL term per layer */
+    int64_t n_rows;
+    int64_t n_batches;
+} hvae_epoch_stats;
+
+/* loss = -mean over the n rows of (reconstruction - beta * sum kl); writes
+ * its gradient to hvae_model_grads (overwriting it). */
+HVAE_API hvae_status hvae_loss_and_grad(hvae_model *model, hvae_workspace *ws,
+                                        const float *x, int64_t n,
+                                        const float *const *eps,
+                                        uint64_t noise_seed, float beta,
+                                        hvae_epoch_stats *stats);
+
+/* Posterior means and log-variances of every layer: mu[i] and logvar[i]
+ * point to (n, d_{i+1}) outputs (either array or entry may be NULL). Layers
+ * above the first are evaluated at the posterior mean of the layer below. */
+HVAE_API hvae_status hvae_encode(hvae_model *model, hvae_workspace *ws,
+                                 const float *x, int64_t n, float *const *mu,
+                                 float *const *logvar);
+
+/* The mean of p(x | z_1) for z1 (n, d_1) into x_mean (n, D); for a Gaussian
+ * likelihood with learned variance, the log-variance into x_logvar (n, D)
+ * when not NULL. */
+HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
+                                 const float *z1, int64_t n, float *x_mean,
+                                 float *x_logvar);
+
+/* Ancestral sampling: z_T ~ N(0, I), z_{i-1} ~ p(z_{i-1} | z_i), then the
+ * mean of p(x | z_1) into x (n, D), or a draw from it when
+ * observation_noise is nonzero. */
+HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
+                                 hvae_rng *rng, int64_t n,
+                                 int observation_noise, float *x);
+
+/* ------------------------------------------------------------------------ */
+/* Training.                                                                  */
+
+typedef enum { HVAE_OPTIMIZER_ADAM = 0, HVAE_OPTIMIZER_SGD = 1 } hvae_optimizer_kind;
+
+typedef struct {
+    hvae_optimizer_kind kind;
+    float learning_rate;
+    float beta1, beta2, eps;  /* Adam */
+    float momentum;           /* SGD */
+    float weight_decay;
+} hvae_optimizer_config;
+
+HVAE_API hvae_optimizer_config hvae_optimizer_config_default(void);
+
+typedef struct hvae_optimizer hvae_optimizer;
+
+HVAE_API hvae_status hvae_optimizer_create(const hvae_model *model,
+                                           const hvae_optimizer_config *config,
+                                           hvae_optimizer **out);
+HVAE_API void hvae_optimizer_free(hvae_optimizer *opt);
+/* Settings may change between steps (a new learning rate keeps moments). */
+HVAE_API hvae_status hvae_optimizer_configure(hvae_optimizer *opt,
+                                              const hvae_optimizer_config *config);
+HVAE_API const hvae_optimizer_config *hvae_optimizer_get_config(
+    const hvae_optimizer *opt);
+/* The moment buffers (n_params floats each; the second is NULL for SGD) and
+ * the step counter, for saving and restoring. */
+HVAE_API float *hvae_optimizer_state(hvae_optimizer *opt, int which);
+HVAE_API int64_t *hvae_optimizer_step_count(hvae_optimizer *opt);
+/* Applies one update from hvae_model_grads to hvae_model_params. */
+HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
+
+/* Called after every minibatch with that batch's stats; a nonzero return
+ * stops training (hvae_train_epoch then returns HVAE_ERR_STOPPED). */
+typedef int (*hvae_batch_hook)(void *ctx, int64_t batch_index,
+                               const hvae_epoch_stats *batch);
+
+typedef struct {
+    int64_t batch_size;    /* rows per step; at most the workspace's max_rows */
+    float beta;            /* weight of the KL terms */
+    int shuffle;           /* draw a new row order from rng each epoch */
+    hvae_batch_hook hook;  /* may be NULL */
+    void *hook_ctx;
+} hvae_train_options;
+
+HVAE_API hvae_train_options hvae_train_options_default(void);
+
+/* One pass of minibatch steps over x (n, D): reparameterisation noise from
+ * rng, loss and gradient, a check that both are finite, an optimizer step.
+ * `order` is scratch for n row indices (int64). On
+ * HVAE_ERR_NONFINITE_LOSS the offending step is not applied, so the
+ * parameters are the last finite ones. `stats` receives the means over the
+ * batches that were applied. */
+HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
+                                      hvae_optimizer *opt, hvae_rng *rng,
+                                      const float *x, int64_t n,
+                                      int64_t *order,
+                                      const hvae_train_options *options,
+                                      hvae_epoch_stats *stats);
+
+/* ------------------------------------------------------------------------ */
+/* BLAS threads (process-wide for hvae's OpenBLAS; other libraries' BLAS     */
+/* copies are unaffected).                                                   */
+HVAE_API void hvae_set_num_threads(int n_threads);
+HVAE_API int hvae_get_num_threads(void);
+/* The BLAS library's configuration string. */
+HVAE_API const char *hvae_blas_info(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* HVAE_H */

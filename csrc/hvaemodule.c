@@ -1,0 +1,1350 @@
+/*
+ * hvaemodule.c -- hvae._core: the CPython + NumPy binding of the C core.
+ * The only file that includes Python.h.
+ *
+ * Conventions: inputs are converted to float32 C-contiguous at most once
+ * (an array that already is one is used in place); every output is allocated
+ * and every input validated before the GIL is released; inside
+ * Py_BEGIN_ALLOW_THREADS only a status is set, and the exception is raised
+ * after the GIL is back. Every exit goes through one `done:` label that
+ * drops references.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <pythread.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "hvae.h"
+
+/* Rows per chunk for evaluation calls on many rows. */
+#define EVAL_ROWS 1024
+
+static PyObject *DivergenceError;
+
+static const char *const likelihood_names[] = {"gaussian", "bernoulli"};
+static const char *const activation_names[] = {"relu", "tanh", "leaky_relu",
+                                               "elu", "softplus"};
+static const char *const variance_names[] = {"learned", "unit"};
+static const char *const optimizer_names[] = {"adam", "sgd"};
+
+static int parse_choice(const char *what, const char *value,
+                        const char *const *names, int n_names)
+{
+    for (int i = 0; i < n_names; i++)
+        if (strcmp(value, names[i]) == 0)
+            return i;
+    PyObject *options = PyUnicode_FromString("");
+    for (int i = 0; i < n_names && options; i++) {
+        PyObject *next = PyUnicode_FromFormat("%U%s'%s'", options,
+                                              i ? ", " : "", names[i]);
+        Py_SETREF(options, next);
+    }
+    if (options)
+        PyErr_Format(PyExc_ValueError, "%s must be one of %U; got '%s'", what,
+                     options, value);
+    Py_XDECREF(options);
+    return -1;
+}
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- the Model type ------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    hvae_model *model;
+    hvae_workspace *ws;
+    hvae_optimizer *opt; /* NULL until the first fit */
+    hvae_rng rng;        /* training noise, shuffling and sampling */
+    PyThread_type_lock lock;
+    int n_threads;       /* 0: leave the BLAS thread count alone */
+    unsigned long long seed;
+} ModelObject;
+
+static PyTypeObject ModelType;
+
+static int raise_status(hvae_status status, const char *context)
+{
+    PyObject *type = PyExc_RuntimeError;
+    switch (status) {
+    case HVAE_OK: return 0;
+    case HVAE_ERR_OUT_OF_MEMORY:
+    case HVAE_ERR_SIZE_OVERFLOW: type = PyExc_MemoryError; break;
+    case HVAE_ERR_INVALID_ARGUMENT:
+    case HVAE_ERR_NONFINITE_INPUT:
+    case HVAE_ERR_INPUT_RANGE:
+    case HVAE_ERR_BATCH_TOO_LARGE: type = PyExc_ValueError; break;
+    case HVAE_ERR_NONFINITE_LOSS: type = DivergenceError; break;
+    default: break;
+    }
+    PyErr_Format(type, "%s: %s", context, hvae_status_to_string(status));
+    return -1;
+}
+
+/* Refuses a second concurrent call on one model instead of corrupting it. */
+static int model_enter(ModelObject *self)
+{
+    if (!self->model) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is not initialised");
+        return -1;
+    }
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this Model is in use by another thread; a Model "
+                        "serves one call at a time (use one Model per thread)");
+        return -1;
+    }
+    if (self->n_threads > 0)
+        hvae_set_num_threads(self->n_threads);
+    return 0;
+}
+
+static void model_leave(ModelObject *self)
+{
+    PyThread_release_lock(self->lock);
+}
+
+static int ensure_workspace(ModelObject *self, int64_t rows)
+{
+    if (self->ws && hvae_workspace_max_rows(self->ws) >= rows)
+        return 0;
+    hvae_workspace *ws = NULL;
+    hvae_status st = hvae_workspace_create(self->model, rows, &ws);
+    if (st != HVAE_OK)
+        return raise_status(st, "cannot allocate the workspace");
+    hvae_workspace_free(self->ws);
+    self->ws = ws;
+    return 0;
+}
+
+static int64_t eval_rows(int64_t n)
+{
+    return n < EVAL_ROWS ? (n > 0 ? n : 1) : EVAL_ROWS;
+}
+
+/*
+ * Converts obj to a float32 C-contiguous 2-D array of `cols` columns with at
+ * least one row. An array that already is one is returned as is (a new
+ * reference, no copy); anything else is converted once.
+ */
+static PyArrayObject *as_matrix(PyObject *obj, int64_t cols, const char *name)
+{
+    PyArrayObject *any = (PyArrayObject *)PyArray_FROM_O(obj);
+    if (!any)
+        return NULL;
+    char kind = PyArray_DESCR(any)->kind;
+    if (kind == 'c' || kind == 'U' || kind == 'S' || kind == 'V' ||
+        kind == 'M' || kind == 'm') {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must hold real numbers; got an array of dtype %R",
+                     name, (PyObject *)PyArray_DESCR(any));
+        Py_DECREF(any);
+        return NULL;
+    }
+    if (PyArray_NDIM(any) != 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be a 2-D array (n_samples, n_features); got %d "
+                     "dimension(s)", name, PyArray_NDIM(any));
+        Py_DECREF(any);
+        return NULL;
+    }
+    if (PyArray_DIM(any, 0) < 1) {
+        PyErr_Format(PyExc_ValueError, "%s has 0 rows; at least 1 is required",
+                     name);
+        Py_DECREF(any);
+        return NULL;
+    }
+    if (cols >= 0 && PyArray_DIM(any, 1) != cols) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd columns, but the model "
+                     "expects %lld", name, (Py_ssize_t)PyArray_DIM(any, 1),
+                     (long long)cols);
+        Py_DECREF(any);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(
+        (PyObject *)any, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    Py_DECREF(any);
+    return arr;
+}
+
+/* Raises the ValueError for a failed hvae_model_check_data. */
+static void raise_bad_data(ModelObject *self, hvae_status st, PyArrayObject *x,
+                           int64_t bad, const char *name)
+{
+    int64_t D = hvae_model_config(self->model)->n_features;
+    double value = ((const float *)PyArray_DATA(x))[bad];
+    char text[64];
+    snprintf(text, sizeof text, "%g", value);
+    if (st == HVAE_ERR_NONFINITE_INPUT)
+        PyErr_Format(PyExc_ValueError,
+                     "%s contains NaN or infinity (first at row %lld, column "
+                     "%lld)", name, (long long)(bad / D), (long long)(bad % D));
+    else
+        PyErr_Format(PyExc_ValueError,
+                     "%s has values outside [0, 1] (%s[%lld, %lld] = %s), but the "
+                     "Bernoulli likelihood needs data in [0, 1]; rescale it or "
+                     "use likelihood='gaussian'", name, name,
+                     (long long)(bad / D), (long long)(bad % D), text);
+}
+
+/* X as a validated float32 matrix of the model's width, checked for NaN,
+ * inf and (Bernoulli) range. */
+static PyArrayObject *as_data(ModelObject *self, PyObject *obj, const char *name)
+{
+    int64_t D = hvae_model_config(self->model)->n_features;
+    PyArrayObject *x = as_matrix(obj, D, name);
+    if (!x)
+        return NULL;
+    int64_t bad = 0;
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_model_check_data(self->model, PyArray_DATA(x), PyArray_DIM(x, 0),
+                               &bad);
+    Py_END_ALLOW_THREADS
+    if (st != HVAE_OK) {
+        raise_bad_data(self, st, x, bad, name);
+        Py_DECREF(x);
+        return NULL;
+    }
+    return x;
+}
+
+/* noise: None, or a sequence of T arrays (n, d_i). Fills arrays[] (new
+ * references) and ptrs[]; returns 1 if noise was given, 0 if None, -1 on
+ * error. */
+static int as_noise(ModelObject *self, PyObject *noise, int64_t n,
+                    PyArrayObject **arrays, const float **ptrs)
+{
+    const hvae_config *c = hvae_model_config(self->model);
+    if (noise == NULL || noise == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(noise, "noise must be None or a list of "
+                                           "one array per latent layer");
+    if (!seq)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != c->n_layers) {
+        PyErr_Format(PyExc_ValueError, "noise must hold %d arrays (one per "
+                     "latent layer); got %zd", (int)c->n_layers,
+                     PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "noise[%d]", (int)i);
+        arrays[i] = as_matrix(PySequence_Fast_GET_ITEM(seq, i),
+                              c->latent_dims[i], name);
+        if (arrays[i] && PyArray_DIM(arrays[i], 0) != n) {
+            PyErr_Format(PyExc_ValueError, "%s has %zd rows but X has %lld",
+                         name, (Py_ssize_t)PyArray_DIM(arrays[i], 0),
+                         (long long)n);
+            Py_CLEAR(arrays[i]);
+        }
+        if (!arrays[i]) {
+            for (int32_t k = 0; k < i; k++)
+                Py_CLEAR(arrays[k]);
+            Py_DECREF(seq);
+            return -1;
+        }
+        ptrs[i] = PyArray_DATA(arrays[i]);
+    }
+    Py_DECREF(seq);
+    return 1;
+}
+
+static PyObject *new_array(int nd, npy_intp *dims, int typenum)
+{
+    return PyArray_SimpleNew(nd, dims, typenum);
+}
+
+static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
+                             "likelihood", "activation", "decoder_variance",
+                             "seed", NULL};
+    long long n_features;
+    PyObject *latent_obj, *hidden_obj, *latent_seq = NULL, *hidden_seq = NULL;
+    const char *likelihood = "gaussian", *activation = "relu",
+               *variance = "learned";
+    unsigned long long seed = 0;
+    ModelObject *self = NULL;
+    int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssK:Model", kwlist,
+                                     &n_features, &latent_obj, &hidden_obj,
+                                     &likelihood, &activation, &variance, &seed))
+        return NULL;
+    int lik = parse_choice("likelihood", likelihood, likelihood_names, 2);
+    int act = lik < 0 ? -1 : parse_choice("activation", activation, activation_names, 5);
+    int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, variance_names, 2);
+    if (var < 0)
+        return NULL;
+    if (n_features < 1) {
+        PyErr_Format(PyExc_ValueError, "n_features must be at least 1; got %lld",
+                     n_features);
+        return NULL;
+    }
+    latent_seq = PySequence_Fast(latent_obj, "latent_dims must be a sequence of ints");
+    hidden_seq = latent_seq ? PySequence_Fast(hidden_obj, "hidden_dims must be a sequence of ints") : NULL;
+    if (!hidden_seq)
+        goto done;
+    Py_ssize_t T = PySequence_Fast_GET_SIZE(latent_seq);
+    Py_ssize_t H = PySequence_Fast_GET_SIZE(hidden_seq);
+    if (T < 1 || T > HVAE_MAX_LAYERS) {
+        PyErr_Format(PyExc_ValueError, "latent_dims must have 1 to %d entries; "
+                     "got %zd", HVAE_MAX_LAYERS, T);
+        goto done;
+    }
+    if (H > HVAE_MAX_HIDDEN) {
+        PyErr_Format(PyExc_ValueError, "hidden_dims may have at most %d entries; "
+                     "got %zd", HVAE_MAX_HIDDEN, H);
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < T + H; k++) {
+        PyObject *item = k < T ? PySequence_Fast_GET_ITEM(latent_seq, k)
+                               : PySequence_Fast_GET_ITEM(hidden_seq, k - T);
+        long long v = PyLong_AsLongLong(item);
+        if (v == -1 && PyErr_Occurred())
+            goto done;
+        if (v < 1) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] must be a positive size; "
+                         "got %lld", k < T ? "latent_dims" : "hidden_dims",
+                         k < T ? k : k - T, v);
+            goto done;
+        }
+        if (k < T)
+            latent[k] = v;
+        else
+            hidden[k - T] = v;
+    }
+
+    self = (ModelObject *)type->tp_alloc(type, 0);
+    if (!self)
+        goto done;
+    self->lock = PyThread_allocate_lock();
+    if (!self->lock) {
+        PyErr_NoMemory();
+        Py_CLEAR(self);
+        goto done;
+    }
+    hvae_config cfg = hvae_config_default(n_features, (int32_t)T, latent,
+                                          (int32_t)H, hidden);
+    cfg.likelihood = (hvae_likelihood)lik;
+    cfg.activation = (hvae_activation)act;
+    cfg.decoder_variance = (hvae_decoder_variance)var;
+    hvae_status st = hvae_model_create(&cfg, &self->model);
+    if (st != HVAE_OK) {
+        raise_status(st, "cannot create the model");
+        Py_CLEAR(self);
+        goto done;
+    }
+    self->seed = seed;
+    hvae_model_init(self->model, seed);
+    /* The training stream is decorrelated from the initialisation stream. */
+    hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
+done:
+    Py_XDECREF(latent_seq);
+    Py_XDECREF(hidden_seq);
+    return (PyObject *)self;
+}
+
+static void Model_dealloc(ModelObject *self)
+{
+    hvae_optimizer_free(self->opt);
+    hvae_workspace_free(self->ws);
+    hvae_model_free(self->model);
+    if (self->lock)
+        PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A float32 view of n floats at p, keeping self alive. */
+static PyObject *view_of(ModelObject *self, float *p, int nd, npy_intp *dims)
+{
+    PyObject *arr = PyArray_SimpleNewFromData(nd, dims, NPY_FLOAT32, p);
+    if (!arr)
+        return NULL;
+    Py_INCREF(self);
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, (PyObject *)self) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *Model_get_parameters(ModelObject *self, void *closure)
+{
+    (void)closure;
+    npy_intp n = hvae_model_n_params(self->model);
+    return view_of(self, hvae_model_params(self->model), 1, &n);
+}
+
+static PyObject *Model_named_parameters(ModelObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    int32_t count = hvae_model_n_tensors(self->model);
+    PyObject *list = PyList_New(count);
+    if (!list)
+        return NULL;
+    for (int32_t t = 0; t < count; t++) {
+        hvae_tensor_info info;
+        hvae_model_tensor(self->model, t, &info);
+        npy_intp dims[2] = {info.rows, info.cols};
+        PyObject *view = view_of(self, hvae_model_params(self->model) + info.offset,
+                                 info.cols > 0 ? 2 : 1, dims);
+        PyObject *pair = view ? Py_BuildValue("(sN)", info.name, view) : NULL;
+        if (!pair) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, t, pair);
+    }
+    return list;
+}
+
+static PyObject *dims_tuple(const int64_t *dims, int32_t n)
+{
+    PyObject *tuple = PyTuple_New(n);
+    for (int32_t i = 0; tuple && i < n; i++) {
+        PyObject *v = PyLong_FromLongLong(dims[i]);
+        if (!v) {
+            Py_CLEAR(tuple);
+            break;
+        }
+        PyTuple_SET_ITEM(tuple, i, v);
+    }
+    return tuple;
+}
+
+static PyObject *Model_get_config_value(ModelObject *self, void *closure)
+{
+    const hvae_config *c = hvae_model_config(self->model);
+    const char *which = closure;
+    if (strcmp(which, "n_features") == 0)
+        return PyLong_FromLongLong(c->n_features);
+    if (strcmp(which, "latent_dims") == 0)
+        return dims_tuple(c->latent_dims, c->n_layers);
+    if (strcmp(which, "hidden_dims") == 0)
+        return dims_tuple(c->hidden_dims, c->n_hidden);
+    if (strcmp(which, "likelihood") == 0)
+        return PyUnicode_FromString(likelihood_names[c->likelihood]);
+    if (strcmp(which, "activation") == 0)
+        return PyUnicode_FromString(activation_names[c->activation]);
+    if (strcmp(which, "decoder_variance") == 0)
+        return PyUnicode_FromString(variance_names[c->decoder_variance]);
+    if (strcmp(which, "n_params") == 0)
+        return PyLong_FromLongLong(hvae_model_n_params(self->model));
+    if (strcmp(which, "n_layers") == 0)
+        return PyLong_FromLong(c->n_layers);
+    if (strcmp(which, "seed") == 0)
+        return PyLong_FromUnsignedLongLong(self->seed);
+    if (strcmp(which, "optimizer_steps") == 0)
+        return PyLong_FromLongLong(self->opt ? *hvae_optimizer_step_count(self->opt) : 0);
+    PyErr_SetString(PyExc_AttributeError, which);
+    return NULL;
+}
+
+static PyObject *Model_get_n_threads(ModelObject *self, void *closure)
+{
+    (void)closure;
+    if (self->n_threads > 0)
+        return PyLong_FromLong(self->n_threads);
+    Py_RETURN_NONE;
+}
+
+static int Model_set_n_threads(ModelObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL || value == Py_None) {
+        self->n_threads = 0;
+        return 0;
+    }
+    long n = PyLong_AsLong(value);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be None or between 1 "
+                     "and 1024; got %ld", n);
+        return -1;
+    }
+    self->n_threads = (int)n;
+    return 0;
+}
+
+static PyObject *Model_get_rng_state(ModelObject *self, void *closure)
+{
+    (void)closure;
+    return Py_BuildValue("(KKKK)", (unsigned long long)self->rng.s[0],
+                         (unsigned long long)self->rng.s[1],
+                         (unsigned long long)self->rng.s[2],
+                         (unsigned long long)self->rng.s[3]);
+}
+
+static int Model_set_rng_state(ModelObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    unsigned long long s[4];
+    if (!value || !PyArg_ParseTuple(value, "KKKK;rng_state must be a tuple of "
+                                           "4 unsigned 64-bit ints",
+                                    &s[0], &s[1], &s[2], &s[3]))
+        return -1;
+    if ((s[0] | s[1] | s[2] | s[3]) == 0) {
+        PyErr_SetString(PyExc_ValueError, "rng_state must not be all zeros");
+        return -1;
+    }
+    for (int i = 0; i < 4; i++)
+        self->rng.s[i] = s[i];
+    return 0;
+}
+
+/* elbo_terms(X, noise=None, seed=0) and friends share this. */
+static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
+                           int want_terms)
+{
+    static char *kwlist[] = {"X", "noise", "seed", NULL};
+    PyObject *X_obj, *noise_obj = Py_None, *result = NULL;
+    unsigned long long seed = 0;
+    PyArrayObject *x = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
+    PyObject *elbo = NULL, *rec = NULL, *kl = NULL;
+    const float *noise[HVAE_MAX_LAYERS];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OK", kwlist, &X_obj,
+                                     &noise_obj, &seed))
+        return NULL;
+    if (model_enter(self) < 0)
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    int32_t T = c->n_layers;
+    x = as_data(self, X_obj, "X");
+    if (!x)
+        goto done;
+    npy_intp n = PyArray_DIM(x, 0), kl_dims[2] = {n, T};
+    int have_noise = as_noise(self, noise_obj, n, noise_arrays, noise);
+    if (have_noise < 0 || ensure_workspace(self, eval_rows(n)) < 0)
+        goto done;
+    elbo = new_array(1, &n, NPY_FLOAT64);
+    if (want_terms) {
+        rec = new_array(1, &n, NPY_FLOAT64);
+        kl = new_array(2, kl_dims, NPY_FLOAT64);
+    }
+    if (!elbo || (want_terms && (!rec || !kl)))
+        goto done;
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_elbo(self->model, self->ws, PyArray_DATA(x), n,
+                   have_noise ? noise : NULL, seed,
+                   PyArray_DATA((PyArrayObject *)elbo),
+                   rec ? PyArray_DATA((PyArrayObject *)rec) : NULL,
+                   kl ? PyArray_DATA((PyArrayObject *)kl) : NULL);
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "elbo failed") < 0)
+        goto done;
+    if (want_terms)
+        result = Py_BuildValue("{sOsOsO}", "elbo", elbo, "reconstruction", rec,
+                               "kl", kl);
+    else
+        result = Py_NewRef(elbo);
+done:
+    model_leave(self);
+    Py_XDECREF(x);
+    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
+        Py_XDECREF(noise_arrays[i]);
+    Py_XDECREF(elbo);
+    Py_XDECREF(rec);
+    Py_XDECREF(kl);
+    return result;
+}
+
+static PyObject *Model_elbo(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    return elbo_impl(self, args, kwds, 0);
+}
+
+static PyObject *Model_elbo_terms(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    return elbo_impl(self, args, kwds, 1);
+}
+
+static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
+                                     PyObject *kwds)
+{
+    static char *kwlist[] = {"X", "noise", "seed", "beta", NULL};
+    PyObject *X_obj, *noise_obj = Py_None, *grad = NULL, *result = NULL;
+    unsigned long long seed = 0;
+    double beta = 1.0;
+    PyArrayObject *x = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
+    const float *noise[HVAE_MAX_LAYERS];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OKd", kwlist, &X_obj,
+                                     &noise_obj, &seed, &beta))
+        return NULL;
+    if (!(beta >= 0.0) || !isfinite(beta)) {
+        PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
+        return NULL;
+    }
+    if (model_enter(self) < 0)
+        return NULL;
+    x = as_data(self, X_obj, "X");
+    if (!x)
+        goto done;
+    npy_intp n = PyArray_DIM(x, 0), P = hvae_model_n_params(self->model);
+    int have_noise = as_noise(self, noise_obj, n, noise_arrays, noise);
+    if (have_noise < 0 || ensure_workspace(self, eval_rows(n)) < 0)
+        goto done;
+    grad = new_array(1, &P, NPY_FLOAT32);
+    if (!grad)
+        goto done;
+    hvae_epoch_stats stats;
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_loss_and_grad(self->model, self->ws, PyArray_DATA(x), n,
+                            have_noise ? noise : NULL, seed, (float)beta, &stats);
+    if (st == HVAE_OK)
+        memcpy(PyArray_DATA((PyArrayObject *)grad), hvae_model_grads(self->model),
+               (size_t)P * sizeof(float));
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "loss_and_grad failed") < 0)
+        goto done;
+    result = Py_BuildValue("(dO)", stats.loss, grad);
+done:
+    model_leave(self);
+    Py_XDECREF(x);
+    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
+        Py_XDECREF(noise_arrays[i]);
+    Py_XDECREF(grad);
+    return result;
+}
+
+static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"X", NULL};
+    PyObject *X_obj, *result = NULL;
+    PyArrayObject *x = NULL;
+    PyObject *mus[HVAE_MAX_LAYERS] = {0}, *lvs[HVAE_MAX_LAYERS] = {0};
+    float *mu_ptr[HVAE_MAX_LAYERS], *lv_ptr[HVAE_MAX_LAYERS];
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &X_obj))
+        return NULL;
+    if (model_enter(self) < 0)
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    x = as_data(self, X_obj, "X");
+    if (!x || ensure_workspace(self, eval_rows(PyArray_DIM(x, 0))) < 0)
+        goto done;
+    npy_intp n = PyArray_DIM(x, 0);
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        npy_intp dims[2] = {n, c->latent_dims[i]};
+        mus[i] = new_array(2, dims, NPY_FLOAT32);
+        lvs[i] = new_array(2, dims, NPY_FLOAT32);
+        if (!mus[i] || !lvs[i])
+            goto done;
+        mu_ptr[i] = PyArray_DATA((PyArrayObject *)mus[i]);
+        lv_ptr[i] = PyArray_DATA((PyArrayObject *)lvs[i]);
+    }
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_encode(self->model, self->ws, PyArray_DATA(x), n, mu_ptr, lv_ptr);
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "encode failed") < 0)
+        goto done;
+    result = PyList_New(c->n_layers);
+    for (int32_t i = 0; result && i < c->n_layers; i++) {
+        PyObject *pair = PyTuple_Pack(2, mus[i], lvs[i]);
+        if (!pair) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyList_SET_ITEM(result, i, pair);
+    }
+done:
+    model_leave(self);
+    Py_XDECREF(x);
+    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++) {
+        Py_XDECREF(mus[i]);
+        Py_XDECREF(lvs[i]);
+    }
+    return result;
+}
+
+static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", "return_logvar", NULL};
+    PyObject *Z_obj, *mean = NULL, *logvar = NULL, *result = NULL;
+    int return_logvar = 0;
+    PyArrayObject *z = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &Z_obj,
+                                     &return_logvar))
+        return NULL;
+    if (model_enter(self) < 0)
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    z = as_matrix(Z_obj, c->latent_dims[0], "Z");
+    if (!z || ensure_workspace(self, eval_rows(PyArray_DIM(z, 0))) < 0)
+        goto done;
+    npy_intp dims[2] = {PyArray_DIM(z, 0), c->n_features};
+    mean = new_array(2, dims, NPY_FLOAT32);
+    if (return_logvar)
+        logvar = new_array(2, dims, NPY_FLOAT32);
+    if (!mean || (return_logvar && !logvar))
+        goto done;
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_decode(self->model, self->ws, PyArray_DATA(z), dims[0],
+                     PyArray_DATA((PyArrayObject *)mean),
+                     logvar ? PyArray_DATA((PyArrayObject *)logvar) : NULL);
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "decode failed") < 0)
+        goto done;
+    result = return_logvar ? PyTuple_Pack(2, mean, logvar) : Py_NewRef(mean);
+done:
+    model_leave(self);
+    Py_XDECREF(z);
+    Py_XDECREF(mean);
+    Py_XDECREF(logvar);
+    return result;
+}
+
+static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"n", "seed", "observation_noise", NULL};
+    long long n;
+    PyObject *seed_obj = Py_None, *out = NULL;
+    int observation_noise = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|Op", kwlist, &n, &seed_obj,
+                                     &observation_noise))
+        return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "n must be >= 0; got %lld", n);
+        return NULL;
+    }
+    hvae_rng local;
+    if (seed_obj != Py_None) {
+        unsigned long long seed = PyLong_AsUnsignedLongLongMask(seed_obj);
+        if (PyErr_Occurred())
+            return NULL;
+        hvae_rng_seed(&local, seed);
+    }
+    if (model_enter(self) < 0)
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    npy_intp dims[2] = {(npy_intp)n, c->n_features};
+    if (ensure_workspace(self, eval_rows(n)) < 0)
+        goto done;
+    out = new_array(2, dims, NPY_FLOAT32);
+    if (!out)
+        goto done;
+    hvae_rng *rng = seed_obj != Py_None ? &local : &self->rng;
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_sample(self->model, self->ws, rng, n, observation_noise,
+                     PyArray_DATA((PyArrayObject *)out));
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "sample failed") < 0)
+        Py_CLEAR(out);
+done:
+    model_leave(self);
+    return out;
+}
+
+/* ---- fit ----------------------------------------------------------------- */
+
+typedef struct {
+    PyThreadState *saved; /* the released thread state, NULL with the GIL */
+    int check_signals;    /* running in the main thread */
+    int interrupted;      /* PyErr_CheckSignals raised */
+} fit_ctx;
+
+static unsigned long main_thread_ident;
+
+/* Between minibatches: take the GIL back only to see whether Ctrl-C was
+ * pressed, which stops after this minibatch with a valid model. Python runs
+ * signal handlers in the main thread only, so other threads skip the round
+ * trip. */
+static int fit_batch_hook(void *ctx_ptr, int64_t batch_index,
+                          const hvae_epoch_stats *batch)
+{
+    (void)batch_index;
+    (void)batch;
+    fit_ctx *ctx = ctx_ptr;
+    if (!ctx->check_signals)
+        return 0;
+    PyEval_RestoreThread(ctx->saved);
+    int stop = 0;
+    if (PyErr_CheckSignals() < 0) {
+        ctx->interrupted = 1;
+        stop = 1;
+    }
+    ctx->saved = PyEval_SaveThread();
+    return stop;
+}
+
+static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
+                              double seconds, int complete)
+{
+    PyObject *kl = PyList_New(T);
+    for (int32_t i = 0; kl && i < T; i++) {
+        PyObject *v = PyFloat_FromDouble(s->kl[i]);
+        if (!v) {
+            Py_CLEAR(kl);
+            break;
+        }
+        PyList_SET_ITEM(kl, i, v);
+    }
+    if (!kl)
+        return NULL;
+    return Py_BuildValue("{sdsdsdsNsdsLsLsO}", "loss", s->loss, "elbo", s->elbo,
+                         "reconstruction", s->reconstruction, "kl", kl,
+                         "seconds", seconds, "n_batches", (long long)s->n_batches,
+                         "n_rows", (long long)s->n_rows, "complete",
+                         complete ? Py_True : Py_False);
+}
+
+static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
+                             "optimizer", "beta", "shuffle", "callback",
+                             "history", "weight_decay", "momentum", "adam_betas",
+                             "adam_eps", NULL};
+    PyObject *X_obj, *callback = Py_None, *history = NULL, *result = NULL;
+    long long n_epochs = 1, batch_size = 128;
+    double lr = 1e-3, beta = 1.0, weight_decay = 0.0, momentum = 0.0;
+    double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
+    const char *optimizer = "adam";
+    int shuffle = 1;
+    PyArrayObject *x = NULL;
+    int64_t *order = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)d:fit", kwlist,
+                                     &X_obj, &n_epochs, &batch_size, &lr,
+                                     &optimizer, &beta, &shuffle, &callback,
+                                     &PyList_Type, &history, &weight_decay,
+                                     &momentum, &beta1, &beta2, &adam_eps))
+        return NULL;
+    int kind = parse_choice("optimizer", optimizer, optimizer_names, 2);
+    if (kind < 0)
+        return NULL;
+    if (n_epochs < 0 || batch_size < 1 || batch_size > (1LL << 30)) {
+        PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
+                     ">= 1; got n_epochs=%lld, batch_size=%lld", n_epochs,
+                     batch_size);
+        return NULL;
+    }
+    if (!(lr > 0.0) || !isfinite(lr)) {
+        char text[64];
+        snprintf(text, sizeof text, "%g", lr);
+        PyErr_Format(PyExc_ValueError, "learning_rate must be a finite number > 0; "
+                     "got %s", text);
+        return NULL;
+    }
+    if (!(beta >= 0.0) || !isfinite(beta)) {
+        PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
+        return NULL;
+    }
+    if (callback != Py_None && !PyCallable_Check(callback)) {
+        PyErr_SetString(PyExc_TypeError, "callback must be callable or None");
+        return NULL;
+    }
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.kind = (hvae_optimizer_kind)kind;
+    oc.learning_rate = (float)lr;
+    oc.weight_decay = (float)weight_decay;
+    oc.momentum = (float)momentum;
+    oc.beta1 = (float)beta1;
+    oc.beta2 = (float)beta2;
+    oc.eps = (float)adam_eps;
+    if (!(oc.learning_rate > 0.0f) || !(weight_decay >= 0.0) ||
+        !(momentum >= 0.0 && momentum < 1.0) || !(beta1 >= 0.0 && beta1 < 1.0) ||
+        !(beta2 >= 0.0 && beta2 < 1.0) || !(adam_eps >= 0.0) ||
+        !isfinite(weight_decay) || !isfinite(adam_eps)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "invalid optimizer settings: need weight_decay >= 0, "
+                        "0 <= momentum < 1, 0 <= adam_betas < 1, adam_eps >= 0, "
+                        "and a learning_rate representable in float32");
+        return NULL;
+    }
+    if (model_enter(self) < 0)
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    int32_t T = c->n_layers;
+    x = as_data(self, X_obj, "X");
+    if (!x)
+        goto done;
+    npy_intp n = PyArray_DIM(x, 0);
+    int64_t rows = batch_size < n ? batch_size : n;
+    if (ensure_workspace(self, rows) < 0)
+        goto done;
+    hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &oc)
+                               : hvae_optimizer_create(self->model, &oc, &self->opt);
+    if (raise_status(st, "cannot set up the optimizer") < 0)
+        goto done;
+    order = PyMem_RawMalloc((size_t)n * sizeof(int64_t));
+    if (!order) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    PyObject *records = PyList_New(0);
+    if (!records)
+        goto done;
+
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = rows;
+    to.beta = (float)beta;
+    to.shuffle = shuffle;
+    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0};
+    to.hook = fit_batch_hook;
+    to.hook_ctx = &ctx;
+    int failed = 0;
+    for (long long epoch = 0; epoch < n_epochs; epoch++) {
+        hvae_epoch_stats stats;
+        double t0 = now_seconds();
+        ctx.saved = PyEval_SaveThread();
+        st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
+                              PyArray_DATA(x), n, order, &to, &stats);
+        PyEval_RestoreThread(ctx.saved);
+        ctx.saved = NULL;
+        double seconds = now_seconds() - t0;
+        if (stats.n_batches > 0 || st == HVAE_OK) {
+            PyObject *rec = epoch_record(&stats, T, seconds, st == HVAE_OK);
+            if (!rec || PyList_Append(records, rec) < 0 ||
+                (history && PyList_Append(history, rec) < 0)) {
+                Py_XDECREF(rec);
+                failed = 1;
+                break;
+            }
+            if (st == HVAE_OK && callback != Py_None) {
+                PyObject *r = PyObject_CallFunction(callback, "LO", epoch, rec);
+                if (!r) {
+                    Py_DECREF(rec);
+                    failed = 1;
+                    break;
+                }
+                int stop = r == Py_False;
+                Py_DECREF(r);
+                if (stop) {
+                    Py_DECREF(rec);
+                    break;
+                }
+            }
+            Py_DECREF(rec);
+        }
+        if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
+            failed = 1; /* KeyboardInterrupt (or a signal handler's error) is set */
+            break;
+        }
+        if (st == HVAE_ERR_NONFINITE_LOSS) {
+            char lr_text[32];
+            snprintf(lr_text, sizeof lr_text, "%g", lr);
+            PyErr_Format(DivergenceError,
+                         "the loss or its gradient became NaN or infinite in "
+                         "epoch %lld after %lld minibatch(es); the step was not "
+                         "applied, so the model keeps its last finite "
+                         "parameters. Lower the learning rate (now %s) or "
+                         "rescale the data.", epoch + 1,
+                         (long long)stats.n_batches, lr_text);
+            failed = 1;
+            break;
+        }
+        if (st != HVAE_OK) {
+            raise_status(st, "fit failed");
+            failed = 1;
+            break;
+        }
+    }
+    if (failed)
+        Py_DECREF(records);
+    else
+        result = records;
+done:
+    model_leave(self);
+    PyMem_RawFree(order);
+    Py_XDECREF(x);
+    return result;
+}
+
+static PyObject *Model_reset_optimizer(ModelObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    if (model_enter(self) < 0)
+        return NULL;
+    hvae_optimizer_free(self->opt);
+    self->opt = NULL;
+    model_leave(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Model_init_parameters(ModelObject *self, PyObject *args,
+                                       PyObject *kwds)
+{
+    static char *kwlist[] = {"seed", NULL};
+    unsigned long long seed = self->seed;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|K", kwlist, &seed))
+        return NULL;
+    if (model_enter(self) < 0)
+        return NULL;
+    hvae_model_init(self->model, seed);
+    self->seed = seed;
+    hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
+    hvae_optimizer_free(self->opt);
+    self->opt = NULL;
+    model_leave(self);
+    Py_RETURN_NONE;
+}
+
+/* ---- pickling ------------------------------------------------------------ */
+
+static PyObject *copy_floats(const float *p, npy_intp n)
+{
+    PyObject *arr = PyArray_SimpleNew(1, &n, NPY_FLOAT32);
+    if (arr)
+        memcpy(PyArray_DATA((PyArrayObject *)arr), p, (size_t)n * sizeof(float));
+    return arr;
+}
+
+static PyObject *Model_getstate(ModelObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    npy_intp P = hvae_model_n_params(self->model);
+    PyObject *opt_state = Py_None;
+    Py_INCREF(opt_state);
+    if (self->opt) {
+        const hvae_optimizer_config *oc = hvae_optimizer_get_config(self->opt);
+        float *v = hvae_optimizer_state(self->opt, 1);
+        Py_DECREF(opt_state);
+        opt_state = Py_BuildValue(
+            "{sssdsdsdsdsdsdsLsNsN}", "kind", optimizer_names[oc->kind],
+            "learning_rate", (double)oc->learning_rate, "beta1", (double)oc->beta1,
+            "beta2", (double)oc->beta2, "eps", (double)oc->eps, "momentum",
+            (double)oc->momentum, "weight_decay", (double)oc->weight_decay,
+            "step", (long long)*hvae_optimizer_step_count(self->opt), "m",
+            copy_floats(hvae_optimizer_state(self->opt, 0), P), "v",
+            v ? copy_floats(v, P) : Py_NewRef(Py_None));
+        if (!opt_state)
+            return NULL;
+    }
+    PyObject *rng = Model_get_rng_state(self, NULL);
+    PyObject *threads = Model_get_n_threads(self, NULL);
+    return Py_BuildValue("{sNsNsNsN}", "parameters",
+                         copy_floats(hvae_model_params(self->model), P),
+                         "optimizer", opt_state, "rng_state", rng, "n_threads",
+                         threads);
+}
+
+/* Copies a float sequence of exactly n values into dst. */
+static int load_floats(PyObject *obj, float *dst, npy_intp n, const char *what)
+{
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(
+        obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!arr)
+        return -1;
+    if (PyArray_SIZE(arr) != n) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd values; the model needs %zd",
+                     what, (Py_ssize_t)PyArray_SIZE(arr), (Py_ssize_t)n);
+        Py_DECREF(arr);
+        return -1;
+    }
+    memcpy(dst, PyArray_DATA(arr), (size_t)n * sizeof(float));
+    Py_DECREF(arr);
+    return 0;
+}
+
+static PyObject *dict_item(PyObject *d, const char *key)
+{
+    PyObject *v = PyDict_GetItemString(d, key); /* borrowed */
+    if (!v)
+        PyErr_Format(PyExc_ValueError, "Model state lacks '%s'", key);
+    return v;
+}
+
+static PyObject *Model_setstate(ModelObject *self, PyObject *state)
+{
+    if (!PyDict_Check(state)) {
+        PyErr_SetString(PyExc_TypeError, "Model state must be a dict");
+        return NULL;
+    }
+    if (model_enter(self) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    npy_intp P = hvae_model_n_params(self->model);
+    hvae_optimizer *opt = NULL;
+    float *params = PyMem_RawMalloc((size_t)P * sizeof(float));
+    PyObject *p = dict_item(state, "parameters"), *o, *rng, *threads;
+    if (!params) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (!p || load_floats(p, params, P, "parameters") < 0)
+        goto done;
+    o = dict_item(state, "optimizer");
+    rng = o ? dict_item(state, "rng_state") : NULL;
+    threads = rng ? dict_item(state, "n_threads") : NULL;
+    if (!threads)
+        goto done;
+    if (o != Py_None) {
+        const char *kind_name;
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        long long step;
+        PyObject *m_obj, *v_obj;
+        static char *keys[] = {"kind", "learning_rate", "beta1", "beta2", "eps",
+                               "momentum", "weight_decay", "step", "m", "v", NULL};
+        PyObject *empty = PyTuple_New(0);
+        int ok = empty && PyArg_ParseTupleAndKeywords(
+            empty, o, "sffffffLOO", keys, &kind_name, &oc.learning_rate,
+            &oc.beta1, &oc.beta2, &oc.eps, &oc.momentum, &oc.weight_decay,
+            &step, &m_obj, &v_obj);
+        Py_XDECREF(empty);
+        if (!ok)
+            goto done;
+        int kind = parse_choice("optimizer kind", kind_name, optimizer_names, 2);
+        if (kind < 0)
+            goto done;
+        oc.kind = (hvae_optimizer_kind)kind;
+        if (raise_status(hvae_optimizer_create(self->model, &oc, &opt),
+                         "invalid optimizer state") < 0 ||
+            load_floats(m_obj, hvae_optimizer_state(opt, 0), P, "optimizer m") < 0 ||
+            (hvae_optimizer_state(opt, 1) &&
+             load_floats(v_obj, hvae_optimizer_state(opt, 1), P, "optimizer v") < 0))
+            goto done;
+        *hvae_optimizer_step_count(opt) = step;
+    }
+    if (Model_set_rng_state(self, rng, NULL) < 0 ||
+        Model_set_n_threads(self, threads, NULL) < 0)
+        goto done;
+    /* Everything is valid: commit. */
+    memcpy(hvae_model_params(self->model), params, (size_t)P * sizeof(float));
+    hvae_optimizer_free(self->opt);
+    self->opt = opt;
+    opt = NULL;
+    result = Py_NewRef(Py_None);
+done:
+    hvae_optimizer_free(opt);
+    PyMem_RawFree(params);
+    model_leave(self);
+    return result;
+}
+
+static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
+{
+    (void)noargs;
+    const hvae_config *c = hvae_model_config(self->model);
+    PyObject *state = Model_getstate(self, NULL);
+    if (!state)
+        return NULL;
+    return Py_BuildValue("(O(LNNsssK)N)", (PyObject *)Py_TYPE(self),
+                         (long long)c->n_features,
+                         dims_tuple(c->latent_dims, c->n_layers),
+                         dims_tuple(c->hidden_dims, c->n_hidden),
+                         likelihood_names[c->likelihood],
+                         activation_names[c->activation],
+                         variance_names[c->decoder_variance], self->seed, state);
+}
+
+static PyObject *Model_repr(ModelObject *self)
+{
+    const hvae_config *c = hvae_model_config(self->model);
+    PyObject *latent = dims_tuple(c->latent_dims, c->n_layers);
+    PyObject *hidden = dims_tuple(c->hidden_dims, c->n_hidden);
+    PyObject *r = NULL;
+    if (latent && hidden)
+        r = PyUnicode_FromFormat(
+            "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
+            "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu)",
+            (long long)c->n_features, latent, hidden,
+            likelihood_names[c->likelihood], activation_names[c->activation],
+            variance_names[c->decoder_variance], self->seed);
+    Py_XDECREF(latent);
+    Py_XDECREF(hidden);
+    return r;
+}
+
+static PyMethodDef Model_methods[] = {
+    {"named_parameters", (PyCFunction)Model_named_parameters, METH_NOARGS,
+     "named_parameters()\n--\n\n"
+     "Ordered list of (name, view) pairs that tile ``parameters``.\n\n"
+     "Names: ``enc{i}.hidden{j}.W/.b``, ``enc{i}.mu.W/.b``, "
+     "``enc{i}.logvar.W/.b`` for i = 1..T, then ``dec{i}.hidden{j}.W/.b``, "
+     "``dec{i}.mu.W/.b``, ``dec{i}.logvar.W/.b`` (no logvar with "
+     "decoder_variance='unit'; ``dec1.logits`` for a Bernoulli likelihood).\n"
+     "W has shape (n_in, n_out); every view is writable and shares memory "
+     "with the model."},
+    {"elbo", (PyCFunction)(void (*)(void))Model_elbo, METH_VARARGS | METH_KEYWORDS,
+     "elbo(X, noise=None, seed=0)\n--\n\n"
+     "Per-sample ELBO in nats, float64 array of shape (n,).\n\n"
+     "noise: None, or a list of T arrays eps_i of shape (n, d_i). With None,\n"
+     "each row's noise is drawn from a generator seeded by the row's values\n"
+     "and ``seed``, so a row gets the same value wherever it sits in X."},
+    {"elbo_terms", (PyCFunction)(void (*)(void))Model_elbo_terms,
+     METH_VARARGS | METH_KEYWORDS,
+     "elbo_terms(X, noise=None, seed=0)\n--\n\n"
+     "Dict of per-sample terms: 'elbo' (n,), 'reconstruction' log p(x|z_1)\n"
+     "(n,) and 'kl' (n, T), column i the KL term of layer i+1."},
+    {"loss_and_grad", (PyCFunction)(void (*)(void))Model_loss_and_grad,
+     METH_VARARGS | METH_KEYWORDS,
+     "loss_and_grad(X, noise=None, seed=0, beta=1.0)\n--\n\n"
+     "(loss, grad): loss = -mean over X of (reconstruction - beta * KL), and\n"
+     "its gradient as a float32 array aligned with ``parameters``."},
+    {"encode", (PyCFunction)(void (*)(void))Model_encode, METH_VARARGS | METH_KEYWORDS,
+     "encode(X)\n--\n\n"
+     "List of T (mu, logvar) pairs, each (n, d_i) float32: the posterior of\n"
+     "every layer, layers above the first evaluated at the posterior mean of\n"
+     "the layer below."},
+    {"decode", (PyCFunction)(void (*)(void))Model_decode, METH_VARARGS | METH_KEYWORDS,
+     "decode(Z, return_logvar=False)\n--\n\n"
+     "The mean of p(x | z_1) for Z of shape (n, d_1): (n, D) float32\n"
+     "(probabilities for a Bernoulli likelihood). With return_logvar, also\n"
+     "its log-variance (zeros where the variance is fixed to 1)."},
+    {"sample", (PyCFunction)(void (*)(void))Model_sample, METH_VARARGS | METH_KEYWORDS,
+     "sample(n, seed=None, observation_noise=False)\n--\n\n"
+     "n draws by ancestral sampling: z_T ~ N(0, I), each z_{i-1} ~ p(z_{i-1}|z_i),\n"
+     "then the mean of p(x | z_1), or a draw from it with observation_noise.\n"
+     "With seed=None the model's own generator is used (and advanced)."},
+    {"fit", (PyCFunction)(void (*)(void))Model_fit, METH_VARARGS | METH_KEYWORDS,
+     "fit(X, n_epochs=1, batch_size=128, learning_rate=1e-3, optimizer='adam',\n"
+     "    beta=1.0, shuffle=True, callback=None, history=None, weight_decay=0.0,\n"
+     "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8)\n--\n\n"
+     "Minibatch training; the optimizer state persists across calls.\n\n"
+     "Returns one record per epoch (dict: loss, elbo, reconstruction, kl per\n"
+     "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
+     "to ``history`` (a list) as they are made, so they survive an exception.\n"
+     "callback(epoch, record) runs after each epoch; returning False stops.\n"
+     "Ctrl-C stops after the current minibatch (KeyboardInterrupt); a\n"
+     "non-finite loss raises DivergenceError before the step is applied."},
+    {"reset_optimizer", (PyCFunction)Model_reset_optimizer, METH_NOARGS,
+     "reset_optimizer()\n--\n\nForget the optimizer's moments and step count."},
+    {"init_parameters", (PyCFunction)(void (*)(void))Model_init_parameters,
+     METH_VARARGS | METH_KEYWORDS,
+     "init_parameters(seed=None)\n--\n\n"
+     "Re-draw every parameter (PyTorch's Linear default, U(-1/sqrt(n_in),\n"
+     "1/sqrt(n_in))), reseed the training generator, reset the optimizer."},
+    {"__getstate__", (PyCFunction)Model_getstate, METH_NOARGS, NULL},
+    {"__setstate__", (PyCFunction)Model_setstate, METH_O, NULL},
+    {"__reduce__", (PyCFunction)Model_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL}};
+
+static PyGetSetDef Model_getset[] = {
+    {"parameters", (getter)Model_get_parameters, NULL,
+     "All parameters: a writable 1-D float32 view of the C buffer (no copy).", NULL},
+    {"n_features", (getter)Model_get_config_value, NULL, "D", "n_features"},
+    {"latent_dims", (getter)Model_get_config_value, NULL, "(d_1, ..., d_T)", "latent_dims"},
+    {"hidden_dims", (getter)Model_get_config_value, NULL, "Encoder hidden widths", "hidden_dims"},
+    {"likelihood", (getter)Model_get_config_value, NULL, "'gaussian' or 'bernoulli'", "likelihood"},
+    {"activation", (getter)Model_get_config_value, NULL, "Hidden activation", "activation"},
+    {"decoder_variance", (getter)Model_get_config_value, NULL, "'learned' or 'unit'", "decoder_variance"},
+    {"n_params", (getter)Model_get_config_value, NULL, "Number of parameters", "n_params"},
+    {"n_layers", (getter)Model_get_config_value, NULL, "T", "n_layers"},
+    {"seed", (getter)Model_get_config_value, NULL, "Initialisation seed", "seed"},
+    {"optimizer_steps", (getter)Model_get_config_value, NULL,
+     "Optimizer steps taken since the optimizer was created", "optimizer_steps"},
+    {"n_threads", (getter)Model_get_n_threads, (setter)Model_set_n_threads,
+     "BLAS threads for this model's calls (None: leave the setting alone).", NULL},
+    {"rng_state", (getter)Model_get_rng_state, (setter)Model_set_rng_state,
+     "State of the training and sampling generator (4 uint64).", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hvae._core.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_repr = (reprfunc)Model_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
+              "activation='relu', decoder_variance='learned', seed=0)\n--\n\n"
+              "A Markov hierarchical VAE held in C buffers.\n\n"
+              "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
+              "widths of every encoder block's MLP (decoders use them reversed; may\n"
+              "be empty). Parameters are initialised from ``seed`` like PyTorch's\n"
+              "Linear default.",
+    .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
+    .tp_new = Model_new,
+};
+
+/* ---- module -------------------------------------------------------------- */
+
+static PyObject *mod_set_num_threads(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > 1024) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be in 1..1024; got %ld", n);
+        return NULL;
+    }
+    hvae_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_get_num_threads(PyObject *mod, PyObject *noargs)
+{
+    (void)mod;
+    (void)noargs;
+    return PyLong_FromLong(hvae_get_num_threads());
+}
+
+static PyObject *mod_blas_info(PyObject *mod, PyObject *noargs)
+{
+    (void)mod;
+    (void)noargs;
+    return PyUnicode_FromString(hvae_blas_info());
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_num_threads", mod_set_num_threads, METH_O,
+     "set_num_threads(n)\n--\n\nBLAS threads for hvae calls of models without "
+     "their own n_threads (hvae's OpenBLAS only)."},
+    {"get_num_threads", mod_get_num_threads, METH_NOARGS,
+     "get_num_threads()\n--\n\nThe BLAS thread count now in force for hvae."},
+    {"blas_info", mod_blas_info, METH_NOARGS,
+     "blas_info()\n--\n\nThe configuration string of the BLAS hvae uses."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_core",
+    "hvae's native core: the Model type and BLAS settings.", -1, module_methods,
+    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    import_array();
+    /* Python handles signals in the thread that initialised it; ask
+     * threading which one that is, as this module may be imported elsewhere. */
+    PyObject *threading = PyImport_ImportModule("threading");
+    PyObject *main = threading ? PyObject_CallMethod(threading, "main_thread", NULL) : NULL;
+    PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
+    Py_XDECREF(threading);
+    Py_XDECREF(main);
+    if (!ident)
+        return NULL;
+    main_thread_ident = PyLong_AsUnsignedLong(ident);
+    Py_DECREF(ident);
+    if (PyErr_Occurred())
+        return NULL;
+    if (PyType_Ready(&ModelType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (!m)
+        return NULL;
+    DivergenceError = PyErr_NewExceptionWithDoc(
+        "hvae._core.DivergenceError",
+        "Training produced a NaN or infinite loss or gradient. The offending "
+        "step was not applied: the model keeps its last finite parameters.",
+        PyExc_FloatingPointError, NULL);
+    if (!DivergenceError || PyModule_AddObjectRef(m, "DivergenceError", DivergenceError) < 0 ||
+        PyModule_AddObjectRef(m, "Model", (PyObject *)&ModelType) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LAYERS", HVAE_MAX_LAYERS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

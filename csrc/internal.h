@@ -1,0 +1,119 @@
+/*
+ * internal.h -- internal: the model's layout and helpers shared by the
+ * numeric C files. Nothing here is part of the public API.
+ */
+#ifndef HVAE_INTERNAL_H
+#define HVAE_INTERNAL_H
+
+#include "hvae.h"
+
+/* Independent partial sums per row reduction; lets the compiler vectorise
+ * a reduction it may not reorder. */
+#define HVAE_LANES 8
+
+/* One MLP block: n_hidden dense layers with the model's activation, then
+ * n_heads linear heads of n_out units each (mu and logvar, or one head). */
+#define HVAE_MAX_DENSE (HVAE_MAX_HIDDEN + 2)
+typedef struct {
+    int32_t n_hidden;
+    int32_t n_heads;
+    int64_t n_in;
+    int64_t n_out;                      /* units per head */
+    int64_t in_dim[HVAE_MAX_DENSE];     /* per dense layer (hidden, then heads) */
+    int64_t out_dim[HVAE_MAX_DENSE];
+    int64_t W[HVAE_MAX_DENSE];          /* offsets in the parameter buffer */
+    int64_t b[HVAE_MAX_DENSE];
+    int64_t col[HVAE_MAX_DENSE];        /* activation column offsets */
+} hvae_block;
+
+struct hvae_model {
+    hvae_config config;
+    int64_t latent_dims[HVAE_MAX_LAYERS];
+    int64_t hidden_dims[HVAE_MAX_HIDDEN];
+    hvae_block enc[HVAE_MAX_LAYERS];    /* enc[i] infers z_{i+1} */
+    hvae_block dec[HVAE_MAX_LAYERS];    /* dec[i] generates z_i (x for i = 0) */
+    int64_t z_col[HVAE_MAX_LAYERS];     /* column of z_{i+1} among activations */
+    int64_t eps_col[HVAE_MAX_LAYERS];   /* column of eps_{i+1} in the noise buffer */
+    int64_t act_cols;                   /* activation floats per row */
+    int64_t eps_cols;                   /* sum of latent_dims */
+    int64_t n_params;
+    float *params;
+    float *grads;
+    int32_t n_tensors;
+    hvae_tensor_info *tensors;
+};
+
+/* Activations and their gradients share one layout: a B-row matrix of
+ * `cols` columns stands at base + max_rows * col. */
+struct hvae_workspace {
+    const hvae_model *model;
+    int64_t max_rows;
+    float *x;       /* (max_rows, D): a gathered minibatch */
+    float *eps;     /* noise, eps_cols per row, layer-blocked */
+    float *acts;
+    float *dacts;
+    double *reconstruction;  /* (max_rows) */
+    double *kl;              /* (T, max_rows), layer-major */
+    int64_t *rows;           /* scratch row indices */
+};
+
+static inline float *ws_act(const hvae_workspace *ws, int64_t col)
+{
+    return ws->acts + ws->max_rows * col;
+}
+static inline float *ws_dact(const hvae_workspace *ws, int64_t col)
+{
+    return ws->dacts + ws->max_rows * col;
+}
+static inline float *ws_eps(const hvae_workspace *ws, int32_t layer)
+{
+    return ws->eps + ws->max_rows * ws->model->eps_col[layer];
+}
+
+/* Head h (0: mu or logits, 1: logvar) of a block as a matrix in acts. */
+static inline float *block_head(const hvae_workspace *ws, const hvae_block *blk,
+                                int h)
+{
+    return h < blk->n_heads ? ws_act(ws, blk->col[blk->n_hidden + h]) : NULL;
+}
+static inline float *block_dhead(const hvae_workspace *ws,
+                                 const hvae_block *blk, int h)
+{
+    return h < blk->n_heads ? ws_dact(ws, blk->col[blk->n_hidden + h]) : NULL;
+}
+
+/* activations.c */
+void hvae_activation_backward_row_inplace(float *d, float *dbias,
+                                          const float *out,
+                                          hvae_activation act, int64_t n);
+void hvae_bias_activation_row_inplace(float *x, const float *bias,
+                                      hvae_activation act, int64_t n);
+
+/* rng.c */
+uint64_t hvae_splitmix64(uint64_t *state);
+float hvae_rng_uniform_float(hvae_rng *rng);
+
+/* model.c: passes over the first B rows of the workspace. eps[i] points to
+ * (B, d_{i+1}) noise. */
+void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
+                        const hvae_block *blk, const float *inp, int64_t B);
+void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
+                         const hvae_block *blk, const float *inp, float *dinp,
+                         int64_t B);
+void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
+                  const float *x, const float *const *eps, int64_t B);
+void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
+                   const float *const *eps, int64_t B, float scale,
+                   float beta);
+/* Fills the workspace noise for B rows with each row's hashed draw. */
+void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
+                       const float *x, int64_t B, uint64_t noise_seed);
+/* Noise pointers for the B rows from r0 of x (n, D): the caller's eps
+ * (T arrays of (n, d_i)) offset to r0, or the rows' hashed draws written to
+ * the workspace when eps is NULL. */
+void hvae_chunk_noise(const hvae_model *m, const hvae_workspace *ws,
+                      const float *x, int64_t r0, int64_t B,
+                      const float *const *eps, uint64_t noise_seed,
+                      const float **out);
+
+#endif

@@ -1,0 +1,619 @@
+/*
+ * model.c -- the model's layout (parameters, named tensors, workspace), its
+ * initialisation, and the forward and backward passes of the Markov
+ * hierarchy; evaluation entry points (ELBO, encode, decode, sample).
+ */
+#include "hvae.h"
+#include "internal.h"
+#include "fastmath.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
+                                const int64_t *latent_dims, int32_t n_hidden,
+                                const int64_t *hidden_dims)
+{
+    hvae_config c;
+    c.n_features = n_features;
+    c.n_layers = n_layers;
+    c.latent_dims = latent_dims;
+    c.n_hidden = n_hidden;
+    c.hidden_dims = hidden_dims;
+    c.likelihood = HVAE_LIKELIHOOD_GAUSSIAN;
+    c.activation = HVAE_ACT_RELU;
+    c.decoder_variance = HVAE_DECODER_VARIANCE_LEARNED;
+    return c;
+}
+
+/* ---- layout ------------------------------------------------------------ */
+
+typedef struct {
+    hvae_model *m;
+    int64_t n_params;
+    int64_t act_cols;
+    int overflow;
+} layout_state;
+
+static int64_t checked_add(layout_state *st, int64_t *counter, int64_t a, int64_t b)
+{
+    int64_t product, offset = *counter;
+    if (__builtin_mul_overflow(a, b, &product) ||
+        __builtin_add_overflow(*counter, product, counter))
+        st->overflow = 1;
+    return offset;
+}
+
+static void add_tensor(layout_state *st, const char *name, int64_t offset,
+                       int64_t rows, int64_t cols)
+{
+    hvae_tensor_info *t = &st->m->tensors[st->m->n_tensors++];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->offset = offset;
+    t->rows = rows;
+    t->cols = cols;
+}
+
+static void layout_block(layout_state *st, hvae_block *blk, const char *prefix,
+                         int64_t n_in, const int64_t *widths, int32_t n_hidden,
+                         int32_t n_heads, int64_t n_out,
+                         const char *const *head_names)
+{
+    char name[48];
+    blk->n_hidden = n_hidden;
+    blk->n_heads = n_heads;
+    blk->n_in = n_in;
+    blk->n_out = n_out;
+    int64_t in = n_in;
+    for (int32_t l = 0; l < n_hidden + n_heads; l++) {
+        int head = l >= n_hidden;
+        int64_t out = head ? n_out : widths[l];
+        blk->in_dim[l] = in;
+        blk->out_dim[l] = out;
+        blk->W[l] = checked_add(st, &st->n_params, in, out);
+        blk->b[l] = checked_add(st, &st->n_params, 1, out);
+        blk->col[l] = checked_add(st, &st->act_cols, 1, out);
+        if (head)
+            snprintf(name, sizeof name, "%s.%s", prefix, head_names[l - n_hidden]);
+        else
+            snprintf(name, sizeof name, "%s.hidden%d", prefix, (int)l + 1);
+        size_t len = strlen(name);
+        snprintf(name + len, sizeof name - len, ".W");
+        add_tensor(st, name, blk->W[l], in, out);
+        snprintf(name + len, sizeof name - len, ".b");
+        add_tensor(st, name, blk->b[l], out, 0);
+        if (!head)
+            in = out;
+    }
+}
+
+static hvae_status validate_config(const hvae_config *c)
+{
+    if (c->n_features < 1 || c->n_features > INT_MAX)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (c->n_layers < 1 || c->n_layers > HVAE_MAX_LAYERS || !c->latent_dims)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (c->n_hidden < 0 || c->n_hidden > HVAE_MAX_HIDDEN ||
+        (c->n_hidden > 0 && !c->hidden_dims))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    for (int32_t i = 0; i < c->n_layers; i++)
+        if (c->latent_dims[i] < 1 || c->latent_dims[i] > INT_MAX)
+            return HVAE_ERR_INVALID_ARGUMENT;
+    for (int32_t j = 0; j < c->n_hidden; j++)
+        if (c->hidden_dims[j] < 1 || c->hidden_dims[j] > INT_MAX)
+            return HVAE_ERR_INVALID_ARGUMENT;
+    if (c->likelihood != HVAE_LIKELIHOOD_GAUSSIAN &&
+        c->likelihood != HVAE_LIKELIHOOD_BERNOULLI)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if ((unsigned)c->activation > HVAE_ACT_IDENTITY)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (c->decoder_variance != HVAE_DECODER_VARIANCE_LEARNED &&
+        c->decoder_variance != HVAE_DECODER_VARIANCE_UNIT)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    return HVAE_OK;
+}
+
+hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
+{
+    if (!config || !out)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    hvae_status st = validate_config(config);
+    if (st != HVAE_OK)
+        return st;
+    hvae_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return HVAE_ERR_OUT_OF_MEMORY;
+    m->config = *config;
+    int32_t T = config->n_layers, H = config->n_hidden;
+    memcpy(m->latent_dims, config->latent_dims, (size_t)T * sizeof(int64_t));
+    if (H > 0)
+        memcpy(m->hidden_dims, config->hidden_dims, (size_t)H * sizeof(int64_t));
+    m->config.latent_dims = m->latent_dims;
+    m->config.hidden_dims = m->hidden_dims;
+    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2), sizeof *m->tensors);
+    if (!m->tensors) {
+        free(m);
+        return HVAE_ERR_OUT_OF_MEMORY;
+    }
+
+    int64_t D = config->n_features, reversed[HVAE_MAX_HIDDEN];
+    for (int32_t j = 0; j < H; j++)
+        reversed[j] = m->hidden_dims[H - 1 - j];
+    layout_state ls = {m, 0, 0, 0};
+    char prefix[16];
+    static const char *const gaussian_heads[] = {"mu", "logvar"};
+    static const char *const logits_head[] = {"logits"};
+    for (int32_t i = 0; i < T; i++) {
+        snprintf(prefix, sizeof prefix, "enc%d", (int)i + 1);
+        layout_block(&ls, &m->enc[i], prefix, i == 0 ? D : m->latent_dims[i - 1],
+                     m->hidden_dims, H, 2, m->latent_dims[i], gaussian_heads);
+        m->z_col[i] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
+        m->eps_col[i] = m->eps_cols;
+        m->eps_cols += m->latent_dims[i];
+    }
+    int unit = config->decoder_variance == HVAE_DECODER_VARIANCE_UNIT;
+    for (int32_t i = 0; i < T; i++) {
+        snprintf(prefix, sizeof prefix, "dec%d", (int)i + 1);
+        int bern = i == 0 && config->likelihood == HVAE_LIKELIHOOD_BERNOULLI;
+        layout_block(&ls, &m->dec[i], prefix, m->latent_dims[i], reversed, H,
+                     bern || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
+                     bern ? logits_head : gaussian_heads);
+    }
+    m->n_params = ls.n_params;
+    m->act_cols = ls.act_cols;
+    if (ls.overflow || m->n_params > (int64_t)(SIZE_MAX / 4 / sizeof(float))) {
+        hvae_model_free(m);
+        return HVAE_ERR_SIZE_OVERFLOW;
+    }
+    m->params = calloc((size_t)m->n_params, sizeof(float));
+    m->grads = calloc((size_t)m->n_params, sizeof(float));
+    if (!m->params || !m->grads) {
+        hvae_model_free(m);
+        return HVAE_ERR_OUT_OF_MEMORY;
+    }
+    *out = m;
+    return HVAE_OK;
+}
+
+void hvae_model_free(hvae_model *m)
+{
+    if (!m)
+        return;
+    free(m->params);
+    free(m->grads);
+    free(m->tensors);
+    free(m);
+}
+
+const hvae_config *hvae_model_config(const hvae_model *m) { return &m->config; }
+int64_t hvae_model_n_params(const hvae_model *m) { return m->n_params; }
+float *hvae_model_params(hvae_model *m) { return m->params; }
+float *hvae_model_grads(hvae_model *m) { return m->grads; }
+int32_t hvae_model_n_tensors(const hvae_model *m) { return m->n_tensors; }
+
+hvae_status hvae_model_tensor(const hvae_model *m, int32_t index,
+                              hvae_tensor_info *info)
+{
+    if (!m || !info || index < 0 || index >= m->n_tensors)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    *info = m->tensors[index];
+    return HVAE_OK;
+}
+
+void hvae_model_init(hvae_model *m, uint64_t seed)
+{
+    /* PyTorch's nn.Linear default (kaiming_uniform with a = sqrt(5) for W,
+     * and the same bound for b): U(-1/sqrt(n_in), 1/sqrt(n_in)). */
+    hvae_rng rng;
+    hvae_rng_seed(&rng, seed);
+    for (int32_t t = 0; t < m->n_tensors; t++) {
+        const hvae_tensor_info *info = &m->tensors[t];
+        /* A bias follows its weight, whose row count is the fan-in. */
+        int64_t fan_in = info->cols > 0 ? info->rows : m->tensors[t - 1].rows;
+        float bound = (float)(1.0 / sqrt((double)fan_in));
+        int64_t count = info->cols > 0 ? info->rows * info->cols : info->rows;
+        float *p = m->params + info->offset;
+        for (int64_t k = 0; k < count; k++)
+            p[k] = bound * (2.0f * hvae_rng_uniform_float(&rng) - 1.0f);
+    }
+}
+
+hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
+                                  int64_t n, int64_t *bad_index)
+{
+    int64_t total = n * m->config.n_features;
+    int bern = m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI;
+    /* One branch-free pass; locate the culprit only when something is off. */
+    int bad = 0;
+    for (int64_t i = 0; i < total; i++) {
+        float v = x[i];
+        bad |= !(v - v == 0.0f);                     /* NaN or inf */
+        bad |= bern & ((v < 0.0f) | (v > 1.0f));
+    }
+    if (!bad)
+        return HVAE_OK;
+    for (int64_t i = 0; i < total; i++) {
+        if (!isfinite(x[i]) || (bern && (x[i] < 0.0f || x[i] > 1.0f))) {
+            if (bad_index)
+                *bad_index = i;
+            return isfinite(x[i]) ? HVAE_ERR_INPUT_RANGE : HVAE_ERR_NONFINITE_INPUT;
+        }
+    }
+    return HVAE_OK;
+}
+
+/* ---- workspace ---------------------------------------------------------- */
+
+size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
+{
+    if (!m || max_rows < 1 || max_rows > INT_MAX)
+        return 0;
+    int64_t floats_per_row, doubles_per_row = 1 + m->config.n_layers, total;
+    if (__builtin_mul_overflow(m->act_cols, 2, &floats_per_row) ||
+        __builtin_add_overflow(floats_per_row,
+                               m->config.n_features + m->eps_cols,
+                               &floats_per_row))
+        return 0;
+    int64_t per_row = floats_per_row * (int64_t)sizeof(float) +
+                      doubles_per_row * (int64_t)sizeof(double) +
+                      (int64_t)sizeof(int64_t);
+    if (__builtin_mul_overflow(per_row, max_rows, &total) ||
+        total > (int64_t)(SIZE_MAX / 2))
+        return 0;
+    return (size_t)total;
+}
+
+hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
+                                  hvae_workspace **out)
+{
+    if (!m || !out || max_rows < 1)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    if (hvae_workspace_bytes(m, max_rows) == 0)
+        return HVAE_ERR_SIZE_OVERFLOW;
+    hvae_workspace *ws = calloc(1, sizeof *ws);
+    if (!ws)
+        return HVAE_ERR_OUT_OF_MEMORY;
+    size_t R = (size_t)max_rows;
+    ws->model = m;
+    ws->max_rows = max_rows;
+    ws->x = malloc(R * (size_t)m->config.n_features * sizeof(float));
+    ws->eps = malloc(R * (size_t)m->eps_cols * sizeof(float));
+    ws->acts = calloc(R * (size_t)m->act_cols, sizeof(float));
+    ws->dacts = calloc(R * (size_t)m->act_cols, sizeof(float));
+    ws->reconstruction = malloc(R * sizeof(double));
+    ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
+    ws->rows = malloc(R * sizeof(int64_t));
+    if (!ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
+        !ws->kl || !ws->rows) {
+        hvae_workspace_free(ws);
+        return HVAE_ERR_OUT_OF_MEMORY;
+    }
+    *out = ws;
+    return HVAE_OK;
+}
+
+void hvae_workspace_free(hvae_workspace *ws)
+{
+    if (!ws)
+        return;
+    free(ws->x);
+    free(ws->eps);
+    free(ws->acts);
+    free(ws->dacts);
+    free(ws->reconstruction);
+    free(ws->kl);
+    free(ws->rows);
+    free(ws);
+}
+
+int64_t hvae_workspace_max_rows(const hvae_workspace *ws) { return ws->max_rows; }
+
+/* ---- passes -------------------------------------------------------------- */
+
+void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
+                        const hvae_block *blk, const float *inp, int64_t B)
+{
+    const float *in = inp;
+    for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
+        int head = l >= blk->n_hidden;
+        float *out = ws_act(ws, blk->col[l]);
+        hvae_dense_forward(out, in, m->params + blk->W[l], m->params + blk->b[l],
+                           head ? HVAE_ACT_IDENTITY : m->config.activation, B,
+                           blk->in_dim[l], blk->out_dim[l]);
+        if (!head)
+            in = out;
+    }
+}
+
+void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
+                         const hvae_block *blk, const float *inp, float *dinp,
+                         int64_t B)
+{
+    /* The heads read the last hidden layer (or the input); every hidden layer
+     * reads the one before it. */
+    int32_t H = blk->n_hidden;
+    const float *last = H > 0 ? ws_act(ws, blk->col[H - 1]) : inp;
+    float *dlast = H > 0 ? ws_dact(ws, blk->col[H - 1]) : dinp;
+    for (int32_t l = H; l < H + blk->n_heads; l++)
+        hvae_dense_backward(dlast, m->grads + blk->W[l], m->grads + blk->b[l],
+                            ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
+                            last, m->params + blk->W[l], HVAE_ACT_IDENTITY, B,
+                            blk->in_dim[l], blk->out_dim[l]);
+    for (int32_t l = H - 1; l >= 0; l--) {
+        const float *in = l > 0 ? ws_act(ws, blk->col[l - 1]) : inp;
+        float *din = l > 0 ? ws_dact(ws, blk->col[l - 1]) : dinp;
+        hvae_dense_backward(din, m->grads + blk->W[l], m->grads + blk->b[l],
+                            ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
+                            in, m->params + blk->W[l], m->config.activation, B,
+                            blk->in_dim[l], blk->out_dim[l]);
+    }
+}
+
+/* The prior over z_{i+1} for i < T - 1 comes from decoder block i + 1. */
+static void layer_prior(const hvae_model *m, const hvae_workspace *ws,
+                        int32_t i, float **mu_p, float **lv_p)
+{
+    if (i == m->config.n_layers - 1) {
+        *mu_p = *lv_p = NULL;
+    } else {
+        *mu_p = block_head(ws, &m->dec[i + 1], 0);
+        *lv_p = block_head(ws, &m->dec[i + 1], 1);
+    }
+}
+
+void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
+                  const float *x, const float *const *eps, int64_t B)
+{
+    int32_t T = m->config.n_layers;
+    for (int32_t i = 0; i < T; i++) {
+        const hvae_block *enc = &m->enc[i];
+        hvae_block_forward(m, ws, enc, i == 0 ? x : ws_act(ws, m->z_col[i - 1]), B);
+        hvae_reparam_forward(ws_act(ws, m->z_col[i]), block_head(ws, enc, 0),
+                             block_head(ws, enc, 1), eps[i], B * m->latent_dims[i]);
+    }
+    for (int32_t i = 0; i < T; i++)
+        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), B);
+
+    const hvae_block *dec1 = &m->dec[0];
+    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
+        hvae_bernoulli_loglik_forward(ws->reconstruction, x, block_head(ws, dec1, 0),
+                                      B, m->config.n_features);
+    else
+        hvae_gaussian_loglik_forward(ws->reconstruction, x, block_head(ws, dec1, 0),
+                                     block_head(ws, dec1, 1), B,
+                                     m->config.n_features);
+    for (int32_t i = 0; i < T; i++) {
+        float *mu_p, *lv_p;
+        layer_prior(m, ws, i, &mu_p, &lv_p);
+        hvae_gaussian_kl_forward(ws->kl + i * ws->max_rows,
+                                 block_head(ws, &m->enc[i], 0),
+                                 block_head(ws, &m->enc[i], 1), mu_p, lv_p, B,
+                                 m->latent_dims[i]);
+    }
+}
+
+void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
+                   const float *const *eps, int64_t B, float scale, float beta)
+{
+    /* loss = scale * sum over rows of (-reconstruction + beta * sum kl).
+     * The decoders only need the gradients of their heads, so they run
+     * first; then the encoders top-down, each completing dz of the layer
+     * below before its reparameterisation is differentiated. */
+    int32_t T = m->config.n_layers;
+    memset(ws->dacts, 0, (size_t)(ws->max_rows * m->act_cols) * sizeof(float));
+    const hvae_block *dec1 = &m->dec[0];
+    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
+        hvae_bernoulli_loglik_backward(block_dhead(ws, dec1, 0), -scale, x,
+                                       block_head(ws, dec1, 0), B,
+                                       m->config.n_features);
+    else
+        hvae_gaussian_loglik_backward(block_dhead(ws, dec1, 0),
+                                      block_dhead(ws, dec1, 1), -scale, x,
+                                      block_head(ws, dec1, 0),
+                                      block_head(ws, dec1, 1), B,
+                                      m->config.n_features);
+    for (int32_t i = 0; i < T; i++) {
+        float *mu_p, *lv_p, *dmu_p = NULL, *dlv_p = NULL;
+        layer_prior(m, ws, i, &mu_p, &lv_p);
+        if (i < T - 1) {
+            dmu_p = block_dhead(ws, &m->dec[i + 1], 0);
+            dlv_p = block_dhead(ws, &m->dec[i + 1], 1);
+        }
+        const hvae_block *enc = &m->enc[i];
+        hvae_gaussian_kl_backward(block_dhead(ws, enc, 0), block_dhead(ws, enc, 1),
+                                  dmu_p, dlv_p, scale * beta, block_head(ws, enc, 0),
+                                  block_head(ws, enc, 1), mu_p, lv_p, B,
+                                  m->latent_dims[i]);
+    }
+    for (int32_t i = 0; i < T; i++)
+        hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]),
+                            ws_dact(ws, m->z_col[i]), B);
+    for (int32_t i = T - 1; i >= 0; i--) {
+        const hvae_block *enc = &m->enc[i];
+        hvae_reparam_backward(block_dhead(ws, enc, 0), block_dhead(ws, enc, 1),
+                              ws_dact(ws, m->z_col[i]), block_head(ws, enc, 1),
+                              eps[i], B * m->latent_dims[i]);
+        hvae_block_backward(m, ws, enc, i == 0 ? x : ws_act(ws, m->z_col[i - 1]),
+                            i == 0 ? NULL : ws_dact(ws, m->z_col[i - 1]), B);
+    }
+}
+
+/* ---- noise --------------------------------------------------------------- */
+
+void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
+                       const float *x, int64_t B, uint64_t noise_seed)
+{
+    int64_t D = m->config.n_features;
+    for (int64_t b = 0; b < B; b++) {
+        /* FNV-1a over the row's bit patterns, mixed with the seed. */
+        uint64_t h = 0xcbf29ce484222325ULL ^ noise_seed;
+        const float *row = x + b * D;
+        for (int64_t j = 0; j < D; j++) {
+            uint32_t bits;
+            memcpy(&bits, &row[j], sizeof bits);
+            h = (h ^ bits) * 0x100000001b3ULL;
+        }
+        hvae_rng rng;
+        hvae_rng_seed(&rng, hvae_splitmix64(&h));
+        for (int32_t i = 0; i < m->config.n_layers; i++)
+            hvae_rng_normal(&rng, ws_eps(ws, i) + b * m->latent_dims[i],
+                            m->latent_dims[i]);
+    }
+}
+
+/* Noise pointers for rows r0.. of a chunk: the caller's, or hashed draws. */
+void hvae_chunk_noise(const hvae_model *m, const hvae_workspace *ws,
+                        const float *x, int64_t r0, int64_t B,
+                        const float *const *eps, uint64_t noise_seed,
+                        const float **out)
+{
+    for (int32_t i = 0; i < m->config.n_layers; i++)
+        out[i] = eps ? eps[i] + r0 * m->latent_dims[i] : ws_eps(ws, i);
+    if (!eps)
+        hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, noise_seed);
+}
+
+static hvae_status check_call(const hvae_model *m, const hvae_workspace *ws,
+                              int64_t n)
+{
+    if (!m || !ws || ws->model != m || n < 0)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    return HVAE_OK;
+}
+
+hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
+                      int64_t n, const float *const *eps, uint64_t noise_seed,
+                      double *elbo, double *reconstruction, double *kl)
+{
+    hvae_status st = check_call(m, ws, n);
+    if (st != HVAE_OK)
+        return st;
+    int32_t T = m->config.n_layers;
+    const float *noise[HVAE_MAX_LAYERS];
+    for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
+        int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        const float *xb = x + r0 * m->config.n_features;
+        hvae_chunk_noise(m, ws, x, r0, B, eps, noise_seed, noise);
+        hvae_forward(m, ws, xb, noise, B);
+        for (int64_t b = 0; b < B; b++) {
+            double kl_total = 0.0;
+            for (int32_t i = 0; i < T; i++) {
+                double k = ws->kl[i * ws->max_rows + b];
+                kl_total += k;
+                if (kl)
+                    kl[(r0 + b) * T + i] = k;
+            }
+            if (reconstruction)
+                reconstruction[r0 + b] = ws->reconstruction[b];
+            if (elbo)
+                elbo[r0 + b] = ws->reconstruction[b] - kl_total;
+        }
+    }
+    return HVAE_OK;
+}
+
+hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
+                        int64_t n, float *const *mu, float *const *logvar)
+{
+    hvae_status st = check_call(m, ws, n);
+    if (st != HVAE_OK)
+        return st;
+    for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
+        int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        const float *inp = x + r0 * m->config.n_features;
+        for (int32_t i = 0; i < m->config.n_layers; i++) {
+            const hvae_block *enc = &m->enc[i];
+            int64_t d = m->latent_dims[i];
+            hvae_block_forward(m, ws, enc, inp, B);
+            if (mu && mu[i])
+                memcpy(mu[i] + r0 * d, block_head(ws, enc, 0),
+                       (size_t)(B * d) * sizeof(float));
+            if (logvar && logvar[i])
+                memcpy(logvar[i] + r0 * d, block_head(ws, enc, 1),
+                       (size_t)(B * d) * sizeof(float));
+            inp = block_head(ws, enc, 0);
+        }
+    }
+    return HVAE_OK;
+}
+
+/* Mean (and log-variance) of p(x | z_1) for the B rows in dec[0]'s heads. */
+static void observation_params(const hvae_model *m, const hvae_workspace *ws,
+                               int64_t B, float *x_mean, float *x_logvar)
+{
+    const hvae_block *dec1 = &m->dec[0];
+    int64_t n = B * m->config.n_features;
+    const float *head = block_head(ws, dec1, 0);
+    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI) {
+        for (int64_t k = 0; k < n; k++)
+            x_mean[k] = hvae_sigmoidf(head[k]);
+    } else {
+        memcpy(x_mean, head, (size_t)n * sizeof(float));
+    }
+    if (x_logvar) {
+        const float *lv = block_head(ws, dec1, 1);
+        for (int64_t k = 0; k < n; k++)
+            x_logvar[k] = lv ? lv[k] : 0.0f;
+    }
+}
+
+hvae_status hvae_decode(hvae_model *m, hvae_workspace *ws, const float *z1,
+                        int64_t n, float *x_mean, float *x_logvar)
+{
+    hvae_status st = check_call(m, ws, n);
+    if (st != HVAE_OK)
+        return st;
+    int64_t D = m->config.n_features;
+    for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
+        int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        hvae_block_forward(m, ws, &m->dec[0], z1 + r0 * m->latent_dims[0], B);
+        observation_params(m, ws, B, x_mean + r0 * D,
+                           x_logvar ? x_logvar + r0 * D : NULL);
+    }
+    return HVAE_OK;
+}
+
+hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
+                        int64_t n, int observation_noise, float *x)
+{
+    hvae_status st = check_call(m, ws, n);
+    if (st != HVAE_OK || !rng)
+        return st != HVAE_OK ? st : HVAE_ERR_INVALID_ARGUMENT;
+    int32_t T = m->config.n_layers;
+    int64_t D = m->config.n_features;
+    for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
+        int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        hvae_rng_normal(rng, ws_act(ws, m->z_col[T - 1]), B * m->latent_dims[T - 1]);
+        for (int32_t i = T - 1; i >= 1; i--) {
+            const hvae_block *dec = &m->dec[i];
+            int64_t count = B * m->latent_dims[i - 1];
+            float *eps = ws_eps(ws, i - 1), *z = ws_act(ws, m->z_col[i - 1]);
+            hvae_block_forward(m, ws, dec, ws_act(ws, m->z_col[i]), B);
+            hvae_rng_normal(rng, eps, count);
+            const float *mu = block_head(ws, dec, 0), *lv = block_head(ws, dec, 1);
+            for (int64_t k = 0; k < count; k++)
+                z[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * eps[k];
+        }
+        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), B);
+        float *xb = x + r0 * D;
+        if (!observation_noise) {
+            observation_params(m, ws, B, xb, NULL);
+        } else if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI) {
+            observation_params(m, ws, B, xb, NULL);
+            for (int64_t k = 0; k < B * D; k++)
+                xb[k] = hvae_rng_uniform_float(rng) < xb[k] ? 1.0f : 0.0f;
+        } else {
+            const hvae_block *dec1 = &m->dec[0];
+            const float *mu = block_head(ws, dec1, 0), *lv = block_head(ws, dec1, 1);
+            hvae_rng_normal(rng, xb, B * D);
+            for (int64_t k = 0; k < B * D; k++)
+                xb[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * xb[k];
+        }
+    }
+    return HVAE_OK;
+}
