@@ -34,12 +34,19 @@ void hvae_activation_forward(float *out, const float *inp,
             for (int64_t i = 0; i < n; i++)
                 out[i] = inp[i];
         break;
+    case HVAE_ACT_LOGVAR_CLIP:
+        for (int64_t i = 0; i < n; i++) {
+            float v = inp[i] > HVAE_LOGVAR_BOUND ? HVAE_LOGVAR_BOUND : inp[i];
+            out[i] = v < -HVAE_LOGVAR_BOUND ? -HVAE_LOGVAR_BOUND : v;
+        }
+        break;
     }
 }
 
 /* The derivative act'(pre) written in terms of out = act(pre), so that the
- * pre-activations need not be kept. Every case is exact except softplus,
- * where sigmoid(pre) = 1 - exp(-out). */
+ * pre-activations need not be kept: exact for every case (softplus:
+ * sigmoid(pre) = 1 - exp(-out); the clip: a pre-activation exactly at the
+ * bound counts as clipped). */
 static inline float derivative_from_output(hvae_activation act, float out)
 {
     switch (act) {
@@ -49,6 +56,8 @@ static inline float derivative_from_output(hvae_activation act, float out)
     case HVAE_ACT_ELU: return out > 0.0f ? 1.0f : out + 1.0f;
     case HVAE_ACT_SOFTPLUS: return -expm1f(-out);
     case HVAE_ACT_IDENTITY: return 1.0f;
+    case HVAE_ACT_LOGVAR_CLIP:
+        return out > -HVAE_LOGVAR_BOUND && out < HVAE_LOGVAR_BOUND ? 1.0f : 0.0f;
     }
     return 1.0f;
 }

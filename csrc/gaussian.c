@@ -1,6 +1,7 @@
 /*
  * gaussian.c -- the Gaussian terms: reparameterised sampling, the closed-form
- * KL divergence between diagonal Gaussians and the Gaussian log-density,
+ * KL divergence between diagonal Gaussians, its single-sample counterpart
+ * (the log-density ratio) and the Gaussian log-density,
  * forward and backward. Row sums accumulate in double over LANES
  * independent partial sums so that the loops still vectorise.
  */
@@ -75,10 +76,62 @@ void hvae_gaussian_kl_backward(float *dmu_q, float *dlv_q, float *dmu_p,
         float g_mu = scale * diff * inv_vp;
         dmu_q[i] += g_mu;
         dlv_q[i] += scale * 0.5f * (vq * inv_vp - 1.0f);
-        if (dmu_p)
+        if (dmu_p && mu_p)
             dmu_p[i] -= g_mu;
-        if (dlv_p)
+        if (dlv_p && lv_p)
             dlv_p[i] += scale * 0.5f * (1.0f - (vq + diff * diff) * inv_vp);
+    }
+}
+
+static inline float logratio_term(float z, float eps, float lq, float mp,
+                                  float lp)
+{
+    float diff = z - mp;
+    return 0.5f * (lp - lq - eps * eps + diff * diff * hvae_expf(-lp));
+}
+
+void hvae_gaussian_logratio_forward(double *kl, const float *z,
+                                    const float *eps, const float *lv_q,
+                                    const float *mu_p, const float *lv_p,
+                                    int64_t B, int64_t d)
+{
+    for (int64_t b = 0; b < B; b++) {
+        const float *zb = z + b * d, *eb = eps + b * d, *lq = lv_q + b * d;
+        const float *mp = mu_p + b * d, *lp = lv_p ? lv_p + b * d : NULL;
+        double lanes[HVAE_LANES] = {0};
+        int64_t j = 0;
+        for (; j + HVAE_LANES <= d; j += HVAE_LANES)
+            for (int k = 0; k < HVAE_LANES; k++)
+                lanes[k] += logratio_term(zb[j + k], eb[j + k], lq[j + k],
+                                          mp[j + k], lp ? lp[j + k] : 0.0f);
+        double sum = 0.0;
+        for (; j < d; j++)
+            sum += logratio_term(zb[j], eb[j], lq[j], mp[j], lp ? lp[j] : 0.0f);
+        for (int k = 0; k < HVAE_LANES; k++)
+            sum += lanes[k];
+        kl[b] = sum;
+    }
+}
+
+void hvae_gaussian_logratio_backward(float *dz, float *dlv_q, float *dmu_p,
+                                     float *dlv_p, float scale, const float *z,
+                                     const float *mu_p, const float *lv_p,
+                                     int64_t B, int64_t d)
+{
+    /* log q(z) = -(log 2pi + lv_q + eps^2) / 2 along the reparameterisation
+     * path (its z- and mu_q-dependence cancels), so only -1/2 reaches lv_q
+     * directly; the prior's log-density sends (z - mu_p) / v_p to z. */
+    int64_t n = B * d;
+    for (int64_t i = 0; i < n; i++) {
+        float inv_vp = lv_p ? hvae_expf(-lv_p[i]) : 1.0f;
+        float diff = z[i] - mu_p[i];
+        float g = scale * diff * inv_vp;
+        dz[i] += g;
+        dlv_q[i] -= 0.5f * scale;
+        if (dmu_p)
+            dmu_p[i] -= g;
+        if (dlv_p)
+            dlv_p[i] += scale * 0.5f * (1.0f - diff * diff * inv_vp);
     }
 }
 

@@ -7,10 +7,15 @@
  *
  *   inference   q(z_i | z_{i-1}) = N(mu_i, exp(logvar_i))        i = 1..T
  *   generation  p(z_T) = N(0, I),  p(z_{i-1} | z_i)             i = T..1
- *   ELBO(x) = log p(x | z_1) - KL(q(z_T|z_{T-1}) || N(0, I))
- *                            - sum_{i<T} KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1}))
+ *   ELBO(x) = E_q[ log p(x | z_1) - KL(q(z_T|z_{T-1}) || N(0, I))
+ *                  - sum_{i<T} (log q(z_i|z_{i-1}) - log p(z_i|z_{i+1})) ]
  *
- * with one reparameterised sample z_i = mu_i + exp(logvar_i / 2) * eps_i.
+ * estimated with one reparameterised sample z_i = mu_i + exp(logvar_i/2) eps_i.
+ * The top layer's KL is taken in closed form. A lower layer's prior
+ * p(z_i | z_{i+1}) depends on z_{i+1}, which was drawn given z_i, so the
+ * closed-form KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) at that z_{i+1} is not an
+ * unbiased estimate of the ELBO (nor always a bound); those layers use the
+ * sampled log-density ratio, whose expectation is exactly their term.
  * Every block is an MLP of dense layers y = act(x @ W + b), W of shape
  * (in, out), row-major.
  *
@@ -98,8 +103,16 @@ typedef enum {
     HVAE_ACT_LEAKY_RELU = 2,   /* slope 0.01 below zero */
     HVAE_ACT_ELU = 3,          /* alpha 1 */
     HVAE_ACT_SOFTPLUS = 4,
-    HVAE_ACT_IDENTITY = 5      /* used for the linear heads */
+    HVAE_ACT_IDENTITY = 5,     /* used for the linear heads */
+    HVAE_ACT_LOGVAR_CLIP = 6   /* clip to [-HVAE_LOGVAR_BOUND, HVAE_LOGVAR_BOUND]:
+                                  every log-variance head */
 } hvae_activation;
+
+/* Log-variance heads are clipped to +-HVAE_LOGVAR_BOUND (variances between
+ * 2e-9 and 5e8): every exp stays finite for unscaled data at initialisation,
+ * and a Gaussian likelihood cannot grow without bound on a constant feature.
+ * The clip passes no gradient outside the range. */
+#define HVAE_LOGVAR_BOUND 20.0f
 
 typedef enum {
     HVAE_DECODER_VARIANCE_LEARNED = 0, /* decoders have log-variance heads */
@@ -190,6 +203,26 @@ HVAE_API void hvae_gaussian_kl_backward(float *dmu_q, float *dlv_q,
                                         const float *lv_q, const float *mu_p,
                                         const float *lv_p, int64_t B,
                                         int64_t d);
+
+/* Per-row single-sample estimate of a KL term whose prior depends on another
+ * sample: log q(z | .) - log p(z | .) at z = mu_q + exp(lv_q / 2) * eps,
+ *   = sum_j (lv_p - lv_q - eps^2 + (z - mu_p)^2 exp(-lv_p)) / 2,
+ * into kl (B). lv_p may be NULL for unit variance. */
+HVAE_API void hvae_gaussian_logratio_forward(double *kl, const float *z,
+                                             const float *eps,
+                                             const float *lv_q,
+                                             const float *mu_p,
+                                             const float *lv_p, int64_t B,
+                                             int64_t d);
+/* Accumulates scale * the pathwise partial derivatives of that estimate:
+ * into dz (which the caller passes on through the reparameterisation),
+ * dlv_q (the direct -1/2), dmu_p and dlv_p (skipped when NULL). */
+HVAE_API void hvae_gaussian_logratio_backward(float *dz, float *dlv_q,
+                                              float *dmu_p, float *dlv_p,
+                                              float scale, const float *z,
+                                              const float *mu_p,
+                                              const float *lv_p, int64_t B,
+                                              int64_t d);
 
 /* Per-row log N(x; mu, exp(lv)) in nats, constants included, into ll (B).
  * lv may be NULL for unit variance. */

@@ -24,6 +24,7 @@ typedef struct {
     int64_t W[HVAE_MAX_DENSE];          /* offsets in the parameter buffer */
     int64_t b[HVAE_MAX_DENSE];
     int64_t col[HVAE_MAX_DENSE];        /* activation column offsets */
+    hvae_activation act[HVAE_MAX_DENSE];
 } hvae_block;
 
 struct hvae_model {
@@ -89,19 +90,30 @@ void hvae_activation_backward_row_inplace(float *d, float *dbias,
 void hvae_bias_activation_row_inplace(float *x, const float *bias,
                                       hvae_activation act, int64_t n);
 
+/* linear.c: hvae_dense_forward with results independent of the other rows
+ * (for evaluation; slower than BLAS on large batches). */
+void hvae_dense_forward_rowwise(float *out, const float *inp,
+                                const float *weight, const float *bias,
+                                hvae_activation act, int64_t B, int64_t n_in,
+                                int64_t n_out);
+
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
 float hvae_rng_uniform_float(hvae_rng *rng);
 
 /* model.c: passes over the first B rows of the workspace. eps[i] points to
  * (B, d_{i+1}) noise. */
+/* Evaluation passes (rowwise != 0) use hvae_dense_forward_rowwise so that a
+ * row's outputs do not depend on the rest of the batch. */
 void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
-                        const hvae_block *blk, const float *inp, int64_t B);
+                        const hvae_block *blk, const float *inp, int64_t B,
+                        int rowwise);
 void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
                          const hvae_block *blk, const float *inp, float *dinp,
                          int64_t B);
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
-                  const float *x, const float *const *eps, int64_t B);
+                  const float *x, const float *const *eps, int64_t B,
+                  int rowwise);
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *const *eps, int64_t B, float scale,
                    float beta);

@@ -3,6 +3,8 @@
 #include "internal.h"
 #include "blas.h"
 
+#include <math.h>
+
 void hvae_dense_forward(float *out, const float *inp, const float *weight,
                         const float *bias, hvae_activation act, int64_t B,
                         int64_t n_in, int64_t n_out)
@@ -37,4 +39,74 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
         hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_TRANS, (int)B, (int)n_in,
                    (int)n_out, 1.0f, dout, (int)n_out, weight, (int)n_out,
                    1.0f, dinp, (int)n_in);
+}
+
+/*
+ * out (B, n_out) = inp (B, n_in) @ weight (n_in, n_out), computed so that
+ * every output element is the same sequence of fused multiply-adds over
+ * k = 0..n_in-1 whatever the other rows are. BLAS results depend on a row's
+ * position in the batch (at the 1e-7 level); evaluation (transform,
+ * score_samples, decode, sample) must not, so that a row's result does not
+ * change when the data set is reordered or split.
+ *
+ * Register blocking: 4 rows x 16 columns of accumulators; weight panels of
+ * 16 columns stay in cache while all rows stream past. fmaf is exact
+ * (one rounding), so its vector and scalar forms agree bit for bit.
+ */
+#define RW_COLS 16
+#define RW_ROWS 4
+
+__attribute__((target_clones("arch=haswell", "default")))
+static void gemm_rowwise(float *out, const float *inp, const float *weight,
+                         int64_t B, int64_t n_in, int64_t n_out)
+{
+    int64_t full_cols = n_out - n_out % RW_COLS;
+    for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
+        const float *w = weight + j0;
+        int64_t b = 0;
+        for (; b + RW_ROWS <= B; b += RW_ROWS) {
+            float acc[RW_ROWS][RW_COLS] = {{0}};
+            const float *x = inp + b * n_in;
+            for (int64_t k = 0; k < n_in; k++) {
+                const float *wk = w + k * n_out;
+                for (int r = 0; r < RW_ROWS; r++) {
+                    float xr = x[r * n_in + k];
+                    for (int j = 0; j < RW_COLS; j++)
+                        acc[r][j] = fmaf(xr, wk[j], acc[r][j]);
+                }
+            }
+            for (int r = 0; r < RW_ROWS; r++)
+                for (int j = 0; j < RW_COLS; j++)
+                    out[(b + r) * n_out + j0 + j] = acc[r][j];
+        }
+        for (; b < B; b++) {
+            float acc[RW_COLS] = {0};
+            const float *x = inp + b * n_in;
+            for (int64_t k = 0; k < n_in; k++)
+                for (int j = 0; j < RW_COLS; j++)
+                    acc[j] = fmaf(x[k], w[k * n_out + j], acc[j]);
+            for (int j = 0; j < RW_COLS; j++)
+                out[b * n_out + j0 + j] = acc[j];
+        }
+    }
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t j = full_cols; j < n_out; j++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < n_in; k++)
+                acc = fmaf(inp[b * n_in + k], weight[k * n_out + j], acc);
+            out[b * n_out + j] = acc;
+        }
+    }
+}
+
+void hvae_dense_forward_rowwise(float *out, const float *inp,
+                                const float *weight, const float *bias,
+                                hvae_activation act, int64_t B, int64_t n_in,
+                                int64_t n_out)
+{
+    if (B <= 0 || n_out <= 0)
+        return;
+    gemm_rowwise(out, inp, weight, B, n_in, n_out);
+    for (int64_t b = 0; b < B; b++)
+        hvae_bias_activation_row_inplace(out + b * n_out, bias, act, n_out);
 }

@@ -76,6 +76,12 @@ static void layout_block(layout_state *st, hvae_block *blk, const char *prefix,
         blk->W[l] = checked_add(st, &st->n_params, in, out);
         blk->b[l] = checked_add(st, &st->n_params, 1, out);
         blk->col[l] = checked_add(st, &st->act_cols, 1, out);
+        if (!head)
+            blk->act[l] = st->m->config.activation;
+        else if (strcmp(head_names[l - n_hidden], "logvar") == 0)
+            blk->act[l] = HVAE_ACT_LOGVAR_CLIP;
+        else
+            blk->act[l] = HVAE_ACT_IDENTITY;
         if (head)
             snprintf(name, sizeof name, "%s.%s", prefix, head_names[l - n_hidden]);
         else
@@ -316,15 +322,16 @@ int64_t hvae_workspace_max_rows(const hvae_workspace *ws) { return ws->max_rows;
 /* ---- passes -------------------------------------------------------------- */
 
 void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
-                        const hvae_block *blk, const float *inp, int64_t B)
+                        const hvae_block *blk, const float *inp, int64_t B,
+                        int rowwise)
 {
     const float *in = inp;
     for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
         int head = l >= blk->n_hidden;
         float *out = ws_act(ws, blk->col[l]);
-        hvae_dense_forward(out, in, m->params + blk->W[l], m->params + blk->b[l],
-                           head ? HVAE_ACT_IDENTITY : m->config.activation, B,
-                           blk->in_dim[l], blk->out_dim[l]);
+        (rowwise ? hvae_dense_forward_rowwise : hvae_dense_forward)(
+            out, in, m->params + blk->W[l], m->params + blk->b[l], blk->act[l],
+            B, blk->in_dim[l], blk->out_dim[l]);
         if (!head)
             in = out;
     }
@@ -342,14 +349,14 @@ void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
     for (int32_t l = H; l < H + blk->n_heads; l++)
         hvae_dense_backward(dlast, m->grads + blk->W[l], m->grads + blk->b[l],
                             ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
-                            last, m->params + blk->W[l], HVAE_ACT_IDENTITY, B,
+                            last, m->params + blk->W[l], blk->act[l], B,
                             blk->in_dim[l], blk->out_dim[l]);
     for (int32_t l = H - 1; l >= 0; l--) {
         const float *in = l > 0 ? ws_act(ws, blk->col[l - 1]) : inp;
         float *din = l > 0 ? ws_dact(ws, blk->col[l - 1]) : dinp;
         hvae_dense_backward(din, m->grads + blk->W[l], m->grads + blk->b[l],
                             ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
-                            in, m->params + blk->W[l], m->config.activation, B,
+                            in, m->params + blk->W[l], blk->act[l], B,
                             blk->in_dim[l], blk->out_dim[l]);
     }
 }
@@ -367,17 +374,19 @@ static void layer_prior(const hvae_model *m, const hvae_workspace *ws,
 }
 
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
-                  const float *x, const float *const *eps, int64_t B)
+                  const float *x, const float *const *eps, int64_t B,
+                  int rowwise)
 {
     int32_t T = m->config.n_layers;
     for (int32_t i = 0; i < T; i++) {
         const hvae_block *enc = &m->enc[i];
-        hvae_block_forward(m, ws, enc, i == 0 ? x : ws_act(ws, m->z_col[i - 1]), B);
+        hvae_block_forward(m, ws, enc, i == 0 ? x : ws_act(ws, m->z_col[i - 1]), B,
+                           rowwise);
         hvae_reparam_forward(ws_act(ws, m->z_col[i]), block_head(ws, enc, 0),
                              block_head(ws, enc, 1), eps[i], B * m->latent_dims[i]);
     }
     for (int32_t i = 0; i < T; i++)
-        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), B);
+        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), B, rowwise);
 
     const hvae_block *dec1 = &m->dec[0];
     if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
@@ -389,11 +398,17 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                                      m->config.n_features);
     for (int32_t i = 0; i < T; i++) {
         float *mu_p, *lv_p;
+        const hvae_block *enc = &m->enc[i];
         layer_prior(m, ws, i, &mu_p, &lv_p);
-        hvae_gaussian_kl_forward(ws->kl + i * ws->max_rows,
-                                 block_head(ws, &m->enc[i], 0),
-                                 block_head(ws, &m->enc[i], 1), mu_p, lv_p, B,
-                                 m->latent_dims[i]);
+        if (i == T - 1)
+            hvae_gaussian_kl_forward(ws->kl + i * ws->max_rows, block_head(ws, enc, 0),
+                                     block_head(ws, enc, 1), NULL, NULL, B,
+                                     m->latent_dims[i]);
+        else
+            hvae_gaussian_logratio_forward(ws->kl + i * ws->max_rows,
+                                           ws_act(ws, m->z_col[i]), eps[i],
+                                           block_head(ws, enc, 1), mu_p, lv_p, B,
+                                           m->latent_dims[i]);
     }
 }
 
@@ -418,17 +433,20 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                                       block_head(ws, dec1, 1), B,
                                       m->config.n_features);
     for (int32_t i = 0; i < T; i++) {
-        float *mu_p, *lv_p, *dmu_p = NULL, *dlv_p = NULL;
-        layer_prior(m, ws, i, &mu_p, &lv_p);
-        if (i < T - 1) {
-            dmu_p = block_dhead(ws, &m->dec[i + 1], 0);
-            dlv_p = block_dhead(ws, &m->dec[i + 1], 1);
-        }
+        float *mu_p, *lv_p;
         const hvae_block *enc = &m->enc[i];
-        hvae_gaussian_kl_backward(block_dhead(ws, enc, 0), block_dhead(ws, enc, 1),
-                                  dmu_p, dlv_p, scale * beta, block_head(ws, enc, 0),
-                                  block_head(ws, enc, 1), mu_p, lv_p, B,
-                                  m->latent_dims[i]);
+        layer_prior(m, ws, i, &mu_p, &lv_p);
+        if (i == T - 1)
+            hvae_gaussian_kl_backward(block_dhead(ws, enc, 0), block_dhead(ws, enc, 1),
+                                      NULL, NULL, scale * beta, block_head(ws, enc, 0),
+                                      block_head(ws, enc, 1), NULL, NULL, B,
+                                      m->latent_dims[i]);
+        else
+            hvae_gaussian_logratio_backward(
+                ws_dact(ws, m->z_col[i]), block_dhead(ws, enc, 1),
+                block_dhead(ws, &m->dec[i + 1], 0), block_dhead(ws, &m->dec[i + 1], 1),
+                scale * beta, ws_act(ws, m->z_col[i]), mu_p, lv_p, B,
+                m->latent_dims[i]);
     }
     for (int32_t i = 0; i < T; i++)
         hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]),
@@ -499,7 +517,7 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
         const float *xb = x + r0 * m->config.n_features;
         hvae_chunk_noise(m, ws, x, r0, B, eps, noise_seed, noise);
-        hvae_forward(m, ws, xb, noise, B);
+        hvae_forward(m, ws, xb, noise, B, 1);
         for (int64_t b = 0; b < B; b++) {
             double kl_total = 0.0;
             for (int32_t i = 0; i < T; i++) {
@@ -529,7 +547,7 @@ hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
         for (int32_t i = 0; i < m->config.n_layers; i++) {
             const hvae_block *enc = &m->enc[i];
             int64_t d = m->latent_dims[i];
-            hvae_block_forward(m, ws, enc, inp, B);
+            hvae_block_forward(m, ws, enc, inp, B, 1);
             if (mu && mu[i])
                 memcpy(mu[i] + r0 * d, block_head(ws, enc, 0),
                        (size_t)(B * d) * sizeof(float));
@@ -571,7 +589,7 @@ hvae_status hvae_decode(hvae_model *m, hvae_workspace *ws, const float *z1,
     int64_t D = m->config.n_features;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        hvae_block_forward(m, ws, &m->dec[0], z1 + r0 * m->latent_dims[0], B);
+        hvae_block_forward(m, ws, &m->dec[0], z1 + r0 * m->latent_dims[0], B, 1);
         observation_params(m, ws, B, x_mean + r0 * D,
                            x_logvar ? x_logvar + r0 * D : NULL);
     }
@@ -593,13 +611,13 @@ hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
             const hvae_block *dec = &m->dec[i];
             int64_t count = B * m->latent_dims[i - 1];
             float *eps = ws_eps(ws, i - 1), *z = ws_act(ws, m->z_col[i - 1]);
-            hvae_block_forward(m, ws, dec, ws_act(ws, m->z_col[i]), B);
+            hvae_block_forward(m, ws, dec, ws_act(ws, m->z_col[i]), B, 1);
             hvae_rng_normal(rng, eps, count);
             const float *mu = block_head(ws, dec, 0), *lv = block_head(ws, dec, 1);
             for (int64_t k = 0; k < count; k++)
                 z[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * eps[k];
         }
-        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), B);
+        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), B, 1);
         float *xb = x + r0 * D;
         if (!observation_noise) {
             observation_params(m, ws, B, xb, NULL);

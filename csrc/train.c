@@ -93,7 +93,7 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
         const float *xb = x + r0 * D;
         hvae_chunk_noise(m, ws, x, r0, B, eps, noise_seed, noise);
-        hvae_forward(m, ws, xb, noise, B);
+        hvae_forward(m, ws, xb, noise, B, 0);
         hvae_backward(m, ws, xb, noise, B, (float)(1.0 / (double)n), beta);
         add_batch_terms(m, ws, B, beta, stats);
         stats->n_batches++;
@@ -148,7 +148,7 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
             hvae_rng_normal(rng, ws_eps(ws, i),
                             B * m->latent_dims[i]);
         memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
-        hvae_forward(m, ws, xb, noise, B);
+        hvae_forward(m, ws, xb, noise, B, 0);
         hvae_backward(m, ws, xb, noise, B, (float)(1.0 / (double)B), o->beta);
 
         hvae_epoch_stats batch;

@@ -1,11 +1,13 @@
 """hvae: hierarchical variational autoencoders trained fast on the CPU.
 
-The estimator :class:`HierarchicalVAE` follows scikit-learn's conventions;
-:class:`Model` is the low-level model held in C buffers.
+:class:`HierarchicalVAE` is the scikit-learn estimator; :class:`Model` is the
+low-level model whose parameters live in C buffers; :mod:`hvae.datasets`
+loads the bundled and on-disk data sets without downloading anything.
 """
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
+from .estimator import HierarchicalVAE
 
 __version__ = "0.1.0"
 
-__all__ = ["DivergenceError", "Model", "blas_info", "get_num_threads",
+__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "blas_info", "get_num_threads",
            "set_num_threads", "__version__"]

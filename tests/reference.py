@@ -1,0 +1,377 @@
+"""An independent float64 NumPy reference of the hvae model, for the tests.
+
+Written from the model's specification only: it shares no code with the
+package. Parameters come as a dict name -> float64 array with the names and
+shapes of ``parameter_shapes(config)`` (the same as ``Model.named_parameters``).
+
+Model (x = z_0 in R^D, latent layers z_1..z_T of sizes d_1..d_T):
+
+* encoder block i maps z_{i-1} through dense layers of widths hidden_dims
+  (y = act(x @ W + b), W of shape (in, out)) to linear heads mu_i, logvar_i;
+  z_i = mu_i + exp(logvar_i / 2) * eps_i;
+* decoder block i maps z_i through dense layers of widths reversed(hidden_dims)
+  to linear heads for p(z_{i-1} | z_i): Gaussian mu (and logvar when the
+  decoder variance is learned, else logvar = 0); for i = 1 and a Bernoulli
+  likelihood a single logits head;
+* ELBO = log p(x | z_1) - KL(q(z_T | z_{T-1}) || N(0, I))
+         - sum_{i<T} [log q(z_i | z_{i-1}) - log p(z_i | z_{i+1})]
+  at the sampled z's: the top layer's KL in closed form, each lower layer's
+  term as the single-sample log-density ratio (its prior depends on z_{i+1},
+  drawn given z_i, so a closed-form KL there would be biased).
+
+The bottom of the file has small helpers the test modules share (random
+parameters and data, and a comparison that reports its largest difference).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LOG_2PI = np.log(2.0 * np.pi)
+
+# The hvae_activation enum of csrc/hvae.h.
+ACTIVATION_CODES = {
+    "relu": 0,
+    "tanh": 1,
+    "leaky_relu": 2,
+    "elu": 3,
+    "softplus": 4,
+    "identity": 5,
+    "logvar_clip": 6,
+}
+# Every log-variance head is clipped to [-LOGVAR_BOUND, LOGVAR_BOUND].
+LOGVAR_BOUND = 20.0
+LEAKY_SLOPE = 0.01
+# Activations with a kink at 0 (finite differences must not straddle one).
+KINKED_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+# --------------------------------------------------------------------------
+# Elementwise functions
+
+
+def softplus(a):
+    """log(1 + exp(a)) without overflow."""
+    return np.logaddexp(0.0, a)
+
+
+def sigmoid(a):
+    """1 / (1 + exp(-a)) without overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * a))
+
+
+def activation(name, pre):
+    """The activation `name` applied to the pre-activation `pre`."""
+    if name == "relu":
+        return np.maximum(pre, 0.0)
+    if name == "tanh":
+        return np.tanh(pre)
+    if name == "leaky_relu":
+        return np.where(pre > 0, pre, LEAKY_SLOPE * pre)
+    if name == "elu":
+        return np.where(pre > 0, pre, np.expm1(np.minimum(pre, 0.0)))
+    if name == "softplus":
+        return softplus(pre)
+    if name == "identity":
+        return pre.copy()
+    if name == "logvar_clip":
+        return np.clip(pre, -LOGVAR_BOUND, LOGVAR_BOUND)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_derivative(name, pre):
+    """d act / d pre, evaluated at the pre-activation `pre`."""
+    if name == "relu":
+        return (pre > 0).astype(np.float64)
+    if name == "tanh":
+        return 1.0 - np.tanh(pre) ** 2
+    if name == "leaky_relu":
+        return np.where(pre > 0, 1.0, LEAKY_SLOPE)
+    if name == "elu":
+        return np.where(pre > 0, 1.0, np.exp(np.minimum(pre, 0.0)))
+    if name == "softplus":
+        return sigmoid(pre)
+    if name == "identity":
+        return np.ones_like(pre)
+    if name == "logvar_clip":
+        return (np.abs(pre) < LOGVAR_BOUND).astype(np.float64)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# --------------------------------------------------------------------------
+# Per-row densities and divergences (rows are samples, columns dimensions)
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p=0.0, logvar_p=0.0):
+    """Per-row KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p)))."""
+    terms = (logvar_p - logvar_q
+             + (np.exp(logvar_q) + (mu_q - mu_p) ** 2) * np.exp(-logvar_p)
+             - 1.0)
+    return 0.5 * np.sum(terms, axis=1)
+
+
+def gaussian_loglik(x, mu, logvar=0.0):
+    """Per-row log N(x; mu, exp(logvar)), constants included."""
+    terms = LOG_2PI + logvar + (x - mu) ** 2 * np.exp(-logvar)
+    return -0.5 * np.sum(np.broadcast_to(terms, np.broadcast(x, mu).shape),
+                         axis=1)
+
+
+def bernoulli_loglik(x, logits):
+    """Per-row sum of x * l - softplus(l)."""
+    return np.sum(x * logits - softplus(logits), axis=1)
+
+
+# --------------------------------------------------------------------------
+# The architecture
+
+
+@dataclass(frozen=True)
+class Config:
+    """The model's architecture, as given to hvae.Model."""
+
+    n_features: int
+    latent_dims: tuple
+    hidden_dims: tuple = ()
+    likelihood: str = "gaussian"
+    activation: str = "relu"
+    decoder_variance: str = "learned"
+
+    @property
+    def n_layers(self):
+        return len(self.latent_dims)
+
+    def model_kwargs(self):
+        """Keyword arguments for hvae.Model."""
+        return dict(n_features=self.n_features,
+                    latent_dims=tuple(self.latent_dims),
+                    hidden_dims=tuple(self.hidden_dims),
+                    likelihood=self.likelihood,
+                    activation=self.activation,
+                    decoder_variance=self.decoder_variance)
+
+
+def _block_shapes(prefix, n_in, widths, heads):
+    shapes = []
+    for j, width in enumerate(widths, start=1):
+        shapes.append((f"{prefix}.hidden{j}.W", (n_in, width)))
+        shapes.append((f"{prefix}.hidden{j}.b", (width,)))
+        n_in = width
+    for head, size in heads:
+        shapes.append((f"{prefix}.{head}.W", (n_in, size)))
+        shapes.append((f"{prefix}.{head}.b", (size,)))
+    return shapes
+
+
+def parameter_shapes(cfg):
+    """The ordered (name, shape) list that tiles the parameter buffer."""
+    dims = [cfg.n_features] + list(cfg.latent_dims)  # dims[i] = size of z_i
+    learned = cfg.decoder_variance == "learned"
+    shapes = []
+    for i in range(1, cfg.n_layers + 1):
+        shapes += _block_shapes(f"enc{i}", dims[i - 1], cfg.hidden_dims,
+                                [("mu", dims[i]), ("logvar", dims[i])])
+    for i in range(1, cfg.n_layers + 1):
+        if i == 1 and cfg.likelihood == "bernoulli":
+            heads = [("logits", dims[0])]
+        else:
+            heads = [("mu", dims[i - 1])]
+            if learned:
+                heads.append(("logvar", dims[i - 1]))
+        shapes += _block_shapes(f"dec{i}", dims[i],
+                                tuple(reversed(cfg.hidden_dims)), heads)
+    return shapes
+
+
+def n_params(cfg):
+    return sum(int(np.prod(shape)) for _, shape in parameter_shapes(cfg))
+
+
+def unflatten(flat, cfg):
+    """Views of the flat vector `flat` as a name -> array dict."""
+    params, offset = {}, 0
+    for name, shape in parameter_shapes(cfg):
+        size = int(np.prod(shape))
+        params[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    if offset != flat.size:
+        raise ValueError(f"flat vector has {flat.size} entries, "
+                         f"the model {offset}")
+    return params
+
+
+# --------------------------------------------------------------------------
+# The model
+
+
+def _mlp(params, prefix, h, cfg, preactivations):
+    j = 1
+    while f"{prefix}.hidden{j}.W" in params:
+        pre = h @ params[f"{prefix}.hidden{j}.W"] + params[f"{prefix}.hidden{j}.b"]
+        preactivations.append(pre)
+        h = activation(cfg.activation, pre)
+        j += 1
+    return h
+
+
+def _head(params, prefix, head, h):
+    out = h @ params[f"{prefix}.{head}.W"] + params[f"{prefix}.{head}.b"]
+    return activation("logvar_clip", out) if head == "logvar" else out
+
+
+def encoder(params, cfg, i, inp, preactivations=None):
+    """(mu_i, logvar_i) of q(z_i | z_{i-1} = inp)."""
+    pre = [] if preactivations is None else preactivations
+    h = _mlp(params, f"enc{i}", inp, cfg, pre)
+    return _head(params, f"enc{i}", "mu", h), _head(params, f"enc{i}", "logvar", h)
+
+
+def decoder(params, cfg, i, z, preactivations=None):
+    """The heads of decoder block i at z_i: (mu, logvar) of p(z_{i-1} | z_i)
+    with logvar = 0 for unit variance, or (logits, None) for a Bernoulli
+    p(x | z_1)."""
+    pre = [] if preactivations is None else preactivations
+    h = _mlp(params, f"dec{i}", z, cfg, pre)
+    if i == 1 and cfg.likelihood == "bernoulli":
+        return _head(params, "dec1", "logits", h), None
+    mu = _head(params, f"dec{i}", "mu", h)
+    if cfg.decoder_variance == "learned":
+        return mu, _head(params, f"dec{i}", "logvar", h)
+    return mu, np.zeros_like(mu)
+
+
+def forward(params, cfg, x, noise):
+    """Per-row ELBO terms for data x (n, D) and noise eps_1..eps_T.
+
+    Returns a dict with 'elbo' (n,), 'reconstruction' (n,), 'kl' (n, T)
+    (column i-1 the KL term of layer i), 'z' (the samples z_1..z_T) and
+    'preactivations' (every hidden layer's pre-activation, for finding
+    kinks).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    T = cfg.n_layers
+    pre = []
+    mus, logvars, zs = [], [], []
+    h = x
+    for i in range(1, T + 1):
+        mu, logvar = encoder(params, cfg, i, h, pre)
+        z = mu + np.exp(0.5 * logvar) * np.asarray(noise[i - 1], np.float64)
+        mus.append(mu)
+        logvars.append(logvar)
+        zs.append(z)
+        h = z
+
+    kl = np.empty((x.shape[0], T))
+    kl[:, T - 1] = gaussian_kl(mus[T - 1], logvars[T - 1])
+    for i in range(1, T):
+        # p(z_i | z_{i+1}) comes from decoder block i+1 at the sampled z_{i+1}.
+        mu_p, logvar_p = decoder(params, cfg, i + 1, zs[i], pre)
+        kl[:, i - 1] = (gaussian_loglik(zs[i - 1], mus[i - 1], logvars[i - 1])
+                        - gaussian_loglik(zs[i - 1], mu_p, logvar_p))
+
+    out, logvar_x = decoder(params, cfg, 1, zs[0], pre)
+    if cfg.likelihood == "bernoulli":
+        reconstruction = bernoulli_loglik(x, out)
+    else:
+        reconstruction = gaussian_loglik(x, out, logvar_x)
+
+    return {"elbo": reconstruction - kl.sum(axis=1),
+            "reconstruction": reconstruction,
+            "kl": kl,
+            "z": zs,
+            "preactivations": pre}
+
+
+def loss(params, cfg, x, noise):
+    """-mean ELBO, the training loss."""
+    return -np.mean(forward(params, cfg, x, noise)["elbo"])
+
+
+def encode(params, cfg, x):
+    """[(mu_i, logvar_i)] for i = 1..T, each layer above the first evaluated
+    at the posterior mean of the layer below."""
+    h = np.asarray(x, dtype=np.float64)
+    out = []
+    for i in range(1, cfg.n_layers + 1):
+        mu, logvar = encoder(params, cfg, i, h)
+        out.append((mu, logvar))
+        h = mu
+    return out
+
+
+def decode(params, cfg, z1):
+    """The mean of p(x | z_1)."""
+    out, _ = decoder(params, cfg, 1, np.asarray(z1, dtype=np.float64))
+    return sigmoid(out) if cfg.likelihood == "bernoulli" else out
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by the test modules
+
+
+def random_parameters(cfg, rng, scale=1.0):
+    """A flat float32 parameter vector drawn like PyTorch's Linear
+    initialisation: W and b of a layer with n_in inputs uniform in
+    +-scale/sqrt(n_in)."""
+    chunks = []
+    n_in = None
+    for name, shape in parameter_shapes(cfg):
+        if name.endswith(".W"):
+            n_in = shape[0]  # the bias that follows shares this bound
+        bound = scale / np.sqrt(n_in)
+        chunks.append(rng.uniform(-bound, bound, size=shape).ravel())
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def random_data(cfg, n, rng):
+    """float32 data (n, D): standard normal for a Gaussian likelihood, and for
+    a Bernoulli one values in [0, 1], half of them exactly 0 or 1."""
+    shape = (n, cfg.n_features)
+    if cfg.likelihood == "bernoulli":
+        x = rng.uniform(0.0, 1.0, size=shape)
+        binary = rng.uniform(size=shape) < 0.5
+        x[binary] = np.round(x[binary])
+        return x.astype(np.float32)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def random_noise(cfg, n, rng):
+    """eps_1..eps_T as float32 arrays (n, d_i)."""
+    return [rng.standard_normal((n, d)).astype(np.float32)
+            for d in cfg.latent_dims]
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    """Assert |actual - expected| <= atol + rtol * |expected| elementwise
+    (atol may be an array, for error bounds that scale with the data);
+    returns the largest absolute difference, and the failure message names
+    the largest absolute and relative differences and the worst entry."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {actual.shape} != expected {expected.shape}")
+    assert np.all(np.isfinite(actual)), (
+        f"{what}: {int(np.sum(~np.isfinite(actual)))} non-finite values")
+    if actual.size == 0:
+        return 0.0
+    diff = np.abs(actual - expected)
+    bound = np.broadcast_to(atol + rtol * np.abs(expected), diff.shape)
+    if not np.all(diff <= bound):
+        worst = int(np.argmax(diff / np.maximum(bound, 1e-300)))
+        raise AssertionError(
+            f"{what}: {int(np.sum(diff > bound))}/{diff.size} entries outside "
+            f"the bound; max |diff| {diff.max():.3g}, max rel diff "
+            f"{max_relative(actual, expected):.3g}; worst at flat index "
+            f"{worst}: got {actual.ravel()[worst]!r}, expected "
+            f"{expected.ravel()[worst]!r}, allowed {bound.ravel()[worst]:.3g}")
+    return float(diff.max())
+
+
+def max_relative(actual, expected, floor=1e-12):
+    """max |a - e| / max(|e|, floor), for reports."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.size == 0:
+        return 0.0
+    return float(np.max(np.abs(actual - expected)
+                        / np.maximum(np.abs(expected), floor)))
