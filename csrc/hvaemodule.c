@@ -17,6 +17,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -292,9 +293,9 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, variance_names, 2);
     if (var < 0)
         return NULL;
-    if (n_features < 1) {
-        PyErr_Format(PyExc_ValueError, "n_features must be at least 1; got %lld",
-                     n_features);
+    if (n_features < 1 || n_features > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
+                     "got %lld", n_features);
         return NULL;
     }
     latent_seq = PySequence_Fast(latent_obj, "latent_dims must be a sequence of ints");
@@ -319,9 +320,9 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         long long v = PyLong_AsLongLong(item);
         if (v == -1 && PyErr_Occurred())
             goto done;
-        if (v < 1) {
-            PyErr_Format(PyExc_ValueError, "%s[%zd] must be a positive size; "
-                         "got %lld", k < T ? "latent_dims" : "hidden_dims",
+        if (v < 1 || v > INT_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] must be a positive size "
+                         "below 2**31; got %lld", k < T ? "latent_dims" : "hidden_dims",
                          k < T ? k : k - T, v);
             goto done;
         }
@@ -347,7 +348,8 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.decoder_variance = (hvae_decoder_variance)var;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
-        raise_status(st, "cannot create the model");
+        raise_status(st, "cannot create the model (its parameters, gradients "
+                         "and optimizer moments need 16 bytes per parameter)");
         Py_CLEAR(self);
         goto done;
     }
