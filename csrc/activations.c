@@ -5,6 +5,7 @@
 
 #include <math.h>
 
+HVAE_AVX2_CLONES
 void hvae_activation_forward(float *out, const float *inp,
                              hvae_activation act, int64_t n)
 {
@@ -62,6 +63,7 @@ static inline float derivative_from_output(hvae_activation act, float out)
     return 1.0f;
 }
 
+HVAE_AVX2_CLONES
 void hvae_activation_backward(float *dinp, const float *dout, const float *out,
                               hvae_activation act, int64_t n)
 {
@@ -82,6 +84,7 @@ void hvae_activation_backward(float *dinp, const float *dout, const float *out,
 }
 
 /* In place: d <- d * act'(pre) for one row of n values; adds d to dbias. */
+HVAE_AVX2_CLONES
 void hvae_activation_backward_row_inplace(float *d, float *dbias,
                                           const float *out,
                                           hvae_activation act, int64_t n)
@@ -107,6 +110,7 @@ void hvae_activation_backward_row_inplace(float *d, float *dbias,
 }
 
 /* In place: x <- act(x + bias) for one row of n values. */
+HVAE_AVX2_CLONES
 void hvae_bias_activation_row_inplace(float *x, const float *bias,
                                       hvae_activation act, int64_t n)
 {

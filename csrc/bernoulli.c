@@ -5,25 +5,25 @@
 
 /* log p(x | l) = x log sigmoid(l) + (1 - x) log(1 - sigmoid(l))
  *             = x l - softplus(l), which is stable for any logit. */
+HVAE_AVX2_CLONES
 void hvae_bernoulli_loglik_forward(double *ll, const float *x,
                                    const float *logits, int64_t B, int64_t D)
 {
+    float terms[HVAE_CHUNK];
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * D, *lb = logits + b * D;
-        double lanes[HVAE_LANES] = {0};
-        int64_t j = 0;
-        for (; j + HVAE_LANES <= D; j += HVAE_LANES)
-            for (int k = 0; k < HVAE_LANES; k++)
-                lanes[k] += xb[j + k] * lb[j + k] - hvae_softplusf(lb[j + k]);
         double sum = 0.0;
-        for (; j < D; j++)
-            sum += xb[j] * lb[j] - hvae_softplusf(lb[j]);
-        for (int k = 0; k < HVAE_LANES; k++)
-            sum += lanes[k];
+        for (int64_t j0 = 0; j0 < D; j0 += HVAE_CHUNK) {
+            int64_t len = D - j0 < HVAE_CHUNK ? D - j0 : HVAE_CHUNK;
+            for (int64_t j = 0; j < len; j++)
+                terms[j] = xb[j0 + j] * lb[j0 + j] - hvae_softplusf(lb[j0 + j]);
+            sum += hvae_sum_chunk(terms, len);
+        }
         ll[b] = sum;
     }
 }
 
+HVAE_AVX2_CLONES
 void hvae_bernoulli_loglik_backward(float *dlogits, float scale, const float *x,
                                     const float *logits, int64_t B, int64_t D)
 {

@@ -2,6 +2,7 @@
 #include "hvae.h"
 #include "blas.h"
 
+#include <stdatomic.h>
 #include <string.h>
 
 const char *hvae_status_to_string(hvae_status status)
@@ -32,10 +33,28 @@ void HVAE_BLAS_NAME(openblas_set_num_threads)(int n);
 int HVAE_BLAS_NAME(openblas_get_num_threads)(void);
 char *HVAE_BLAS_NAME(openblas_get_config)(void);
 
+/* The thread budget set by hvae_set_num_threads (0: never set, leave
+ * OpenBLAS alone) and the count last given to OpenBLAS. Products below
+ * HVAE_GEMM_PARALLEL_MIN multiply-adds run on one thread: waking a second
+ * one costs more than it saves (a 64x64x64 product takes 4x longer on two
+ * threads than on one here), and OpenBLAS's own cut-off sits lower.
+ * Racing writers only ever store valid counts. */
+#define HVAE_GEMM_PARALLEL_MIN (1 << 19)
+static _Atomic int thread_budget;
+static _Atomic int threads_in_use;
+
 void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                 const float *A, int lda, const float *B, int ldb, float beta,
                 float *C, int ldc)
 {
+    int budget = atomic_load_explicit(&thread_budget, memory_order_relaxed);
+    if (budget > 0) {
+        int want = (double)M * N * K < HVAE_GEMM_PARALLEL_MIN ? 1 : budget;
+        if (want != atomic_load_explicit(&threads_in_use, memory_order_relaxed)) {
+            HVAE_BLAS_NAME(openblas_set_num_threads)(want);
+            atomic_store_explicit(&threads_in_use, want, memory_order_relaxed);
+        }
+    }
     HVAE_BLAS_NAME(cblas_sgemm)(HVAE_CBLAS_ROW_MAJOR, trans_a, trans_b, M, N,
                                 K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
@@ -43,12 +62,13 @@ void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
 void hvae_set_num_threads(int n_threads)
 {
     if (n_threads >= 1)
-        HVAE_BLAS_NAME(openblas_set_num_threads)(n_threads);
+        atomic_store_explicit(&thread_budget, n_threads, memory_order_relaxed);
 }
 
 int hvae_get_num_threads(void)
 {
-    return HVAE_BLAS_NAME(openblas_get_num_threads)();
+    int budget = atomic_load_explicit(&thread_budget, memory_order_relaxed);
+    return budget > 0 ? budget : HVAE_BLAS_NAME(openblas_get_num_threads)();
 }
 
 const char *hvae_blas_info(void)

@@ -26,9 +26,10 @@ static inline float hvae_expf(float x)
      * restores the true overflow and underflow results. */
     float xc = x > 88.0f ? 88.0f : x;
     xc = xc < -87.0f ? -87.0f : xc;
-    float t = xc * 1.44269504088896341f;
-    int32_t n = (int32_t)(t + (t >= 0.0f ? 0.5f : -0.5f));
-    float nf = (float)n;
+    /* Round to nearest by adding and removing 1.5 * 2^23 (|t| < 128):
+     * branch-free, so the loop vectorises on every ISA. */
+    float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    int32_t n = (int32_t)nf;
     /* Cody-Waite: ln 2 split in two so that r = x - n ln 2 is exact. */
     float r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
     float p = 1.9875691500e-4f;

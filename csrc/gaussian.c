@@ -2,8 +2,8 @@
  * gaussian.c -- the Gaussian terms: reparameterised sampling, the closed-form
  * KL divergence between diagonal Gaussians, its single-sample counterpart
  * (the log-density ratio) and the Gaussian log-density,
- * forward and backward. Row sums accumulate in double over LANES
- * independent partial sums so that the loops still vectorise.
+ * forward and backward. Row sums go through hvae_sum_chunk so that the
+ * loops vectorise.
  */
 #include "hvae.h"
 #include "internal.h"
@@ -13,6 +13,7 @@
 
 #define HALF_LOG_2PI 0.91893853320467274178
 
+HVAE_AVX2_CLONES
 void hvae_reparam_forward(float *z, const float *mu, const float *logvar,
                           const float *eps, int64_t n)
 {
@@ -20,6 +21,7 @@ void hvae_reparam_forward(float *z, const float *mu, const float *logvar,
         z[i] = mu[i] + hvae_expf(0.5f * logvar[i]) * eps[i];
 }
 
+HVAE_AVX2_CLONES
 void hvae_reparam_backward(float *dmu, float *dlogvar, const float *dz,
                            const float *logvar, const float *eps, int64_t n)
 {
@@ -36,29 +38,28 @@ static inline float kl_term(float mq, float lq, float mp, float lp)
     return 0.5f * (lp - lq + (hvae_expf(lq) + diff * diff) * hvae_expf(-lp) - 1.0f);
 }
 
+HVAE_AVX2_CLONES
 void hvae_gaussian_kl_forward(double *kl, const float *mu_q, const float *lv_q,
                               const float *mu_p, const float *lv_p, int64_t B,
                               int64_t d)
 {
+    static const float zeros[HVAE_CHUNK];
+    float terms[HVAE_CHUNK];
     for (int64_t b = 0; b < B; b++) {
-        const float *mq = mu_q + b * d, *lq = lv_q + b * d;
-        const float *mp = mu_p ? mu_p + b * d : NULL;
-        const float *lp = lv_p ? lv_p + b * d : NULL;
-        double lanes[HVAE_LANES] = {0};
-        int64_t j = 0;
-        for (; j + HVAE_LANES <= d; j += HVAE_LANES)
-            for (int k = 0; k < HVAE_LANES; k++)
-                lanes[k] += kl_term(mq[j + k], lq[j + k], mp ? mp[j + k] : 0.0f,
-                                    lp ? lp[j + k] : 0.0f);
         double sum = 0.0;
-        for (; j < d; j++)
-            sum += kl_term(mq[j], lq[j], mp ? mp[j] : 0.0f, lp ? lp[j] : 0.0f);
-        for (int k = 0; k < HVAE_LANES; k++)
-            sum += lanes[k];
+        for (int64_t j0 = 0; j0 < d; j0 += HVAE_CHUNK) {
+            int64_t len = d - j0 < HVAE_CHUNK ? d - j0 : HVAE_CHUNK, at = b * d + j0;
+            const float *mq = mu_q + at, *lq = lv_q + at;
+            const float *mp = mu_p ? mu_p + at : zeros, *lp = lv_p ? lv_p + at : zeros;
+            for (int64_t j = 0; j < len; j++)
+                terms[j] = kl_term(mq[j], lq[j], mp[j], lp[j]);
+            sum += hvae_sum_chunk(terms, len);
+        }
         kl[b] = sum;
     }
 }
 
+HVAE_AVX2_CLONES
 void hvae_gaussian_kl_backward(float *dmu_q, float *dlv_q, float *dmu_p,
                                float *dlv_p, float scale, const float *mu_q,
                                const float *lv_q, const float *mu_p,
@@ -90,29 +91,29 @@ static inline float logratio_term(float z, float eps, float lq, float mp,
     return 0.5f * (lp - lq - eps * eps + diff * diff * hvae_expf(-lp));
 }
 
+HVAE_AVX2_CLONES
 void hvae_gaussian_logratio_forward(double *kl, const float *z,
                                     const float *eps, const float *lv_q,
                                     const float *mu_p, const float *lv_p,
                                     int64_t B, int64_t d)
 {
+    static const float zeros[HVAE_CHUNK];
+    float terms[HVAE_CHUNK];
     for (int64_t b = 0; b < B; b++) {
-        const float *zb = z + b * d, *eb = eps + b * d, *lq = lv_q + b * d;
-        const float *mp = mu_p + b * d, *lp = lv_p ? lv_p + b * d : NULL;
-        double lanes[HVAE_LANES] = {0};
-        int64_t j = 0;
-        for (; j + HVAE_LANES <= d; j += HVAE_LANES)
-            for (int k = 0; k < HVAE_LANES; k++)
-                lanes[k] += logratio_term(zb[j + k], eb[j + k], lq[j + k],
-                                          mp[j + k], lp ? lp[j + k] : 0.0f);
         double sum = 0.0;
-        for (; j < d; j++)
-            sum += logratio_term(zb[j], eb[j], lq[j], mp[j], lp ? lp[j] : 0.0f);
-        for (int k = 0; k < HVAE_LANES; k++)
-            sum += lanes[k];
+        for (int64_t j0 = 0; j0 < d; j0 += HVAE_CHUNK) {
+            int64_t len = d - j0 < HVAE_CHUNK ? d - j0 : HVAE_CHUNK, at = b * d + j0;
+            const float *zb = z + at, *eb = eps + at, *lq = lv_q + at, *mp = mu_p + at;
+            const float *lp = lv_p ? lv_p + at : zeros;
+            for (int64_t j = 0; j < len; j++)
+                terms[j] = logratio_term(zb[j], eb[j], lq[j], mp[j], lp[j]);
+            sum += hvae_sum_chunk(terms, len);
+        }
         kl[b] = sum;
     }
 }
 
+HVAE_AVX2_CLONES
 void hvae_gaussian_logratio_backward(float *dz, float *dlv_q, float *dmu_p,
                                      float *dlv_p, float scale, const float *z,
                                      const float *mu_p, const float *lv_p,
@@ -122,8 +123,18 @@ void hvae_gaussian_logratio_backward(float *dz, float *dlv_q, float *dmu_p,
      * path (its z- and mu_q-dependence cancels), so only -1/2 reaches lv_q
      * directly; the prior's log-density sends (z - mu_p) / v_p to z. */
     int64_t n = B * d;
+    if (!lv_p) {
+        for (int64_t i = 0; i < n; i++) {
+            float g = scale * (z[i] - mu_p[i]);
+            dz[i] += g;
+            dlv_q[i] -= 0.5f * scale;
+            if (dmu_p)
+                dmu_p[i] -= g;
+        }
+        return;
+    }
     for (int64_t i = 0; i < n; i++) {
-        float inv_vp = lv_p ? hvae_expf(-lv_p[i]) : 1.0f;
+        float inv_vp = hvae_expf(-lv_p[i]);
         float diff = z[i] - mu_p[i];
         float g = scale * diff * inv_vp;
         dz[i] += g;
@@ -141,35 +152,39 @@ static inline float gaussian_ll_term(float x, float mu, float lv)
     return -0.5f * (lv + diff * diff * hvae_expf(-lv));
 }
 
+HVAE_AVX2_CLONES
 void hvae_gaussian_loglik_forward(double *ll, const float *x, const float *mu,
                                   const float *lv, int64_t B, int64_t D)
 {
+    static const float zeros[HVAE_CHUNK];
+    float terms[HVAE_CHUNK];
     for (int64_t b = 0; b < B; b++) {
-        const float *xb = x + b * D, *mb = mu + b * D;
-        const float *lb = lv ? lv + b * D : NULL;
-        double lanes[HVAE_LANES] = {0};
-        int64_t j = 0;
-        for (; j + HVAE_LANES <= D; j += HVAE_LANES)
-            for (int k = 0; k < HVAE_LANES; k++)
-                lanes[k] += gaussian_ll_term(xb[j + k], mb[j + k],
-                                             lb ? lb[j + k] : 0.0f);
         double sum = 0.0;
-        for (; j < D; j++)
-            sum += gaussian_ll_term(xb[j], mb[j], lb ? lb[j] : 0.0f);
-        for (int k = 0; k < HVAE_LANES; k++)
-            sum += lanes[k];
+        for (int64_t j0 = 0; j0 < D; j0 += HVAE_CHUNK) {
+            int64_t len = D - j0 < HVAE_CHUNK ? D - j0 : HVAE_CHUNK, at = b * D + j0;
+            const float *xb = x + at, *mb = mu + at, *lb = lv ? lv + at : zeros;
+            for (int64_t j = 0; j < len; j++)
+                terms[j] = gaussian_ll_term(xb[j], mb[j], lb[j]);
+            sum += hvae_sum_chunk(terms, len);
+        }
         ll[b] = sum - (double)D * HALF_LOG_2PI;
     }
 }
 
+HVAE_AVX2_CLONES
 void hvae_gaussian_loglik_backward(float *dmu, float *dlv, float scale,
                                    const float *x, const float *mu,
                                    const float *lv, int64_t B, int64_t D)
 {
     /* dll/dmu = (x - mu) / v,  dll/dlv = ((x - mu)^2 / v - 1) / 2 */
     int64_t n = B * D;
+    if (!lv) {
+        for (int64_t i = 0; i < n; i++)
+            dmu[i] += scale * (x[i] - mu[i]);
+        return;
+    }
     for (int64_t i = 0; i < n; i++) {
-        float inv_v = lv ? hvae_expf(-lv[i]) : 1.0f;
+        float inv_v = hvae_expf(-lv[i]);
         float diff = x[i] - mu[i];
         dmu[i] += scale * diff * inv_v;
         if (dlv)

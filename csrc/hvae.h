@@ -436,8 +436,9 @@ HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       hvae_epoch_stats *stats);
 
 /* ------------------------------------------------------------------------ */
-/* BLAS threads (process-wide for hvae's OpenBLAS; other libraries' BLAS     */
-/* copies are unaffected).                                                   */
+/* BLAS threads: the most hvae's matrix products may use (process-wide for  */
+/* hvae's OpenBLAS; other libraries' BLAS copies are unaffected). Small      */
+/* products run on one thread whatever the budget.                           */
 HVAE_API void hvae_set_num_threads(int n_threads);
 HVAE_API int hvae_get_num_threads(void);
 /* The BLAS library's configuration string. */

@@ -11,6 +11,37 @@
  * a reduction it may not reorder. */
 #define HVAE_LANES 8
 
+/* Hot elementwise kernels are compiled twice, for AVX2 and for the baseline
+ * ISA, and picked at load time by CPU feature (GCC function multiversioning);
+ * the evaluation GEMM likewise for FMA. */
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(HVAE_NO_CLONES)
+#define HVAE_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#define HVAE_FMA_CLONES __attribute__((target_clones("fma", "default")))
+#else
+#define HVAE_AVX2_CLONES
+#define HVAE_FMA_CLONES
+#endif
+
+/* Row reductions work on chunks of this many elements: terms computed into
+ * a stack buffer by a vectorised loop, summed in float over 16 lanes (at
+ * most 16 terms per lane), then added in double. */
+#define HVAE_CHUNK 256
+
+static inline double hvae_sum_chunk(const float *v, int64_t n)
+{
+    float lanes[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++)
+            lanes[k] += v[j + k];
+    double sum = 0.0;
+    for (; j < n; j++)
+        sum += v[j];
+    for (int k = 0; k < 16; k++)
+        sum += lanes[k];
+    return sum;
+}
+
 /* One MLP block: n_hidden dense layers with the model's activation, then
  * n_heads linear heads of n_out units each (mu and logvar, or one head). */
 #define HVAE_MAX_DENSE (HVAE_MAX_HIDDEN + 2)

@@ -56,7 +56,7 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
 #define RW_COLS 16
 #define RW_ROWS 4
 
-__attribute__((target_clones("arch=haswell", "default")))
+HVAE_FMA_CLONES
 static void gemm_rowwise(float *out, const float *inp, const float *weight,
                          int64_t B, int64_t n_in, int64_t n_out)
 {

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+HVAE_AVX2_CLONES
 void hvae_adam_update(float *params, const float *grads, float *m, float *v,
                       int64_t n, float lr, float beta1, float beta2, float eps,
                       float weight_decay, int64_t t)
@@ -25,6 +26,7 @@ void hvae_adam_update(float *params, const float *grads, float *m, float *v,
     }
 }
 
+HVAE_AVX2_CLONES
 void hvae_sgd_update(float *params, const float *grads, float *buf, int64_t n,
                      float lr, float momentum, float weight_decay)
 {
