@@ -763,7 +763,8 @@ done:
 typedef struct {
     PyThreadState *saved; /* the released thread state, NULL with the GIL */
     int check_signals;    /* running in the main thread */
-    int interrupted;      /* PyErr_CheckSignals raised */
+    int interrupted;      /* PyErr_CheckSignals or progress raised */
+    PyObject *progress;   /* progress(n_rows) after each minibatch, or NULL */
 } fit_ctx;
 
 static unsigned long main_thread_ident;
@@ -776,16 +777,21 @@ static int fit_batch_hook(void *ctx_ptr, int64_t batch_index,
                           const hvae_epoch_stats *batch)
 {
     (void)batch_index;
-    (void)batch;
     fit_ctx *ctx = ctx_ptr;
-    if (!ctx->check_signals)
+    if (!ctx->check_signals && !ctx->progress)
         return 0;
     PyEval_RestoreThread(ctx->saved);
     int stop = 0;
-    if (PyErr_CheckSignals() < 0) {
-        ctx->interrupted = 1;
+    if (ctx->check_signals && PyErr_CheckSignals() < 0)
         stop = 1;
+    if (!stop && ctx->progress) {
+        PyObject *r = PyObject_CallFunction(ctx->progress, "L",
+                                            (long long)batch->n_rows);
+        if (!r)
+            stop = 1;
+        Py_XDECREF(r);
     }
+    ctx->interrupted = stop;
     ctx->saved = PyEval_SaveThread();
     return stop;
 }
@@ -816,8 +822,9 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
                              "optimizer", "beta", "shuffle", "callback",
                              "history", "weight_decay", "momentum", "adam_betas",
-                             "adam_eps", NULL};
+                             "adam_eps", "progress", NULL};
     PyObject *X_obj, *callback = Py_None, *history = NULL, *result = NULL;
+    PyObject *progress = Py_None;
     long long n_epochs = 1, batch_size = 128;
     double lr = 1e-3, beta = 1.0, weight_decay = 0.0, momentum = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
@@ -825,11 +832,12 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     int shuffle = 1;
     PyArrayObject *x = NULL;
     int64_t *order = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)d:fit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dO:fit", kwlist,
                                      &X_obj, &n_epochs, &batch_size, &lr,
                                      &optimizer, &beta, &shuffle, &callback,
                                      &PyList_Type, &history, &weight_decay,
-                                     &momentum, &beta1, &beta2, &adam_eps))
+                                     &momentum, &beta1, &beta2, &adam_eps,
+                                     &progress))
         return NULL;
     int kind = parse_choice("optimizer", optimizer, optimizer_names, 2);
     if (kind < 0)
@@ -851,8 +859,9 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
         return NULL;
     }
-    if (callback != Py_None && !PyCallable_Check(callback)) {
-        PyErr_SetString(PyExc_TypeError, "callback must be callable or None");
+    if ((callback != Py_None && !PyCallable_Check(callback)) ||
+        (progress != Py_None && !PyCallable_Check(progress))) {
+        PyErr_SetString(PyExc_TypeError, "callback and progress must be callable or None");
         return NULL;
     }
     hvae_optimizer_config oc = hvae_optimizer_config_default();
@@ -901,7 +910,8 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     to.batch_size = rows;
     to.beta = (float)beta;
     to.shuffle = shuffle;
-    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0};
+    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0,
+                   progress == Py_None ? NULL : progress};
     to.hook = fit_batch_hook;
     to.hook_ctx = &ctx;
     int failed = 0;
@@ -939,7 +949,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
             Py_DECREF(rec);
         }
         if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
-            failed = 1; /* KeyboardInterrupt (or a signal handler's error) is set */
+            failed = 1; /* KeyboardInterrupt, a signal handler's or progress's error */
             break;
         }
         if (st == HVAE_ERR_NONFINITE_LOSS) {
@@ -1211,12 +1221,14 @@ static PyMethodDef Model_methods[] = {
     {"fit", (PyCFunction)(void (*)(void))Model_fit, METH_VARARGS | METH_KEYWORDS,
      "fit(X, n_epochs=1, batch_size=128, learning_rate=1e-3, optimizer='adam',\n"
      "    beta=1.0, shuffle=True, callback=None, history=None, weight_decay=0.0,\n"
-     "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8)\n--\n\n"
+     "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8, progress=None)\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
      "Returns one record per epoch (dict: loss, elbo, reconstruction, kl per\n"
      "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
      "to ``history`` (a list) as they are made, so they survive an exception.\n"
      "callback(epoch, record) runs after each epoch; returning False stops.\n"
+     "progress(n_rows) runs after each minibatch (for progress bars); an\n"
+     "exception from it stops training after that minibatch and propagates.\n"
      "Ctrl-C stops after the current minibatch (KeyboardInterrupt); a\n"
      "non-finite loss raises DivergenceError before the step is applied."},
     {"reset_optimizer", (PyCFunction)Model_reset_optimizer, METH_NOARGS,

@@ -292,7 +292,7 @@ def test_bad_noise_and_options():
         m.fit(X, batch_size=0)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         m.fit(X, optimizer="rmsprop")
-    with pytest.raises(TypeError, match="callback must be callable"):
+    with pytest.raises(TypeError, match="callback and progress must be callable"):
         m.fit(X, callback=3)
     with pytest.raises(ValueError, match="n_threads"):
         m.n_threads = 0
