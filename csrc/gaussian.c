@@ -103,8 +103,8 @@ void hvae_gaussian_logratio_forward(double *kl, const float *z,
         double sum = 0.0;
         for (int64_t j0 = 0; j0 < d; j0 += HVAE_CHUNK) {
             int64_t len = d - j0 < HVAE_CHUNK ? d - j0 : HVAE_CHUNK, at = b * d + j0;
-            const float *zb = z + at, *eb = eps + at, *lq = lv_q + at, *mp = mu_p + at;
-            const float *lp = lv_p ? lv_p + at : zeros;
+            const float *zb = z + at, *eb = eps + at, *lq = lv_q + at;
+            const float *mp = mu_p ? mu_p + at : zeros, *lp = lv_p ? lv_p + at : zeros;
             for (int64_t j = 0; j < len; j++)
                 terms[j] = logratio_term(zb[j], eb[j], lq[j], mp[j], lp[j]);
             sum += hvae_sum_chunk(terms, len);
@@ -123,6 +123,14 @@ void hvae_gaussian_logratio_backward(float *dz, float *dlv_q, float *dmu_p,
      * path (its z- and mu_q-dependence cancels), so only -1/2 reaches lv_q
      * directly; the prior's log-density sends (z - mu_p) / v_p to z. */
     int64_t n = B * d;
+    if (!mu_p) {
+        /* The standard normal prior: no prior gradients to pass on. */
+        for (int64_t i = 0; i < n; i++) {
+            dz[i] += scale * z[i];
+            dlv_q[i] -= 0.5f * scale;
+        }
+        return;
+    }
     if (!lv_p) {
         for (int64_t i = 0; i < n; i++) {
             float g = scale * (z[i] - mu_p[i]);
@@ -189,5 +197,45 @@ void hvae_gaussian_loglik_backward(float *dmu, float *dlv, float scale,
         dmu[i] += scale * diff * inv_v;
         if (dlv)
             dlv[i] += scale * 0.5f * (diff * diff * inv_v - 1.0f);
+    }
+}
+
+HVAE_AVX2_CLONES
+void hvae_precision_merge_forward(float *mu_q, float *lv_q, const float *mu_hat,
+                                  const float *lv_hat, const float *mu_p,
+                                  const float *lv_p, int64_t n)
+{
+    /* With a = exp(-lv_hat), c = exp(-lv_p): lv_q = -log(a + c), and the
+     * weight of mu_hat is a / (a + c) = sigmoid(lv_p - lv_hat). Computed
+     * from the difference so that neither precision overflows. */
+    for (int64_t i = 0; i < n; i++) {
+        float lp = lv_p ? lv_p[i] : 0.0f;
+        float s = lp - lv_hat[i];
+        float w = hvae_sigmoidf(s);
+        /* -log(a + c) = min(lv_hat, lp) - log(1 + exp(-|s|)) */
+        float lo = s > 0.0f ? lv_hat[i] : lp;
+        lv_q[i] = lo - hvae_softplusf(-(s > 0.0f ? s : -s));
+        mu_q[i] = w * mu_hat[i] + (1.0f - w) * mu_p[i];
+    }
+}
+
+HVAE_AVX2_CLONES
+void hvae_precision_merge_backward(float *dmu_hat, float *dlv_hat, float *dmu_p,
+                                   float *dlv_p, const float *dmu_q,
+                                   const float *dlv_q, const float *mu_hat,
+                                   const float *lv_hat, const float *mu_p,
+                                   const float *lv_p, int64_t n)
+{
+    /* dlv_q/dlv_hat = w, dlv_q/dlv_p = 1 - w; dmu_q/dmu_hat = w,
+     * dmu_q/dmu_p = 1 - w; dw/dlv_hat = -w (1 - w) = -dw/dlv_p. */
+    for (int64_t i = 0; i < n; i++) {
+        float lp = lv_p ? lv_p[i] : 0.0f;
+        float w = hvae_sigmoidf(lp - lv_hat[i]);
+        float dw = dmu_q[i] * (mu_hat[i] - mu_p[i]) * w * (1.0f - w);
+        dmu_hat[i] += dmu_q[i] * w;
+        dmu_p[i] += dmu_q[i] * (1.0f - w);
+        dlv_hat[i] += dlv_q[i] * w - dw;
+        if (dlv_p)
+            dlv_p[i] += dlv_q[i] * (1.0f - w) + dw;
     }
 }

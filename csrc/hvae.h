@@ -119,6 +119,20 @@ typedef enum {
     HVAE_DECODER_VARIANCE_UNIT = 1     /* decoder variances fixed to 1 */
 } hvae_decoder_variance;
 
+/* How q(z | x) is built; the generative model is the same for both. */
+typedef enum {
+    /* Bottom-up: q(z_i | z_{i-1}) from encoder block i at the sample z_{i-1}. */
+    HVAE_INFERENCE_MARKOV = 0,
+    /* Ladder (Sonderby et al. 2016): a deterministic bottom-up pass, encoder
+     * block i reading the mean mu_hat_{i-1} of the block below, gives
+     * (mu_hat_i, var_hat_i); then top-down q(z_T) = N(mu_hat_T, var_hat_T) and
+     * for i < T the precision-weighted combination with the prior
+     * p(z_i | z_{i+1}) = N(mu_p, var_p):
+     *   var_q = 1 / (1/var_hat + 1/var_p),  mu_q = var_q (mu_hat/var_hat + mu_p/var_p).
+     * q and p of a layer then share z_{i+1}, so every KL is closed-form. */
+    HVAE_INFERENCE_LADDER = 1
+} hvae_inference;
+
 /* The architecture. Arrays are copied by hvae_model_create. */
 typedef struct {
     int64_t n_features;                 /* D */
@@ -129,6 +143,11 @@ typedef struct {
     hvae_likelihood likelihood;
     hvae_activation activation;
     hvae_decoder_variance decoder_variance;
+    hvae_inference inference;
+    /* Width of a condition c (conditional VAE), 0 for none. c enters the
+     * first layer of every encoder and decoder block (its W gains n_conditions
+     * rows after the n_in rows of the block's input). */
+    int64_t n_conditions;
 } hvae_config;
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
@@ -207,7 +226,7 @@ HVAE_API void hvae_gaussian_kl_backward(float *dmu_q, float *dlv_q,
 /* Per-row single-sample estimate of a KL term whose prior depends on another
  * sample: log q(z | .) - log p(z | .) at z = mu_q + exp(lv_q / 2) * eps,
  *   = sum_j (lv_p - lv_q - eps^2 + (z - mu_p)^2 exp(-lv_p)) / 2,
- * into kl (B). lv_p may be NULL for unit variance. */
+ * into kl (B). mu_p and/or lv_p may be NULL for 0 (standard normal prior). */
 HVAE_API void hvae_gaussian_logratio_forward(double *kl, const float *z,
                                              const float *eps,
                                              const float *lv_q,
@@ -223,6 +242,26 @@ HVAE_API void hvae_gaussian_logratio_backward(float *dz, float *dlv_q,
                                               const float *mu_p,
                                               const float *lv_p, int64_t B,
                                               int64_t d);
+
+/* The ladder's precision-weighted posterior, elementwise over n values:
+ *   lv_q = -log(exp(-lv_hat) + exp(-lv_p)),
+ *   mu_q = w mu_hat + (1 - w) mu_p,  w = sigmoid(lv_p - lv_hat).
+ * lv_p may be NULL for unit variance. */
+HVAE_API void hvae_precision_merge_forward(float *mu_q, float *lv_q,
+                                           const float *mu_hat,
+                                           const float *lv_hat,
+                                           const float *mu_p,
+                                           const float *lv_p, int64_t n);
+/* Accumulates the gradients of (mu_hat, lv_hat, mu_p, lv_p) from those of
+ * (mu_q, lv_q); dlv_p is skipped when NULL. */
+HVAE_API void hvae_precision_merge_backward(float *dmu_hat, float *dlv_hat,
+                                            float *dmu_p, float *dlv_p,
+                                            const float *dmu_q,
+                                            const float *dlv_q,
+                                            const float *mu_hat,
+                                            const float *lv_hat,
+                                            const float *mu_p,
+                                            const float *lv_p, int64_t n);
 
 /* Per-row log N(x; mu, exp(lv)) in nats, constants included, into ll (B).
  * lv may be NULL for unit variance. */
@@ -327,51 +366,91 @@ HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
 /* from a generator seeded by a hash of the row's values and `noise_seed`:  */
 /* a row always gets the same draw, wherever it sits in x.                   */
 
+/* Conditions: every function taking data also takes `cond`, (n, C) with the
+ * rows' conditions for a conditional model (C = n_conditions), or NULL when
+ * C = 0. */
+
 /* Per-row terms: elbo (n), reconstruction log p(x|z_1) (n) and kl (n, T),
- * kl[:, i] the KL term of layer i+1. Any output may be NULL. */
+ * kl[:, i] the KL term of layer i+1 (closed-form where it is exact, else
+ * the sampled log-density ratio; see the top of this file). Any output may
+ * be NULL. */
 HVAE_API hvae_status hvae_elbo(hvae_model *model, hvae_workspace *ws,
-                               const float *x, int64_t n,
+                               const float *x, const float *cond, int64_t n,
                                const float *const *eps, uint64_t noise_seed,
                                double *elbo, double *reconstruction,
                                double *kl);
 
-/* Summed terms of a batch or an epoch. */
+typedef enum {
+    HVAE_OBJECTIVE_ELBO = 0, /* the ELBO, averaged over n_samples draws */
+    HVAE_OBJECTIVE_IWAE = 1  /* log (1/k) sum_j w_j over k = n_samples draws,
+                                w_j = p(x, z_j) / q(z_j | x) (Burda et al. 2016) */
+} hvae_objective;
+
 typedef struct {
-    double loss;            /* mean of -(reconstruction - beta * kl_total) */
-    double elbo;            /* mean ELBO */
-    double reconstruction;  /* mean log p(x | z_1) */
-    double kl[HVAE_MAX_LAYERS]; /* mean KL term per layer */
+    hvae_objective objective;
+    int32_t n_samples;  /* draws per data row, >= 1 */
+    float beta;         /* ELBO only: weight of the KL terms */
+    float free_bits;    /* ELBO only, when > 0: each layer's KL term, averaged
+                           over the minibatch, counts as at least this many
+                           nats; below it the layer gets no KL gradient */
+} hvae_objective_options;
+
+HVAE_API hvae_objective_options hvae_objective_options_default(void);
+
+/* Means over a batch or an epoch, in nats per data row. */
+typedef struct {
+    double loss;            /* what training minimises: -objective, with beta
+                               and free bits for the ELBO */
+    double objective;       /* the bound trained: ELBO or IWAE bound (beta = 1) */
+    double elbo;            /* single-draw ELBO, averaged over all draws */
+    double reconstruction;  /* log p(x | z_1) */
+    double kl[HVAE_MAX_LAYERS]; /* KL term per layer */
     int64_t n_rows;
     int64_t n_batches;
 } hvae_epoch_stats;
 
-/* loss = -mean over the n rows of (reconstruction - beta * sum kl); writes
- * its gradient to hvae_model_grads (overwriting it). */
+/* The loss over the n rows of x and its gradient, written to
+ * hvae_model_grads (overwriting it). With n_samples = S, the eps arrays
+ * hold (n * S, d_i) draws, row b * S + s for draw s of data row b. Free
+ * bits apply per workspace chunk of rows. */
 HVAE_API hvae_status hvae_loss_and_grad(hvae_model *model, hvae_workspace *ws,
-                                        const float *x, int64_t n,
-                                        const float *const *eps,
-                                        uint64_t noise_seed, float beta,
+                                        const float *x, const float *cond,
+                                        int64_t n, const float *const *eps,
+                                        uint64_t noise_seed,
+                                        const hvae_objective_options *objective,
                                         hvae_epoch_stats *stats);
 
+/* Importance-sampled estimate of log p(x) per row, with the posterior as
+ * proposal: log (1/S) sum_s p(x, z_s) / q(z_s | x) over S = n_samples draws
+ * (the IWAE bound of S draws; it tends to log p(x) as S grows). Draws are
+ * streamed through the workspace, so memory does not grow with S; each
+ * row's draws come from a generator seeded by its values and noise_seed. */
+HVAE_API hvae_status hvae_log_likelihood(hvae_model *model, hvae_workspace *ws,
+                                         const float *x, const float *cond,
+                                         int64_t n, int64_t n_samples,
+                                         uint64_t noise_seed, double *out);
+
 /* Posterior means and log-variances of every layer: mu[i] and logvar[i]
- * point to (n, d_{i+1}) outputs (either array or entry may be NULL). Layers
- * above the first are evaluated at the posterior mean of the layer below. */
+ * point to (n, d_{i+1}) outputs (either array or entry may be NULL).
+ * Markov: layers above the first are evaluated at the posterior mean of the
+ * layer below. Ladder: top-down, each layer's prior evaluated at the
+ * posterior mean of the layer above. */
 HVAE_API hvae_status hvae_encode(hvae_model *model, hvae_workspace *ws,
-                                 const float *x, int64_t n, float *const *mu,
-                                 float *const *logvar);
+                                 const float *x, const float *cond, int64_t n,
+                                 float *const *mu, float *const *logvar);
 
 /* The mean of p(x | z_1) for z1 (n, d_1) into x_mean (n, D); for a Gaussian
  * likelihood with learned variance, the log-variance into x_logvar (n, D)
- * when not NULL. */
+ * when not NULL (zeros for unit variance). */
 HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
-                                 const float *z1, int64_t n, float *x_mean,
-                                 float *x_logvar);
+                                 const float *z1, const float *cond, int64_t n,
+                                 float *x_mean, float *x_logvar);
 
 /* Ancestral sampling: z_T ~ N(0, I), z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
-                                 hvae_rng *rng, int64_t n,
+                                 hvae_rng *rng, int64_t n, const float *cond,
                                  int observation_noise, float *x);
 
 /* ------------------------------------------------------------------------ */
@@ -413,8 +492,9 @@ typedef int (*hvae_batch_hook)(void *ctx, int64_t batch_index,
                                const hvae_epoch_stats *batch);
 
 typedef struct {
-    int64_t batch_size;    /* rows per step; at most the workspace's max_rows */
-    float beta;            /* weight of the KL terms */
+    int64_t batch_size;    /* data rows per step; batch_size * n_samples at
+                              most the workspace's max_rows */
+    hvae_objective_options objective;
     int shuffle;           /* draw a new row order from rng each epoch */
     hvae_batch_hook hook;  /* may be NULL */
     void *hook_ctx;
@@ -430,8 +510,8 @@ HVAE_API hvae_train_options hvae_train_options_default(void);
  * batches that were applied. */
 HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       hvae_optimizer *opt, hvae_rng *rng,
-                                      const float *x, int64_t n,
-                                      int64_t *order,
+                                      const float *x, const float *cond,
+                                      int64_t n, int64_t *order,
                                       const hvae_train_options *options,
                                       hvae_epoch_stats *stats);
 

@@ -35,6 +35,8 @@ static const char *const activation_names[] = {"relu", "tanh", "leaky_relu",
                                                "elu", "softplus"};
 static const char *const variance_names[] = {"learned", "unit"};
 static const char *const optimizer_names[] = {"adam", "sgd"};
+static const char *const inference_names[] = {"markov", "ladder"};
+static const char *const objective_names[] = {"elbo", "iwae"};
 
 static int parse_choice(const char *what, const char *value,
                         const char *const *names, int n_names)
@@ -136,6 +138,16 @@ static int64_t eval_rows(int64_t n)
     return n < EVAL_ROWS ? (n > 0 ? n : 1) : EVAL_ROWS;
 }
 
+/* Workspace rows for n data rows of S draws each: whole rows' draws, about
+ * EVAL_ROWS in all, at least one row's. */
+static int64_t sampled_rows(int64_t n, int64_t S)
+{
+    int64_t rows = EVAL_ROWS / S;
+    rows = rows < 1 ? 1 : rows;
+    rows = rows < n ? rows : (n > 0 ? n : 1);
+    return rows * S;
+}
+
 /*
  * Converts obj to a float32 C-contiguous 2-D array of `cols` columns with at
  * least one row. An array that already is one is returned as is (a new
@@ -223,6 +235,51 @@ static PyArrayObject *as_data(ModelObject *self, PyObject *obj, const char *name
     return x;
 }
 
+/* cond: None for a model without conditions; otherwise (n, C), finite.
+ * Returns 0 with *out NULL for None, 1 with a new reference, -1 on error. */
+static int as_cond(ModelObject *self, PyObject *obj, int64_t n, PyArrayObject **out)
+{
+    int64_t C = hvae_model_config(self->model)->n_conditions;
+    *out = NULL;
+    if (obj == NULL || obj == Py_None) {
+        if (C == 0 || n == 0)
+            return 0;
+        PyErr_Format(PyExc_ValueError, "this model is conditional (%lld condition "
+                     "columns): pass cond, an array of shape (n, %lld)",
+                     (long long)C, (long long)C);
+        return -1;
+    }
+    if (C == 0) {
+        PyErr_SetString(PyExc_ValueError, "this model has no conditions "
+                        "(n_conditions=0); cond must be None");
+        return -1;
+    }
+    PyArrayObject *c = as_matrix(obj, C, "cond");
+    if (!c)
+        return -1;
+    if (PyArray_DIM(c, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "cond has %zd rows but there are %lld "
+                     "samples", (Py_ssize_t)PyArray_DIM(c, 0), (long long)n);
+        Py_DECREF(c);
+        return -1;
+    }
+    const float *v = PyArray_DATA(c);
+    for (npy_intp k = 0; k < PyArray_SIZE(c); k++) {
+        if (!isfinite(v[k])) {
+            PyErr_SetString(PyExc_ValueError, "cond contains NaN or infinity");
+            Py_DECREF(c);
+            return -1;
+        }
+    }
+    *out = c;
+    return 1;
+}
+
+static const float *cond_data(PyArrayObject *c)
+{
+    return c ? PyArray_DATA(c) : NULL;
+}
+
 /* noise: None, or a sequence of T arrays (n, d_i). Fills arrays[] (new
  * references) and ptrs[]; returns 1 if noise was given, 0 if None, -1 on
  * error. */
@@ -275,24 +332,32 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
-                             "seed", NULL};
+                             "seed", "inference", "n_conditions", NULL};
     long long n_features;
     PyObject *latent_obj, *hidden_obj, *latent_seq = NULL, *hidden_seq = NULL;
     const char *likelihood = "gaussian", *activation = "relu",
-               *variance = "learned";
+               *variance = "learned", *inference = "markov";
+    long long n_conditions = 0;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssK:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssKsL:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
-                                     &likelihood, &activation, &variance, &seed))
+                                     &likelihood, &activation, &variance, &seed,
+                                     &inference, &n_conditions))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, likelihood_names, 2);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, activation_names, 5);
     int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, variance_names, 2);
-    if (var < 0)
+    int inf = var < 0 ? -1 : parse_choice("inference", inference, inference_names, 2);
+    if (inf < 0)
         return NULL;
+    if (n_conditions < 0 || n_conditions > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
+                     "got %lld", n_conditions);
+        return NULL;
+    }
     if (n_features < 1 || n_features > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
                      "got %lld", n_features);
@@ -346,6 +411,8 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.likelihood = (hvae_likelihood)lik;
     cfg.activation = (hvae_activation)act;
     cfg.decoder_variance = (hvae_decoder_variance)var;
+    cfg.inference = (hvae_inference)inf;
+    cfg.n_conditions = n_conditions;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -451,6 +518,10 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyLong_FromLongLong(hvae_model_n_params(self->model));
     if (strcmp(which, "n_layers") == 0)
         return PyLong_FromLong(c->n_layers);
+    if (strcmp(which, "inference") == 0)
+        return PyUnicode_FromString(inference_names[c->inference]);
+    if (strcmp(which, "n_conditions") == 0)
+        return PyLong_FromLongLong(c->n_conditions);
     if (strcmp(which, "seed") == 0)
         return PyLong_FromUnsignedLongLong(self->seed);
     if (strcmp(which, "optimizer_steps") == 0)
@@ -512,18 +583,50 @@ static int Model_set_rng_state(ModelObject *self, PyObject *value, void *closure
     return 0;
 }
 
+static int parse_objective(const char *objective, long long n_samples, double beta,
+                           double free_bits, hvae_objective_options *out)
+{
+    int kind = parse_choice("objective", objective, objective_names, 2);
+    if (kind < 0)
+        return -1;
+    if (n_samples < 1 || n_samples > (1 << 20)) {
+        PyErr_Format(PyExc_ValueError, "n_samples must be between 1 and 2**20; got %lld",
+                     n_samples);
+        return -1;
+    }
+    if (!(beta >= 0.0) || !isfinite(beta)) {
+        PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
+        return -1;
+    }
+    if (!(free_bits >= 0.0) || !isfinite(free_bits)) {
+        PyErr_SetString(PyExc_ValueError, "free_bits must be a finite number >= 0");
+        return -1;
+    }
+    if (kind == HVAE_OBJECTIVE_IWAE && (beta != 1.0 || free_bits != 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "objective='iwae' is the importance-weighted "
+                        "bound itself: it takes no beta (must be 1) or free_bits (must be 0)");
+        return -1;
+    }
+    *out = hvae_objective_options_default();
+    out->objective = (hvae_objective)kind;
+    out->n_samples = (int32_t)n_samples;
+    out->beta = (float)beta;
+    out->free_bits = (float)free_bits;
+    return 0;
+}
+
 /* elbo_terms(X, noise=None, seed=0) and friends share this. */
 static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
                            int want_terms)
 {
-    static char *kwlist[] = {"X", "noise", "seed", NULL};
-    PyObject *X_obj, *noise_obj = Py_None, *result = NULL;
+    static char *kwlist[] = {"X", "noise", "seed", "cond", NULL};
+    PyObject *X_obj, *noise_obj = Py_None, *result = NULL, *cond_obj = Py_None;
     unsigned long long seed = 0;
-    PyArrayObject *x = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
+    PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
     PyObject *elbo = NULL, *rec = NULL, *kl = NULL;
     const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OK", kwlist, &X_obj,
-                                     &noise_obj, &seed))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OKO", kwlist, &X_obj,
+                                     &noise_obj, &seed, &cond_obj))
         return NULL;
     if (model_enter(self) < 0)
         return NULL;
@@ -534,7 +637,8 @@ static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
         goto done;
     npy_intp n = PyArray_DIM(x, 0), kl_dims[2] = {n, T};
     int have_noise = as_noise(self, noise_obj, n, noise_arrays, noise);
-    if (have_noise < 0 || ensure_workspace(self, eval_rows(n)) < 0)
+    if (have_noise < 0 || as_cond(self, cond_obj, n, &cond) < 0 ||
+        ensure_workspace(self, eval_rows(n)) < 0)
         goto done;
     elbo = new_array(1, &n, NPY_FLOAT64);
     if (want_terms) {
@@ -545,7 +649,7 @@ static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
         goto done;
     hvae_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = hvae_elbo(self->model, self->ws, PyArray_DATA(x), n,
+    st = hvae_elbo(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
                    have_noise ? noise : NULL, seed,
                    PyArray_DATA((PyArrayObject *)elbo),
                    rec ? PyArray_DATA((PyArrayObject *)rec) : NULL,
@@ -561,6 +665,7 @@ static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
 done:
     model_leave(self);
     Py_XDECREF(x);
+    Py_XDECREF(cond);
     for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
         Py_XDECREF(noise_arrays[i]);
     Py_XDECREF(elbo);
@@ -582,27 +687,32 @@ static PyObject *Model_elbo_terms(ModelObject *self, PyObject *args, PyObject *k
 static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
                                      PyObject *kwds)
 {
-    static char *kwlist[] = {"X", "noise", "seed", "beta", NULL};
+    static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
+                             "n_samples", "free_bits", "cond", NULL};
     PyObject *X_obj, *noise_obj = Py_None, *grad = NULL, *result = NULL;
+    PyObject *cond_obj = Py_None;
     unsigned long long seed = 0;
-    double beta = 1.0;
-    PyArrayObject *x = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
+    double beta = 1.0, free_bits = 0.0;
+    const char *objective = "elbo";
+    int n_samples = 1;
+    PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
     const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OKd", kwlist, &X_obj,
-                                     &noise_obj, &seed, &beta))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OKdsidO", kwlist, &X_obj,
+                                     &noise_obj, &seed, &beta, &objective,
+                                     &n_samples, &free_bits, &cond_obj))
         return NULL;
-    if (!(beta >= 0.0) || !isfinite(beta)) {
-        PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
+    hvae_objective_options oo;
+    if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
         return NULL;
-    }
     if (model_enter(self) < 0)
         return NULL;
     x = as_data(self, X_obj, "X");
     if (!x)
         goto done;
     npy_intp n = PyArray_DIM(x, 0), P = hvae_model_n_params(self->model);
-    int have_noise = as_noise(self, noise_obj, n, noise_arrays, noise);
-    if (have_noise < 0 || ensure_workspace(self, eval_rows(n)) < 0)
+    int have_noise = as_noise(self, noise_obj, n * n_samples, noise_arrays, noise);
+    if (have_noise < 0 || as_cond(self, cond_obj, n, &cond) < 0 ||
+        ensure_workspace(self, sampled_rows(n, n_samples)) < 0)
         goto done;
     grad = new_array(1, &P, NPY_FLOAT32);
     if (!grad)
@@ -610,8 +720,8 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
     hvae_epoch_stats stats;
     hvae_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = hvae_loss_and_grad(self->model, self->ws, PyArray_DATA(x), n,
-                            have_noise ? noise : NULL, seed, (float)beta, &stats);
+    st = hvae_loss_and_grad(self->model, self->ws, PyArray_DATA(x), cond_data(cond),
+                            n, have_noise ? noise : NULL, seed, &oo, &stats);
     if (st == HVAE_OK)
         memcpy(PyArray_DATA((PyArrayObject *)grad), hvae_model_grads(self->model),
                (size_t)P * sizeof(float));
@@ -622,26 +732,67 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
 done:
     model_leave(self);
     Py_XDECREF(x);
+    Py_XDECREF(cond);
     for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
         Py_XDECREF(noise_arrays[i]);
     Py_XDECREF(grad);
     return result;
 }
 
+static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
+                                      PyObject *kwds)
+{
+    static char *kwlist[] = {"X", "n_samples", "seed", "cond", NULL};
+    PyObject *X_obj, *cond_obj = Py_None, *out = NULL;
+    long long n_samples = 1000;
+    unsigned long long seed = 0;
+    PyArrayObject *x = NULL, *cond = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LKO", kwlist, &X_obj, &n_samples,
+                                     &seed, &cond_obj))
+        return NULL;
+    if (n_samples < 1) {
+        PyErr_Format(PyExc_ValueError, "n_samples must be >= 1; got %lld", n_samples);
+        return NULL;
+    }
+    if (model_enter(self) < 0)
+        return NULL;
+    x = as_data(self, X_obj, "X");
+    if (!x || as_cond(self, cond_obj, PyArray_DIM(x, 0), &cond) < 0 ||
+        ensure_workspace(self, EVAL_ROWS) < 0)
+        goto done;
+    npy_intp n = PyArray_DIM(x, 0);
+    out = new_array(1, &n, NPY_FLOAT64);
+    if (!out)
+        goto done;
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
+                             n_samples, seed, PyArray_DATA((PyArrayObject *)out));
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "log_likelihood failed") < 0)
+        Py_CLEAR(out);
+done:
+    model_leave(self);
+    Py_XDECREF(x);
+    Py_XDECREF(cond);
+    return out;
+}
+
 static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"X", NULL};
-    PyObject *X_obj, *result = NULL;
-    PyArrayObject *x = NULL;
+    static char *kwlist[] = {"X", "cond", NULL};
+    PyObject *X_obj, *result = NULL, *cond_obj = Py_None;
+    PyArrayObject *x = NULL, *cond = NULL;
     PyObject *mus[HVAE_MAX_LAYERS] = {0}, *lvs[HVAE_MAX_LAYERS] = {0};
     float *mu_ptr[HVAE_MAX_LAYERS], *lv_ptr[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O", kwlist, &X_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &X_obj, &cond_obj))
         return NULL;
     if (model_enter(self) < 0)
         return NULL;
     const hvae_config *c = hvae_model_config(self->model);
     x = as_data(self, X_obj, "X");
-    if (!x || ensure_workspace(self, eval_rows(PyArray_DIM(x, 0))) < 0)
+    if (!x || as_cond(self, cond_obj, PyArray_DIM(x, 0), &cond) < 0 ||
+        ensure_workspace(self, eval_rows(PyArray_DIM(x, 0))) < 0)
         goto done;
     npy_intp n = PyArray_DIM(x, 0);
     for (int32_t i = 0; i < c->n_layers; i++) {
@@ -655,7 +806,8 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
     }
     hvae_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = hvae_encode(self->model, self->ws, PyArray_DATA(x), n, mu_ptr, lv_ptr);
+    st = hvae_encode(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
+                     mu_ptr, lv_ptr);
     Py_END_ALLOW_THREADS
     if (raise_status(st, "encode failed") < 0)
         goto done;
@@ -671,6 +823,7 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
 done:
     model_leave(self);
     Py_XDECREF(x);
+    Py_XDECREF(cond);
     for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++) {
         Py_XDECREF(mus[i]);
         Py_XDECREF(lvs[i]);
@@ -680,18 +833,19 @@ done:
 
 static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"Z", "return_logvar", NULL};
-    PyObject *Z_obj, *mean = NULL, *logvar = NULL, *result = NULL;
+    static char *kwlist[] = {"Z", "return_logvar", "cond", NULL};
+    PyObject *Z_obj, *mean = NULL, *logvar = NULL, *result = NULL, *cond_obj = Py_None;
     int return_logvar = 0;
-    PyArrayObject *z = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|p", kwlist, &Z_obj,
-                                     &return_logvar))
+    PyArrayObject *z = NULL, *cond = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pO", kwlist, &Z_obj,
+                                     &return_logvar, &cond_obj))
         return NULL;
     if (model_enter(self) < 0)
         return NULL;
     const hvae_config *c = hvae_model_config(self->model);
     z = as_matrix(Z_obj, c->latent_dims[0], "Z");
-    if (!z || ensure_workspace(self, eval_rows(PyArray_DIM(z, 0))) < 0)
+    if (!z || as_cond(self, cond_obj, PyArray_DIM(z, 0), &cond) < 0 ||
+        ensure_workspace(self, eval_rows(PyArray_DIM(z, 0))) < 0)
         goto done;
     npy_intp dims[2] = {PyArray_DIM(z, 0), c->n_features};
     mean = new_array(2, dims, NPY_FLOAT32);
@@ -701,7 +855,7 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
         goto done;
     hvae_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = hvae_decode(self->model, self->ws, PyArray_DATA(z), dims[0],
+    st = hvae_decode(self->model, self->ws, PyArray_DATA(z), cond_data(cond), dims[0],
                      PyArray_DATA((PyArrayObject *)mean),
                      logvar ? PyArray_DATA((PyArrayObject *)logvar) : NULL);
     Py_END_ALLOW_THREADS
@@ -711,6 +865,7 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
 done:
     model_leave(self);
     Py_XDECREF(z);
+    Py_XDECREF(cond);
     Py_XDECREF(mean);
     Py_XDECREF(logvar);
     return result;
@@ -718,12 +873,13 @@ done:
 
 static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"n", "seed", "observation_noise", NULL};
+    static char *kwlist[] = {"n", "seed", "observation_noise", "cond", NULL};
     long long n;
-    PyObject *seed_obj = Py_None, *out = NULL;
+    PyObject *seed_obj = Py_None, *out = NULL, *cond_obj = Py_None;
+    PyArrayObject *cond = NULL;
     int observation_noise = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|Op", kwlist, &n, &seed_obj,
-                                     &observation_noise))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|OpO", kwlist, &n, &seed_obj,
+                                     &observation_noise, &cond_obj))
         return NULL;
     if (n < 0) {
         PyErr_Format(PyExc_ValueError, "n must be >= 0; got %lld", n);
@@ -740,7 +896,7 @@ static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     const hvae_config *c = hvae_model_config(self->model);
     npy_intp dims[2] = {(npy_intp)n, c->n_features};
-    if (ensure_workspace(self, eval_rows(n)) < 0)
+    if (as_cond(self, cond_obj, n, &cond) < 0 || ensure_workspace(self, eval_rows(n)) < 0)
         goto done;
     out = new_array(2, dims, NPY_FLOAT32);
     if (!out)
@@ -748,13 +904,14 @@ static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
     hvae_rng *rng = seed_obj != Py_None ? &local : &self->rng;
     hvae_status st;
     Py_BEGIN_ALLOW_THREADS
-    st = hvae_sample(self->model, self->ws, rng, n, observation_noise,
+    st = hvae_sample(self->model, self->ws, rng, n, cond_data(cond), observation_noise,
                      PyArray_DATA((PyArrayObject *)out));
     Py_END_ALLOW_THREADS
     if (raise_status(st, "sample failed") < 0)
         Py_CLEAR(out);
 done:
     model_leave(self);
+    Py_XDECREF(cond);
     return out;
 }
 
@@ -810,7 +967,8 @@ static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
     }
     if (!kl)
         return NULL;
-    return Py_BuildValue("{sdsdsdsNsdsLsLsO}", "loss", s->loss, "elbo", s->elbo,
+    return Py_BuildValue("{sdsdsdsdsNsdsLsLsO}", "loss", s->loss, "objective",
+                         s->objective, "elbo", s->elbo,
                          "reconstruction", s->reconstruction, "kl", kl,
                          "seconds", seconds, "n_batches", (long long)s->n_batches,
                          "n_rows", (long long)s->n_rows, "complete",
@@ -822,9 +980,14 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
                              "optimizer", "beta", "shuffle", "callback",
                              "history", "weight_decay", "momentum", "adam_betas",
-                             "adam_eps", "progress", NULL};
+                             "adam_eps", "progress", "objective", "n_samples",
+                             "free_bits", "cond", NULL};
     PyObject *X_obj, *callback = Py_None, *history = NULL, *result = NULL;
-    PyObject *progress = Py_None;
+    PyObject *progress = Py_None, *cond_obj = Py_None;
+    const char *objective = "elbo";
+    long long n_samples = 1;
+    double free_bits = 0.0;
+    PyArrayObject *cond = NULL;
     long long n_epochs = 1, batch_size = 128;
     double lr = 1e-3, beta = 1.0, weight_decay = 0.0, momentum = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
@@ -832,12 +995,16 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     int shuffle = 1;
     PyArrayObject *x = NULL;
     int64_t *order = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dO:fit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdO:fit", kwlist,
                                      &X_obj, &n_epochs, &batch_size, &lr,
                                      &optimizer, &beta, &shuffle, &callback,
                                      &PyList_Type, &history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
-                                     &progress))
+                                     &progress, &objective, &n_samples, &free_bits,
+                                     &cond_obj))
+        return NULL;
+    hvae_objective_options oo;
+    if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
         return NULL;
     int kind = parse_choice("optimizer", optimizer, optimizer_names, 2);
     if (kind < 0)
@@ -891,7 +1058,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         goto done;
     npy_intp n = PyArray_DIM(x, 0);
     int64_t rows = batch_size < n ? batch_size : n;
-    if (ensure_workspace(self, rows) < 0)
+    if (as_cond(self, cond_obj, n, &cond) < 0 || ensure_workspace(self, rows * n_samples) < 0)
         goto done;
     hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &oc)
                                : hvae_optimizer_create(self->model, &oc, &self->opt);
@@ -908,7 +1075,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
 
     hvae_train_options to = hvae_train_options_default();
     to.batch_size = rows;
-    to.beta = (float)beta;
+    to.objective = oo;
     to.shuffle = shuffle;
     fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0,
                    progress == Py_None ? NULL : progress};
@@ -920,7 +1087,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         double t0 = now_seconds();
         ctx.saved = PyEval_SaveThread();
         st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
-                              PyArray_DATA(x), n, order, &to, &stats);
+                              PyArray_DATA(x), cond_data(cond), n, order, &to, &stats);
         PyEval_RestoreThread(ctx.saved);
         ctx.saved = NULL;
         double seconds = now_seconds() - t0;
@@ -979,6 +1146,7 @@ done:
     model_leave(self);
     PyMem_RawFree(order);
     Py_XDECREF(x);
+    Py_XDECREF(cond);
     return result;
 }
 
@@ -1150,13 +1318,15 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
     PyObject *state = Model_getstate(self, NULL);
     if (!state)
         return NULL;
-    return Py_BuildValue("(O(LNNsssK)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsL)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
                          likelihood_names[c->likelihood],
                          activation_names[c->activation],
-                         variance_names[c->decoder_variance], self->seed, state);
+                         variance_names[c->decoder_variance], self->seed,
+                         inference_names[c->inference], (long long)c->n_conditions,
+                         state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -1168,10 +1338,12 @@ static PyObject *Model_repr(ModelObject *self)
     if (latent && hidden)
         r = PyUnicode_FromFormat(
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
-            "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu)",
+            "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
+            "inference='%s', n_conditions=%lld)",
             (long long)c->n_features, latent, hidden,
             likelihood_names[c->likelihood], activation_names[c->activation],
-            variance_names[c->decoder_variance], self->seed);
+            variance_names[c->decoder_variance], self->seed,
+            inference_names[c->inference], (long long)c->n_conditions);
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     return r;
@@ -1188,42 +1360,59 @@ static PyMethodDef Model_methods[] = {
      "W has shape (n_in, n_out); every view is writable and shares memory "
      "with the model."},
     {"elbo", (PyCFunction)(void (*)(void))Model_elbo, METH_VARARGS | METH_KEYWORDS,
-     "elbo(X, noise=None, seed=0)\n--\n\n"
+     "elbo(X, noise=None, seed=0, cond=None)\n--\n\n"
      "Per-sample ELBO in nats, float64 array of shape (n,).\n\n"
      "noise: None, or a list of T arrays eps_i of shape (n, d_i). With None,\n"
      "each row's noise is drawn from a generator seeded by the row's values\n"
      "and ``seed``, so a row gets the same value wherever it sits in X."},
     {"elbo_terms", (PyCFunction)(void (*)(void))Model_elbo_terms,
      METH_VARARGS | METH_KEYWORDS,
-     "elbo_terms(X, noise=None, seed=0)\n--\n\n"
+     "elbo_terms(X, noise=None, seed=0, cond=None)\n--\n\n"
      "Dict of per-sample terms: 'elbo' (n,), 'reconstruction' log p(x|z_1)\n"
      "(n,) and 'kl' (n, T), column i the KL term of layer i+1."},
     {"loss_and_grad", (PyCFunction)(void (*)(void))Model_loss_and_grad,
      METH_VARARGS | METH_KEYWORDS,
-     "loss_and_grad(X, noise=None, seed=0, beta=1.0)\n--\n\n"
-     "(loss, grad): loss = -mean over X of (reconstruction - beta * KL), and\n"
-     "its gradient as a float32 array aligned with ``parameters``."},
+     "loss_and_grad(X, noise=None, seed=0, beta=1.0, objective='elbo',\n"
+     "              n_samples=1, free_bits=0.0, cond=None)\n--\n\n"
+     "(loss, grad): the training loss over X and its gradient as a float32\n"
+     "array aligned with ``parameters``. objective='elbo': -mean of\n"
+     "(reconstruction - beta * KL) averaged over n_samples draws, each layer's\n"
+     "batch-mean KL floored at free_bits when free_bits > 0; objective='iwae':\n"
+     "-mean of log (1/k) sum_j p(x, z_j)/q(z_j|x), k = n_samples. With noise,\n"
+     "the T arrays hold (n * n_samples, d_i) draws, row b * n_samples + s."},
+    {"log_likelihood", (PyCFunction)(void (*)(void))Model_log_likelihood,
+     METH_VARARGS | METH_KEYWORDS,
+     "log_likelihood(X, n_samples=1000, seed=0, cond=None)\n--\n\n"
+     "Importance-sampled estimate of log p(x) per row (float64, nats): the\n"
+     "posterior as proposal, log (1/S) sum_s p(x, z_s) / q(z_s | x) over\n"
+     "S = n_samples draws streamed in chunks (memory does not grow with S).\n"
+     "It is the IWAE bound with S draws: at least the ELBO on average, and\n"
+     "tending to log p(x) as S grows. Each row's draws are seeded by its\n"
+     "values and seed."},
     {"encode", (PyCFunction)(void (*)(void))Model_encode, METH_VARARGS | METH_KEYWORDS,
-     "encode(X)\n--\n\n"
+     "encode(X, cond=None)\n--\n\n"
      "List of T (mu, logvar) pairs, each (n, d_i) float32: the posterior of\n"
      "every layer, layers above the first evaluated at the posterior mean of\n"
      "the layer below."},
     {"decode", (PyCFunction)(void (*)(void))Model_decode, METH_VARARGS | METH_KEYWORDS,
-     "decode(Z, return_logvar=False)\n--\n\n"
+     "decode(Z, return_logvar=False, cond=None)\n--\n\n"
      "The mean of p(x | z_1) for Z of shape (n, d_1): (n, D) float32\n"
      "(probabilities for a Bernoulli likelihood). With return_logvar, also\n"
      "its log-variance (zeros where the variance is fixed to 1)."},
     {"sample", (PyCFunction)(void (*)(void))Model_sample, METH_VARARGS | METH_KEYWORDS,
-     "sample(n, seed=None, observation_noise=False)\n--\n\n"
+     "sample(n, seed=None, observation_noise=False, cond=None)\n--\n\n"
      "n draws by ancestral sampling: z_T ~ N(0, I), each z_{i-1} ~ p(z_{i-1}|z_i),\n"
      "then the mean of p(x | z_1), or a draw from it with observation_noise.\n"
      "With seed=None the model's own generator is used (and advanced)."},
     {"fit", (PyCFunction)(void (*)(void))Model_fit, METH_VARARGS | METH_KEYWORDS,
      "fit(X, n_epochs=1, batch_size=128, learning_rate=1e-3, optimizer='adam',\n"
      "    beta=1.0, shuffle=True, callback=None, history=None, weight_decay=0.0,\n"
-     "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8, progress=None)\n--\n\n"
+     "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8, progress=None,\n"
+     "    objective='elbo', n_samples=1, free_bits=0.0, cond=None)\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
-     "Returns one record per epoch (dict: loss, elbo, reconstruction, kl per\n"
+     "objective, n_samples, beta and free_bits as in loss_and_grad; cond holds\n"
+     "the rows' conditions for a conditional model.\n\n"
+     "Returns one record per epoch (dict: loss, objective, elbo, reconstruction, kl per\n"
      "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
      "to ``history`` (a list) as they are made, so they survive an exception.\n"
      "callback(epoch, record) runs after each epoch; returning False stops.\n"
@@ -1255,6 +1444,9 @@ static PyGetSetDef Model_getset[] = {
     {"n_params", (getter)Model_get_config_value, NULL, "Number of parameters", "n_params"},
     {"n_layers", (getter)Model_get_config_value, NULL, "T", "n_layers"},
     {"seed", (getter)Model_get_config_value, NULL, "Initialisation seed", "seed"},
+    {"inference", (getter)Model_get_config_value, NULL, "'markov' or 'ladder'", "inference"},
+    {"n_conditions", (getter)Model_get_config_value, NULL,
+     "Width of the condition (0: not conditional)", "n_conditions"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
      "Optimizer steps taken since the optimizer was created", "optimizer_steps"},
     {"n_threads", (getter)Model_get_n_threads, (setter)Model_set_n_threads,
@@ -1271,12 +1463,17 @@ static PyTypeObject ModelType = {
     .tp_repr = (reprfunc)Model_repr,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
-              "activation='relu', decoder_variance='learned', seed=0)\n--\n\n"
+              "activation='relu', decoder_variance='learned', seed=0, "
+              "inference='markov', n_conditions=0)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
               "be empty). Parameters are initialised from ``seed`` like PyTorch's\n"
-              "Linear default.",
+              "Linear default. inference: 'markov' (bottom-up q(z_i | z_{i-1})) or\n"
+              "'ladder' (a deterministic bottom-up pass, then top-down precision-\n"
+              "weighted posteriors). n_conditions: width of a condition that enters\n"
+              "the first layer of every block (conditional VAE); the methods then\n"
+              "take cond, an (n, n_conditions) array.",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,

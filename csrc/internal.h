@@ -50,7 +50,10 @@ typedef struct {
     int32_t n_heads;
     int64_t n_in;
     int64_t n_out;                      /* units per head */
-    int64_t in_dim[HVAE_MAX_DENSE];     /* per dense layer (hidden, then heads) */
+    int64_t in_dim[HVAE_MAX_DENSE];     /* rows of W per dense layer (hidden,
+                                           then heads), condition included */
+    int64_t in_data[HVAE_MAX_DENSE];    /* the part of in_dim fed by the data */
+    int takes_cond[HVAE_MAX_DENSE];     /* the condition's rows follow */
     int64_t out_dim[HVAE_MAX_DENSE];
     int64_t W[HVAE_MAX_DENSE];          /* offsets in the parameter buffer */
     int64_t b[HVAE_MAX_DENSE];
@@ -66,6 +69,7 @@ struct hvae_model {
     hvae_block dec[HVAE_MAX_LAYERS];    /* dec[i] generates z_i (x for i = 0) */
     int64_t z_col[HVAE_MAX_LAYERS];     /* column of z_{i+1} among activations */
     int64_t eps_col[HVAE_MAX_LAYERS];   /* column of eps_{i+1} in the noise buffer */
+    int64_t q_col[HVAE_MAX_LAYERS][2];  /* ladder: merged (mu, logvar) of z_{i+1} */
     int64_t act_cols;                   /* activation floats per row */
     int64_t eps_cols;                   /* sum of latent_dims */
     int64_t n_params;
@@ -81,6 +85,10 @@ struct hvae_workspace {
     const hvae_model *model;
     int64_t max_rows;
     float *x;       /* (max_rows, D): a gathered minibatch */
+    float *cond;    /* (max_rows, C): its conditions */
+    float *row_weight;       /* (max_rows): IWAE's per-row gradient weights */
+    double *lse_max, *lse_sum; /* (max_rows): running log-sum-exp */
+    hvae_rng *row_rng;       /* (max_rows): per-row noise streams */
     float *eps;     /* noise, eps_cols per row, layer-blocked */
     float *acts;
     float *dacts;
@@ -121,42 +129,49 @@ void hvae_activation_backward_row_inplace(float *d, float *dbias,
 void hvae_bias_activation_row_inplace(float *x, const float *bias,
                                       hvae_activation act, int64_t n);
 
-/* linear.c: hvae_dense_forward with results independent of the other rows
- * (for evaluation; slower than BLAS on large batches). */
-void hvae_dense_forward_rowwise(float *out, const float *inp,
-                                const float *weight, const float *bias,
-                                hvae_activation act, int64_t B, int64_t n_in,
-                                int64_t n_out);
+/* linear.c: the dense layer with an optional condition, whose n_cond
+ * columns meet the rows n_in.. of W (no concatenated copy is made). With
+ * rowwise, each row's outputs are computed independently of the other rows
+ * (evaluation; see gemm_rowwise). */
+void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
+                             const float *weight, const float *bias,
+                             hvae_activation act, int64_t B, int64_t n_in,
+                             int64_t n_cond, int64_t n_out, int rowwise);
+void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
+                              float *dout, const float *out, const float *inp,
+                              const float *cond, const float *weight,
+                              hvae_activation act, int64_t B, int64_t n_in,
+                              int64_t n_cond, int64_t n_out);
 
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
 float hvae_rng_uniform_float(hvae_rng *rng);
 
 /* model.c: passes over the first B rows of the workspace. eps[i] points to
- * (B, d_{i+1}) noise. */
-/* Evaluation passes (rowwise != 0) use hvae_dense_forward_rowwise so that a
- * row's outputs do not depend on the rest of the batch. */
+ * (B, d_{i+1}) noise; cond to (B, C) conditions or NULL. rowwise picks the
+ * evaluation GEMM; sampled makes every layer's term the sampled log-density
+ * ratio (IWAE, log-likelihood) instead of a closed-form KL where exact. */
 void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
-                        const hvae_block *blk, const float *inp, int64_t B,
-                        int rowwise);
+                        const hvae_block *blk, const float *inp,
+                        const float *cond, int64_t B, int rowwise);
 void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
-                         const hvae_block *blk, const float *inp, float *dinp,
-                         int64_t B);
+                         const hvae_block *blk, const float *inp,
+                         const float *cond, float *dinp, int64_t B);
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
-                  const float *x, const float *const *eps, int64_t B,
-                  int rowwise);
+                  const float *x, const float *cond, const float *const *eps,
+                  int64_t B, int rowwise, int sampled);
+/* Gradient of sum_r row_weight[r] * (-reconstruction_r
+ * + sum_i kl_weight[i] * kl_ri); row_weight NULL means `scale` for every row. */
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
-                   const float *const *eps, int64_t B, float scale,
-                   float beta);
-/* Fills the workspace noise for B rows with each row's hashed draw. */
+                   const float *cond, const float *const *eps, int64_t B,
+                   float scale, const float *row_weight, const float *kl_weight,
+                   int sampled);
+/* Fills the workspace noise for B data rows, each replicated S times (row
+ * b * S + s), from each data row's hashed generator. */
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
-                       const float *x, int64_t B, uint64_t noise_seed);
-/* Noise pointers for the B rows from r0 of x (n, D): the caller's eps
- * (T arrays of (n, d_i)) offset to r0, or the rows' hashed draws written to
- * the workspace when eps is NULL. */
-void hvae_chunk_noise(const hvae_model *m, const hvae_workspace *ws,
-                      const float *x, int64_t r0, int64_t B,
-                      const float *const *eps, uint64_t noise_seed,
-                      const float **out);
+                       const float *x, int64_t B, int64_t S,
+                       uint64_t noise_seed);
+/* Seeds rng from a row's values and a seed. */
+void hvae_row_rng(hvae_rng *rng, const float *row, int64_t D, uint64_t seed);
 
 #endif

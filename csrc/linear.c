@@ -10,13 +10,7 @@ void hvae_dense_forward(float *out, const float *inp, const float *weight,
                         int64_t n_in, int64_t n_out)
 {
     /* inp (B, n_in), weight (n_in, n_out), bias (n_out) -> out (B, n_out) */
-    if (B <= 0 || n_out <= 0)
-        return;
-    hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
-               (int)n_in, 1.0f, inp, (int)n_in, weight, (int)n_out, 0.0f, out,
-               (int)n_out);
-    for (int64_t b = 0; b < B; b++)
-        hvae_bias_activation_row_inplace(out + b * n_out, bias, act, n_out);
+    hvae_dense_cond_forward(out, inp, NULL, weight, bias, act, B, n_in, 0, n_out, 0);
 }
 
 void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
@@ -58,7 +52,7 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
 
 HVAE_FMA_CLONES
 static void gemm_rowwise(float *out, const float *inp, const float *weight,
-                         int64_t B, int64_t n_in, int64_t n_out)
+                         int64_t B, int64_t n_in, int64_t n_out, int accumulate)
 {
     int64_t full_cols = n_out - n_out % RW_COLS;
     for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
@@ -66,6 +60,10 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
         int64_t b = 0;
         for (; b + RW_ROWS <= B; b += RW_ROWS) {
             float acc[RW_ROWS][RW_COLS] = {{0}};
+            if (accumulate)
+                for (int r = 0; r < RW_ROWS; r++)
+                    for (int j = 0; j < RW_COLS; j++)
+                        acc[r][j] = out[(b + r) * n_out + j0 + j];
             const float *x = inp + b * n_in;
             for (int64_t k = 0; k < n_in; k++) {
                 const float *wk = w + k * n_out;
@@ -81,6 +79,9 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
         }
         for (; b < B; b++) {
             float acc[RW_COLS] = {0};
+            if (accumulate)
+                for (int j = 0; j < RW_COLS; j++)
+                    acc[j] = out[b * n_out + j0 + j];
             const float *x = inp + b * n_in;
             for (int64_t k = 0; k < n_in; k++)
                 for (int j = 0; j < RW_COLS; j++)
@@ -91,7 +92,7 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
     }
     for (int64_t b = 0; b < B; b++) {
         for (int64_t j = full_cols; j < n_out; j++) {
-            float acc = 0.0f;
+            float acc = accumulate ? out[b * n_out + j] : 0.0f;
             for (int64_t k = 0; k < n_in; k++)
                 acc = fmaf(inp[b * n_in + k], weight[k * n_out + j], acc);
             out[b * n_out + j] = acc;
@@ -99,14 +100,53 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
     }
 }
 
-void hvae_dense_forward_rowwise(float *out, const float *inp,
-                                const float *weight, const float *bias,
-                                hvae_activation act, int64_t B, int64_t n_in,
-                                int64_t n_out)
+/* out = inp @ weight[:n_in] (+ cond @ weight[n_in:]), by BLAS or row by row. */
+static void product(float *out, const float *inp, const float *cond,
+                    const float *weight, int64_t B, int64_t n_in,
+                    int64_t n_cond, int64_t n_out, int rowwise)
+{
+    const float *w_cond = weight + n_in * n_out;
+    if (rowwise) {
+        gemm_rowwise(out, inp, weight, B, n_in, n_out, 0);
+        if (n_cond > 0)
+            gemm_rowwise(out, cond, w_cond, B, n_cond, n_out, 1);
+        return;
+    }
+    hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
+               (int)n_in, 1.0f, inp, (int)n_in, weight, (int)n_out, 0.0f, out,
+               (int)n_out);
+    if (n_cond > 0)
+        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
+                   (int)n_cond, 1.0f, cond, (int)n_cond, w_cond, (int)n_out,
+                   1.0f, out, (int)n_out);
+}
+
+void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
+                             const float *weight, const float *bias,
+                             hvae_activation act, int64_t B, int64_t n_in,
+                             int64_t n_cond, int64_t n_out, int rowwise)
 {
     if (B <= 0 || n_out <= 0)
         return;
-    gemm_rowwise(out, inp, weight, B, n_in, n_out);
+    product(out, inp, cond, weight, B, n_in, n_cond, n_out, rowwise);
     for (int64_t b = 0; b < B; b++)
         hvae_bias_activation_row_inplace(out + b * n_out, bias, act, n_out);
+}
+
+void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
+                              float *dout, const float *out, const float *inp,
+                              const float *cond, const float *weight,
+                              hvae_activation act, int64_t B, int64_t n_in,
+                              int64_t n_cond, int64_t n_out)
+{
+    if (B <= 0 || n_out <= 0)
+        return;
+    hvae_dense_backward(dinp, dweight, dbias, dout, out, inp, weight, act, B,
+                        n_in, n_out);
+    /* The condition's rows of W: dW[n_in:] += cond^T @ dpre (dout now holds
+     * dpre); the condition itself needs no gradient. */
+    if (n_cond > 0)
+        hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)n_cond, (int)n_out,
+                   (int)B, 1.0f, cond, (int)n_cond, dout, (int)n_out, 1.0f,
+                   dweight + n_in * n_out, (int)n_out);
 }

@@ -26,6 +26,8 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.likelihood = HVAE_LIKELIHOOD_GAUSSIAN;
     c.activation = HVAE_ACT_RELU;
     c.decoder_variance = HVAE_DECODER_VARIANCE_LEARNED;
+    c.inference = HVAE_INFERENCE_MARKOV;
+    c.n_conditions = 0;
     return c;
 }
 
@@ -67,13 +69,17 @@ static void layout_block(layout_state *st, hvae_block *blk, const char *prefix,
     blk->n_heads = n_heads;
     blk->n_in = n_in;
     blk->n_out = n_out;
-    int64_t in = n_in;
+    int64_t in = n_in, C = st->m->config.n_conditions;
     for (int32_t l = 0; l < n_hidden + n_heads; l++) {
         int head = l >= n_hidden;
         int64_t out = head ? n_out : widths[l];
-        blk->in_dim[l] = in;
+        /* The condition meets the block's first layer: hidden1, or every
+         * head of a block without hidden layers. */
+        blk->takes_cond[l] = C > 0 && (l == 0 || (head && n_hidden == 0));
+        blk->in_data[l] = in;
+        blk->in_dim[l] = in + (blk->takes_cond[l] ? C : 0);
         blk->out_dim[l] = out;
-        blk->W[l] = checked_add(st, &st->n_params, in, out);
+        blk->W[l] = checked_add(st, &st->n_params, blk->in_dim[l], out);
         blk->b[l] = checked_add(st, &st->n_params, 1, out);
         blk->col[l] = checked_add(st, &st->act_cols, 1, out);
         if (!head)
@@ -88,7 +94,7 @@ static void layout_block(layout_state *st, hvae_block *blk, const char *prefix,
             snprintf(name, sizeof name, "%s.hidden%d", prefix, (int)l + 1);
         size_t len = strlen(name);
         snprintf(name + len, sizeof name - len, ".W");
-        add_tensor(st, name, blk->W[l], in, out);
+        add_tensor(st, name, blk->W[l], blk->in_dim[l], out);
         snprintf(name + len, sizeof name - len, ".b");
         add_tensor(st, name, blk->b[l], out, 0);
         if (!head)
@@ -118,6 +124,10 @@ static hvae_status validate_config(const hvae_config *c)
         return HVAE_ERR_INVALID_ARGUMENT;
     if (c->decoder_variance != HVAE_DECODER_VARIANCE_LEARNED &&
         c->decoder_variance != HVAE_DECODER_VARIANCE_UNIT)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (c->inference != HVAE_INFERENCE_MARKOV && c->inference != HVAE_INFERENCE_LADDER)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
 }
@@ -160,6 +170,11 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         m->z_col[i] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
         m->eps_col[i] = m->eps_cols;
         m->eps_cols += m->latent_dims[i];
+        /* The ladder's merged posterior of every layer below the top. */
+        if (config->inference == HVAE_INFERENCE_LADDER && i < T - 1) {
+            m->q_col[i][0] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
+            m->q_col[i][1] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
+        }
     }
     int unit = config->decoder_variance == HVAE_DECODER_VARIANCE_UNIT;
     for (int32_t i = 0; i < T; i++) {
@@ -264,9 +279,12 @@ size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
                                m->config.n_features + m->eps_cols,
                                &floats_per_row))
         return 0;
+    if (__builtin_add_overflow(floats_per_row, m->config.n_conditions + 2,
+                               &floats_per_row))
+        return 0;
     int64_t per_row = floats_per_row * (int64_t)sizeof(float) +
-                      doubles_per_row * (int64_t)sizeof(double) +
-                      (int64_t)sizeof(int64_t);
+                      (doubles_per_row + 2) * (int64_t)sizeof(double) +
+                      (int64_t)sizeof(int64_t) + (int64_t)sizeof(hvae_rng);
     if (__builtin_mul_overflow(per_row, max_rows, &total) ||
         total > (int64_t)(SIZE_MAX / 2))
         return 0;
@@ -288,6 +306,11 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     ws->model = m;
     ws->max_rows = max_rows;
     ws->x = malloc(R * (size_t)m->config.n_features * sizeof(float));
+    ws->cond = malloc(R * (size_t)(m->config.n_conditions + 1) * sizeof(float));
+    ws->row_weight = malloc(R * sizeof(float));
+    ws->lse_max = malloc(R * sizeof(double));
+    ws->lse_sum = malloc(R * sizeof(double));
+    ws->row_rng = malloc(R * sizeof(hvae_rng));
     ws->eps = malloc(R * (size_t)m->eps_cols * sizeof(float));
     ws->acts = calloc(R * (size_t)m->act_cols, sizeof(float));
     ws->dacts = calloc(R * (size_t)m->act_cols, sizeof(float));
@@ -295,7 +318,8 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
     ws->rows = malloc(R * sizeof(int64_t));
     if (!ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
-        !ws->kl || !ws->rows) {
+        !ws->kl || !ws->rows || !ws->cond || !ws->row_weight || !ws->lse_max ||
+        !ws->lse_sum || !ws->row_rng) {
         hvae_workspace_free(ws);
         return HVAE_ERR_OUT_OF_MEMORY;
     }
@@ -308,6 +332,11 @@ void hvae_workspace_free(hvae_workspace *ws)
     if (!ws)
         return;
     free(ws->x);
+    free(ws->cond);
+    free(ws->row_weight);
+    free(ws->lse_max);
+    free(ws->lse_sum);
+    free(ws->row_rng);
     free(ws->eps);
     free(ws->acts);
     free(ws->dacts);
@@ -322,71 +351,114 @@ int64_t hvae_workspace_max_rows(const hvae_workspace *ws) { return ws->max_rows;
 /* ---- passes -------------------------------------------------------------- */
 
 void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
-                        const hvae_block *blk, const float *inp, int64_t B,
-                        int rowwise)
+                        const hvae_block *blk, const float *inp,
+                        const float *cond, int64_t B, int rowwise)
 {
     const float *in = inp;
     for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
         int head = l >= blk->n_hidden;
         float *out = ws_act(ws, blk->col[l]);
-        (rowwise ? hvae_dense_forward_rowwise : hvae_dense_forward)(
-            out, in, m->params + blk->W[l], m->params + blk->b[l], blk->act[l],
-            B, blk->in_dim[l], blk->out_dim[l]);
+        int64_t n_cond = blk->in_dim[l] - blk->in_data[l];
+        hvae_dense_cond_forward(out, in, n_cond ? cond : NULL, m->params + blk->W[l],
+                                m->params + blk->b[l], blk->act[l], B,
+                                blk->in_data[l], n_cond, blk->out_dim[l], rowwise);
         if (!head)
             in = out;
     }
 }
 
 void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
-                         const hvae_block *blk, const float *inp, float *dinp,
-                         int64_t B)
+                         const hvae_block *blk, const float *inp,
+                         const float *cond, float *dinp, int64_t B)
 {
     /* The heads read the last hidden layer (or the input); every hidden layer
      * reads the one before it. */
     int32_t H = blk->n_hidden;
-    const float *last = H > 0 ? ws_act(ws, blk->col[H - 1]) : inp;
-    float *dlast = H > 0 ? ws_dact(ws, blk->col[H - 1]) : dinp;
-    for (int32_t l = H; l < H + blk->n_heads; l++)
-        hvae_dense_backward(dlast, m->grads + blk->W[l], m->grads + blk->b[l],
-                            ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
-                            last, m->params + blk->W[l], blk->act[l], B,
-                            blk->in_dim[l], blk->out_dim[l]);
-    for (int32_t l = H - 1; l >= 0; l--) {
-        const float *in = l > 0 ? ws_act(ws, blk->col[l - 1]) : inp;
-        float *din = l > 0 ? ws_dact(ws, blk->col[l - 1]) : dinp;
-        hvae_dense_backward(din, m->grads + blk->W[l], m->grads + blk->b[l],
-                            ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
-                            in, m->params + blk->W[l], blk->act[l], B,
-                            blk->in_dim[l], blk->out_dim[l]);
+    for (int32_t l = H + blk->n_heads - 1; l >= 0; l--) {
+        int from_input = l == 0 || (l >= H && H == 0);
+        int64_t reads = l >= H ? H - 1 : l - 1; /* the layer this one reads */
+        const float *in = from_input ? inp : ws_act(ws, blk->col[reads]);
+        float *din = from_input ? dinp : ws_dact(ws, blk->col[reads]);
+        int64_t n_cond = blk->in_dim[l] - blk->in_data[l];
+        hvae_dense_cond_backward(din, m->grads + blk->W[l], m->grads + blk->b[l],
+                                 ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
+                                 in, n_cond ? cond : NULL, m->params + blk->W[l],
+                                 blk->act[l], B, blk->in_data[l], n_cond,
+                                 blk->out_dim[l]);
     }
 }
 
-/* The prior over z_{i+1} for i < T - 1 comes from decoder block i + 1. */
-static void layer_prior(const hvae_model *m, const hvae_workspace *ws,
-                        int32_t i, float **mu_p, float **lv_p)
+/* Layer i's posterior (mu, logvar): the encoder's heads, or for the ladder
+ * below the top the merged buffers. dacts variants for gradients. */
+static int merged(const hvae_model *m, int32_t i)
 {
-    if (i == m->config.n_layers - 1) {
-        *mu_p = *lv_p = NULL;
-    } else {
-        *mu_p = block_head(ws, &m->dec[i + 1], 0);
-        *lv_p = block_head(ws, &m->dec[i + 1], 1);
-    }
+    return m->config.inference == HVAE_INFERENCE_LADDER && i < m->config.n_layers - 1;
+}
+static float *post(const hvae_model *m, const hvae_workspace *ws, int32_t i, int h)
+{
+    return merged(m, i) ? ws_act(ws, m->q_col[i][h]) : block_head(ws, &m->enc[i], h);
+}
+static float *dpost(const hvae_model *m, const hvae_workspace *ws, int32_t i, int h)
+{
+    return merged(m, i) ? ws_dact(ws, m->q_col[i][h]) : block_dhead(ws, &m->enc[i], h);
+}
+
+/* The prior over z_{i+1}: decoder block i + 1's heads, NULL for the top. */
+static float *prior(const hvae_model *m, const hvae_workspace *ws, int32_t i, int h)
+{
+    return i == m->config.n_layers - 1 ? NULL : block_head(ws, &m->dec[i + 1], h);
+}
+static float *dprior(const hvae_model *m, const hvae_workspace *ws, int32_t i, int h)
+{
+    return i == m->config.n_layers - 1 ? NULL : block_dhead(ws, &m->dec[i + 1], h);
+}
+
+/* A closed-form KL is exact when q and p of the layer condition on the same
+ * things: the top layer, and every ladder layer. */
+static int closed_form(const hvae_model *m, int32_t i, int sampled)
+{
+    return !sampled && (i == m->config.n_layers - 1 ||
+                        m->config.inference == HVAE_INFERENCE_LADDER);
+}
+
+/* The input of encoder block i: x, the sample z_i (Markov) or the mean
+ * mu_hat_i of the block below (ladder's deterministic pass). */
+static float *enc_input(const hvae_model *m, const hvae_workspace *ws, int32_t i,
+                        int grad)
+{
+    if (m->config.inference == HVAE_INFERENCE_LADDER)
+        return grad ? block_dhead(ws, &m->enc[i - 1], 0) : block_head(ws, &m->enc[i - 1], 0);
+    return grad ? ws_dact(ws, m->z_col[i - 1]) : ws_act(ws, m->z_col[i - 1]);
 }
 
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
-                  const float *x, const float *const *eps, int64_t B,
-                  int rowwise)
+                  const float *x, const float *cond, const float *const *eps,
+                  int64_t B, int rowwise, int sampled)
 {
     int32_t T = m->config.n_layers;
+    int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
     for (int32_t i = 0; i < T; i++) {
-        const hvae_block *enc = &m->enc[i];
-        hvae_block_forward(m, ws, enc, i == 0 ? x : ws_act(ws, m->z_col[i - 1]), B,
-                           rowwise);
-        hvae_reparam_forward(ws_act(ws, m->z_col[i]), block_head(ws, enc, 0),
-                             block_head(ws, enc, 1), eps[i], B * m->latent_dims[i]);
+        hvae_block_forward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
+                           B, rowwise);
+        if (!ladder || i == T - 1)
+            hvae_reparam_forward(ws_act(ws, m->z_col[i]), post(m, ws, i, 0),
+                                 post(m, ws, i, 1), eps[i], B * m->latent_dims[i]);
     }
-    for (int32_t i = 0; i < T; i++)
-        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), B, rowwise);
+    for (int32_t i = T - 1; i >= 0; i--) {
+        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), cond, B, rowwise);
+        if (ladder && i > 0) {
+            /* Top-down: the prior of z_i, just computed, meets the bottom-up
+             * estimate; z_i is drawn from the result. */
+            int64_t count = B * m->latent_dims[i - 1];
+            hvae_precision_merge_forward(post(m, ws, i - 1, 0), post(m, ws, i - 1, 1),
+                                         block_head(ws, &m->enc[i - 1], 0),
+                                         block_head(ws, &m->enc[i - 1], 1),
+                                         prior(m, ws, i - 1, 0), prior(m, ws, i - 1, 1),
+                                         count);
+            hvae_reparam_forward(ws_act(ws, m->z_col[i - 1]), post(m, ws, i - 1, 0),
+                                 post(m, ws, i - 1, 1), eps[i - 1], count);
+        }
+    }
 
     const hvae_block *dec1 = &m->dec[0];
     if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
@@ -397,127 +469,193 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                                      block_head(ws, dec1, 1), B,
                                      m->config.n_features);
     for (int32_t i = 0; i < T; i++) {
-        float *mu_p, *lv_p;
-        const hvae_block *enc = &m->enc[i];
-        layer_prior(m, ws, i, &mu_p, &lv_p);
-        if (i == T - 1)
-            hvae_gaussian_kl_forward(ws->kl + i * ws->max_rows, block_head(ws, enc, 0),
-                                     block_head(ws, enc, 1), NULL, NULL, B,
+        double *kl = ws->kl + i * ws->max_rows;
+        if (closed_form(m, i, sampled))
+            hvae_gaussian_kl_forward(kl, post(m, ws, i, 0), post(m, ws, i, 1),
+                                     prior(m, ws, i, 0), prior(m, ws, i, 1), B,
                                      m->latent_dims[i]);
         else
-            hvae_gaussian_logratio_forward(ws->kl + i * ws->max_rows,
-                                           ws_act(ws, m->z_col[i]), eps[i],
-                                           block_head(ws, enc, 1), mu_p, lv_p, B,
-                                           m->latent_dims[i]);
+            hvae_gaussian_logratio_forward(kl, ws_act(ws, m->z_col[i]), eps[i],
+                                           post(m, ws, i, 1), prior(m, ws, i, 0),
+                                           prior(m, ws, i, 1), B, m->latent_dims[i]);
     }
 }
 
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
-                   const float *const *eps, int64_t B, float scale, float beta)
+                   const float *cond, const float *const *eps, int64_t B,
+                   float scale, const float *row_weight, const float *kl_weight,
+                   int sampled)
 {
-    /* loss = scale * sum over rows of (-reconstruction + beta * sum kl).
-     * The decoders only need the gradients of their heads, so they run
-     * first; then the encoders top-down, each completing dz of the layer
-     * below before its reparameterisation is differentiated. */
     int32_t T = m->config.n_layers;
+    int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
+    /* With per-row weights the terms are differentiated at unit scale and
+     * every gradient row is weighted once, before anything mixes rows. */
+    float s = row_weight ? 1.0f : scale;
     memset(ws->dacts, 0, (size_t)(ws->max_rows * m->act_cols) * sizeof(float));
     const hvae_block *dec1 = &m->dec[0];
     if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
-        hvae_bernoulli_loglik_backward(block_dhead(ws, dec1, 0), -scale, x,
+        hvae_bernoulli_loglik_backward(block_dhead(ws, dec1, 0), -s, x,
                                        block_head(ws, dec1, 0), B,
                                        m->config.n_features);
     else
         hvae_gaussian_loglik_backward(block_dhead(ws, dec1, 0),
-                                      block_dhead(ws, dec1, 1), -scale, x,
+                                      block_dhead(ws, dec1, 1), -s, x,
                                       block_head(ws, dec1, 0),
                                       block_head(ws, dec1, 1), B,
                                       m->config.n_features);
     for (int32_t i = 0; i < T; i++) {
-        float *mu_p, *lv_p;
-        const hvae_block *enc = &m->enc[i];
-        layer_prior(m, ws, i, &mu_p, &lv_p);
-        if (i == T - 1)
-            hvae_gaussian_kl_backward(block_dhead(ws, enc, 0), block_dhead(ws, enc, 1),
-                                      NULL, NULL, scale * beta, block_head(ws, enc, 0),
-                                      block_head(ws, enc, 1), NULL, NULL, B,
-                                      m->latent_dims[i]);
+        if (kl_weight[i] == 0.0f)
+            continue;
+        if (closed_form(m, i, sampled))
+            hvae_gaussian_kl_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                      dprior(m, ws, i, 0), dprior(m, ws, i, 1),
+                                      s * kl_weight[i], post(m, ws, i, 0),
+                                      post(m, ws, i, 1), prior(m, ws, i, 0),
+                                      prior(m, ws, i, 1), B, m->latent_dims[i]);
         else
             hvae_gaussian_logratio_backward(
-                ws_dact(ws, m->z_col[i]), block_dhead(ws, enc, 1),
-                block_dhead(ws, &m->dec[i + 1], 0), block_dhead(ws, &m->dec[i + 1], 1),
-                scale * beta, ws_act(ws, m->z_col[i]), mu_p, lv_p, B,
-                m->latent_dims[i]);
+                ws_dact(ws, m->z_col[i]), dpost(m, ws, i, 1), dprior(m, ws, i, 0),
+                dprior(m, ws, i, 1), s * kl_weight[i], ws_act(ws, m->z_col[i]),
+                prior(m, ws, i, 0), prior(m, ws, i, 1), B, m->latent_dims[i]);
     }
-    for (int32_t i = 0; i < T; i++)
-        hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]),
-                            ws_dact(ws, m->z_col[i]), B);
-    for (int32_t i = T - 1; i >= 0; i--) {
-        const hvae_block *enc = &m->enc[i];
-        hvae_reparam_backward(block_dhead(ws, enc, 0), block_dhead(ws, enc, 1),
-                              ws_dact(ws, m->z_col[i]), block_head(ws, enc, 1),
-                              eps[i], B * m->latent_dims[i]);
-        hvae_block_backward(m, ws, enc, i == 0 ? x : ws_act(ws, m->z_col[i - 1]),
-                            i == 0 ? NULL : ws_dact(ws, m->z_col[i - 1]), B);
+    if (row_weight) {
+        /* Every gradient so far is a sum of per-row terms: weight the rows of
+         * every matrix of the gradient buffer. */
+        for (int32_t e = 0; e < 2 * T; e++) {
+            const hvae_block *blk = e < T ? &m->enc[e] : &m->dec[e - T];
+            for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
+                float *g = ws_dact(ws, blk->col[l]);
+                for (int64_t r = 0; r < B; r++)
+                    for (int64_t j = 0; j < blk->out_dim[l]; j++)
+                        g[r * blk->out_dim[l] + j] *= row_weight[r];
+            }
+        }
+        for (int32_t i = 0; i < T; i++) {
+            float *mats[3] = {ws_dact(ws, m->z_col[i]),
+                              merged(m, i) ? ws_dact(ws, m->q_col[i][0]) : NULL,
+                              merged(m, i) ? ws_dact(ws, m->q_col[i][1]) : NULL};
+            for (int k = 0; k < 3; k++)
+                for (int64_t r = 0; mats[k] && r < B; r++)
+                    for (int64_t j = 0; j < m->latent_dims[i]; j++)
+                        mats[k][r * m->latent_dims[i] + j] *= row_weight[r];
+        }
     }
+
+    if (!ladder) {
+        /* The decoders only need the gradients of their heads, so they run
+         * first; then the encoders top-down, each completing dz of the layer
+         * below before its reparameterisation is differentiated. */
+        for (int32_t i = 0; i < T; i++)
+            hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), cond,
+                                ws_dact(ws, m->z_col[i]), B);
+        for (int32_t i = T - 1; i >= 0; i--) {
+            hvae_reparam_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                  ws_dact(ws, m->z_col[i]), post(m, ws, i, 1),
+                                  eps[i], B * m->latent_dims[i]);
+            hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0),
+                                cond, i == 0 ? NULL : enc_input(m, ws, i, 1), B);
+        }
+        return;
+    }
+    /* Ladder: bottom-up through the top-down pass. z_i feeds decoder block i
+     * only; its posterior came from merging encoder i's heads with decoder
+     * i+1's, whose input is z_{i+1}. Then the deterministic encoder pass
+     * top-down, each block passing its input gradient to the mean head of
+     * the block below. */
+    hvae_block_backward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), cond,
+                        ws_dact(ws, m->z_col[0]), B);
+    for (int32_t i = 0; i < T - 1; i++) {
+        int64_t count = B * m->latent_dims[i];
+        hvae_reparam_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                              ws_dact(ws, m->z_col[i]), post(m, ws, i, 1), eps[i],
+                              count);
+        hvae_precision_merge_backward(block_dhead(ws, &m->enc[i], 0),
+                                      block_dhead(ws, &m->enc[i], 1),
+                                      dprior(m, ws, i, 0), dprior(m, ws, i, 1),
+                                      dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                      block_head(ws, &m->enc[i], 0),
+                                      block_head(ws, &m->enc[i], 1),
+                                      prior(m, ws, i, 0), prior(m, ws, i, 1), count);
+        hvae_block_backward(m, ws, &m->dec[i + 1], ws_act(ws, m->z_col[i + 1]), cond,
+                            ws_dact(ws, m->z_col[i + 1]), B);
+    }
+    hvae_reparam_backward(dpost(m, ws, T - 1, 0), dpost(m, ws, T - 1, 1),
+                          ws_dact(ws, m->z_col[T - 1]), post(m, ws, T - 1, 1),
+                          eps[T - 1], B * m->latent_dims[T - 1]);
+    for (int32_t i = T - 1; i >= 0; i--)
+        hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
+                            i == 0 ? NULL : enc_input(m, ws, i, 1), B);
 }
 
 /* ---- noise --------------------------------------------------------------- */
 
+void hvae_row_rng(hvae_rng *rng, const float *row, int64_t D, uint64_t seed)
+{
+    /* FNV-1a over the row's bit patterns, mixed with the seed. */
+    uint64_t h = 0xcbf29ce484222325ULL ^ seed;
+    for (int64_t j = 0; j < D; j++) {
+        uint32_t bits;
+        memcpy(&bits, &row[j], sizeof bits);
+        h = (h ^ bits) * 0x100000001b3ULL;
+    }
+    hvae_rng_seed(rng, hvae_splitmix64(&h));
+}
+
+/* Draw s of every layer for data row b goes to workspace row b * S + s. */
+static void row_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *rng,
+                      int64_t r)
+{
+    for (int32_t i = 0; i < m->config.n_layers; i++)
+        hvae_rng_normal(rng, ws_eps(ws, i) + r * m->latent_dims[i], m->latent_dims[i]);
+}
+
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
-                       const float *x, int64_t B, uint64_t noise_seed)
+                       const float *x, int64_t B, int64_t S, uint64_t noise_seed)
 {
     int64_t D = m->config.n_features;
     for (int64_t b = 0; b < B; b++) {
-        /* FNV-1a over the row's bit patterns, mixed with the seed. */
-        uint64_t h = 0xcbf29ce484222325ULL ^ noise_seed;
-        const float *row = x + b * D;
-        for (int64_t j = 0; j < D; j++) {
-            uint32_t bits;
-            memcpy(&bits, &row[j], sizeof bits);
-            h = (h ^ bits) * 0x100000001b3ULL;
-        }
         hvae_rng rng;
-        hvae_rng_seed(&rng, hvae_splitmix64(&h));
-        for (int32_t i = 0; i < m->config.n_layers; i++)
-            hvae_rng_normal(&rng, ws_eps(ws, i) + b * m->latent_dims[i],
-                            m->latent_dims[i]);
+        hvae_row_rng(&rng, x + b * D, D, noise_seed);
+        for (int64_t s = 0; s < S; s++)
+            row_noise(m, ws, &rng, b * S + s);
     }
 }
 
-/* Noise pointers for rows r0.. of a chunk: the caller's, or hashed draws. */
-void hvae_chunk_noise(const hvae_model *m, const hvae_workspace *ws,
-                        const float *x, int64_t r0, int64_t B,
-                        const float *const *eps, uint64_t noise_seed,
-                        const float **out)
-{
-    for (int32_t i = 0; i < m->config.n_layers; i++)
-        out[i] = eps ? eps[i] + r0 * m->latent_dims[i] : ws_eps(ws, i);
-    if (!eps)
-        hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, noise_seed);
-}
+/* ---- evaluation ------------------------------------------------------------ */
 
 static hvae_status check_call(const hvae_model *m, const hvae_workspace *ws,
-                              int64_t n)
+                              int64_t n, const float *cond)
 {
-    if (!m || !ws || ws->model != m || n < 0)
+    if (!m || !ws || ws->model != m || n < 0 ||
+        (m->config.n_conditions > 0 && n > 0 && !cond))
         return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
 }
 
-hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
-                      int64_t n, const float *const *eps, uint64_t noise_seed,
-                      double *elbo, double *reconstruction, double *kl)
+static const float *rows_of(const float *a, int64_t r0, int64_t width)
 {
-    hvae_status st = check_call(m, ws, n);
+    return a ? a + r0 * width : NULL;
+}
+
+hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
+                      const float *cond, int64_t n, const float *const *eps,
+                      uint64_t noise_seed, double *elbo, double *reconstruction,
+                      double *kl)
+{
+    hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK)
         return st;
     int32_t T = m->config.n_layers;
+    int64_t D = m->config.n_features, C = m->config.n_conditions;
     const float *noise[HVAE_MAX_LAYERS];
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        const float *xb = x + r0 * m->config.n_features;
-        hvae_chunk_noise(m, ws, x, r0, B, eps, noise_seed, noise);
-        hvae_forward(m, ws, xb, noise, B, 1);
+        const float *xb = x + r0 * D;
+        for (int32_t i = 0; i < T; i++)
+            noise[i] = eps ? eps[i] + r0 * m->latent_dims[i] : ws_eps(ws, i);
+        if (!eps)
+            hvae_hashed_noise(m, ws, xb, B, 1, noise_seed);
+        hvae_forward(m, ws, xb, rows_of(cond, r0, C), noise, B, 1, 0);
         for (int64_t b = 0; b < B; b++) {
             double kl_total = 0.0;
             for (int32_t i = 0; i < T; i++) {
@@ -535,26 +673,105 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
     return HVAE_OK;
 }
 
-hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
-                        int64_t n, float *const *mu, float *const *logvar)
+hvae_status hvae_log_likelihood(hvae_model *m, hvae_workspace *ws, const float *x,
+                                const float *cond, int64_t n, int64_t n_samples,
+                                uint64_t noise_seed, double *out)
 {
-    hvae_status st = check_call(m, ws, n);
+    hvae_status st = check_call(m, ws, n, cond);
+    if (st != HVAE_OK || n_samples < 1 || !out)
+        return st != HVAE_OK ? st : HVAE_ERR_INVALID_ARGUMENT;
+    int32_t T = m->config.n_layers;
+    int64_t D = m->config.n_features, C = m->config.n_conditions;
+    /* Pass: R data rows times S draws each; draws stream through the
+     * workspace while a running log-sum-exp per row accumulates. */
+    int64_t S = n_samples < ws->max_rows ? n_samples : ws->max_rows;
+    int64_t R = ws->max_rows / S;
+    const float *noise[HVAE_MAX_LAYERS];
+    for (int32_t i = 0; i < T; i++)
+        noise[i] = ws_eps(ws, i);
+    for (int64_t r0 = 0; r0 < n; r0 += R) {
+        int64_t rows = n - r0 < R ? n - r0 : R;
+        for (int64_t b = 0; b < rows; b++) {
+            hvae_row_rng(&ws->row_rng[b], x + (r0 + b) * D, D, noise_seed);
+            ws->lse_max[b] = -INFINITY;
+            ws->lse_sum[b] = 0.0;
+        }
+        for (int64_t s0 = 0; s0 < n_samples; s0 += S) {
+            int64_t draws = n_samples - s0 < S ? n_samples - s0 : S;
+            for (int64_t b = 0; b < rows; b++) {
+                for (int64_t s = 0; s < draws; s++) {
+                    int64_t r = b * draws + s;
+                    memcpy(ws->x + r * D, x + (r0 + b) * D, (size_t)D * sizeof(float));
+                    if (C > 0)
+                        memcpy(ws->cond + r * C, cond + (r0 + b) * C,
+                               (size_t)C * sizeof(float));
+                    row_noise(m, ws, &ws->row_rng[b], r);
+                }
+            }
+            hvae_forward(m, ws, ws->x, C > 0 ? ws->cond : NULL, noise, rows * draws, 0, 1);
+            for (int64_t b = 0; b < rows; b++) {
+                for (int64_t s = 0; s < draws; s++) {
+                    int64_t r = b * draws + s;
+                    double log_w = ws->reconstruction[r];
+                    for (int32_t i = 0; i < T; i++)
+                        log_w -= ws->kl[i * ws->max_rows + r];
+                    if (log_w > ws->lse_max[b]) {
+                        ws->lse_sum[b] = ws->lse_sum[b] * exp(ws->lse_max[b] - log_w) + 1.0;
+                        ws->lse_max[b] = log_w;
+                    } else {
+                        ws->lse_sum[b] += exp(log_w - ws->lse_max[b]);
+                    }
+                }
+            }
+        }
+        for (int64_t b = 0; b < rows; b++)
+            out[r0 + b] = ws->lse_max[b] + log(ws->lse_sum[b]) - log((double)n_samples);
+    }
+    return HVAE_OK;
+}
+
+hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
+                        const float *cond, int64_t n, float *const *mu,
+                        float *const *logvar)
+{
+    hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK)
         return st;
+    int32_t T = m->config.n_layers;
+    int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        const float *cb = rows_of(cond, r0, m->config.n_conditions);
         const float *inp = x + r0 * m->config.n_features;
-        for (int32_t i = 0; i < m->config.n_layers; i++) {
-            const hvae_block *enc = &m->enc[i];
+        for (int32_t i = 0; i < T; i++) {
+            hvae_block_forward(m, ws, &m->enc[i], inp, cb, B, 1);
+            inp = block_head(ws, &m->enc[i], 0);
+        }
+        if (ladder) {
+            /* Top-down at the means: z_T = mu_hat_T, then each layer's
+             * merged posterior with the prior at the mean above. */
+            float *z_top = ws_act(ws, m->z_col[T - 1]);
+            memcpy(z_top, post(m, ws, T - 1, 0),
+                   (size_t)(B * m->latent_dims[T - 1]) * sizeof(float));
+            for (int32_t i = T - 1; i >= 1; i--) {
+                int64_t count = B * m->latent_dims[i - 1];
+                hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), cb, B, 1);
+                hvae_precision_merge_forward(post(m, ws, i - 1, 0), post(m, ws, i - 1, 1),
+                                             block_head(ws, &m->enc[i - 1], 0),
+                                             block_head(ws, &m->enc[i - 1], 1),
+                                             prior(m, ws, i - 1, 0),
+                                             prior(m, ws, i - 1, 1), count);
+                memcpy(ws_act(ws, m->z_col[i - 1]), post(m, ws, i - 1, 0),
+                       (size_t)count * sizeof(float));
+            }
+        }
+        for (int32_t i = 0; i < T; i++) {
             int64_t d = m->latent_dims[i];
-            hvae_block_forward(m, ws, enc, inp, B, 1);
             if (mu && mu[i])
-                memcpy(mu[i] + r0 * d, block_head(ws, enc, 0),
-                       (size_t)(B * d) * sizeof(float));
+                memcpy(mu[i] + r0 * d, post(m, ws, i, 0), (size_t)(B * d) * sizeof(float));
             if (logvar && logvar[i])
-                memcpy(logvar[i] + r0 * d, block_head(ws, enc, 1),
+                memcpy(logvar[i] + r0 * d, post(m, ws, i, 1),
                        (size_t)(B * d) * sizeof(float));
-            inp = block_head(ws, enc, 0);
         }
     }
     return HVAE_OK;
@@ -581,15 +798,17 @@ static void observation_params(const hvae_model *m, const hvae_workspace *ws,
 }
 
 hvae_status hvae_decode(hvae_model *m, hvae_workspace *ws, const float *z1,
-                        int64_t n, float *x_mean, float *x_logvar)
+                        const float *cond, int64_t n, float *x_mean,
+                        float *x_logvar)
 {
-    hvae_status st = check_call(m, ws, n);
+    hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK)
         return st;
     int64_t D = m->config.n_features;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        hvae_block_forward(m, ws, &m->dec[0], z1 + r0 * m->latent_dims[0], B, 1);
+        hvae_block_forward(m, ws, &m->dec[0], z1 + r0 * m->latent_dims[0],
+                           rows_of(cond, r0, m->config.n_conditions), B, 1);
         observation_params(m, ws, B, x_mean + r0 * D,
                            x_logvar ? x_logvar + r0 * D : NULL);
     }
@@ -597,27 +816,29 @@ hvae_status hvae_decode(hvae_model *m, hvae_workspace *ws, const float *z1,
 }
 
 hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
-                        int64_t n, int observation_noise, float *x)
+                        int64_t n, const float *cond, int observation_noise,
+                        float *x)
 {
-    hvae_status st = check_call(m, ws, n);
+    hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK || !rng)
         return st != HVAE_OK ? st : HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
     int64_t D = m->config.n_features;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        const float *cb = rows_of(cond, r0, m->config.n_conditions);
         hvae_rng_normal(rng, ws_act(ws, m->z_col[T - 1]), B * m->latent_dims[T - 1]);
         for (int32_t i = T - 1; i >= 1; i--) {
             const hvae_block *dec = &m->dec[i];
             int64_t count = B * m->latent_dims[i - 1];
             float *eps = ws_eps(ws, i - 1), *z = ws_act(ws, m->z_col[i - 1]);
-            hvae_block_forward(m, ws, dec, ws_act(ws, m->z_col[i]), B, 1);
+            hvae_block_forward(m, ws, dec, ws_act(ws, m->z_col[i]), cb, B, 1);
             hvae_rng_normal(rng, eps, count);
             const float *mu = block_head(ws, dec, 0), *lv = block_head(ws, dec, 1);
             for (int64_t k = 0; k < count; k++)
                 z[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * eps[k];
         }
-        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), B, 1);
+        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), cb, B, 1);
         float *xb = x + r0 * D;
         if (!observation_noise) {
             observation_params(m, ws, B, xb, NULL);

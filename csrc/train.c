@@ -1,48 +1,139 @@
-/* train.c -- the loss and its gradient, and the minibatch training loop. */
+/* train.c -- the objectives (ELBO, IWAE), their gradient, and the minibatch
+ * training loop. */
 #include "hvae.h"
 #include "internal.h"
 
 #include <math.h>
 #include <string.h>
 
-/* Adds the sums of the first B rows' terms to stats (means are taken by
- * finish_stats). */
-static void add_batch_terms(const hvae_model *m, const hvae_workspace *ws,
-                            int64_t B, float beta, hvae_epoch_stats *stats)
+hvae_objective_options hvae_objective_options_default(void)
+{
+    hvae_objective_options o;
+    o.objective = HVAE_OBJECTIVE_ELBO;
+    o.n_samples = 1;
+    o.beta = 1.0f;
+    o.free_bits = 0.0f;
+    return o;
+}
+
+static int objective_is_valid(const hvae_objective_options *o)
+{
+    return o && (o->objective == HVAE_OBJECTIVE_ELBO || o->objective == HVAE_OBJECTIVE_IWAE) &&
+           o->n_samples >= 1 && isfinite(o->beta) && o->beta >= 0.0f &&
+           isfinite(o->free_bits) && o->free_bits >= 0.0f;
+}
+
+/* The rows of one step: B data rows (from `order` when given), each
+ * repeated S times (row b * S + s), with their conditions. Copies into the
+ * workspace only when it must. */
+static const float *stage_rows(const hvae_model *m, const hvae_workspace *ws,
+                               const float *x, const float *cond,
+                               const int64_t *order, int64_t start, int64_t B,
+                               int64_t S, const float **cond_out)
+{
+    int64_t D = m->config.n_features, C = m->config.n_conditions;
+    if (!order && S == 1) {
+        *cond_out = C > 0 ? cond + start * C : NULL;
+        return x + start * D;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        int64_t src = order ? order[start + b] : start + b;
+        for (int64_t s = 0; s < S; s++) {
+            memcpy(ws->x + (b * S + s) * D, x + src * D, (size_t)D * sizeof(float));
+            if (C > 0)
+                memcpy(ws->cond + (b * S + s) * C, cond + src * C,
+                       (size_t)C * sizeof(float));
+        }
+    }
+    *cond_out = C > 0 ? ws->cond : NULL;
+    return ws->x;
+}
+
+/* Forward and backward over B data rows times S draws staged at xb, with
+ * gradients scaled so that a full loss over n_total data rows accumulates.
+ * Adds the rows' sums (per data row, draws averaged) to `sums`. */
+static void objective_step(hvae_model *m, const hvae_workspace *ws,
+                           const float *xb, const float *cb,
+                           const float *const *noise, int64_t B,
+                           const hvae_objective_options *o, double n_total,
+                           hvae_epoch_stats *sums)
 {
     int32_t T = m->config.n_layers;
-    for (int64_t b = 0; b < B; b++) {
-        double kl_total = 0.0;
-        for (int32_t i = 0; i < T; i++) {
-            double k = ws->kl[i * ws->max_rows + b];
-            stats->kl[i] += k;
-            kl_total += k;
-        }
-        double rec = ws->reconstruction[b];
-        stats->reconstruction += rec;
-        stats->elbo += rec - kl_total;
-        stats->loss += -(rec - (double)beta * kl_total);
-    }
-    stats->n_rows += B;
-}
+    int64_t S = o->n_samples, R = B * S;
+    int iwae = o->objective == HVAE_OBJECTIVE_IWAE;
+    hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
 
-static void finish_stats(hvae_epoch_stats *stats, int32_t T)
-{
-    if (stats->n_rows == 0)
-        return;
-    double inv = 1.0 / (double)stats->n_rows;
-    stats->loss *= inv;
-    stats->elbo *= inv;
-    stats->reconstruction *= inv;
+    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0};
+    for (int64_t r = 0; r < R; r++)
+        rec += ws->reconstruction[r];
     for (int32_t i = 0; i < T; i++)
-        stats->kl[i] *= inv;
+        for (int64_t r = 0; r < R; r++)
+            kl_sum[i] += ws->kl[i * ws->max_rows + r];
+
+    float kl_weight[HVAE_MAX_LAYERS];
+    double kl_total = 0.0, penalty = 0.0;
+    for (int32_t i = 0; i < T; i++) {
+        double mean = kl_sum[i] / (double)R;
+        /* Free bits: a layer whose batch-mean KL is under the floor counts
+         * as the floor and receives no KL gradient. */
+        int floored = !iwae && o->free_bits > 0.0f && mean < (double)o->free_bits;
+        kl_weight[i] = iwae ? 1.0f : floored ? 0.0f : o->beta;
+        penalty += (iwae ? 1.0 : (double)o->beta) * (floored ? o->free_bits : mean);
+        kl_total += kl_sum[i];
+    }
+
+    double objective = 0.0;
+    if (iwae) {
+        /* Per data row: log (1/S) sum_s w_s, and the gradient weights
+         * softmax(log w) / n_total of its draws (lse_sum holds log w). */
+        for (int64_t b = 0; b < B; b++) {
+            double mx = -INFINITY;
+            for (int64_t s = 0; s < S; s++) {
+                int64_t r = b * S + s;
+                double lw = ws->reconstruction[r];
+                for (int32_t i = 0; i < T; i++)
+                    lw -= ws->kl[i * ws->max_rows + r];
+                ws->lse_sum[r] = lw;
+                mx = lw > mx ? lw : mx;
+            }
+            double total = 0.0;
+            for (int64_t s = 0; s < S; s++)
+                total += exp(ws->lse_sum[b * S + s] - mx);
+            for (int64_t s = 0; s < S; s++)
+                ws->row_weight[b * S + s] =
+                    (float)(exp(ws->lse_sum[b * S + s] - mx) / total / n_total);
+            objective += mx + log(total) - log((double)S);
+        }
+        hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
+        sums->loss += -objective;
+    } else {
+        objective = (rec - kl_total) / (double)S;
+        hvae_backward(m, ws, xb, cb, noise, R, (float)(1.0 / (n_total * (double)S)),
+                      NULL, kl_weight, 0);
+        sums->loss += -(rec / (double)S - penalty * (double)B);
+    }
+    sums->objective += objective;
+    sums->elbo += (rec - kl_total) / (double)S;
+    sums->reconstruction += rec / (double)S;
+    for (int32_t i = 0; i < T; i++)
+        sums->kl[i] += kl_sum[i] / (double)S;
+    sums->n_rows += B;
 }
 
-/* Accumulates sums into `into` from another stats block holding sums. */
-static void merge_sums(hvae_epoch_stats *into, const hvae_epoch_stats *from,
-                       int32_t T)
+static void scale_sums(hvae_epoch_stats *s, double factor, int32_t T)
+{
+    s->loss *= factor;
+    s->objective *= factor;
+    s->elbo *= factor;
+    s->reconstruction *= factor;
+    for (int32_t i = 0; i < T; i++)
+        s->kl[i] *= factor;
+}
+
+static void add_sums(hvae_epoch_stats *into, const hvae_epoch_stats *from, int32_t T)
 {
     into->loss += from->loss;
+    into->objective += from->objective;
     into->elbo += from->elbo;
     into->reconstruction += from->reconstruction;
     for (int32_t i = 0; i < T; i++)
@@ -51,17 +142,9 @@ static void merge_sums(hvae_epoch_stats *into, const hvae_epoch_stats *from,
     into->n_batches += from->n_batches;
 }
 
-static void scale_sums(hvae_epoch_stats *s, double factor, int32_t T)
-{
-    s->loss *= factor;
-    s->elbo *= factor;
-    s->reconstruction *= factor;
-    for (int32_t i = 0; i < T; i++)
-        s->kl[i] *= factor;
-}
-
 /* True when every gradient is finite. Independent partial sums keep this
  * one vectorised pass; NaN and inf propagate into them. */
+HVAE_AVX2_CLONES
 static int all_finite(const float *v, int64_t n)
 {
     float lanes[2 * HVAE_LANES] = {0};
@@ -78,27 +161,33 @@ static int all_finite(const float *v, int64_t n)
 }
 
 hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
-                               const float *x, int64_t n,
+                               const float *x, const float *cond, int64_t n,
                                const float *const *eps, uint64_t noise_seed,
-                               float beta, hvae_epoch_stats *stats)
+                               const hvae_objective_options *o,
+                               hvae_epoch_stats *stats)
 {
-    if (!m || !ws || ws->model != m || !x || n < 1 || !stats)
+    if (!m || !ws || ws->model != m || !x || n < 1 || !stats || !objective_is_valid(o) ||
+        (m->config.n_conditions > 0 && !cond))
         return HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
-    int64_t D = m->config.n_features;
+    int64_t S = o->n_samples, rows = ws->max_rows / S;
+    if (rows < 1)
+        return HVAE_ERR_BATCH_TOO_LARGE;
     memset(stats, 0, sizeof *stats);
     memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
     const float *noise[HVAE_MAX_LAYERS];
-    for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
-        int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        const float *xb = x + r0 * D;
-        hvae_chunk_noise(m, ws, x, r0, B, eps, noise_seed, noise);
-        hvae_forward(m, ws, xb, noise, B, 0);
-        hvae_backward(m, ws, xb, noise, B, (float)(1.0 / (double)n), beta);
-        add_batch_terms(m, ws, B, beta, stats);
+    for (int64_t r0 = 0; r0 < n; r0 += rows) {
+        int64_t B = n - r0 < rows ? n - r0 : rows;
+        const float *cb;
+        const float *xb = stage_rows(m, ws, x, cond, NULL, r0, B, S, &cb);
+        for (int32_t i = 0; i < T; i++)
+            noise[i] = eps ? eps[i] + r0 * S * m->latent_dims[i] : ws_eps(ws, i);
+        if (!eps)
+            hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, S, noise_seed);
+        objective_step(m, ws, xb, cb, noise, B, o, (double)n, stats);
         stats->n_batches++;
     }
-    finish_stats(stats, T);
+    scale_sums(stats, 1.0 / (double)n, T);
     return HVAE_OK;
 }
 
@@ -106,7 +195,7 @@ hvae_train_options hvae_train_options_default(void)
 {
     hvae_train_options o;
     o.batch_size = 128;
-    o.beta = 1.0f;
+    o.objective = hvae_objective_options_default();
     o.shuffle = 1;
     o.hook = NULL;
     o.hook_ctx = NULL;
@@ -115,18 +204,18 @@ hvae_train_options hvae_train_options_default(void)
 
 hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
                              hvae_optimizer *opt, hvae_rng *rng,
-                             const float *x, int64_t n, int64_t *order,
-                             const hvae_train_options *o,
+                             const float *x, const float *cond, int64_t n,
+                             int64_t *order, const hvae_train_options *o,
                              hvae_epoch_stats *stats)
 {
     if (!m || !ws || ws->model != m || !opt || !rng || !x || n < 1 || !o ||
         !stats || (o->shuffle && !order) || o->batch_size < 1 ||
-        !isfinite(o->beta) || o->beta < 0.0f)
+        !objective_is_valid(&o->objective) || (m->config.n_conditions > 0 && !cond))
         return HVAE_ERR_INVALID_ARGUMENT;
-    if (o->batch_size > ws->max_rows)
+    int64_t S = o->objective.n_samples;
+    if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
     int32_t T = m->config.n_layers;
-    int64_t D = m->config.n_features;
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
         noise[i] = ws_eps(ws, i);
@@ -137,39 +226,31 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
     hvae_status status = HVAE_OK;
     for (int64_t start = 0; start < n; start += o->batch_size) {
         int64_t B = n - start < o->batch_size ? n - start : o->batch_size;
-        const float *xb = x + start * D;
-        if (o->shuffle) {
-            for (int64_t b = 0; b < B; b++)
-                memcpy(ws->x + b * D, x + order[start + b] * D,
-                       (size_t)D * sizeof(float));
-            xb = ws->x;
-        }
+        const float *cb;
+        const float *xb = stage_rows(m, ws, x, cond, o->shuffle ? order : NULL, start,
+                                     B, S, &cb);
         for (int32_t i = 0; i < T; i++)
-            hvae_rng_normal(rng, ws_eps(ws, i),
-                            B * m->latent_dims[i]);
+            hvae_rng_normal(rng, ws_eps(ws, i), B * S * m->latent_dims[i]);
         memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
-        hvae_forward(m, ws, xb, noise, B, 0);
-        hvae_backward(m, ws, xb, noise, B, (float)(1.0 / (double)B), o->beta);
-
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
-        add_batch_terms(m, ws, B, o->beta, &batch);
+        objective_step(m, ws, xb, cb, noise, B, &o->objective, (double)B, &batch);
         batch.n_batches = 1;
         if (!isfinite(batch.loss) || !all_finite(m->grads, m->n_params)) {
             status = HVAE_ERR_NONFINITE_LOSS;
             break;
         }
         hvae_optimizer_step(opt, m);
-        merge_sums(stats, &batch, T);
+        add_sums(stats, &batch, T);
         if (o->hook) {
-            hvae_epoch_stats mean = batch;
-            scale_sums(&mean, 1.0 / (double)B, T);
-            if (o->hook(o->hook_ctx, stats->n_batches - 1, &mean)) {
+            scale_sums(&batch, 1.0 / (double)B, T);
+            if (o->hook(o->hook_ctx, stats->n_batches - 1, &batch)) {
                 status = HVAE_ERR_STOPPED;
                 break;
             }
         }
     }
-    finish_stats(stats, T);
+    if (stats->n_rows > 0)
+        scale_sums(stats, 1.0 / (double)stats->n_rows, T);
     return status;
 }
