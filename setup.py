@@ -84,5 +84,5 @@ extension = Extension(
 
 setup(
     ext_modules=[extension],
-    install_requires=["numpy>=1.23", "scikit-learn>=1.6"] + blas["requires"],
+    install_requires=["numpy>=1.23", "scikit-learn>=1.6", "tqdm>=4.60"] + blas["requires"],
 )

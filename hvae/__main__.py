@@ -31,7 +31,7 @@ def main(argv=None):
           f"rows of {X.shape[1]} pixels; BLAS: {blas_info()}")
     vae = HierarchicalVAE(latent_dims=tuple(args.latent_dims), hidden_dims=tuple(args.hidden_dims),
                           likelihood="bernoulli", n_epochs=args.epochs, batch_size=64,
-                          random_state=args.seed, verbose=1)
+                          random_state=args.seed, verbose=2)
     start = time.perf_counter()
     vae.fit(X_train)
     seconds = time.perf_counter() - start

@@ -1,4 +1,5 @@
 """The scikit-learn estimator :class:`HierarchicalVAE`."""
+import math
 import numbers
 import os
 import sys
@@ -14,6 +15,8 @@ _LIKELIHOODS = ("gaussian", "bernoulli")
 _ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "softplus")
 _VARIANCES = ("learned", "unit")
 _OPTIMIZERS = ("adam", "sgd")
+_HISTORY_KEYS = ("loss", "elbo", "reconstruction", "kl", "seconds", "n_batches")
+_VALIDATION_KEYS = ("val_elbo", "val_reconstruction", "val_kl")
 
 
 def _available_cores():
@@ -88,7 +91,38 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         BLAS threads for this model's work (None: all available cores).
         Applies to hvae's own OpenBLAS only, not to NumPy's or others'.
     verbose : int, default=0
-        0 is silent; 1 prints one line per epoch.
+        0 is silent; 1 shows a progress bar (tqdm: a widget in Jupyter, text
+        in a terminal) with the last epoch's training and validation ELBO;
+        2 also prints one line per epoch.
+    validation_fraction : float in (0, 1) or None, default=None
+        Hold out this fraction of the rows of X (ceil(fraction * n_samples)
+        rows, drawn with ``random_state``) and report their ELBO after every
+        epoch in ``history_['val_elbo']``. This makes one copy of the training
+        rows (``X[train_rows]``); passing ``validation_data`` to ``fit``
+        instead makes none. With an int ``random_state`` every call to
+        ``fit`` holds out the same rows, so warm-started fits never train on
+        them.
+    early_stopping : bool, default=False
+        Stop when the validation ELBO has not improved by more than ``tol``
+        for ``n_iter_no_change`` epochs, and when ``fit`` ends (however it
+        ends) restore the parameters of the epoch with the best validation
+        ELBO in that call. Only the parameters are restored: the optimizer's
+        moments and the random generator stay where the last epoch left them,
+        ``history_`` keeps every epoch run and ``n_iter_`` counts them. Needs
+        validation rows: ``validation_data``, else ``validation_fraction``,
+        else 0.1 of X as with ``validation_fraction=0.1``.
+    n_iter_no_change : int, default=10
+        Epochs without improvement before early stopping stops.
+    tol : float, default=1e-4
+        Improvement in validation ELBO (nats per sample) that counts as one.
+    callbacks : callable, list of callables or None, default=None
+        Each is called as ``callback(epoch, history)`` after every complete
+        epoch, where ``epoch`` is the epoch's 0-based index in ``history_``
+        (counting earlier warm-started fits) and ``history`` is ``history_``,
+        already holding that epoch (and its validation ELBO). All callbacks
+        run every epoch; if any returns ``False``, ``fit`` stops after that
+        epoch and returns normally. An exception raised by a callback stops
+        the fit and propagates, with ``history_`` kept.
 
     Attributes
     ----------
@@ -98,7 +132,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Per epoch: 'elbo', 'reconstruction' (mean log p(x|z_1)), 'kl' (one
         list of T per-layer mean KL terms per epoch), 'loss' (the training
         loss, with beta), 'seconds', 'n_batches'. All in nats per sample,
-        averaged over the epoch's minibatches.
+        averaged over the epoch's minibatches. With validation rows also
+        'val_elbo', 'val_reconstruction' and 'val_kl': the same terms on the
+        validation rows at the end of the epoch (deterministic, as in
+        ``score``), NaN for epochs trained without validation rows.
+    best_epoch_ : int or None
+        With ``early_stopping``, the index in ``history_`` of the epoch whose
+        parameters the model holds (the best validation ELBO of the last
+        fit); None otherwise.
     n_iter_ : int
         Epochs trained so far (all fit calls of a warm-started model).
     n_features_in_ : int
@@ -122,7 +163,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  activation="relu", decoder_variance="learned", n_epochs=30,
                  batch_size=128, learning_rate=1e-3, optimizer="adam", beta=1.0,
                  weight_decay=0.0, shuffle=True, warm_start=False, random_state=None,
-                 n_threads=None, verbose=0):
+                 n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
+                 n_iter_no_change=10, tol=1e-4, callbacks=None):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -139,6 +181,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.random_state = random_state
         self.n_threads = n_threads
         self.verbose = verbose
+        self.validation_fraction = validation_fraction
+        self.early_stopping = early_stopping
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.callbacks = callbacks
 
     # ---- validation ---------------------------------------------------------
 
@@ -178,29 +225,91 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError(f"optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}")
         if self.n_threads is not None:
             check_int("n_threads", self.n_threads, 1)
+        fraction = self.validation_fraction
+        if fraction is not None and not (
+                isinstance(fraction, numbers.Real) and not isinstance(fraction, bool)
+                and 0.0 < fraction < 1.0):
+            raise ValueError(f"validation_fraction must be None or a number in (0, 1); "
+                             f"got {fraction!r}")
+        if not isinstance(self.early_stopping, (bool, np.bool_)):
+            raise ValueError(f"early_stopping must be True or False; got {self.early_stopping!r}")
+        check_int("n_iter_no_change", self.n_iter_no_change, 1)
+        check_float("tol", self.tol, positive=False)
 
-    def _validate_X(self, X, reset):
+    def _callbacks(self):
+        """The callbacks as a list, validated."""
+        callbacks = self.callbacks
+        if callbacks is None:
+            return []
+        if callable(callbacks):
+            return [callbacks]
+        try:
+            callbacks = list(callbacks)
+        except TypeError:
+            raise ValueError("callbacks must be a callable, a sequence of callables or None; "
+                             f"got {self.callbacks!r}") from None
+        for callback in callbacks:
+            if not callable(callback):
+                raise ValueError(f"callbacks must hold callables; got {callback!r}")
+        return callbacks
+
+    def _validate_X(self, X, reset, likelihood=None, name="X"):
         # float32 C order: one conversion at most, none for such an array.
         X = validate_data(self, X, reset=reset, dtype=np.float32, order="C")
-        likelihood = self.model_.likelihood if not reset else self.likelihood
+        if likelihood is None:
+            likelihood = self.model_.likelihood if not reset else self.likelihood
         if likelihood == "bernoulli" and X.size and (X.min() < 0.0 or X.max() > 1.0):
             raise ValueError(
-                "X has values outside [0, 1] (min %g, max %g), but likelihood='bernoulli' "
+                "%s has values outside [0, 1] (min %g, max %g), but likelihood='bernoulli' "
                 "needs data in [0, 1]; rescale it or use likelihood='gaussian'"
-                % (X.min(), X.max()))
+                % (name, X.min(), X.max()))
         return X
+
+    def _split_validation(self, X, validation_data, likelihood):
+        """(X_train, X_val or None): validation_data as given, or held-out rows."""
+        fraction = self.validation_fraction
+        if validation_data is not None:
+            if fraction is not None:
+                raise ValueError("pass either validation_data to fit or validation_fraction, "
+                                 "not both")
+            try:
+                X_val = self._validate_X(validation_data, reset=False, likelihood=likelihood,
+                                         name="validation_data")
+            except ValueError as error:
+                raise ValueError(f"validation_data: {error}") from None
+            return X, X_val
+        if fraction is None and self.early_stopping:
+            fraction = 0.1
+        if fraction is None:
+            return X, None
+        n = X.shape[0]
+        n_val = math.ceil(fraction * n)
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"validation_fraction={fraction} of {n} rows leaves "
+                             f"{n - n_val} training and {n_val} validation rows; need "
+                             "at least one of each")
+        # A fresh generator from random_state: with an int, every fit holds
+        # out the same rows. Fancy indexing copies; sorted rows keep X's order.
+        rows = check_random_state(self.random_state).permutation(n)
+        return X[np.sort(rows[n_val:])], X[np.sort(rows[:n_val])]
 
     # ---- fitting -------------------------------------------------------------
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, *, validation_data=None):
         """Train on X.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Training data. A float32 C-contiguous array is used in place.
+            Training data. A float32 C-contiguous array is used in place
+            (unless ``validation_fraction`` is set: see there).
         y : None
             Ignored.
+        validation_data : array-like of shape (n_val, n_features) or None
+            Rows whose ELBO is recorded after every epoch in
+            ``history_['val_elbo']`` (and used by ``early_stopping``). A
+            float32 C-contiguous array is used in place. Cannot be combined
+            with ``validation_fraction``.
 
         Returns
         -------
@@ -213,13 +322,24 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             For invalid parameters or data, before any work is done.
         hvae.DivergenceError
             When the loss becomes NaN or infinite; the model keeps its last
-            finite parameters and ``history_`` holds the epochs so far.
+            finite parameters (with ``early_stopping``, its best ones) and
+            ``history_`` holds the epochs so far.
+
+        Notes
+        -----
+        However the fit ends (all epochs done, a callback returned False,
+        early stopping, Ctrl-C, an error), ``history_`` and ``n_iter_`` hold
+        every epoch that ran; an epoch cut short by Ctrl-C or an error is
+        recorded with the averages of its minibatches so far and NaN
+        validation terms.
         """
         architecture = self._architecture()
         self._check_training_params()
+        callbacks = self._callbacks()
         continuing = (self.warm_start and hasattr(self, "model_")
                       and self._model_architecture() == architecture)
         X = self._validate_X(X, reset=not continuing)
+        X, X_val = self._split_validation(X, validation_data, likelihood=architecture[2])
 
         if not continuing:
             latent, hidden, likelihood, activation, variance = architecture
@@ -228,35 +348,115 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             model = Model(X.shape[1], latent, hidden, likelihood=likelihood,
                           activation=activation, decoder_variance=variance, seed=seed)
             self.model_ = model
-            self.history_ = {key: [] for key in
-                             ("loss", "elbo", "reconstruction", "kl", "seconds", "n_batches")}
+            self.history_ = {key: [] for key in _HISTORY_KEYS}
             self.n_iter_ = 0
+        self.best_epoch_ = None
         self.model_.n_threads = self.n_threads or _available_cores()
+        if X_val is not None:
+            self._ensure_validation_history()
 
-        records = []
+        records = []          # every epoch record, in order, kept by Model.fit
+        n_recorded = 0        # how many of them are in history_ already
+        best_elbo, best_parameters, n_stale = -np.inf, None, 0
+        progress = bar = self._progress_bar(X.shape[0]) if self.verbose >= 1 else None
         try:
-            self.model_.fit(X, n_epochs=self.n_epochs, batch_size=self.batch_size,
-                            learning_rate=self.learning_rate, optimizer=self.optimizer,
-                            beta=self.beta, weight_decay=self.weight_decay,
-                            shuffle=self.shuffle, history=records,
-                            callback=self._report if self.verbose else None)
+            # One Model.fit call per epoch, so that validation and callbacks
+            # run between calls and may use the model (it serves one call at
+            # a time); the optimizer and generator carry over, so this trains
+            # exactly as one call with n_epochs would.
+            for epoch_in_call in range(self.n_epochs):
+                self.model_.fit(X, n_epochs=1, batch_size=self.batch_size,
+                                learning_rate=self.learning_rate, optimizer=self.optimizer,
+                                beta=self.beta, weight_decay=self.weight_decay,
+                                shuffle=self.shuffle, history=records,
+                                progress=bar.update if progress else None)
+                record = records[-1]
+                validation = self._validation_terms(X_val) if X_val is not None else None
+                self._append_epoch(record, validation)
+                n_recorded += 1
+                epoch = self.n_iter_ - 1
+                stop = False
+                if validation is not None and self.early_stopping:
+                    if validation["elbo"] > best_elbo + self.tol:
+                        best_elbo, n_stale = validation["elbo"], 0
+                        best_parameters = np.copy(self.model_.parameters)
+                        self.best_epoch_ = epoch
+                    else:
+                        n_stale += 1
+                    stop = n_stale >= self.n_iter_no_change
+                if bar is not None:
+                    self._report_progress(bar, epoch_in_call, record, validation)
+                # Every callback sees every epoch, even after one asked to stop.
+                for callback in callbacks:
+                    if callback(epoch, self.history_) is False:
+                        stop = True
+                if stop:
+                    break
         finally:
-            # Whatever stopped training, keep the epochs that happened.
-            for record in records:
-                for key in self.history_:
-                    self.history_[key].append(record[key])
-            self.n_iter_ += len(records)
+            # Whatever stopped training, keep the epochs that happened
+            # (a record not yet in history_ is an epoch cut short).
+            if bar is not None:
+                bar.close()
+            for record in records[n_recorded:]:
+                self._append_epoch(record, None)
+            if best_parameters is not None:
+                self.model_.parameters[:] = best_parameters
         return self
+
+    def _ensure_validation_history(self):
+        """Add the validation keys to history_, NaN for epochs without them."""
+        n_layers = len(self.model_.latent_dims)
+        for key in _VALIDATION_KEYS:
+            if key not in self.history_:
+                missing = [math.nan] * n_layers if key == "val_kl" else math.nan
+                self.history_[key] = [missing for _ in range(len(self.history_["elbo"]))]
+
+    def _validation_terms(self, X_val):
+        """Mean ELBO, reconstruction and per-layer KL of the validation rows."""
+        terms = self.model_.elbo_terms(X_val)
+        # The same per-row values as score_samples, so score(X_val) after
+        # early stopping equals the best epoch's val_elbo exactly.
+        return {"elbo": float(np.mean(terms["elbo"])),
+                "reconstruction": float(np.mean(terms["reconstruction"])),
+                "kl": [float(k) for k in np.mean(terms["kl"], axis=0)]}
+
+    def _append_epoch(self, record, validation):
+        for key in _HISTORY_KEYS:
+            self.history_[key].append(record[key])
+        if "val_elbo" in self.history_:
+            if validation is None:
+                n_layers = len(self.model_.latent_dims)
+                validation = {"elbo": math.nan, "reconstruction": math.nan,
+                              "kl": [math.nan] * n_layers}
+            self.history_["val_elbo"].append(validation["elbo"])
+            self.history_["val_reconstruction"].append(validation["reconstruction"])
+            self.history_["val_kl"].append(validation["kl"])
+        self.n_iter_ += 1
+
+    def _progress_bar(self, n_rows):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.n_epochs * n_rows, unit="row", unit_scale=True,
+                    desc=f"epoch 1/{self.n_epochs}", leave=True)
+
+    def _report_progress(self, bar, epoch_in_call, record, validation):
+        upcoming = min(epoch_in_call + 2, self.n_epochs)
+        bar.set_description(f"epoch {upcoming}/{self.n_epochs}", refresh=False)
+        postfix = {"elbo": f"{record['elbo']:.3f}"}
+        if validation is not None:
+            postfix["val_elbo"] = f"{validation['elbo']:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+        if self.verbose >= 2:
+            kl = " ".join(f"{k:.2f}" for k in record["kl"])
+            line = (f"epoch {epoch_in_call + 1}/{self.n_epochs}  elbo {record['elbo']:.3f}  "
+                    f"reconstruction {record['reconstruction']:.3f}  kl [{kl}]")
+            if validation is not None:
+                line += f"  val_elbo {validation['elbo']:.3f}"
+            bar.write(line + f"  ({record['seconds']:.2f} s)", file=sys.stdout)
 
     def _model_architecture(self):
         m = self.model_
         return (m.latent_dims, m.hidden_dims, m.likelihood, m.activation, m.decoder_variance)
-
-    def _report(self, epoch, record):
-        kl = " ".join(f"{k:.2f}" for k in record["kl"])
-        print(f"epoch {epoch + 1}/{self.n_epochs}  elbo {record['elbo']:.3f}  "
-              f"reconstruction {record['reconstruction']:.3f}  kl [{kl}]  "
-              f"({record['seconds']:.2f} s)", file=sys.stdout, flush=True)
 
     # ---- inference -------------------------------------------------------------
 
