@@ -136,6 +136,8 @@ class Config:
     likelihood: str = "gaussian"
     activation: str = "relu"
     decoder_variance: str = "learned"
+    inference: str = "markov"
+    n_conditions: int = 0
 
     @property
     def n_layers(self):
@@ -148,17 +150,22 @@ class Config:
                     hidden_dims=tuple(self.hidden_dims),
                     likelihood=self.likelihood,
                     activation=self.activation,
-                    decoder_variance=self.decoder_variance)
+                    decoder_variance=self.decoder_variance,
+                    inference=self.inference,
+                    n_conditions=self.n_conditions)
 
 
-def _block_shapes(prefix, n_in, widths, heads):
+def _block_shapes(prefix, n_in, widths, heads, n_cond=0):
+    # A condition's rows follow the input's in the block's first layer
+    # (hidden1, or every head of a block without hidden layers).
     shapes = []
+    extra = n_cond
     for j, width in enumerate(widths, start=1):
-        shapes.append((f"{prefix}.hidden{j}.W", (n_in, width)))
+        shapes.append((f"{prefix}.hidden{j}.W", (n_in + extra, width)))
         shapes.append((f"{prefix}.hidden{j}.b", (width,)))
-        n_in = width
+        n_in, extra = width, 0
     for head, size in heads:
-        shapes.append((f"{prefix}.{head}.W", (n_in, size)))
+        shapes.append((f"{prefix}.{head}.W", (n_in + extra, size)))
         shapes.append((f"{prefix}.{head}.b", (size,)))
     return shapes
 
@@ -170,7 +177,7 @@ def parameter_shapes(cfg):
     shapes = []
     for i in range(1, cfg.n_layers + 1):
         shapes += _block_shapes(f"enc{i}", dims[i - 1], cfg.hidden_dims,
-                                [("mu", dims[i]), ("logvar", dims[i])])
+                                [("mu", dims[i]), ("logvar", dims[i])], cfg.n_conditions)
     for i in range(1, cfg.n_layers + 1):
         if i == 1 and cfg.likelihood == "bernoulli":
             heads = [("logits", dims[0])]
@@ -179,7 +186,7 @@ def parameter_shapes(cfg):
             if learned:
                 heads.append(("logvar", dims[i - 1]))
         shapes += _block_shapes(f"dec{i}", dims[i],
-                                tuple(reversed(cfg.hidden_dims)), heads)
+                                tuple(reversed(cfg.hidden_dims)), heads, cfg.n_conditions)
     return shapes
 
 
@@ -204,72 +211,107 @@ def unflatten(flat, cfg):
 # The model
 
 
-def _mlp(params, prefix, h, cfg, preactivations):
+def _with_cond(h, cond):
+    return h if cond is None else np.hstack([h, np.asarray(cond, np.float64)])
+
+
+def _mlp(params, prefix, h, cfg, preactivations, cond=None):
+    """The hidden layers; returns (output, whether the condition is used up)."""
     j = 1
     while f"{prefix}.hidden{j}.W" in params:
-        pre = h @ params[f"{prefix}.hidden{j}.W"] + params[f"{prefix}.hidden{j}.b"]
+        inp = _with_cond(h, cond) if j == 1 else h
+        pre = inp @ params[f"{prefix}.hidden{j}.W"] + params[f"{prefix}.hidden{j}.b"]
         preactivations.append(pre)
         h = activation(cfg.activation, pre)
         j += 1
-    return h
+    return h, j > 1
 
 
-def _head(params, prefix, head, h):
-    out = h @ params[f"{prefix}.{head}.W"] + params[f"{prefix}.{head}.b"]
+def _head(params, prefix, head, h, cond=None):
+    out = _with_cond(h, cond) @ params[f"{prefix}.{head}.W"] + params[f"{prefix}.{head}.b"]
     return activation("logvar_clip", out) if head == "logvar" else out
 
 
-def encoder(params, cfg, i, inp, preactivations=None):
-    """(mu_i, logvar_i) of q(z_i | z_{i-1} = inp)."""
+def encoder(params, cfg, i, inp, preactivations=None, cond=None):
+    """(mu_i, logvar_i) of encoder block i at its input."""
     pre = [] if preactivations is None else preactivations
-    h = _mlp(params, f"enc{i}", inp, cfg, pre)
-    return _head(params, f"enc{i}", "mu", h), _head(params, f"enc{i}", "logvar", h)
+    h, used = _mlp(params, f"enc{i}", inp, cfg, pre, cond)
+    c = None if used else cond
+    return _head(params, f"enc{i}", "mu", h, c), _head(params, f"enc{i}", "logvar", h, c)
 
 
-def decoder(params, cfg, i, z, preactivations=None):
+def decoder(params, cfg, i, z, preactivations=None, cond=None):
     """The heads of decoder block i at z_i: (mu, logvar) of p(z_{i-1} | z_i)
     with logvar = 0 for unit variance, or (logits, None) for a Bernoulli
     p(x | z_1)."""
     pre = [] if preactivations is None else preactivations
-    h = _mlp(params, f"dec{i}", z, cfg, pre)
+    h, used = _mlp(params, f"dec{i}", z, cfg, pre, cond)
+    c = None if used else cond
     if i == 1 and cfg.likelihood == "bernoulli":
-        return _head(params, "dec1", "logits", h), None
-    mu = _head(params, f"dec{i}", "mu", h)
+        return _head(params, "dec1", "logits", h, c), None
+    mu = _head(params, f"dec{i}", "mu", h, c)
     if cfg.decoder_variance == "learned":
-        return mu, _head(params, f"dec{i}", "logvar", h)
+        return mu, _head(params, f"dec{i}", "logvar", h, c)
     return mu, np.zeros_like(mu)
 
 
-def forward(params, cfg, x, noise):
+def precision_merge(mu_hat, logvar_hat, mu_p, logvar_p):
+    """The ladder's posterior: precisions add, means weight by precision."""
+    prec_hat, prec_p = np.exp(-logvar_hat), np.exp(-logvar_p)
+    var_q = 1.0 / (prec_hat + prec_p)
+    return var_q * (mu_hat * prec_hat + mu_p * prec_p), np.log(var_q)
+
+
+def forward(params, cfg, x, noise, cond=None, sampled=False):
     """Per-row ELBO terms for data x (n, D) and noise eps_1..eps_T.
 
     Returns a dict with 'elbo' (n,), 'reconstruction' (n,), 'kl' (n, T)
     (column i-1 the KL term of layer i), 'z' (the samples z_1..z_T) and
     'preactivations' (every hidden layer's pre-activation, for finding
-    kinks).
+    kinks). A layer's KL term is closed-form where q and p condition on the
+    same things (the top layer; every ladder layer) and the sampled
+    log-density ratio log q(z) - log p(z) otherwise, or everywhere with
+    `sampled` (then elbo is log p(x, z) - log q(z | x), an importance log-weight).
     """
     x = np.asarray(x, dtype=np.float64)
     T = cfg.n_layers
+    eps = [np.asarray(e, np.float64) for e in noise]
     pre = []
-    mus, logvars, zs = [], [], []
-    h = x
-    for i in range(1, T + 1):
-        mu, logvar = encoder(params, cfg, i, h, pre)
-        z = mu + np.exp(0.5 * logvar) * np.asarray(noise[i - 1], np.float64)
-        mus.append(mu)
-        logvars.append(logvar)
-        zs.append(z)
-        h = z
+    mus, logvars, zs = [None] * T, [None] * T, [None] * T
+    priors = [None] * T  # (mu_p, logvar_p) of z_i, i < T, from decoder i+1
+    if cfg.inference == "markov":
+        h = x
+        for i in range(T):
+            mus[i], logvars[i] = encoder(params, cfg, i + 1, h, pre, cond)
+            zs[i] = mus[i] + np.exp(0.5 * logvars[i]) * eps[i]
+            h = zs[i]
+        for i in range(T - 1):
+            priors[i] = decoder(params, cfg, i + 2, zs[i + 1], pre, cond)
+    else:
+        # Deterministic bottom-up pass through the means, then top-down.
+        hats, h = [], x
+        for i in range(T):
+            mu_hat, logvar_hat = encoder(params, cfg, i + 1, h, pre, cond)
+            hats.append((mu_hat, logvar_hat))
+            h = mu_hat
+        mus[T - 1], logvars[T - 1] = hats[T - 1]
+        zs[T - 1] = mus[T - 1] + np.exp(0.5 * logvars[T - 1]) * eps[T - 1]
+        for i in range(T - 2, -1, -1):
+            priors[i] = decoder(params, cfg, i + 2, zs[i + 1], pre, cond)
+            mus[i], logvars[i] = precision_merge(*hats[i], *priors[i])
+            zs[i] = mus[i] + np.exp(0.5 * logvars[i]) * eps[i]
 
     kl = np.empty((x.shape[0], T))
-    kl[:, T - 1] = gaussian_kl(mus[T - 1], logvars[T - 1])
-    for i in range(1, T):
-        # p(z_i | z_{i+1}) comes from decoder block i+1 at the sampled z_{i+1}.
-        mu_p, logvar_p = decoder(params, cfg, i + 1, zs[i], pre)
-        kl[:, i - 1] = (gaussian_loglik(zs[i - 1], mus[i - 1], logvars[i - 1])
-                        - gaussian_loglik(zs[i - 1], mu_p, logvar_p))
+    for i in range(T):
+        mu_p, logvar_p = priors[i] if i < T - 1 else (0.0, 0.0)
+        if not sampled and (i == T - 1 or cfg.inference == "ladder"):
+            kl[:, i] = gaussian_kl(mus[i], logvars[i], mu_p, logvar_p)
+        else:
+            kl[:, i] = (gaussian_loglik(zs[i], mus[i], logvars[i])
+                        - gaussian_loglik(zs[i], np.broadcast_to(mu_p, zs[i].shape),
+                                          logvar_p))
 
-    out, logvar_x = decoder(params, cfg, 1, zs[0], pre)
+    out, logvar_x = decoder(params, cfg, 1, zs[0], pre, cond)
     if cfg.likelihood == "bernoulli":
         reconstruction = bernoulli_loglik(x, out)
     else:
@@ -282,26 +324,54 @@ def forward(params, cfg, x, noise):
             "preactivations": pre}
 
 
+def objective_loss(params, cfg, x, noise, n_samples=1, objective="elbo", beta=1.0,
+                   free_bits=0.0, cond=None):
+    """The training loss of hvae's objectives, noise rows b * S + s.
+
+    elbo: -mean_b [ mean_s reconstruction - beta * sum_i max(free_bits,
+    mean_{b,s} kl_i) ] (the max only when free_bits > 0); iwae:
+    -mean_b log mean_s exp(log w_bs), log w = log p(x, z) - log q(z | x).
+    """
+    S = n_samples
+    x_rep = np.repeat(np.asarray(x, np.float64), S, axis=0)
+    c_rep = None if cond is None else np.repeat(np.asarray(cond, np.float64), S, axis=0)
+    out = forward(params, cfg, x_rep, noise, c_rep, sampled=objective == "iwae")
+    if objective == "iwae":
+        log_w = out["elbo"].reshape(-1, S)
+        mx = log_w.max(axis=1, keepdims=True)
+        bound = mx[:, 0] + np.log(np.mean(np.exp(log_w - mx), axis=1))
+        return -np.mean(bound)
+    kl_means = out["kl"].mean(axis=0)
+    if free_bits > 0:
+        kl_means = np.maximum(kl_means, free_bits)
+    return -(out["reconstruction"].mean() - beta * kl_means.sum())
+
+
 def loss(params, cfg, x, noise):
     """-mean ELBO, the training loss."""
     return -np.mean(forward(params, cfg, x, noise)["elbo"])
 
 
-def encode(params, cfg, x):
-    """[(mu_i, logvar_i)] for i = 1..T, each layer above the first evaluated
-    at the posterior mean of the layer below."""
+def encode(params, cfg, x, cond=None):
+    """[(mu_i, logvar_i)] for i = 1..T. Markov: each layer above the first
+    evaluated at the posterior mean of the layer below. Ladder: the
+    bottom-up means, then top-down merges with the prior at the mean above."""
     h = np.asarray(x, dtype=np.float64)
     out = []
     for i in range(1, cfg.n_layers + 1):
-        mu, logvar = encoder(params, cfg, i, h)
+        mu, logvar = encoder(params, cfg, i, h, None, cond)
         out.append((mu, logvar))
         h = mu
+    if cfg.inference == "ladder":
+        for i in range(cfg.n_layers - 2, -1, -1):
+            prior = decoder(params, cfg, i + 2, out[i + 1][0], None, cond)
+            out[i] = precision_merge(*out[i], *prior)
     return out
 
 
-def decode(params, cfg, z1):
+def decode(params, cfg, z1, cond=None):
     """The mean of p(x | z_1)."""
-    out, _ = decoder(params, cfg, 1, np.asarray(z1, dtype=np.float64))
+    out, _ = decoder(params, cfg, 1, np.asarray(z1, dtype=np.float64), None, cond)
     return sigmoid(out) if cfg.likelihood == "bernoulli" else out
 
 
