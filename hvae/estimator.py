@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._native import MAX_HIDDEN, MAX_LAYERS, Model
 
@@ -15,8 +15,22 @@ _LIKELIHOODS = ("gaussian", "bernoulli")
 _ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "softplus")
 _VARIANCES = ("learned", "unit")
 _OPTIMIZERS = ("adam", "sgd")
-_HISTORY_KEYS = ("loss", "elbo", "reconstruction", "kl", "seconds", "n_batches")
+_INFERENCES = ("markov", "ladder")
+_OBJECTIVES = ("elbo", "iwae")
+_HISTORY_KEYS = ("loss", "objective", "elbo", "reconstruction", "kl", "beta", "seconds",
+                 "n_batches")
 _VALIDATION_KEYS = ("val_elbo", "val_reconstruction", "val_kl")
+
+
+def _one_hot(labels, classes):
+    """(n, len(classes)) float32 one-hot rows of labels; unknown labels raise."""
+    codes = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
+    unknown = classes[codes] != labels
+    if np.any(unknown):
+        raise ValueError(f"y holds labels not seen in fit: {np.unique(labels[unknown])[:5]}")
+    C = np.zeros((len(labels), len(classes)), dtype=np.float32)
+    C[np.arange(len(labels)), codes] = 1.0
+    return C
 
 
 def _available_cores():
@@ -164,7 +178,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  batch_size=128, learning_rate=1e-3, optimizer="adam", beta=1.0,
                  weight_decay=0.0, shuffle=True, warm_start=False, random_state=None,
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
-                 n_iter_no_change=10, tol=1e-4, callbacks=None):
+                 n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
+                 objective="elbo", n_mc_samples=1, n_importance_samples=5,
+                 kl_warmup_epochs=0, free_bits=0.0, conditional=False):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -186,11 +202,19 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.n_iter_no_change = n_iter_no_change
         self.tol = tol
         self.callbacks = callbacks
+        self.inference = inference
+        self.objective = objective
+        self.n_mc_samples = n_mc_samples
+        self.n_importance_samples = n_importance_samples
+        self.kl_warmup_epochs = kl_warmup_epochs
+        self.free_bits = free_bits
+        self.conditional = conditional
 
     # ---- validation ---------------------------------------------------------
 
     def _architecture(self):
-        """Validated (latent_dims, hidden_dims, likelihood, activation, variance)."""
+        """Validated (latent_dims, hidden_dims, likelihood, activation, variance,
+        inference)."""
         latent = _as_dims(self.latent_dims, "latent_dims", allow_empty=False)
         hidden = _as_dims(self.hidden_dims, "hidden_dims", allow_empty=True)
         if len(latent) > MAX_LAYERS:
@@ -199,10 +223,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError(f"hidden_dims may have at most {MAX_HIDDEN} entries; got {len(hidden)}")
         for name, value, options in (("likelihood", self.likelihood, _LIKELIHOODS),
                                      ("activation", self.activation, _ACTIVATIONS),
-                                     ("decoder_variance", self.decoder_variance, _VARIANCES)):
+                                     ("decoder_variance", self.decoder_variance, _VARIANCES),
+                                     ("inference", self.inference, _INFERENCES)):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}; got {value!r}")
-        return latent, hidden, self.likelihood, self.activation, self.decoder_variance
+        return (latent, hidden, self.likelihood, self.activation, self.decoder_variance,
+                self.inference)
 
     def _check_training_params(self):
         def check_int(name, value, low):
@@ -235,6 +261,18 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError(f"early_stopping must be True or False; got {self.early_stopping!r}")
         check_int("n_iter_no_change", self.n_iter_no_change, 1)
         check_float("tol", self.tol, positive=False)
+        if self.objective not in _OBJECTIVES:
+            raise ValueError(f"objective must be one of {_OBJECTIVES}; got {self.objective!r}")
+        check_int("n_mc_samples", self.n_mc_samples, 1)
+        check_int("n_importance_samples", self.n_importance_samples, 1)
+        check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
+        check_float("free_bits", self.free_bits, positive=False)
+        if self.objective == "iwae" and (self.beta != 1.0 or self.free_bits != 0.0
+                                         or self.kl_warmup_epochs != 0):
+            raise ValueError("objective='iwae' trains the importance-weighted bound itself: "
+                             "beta must be 1, free_bits 0 and kl_warmup_epochs 0")
+        if not isinstance(self.conditional, (bool, np.bool_)):
+            raise ValueError(f"conditional must be True or False; got {self.conditional!r}")
 
     def _callbacks(self):
         """The callbacks as a list, validated."""
@@ -265,23 +303,83 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 % (name, X.min(), X.max()))
         return X
 
-    def _split_validation(self, X, validation_data, likelihood):
-        """(X_train, X_val or None): validation_data as given, or held-out rows."""
+    def _fit_conditions(self, y, n):
+        """(conditions, classes) of a conditional fit: (n, n_conditions) float32
+        from class labels (one-hot over the sorted classes) or a 2-D array;
+        (None, None) otherwise."""
+        if not self.conditional:
+            return None, None
+        if y is None:
+            raise ValueError("conditional=True needs y: class labels of shape (n_samples,) "
+                             "or conditions of shape (n_samples, n_conditions)")
+        y_arr = np.asarray(y)
+        if y_arr.ndim == 1 or (y_arr.ndim == 2 and y_arr.shape[1] == 1
+                               and not np.issubdtype(y_arr.dtype, np.floating)):
+            y_arr = y_arr.ravel()
+            if y_arr.shape[0] != n:
+                raise ValueError(f"y has {y_arr.shape[0]} labels but X has {n} rows")
+            classes = np.unique(y_arr)
+            return _one_hot(y_arr, classes), classes
+        if y_arr.ndim != 2:
+            raise ValueError(f"y must be class labels (n_samples,) or conditions "
+                             f"(n_samples, n_conditions); got shape {y_arr.shape}")
+        C = check_array(y_arr, dtype=np.float32, order="C", input_name="y")
+        if C.shape[0] != n:
+            raise ValueError(f"y has {C.shape[0]} rows but X has {n}")
+        return C, None
+
+    def _conditions(self, y, n):
+        """Conditions for n rows of the fitted model, None if not conditional.
+        Class labels may be one label for all rows."""
+        if self.model_.n_conditions == 0:
+            return None
+        if y is None:
+            raise ValueError("this model was fitted with conditions: pass y (class labels "
+                             "or conditions) for these rows too")
+        if self.classes_ is not None:
+            labels = np.asarray(y)
+            if labels.ndim == 0:
+                labels = np.full(n, labels.item(), dtype=self.classes_.dtype)
+            labels = labels.ravel()
+            if labels.shape[0] != n:
+                raise ValueError(f"y has {labels.shape[0]} labels for {n} rows")
+            return _one_hot(labels, self.classes_)
+        C = check_array(y, dtype=np.float32, order="C", input_name="y")
+        if C.shape != (n, self.model_.n_conditions):
+            raise ValueError(f"y must have shape ({n}, {self.model_.n_conditions}); "
+                             f"got {C.shape}")
+        return C
+
+    def _split_validation(self, X, C, classes, validation_data, likelihood):
+        """(X_train, C_train, X_val, C_val): validation_data as given ((X_val, y_val)
+        for a conditional model), or held-out rows; X_val None without validation."""
         fraction = self.validation_fraction
         if validation_data is not None:
             if fraction is not None:
                 raise ValueError("pass either validation_data to fit or validation_fraction, "
                                  "not both")
+            y_val = None
+            if C is not None:
+                if not (isinstance(validation_data, tuple) and len(validation_data) == 2):
+                    raise ValueError("validation_data of a conditional model must be a tuple "
+                                     "(X_val, y_val)")
+                validation_data, y_val = validation_data
             try:
                 X_val = self._validate_X(validation_data, reset=False, likelihood=likelihood,
                                          name="validation_data")
             except ValueError as error:
                 raise ValueError(f"validation_data: {error}") from None
-            return X, X_val
+            C_val = None
+            if C is not None:
+                C_val = (_one_hot(np.asarray(y_val).ravel(), classes) if classes is not None
+                         else check_array(y_val, dtype=np.float32, order="C", input_name="y_val"))
+                if C_val.shape[0] != X_val.shape[0]:
+                    raise ValueError("validation_data: y_val and X_val differ in length")
+            return X, C, X_val, C_val
         if fraction is None and self.early_stopping:
             fraction = 0.1
         if fraction is None:
-            return X, None
+            return X, C, None, None
         n = X.shape[0]
         n_val = math.ceil(fraction * n)
         if n_val < 1 or n - n_val < 1:
@@ -291,7 +389,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # A fresh generator from random_state: with an int, every fit holds
         # out the same rows. Fancy indexing copies; sorted rows keep X's order.
         rows = check_random_state(self.random_state).permutation(n)
-        return X[np.sort(rows[n_val:])], X[np.sort(rows[:n_val])]
+        train, val = np.sort(rows[n_val:]), np.sort(rows[:n_val])
+        if C is None:
+            return X[train], None, X[val], None
+        return X[train], C[train], X[val], C[val]
 
     # ---- fitting -------------------------------------------------------------
 
@@ -303,8 +404,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         X : array-like of shape (n_samples, n_features)
             Training data. A float32 C-contiguous array is used in place
             (unless ``validation_fraction`` is set: see there).
-        y : None
-            Ignored.
+        y : None or array-like, default=None
+            Ignored, unless ``conditional=True``: then the condition of each
+            row, class labels of shape (n_samples,) (one-hot encoded inside
+            over ``classes_``) or an array of shape (n_samples, n_conditions).
         validation_data : array-like of shape (n_val, n_features) or None
             Rows whose ELBO is recorded after every epoch in
             ``history_['val_elbo']`` (and used by ``early_stopping``). A
@@ -337,16 +440,25 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self._check_training_params()
         callbacks = self._callbacks()
         continuing = (self.warm_start and hasattr(self, "model_")
-                      and self._model_architecture() == architecture)
+                      and self._model_architecture() == architecture
+                      and (self.model_.n_conditions > 0) == bool(self.conditional))
         X = self._validate_X(X, reset=not continuing)
-        X, X_val = self._split_validation(X, validation_data, likelihood=architecture[2])
+        if continuing:
+            C, classes = self._conditions(y, X.shape[0]), self.classes_
+        else:
+            C, classes = self._fit_conditions(y, X.shape[0])
+        X, C, X_val, C_val = self._split_validation(X, C, classes, validation_data,
+                                                    likelihood=architecture[2])
+        self.classes_ = classes
 
         if not continuing:
-            latent, hidden, likelihood, activation, variance = architecture
+            latent, hidden, likelihood, activation, variance, inference = architecture
             rng = check_random_state(self.random_state)
             seed = int(rng.randint(np.iinfo(np.int32).max))
             model = Model(X.shape[1], latent, hidden, likelihood=likelihood,
-                          activation=activation, decoder_variance=variance, seed=seed)
+                          activation=activation, decoder_variance=variance, seed=seed,
+                          inference=inference,
+                          n_conditions=0 if C is None else C.shape[1])
             self.model_ = model
             self.history_ = {key: [] for key in _HISTORY_KEYS}
             self.n_iter_ = 0
@@ -364,14 +476,21 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             # run between calls and may use the model (it serves one call at
             # a time); the optimizer and generator carry over, so this trains
             # exactly as one call with n_epochs would.
+            iwae = self.objective == "iwae"
             for epoch_in_call in range(self.n_epochs):
+                beta = self._epoch_beta(self.n_iter_)
                 self.model_.fit(X, n_epochs=1, batch_size=self.batch_size,
                                 learning_rate=self.learning_rate, optimizer=self.optimizer,
-                                beta=self.beta, weight_decay=self.weight_decay,
+                                beta=beta, weight_decay=self.weight_decay,
                                 shuffle=self.shuffle, history=records,
-                                progress=bar.update if progress else None)
+                                progress=bar.update if progress else None,
+                                objective=self.objective,
+                                n_samples=self.n_importance_samples if iwae else self.n_mc_samples,
+                                free_bits=self.free_bits, cond=C)
                 record = records[-1]
-                validation = self._validation_terms(X_val) if X_val is not None else None
+                record["beta"] = beta
+                validation = (self._validation_terms(X_val, C_val) if X_val is not None
+                              else None)
                 self._append_epoch(record, validation)
                 n_recorded += 1
                 epoch = self.n_iter_ - 1
@@ -398,6 +517,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if bar is not None:
                 bar.close()
             for record in records[n_recorded:]:
+                record.setdefault("beta", self._epoch_beta(self.n_iter_))
                 self._append_epoch(record, None)
             if best_parameters is not None:
                 self.model_.parameters[:] = best_parameters
@@ -411,9 +531,17 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 missing = [math.nan] * n_layers if key == "val_kl" else math.nan
                 self.history_[key] = [missing for _ in range(len(self.history_["elbo"]))]
 
-    def _validation_terms(self, X_val):
+    def _epoch_beta(self, epoch):
+        """The KL weight of an epoch (counted over every fit of the model):
+        beta * min(1, epoch / kl_warmup_epochs), so 0 in the first epoch and
+        beta from epoch kl_warmup_epochs on; beta without warm-up."""
+        if self.kl_warmup_epochs == 0:
+            return float(self.beta)
+        return float(self.beta) * min(1.0, epoch / self.kl_warmup_epochs)
+
+    def _validation_terms(self, X_val, C_val=None):
         """Mean ELBO, reconstruction and per-layer KL of the validation rows."""
-        terms = self.model_.elbo_terms(X_val)
+        terms = self.model_.elbo_terms(X_val, cond=C_val)
         # The same per-row values as score_samples, so score(X_val) after
         # early stopping equals the best epoch's val_elbo exactly.
         return {"elbo": float(np.mean(terms["elbo"])),
@@ -456,49 +584,129 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     def _model_architecture(self):
         m = self.model_
-        return (m.latent_dims, m.hidden_dims, m.likelihood, m.activation, m.decoder_variance)
+        return (m.latent_dims, m.hidden_dims, m.likelihood, m.activation, m.decoder_variance,
+                m.inference)
 
     # ---- inference -------------------------------------------------------------
 
-    def _fitted_X(self, X):
+    def _fitted_X(self, X, y=None):
+        """(X as float32 C-contiguous, its conditions or None), validated."""
         check_is_fitted(self)
         self.model_.n_threads = self.n_threads or _available_cores()
-        return self._validate_X(X, reset=False)
+        X = self._validate_X(X, reset=False)
+        return X, self._conditions(y, X.shape[0])
 
-    def transform(self, X):
-        """Posterior means of z_1.
+    def fit_transform(self, X, y=None, **fit_params):
+        """fit(X, y) then transform(X, y): posterior means of z_1.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            Conditions, when ``conditional=True``; else ignored.
+        **fit_params
+            Passed to ``fit`` (for example ``validation_data``).
 
         Returns
         -------
         Z : ndarray of shape (n_samples, latent_dims[0]), float32
         """
-        return self.model_.encode(self._fitted_X(X))[0][0]
+        return self.fit(X, y, **fit_params).transform(X, y)
 
-    def encode(self, X):
+    def transform(self, X, y=None):
+        """Posterior means of z_1.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_samples, latent_dims[0]), float32
+        """
+        X, C = self._fitted_X(X, y)
+        return self.model_.encode(X, cond=C)[0][0]
+
+    def encode(self, X, y=None):
         """Posterior mean and log-variance of every latent layer.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
 
         Returns
         -------
         layers : list of T (mu, logvar) pairs, each of shape (n_samples, d_i)
-            Layers above the first are evaluated at the posterior mean of the
-            layer below.
+            Markov inference: layers above the first are evaluated at the
+            posterior mean of the layer below. Ladder: top-down, each layer's
+            prior evaluated at the posterior mean of the layer above.
         """
-        return self.model_.encode(self._fitted_X(X))
+        X, C = self._fitted_X(X, y)
+        return self.model_.encode(X, cond=C)
 
-    def inverse_transform(self, Z):
+    def active_units(self, X, y=None, threshold=0.01):
+        """Active latent units per layer (Burda et al. 2016).
+
+        A dimension is active when the variance over X of its posterior mean
+        exceeds ``threshold``: the model uses it to tell rows apart.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
+        threshold : float, default=0.01
+
+        Returns
+        -------
+        counts : list of int
+            The number of active dimensions of each layer, bottom to top.
+        """
+        return [int(np.sum(np.var(mu.astype(np.float64), axis=0) > threshold))
+                for mu, _ in self.encode(X, y)]
+
+    def log_likelihood(self, X, y=None, n_samples=1000):
+        """Importance-sampled estimate of log p(x) per sample, in nats.
+
+        The posterior is the proposal: log (1/S) sum_s p(x, z_s) / q(z_s | x)
+        over S = ``n_samples`` draws, streamed in chunks so memory does not
+        grow with S. It is the importance-weighted bound with S draws: at
+        least the ELBO on average, approaching log p(x) as S grows. The
+        number papers report as the test log-likelihood (with S = 5000 or so).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
+        n_samples : int, default=1000
+
+        Returns
+        -------
+        log_px : ndarray of shape (n_rows,), float64
+        """
+        if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
+            raise ValueError(f"n_samples must be an int >= 1; got {n_samples!r}")
+        X, C = self._fitted_X(X, y)
+        return self.model_.log_likelihood(X, n_samples=int(n_samples), cond=C)
+
+    def inverse_transform(self, Z, y=None):
         """The mean of p(x | z_1) (probabilities for a Bernoulli likelihood).
 
         Parameters
         ----------
         Z : array-like of shape (n_samples, latent_dims[0])
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
 
         Returns
         -------
@@ -511,22 +719,26 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              f"got {Z.shape}")
         if not np.all(np.isfinite(Z)):
             raise ValueError("Z contains NaN or infinity")
-        return self.model_.decode(Z)
+        return self.model_.decode(Z, cond=self._conditions(y, Z.shape[0]))
 
-    def reconstruct(self, X):
+    def reconstruct(self, X, y=None):
         """inverse_transform(transform(X)): the decoded posterior mean.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
 
         Returns
         -------
         X_hat : ndarray of shape (n_samples, n_features), float32
         """
-        return self.model_.decode(self.transform(X))
+        X, C = self._fitted_X(X, y)
+        return self.model_.decode(self.model_.encode(X, cond=C)[0][0], cond=C)
 
-    def sample(self, n_samples=1, random_state=None, observation_noise=False):
+    def sample(self, n_samples=1, random_state=None, observation_noise=False, *, y=None):
         """Draw by ancestral sampling from p(z_T) down to p(x | z_1).
 
         Parameters
@@ -537,6 +749,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         observation_noise : bool, default=False
             False returns the mean of p(x | z_1) for each drawn z_1 (what one
             plots for images); True draws x from p(x | z_1) as well.
+        y : label, array-like or None, default=None
+            For a conditional model: the condition of every draw, one class
+            label for all, n_samples labels, or an (n_samples, n_conditions)
+            array.
 
         Returns
         -------
@@ -545,11 +761,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         check_is_fitted(self)
         if not isinstance(n_samples, numbers.Integral) or n_samples < 0:
             raise ValueError(f"n_samples must be an int >= 0; got {n_samples!r}")
+        C = self._conditions(y, int(n_samples))
         seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
         return self.model_.sample(int(n_samples), seed=seed,
-                                  observation_noise=bool(observation_noise))
+                                  observation_noise=bool(observation_noise), cond=C)
 
-    def score_samples(self, X):
+    def score_samples(self, X, y=None):
         """Per-sample ELBO in nats (a lower bound on log p(x)).
 
         One reparameterised sample per row, drawn from a generator seeded by
@@ -558,12 +775,16 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
 
         Returns
         -------
         elbo : ndarray of shape (n_samples,), float64
         """
-        return self.model_.elbo(self._fitted_X(X))
+        X, C = self._fitted_X(X, y)
+        return self.model_.elbo(X, cond=C)
 
     def score(self, X, y=None):
         """Mean ELBO in nats per sample (higher is better).
@@ -571,14 +792,39 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-        y : None
-            Ignored.
+        y : array-like or None, default=None
+            The rows' conditions, for a model fitted with ``conditional=True``
+            (class labels or an (n_samples, n_conditions) array); else ignored.
 
         Returns
         -------
         score : float
         """
-        return float(np.mean(self.score_samples(X)))
+        return float(np.mean(self.score_samples(X, y)))
+
+    # ---- saving ---------------------------------------------------------------------
+
+    def save(self, path):
+        """Write the fitted estimator to ``path``; :func:`hvae.load` reads it back.
+
+        The file is a NumPy ``.npz`` archive (no pickle): the parameters, the
+        optimizer's moments and the generator's state as arrays, and JSON
+        metadata with the format version, hvae's version, the
+        hyperparameters, the layer layout, ``history_`` and a SHA-256 of
+        every array. See :mod:`hvae.file_format`. The loaded estimator gives
+        identical outputs and continues training (``warm_start``)
+        identically. Callables (``callbacks``) and ``RandomState`` instances
+        cannot be saved: a warning says so and they load as None.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file to write, exactly as named (``.npz`` is a good suffix).
+            An existing file is replaced whole or not at all.
+        """
+        from .file_format import save
+
+        save(self, path)
 
     @property
     def _n_features_out(self):

@@ -61,7 +61,8 @@ def test_hierarchy_history_and_shapes(digits_split):
     X_train, X_test, _, _ = digits_split
     vae = small_vae(latent_dims=(8, 4, 2), n_epochs=2).fit(X_train)
     assert vae.n_iter_ == 2
-    assert set(vae.history_) == {"loss", "elbo", "reconstruction", "kl", "seconds", "n_batches"}
+    assert set(vae.history_) == {"loss", "objective", "elbo", "reconstruction", "kl", "beta",
+                                 "seconds", "n_batches"}
     kl = np.array(vae.history_["kl"])
     assert kl.shape == (2, 3)
     np.testing.assert_allclose(np.array(vae.history_["reconstruction"]) - kl.sum(axis=1),

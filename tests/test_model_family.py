@@ -214,3 +214,82 @@ def test_ladder_trains_and_pickles():
     clone = pickle.loads(pickle.dumps(model))
     assert clone.inference == "ladder"
     np.testing.assert_array_equal(clone.elbo(X[:20]), model.elbo(X[:20]))
+
+
+# ---- the estimator -----------------------------------------------------------
+
+def test_conditional_digit_samples_are_recognised_as_their_class():
+    from sklearn.linear_model import LogisticRegression
+    from hvae import HierarchicalVAE
+    from hvae.datasets import load_digits
+    X, y = load_digits()
+    vae = HierarchicalVAE(latent_dims=(8,), hidden_dims=(128,), likelihood="bernoulli",
+                          conditional=True, n_epochs=60, batch_size=64, learning_rate=2e-3,
+                          random_state=0, n_threads=1).fit(X, y)
+    assert list(vae.classes_) == list(range(10)) and vae.model_.n_conditions == 10
+    classifier = LogisticRegression(max_iter=2000).fit(X, y)
+    labels = np.repeat(np.arange(10), 30)
+    samples = vae.sample(len(labels), random_state=0, y=labels)
+    accuracy = np.mean(classifier.predict(samples) == labels)
+    print(f"conditional samples recognised: {accuracy:.3f}")
+    assert accuracy >= 0.8, accuracy
+    # One label for every draw works too, and an unseen label is refused.
+    assert np.mean(classifier.predict(vae.sample(20, random_state=1, y=3)) == 3) >= 0.8
+    with pytest.raises(ValueError, match="labels not seen in fit"):
+        vae.sample(2, y=11)
+    with pytest.raises(ValueError, match="fitted with conditions"):
+        vae.transform(X[:3])
+    assert vae.transform(X[:3], y[:3]).shape == (3, 8)
+    assert vae.fit_transform(X[:100], y[:100]).shape == (100, 8)
+
+
+def test_kl_warmup_schedule_is_exactly_as_documented():
+    from hvae import HierarchicalVAE
+    from hvae.datasets import load_digits
+    X = load_digits()[0][:256]
+    vae = HierarchicalVAE(latent_dims=(4,), hidden_dims=(16,), likelihood="bernoulli",
+                          n_epochs=6, beta=0.5, kl_warmup_epochs=4, random_state=0,
+                          n_threads=1).fit(X)
+    assert vae.history_["beta"] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    # The recorded training loss is -(reconstruction - beta * KL) of each epoch.
+    for loss, rec, kl, beta in zip(vae.history_["loss"], vae.history_["reconstruction"],
+                                   vae.history_["kl"], vae.history_["beta"]):
+        assert loss == pytest.approx(-(rec - beta * sum(kl)), rel=1e-9)
+    # Warm-up counts every epoch of a warm-started model.
+    vae.set_params(warm_start=True, n_epochs=1, beta=1.0)
+    vae.fit(X)
+    assert vae.history_["beta"][-1] == 1.0
+
+
+@pytest.mark.parametrize("params", [
+    dict(inference="ladder", latent_dims=(6, 3)),
+    dict(objective="iwae", n_importance_samples=4, latent_dims=(6, 3)),
+    dict(n_mc_samples=3, free_bits=0.5),
+])
+def test_estimator_variants_train_and_report(params):
+    from hvae import HierarchicalVAE
+    from hvae.datasets import load_digits
+    X = load_digits()[0]
+    base = dict(hidden_dims=(32,), likelihood="bernoulli", n_epochs=4, batch_size=64,
+                random_state=0, n_threads=1)
+    vae = HierarchicalVAE(**{**base, **params}).fit(X)
+    h = vae.history_
+    assert h["elbo"][-1] > h["elbo"][0]
+    if params.get("objective") == "iwae":
+        assert all(o >= e for o, e in zip(h["objective"], h["elbo"]))
+    units = vae.active_units(X)
+    assert len(units) == len(vae.model_.latent_dims)
+    assert all(0 <= u <= d for u, d in zip(units, vae.model_.latent_dims))
+    ll = vae.log_likelihood(X[:50], n_samples=100)
+    elbo = np.mean([vae.model_.elbo(X[:50], seed=s).mean() for s in range(10)])
+    assert ll.mean() > elbo
+
+
+def test_iwae_parameters_are_validated():
+    from hvae import HierarchicalVAE
+    X = np.random.default_rng(0).random((10, 3))
+    for params in (dict(objective="iwae", beta=0.5), dict(objective="iwae", free_bits=1.0),
+                   dict(objective="iwae", kl_warmup_epochs=3), dict(objective="vi"),
+                   dict(n_importance_samples=0), dict(inference="top-down")):
+        with pytest.raises(ValueError):
+            HierarchicalVAE(**params).fit(X)
