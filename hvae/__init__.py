@@ -2,12 +2,14 @@
 
 :class:`HierarchicalVAE` is the scikit-learn estimator; :class:`Model` is the
 low-level model whose parameters live in C buffers; :mod:`hvae.datasets`
-loads the bundled and on-disk data sets without downloading anything.
+loads the bundled and on-disk data sets without downloading anything;
+:func:`load` reads a model written by :meth:`HierarchicalVAE.save`.
 """
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
 from .estimator import HierarchicalVAE
+from .file_format import load
 
 __version__ = "0.1.0"
 
 __all__ = ["DivergenceError", "HierarchicalVAE", "Model", "blas_info", "get_num_threads",
-           "set_num_threads", "__version__"]
+           "load", "set_num_threads", "__version__"]
