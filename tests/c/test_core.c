@@ -1,0 +1,881 @@
+/*
+ * test_core.c -- C-only tests of hvae's core through its public header,
+ * without Python. Built with the plain-C GEMM (-DHVAE_NO_BLAS) so that it
+ * runs cleanly under valgrind (tools/valgrind.sh) and under AddressSanitizer
+ * and UndefinedBehaviorSanitizer (tools/sanitize.sh):
+ *
+ *   cc -std=c11 -O1 -g -DHVAE_NO_BLAS -Icsrc tests/c/test_core.c \
+ *      <every csrc .c file but hvaemodule.c> -lm -o test_core && ./test_core
+ *
+ * Covers every constructor and its destructor, every status a caller can
+ * provoke (invalid configurations, impossible sizes, bad data, a batch
+ * larger than the workspace, a stopping hook, a diverging step), and checks
+ * results: finite outputs, a loss that decreases, bit-identical reruns,
+ * chunking invariance, a gradient against finite differences. The last line
+ * is "N passed, M failed"; the exit status is 1 when a check failed.
+ */
+#include "hvae.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int n_passed, n_failed;
+static const char *current_test = "";
+
+#define CHECK(cond)                                                          \
+    do {                                                                     \
+        if (cond) {                                                          \
+            n_passed++;                                                      \
+        } else {                                                             \
+            n_failed++;                                                      \
+            printf("FAIL %s (%s:%d): %s\n", current_test, __FILE__,          \
+                   __LINE__, #cond);                                         \
+        }                                                                    \
+    } while (0)
+
+#define CHECK_STATUS(call, expected)                                         \
+    do {                                                                     \
+        hvae_status st_ = (call);                                            \
+        if (st_ == (expected)) {                                             \
+            n_passed++;                                                      \
+        } else {                                                             \
+            n_failed++;                                                      \
+            printf("FAIL %s (%s:%d): %s returned %d (%s), expected %s\n",    \
+                   current_test, __FILE__, __LINE__, #call, (int)st_,        \
+                   hvae_status_to_string(st_), #expected);                   \
+        }                                                                    \
+    } while (0)
+
+static int all_finite_f(const float *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i]))
+            return 0;
+    return 1;
+}
+
+static int all_finite_d(const double *v, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i]))
+            return 0;
+    return 1;
+}
+
+/* Synthetic data in [0, 1]: two prototypes with noise, so there is
+ * structure to learn. */
+static float *make_data(int64_t n, int64_t D, uint64_t seed)
+{
+    float *x = malloc((size_t)(n * D) * sizeof(float));
+    hvae_rng rng;
+    hvae_rng_seed(&rng, seed);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < D; j++) {
+            float base = ((i % 2) ? (j < D / 2) : (j >= D / 2)) ? 0.9f : 0.1f;
+            float u = (float)(hvae_rng_next(&rng) >> 40) * 0x1.0p-24f;
+            x[i * D + j] = base * 0.8f + 0.2f * u;
+        }
+    return x;
+}
+
+typedef struct {
+    hvae_model *model;
+    hvae_workspace *ws;
+} fixture;
+
+static hvae_status make_model(fixture *f, int64_t D, int32_t T,
+                              const int64_t *latent, int32_t H,
+                              const int64_t *hidden, hvae_likelihood lik,
+                              hvae_activation act, int64_t max_rows,
+                              uint64_t seed)
+{
+    hvae_config cfg = hvae_config_default(D, T, latent, H, hidden);
+    cfg.likelihood = lik;
+    cfg.activation = act;
+    f->model = NULL;
+    f->ws = NULL;
+    hvae_status st = hvae_model_create(&cfg, &f->model);
+    if (st != HVAE_OK)
+        return st;
+    hvae_model_init(f->model, seed);
+    st = hvae_workspace_create(f->model, max_rows, &f->ws);
+    if (st != HVAE_OK) {
+        hvae_model_free(f->model);
+        f->model = NULL;
+    }
+    return st;
+}
+
+static void free_model(fixture *f)
+{
+    hvae_workspace_free(f->ws);
+    hvae_model_free(f->model);
+    f->ws = NULL;
+    f->model = NULL;
+}
+
+/* ---- tests --------------------------------------------------------------- */
+
+static void test_status_strings(void)
+{
+    current_test = "status_strings";
+    for (int s = HVAE_OK; s <= HVAE_ERR_BATCH_TOO_LARGE; s++) {
+        const char *text = hvae_status_to_string((hvae_status)s);
+        CHECK(text != NULL && strlen(text) > 0 && strcmp(text, "unknown status") != 0);
+    }
+    CHECK(strcmp(hvae_status_to_string((hvae_status)999), "unknown status") == 0);
+    CHECK(hvae_blas_info() != NULL);
+    hvae_set_num_threads(1);
+    CHECK(hvae_get_num_threads() >= 1);
+}
+
+static void test_invalid_configs(void)
+{
+    current_test = "invalid_configs";
+    int64_t latent[2] = {4, 2}, hidden[2] = {8, 8}, zero[1] = {0}, neg[1] = {-3};
+    int64_t big[1] = {(int64_t)INT_MAX + 1};
+    hvae_model *m = (hvae_model *)&m; /* must be reset to NULL on failure */
+    hvae_config ok = hvae_config_default(5, 2, latent, 2, hidden);
+    hvae_config c;
+
+    CHECK_STATUS(hvae_model_create(NULL, &m), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_model_create(&ok, NULL), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_features = 0;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL);
+    c = ok; c.n_features = -1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_features = (int64_t)INT_MAX + 1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_layers = 0;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_layers = HVAE_MAX_LAYERS + 1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.latent_dims = NULL;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_layers = 1; c.latent_dims = zero;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_layers = 1; c.latent_dims = big;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_hidden = 1; c.hidden_dims = neg;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_hidden = -1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.n_hidden = HVAE_MAX_HIDDEN + 1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.hidden_dims = NULL;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.likelihood = (hvae_likelihood)7;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.activation = (hvae_activation)-1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.activation = (hvae_activation)99;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.decoder_variance = (hvae_decoder_variance)5;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL);
+
+    /* Destructors accept NULL. */
+    hvae_model_free(NULL);
+    hvae_workspace_free(NULL);
+    hvae_optimizer_free(NULL);
+    CHECK(1);
+}
+
+static void test_impossible_sizes(void)
+{
+    current_test = "impossible_sizes";
+    /* Sizes whose products overflow int64 or size_t: a status, no crash. */
+    int64_t latent[1] = {INT_MAX}, hidden[HVAE_MAX_HIDDEN];
+    for (int j = 0; j < HVAE_MAX_HIDDEN; j++)
+        hidden[j] = INT_MAX;
+    hvae_config c = hvae_config_default(INT_MAX, 1, latent, HVAE_MAX_HIDDEN, hidden);
+    hvae_model *m = NULL;
+    hvae_status st = hvae_model_create(&c, &m);
+    CHECK(st == HVAE_ERR_SIZE_OVERFLOW || st == HVAE_ERR_OUT_OF_MEMORY);
+    CHECK(m == NULL);
+
+    /* Large but representable: 4e10 parameters (160 GB per buffer) is
+     * refused by the allocator. */
+    int64_t wide[2] = {200000, 200000}, small[1] = {2};
+    c = hvae_config_default(4, 1, small, 2, wide);
+    st = hvae_model_create(&c, &m);
+    CHECK(st == HVAE_ERR_OUT_OF_MEMORY || st == HVAE_ERR_SIZE_OVERFLOW);
+    CHECK(m == NULL);
+
+    /* A workspace for an absurd number of rows. */
+    fixture f;
+    int64_t l2[1] = {2}, h2[1] = {4};
+    CHECK_STATUS(make_model(&f, 3, 1, l2, 1, h2, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_RELU, 4, 0), HVAE_OK);
+    hvae_workspace *ws = (hvae_workspace *)&ws;
+    CHECK(hvae_workspace_bytes(f.model, 0) == 0);
+    CHECK(hvae_workspace_bytes(f.model, -5) == 0);
+    CHECK(hvae_workspace_bytes(f.model, INT64_MAX) == 0);
+    CHECK(hvae_workspace_bytes(f.model, 10) > 0);
+    CHECK_STATUS(hvae_workspace_create(f.model, 0, &ws), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_workspace_create(NULL, 4, &ws), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_workspace_create(f.model, 4, NULL), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_workspace_create(f.model, INT64_MAX, &ws), HVAE_ERR_SIZE_OVERFLOW);
+    CHECK(ws == NULL);
+    free_model(&f);
+}
+
+static void test_layout_and_init(void)
+{
+    current_test = "layout_and_init";
+    int64_t latent[2] = {3, 2}, hidden[2] = {7, 5};
+    hvae_config c = hvae_config_default(6, 2, latent, 2, hidden);
+    hvae_model *a = NULL, *b = NULL;
+    CHECK_STATUS(hvae_model_create(&c, &a), HVAE_OK);
+    CHECK_STATUS(hvae_model_create(&c, &b), HVAE_OK);
+    if (!a || !b) {
+        hvae_model_free(a);
+        hvae_model_free(b);
+        return;
+    }
+    /* The config was copied: changing the caller's arrays changes nothing. */
+    latent[0] = 99;
+    CHECK(hvae_model_config(a)->latent_dims[0] == 3);
+
+    int64_t P = hvae_model_n_params(a), next = 0;
+    int32_t nt = hvae_model_n_tensors(a);
+    CHECK(P > 0 && nt > 0);
+    int tiled = 1;
+    for (int32_t t = 0; t < nt; t++) {
+        hvae_tensor_info info;
+        if (hvae_model_tensor(a, t, &info) != HVAE_OK || info.offset != next ||
+            info.name[0] == '\0') {
+            tiled = 0;
+            break;
+        }
+        next += info.cols > 0 ? info.rows * info.cols : info.rows;
+    }
+    CHECK(tiled && next == P);
+    hvae_tensor_info info;
+    CHECK_STATUS(hvae_model_tensor(a, nt, &info), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_model_tensor(a, -1, &info), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_model_tensor(a, 0, NULL), HVAE_ERR_INVALID_ARGUMENT);
+
+    /* Same seed, same parameters; another seed, others; all within the
+     * PyTorch bound 1/sqrt(fan_in) <= 1. */
+    hvae_model_init(a, 123);
+    hvae_model_init(b, 123);
+    CHECK(memcmp(hvae_model_params(a), hvae_model_params(b), (size_t)P * sizeof(float)) == 0);
+    hvae_model_init(b, 124);
+    CHECK(memcmp(hvae_model_params(a), hvae_model_params(b), (size_t)P * sizeof(float)) != 0);
+    int bounded = 1;
+    for (int64_t i = 0; i < P; i++)
+        if (!(fabsf(hvae_model_params(a)[i]) <= 1.0f))
+            bounded = 0;
+    CHECK(bounded);
+    hvae_model_free(a);
+    hvae_model_free(b);
+}
+
+static void test_check_data(void)
+{
+    current_test = "check_data";
+    fixture g, bern;
+    int64_t latent[1] = {2}, hidden[1] = {4};
+    CHECK_STATUS(make_model(&g, 3, 1, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_TANH, 4, 1), HVAE_OK);
+    CHECK_STATUS(make_model(&bern, 3, 1, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
+                            HVAE_ACT_TANH, 4, 1), HVAE_OK);
+    float x[6] = {0.1f, 0.2f, 0.3f, 0.4f, 0.5f, 0.6f};
+    int64_t bad = -1;
+    CHECK_STATUS(hvae_model_check_data(g.model, x, 2, &bad), HVAE_OK);
+    CHECK_STATUS(hvae_model_check_data(bern.model, x, 2, &bad), HVAE_OK);
+    CHECK_STATUS(hvae_model_check_data(g.model, x, 0, &bad), HVAE_OK);
+    x[4] = NAN;
+    CHECK_STATUS(hvae_model_check_data(g.model, x, 2, &bad), HVAE_ERR_NONFINITE_INPUT);
+    CHECK(bad == 4);
+    x[4] = -INFINITY;
+    CHECK_STATUS(hvae_model_check_data(bern.model, x, 2, NULL), HVAE_ERR_NONFINITE_INPUT);
+    x[4] = 0.5f;
+    x[2] = 1.5f;
+    CHECK_STATUS(hvae_model_check_data(g.model, x, 2, &bad), HVAE_OK);
+    CHECK_STATUS(hvae_model_check_data(bern.model, x, 2, &bad), HVAE_ERR_INPUT_RANGE);
+    CHECK(bad == 2);
+    free_model(&g);
+    free_model(&bern);
+}
+
+static void test_evaluation(void)
+{
+    current_test = "evaluation";
+    const int64_t n = 11, D = 6;
+    int64_t latent[2] = {3, 2}, hidden[1] = {8};
+    fixture whole, chunked;
+    CHECK_STATUS(make_model(&whole, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_ELU, n, 7), HVAE_OK);
+    /* A 3-row workspace: every call runs in chunks, with a ragged last one. */
+    CHECK_STATUS(make_model(&chunked, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_ELU, 3, 7), HVAE_OK);
+    float *x = make_data(n, D, 3);
+    double elbo[11], elbo2[11], rec[11], kl[22];
+    CHECK_STATUS(hvae_elbo(whole.model, whole.ws, x, NULL, n, NULL, 5, elbo, rec, kl), HVAE_OK);
+    CHECK(all_finite_d(elbo, n) && all_finite_d(rec, n) && all_finite_d(kl, 2 * n));
+    int sums = 1;
+    for (int64_t i = 0; i < n; i++)
+        if (fabs(elbo[i] - (rec[i] - kl[2 * i] - kl[2 * i + 1])) > 1e-9 * (1 + fabs(elbo[i])))
+            sums = 0;
+    CHECK(sums);
+    /* Rows are evaluated independently: chunking changes no bit. */
+    CHECK_STATUS(hvae_elbo(chunked.model, chunked.ws, x, NULL, n, NULL, 5, elbo2, NULL, NULL),
+                 HVAE_OK);
+    CHECK(memcmp(elbo, elbo2, sizeof elbo) == 0);
+    /* ... and the same noise seed gives the same value; another seed not. */
+    CHECK_STATUS(hvae_elbo(whole.model, whole.ws, x, NULL, n, NULL, 6, elbo2, NULL, NULL), HVAE_OK);
+    CHECK(memcmp(elbo, elbo2, sizeof elbo) != 0);
+    /* Zero rows is a no-op; a workspace of another model is refused. */
+    CHECK_STATUS(hvae_elbo(whole.model, whole.ws, x, NULL, 0, NULL, 5, elbo2, NULL, NULL), HVAE_OK);
+    CHECK_STATUS(hvae_elbo(whole.model, chunked.ws, x, NULL, n, NULL, 5, elbo2, NULL, NULL),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_elbo(whole.model, whole.ws, x, NULL, -1, NULL, 5, elbo2, NULL, NULL),
+                 HVAE_ERR_INVALID_ARGUMENT);
+
+    /* Caller-provided noise: zeros give the same ELBO twice. */
+    float *eps0 = calloc((size_t)(n * 3), sizeof(float)), *eps1 = calloc((size_t)(n * 2), sizeof(float));
+    const float *eps[2] = {eps0, eps1};
+    CHECK_STATUS(hvae_elbo(whole.model, whole.ws, x, NULL, n, eps, 0, elbo, NULL, NULL), HVAE_OK);
+    CHECK_STATUS(hvae_elbo(chunked.model, chunked.ws, x, NULL, n, eps, 0, elbo2, NULL, NULL), HVAE_OK);
+    CHECK(all_finite_d(elbo, n) && memcmp(elbo, elbo2, sizeof elbo) == 0);
+
+    /* encode: finite, chunking-invariant; log-variances clipped. */
+    float mu_a[2][33], lv_a[2][33], mu_b[2][33], lv_b[2][33];
+    float *mu_pa[2] = {mu_a[0], mu_a[1]}, *lv_pa[2] = {lv_a[0], lv_a[1]};
+    float *mu_pb[2] = {mu_b[0], mu_b[1]}, *lv_pb[2] = {lv_b[0], lv_b[1]};
+    CHECK_STATUS(hvae_encode(whole.model, whole.ws, x, NULL, n, mu_pa, lv_pa), HVAE_OK);
+    CHECK_STATUS(hvae_encode(chunked.model, chunked.ws, x, NULL, n, mu_pb, lv_pb), HVAE_OK);
+    CHECK(all_finite_f(mu_a[0], n * 3) && all_finite_f(lv_a[1], n * 2));
+    CHECK(memcmp(mu_a[0], mu_b[0], (size_t)(n * 3) * sizeof(float)) == 0);
+    CHECK(memcmp(lv_a[1], lv_b[1], (size_t)(n * 2) * sizeof(float)) == 0);
+    CHECK_STATUS(hvae_encode(whole.model, whole.ws, x, NULL, n, NULL, NULL), HVAE_OK);
+
+    /* decode: shapes (n, D), finite, log-variance within the clip. */
+    float xm[66], xl[66];
+    CHECK_STATUS(hvae_decode(chunked.model, chunked.ws, mu_a[0], NULL, n, xm, xl), HVAE_OK);
+    CHECK(all_finite_f(xm, n * D));
+    int clipped = 1;
+    for (int64_t k = 0; k < n * D; k++)
+        if (!(fabsf(xl[k]) <= HVAE_LOGVAR_BOUND))
+            clipped = 0;
+    CHECK(clipped);
+
+    /* sample: deterministic in the rng, finite, chunking-invariant. */
+    float s1[66], s2[66];
+    hvae_rng r1, r2;
+    hvae_rng_seed(&r1, 42);
+    hvae_rng_seed(&r2, 42);
+    CHECK_STATUS(hvae_sample(whole.model, whole.ws, &r1, n, NULL, 0, s1), HVAE_OK);
+    CHECK_STATUS(hvae_sample(whole.model, whole.ws, &r2, n, NULL, 0, s2), HVAE_OK);
+    CHECK(all_finite_f(s1, n * D) && memcmp(s1, s2, sizeof s1) == 0);
+    CHECK_STATUS(hvae_sample(whole.model, whole.ws, &r1, n, NULL, 1, s1), HVAE_OK);
+    CHECK(all_finite_f(s1, n * D));
+    CHECK_STATUS(hvae_sample(whole.model, whole.ws, NULL, n, NULL, 0, s1), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_sample(whole.model, whole.ws, &r1, 0, NULL, 0, s1), HVAE_OK);
+
+    free(eps0);
+    free(eps1);
+    free(x);
+    free_model(&whole);
+    free_model(&chunked);
+}
+
+static void test_bernoulli_sampling(void)
+{
+    current_test = "bernoulli_sampling";
+    const int64_t n = 9, D = 5;
+    int64_t latent[1] = {2};
+    fixture f;
+    CHECK_STATUS(make_model(&f, D, 1, latent, 0, NULL, HVAE_LIKELIHOOD_BERNOULLI,
+                            HVAE_ACT_RELU, 4, 2), HVAE_OK);
+    float s[45];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 1);
+    CHECK_STATUS(hvae_sample(f.model, f.ws, &rng, n, NULL, 0, s), HVAE_OK);
+    int in_range = 1, binary = 1;
+    for (int64_t k = 0; k < n * D; k++)
+        if (!(s[k] >= 0.0f && s[k] <= 1.0f))
+            in_range = 0;
+    CHECK(in_range);
+    CHECK_STATUS(hvae_sample(f.model, f.ws, &rng, n, NULL, 1, s), HVAE_OK);
+    for (int64_t k = 0; k < n * D; k++)
+        if (s[k] != 0.0f && s[k] != 1.0f)
+            binary = 0;
+    CHECK(binary);
+    free_model(&f);
+}
+
+/* Loss at the current parameters with fixed noise. */
+static double loss_at(fixture *f, const float *x, int64_t n, const float *const *eps)
+{
+    hvae_epoch_stats stats;
+    hvae_objective_options obj = hvae_objective_options_default();
+    hvae_status st = hvae_loss_and_grad(f->model, f->ws, x, NULL, n, eps, 0, &obj, &stats);
+    return st == HVAE_OK ? stats.loss : NAN;
+}
+
+static void test_gradient(void)
+{
+    current_test = "gradient";
+    const int64_t n = 6, D = 4;
+    int64_t latent[2] = {3, 2}, hidden[1] = {5};
+    fixture f;
+    CHECK_STATUS(make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_TANH, n, 11), HVAE_OK);
+    float *x = make_data(n, D, 5);
+    float eps0[18], eps1[12];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 9);
+    hvae_rng_normal(&rng, eps0, 18);
+    hvae_rng_normal(&rng, eps1, 12);
+    const float *eps[2] = {eps0, eps1};
+    int64_t P = hvae_model_n_params(f.model);
+    float *p = hvae_model_params(f.model);
+    double loss = loss_at(&f, x, n, eps);
+    CHECK(isfinite(loss));
+    float *grad = malloc((size_t)P * sizeof(float));
+    memcpy(grad, hvae_model_grads(f.model), (size_t)P * sizeof(float));
+    CHECK(all_finite_f(grad, P));
+
+    /* Directional derivative along a random direction vs a central
+     * difference. tanh keeps the loss smooth; float32 limits the agreement. */
+    float *dir = malloc((size_t)P * sizeof(float)), *p0 = malloc((size_t)P * sizeof(float));
+    hvae_rng_normal(&rng, dir, P);
+    memcpy(p0, p, (size_t)P * sizeof(float));
+    double analytic = 0.0;
+    for (int64_t i = 0; i < P; i++)
+        analytic += (double)grad[i] * dir[i];
+    const float h = 1e-3f;
+    for (int64_t i = 0; i < P; i++)
+        p[i] = p0[i] + h * dir[i];
+    double up = loss_at(&f, x, n, eps);
+    for (int64_t i = 0; i < P; i++)
+        p[i] = p0[i] - h * dir[i];
+    double down = loss_at(&f, x, n, eps);
+    memcpy(p, p0, (size_t)P * sizeof(float));
+    double numeric = (up - down) / (2.0 * h);
+    double rel = fabs(numeric - analytic) / (fabs(analytic) + 1e-3);
+    printf("gradient: directional derivative %.6g, central difference %.6g, relative difference %.2g\n",
+           analytic, numeric, rel);
+    CHECK(rel < 2e-2);
+
+    /* A zero-row call and a foreign workspace are refused. */
+    hvae_epoch_stats stats;
+    hvae_objective_options obj = hvae_objective_options_default();
+    CHECK_STATUS(hvae_loss_and_grad(f.model, f.ws, x, NULL, 0, NULL, 0, &obj, &stats),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_loss_and_grad(f.model, NULL, x, NULL, n, NULL, 0, &obj, &stats),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    free(grad);
+    free(dir);
+    free(p0);
+    free(x);
+    free_model(&f);
+}
+
+typedef struct {
+    int64_t stop_after;
+    int64_t calls;
+} hook_state;
+
+static int stopping_hook(void *ctx, int64_t batch_index, const hvae_epoch_stats *batch)
+{
+    hook_state *h = ctx;
+    (void)batch_index;
+    h->calls++;
+    return isfinite(batch->loss) && h->calls >= h->stop_after;
+}
+
+/* Trains a fresh model for n_epochs; returns its parameters (malloc'd). */
+static float *train(hvae_optimizer_kind kind, float lr, int n_epochs, double *first,
+                    double *last, hvae_status *status)
+{
+    const int64_t n = 64, D = 8;
+    int64_t latent[2] = {4, 2}, hidden[1] = {16};
+    fixture f;
+    *status = make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
+                         HVAE_ACT_RELU, 16, 3);
+    if (*status != HVAE_OK)
+        return NULL;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.kind = kind;
+    oc.learning_rate = lr;
+    hvae_optimizer *opt = NULL;
+    *status = hvae_optimizer_create(f.model, &oc, &opt);
+    float *x = make_data(n, D, 1);
+    int64_t *order = malloc((size_t)n * sizeof(int64_t));
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 77);
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 16;
+    for (int e = 0; e < n_epochs && *status == HVAE_OK; e++) {
+        hvae_epoch_stats stats;
+        *status = hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats);
+        if (e == 0)
+            *first = stats.elbo;
+        *last = stats.elbo;
+    }
+    int64_t P = hvae_model_n_params(f.model);
+    float *params = malloc((size_t)P * sizeof(float));
+    memcpy(params, hvae_model_params(f.model), (size_t)P * sizeof(float));
+    hvae_optimizer_free(opt);
+    free(order);
+    free(x);
+    free_model(&f);
+    return params;
+}
+
+static void test_training(void)
+{
+    current_test = "training";
+    double first = NAN, last = NAN, first2, last2;
+    hvae_status st, st2;
+    float *a = train(HVAE_OPTIMIZER_ADAM, 1e-2f, 30, &first, &last, &st);
+    float *b = train(HVAE_OPTIMIZER_ADAM, 1e-2f, 30, &first2, &last2, &st2);
+    CHECK(st == HVAE_OK && st2 == HVAE_OK);
+    printf("training: ELBO %.3f after one epoch, %.3f after 30\n", first, last);
+    CHECK(isfinite(first) && isfinite(last) && last > first + 0.2);
+    /* Bit-identical reruns. */
+    int64_t latent[2] = {4, 2}, hidden[1] = {16};
+    hvae_config c = hvae_config_default(8, 2, latent, 1, hidden);
+    c.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
+    hvae_model *probe = NULL;
+    CHECK_STATUS(hvae_model_create(&c, &probe), HVAE_OK);
+    int64_t P = probe ? hvae_model_n_params(probe) : 0;
+    hvae_model_free(probe);
+    CHECK(a && b && memcmp(a, b, (size_t)P * sizeof(float)) == 0);
+    CHECK(a && all_finite_f(a, P));
+    free(a);
+    free(b);
+
+    float *s = train(HVAE_OPTIMIZER_SGD, 0.05f, 30, &first, &last, &st);
+    CHECK(st == HVAE_OK && isfinite(last) && last > first);
+    free(s);
+}
+
+static void test_training_errors(void)
+{
+    current_test = "training_errors";
+    const int64_t n = 20, D = 5;
+    int64_t latent[1] = {2}, hidden[1] = {6};
+    fixture f;
+    CHECK_STATUS(make_model(&f, D, 1, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_RELU, 4, 0), HVAE_OK);
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    hvae_optimizer *opt = (hvae_optimizer *)&opt;
+    oc.learning_rate = 0.0f;
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(opt == NULL);
+    oc.learning_rate = NAN;
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_ERR_INVALID_ARGUMENT);
+    oc = hvae_optimizer_config_default();
+    oc.beta1 = 1.0f;
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_ERR_INVALID_ARGUMENT);
+    oc = hvae_optimizer_config_default();
+    oc.kind = (hvae_optimizer_kind)3;
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_optimizer_create(NULL, &oc, &opt), HVAE_ERR_INVALID_ARGUMENT);
+    oc = hvae_optimizer_config_default();
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_OK);
+    hvae_optimizer_config bad = oc;
+    bad.weight_decay = -1.0f;
+    CHECK_STATUS(hvae_optimizer_configure(opt, &bad), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(hvae_optimizer_get_config(opt)->weight_decay == 0.0f);
+
+    float *x = make_data(n, D, 2);
+    int64_t order[20];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 5);
+    hvae_train_options to = hvae_train_options_default();
+    hvae_epoch_stats stats;
+
+    /* More rows per batch than the workspace holds. */
+    to.batch_size = 5;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_ERR_BATCH_TOO_LARGE);
+    to.batch_size = 0;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    to.batch_size = 4;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, NULL, &to, &stats),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, 0, order, &to, &stats),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(*hvae_optimizer_step_count(opt) == 0);
+
+    /* A hook that stops after two minibatches: two steps were applied. */
+    hook_state hs = {2, 0};
+    to.hook = stopping_hook;
+    to.hook_ctx = &hs;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_ERR_STOPPED);
+    CHECK(stats.n_batches == 2 && hs.calls == 2);
+    CHECK(*hvae_optimizer_step_count(opt) == 2);
+    CHECK(isfinite(stats.elbo));
+    to.hook = NULL;
+
+    /* Switching the optimizer kind resets its state. */
+    hvae_optimizer_config sgd = oc;
+    sgd.kind = HVAE_OPTIMIZER_SGD;
+    CHECK_STATUS(hvae_optimizer_configure(opt, &sgd), HVAE_OK);
+    CHECK(*hvae_optimizer_step_count(opt) == 0);
+    CHECK(hvae_optimizer_state(opt, 1) == NULL && hvae_optimizer_state(opt, 0) != NULL);
+    CHECK_STATUS(hvae_optimizer_configure(opt, &oc), HVAE_OK);
+
+    /* Divergence: a huge step makes a later loss non-finite. That step is
+     * not applied, so the parameters stay finite. */
+    for (int64_t i = 0; i < n * D; i++)
+        x[i] *= 1e4f;
+    hvae_optimizer_config huge = oc;
+    huge.learning_rate = 1e6f;
+    CHECK_STATUS(hvae_optimizer_configure(opt, &huge), HVAE_OK);
+    hvae_status st = HVAE_OK;
+    for (int e = 0; e < 50 && st == HVAE_OK; e++)
+        st = hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats);
+    CHECK(st == HVAE_ERR_NONFINITE_LOSS);
+    CHECK(all_finite_f(hvae_model_params(f.model), hvae_model_n_params(f.model)));
+
+    hvae_optimizer_free(opt);
+    free(x);
+    free_model(&f);
+}
+
+static void test_optimizer_formulas(void)
+{
+    current_test = "optimizer_formulas";
+    /* One Adam step from zero moments moves each parameter by about lr
+     * against the sign of its gradient (m_hat / sqrt(v_hat) = sign(g)). */
+    float p[4] = {1.0f, -1.0f, 0.5f, 0.0f}, g[4] = {0.3f, -2.0f, 1e-3f, 5.0f};
+    float m[4] = {0}, v[4] = {0};
+    hvae_adam_update(p, g, m, v, 4, 0.01f, 0.9f, 0.999f, 1e-8f, 0.0f, 1);
+    CHECK(fabsf(p[0] - 0.99f) < 1e-5f && fabsf(p[1] + 0.99f) < 1e-5f);
+    CHECK(fabsf(p[2] - 0.49f) < 1e-4f && fabsf(p[3] + 0.01f) < 1e-5f);
+    /* SGD with momentum, PyTorch's form. */
+    float q[2] = {1.0f, 2.0f}, gq[2] = {0.5f, -1.0f}, buf[2] = {0.1f, 0.2f};
+    hvae_sgd_update(q, gq, buf, 2, 0.1f, 0.9f, 0.0f);
+    CHECK(fabsf(buf[0] - 0.59f) < 1e-6f && fabsf(q[0] - (1.0f - 0.059f)) < 1e-6f);
+    CHECK(fabsf(buf[1] + 0.82f) < 1e-6f && fabsf(q[1] - (2.0f + 0.082f)) < 1e-6f);
+}
+
+static void test_rng(void)
+{
+    current_test = "rng";
+    hvae_rng a, b;
+    hvae_rng_seed(&a, 2024);
+    hvae_rng_seed(&b, 2024);
+    CHECK(hvae_rng_next(&a) == hvae_rng_next(&b));
+    int64_t perm[1000];
+    char seen[1000] = {0};
+    hvae_rng_permutation(&a, perm, 1000);
+    int ok = 1;
+    for (int i = 0; i < 1000; i++) {
+        if (perm[i] < 0 || perm[i] >= 1000 || seen[perm[i]])
+            ok = 0;
+        else
+            seen[perm[i]] = 1;
+    }
+    CHECK(ok);
+    hvae_rng_permutation(&a, perm, 0);
+    hvae_rng_permutation(&a, perm, 1);
+    CHECK(perm[0] == 0);
+    /* Normal draws: mean ~ 0, variance ~ 1 (odd n exercises the tail). */
+    enum { N = 20001 };
+    float *z = malloc(N * sizeof(float));
+    hvae_rng_normal(&a, z, N);
+    double s = 0, s2 = 0;
+    for (int i = 0; i < N; i++) {
+        s += z[i];
+        s2 += (double)z[i] * z[i];
+    }
+    double mean = s / N, var = s2 / N - mean * mean;
+    CHECK(all_finite_f(z, N) && fabs(mean) < 0.05 && fabs(var - 1.0) < 0.05);
+    free(z);
+}
+
+static void test_kernels(void)
+{
+    current_test = "kernels";
+    /* Dense forward against a naive loop, with a ragged shape. */
+    enum { B = 3, I = 5, O = 7 };
+    float inp[B * I], w[I * O], bias[O], out[B * O];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 8);
+    hvae_rng_normal(&rng, inp, B * I);
+    hvae_rng_normal(&rng, w, I * O);
+    hvae_rng_normal(&rng, bias, O);
+    hvae_dense_forward(out, inp, w, bias, HVAE_ACT_IDENTITY, B, I, O);
+    double worst = 0;
+    for (int b = 0; b < B; b++)
+        for (int o = 0; o < O; o++) {
+            double ref = bias[o];
+            for (int i = 0; i < I; i++)
+                ref += (double)inp[b * I + i] * w[i * O + o];
+            worst = fmax(worst, fabs(ref - out[b * O + o]));
+        }
+    CHECK(worst < 1e-5);
+    hvae_dense_forward(out, inp, w, bias, HVAE_ACT_RELU, B, I, O);
+    int relu = 1;
+    for (int k = 0; k < B * O; k++)
+        if (out[k] < 0.0f)
+            relu = 0;
+    CHECK(relu);
+    /* KL of a distribution with itself is 0; with the standard normal
+     * prior, KL(N(0,1) || N(0,1)) is 0 as well. */
+    float mu[4] = {0.3f, -1.0f, 0.0f, 2.0f}, lv[4] = {0.1f, -0.5f, 0.0f, 1.0f};
+    float zero[4] = {0};
+    double kl[2];
+    hvae_gaussian_kl_forward(kl, mu, lv, mu, lv, 2, 2);
+    CHECK(fabs(kl[0]) < 1e-6 && fabs(kl[1]) < 1e-6);
+    hvae_gaussian_kl_forward(kl, zero, zero, NULL, NULL, 2, 2);
+    CHECK(fabs(kl[0]) < 1e-6 && fabs(kl[1]) < 1e-6);
+    /* Bernoulli log-likelihood at logits 0 is D log(1/2). */
+    float xb[3] = {0.0f, 1.0f, 0.5f}, logits[3] = {0};
+    double ll;
+    hvae_bernoulli_loglik_forward(&ll, xb, logits, 1, 3);
+    CHECK(fabs(ll - 3.0 * log(0.5)) < 1e-5);
+}
+
+static void test_variants(void)
+{
+    current_test = "variants";
+    /* Ladder inference, a conditional model and the IWAE objective: every
+     * entry point once, results finite, training runs. */
+    const int64_t n = 10, D = 5, C = 2;
+    int64_t latent[2] = {3, 2}, hidden[1] = {6};
+    for (int variant = 0; variant < 4; variant++) {
+        hvae_config cfg = hvae_config_default(D, 2, latent, 1, hidden);
+        cfg.inference = variant & 1 ? HVAE_INFERENCE_LADDER : HVAE_INFERENCE_MARKOV;
+        cfg.n_conditions = variant & 2 ? C : 0;
+        hvae_model *m = NULL;
+        hvae_workspace *ws = NULL;
+        hvae_optimizer *opt = NULL;
+        CHECK_STATUS(hvae_model_create(&cfg, &m), HVAE_OK);
+        if (!m)
+            continue;
+        hvae_model_init(m, (uint64_t)variant);
+        CHECK_STATUS(hvae_workspace_create(m, 8, &ws), HVAE_OK);
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        CHECK_STATUS(hvae_optimizer_create(m, &oc, &opt), HVAE_OK);
+        if (!ws || !opt) {
+            hvae_optimizer_free(opt);
+            hvae_workspace_free(ws);
+            hvae_model_free(m);
+            continue;
+        }
+        float *x = make_data(n, D, 4);
+        float *cond = NULL;
+        if (cfg.n_conditions) {
+            cond = malloc((size_t)(n * C) * sizeof(float));
+            for (int64_t k = 0; k < n * C; k++)
+                cond[k] = (float)(k % 3) - 1.0f;
+        }
+        double elbo[10], ll[10];
+        CHECK_STATUS(hvae_elbo(m, ws, x, cond, n, NULL, 1, elbo, NULL, NULL), HVAE_OK);
+        CHECK(all_finite_d(elbo, n));
+        CHECK_STATUS(hvae_log_likelihood(m, ws, x, cond, n, 5, 1, ll), HVAE_OK);
+        CHECK(all_finite_d(ll, n));
+        CHECK_STATUS(hvae_log_likelihood(m, ws, x, cond, n, 0, 1, ll), HVAE_ERR_INVALID_ARGUMENT);
+        if (cfg.n_conditions)
+            CHECK_STATUS(hvae_elbo(m, ws, x, NULL, n, NULL, 1, elbo, NULL, NULL),
+                         HVAE_ERR_INVALID_ARGUMENT);
+
+        hvae_epoch_stats stats;
+        hvae_objective_options obj = hvae_objective_options_default();
+        obj.objective = HVAE_OBJECTIVE_IWAE;
+        obj.n_samples = 3;
+        CHECK_STATUS(hvae_loss_and_grad(m, ws, x, cond, n, NULL, 2, &obj, &stats), HVAE_OK);
+        CHECK(isfinite(stats.loss) && all_finite_f(hvae_model_grads(m), hvae_model_n_params(m)));
+        obj.n_samples = 0;
+        CHECK_STATUS(hvae_loss_and_grad(m, ws, x, cond, n, NULL, 2, &obj, &stats),
+                     HVAE_ERR_INVALID_ARGUMENT);
+
+        int64_t order[10];
+        hvae_rng rng;
+        hvae_rng_seed(&rng, 3);
+        hvae_train_options to = hvae_train_options_default();
+        to.batch_size = 2;
+        to.objective.objective = variant == 3 ? HVAE_OBJECTIVE_IWAE : HVAE_OBJECTIVE_ELBO;
+        to.objective.n_samples = 4;
+        to.objective.free_bits = variant == 2 ? 0.5f : 0.0f;
+        hvae_status st = HVAE_OK;
+        for (int e = 0; e < 3 && st == HVAE_OK; e++)
+            st = hvae_train_epoch(m, ws, opt, &rng, x, cond, n, order, &to, &stats);
+        CHECK(st == HVAE_OK && isfinite(stats.loss) && stats.n_rows == n);
+        /* batch_size * n_samples above the workspace's rows is refused. */
+        to.batch_size = 3;
+        CHECK_STATUS(hvae_train_epoch(m, ws, opt, &rng, x, cond, n, order, &to, &stats),
+                     HVAE_ERR_BATCH_TOO_LARGE);
+
+        float mu0[30], mu1[20], lv0[30], lv1[20], xm[50], s[50];
+        float *mu[2] = {mu0, mu1}, *lv[2] = {lv0, lv1};
+        CHECK_STATUS(hvae_encode(m, ws, x, cond, n, mu, lv), HVAE_OK);
+        CHECK(all_finite_f(mu0, 30) && all_finite_f(lv1, 20));
+        CHECK_STATUS(hvae_decode(m, ws, mu0, cond, n, xm, NULL), HVAE_OK);
+        CHECK(all_finite_f(xm, n * D));
+        CHECK_STATUS(hvae_sample(m, ws, &rng, n, cond, 1, s), HVAE_OK);
+        CHECK(all_finite_f(s, n * D));
+        free(cond);
+        free(x);
+        hvae_optimizer_free(opt);
+        hvae_workspace_free(ws);
+        hvae_model_free(m);
+    }
+}
+
+static void test_many_models(void)
+{
+    current_test = "many_models";
+    /* Create, use and free many models and workspaces: leaks show up under
+     * valgrind and AddressSanitizer's leak checker. */
+    int64_t latent[2] = {3, 2}, hidden[2] = {8, 4};
+    float *x = make_data(4, 6, 0);
+    double elbo[4];
+    int ok = 1;
+    for (int k = 0; k < 200; k++) {
+        fixture f;
+        hvae_likelihood lik = k % 2 ? HVAE_LIKELIHOOD_BERNOULLI : HVAE_LIKELIHOOD_GAUSSIAN;
+        if (make_model(&f, 6, 1 + k % 2, latent, k % 3, hidden, lik,
+                       (hvae_activation)(k % 5), 1 + k % 4, (uint64_t)k) != HVAE_OK) {
+            ok = 0;
+            break;
+        }
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        hvae_optimizer *opt = NULL;
+        if (hvae_optimizer_create(f.model, &oc, &opt) != HVAE_OK ||
+            hvae_elbo(f.model, f.ws, x, NULL, 4, NULL, 0, elbo, NULL, NULL) != HVAE_OK ||
+            !all_finite_d(elbo, 4))
+            ok = 0;
+        hvae_optimizer_free(opt);
+        free_model(&f);
+    }
+    CHECK(ok);
+    free(x);
+}
+
+int main(void)
+{
+    test_status_strings();
+    test_invalid_configs();
+    test_impossible_sizes();
+    test_layout_and_init();
+    test_check_data();
+    test_evaluation();
+    test_bernoulli_sampling();
+    test_gradient();
+    test_training();
+    test_training_errors();
+    test_optimizer_formulas();
+    test_rng();
+    test_kernels();
+    test_variants();
+    test_many_models();
+    printf("%d passed, %d failed\n", n_passed, n_failed);
+    return n_failed ? 1 : 0;
+}
