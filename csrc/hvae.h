@@ -38,10 +38,13 @@
  *   hvae_optimizer_config oc = hvae_optimizer_config_default();
  *   hvae_optimizer_create(model, &oc, &opt);
  *   hvae_rng_seed(&rng, 42);
- *   hvae_train_options to = hvae_train_options_default();
+ *   hvae_train_options to = hvae_train_options_default();  // batch 128, ELBO
  *   hvae_epoch_stats stats;
+ *   int64_t *order = malloc(n_rows * sizeof *order);  // shuffling scratch
  *   for (int e = 0; e < 10; e++)
- *       hvae_train_epoch(model, ws, opt, &rng, X, n_rows, &to, &stats);
+ *       hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to, &stats);
+ *   double *ll = malloc(n_rows * sizeof *ll);
+ *   hvae_log_likelihood(model, ws, X, NULL, n_rows, 1000, 0, ll);
  *   hvae_optimizer_free(opt); hvae_workspace_free(ws); hvae_model_free(model);
  *
  * Ownership: every *_create has a matching *_free; buffers returned by
