@@ -470,7 +470,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         records = []          # every epoch record, in order, kept by Model.fit
         n_recorded = 0        # how many of them are in history_ already
         best_elbo, best_parameters, n_stale = -np.inf, None, 0
-        progress = bar = self._progress_bar(X.shape[0]) if self.verbose >= 1 else None
+        bar = self._progress_bar(X.shape[0]) if self.verbose >= 1 else None
         try:
             # One Model.fit call per epoch, so that validation and callbacks
             # run between calls and may use the model (it serves one call at
@@ -483,7 +483,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                                 learning_rate=self.learning_rate, optimizer=self.optimizer,
                                 beta=beta, weight_decay=self.weight_decay,
                                 shuffle=self.shuffle, history=records,
-                                progress=bar.update if progress else None,
+                                progress=bar.update if bar is not None else None,
                                 objective=self.objective,
                                 n_samples=self.n_importance_samples if iwae else self.n_mc_samples,
                                 free_bits=self.free_bits, cond=C)
