@@ -207,3 +207,19 @@ def test_plots_need_a_fitted_model():
         plot_history(HierarchicalVAE())
     with pytest.raises(NotFittedError):
         plot_samples(HierarchicalVAE())
+
+
+@pytest.mark.parametrize("draw", [
+    lambda vae, X, y: plot_history(vae),
+    lambda vae, X, y: plot_samples(vae, 4),
+    lambda vae, X, y: plot_reconstructions(vae, X, n=3),
+    lambda vae, X, y: plot_latent(vae, X[:30], y[:30]),
+    lambda vae, X, y: plot_interpolation(vae, X[0], X[1]),
+], ids=["history", "samples", "reconstructions", "latent", "interpolation"])
+def test_every_plot_returns_its_figure(vae, digits, draw):
+    X, y = digits
+    fig = draw(vae, X, y)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert fig.axes and all(ax.figure is fig for ax in fig.axes)
+    # Drawn through pyplot, so that Jupyter and plt.show() display it.
+    assert fig.number in plt.get_fignums()
