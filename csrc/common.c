@@ -19,6 +19,8 @@ const char *hvae_status_to_string(hvae_status status)
         return "the loss or its gradient became NaN or infinite";
     case HVAE_ERR_STOPPED: return "training was stopped";
     case HVAE_ERR_BATCH_TOO_LARGE: return "more rows than the workspace holds";
+    case HVAE_ERR_INPUT_MAGNITUDE:
+        return "the data hold values beyond +-1e12, too large for float32 training";
     }
     return "unknown status";
 }

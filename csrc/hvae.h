@@ -89,7 +89,8 @@ typedef enum {
     HVAE_ERR_NONFINITE_LOSS = 6,   /* loss or gradient became NaN/inf; the
                                       step was not applied */
     HVAE_ERR_STOPPED = 7,          /* the batch hook asked to stop */
-    HVAE_ERR_BATCH_TOO_LARGE = 8   /* more rows than the workspace holds */
+    HVAE_ERR_BATCH_TOO_LARGE = 8,  /* more rows than the workspace holds */
+    HVAE_ERR_INPUT_MAGNITUDE = 9   /* data beyond +-HVAE_MAX_ABS_INPUT */
 } hvae_status;
 
 /* A static, human-readable description of a status code. */
@@ -340,7 +341,12 @@ HVAE_API hvae_status hvae_model_tensor(const hvae_model *model, int32_t index,
  * [-1/sqrt(n_in), 1/sqrt(n_in)], drawn from an hvae_rng seeded with seed. */
 HVAE_API void hvae_model_init(hvae_model *model, uint64_t seed);
 
-/* Checks that x (n, D) is finite and, for a Bernoulli likelihood, in [0, 1].
+/* Data of larger magnitude are refused: their squares, scaled by a variance
+ * as small as exp(-20), would overflow float32. */
+#define HVAE_MAX_ABS_INPUT 1e12f
+
+/* Checks that x (n, D) is finite, within +-HVAE_MAX_ABS_INPUT and, for a
+ * Bernoulli likelihood, in [0, 1].
  * On failure *bad_index (if not NULL) receives the flat index of the first
  * offending value. */
 HVAE_API hvae_status hvae_model_check_data(const hvae_model *model,
@@ -517,6 +523,9 @@ HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       int64_t n, int64_t *order,
                                       const hvae_train_options *options,
                                       hvae_epoch_stats *stats);
+
+/* 1 when all n values are finite. */
+HVAE_API int hvae_all_finite(const float *v, int64_t n);
 
 /* ------------------------------------------------------------------------ */
 /* BLAS threads: the most hvae's matrix products may use (process-wide for  */

@@ -57,6 +57,27 @@ static int parse_choice(const char *what, const char *value,
     return -1;
 }
 
+/* O& converter: an int in 0..2**64 - 1 (seeds, generator words); anything
+ * else is refused instead of wrapping. */
+static int u64_converter(PyObject *obj, void *out)
+{
+    PyObject *index = PyNumber_Index(obj); /* ints and NumPy integers */
+    if (!index) {
+        PyErr_Format(PyExc_TypeError, "a seed must be an int; got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(index);
+    Py_DECREF(index);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "a seed must be an int in [0, 2**64); got %R", obj);
+        return 0;
+    }
+    *(unsigned long long *)out = v;
+    return 1;
+}
+
 static double now_seconds(void)
 {
     struct timespec ts;
@@ -193,6 +214,25 @@ static PyArrayObject *as_matrix(PyObject *obj, int64_t cols, const char *name)
     return arr;
 }
 
+/* as_matrix, then refuses NaN and infinity (inputs that are not data rows:
+ * latent codes, noise, conditions). */
+static PyArrayObject *as_finite_matrix(PyObject *obj, int64_t cols, const char *name)
+{
+    PyArrayObject *arr = as_matrix(obj, cols, name);
+    if (!arr)
+        return NULL;
+    const float *v = PyArray_DATA(arr);
+    int bad = 0;
+    for (npy_intp k = 0; k < PyArray_SIZE(arr); k++)
+        bad |= !(v[k] - v[k] == 0.0f);
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "%s contains NaN or infinity", name);
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
 /* Raises the ValueError for a failed hvae_model_check_data. */
 static void raise_bad_data(ModelObject *self, hvae_status st, PyArrayObject *x,
                            int64_t bad, const char *name)
@@ -205,6 +245,11 @@ static void raise_bad_data(ModelObject *self, hvae_status st, PyArrayObject *x,
         PyErr_Format(PyExc_ValueError,
                      "%s contains NaN or infinity (first at row %lld, column "
                      "%lld)", name, (long long)(bad / D), (long long)(bad % D));
+    else if (st == HVAE_ERR_INPUT_MAGNITUDE)
+        PyErr_Format(PyExc_ValueError,
+                     "%s has values beyond +-1e12 (%s[%lld, %lld] = %s), too large "
+                     "for float32 training; rescale the data", name, name,
+                     (long long)(bad / D), (long long)(bad % D), text);
     else
         PyErr_Format(PyExc_ValueError,
                      "%s has values outside [0, 1] (%s[%lld, %lld] = %s), but the "
@@ -254,7 +299,7 @@ static int as_cond(ModelObject *self, PyObject *obj, int64_t n, PyArrayObject **
                         "(n_conditions=0); cond must be None");
         return -1;
     }
-    PyArrayObject *c = as_matrix(obj, C, "cond");
+    PyArrayObject *c = as_finite_matrix(obj, C, "cond");
     if (!c)
         return -1;
     if (PyArray_DIM(c, 0) != n) {
@@ -262,14 +307,6 @@ static int as_cond(ModelObject *self, PyObject *obj, int64_t n, PyArrayObject **
                      "samples", (Py_ssize_t)PyArray_DIM(c, 0), (long long)n);
         Py_DECREF(c);
         return -1;
-    }
-    const float *v = PyArray_DATA(c);
-    for (npy_intp k = 0; k < PyArray_SIZE(c); k++) {
-        if (!isfinite(v[k])) {
-            PyErr_SetString(PyExc_ValueError, "cond contains NaN or infinity");
-            Py_DECREF(c);
-            return -1;
-        }
     }
     *out = c;
     return 1;
@@ -303,8 +340,8 @@ static int as_noise(ModelObject *self, PyObject *noise, int64_t n,
     for (int32_t i = 0; i < c->n_layers; i++) {
         char name[32];
         snprintf(name, sizeof name, "noise[%d]", (int)i);
-        arrays[i] = as_matrix(PySequence_Fast_GET_ITEM(seq, i),
-                              c->latent_dims[i], name);
+        arrays[i] = as_finite_matrix(PySequence_Fast_GET_ITEM(seq, i),
+                                     c->latent_dims[i], name);
         if (arrays[i] && PyArray_DIM(arrays[i], 0) != n) {
             PyErr_Format(PyExc_ValueError, "%s has %zd rows but X has %lld",
                          name, (Py_ssize_t)PyArray_DIM(arrays[i], 0),
@@ -342,9 +379,10 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssKsL:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sL:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
-                                     &likelihood, &activation, &variance, &seed,
+                                     &likelihood, &activation, &variance,
+                                     u64_converter, &seed,
                                      &inference, &n_conditions))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, likelihood_names, 2);
@@ -557,29 +595,65 @@ static int Model_set_n_threads(ModelObject *self, PyObject *value, void *closure
     return 0;
 }
 
+static PyObject *rng_tuple(const hvae_rng *rng)
+{
+    return Py_BuildValue("(KKKK)", (unsigned long long)rng->s[0],
+                         (unsigned long long)rng->s[1], (unsigned long long)rng->s[2],
+                         (unsigned long long)rng->s[3]);
+}
+
 static PyObject *Model_get_rng_state(ModelObject *self, void *closure)
 {
     (void)closure;
-    return Py_BuildValue("(KKKK)", (unsigned long long)self->rng.s[0],
-                         (unsigned long long)self->rng.s[1],
-                         (unsigned long long)self->rng.s[2],
-                         (unsigned long long)self->rng.s[3]);
+    if (model_enter(self) < 0)
+        return NULL;
+    PyObject *state = rng_tuple(&self->rng);
+    model_leave(self);
+    return state;
 }
 
-static int Model_set_rng_state(ModelObject *self, PyObject *value, void *closure)
+/* Sets the generator from a tuple of 4 words; the caller holds the model. */
+static int set_rng_state(ModelObject *self, PyObject *value)
 {
-    (void)closure;
     unsigned long long s[4];
-    if (!value || !PyArg_ParseTuple(value, "KKKK;rng_state must be a tuple of "
-                                           "4 unsigned 64-bit ints",
-                                    &s[0], &s[1], &s[2], &s[3]))
+    if (!value || !PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 4) {
+        PyErr_SetString(PyExc_TypeError, "rng_state must be a tuple of 4 ints in [0, 2**64)");
         return -1;
+    }
+    for (int i = 0; i < 4; i++)
+        if (!u64_converter(PyTuple_GET_ITEM(value, i), &s[i]))
+            return -1;
     if ((s[0] | s[1] | s[2] | s[3]) == 0) {
         PyErr_SetString(PyExc_ValueError, "rng_state must not be all zeros");
         return -1;
     }
     for (int i = 0; i < 4; i++)
         self->rng.s[i] = s[i];
+    return 0;
+}
+
+static int Model_set_rng_state(ModelObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (model_enter(self) < 0)
+        return -1;
+    int r = set_rng_state(self, value);
+    model_leave(self);
+    return r;
+}
+
+/* A setting must be finite in float32, where the core uses it. */
+static int check_float32(const char *name, double value, double low, int low_inclusive)
+{
+    float f = (float)value;
+    if (!isfinite(f) || (low_inclusive ? !(value >= low) : !(value > low))) {
+        char text[64];
+        snprintf(text, sizeof text, "%g", value);
+        PyErr_Format(PyExc_ValueError, "%s must be a number %s %g that is finite in "
+                     "float32 (below 3.4e38); got %s", name, low_inclusive ? ">=" : ">",
+                     low, text);
+        return -1;
+    }
     return 0;
 }
 
@@ -594,14 +668,9 @@ static int parse_objective(const char *objective, long long n_samples, double be
                      n_samples);
         return -1;
     }
-    if (!(beta >= 0.0) || !isfinite(beta)) {
-        PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
+    if (check_float32("beta", beta, 0.0, 1) < 0 ||
+        check_float32("free_bits", free_bits, 0.0, 1) < 0)
         return -1;
-    }
-    if (!(free_bits >= 0.0) || !isfinite(free_bits)) {
-        PyErr_SetString(PyExc_ValueError, "free_bits must be a finite number >= 0");
-        return -1;
-    }
     if (kind == HVAE_OBJECTIVE_IWAE && (beta != 1.0 || free_bits != 0.0)) {
         PyErr_SetString(PyExc_ValueError, "objective='iwae' is the importance-weighted "
                         "bound itself: it takes no beta (must be 1) or free_bits (must be 0)");
@@ -625,8 +694,8 @@ static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
     PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
     PyObject *elbo = NULL, *rec = NULL, *kl = NULL;
     const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OKO", kwlist, &X_obj,
-                                     &noise_obj, &seed, &cond_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&O", kwlist, &X_obj,
+                                     &noise_obj, u64_converter, &seed, &cond_obj))
         return NULL;
     if (model_enter(self) < 0)
         return NULL;
@@ -697,8 +766,8 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
     int n_samples = 1;
     PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
     const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OKdsidO", kwlist, &X_obj,
-                                     &noise_obj, &seed, &beta, &objective,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &X_obj,
+                                     &noise_obj, u64_converter, &seed, &beta, &objective,
                                      &n_samples, &free_bits, &cond_obj))
         return NULL;
     hvae_objective_options oo;
@@ -747,8 +816,8 @@ static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
     long long n_samples = 1000;
     unsigned long long seed = 0;
     PyArrayObject *x = NULL, *cond = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LKO", kwlist, &X_obj, &n_samples,
-                                     &seed, &cond_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LO&O", kwlist, &X_obj, &n_samples,
+                                     u64_converter, &seed, &cond_obj))
         return NULL;
     if (n_samples < 1) {
         PyErr_Format(PyExc_ValueError, "n_samples must be >= 1; got %lld", n_samples);
@@ -843,7 +912,7 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
     if (model_enter(self) < 0)
         return NULL;
     const hvae_config *c = hvae_model_config(self->model);
-    z = as_matrix(Z_obj, c->latent_dims[0], "Z");
+    z = as_finite_matrix(Z_obj, c->latent_dims[0], "Z");
     if (!z || as_cond(self, cond_obj, PyArray_DIM(z, 0), &cond) < 0 ||
         ensure_workspace(self, eval_rows(PyArray_DIM(z, 0))) < 0)
         goto done;
@@ -887,8 +956,8 @@ static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
     }
     hvae_rng local;
     if (seed_obj != Py_None) {
-        unsigned long long seed = PyLong_AsUnsignedLongLongMask(seed_obj);
-        if (PyErr_Occurred())
+        unsigned long long seed;
+        if (!u64_converter(seed_obj, &seed))
             return NULL;
         hvae_rng_seed(&local, seed);
     }
@@ -995,6 +1064,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     int shuffle = 1;
     PyArrayObject *x = NULL;
     int64_t *order = NULL;
+    float *snapshot = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdO:fit", kwlist,
                                      &X_obj, &n_epochs, &batch_size, &lr,
                                      &optimizer, &beta, &shuffle, &callback,
@@ -1015,15 +1085,14 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
                      batch_size);
         return NULL;
     }
-    if (!(lr > 0.0) || !isfinite(lr)) {
-        char text[64];
-        snprintf(text, sizeof text, "%g", lr);
-        PyErr_Format(PyExc_ValueError, "learning_rate must be a finite number > 0; "
-                     "got %s", text);
+    if (check_float32("learning_rate", lr, 0.0, 0) < 0 ||
+        check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
+        check_float32("adam_eps", adam_eps, 0.0, 1) < 0)
         return NULL;
-    }
-    if (!(beta >= 0.0) || !isfinite(beta)) {
-        PyErr_SetString(PyExc_ValueError, "beta must be a finite number >= 0");
+    if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
+        !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
+                        "(in float32: 1 - 1e-8 rounds to 1)");
         return NULL;
     }
     if ((callback != Py_None && !PyCallable_Check(callback)) ||
@@ -1039,16 +1108,6 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     oc.beta1 = (float)beta1;
     oc.beta2 = (float)beta2;
     oc.eps = (float)adam_eps;
-    if (!(oc.learning_rate > 0.0f) || !(weight_decay >= 0.0) ||
-        !(momentum >= 0.0 && momentum < 1.0) || !(beta1 >= 0.0 && beta1 < 1.0) ||
-        !(beta2 >= 0.0 && beta2 < 1.0) || !(adam_eps >= 0.0) ||
-        !isfinite(weight_decay) || !isfinite(adam_eps)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "invalid optimizer settings: need weight_decay >= 0, "
-                        "0 <= momentum < 1, 0 <= adam_betas < 1, adam_eps >= 0, "
-                        "and a learning_rate representable in float32");
-        return NULL;
-    }
     if (model_enter(self) < 0)
         return NULL;
     const hvae_config *c = hvae_model_config(self->model);
@@ -1065,7 +1124,10 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     if (raise_status(st, "cannot set up the optimizer") < 0)
         goto done;
     order = PyMem_RawMalloc((size_t)n * sizeof(int64_t));
-    if (!order) {
+    npy_intp P = hvae_model_n_params(self->model);
+    /* The state at the start of each epoch, restored if the epoch diverges. */
+    snapshot = PyMem_RawMalloc((size_t)(3 * P) * sizeof(float));
+    if (!order || !snapshot) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1085,13 +1147,35 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     for (long long epoch = 0; epoch < n_epochs; epoch++) {
         hvae_epoch_stats stats;
         double t0 = now_seconds();
+        float *params = hvae_model_params(self->model);
+        float *m1 = hvae_optimizer_state(self->opt, 0), *m2 = hvae_optimizer_state(self->opt, 1);
+        int64_t step = *hvae_optimizer_step_count(self->opt);
+        hvae_rng rng = self->rng;
         ctx.saved = PyEval_SaveThread();
+        memcpy(snapshot, params, (size_t)P * sizeof(float));
+        memcpy(snapshot + P, m1, (size_t)P * sizeof(float));
+        if (m2)
+            memcpy(snapshot + 2 * P, m2, (size_t)P * sizeof(float));
         st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
                               PyArray_DATA(x), cond_data(cond), n, order, &to, &stats);
+        /* The loss and gradient are checked before every step; the last
+         * step's result is checked here. */
+        if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(params, P))
+            st = HVAE_ERR_NONFINITE_LOSS;
+        if (st == HVAE_ERR_NONFINITE_LOSS) {
+            /* Back to the start of the epoch: parameters whose loss was
+             * finite, and the optimizer and generator that went with them. */
+            memcpy(params, snapshot, (size_t)P * sizeof(float));
+            memcpy(m1, snapshot + P, (size_t)P * sizeof(float));
+            if (m2)
+                memcpy(m2, snapshot + 2 * P, (size_t)P * sizeof(float));
+            *hvae_optimizer_step_count(self->opt) = step;
+            self->rng = rng;
+        }
         PyEval_RestoreThread(ctx.saved);
         ctx.saved = NULL;
         double seconds = now_seconds() - t0;
-        if (stats.n_batches > 0 || st == HVAE_OK) {
+        if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
             PyObject *rec = epoch_record(&stats, T, seconds, st == HVAE_OK);
             if (!rec || PyList_Append(records, rec) < 0 ||
                 (history && PyList_Append(history, rec) < 0)) {
@@ -1123,11 +1207,12 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
             char lr_text[32];
             snprintf(lr_text, sizeof lr_text, "%g", lr);
             PyErr_Format(DivergenceError,
-                         "the loss or its gradient became NaN or infinite in "
-                         "epoch %lld after %lld minibatch(es); the step was not "
-                         "applied, so the model keeps its last finite "
-                         "parameters. Lower the learning rate (now %s) or "
-                         "rescale the data.", epoch + 1,
+                         "the loss, its gradient or the parameters became NaN or "
+                         "infinite in epoch %lld of this call, after %lld "
+                         "minibatch(es); the model was returned to its state at "
+                         "the start of that epoch (parameters, optimizer, random "
+                         "generator), so it can be trained on. Lower the learning "
+                         "rate (now %s) or rescale the data.", epoch + 1,
                          (long long)stats.n_batches, lr_text);
             failed = 1;
             break;
@@ -1145,6 +1230,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
 done:
     model_leave(self);
     PyMem_RawFree(order);
+    PyMem_RawFree(snapshot);
     Py_XDECREF(x);
     Py_XDECREF(cond);
     return result;
@@ -1166,7 +1252,7 @@ static PyObject *Model_init_parameters(ModelObject *self, PyObject *args,
 {
     static char *kwlist[] = {"seed", NULL};
     unsigned long long seed = self->seed;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|K", kwlist, &seed))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O&", kwlist, u64_converter, &seed))
         return NULL;
     if (model_enter(self) < 0)
         return NULL;
@@ -1189,9 +1275,21 @@ static PyObject *copy_floats(const float *p, npy_intp n)
     return arr;
 }
 
+static PyObject *Model_getstate_locked(ModelObject *self);
+
+/* A consistent snapshot needs the model idle: refused during a fit. */
 static PyObject *Model_getstate(ModelObject *self, PyObject *noargs)
 {
     (void)noargs;
+    if (model_enter(self) < 0)
+        return NULL;
+    PyObject *state = Model_getstate_locked(self);
+    model_leave(self);
+    return state;
+}
+
+static PyObject *Model_getstate_locked(ModelObject *self)
+{
     npy_intp P = hvae_model_n_params(self->model);
     PyObject *opt_state = Py_None;
     Py_INCREF(opt_state);
@@ -1210,7 +1308,7 @@ static PyObject *Model_getstate(ModelObject *self, PyObject *noargs)
         if (!opt_state)
             return NULL;
     }
-    PyObject *rng = Model_get_rng_state(self, NULL);
+    PyObject *rng = rng_tuple(&self->rng);
     PyObject *threads = Model_get_n_threads(self, NULL);
     return Py_BuildValue("{sNsNsNsN}", "parameters",
                          copy_floats(hvae_model_params(self->model), P),
@@ -1268,6 +1366,11 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
     threads = rng ? dict_item(state, "n_threads") : NULL;
     if (!threads)
         goto done;
+    if (o != Py_None && !PyDict_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "Model state's 'optimizer' must be None or a dict; "
+                     "got %.100s", Py_TYPE(o)->tp_name);
+        goto done;
+    }
     if (o != Py_None) {
         const char *kind_name;
         hvae_optimizer_config oc = hvae_optimizer_config_default();
@@ -1295,7 +1398,7 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
             goto done;
         *hvae_optimizer_step_count(opt) = step;
     }
-    if (Model_set_rng_state(self, rng, NULL) < 0 ||
+    if (set_rng_state(self, rng) < 0 ||
         Model_set_n_threads(self, threads, NULL) < 0)
         goto done;
     /* Everything is valid: commit. */

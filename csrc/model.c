@@ -253,15 +253,21 @@ hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
     for (int64_t i = 0; i < total; i++) {
         float v = x[i];
         bad |= !(v - v == 0.0f);                     /* NaN or inf */
+        bad |= (v > HVAE_MAX_ABS_INPUT) | (v < -HVAE_MAX_ABS_INPUT);
         bad |= bern & ((v < 0.0f) | (v > 1.0f));
     }
     if (!bad)
         return HVAE_OK;
     for (int64_t i = 0; i < total; i++) {
-        if (!isfinite(x[i]) || (bern && (x[i] < 0.0f || x[i] > 1.0f))) {
+        float v = x[i];
+        hvae_status st = !isfinite(v) ? HVAE_ERR_NONFINITE_INPUT
+                         : fabsf(v) > HVAE_MAX_ABS_INPUT ? HVAE_ERR_INPUT_MAGNITUDE
+                         : bern && (v < 0.0f || v > 1.0f) ? HVAE_ERR_INPUT_RANGE
+                         : HVAE_OK;
+        if (st != HVAE_OK) {
             if (bad_index)
                 *bad_index = i;
-            return isfinite(x[i]) ? HVAE_ERR_INPUT_RANGE : HVAE_ERR_NONFINITE_INPUT;
+            return st;
         }
     }
     return HVAE_OK;

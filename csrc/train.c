@@ -145,7 +145,7 @@ static void add_sums(hvae_epoch_stats *into, const hvae_epoch_stats *from, int32
 /* True when every gradient is finite. Independent partial sums keep this
  * one vectorised pass; NaN and inf propagate into them. */
 HVAE_AVX2_CLONES
-static int all_finite(const float *v, int64_t n)
+int hvae_all_finite(const float *v, int64_t n)
 {
     float lanes[2 * HVAE_LANES] = {0};
     int64_t i = 0;
@@ -236,7 +236,7 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
         memset(&batch, 0, sizeof batch);
         objective_step(m, ws, xb, cb, noise, B, &o->objective, (double)B, &batch);
         batch.n_batches = 1;
-        if (!isfinite(batch.loss) || !all_finite(m->grads, m->n_params)) {
+        if (!isfinite(batch.loss) || !hvae_all_finite(m->grads, m->n_params)) {
             status = HVAE_ERR_NONFINITE_LOSS;
             break;
         }

@@ -713,12 +713,16 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         X : ndarray of shape (n_samples, n_features), float32
         """
         check_is_fitted(self)
-        Z = np.asarray(Z)
-        if Z.ndim != 2 or Z.shape[1] != self.model_.latent_dims[0]:
+        # float32 first (once): values beyond its range become inf and are
+        # refused with the rest.
+        with np.errstate(over="ignore"):
+            Z = check_array(Z, dtype=np.float32, order="C", ensure_all_finite=False,
+                            input_name="Z")
+        if Z.shape[1] != self.model_.latent_dims[0]:
             raise ValueError(f"Z must have shape (n_samples, {self.model_.latent_dims[0]}); "
                              f"got {Z.shape}")
         if not np.all(np.isfinite(Z)):
-            raise ValueError("Z contains NaN or infinity")
+            raise ValueError("Z contains NaN or infinity (or values beyond float32's range)")
         return self.model_.decode(Z, cond=self._conditions(y, Z.shape[0]))
 
     def reconstruct(self, X, y=None):

@@ -255,7 +255,12 @@ def _decode(value, arrays):
 
 def _read_member(archive, info, archive_size, dtype=None, shape=None):
     """The array in one .npy member, its size checked before it is read."""
-    if info.compress_size > archive_size or info.file_size > 1100 * info.compress_size + 4096:
+    # save() stores members uncompressed; refusing anything else bounds every
+    # allocation by the file's own size (no decompression bombs).
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _Damaged(f"member {info.filename} is compressed; hvae model files store "
+                       "their members uncompressed")
+    if info.compress_size > archive_size or info.file_size > info.compress_size:
         raise _Damaged(f"member {info.filename} declares {info.file_size} bytes, "
                        f"more than the archive ({archive_size} bytes) can hold")
     with archive.open(info) as fp:
@@ -466,6 +471,9 @@ def load(path):
             raise ValueError(f"{path}: cannot load this hvae model file: {error}") from None
         except ValueError as error:
             raise ValueError(f"{path}: {error}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: cannot load this hvae model file: its metadata "
+                             "is nested too deeply") from None
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError, TypeError,
                 AttributeError, OverflowError) as error:
             # zipfile and the .npy reader raise these for damaged archives and

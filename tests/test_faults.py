@@ -147,14 +147,6 @@ def test_raising_callback_keeps_history_and_model(digits):
     assert vae.n_iter_ == 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: after DivergenceError the model keeps the parameters at which the loss became "
-    "non-finite ('the last finite parameters' are finite, but their loss is not), so "
-    "continuing with warm_start and learning_rate=1e-3 raises DivergenceError again at "
-    "once: the model cannot be trained on. Suggested fix: keep the parameters (and "
-    "Adam moments) from before the last applied step, or the last epoch boundary, and "
-    "restore them on divergence (csrc/train.c hvae_train_epoch, or Model_fit in "
-    "csrc/hvaemodule.c)"))
 def test_divergence_then_a_sane_rate_trains_on(digits):
     """After DivergenceError (learning_rate=1e3), the model has finite
     parameters, and warm_start with a sane rate trains it to finite values."""
@@ -172,12 +164,6 @@ def test_divergence_then_a_sane_rate_trains_on(digits):
     assert np.all(np.isfinite(vae.history_["elbo"][-2:]))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: after DivergenceError the model keeps the parameters whose loss was "
-    "non-finite, so score_samples returns -inf silently (learning_rate=1e3 on digits*50: "
-    "every row -inf); evaluation should raise a clear error, or divergence restore "
-    "parameters with a finite loss (see test_divergence_then_a_sane_rate_trains_on; "
-    "csrc/hvaemodule.c has no finiteness check of elbo outputs)"))
 def test_score_after_divergence_is_finite_or_a_clear_error(digits):
     X = digits * 50.0
     vae = HierarchicalVAE(latent_dims=(4,), hidden_dims=(32,), n_epochs=50, learning_rate=1e3,
@@ -191,12 +177,6 @@ def test_score_after_divergence_is_finite_or_a_clear_error(digits):
     assert np.all(np.isfinite(scores))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: fit's last optimizer step is applied unchecked, so a fit can return normally "
-    "with non-finite parameters (Adam or SGD, learning_rate=3e38: params NaN/inf, elbo "
-    "NaN); DivergenceError promises 'the model keeps its last finite parameters' "
-    "(csrc/train.c hvae_train_epoch checks loss and gradient before the step, not the "
-    "parameters after it)"))
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_fit_never_returns_non_finite_parameters(digits, optimizer):
     m = make_model(likelihood="gaussian")
@@ -304,12 +284,6 @@ def test_calls_on_a_fitting_model_are_refused(digits, name):
     np.testing.assert_array_equal(result[0], undisturbed.parameters)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Model.__getstate__ (pickle, copy, joblib) does not take the model's lock: "
-    "during a fit in another thread it copies parameters, optimizer moments and step "
-    "count while the optimizer updates them, so the snapshot mixes steps (about 5% of "
-    "snapshots here); likewise the rng_state getter and setter (csrc/hvaemodule.c "
-    "Model_getstate, Model_reduce, Model_get/set_rng_state: use model_enter/model_leave)"))
 def test_snapshots_of_a_fitting_model_are_refused_or_consistent(digits):
     X = np.tile(digits, (2, 1))
 

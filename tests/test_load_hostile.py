@@ -259,11 +259,6 @@ def test_hostile_file_is_refused_without_a_large_allocation(saved, tmp_path, nam
     assert str(path) in str(error)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: JSON metadata nested deeper than Python's recursion limit (a metadata member "
-    "'[[[[...]]]]', or nested lists inside 'params') makes hvae.load raise RecursionError "
-    "instead of its ValueError naming the file (hvae/file_format.py: json.loads and "
-    "_decode recurse; catch RecursionError in load, or bound the nesting)"))
 @pytest.mark.parametrize("where", ["metadata", "params"])
 def test_deeply_nested_metadata_is_refused(saved, tmp_path, where):
     _, _, data = saved
@@ -278,13 +273,6 @@ def test_deeply_nested_metadata_is_refused(saved, tmp_path, where):
         hvae.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: hvae.load accepts deflate-compressed members (HierarchicalVAE.save never writes "
-    "them) up to a 1100:1 ratio, so a 50 kB file of zero parameters for an 8M-parameter "
-    "architecture loads, allocating about 100 MB in Python plus 64 MB of C buffers "
-    "(over 3000 times the file); 10 MB could exhaust the machine. Suggested fix "
-    "(hvae/file_format.py _read_member): refuse members whose compress_type is not "
-    "ZIP_STORED, which bounds every allocation by the file's size"))
 def test_a_compressed_bomb_is_refused_without_a_large_allocation(tmp_path):
     big = HierarchicalVAE(latent_dims=(2,), hidden_dims=(1000,), n_epochs=0, random_state=0,
                           n_threads=1).fit(np.zeros((2, 4000)))
