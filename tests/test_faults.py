@@ -319,24 +319,70 @@ def test_snapshots_of_a_fitting_model_are_refused_or_consistent(digits):
 
 def test_estimator_calls_during_its_fit_are_refused_or_correct(digits):
     """transform on an estimator that is fitting in another thread: a clear
-    RuntimeError, or finite output of the right shape."""
+    RuntimeError, or finite output of the right shape; the estimator is
+    consistent afterwards. (Whether the fit itself survives: next test.)"""
     vae = small_vae(hidden_dims=(256, 256), n_epochs=5)
     vae.fit(digits[:64])  # model_ exists, so transform is allowed to try
-    thread = threading.Thread(target=vae.set_params(warm_start=True).fit, args=(digits,))
+    vae.set_params(warm_start=True)
+    worker_errors = []
+
+    def fit():
+        try:
+            vae.fit(digits)
+        except RuntimeError as exc:  # see test_a_fit_is_not_aborted_by_other_threads
+            worker_errors.append(exc)
+
+    thread = threading.Thread(target=fit)
     thread.start()
-    outcomes = set()
     while thread.is_alive():
         try:
             Z = vae.transform(digits[:10])
             assert Z.shape == (10, 8) and np.all(np.isfinite(Z))
-            outcomes.add("result")
         except RuntimeError as exc:
             assert "in use by another thread" in str(exc)
-            outcomes.add("refused")
         time.sleep(0.002)
     thread.join()
-    assert "refused" in outcomes
+    for exc in worker_errors:
+        assert "in use by another thread" in str(exc)
     assert_usable(vae, digits)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: HierarchicalVAE.fit runs one Model.fit per epoch, so the model's lock is free "
+    "between epochs; a transform (or any call) from another thread that holds it at that "
+    "moment makes the next Model.fit raise RuntimeError 'in use by another thread', and "
+    "the fit dies mid-way. Suggested fix (hvae/estimator.py): an estimator-level "
+    "non-blocking lock taken by fit for its whole duration and by every public method, "
+    "so that the short calls are the ones refused; or let Model.fit wait for the lock"))
+def test_a_fit_is_not_aborted_by_other_threads(digits):
+    """HierarchicalVAE.fit calls Model.fit once per epoch; a transform from
+    another thread that holds the model at an epoch boundary must not make
+    the fit fail (the short call is the one to refuse, or to wait). A
+    callback that sleeps a millisecond between epochs (as validation or a
+    progress bar take time there) lets the other thread in."""
+    X = digits[:64]
+    vae = small_vae(n_epochs=1, batch_size=64).fit(X)
+    vae.set_params(warm_start=True, n_epochs=200,
+                   callbacks=[lambda epoch, history: time.sleep(0.001)])
+    worker_errors = []
+
+    def fit():
+        try:
+            vae.fit(X)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            worker_errors.append(exc)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    big = np.tile(digits, (2, 1))
+    while thread.is_alive():
+        try:
+            vae.transform(big)
+        except RuntimeError:
+            pass
+    thread.join()
+    assert not worker_errors, worker_errors
+    assert vae.n_iter_ == 201
 
 
 # ---- determinism across processes --------------------------------------------------
