@@ -442,23 +442,35 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         continuing = (self.warm_start and hasattr(self, "model_")
                       and self._model_architecture() == architecture
                       and (self.model_.n_conditions > 0) == bool(self.conditional))
-        X = self._validate_X(X, reset=not continuing)
-        if continuing:
-            C, classes = self._conditions(y, X.shape[0]), self.classes_
-        else:
-            C, classes = self._fit_conditions(y, X.shape[0])
-        X, C, X_val, C_val = self._split_validation(X, C, classes, validation_data,
-                                                    likelihood=architecture[2])
+        # validate_data records n_features_in_ (and feature names) as it
+        # checks X: until the new model exists, a failure restores them.
+        seen = {key: self.__dict__[key] for key in ("n_features_in_", "feature_names_in_")
+                if key in self.__dict__}
+        try:
+            X = self._validate_X(X, reset=not continuing)
+            if continuing:
+                C, classes = self._conditions(y, X.shape[0]), self.classes_
+            else:
+                C, classes = self._fit_conditions(y, X.shape[0])
+            X, C, X_val, C_val = self._split_validation(X, C, classes, validation_data,
+                                                        likelihood=architecture[2])
+            if not continuing:
+                latent, hidden, likelihood, activation, variance, inference = architecture
+                rng = check_random_state(self.random_state)
+                seed = int(rng.randint(np.iinfo(np.int32).max))
+                model = Model(X.shape[1], latent, hidden, likelihood=likelihood,
+                              activation=activation, decoder_variance=variance, seed=seed,
+                              inference=inference,
+                              n_conditions=0 if C is None else C.shape[1])
+        except BaseException:
+            for key in ("n_features_in_", "feature_names_in_"):
+                if key in seen:
+                    setattr(self, key, seen[key])
+                else:
+                    self.__dict__.pop(key, None)
+            raise
         self.classes_ = classes
-
         if not continuing:
-            latent, hidden, likelihood, activation, variance, inference = architecture
-            rng = check_random_state(self.random_state)
-            seed = int(rng.randint(np.iinfo(np.int32).max))
-            model = Model(X.shape[1], latent, hidden, likelihood=likelihood,
-                          activation=activation, decoder_variance=variance, seed=seed,
-                          inference=inference,
-                          n_conditions=0 if C is None else C.shape[1])
             self.model_ = model
             self.history_ = {key: [] for key in _HISTORY_KEYS}
             self.n_iter_ = 0

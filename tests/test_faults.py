@@ -206,13 +206,6 @@ def test_absurd_sizes_raise_memory_error_and_keep_the_fitted_model(digits):
     assert np.all(np.isfinite(vae.transform(X)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a refit that fails after validating X (MemoryError creating the model, a "
-    "validation_data of the wrong width) leaves n_features_in_ set from the new X while "
-    "model_ is the old model: transform then fails for both widths. Suggested fix "
-    "(hvae/estimator.py fit): validate and build everything (model, conditions, "
-    "validation split) before assigning n_features_in_/feature_names_in_, or restore "
-    "them on failure"))
 @pytest.mark.parametrize("failure", ["absurd size", "bad validation_data"])
 def test_a_failed_refit_leaves_the_fitted_estimator_consistent(digits, failure):
     X_old, X_new = digits[:200, :40], digits[:200]
