@@ -360,6 +360,34 @@ static int as_noise(ModelObject *self, PyObject *noise, int64_t n,
     return 1;
 }
 
+/* Finite inputs give finite outputs unless the parameters are not finite or
+ * absurdly large (set through the writable view): never return NaN silently. */
+static int check_outputs(const char *what, int finite)
+{
+    if (finite)
+        return 0;
+    PyErr_Format(PyExc_FloatingPointError,
+                 "%s produced NaN or infinity: the model's parameters are not finite "
+                 "or far too large (if they were set through the parameters view, "
+                 "restore them or call init_parameters())", what);
+    return -1;
+}
+
+static int doubles_finite(PyObject *arr)
+{
+    const double *v = PyArray_DATA((PyArrayObject *)arr);
+    int bad = 0;
+    for (npy_intp k = 0; k < PyArray_SIZE((PyArrayObject *)arr); k++)
+        bad |= !(v[k] - v[k] == 0.0);
+    return !bad;
+}
+
+static int floats_finite(PyObject *arr)
+{
+    return hvae_all_finite(PyArray_DATA((PyArrayObject *)arr),
+                           PyArray_SIZE((PyArrayObject *)arr));
+}
+
 static PyObject *new_array(int nd, npy_intp *dims, int typenum)
 {
     return PyArray_SimpleNew(nd, dims, typenum);
@@ -724,7 +752,7 @@ static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
                    rec ? PyArray_DATA((PyArrayObject *)rec) : NULL,
                    kl ? PyArray_DATA((PyArrayObject *)kl) : NULL);
     Py_END_ALLOW_THREADS
-    if (raise_status(st, "elbo failed") < 0)
+    if (raise_status(st, "elbo failed") < 0 || check_outputs("elbo", doubles_finite(elbo)) < 0)
         goto done;
     if (want_terms)
         result = Py_BuildValue("{sOsOsO}", "elbo", elbo, "reconstruction", rec,
@@ -795,7 +823,8 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
         memcpy(PyArray_DATA((PyArrayObject *)grad), hvae_model_grads(self->model),
                (size_t)P * sizeof(float));
     Py_END_ALLOW_THREADS
-    if (raise_status(st, "loss_and_grad failed") < 0)
+    if (raise_status(st, "loss_and_grad failed") < 0 ||
+        check_outputs("loss_and_grad", isfinite(stats.loss) && floats_finite(grad)) < 0)
         goto done;
     result = Py_BuildValue("(dO)", stats.loss, grad);
 done:
@@ -838,7 +867,8 @@ static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
     st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
                              n_samples, seed, PyArray_DATA((PyArrayObject *)out));
     Py_END_ALLOW_THREADS
-    if (raise_status(st, "log_likelihood failed") < 0)
+    if (raise_status(st, "log_likelihood failed") < 0 ||
+        check_outputs("log_likelihood", doubles_finite(out)) < 0)
         Py_CLEAR(out);
 done:
     model_leave(self);
@@ -880,6 +910,9 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
     Py_END_ALLOW_THREADS
     if (raise_status(st, "encode failed") < 0)
         goto done;
+    for (int32_t i = 0; i < c->n_layers; i++)
+        if (check_outputs("encode", floats_finite(mus[i]) && floats_finite(lvs[i])) < 0)
+            goto done;
     result = PyList_New(c->n_layers);
     for (int32_t i = 0; result && i < c->n_layers; i++) {
         PyObject *pair = PyTuple_Pack(2, mus[i], lvs[i]);
@@ -928,7 +961,8 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
                      PyArray_DATA((PyArrayObject *)mean),
                      logvar ? PyArray_DATA((PyArrayObject *)logvar) : NULL);
     Py_END_ALLOW_THREADS
-    if (raise_status(st, "decode failed") < 0)
+    if (raise_status(st, "decode failed") < 0 ||
+        check_outputs("decode", floats_finite(mean) && (!logvar || floats_finite(logvar))) < 0)
         goto done;
     result = return_logvar ? PyTuple_Pack(2, mean, logvar) : Py_NewRef(mean);
 done:
@@ -976,7 +1010,7 @@ static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
     st = hvae_sample(self->model, self->ws, rng, n, cond_data(cond), observation_noise,
                      PyArray_DATA((PyArrayObject *)out));
     Py_END_ALLOW_THREADS
-    if (raise_status(st, "sample failed") < 0)
+    if (raise_status(st, "sample failed") < 0 || check_outputs("sample", floats_finite(out)) < 0)
         Py_CLEAR(out);
 done:
     model_leave(self);
@@ -1361,6 +1395,10 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
     }
     if (!p || load_floats(p, params, P, "parameters") < 0)
         goto done;
+    if (!hvae_all_finite(params, P)) {
+        PyErr_SetString(PyExc_ValueError, "Model state's parameters contain NaN or infinity");
+        goto done;
+    }
     o = dict_item(state, "optimizer");
     rng = o ? dict_item(state, "rng_state") : NULL;
     threads = rng ? dict_item(state, "n_threads") : NULL;

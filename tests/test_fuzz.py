@@ -703,13 +703,6 @@ def test_setstate_rejects_a_non_dict_optimizer_state(value):
         model.__setstate__(state)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: parameters made non-finite or huge through the writable parameters view or "
-    "__setstate__ (which accepts NaN parameters, unlike hvae.load) give silent NaN/inf "
-    "from elbo, encode, sample, decode and log_likelihood. Suggested fix "
-    "(csrc/hvaemodule.c): refuse non-finite parameters in __setstate__, and check "
-    "evaluation outputs with hvae_all_finite, raising a FloatingPointError that says the "
-    "parameters are not finite or too large"))
 @pytest.mark.parametrize("how", ["view NaN", "view huge", "setstate NaN"])
 def test_non_finite_parameters_never_give_silent_nan(how):
     model = make_model(dict(n_features=5, latent_dims=(3,), hidden_dims=(4,), seed=0))
