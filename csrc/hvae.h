@@ -44,7 +44,7 @@
  *   for (int e = 0; e < 10; e++)
  *       hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to, &stats);
  *   double *ll = malloc(n_rows * sizeof *ll);
- *   hvae_log_likelihood(model, ws, X, NULL, n_rows, 1000, 0, ll);
+ *   hvae_log_likelihood(model, ws, X, NULL, n_rows, 1000, 0, ll, NULL, NULL);
  *   hvae_optimizer_free(opt); hvae_workspace_free(ws); hvae_model_free(model);
  *
  * Ownership: every *_create has a matching *_free; buffers returned by
@@ -418,6 +418,12 @@ typedef struct {
     int64_t n_batches;
 } hvae_epoch_stats;
 
+/* Called after every minibatch (training: with that batch's stats) or every
+ * pass of draws (log-likelihood: batch NULL); a nonzero return stops the
+ * work, which then returns HVAE_ERR_STOPPED. */
+typedef int (*hvae_batch_hook)(void *ctx, int64_t batch_index,
+                               const hvae_epoch_stats *batch);
+
 /* The loss over the n rows of x and its gradient, written to
  * hvae_model_grads (overwriting it). With n_samples = S, the eps arrays
  * hold (n * S, d_i) draws, row b * S + s for draw s of data row b. Free
@@ -433,11 +439,13 @@ HVAE_API hvae_status hvae_loss_and_grad(hvae_model *model, hvae_workspace *ws,
  * proposal: log (1/S) sum_s p(x, z_s) / q(z_s | x) over S = n_samples draws
  * (the IWAE bound of S draws; it tends to log p(x) as S grows). Draws are
  * streamed through the workspace, so memory does not grow with S; each
- * row's draws come from a generator seeded by its values and noise_seed. */
+ * row's draws come from a generator seeded by its values and noise_seed.
+ * hook (may be NULL) runs after every pass of draws. */
 HVAE_API hvae_status hvae_log_likelihood(hvae_model *model, hvae_workspace *ws,
                                          const float *x, const float *cond,
                                          int64_t n, int64_t n_samples,
-                                         uint64_t noise_seed, double *out);
+                                         uint64_t noise_seed, double *out,
+                                         hvae_batch_hook hook, void *hook_ctx);
 
 /* Posterior means and log-variances of every layer: mu[i] and logvar[i]
  * point to (n, d_{i+1}) outputs (either array or entry may be NULL).
@@ -495,10 +503,6 @@ HVAE_API int64_t *hvae_optimizer_step_count(hvae_optimizer *opt);
 /* Applies one update from hvae_model_grads to hvae_model_params. */
 HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
 
-/* Called after every minibatch with that batch's stats; a nonzero return
- * stops training (hvae_train_epoch then returns HVAE_ERR_STOPPED). */
-typedef int (*hvae_batch_hook)(void *ctx, int64_t batch_index,
-                               const hvae_epoch_stats *batch);
 
 typedef struct {
     int64_t batch_size;    /* data rows per step; batch_size * n_samples at

@@ -837,6 +837,42 @@ done:
     return result;
 }
 
+typedef struct {
+    PyThreadState *saved; /* the released thread state, NULL with the GIL */
+    int check_signals;    /* running in the main thread */
+    int interrupted;      /* PyErr_CheckSignals or progress raised */
+    PyObject *progress;   /* progress(n_rows) after each minibatch, or NULL */
+} fit_ctx;
+
+static unsigned long main_thread_ident;
+
+/* Between minibatches: take the GIL back only to see whether Ctrl-C was
+ * pressed, which stops after this minibatch with a valid model. Python runs
+ * signal handlers in the main thread only, so other threads skip the round
+ * trip. */
+static int fit_batch_hook(void *ctx_ptr, int64_t batch_index,
+                          const hvae_epoch_stats *batch)
+{
+    (void)batch_index;
+    fit_ctx *ctx = ctx_ptr;
+    if (!ctx->check_signals && !ctx->progress)
+        return 0;
+    PyEval_RestoreThread(ctx->saved);
+    int stop = 0;
+    if (ctx->check_signals && PyErr_CheckSignals() < 0)
+        stop = 1;
+    if (!stop && ctx->progress) {
+        PyObject *r = PyObject_CallFunction(ctx->progress, "L",
+                                            (long long)batch->n_rows);
+        if (!r)
+            stop = 1;
+        Py_XDECREF(r);
+    }
+    ctx->interrupted = stop;
+    ctx->saved = PyEval_SaveThread();
+    return stop;
+}
+
 static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
                                       PyObject *kwds)
 {
@@ -863,11 +899,16 @@ static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
     if (!out)
         goto done;
     hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
+    /* A long estimate stays interruptible: Ctrl-C is checked between passes. */
+    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL};
+    ctx.saved = PyEval_SaveThread();
     st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                             n_samples, seed, PyArray_DATA((PyArrayObject *)out));
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "log_likelihood failed") < 0 ||
+                             n_samples, seed, PyArray_DATA((PyArrayObject *)out),
+                             fit_batch_hook, &ctx);
+    PyEval_RestoreThread(ctx.saved);
+    if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
+        Py_CLEAR(out); /* the KeyboardInterrupt is set */
+    } else if (raise_status(st, "log_likelihood failed") < 0 ||
         check_outputs("log_likelihood", doubles_finite(out)) < 0)
         Py_CLEAR(out);
 done:
@@ -1020,41 +1061,6 @@ done:
 
 /* ---- fit ----------------------------------------------------------------- */
 
-typedef struct {
-    PyThreadState *saved; /* the released thread state, NULL with the GIL */
-    int check_signals;    /* running in the main thread */
-    int interrupted;      /* PyErr_CheckSignals or progress raised */
-    PyObject *progress;   /* progress(n_rows) after each minibatch, or NULL */
-} fit_ctx;
-
-static unsigned long main_thread_ident;
-
-/* Between minibatches: take the GIL back only to see whether Ctrl-C was
- * pressed, which stops after this minibatch with a valid model. Python runs
- * signal handlers in the main thread only, so other threads skip the round
- * trip. */
-static int fit_batch_hook(void *ctx_ptr, int64_t batch_index,
-                          const hvae_epoch_stats *batch)
-{
-    (void)batch_index;
-    fit_ctx *ctx = ctx_ptr;
-    if (!ctx->check_signals && !ctx->progress)
-        return 0;
-    PyEval_RestoreThread(ctx->saved);
-    int stop = 0;
-    if (ctx->check_signals && PyErr_CheckSignals() < 0)
-        stop = 1;
-    if (!stop && ctx->progress) {
-        PyObject *r = PyObject_CallFunction(ctx->progress, "L",
-                                            (long long)batch->n_rows);
-        if (!r)
-            stop = 1;
-        Py_XDECREF(r);
-    }
-    ctx->interrupted = stop;
-    ctx->saved = PyEval_SaveThread();
-    return stop;
-}
 
 static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
                               double seconds, int complete)

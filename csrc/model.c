@@ -681,8 +681,10 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
 
 hvae_status hvae_log_likelihood(hvae_model *m, hvae_workspace *ws, const float *x,
                                 const float *cond, int64_t n, int64_t n_samples,
-                                uint64_t noise_seed, double *out)
+                                uint64_t noise_seed, double *out, hvae_batch_hook hook,
+                                void *hook_ctx)
 {
+    int64_t passes = 0;
     hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK || n_samples < 1 || !out)
         return st != HVAE_OK ? st : HVAE_ERR_INVALID_ARGUMENT;
@@ -715,6 +717,8 @@ hvae_status hvae_log_likelihood(hvae_model *m, hvae_workspace *ws, const float *
                 }
             }
             hvae_forward(m, ws, ws->x, C > 0 ? ws->cond : NULL, noise, rows * draws, 0, 1);
+            if (hook && hook(hook_ctx, passes++, NULL))
+                return HVAE_ERR_STOPPED;
             for (int64_t b = 0; b < rows; b++) {
                 for (int64_t s = 0; s < draws; s++) {
                     int64_t r = b * draws + s;

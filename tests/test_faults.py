@@ -224,13 +224,6 @@ def test_a_failed_refit_leaves_the_fitted_estimator_consistent(digits, failure):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Ctrl-C cannot stop a long evaluation: log_likelihood (and elbo, encode, ... on "
-    "large inputs) runs as one C call with the GIL released and never checks for "
-    "signals, so a notebook hangs until it ends (here 3 s; with n_samples=10**6 on a "
-    "data set, hours). Suggested fix (csrc/hvaemodule.c): run evaluations chunk by "
-    "chunk, calling PyErr_CheckSignals between chunks in the main thread, as fit does "
-    "between minibatches"))
 def test_ctrl_c_stops_a_long_log_likelihood(digits):
     m = make_model(hidden_dims=(64,))
     X = digits[:10]
@@ -268,14 +261,19 @@ def test_two_estimators_in_two_threads_match_sequential(digits):
 def fit_in_background(model, X, **kwargs):
     """Starts model.fit in a thread; returns once its first minibatch is
     done (so the fit holds the model). `result` receives the parameters as
-    the fit left them, copied in that thread before anything else can run."""
+    the fit left them, copied by the per-epoch callback, which runs while the
+    fit still holds the model (after the fit returns, another thread's call
+    may already have changed them)."""
     started, done = threading.Event(), threading.Event()
     errors, result = [], []
+    last = []
 
     def run():
         try:
-            model.fit(X, progress=lambda n: started.set(), **kwargs)
-            result.append(model.parameters.copy())
+            model.fit(X, progress=lambda n: started.set(),
+                      callback=lambda epoch, record: last.append(model.parameters.copy()),
+                      **kwargs)
+            result.append(last[-1])
         except Exception as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
         finally:

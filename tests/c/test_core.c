@@ -779,9 +779,9 @@ static void test_variants(void)
         double elbo[10], ll[10];
         CHECK_STATUS(hvae_elbo(m, ws, x, cond, n, NULL, 1, elbo, NULL, NULL), HVAE_OK);
         CHECK(all_finite_d(elbo, n));
-        CHECK_STATUS(hvae_log_likelihood(m, ws, x, cond, n, 5, 1, ll), HVAE_OK);
+        CHECK_STATUS(hvae_log_likelihood(m, ws, x, cond, n, 5, 1, ll, NULL, NULL), HVAE_OK);
         CHECK(all_finite_d(ll, n));
-        CHECK_STATUS(hvae_log_likelihood(m, ws, x, cond, n, 0, 1, ll), HVAE_ERR_INVALID_ARGUMENT);
+        CHECK_STATUS(hvae_log_likelihood(m, ws, x, cond, n, 0, 1, ll, NULL, NULL), HVAE_ERR_INVALID_ARGUMENT);
         if (cfg.n_conditions)
             CHECK_STATUS(hvae_elbo(m, ws, x, NULL, n, NULL, 1, elbo, NULL, NULL),
                          HVAE_ERR_INVALID_ARGUMENT);
