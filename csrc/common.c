@@ -39,9 +39,11 @@ char *HVAE_BLAS_NAME(openblas_get_config)(void);
  * OpenBLAS alone) and the count last given to OpenBLAS. Products below
  * HVAE_GEMM_PARALLEL_MIN multiply-adds run on one thread: waking a second
  * one costs more than it saves (a 64x64x64 product takes 4x longer on two
- * threads than on one here), and OpenBLAS's own cut-off sits lower.
- * Racing writers only ever store valid counts. */
-#define HVAE_GEMM_PARALLEL_MIN (1 << 19)
+ * threads than on one here), and when another process holds the other core
+ * a threaded small product can wait a whole scheduler slice (the digits demo
+ * ran 100x slower so). OpenBLAS's own cut-off sits far lower. Racing writers
+ * only ever store valid counts. */
+#define HVAE_GEMM_PARALLEL_MIN (1 << 21)
 static _Atomic int thread_budget;
 static _Atomic int threads_in_use;
 
