@@ -50,10 +50,79 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
 #define RW_COLS 16
 #define RW_ROWS 4
 
-HVAE_FMA_CLONES
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(HVAE_NO_CLONES)
+#include <immintrin.h>
+#define HVAE_HAVE_FMA_KERNEL 1
+
+/* The same computation with AVX + FMA registers: a 4 x 16 tile of
+ * accumulators (8 ymm), one broadcast per row and two weight loads per k.
+ * Vector and scalar FMAs round identically, so the column tail agrees. */
+__attribute__((target("avx,fma")))
+static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
+                             int64_t B, int64_t n_in, int64_t n_out, int accumulate)
+{
+    int64_t full_cols = n_out - n_out % RW_COLS;
+    for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
+        const float *w = weight + j0;
+        int64_t b = 0;
+        for (; b + RW_ROWS <= B; b += RW_ROWS) {
+            __m256 acc[RW_ROWS][2];
+            for (int r = 0; r < RW_ROWS; r++) {
+                float *o = out + (b + r) * n_out + j0;
+                acc[r][0] = accumulate ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
+                acc[r][1] = accumulate ? _mm256_loadu_ps(o + 8) : _mm256_setzero_ps();
+            }
+            const float *x = inp + b * n_in;
+            for (int64_t k = 0; k < n_in; k++) {
+                __m256 w0 = _mm256_loadu_ps(w + k * n_out);
+                __m256 w1 = _mm256_loadu_ps(w + k * n_out + 8);
+                for (int r = 0; r < RW_ROWS; r++) {
+                    __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
+                    acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
+                }
+            }
+            for (int r = 0; r < RW_ROWS; r++) {
+                float *o = out + (b + r) * n_out + j0;
+                _mm256_storeu_ps(o, acc[r][0]);
+                _mm256_storeu_ps(o + 8, acc[r][1]);
+            }
+        }
+        for (; b < B; b++) {
+            float *o = out + b * n_out + j0;
+            __m256 a0 = accumulate ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
+            __m256 a1 = accumulate ? _mm256_loadu_ps(o + 8) : _mm256_setzero_ps();
+            const float *x = inp + b * n_in;
+            for (int64_t k = 0; k < n_in; k++) {
+                __m256 v = _mm256_broadcast_ss(x + k);
+                a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k * n_out), a0);
+                a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k * n_out + 8), a1);
+            }
+            _mm256_storeu_ps(o, a0);
+            _mm256_storeu_ps(o + 8, a1);
+        }
+    }
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t j = full_cols; j < n_out; j++) {
+            __m128 acc = _mm_set_ss(accumulate ? out[b * n_out + j] : 0.0f);
+            for (int64_t k = 0; k < n_in; k++)
+                acc = _mm_fmadd_ss(_mm_set_ss(inp[b * n_in + k]),
+                                   _mm_set_ss(weight[k * n_out + j]), acc);
+            out[b * n_out + j] = _mm_cvtss_f32(acc);
+        }
+    }
+}
+#endif
+
 static void gemm_rowwise(float *out, const float *inp, const float *weight,
                          int64_t B, int64_t n_in, int64_t n_out, int accumulate)
 {
+#ifdef HVAE_HAVE_FMA_KERNEL
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("fma")) {
+        gemm_rowwise_fma(out, inp, weight, B, n_in, n_out, accumulate);
+        return;
+    }
+#endif
     int64_t full_cols = n_out - n_out % RW_COLS;
     for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
         const float *w = weight + j0;
