@@ -65,10 +65,12 @@ OpenBLAS or OpenMP threads on two cores (a thread that loses its core stalls
 its partner at every barrier). Each measurement records the share of the
 machine's CPU time other processes used while it ran (``foreign_cpu``, from
 /proc/stat minus this process's CPU time). ``--wait-quiet S`` waits up to S
-seconds for a quiet machine before each phase; ``--retry-noisy N`` repeats
-up to N measurements per cell that ran while others used >= 15% of the CPUs
-(training repeats whole hvae+peer epoch pairs, so both still train for the
-same number of epochs).
+seconds for a quiet machine before each phase (and, with --retry-noisy,
+before each measurement); ``--retry-noisy N`` repeats up to N measurements
+per cell that ran while others used >= 15% of the CPUs (training repeats
+whole hvae+peer epoch pairs, so both still train for the same number of
+epochs). Recommended on a shared machine:
+``python bench/run.py --wait-quiet 120 --retry-noisy 4``.
 """
 
 from __future__ import annotations
@@ -253,9 +255,10 @@ class NoisePolicy:
     number of clean ones; failing that, the least disturbed are used.
     """
 
-    def __init__(self, threshold=None, max_extra=0):
+    def __init__(self, threshold=None, max_extra=0, wait=0.0):
         self.threshold = threshold
         self.max_extra = max_extra
+        self.wait = wait  # seconds to wait for a quiet machine before each try
 
     def clean(self, share):
         return self.threshold is None or share is None or share < self.threshold
@@ -264,6 +267,8 @@ class NoisePolicy:
         """Call measure() until n_wanted clean calls; return (values, summary)."""
         records = []
         while True:
+            if self.wait and self.threshold is not None:
+                wait_for_quiet(self.wait, self.threshold, window=0.5)
             meter = LoadMeter()
             value = measure()
             records.append((value, meter.foreign_share()))
@@ -944,7 +949,7 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
         if verbose:
             print(message, file=sys.stderr, flush=True)
 
-    noise = NoisePolicy(noise_threshold if retry_noisy else None, retry_noisy)
+    noise = NoisePolicy(noise_threshold if retry_noisy else None, retry_noisy, wait_quiet)
     started = time.perf_counter()
     results = {
         "machine": machine_info(),
