@@ -504,6 +504,14 @@ HVAE_API int64_t *hvae_optimizer_step_count(hvae_optimizer *opt);
 HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
 
 
+/* Data-parallel training: sums values across the processes, in place
+ * (an MPI Allreduce with MPI_SUM, say). grads (n_grads floats) may be NULL
+ * with n_grads = 0; values holds n_values doubles. Every process makes the
+ * same sequence of calls with the same sizes. A nonzero return stops the
+ * work, which then returns HVAE_ERR_STOPPED. */
+typedef int (*hvae_reduce_hook)(void *ctx, float *grads, int64_t n_grads,
+                                double *values, int64_t n_values);
+
 typedef struct {
     int64_t batch_size;    /* data rows per step; batch_size * n_samples at
                               most the workspace's max_rows */
@@ -511,6 +519,20 @@ typedef struct {
     int shuffle;           /* draw a new row order from rng each epoch */
     hvae_batch_hook hook;  /* may be NULL */
     void *hook_ctx;
+    /* Data parallelism, off when n_global = 0. Otherwise x holds the rows
+     * shard_start .. shard_start + n - 1 of a data set of n_global rows
+     * spread over processes that all run the same epoch with the same
+     * generator state: each step takes batch_size rows of the order of all
+     * n_global rows, and the noise of all of them; every process computes
+     * the loss and gradient of the rows it holds, scaled for the whole
+     * minibatch, and `reduce` sums gradients and loss terms over the
+     * processes before the optimizer step. The result equals one process
+     * holding all rows, up to float rounding. `order` then needs n_global
+     * entries. */
+    int64_t n_global;
+    int64_t shard_start;
+    hvae_reduce_hook reduce;
+    void *reduce_ctx;
 } hvae_train_options;
 
 HVAE_API hvae_train_options hvae_train_options_default(void);

@@ -94,6 +94,7 @@ typedef struct {
     hvae_optimizer *opt; /* NULL until the first fit */
     hvae_rng rng;        /* training noise, shuffling and sampling */
     PyThread_type_lock lock;
+    unsigned long owner; /* the thread holding lock, 0 when free */
     int n_threads;       /* 0: leave the BLAS thread count alone */
     unsigned long long seed;
 } ModelObject;
@@ -118,19 +119,35 @@ static int raise_status(hvae_status status, const char *context)
     return -1;
 }
 
-/* Refuses a second concurrent call on one model instead of corrupting it. */
+/* One call at a time: a call from another thread waits for the model (with
+ * the GIL released, and Ctrl-C still heard); a call from inside the
+ * model's own fit (a callback or progress function) is refused, as it
+ * would wait for itself. */
 static int model_enter(ModelObject *self)
 {
     if (!self->model) {
         PyErr_SetString(PyExc_RuntimeError, "Model is not initialised");
         return -1;
     }
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (self->owner == me) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "this Model is in use by another thread; a Model "
-                        "serves one call at a time (use one Model per thread)");
+                        "this Model is busy in a call of this thread (a fit whose "
+                        "callback or progress function called back into it); use "
+                        "the model after that call returns");
         return -1;
     }
+    while (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyLockStatus got;
+        Py_BEGIN_ALLOW_THREADS
+        got = PyThread_acquire_lock_timed(self->lock, 50000, 0); /* 50 ms */
+        Py_END_ALLOW_THREADS
+        if (got == PY_LOCK_ACQUIRED)
+            break;
+        if (PyErr_CheckSignals() < 0)
+            return -1;
+    }
+    self->owner = me;
     if (self->n_threads > 0)
         hvae_set_num_threads(self->n_threads);
     return 0;
@@ -138,6 +155,7 @@ static int model_enter(ModelObject *self)
 
 static void model_leave(ModelObject *self)
 {
+    self->owner = 0;
     PyThread_release_lock(self->lock);
 }
 
@@ -840,8 +858,14 @@ done:
 typedef struct {
     PyThreadState *saved; /* the released thread state, NULL with the GIL */
     int check_signals;    /* running in the main thread */
-    int interrupted;      /* PyErr_CheckSignals or progress raised */
+    int interrupted;      /* PyErr_CheckSignals, progress or reduce raised */
     PyObject *progress;   /* progress(n_rows) after each minibatch, or NULL */
+    /* Data-parallel fit: reduce(grads or None, values) sums both in place
+     * across the processes; grads views the model's gradient buffer, and
+     * values[k] (k = 0, 1) carry the doubles of the two kinds of call. */
+    PyObject *reduce;
+    PyObject *grads;
+    PyObject *values[2];
 } fit_ctx;
 
 static unsigned long main_thread_ident;
@@ -868,6 +892,33 @@ static int fit_batch_hook(void *ctx_ptr, int64_t batch_index,
             stop = 1;
         Py_XDECREF(r);
     }
+    ctx->interrupted = stop;
+    ctx->saved = PyEval_SaveThread();
+    return stop;
+}
+
+/* Data-parallel fit: hands the C buffers to the Python reduction (which
+ * reads and writes them in place, zero-copy for the gradient). */
+static int fit_reduce_hook(void *ctx_ptr, float *grads, int64_t n_grads,
+                           double *values, int64_t n_values)
+{
+    (void)n_grads;
+    fit_ctx *ctx = ctx_ptr;
+    PyEval_RestoreThread(ctx->saved);
+    PyArrayObject *v = (PyArrayObject *)ctx->values[grads != NULL];
+    int stop = PyArray_DIM(v, 0) != n_values; /* cannot happen: sized by fit */
+    if (stop)
+        PyErr_SetString(PyExc_SystemError, "reduce: unexpected number of values");
+    PyObject *r = NULL;
+    if (!stop) {
+        memcpy(PyArray_DATA(v), values, (size_t)n_values * sizeof(double));
+        r = PyObject_CallFunctionObjArgs(ctx->reduce, grads ? ctx->grads : Py_None,
+                                         (PyObject *)v, NULL);
+        stop = r == NULL;
+    }
+    if (!stop)
+        memcpy(values, PyArray_DATA(v), (size_t)n_values * sizeof(double));
+    Py_XDECREF(r);
     ctx->interrupted = stop;
     ctx->saved = PyEval_SaveThread();
     return stop;
@@ -900,7 +951,8 @@ static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
         goto done;
     hvae_status st;
     /* A long estimate stays interruptible: Ctrl-C is checked between passes. */
-    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL};
+    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL,
+                   NULL, NULL, {NULL, NULL}};
     ctx.saved = PyEval_SaveThread();
     st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
                              n_samples, seed, PyArray_DATA((PyArrayObject *)out),
@@ -1090,9 +1142,11 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
                              "optimizer", "beta", "shuffle", "callback",
                              "history", "weight_decay", "momentum", "adam_betas",
                              "adam_eps", "progress", "objective", "n_samples",
-                             "free_bits", "cond", NULL};
+                             "free_bits", "cond", "reduce", "n_global",
+                             "shard_start", NULL};
     PyObject *X_obj, *callback = Py_None, *history = NULL, *result = NULL;
-    PyObject *progress = Py_None, *cond_obj = Py_None;
+    PyObject *progress = Py_None, *cond_obj = Py_None, *reduce = Py_None;
+    long long n_global = 0, shard_start = 0;
     const char *objective = "elbo";
     long long n_samples = 1;
     double free_bits = 0.0;
@@ -1105,13 +1159,13 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     PyArrayObject *x = NULL;
     int64_t *order = NULL;
     float *snapshot = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdO:fit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
                                      &X_obj, &n_epochs, &batch_size, &lr,
                                      &optimizer, &beta, &shuffle, &callback,
                                      &PyList_Type, &history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
                                      &progress, &objective, &n_samples, &free_bits,
-                                     &cond_obj))
+                                     &cond_obj, &reduce, &n_global, &shard_start))
         return NULL;
     hvae_objective_options oo;
     if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
@@ -1136,8 +1190,17 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     if ((callback != Py_None && !PyCallable_Check(callback)) ||
-        (progress != Py_None && !PyCallable_Check(progress))) {
-        PyErr_SetString(PyExc_TypeError, "callback and progress must be callable or None");
+        (progress != Py_None && !PyCallable_Check(progress)) ||
+        (reduce != Py_None && !PyCallable_Check(reduce))) {
+        PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
+                        "callable or None");
+        return NULL;
+    }
+    int parallel = reduce != Py_None;
+    if (parallel ? n_global < 1 || shard_start < 0 : n_global != 0 || shard_start != 0) {
+        PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
+                     ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
+                     "shard_start=%lld", n_global, shard_start);
         return NULL;
     }
     hvae_optimizer_config oc = hvae_optimizer_config_default();
@@ -1156,14 +1219,22 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     if (!x)
         goto done;
     npy_intp n = PyArray_DIM(x, 0);
-    int64_t rows = batch_size < n ? batch_size : n;
+    if (parallel && shard_start > n_global - n) {
+        PyErr_Format(PyExc_ValueError, "data-parallel fit: this process holds rows "
+                     "%lld..%lld, beyond n_global=%lld", shard_start,
+                     shard_start + (long long)n - 1, n_global);
+        goto done;
+    }
+    /* The order and the minibatches run over all rows, on every process. */
+    int64_t N = parallel ? n_global : n;
+    int64_t rows = batch_size < N ? batch_size : N;
     if (as_cond(self, cond_obj, n, &cond) < 0 || ensure_workspace(self, rows * n_samples) < 0)
         goto done;
     hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &oc)
                                : hvae_optimizer_create(self->model, &oc, &self->opt);
     if (raise_status(st, "cannot set up the optimizer") < 0)
         goto done;
-    order = PyMem_RawMalloc((size_t)n * sizeof(int64_t));
+    order = PyMem_RawMalloc((size_t)N * sizeof(int64_t));
     npy_intp P = hvae_model_n_params(self->model);
     /* The state at the start of each epoch, restored if the epoch diverges. */
     snapshot = PyMem_RawMalloc((size_t)(3 * P) * sizeof(float));
@@ -1180,9 +1251,24 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     to.objective = oo;
     to.shuffle = shuffle;
     fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0,
-                   progress == Py_None ? NULL : progress};
+                   progress == Py_None ? NULL : progress, NULL, NULL, {NULL, NULL}};
     to.hook = fit_batch_hook;
     to.hook_ctx = &ctx;
+    if (parallel) {
+        npy_intp n_values[2] = {T + 1, 5 + T}; /* see train.c: free bits, sums */
+        ctx.reduce = reduce;
+        ctx.grads = view_of(self, hvae_model_grads(self->model), 1, &P);
+        ctx.values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
+        ctx.values[1] = new_array(1, &n_values[1], NPY_FLOAT64);
+        if (!ctx.grads || !ctx.values[0] || !ctx.values[1]) {
+            Py_DECREF(records);
+            goto release;
+        }
+        to.n_global = n_global;
+        to.shard_start = shard_start;
+        to.reduce = fit_reduce_hook;
+        to.reduce_ctx = &ctx;
+    }
     int failed = 0;
     for (long long epoch = 0; epoch < n_epochs; epoch++) {
         hvae_epoch_stats stats;
@@ -1267,6 +1353,10 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         Py_DECREF(records);
     else
         result = records;
+release:
+    Py_XDECREF(ctx.grads);
+    Py_XDECREF(ctx.values[0]);
+    Py_XDECREF(ctx.values[1]);
 done:
     model_leave(self);
     PyMem_RawFree(order);
@@ -1317,7 +1407,7 @@ static PyObject *copy_floats(const float *p, npy_intp n)
 
 static PyObject *Model_getstate_locked(ModelObject *self);
 
-/* A consistent snapshot needs the model idle: refused during a fit. */
+/* A consistent snapshot needs the model idle: it waits for a fit to end. */
 static PyObject *Model_getstate(ModelObject *self, PyObject *noargs)
 {
     (void)noargs;
@@ -1555,7 +1645,8 @@ static PyMethodDef Model_methods[] = {
      "fit(X, n_epochs=1, batch_size=128, learning_rate=1e-3, optimizer='adam',\n"
      "    beta=1.0, shuffle=True, callback=None, history=None, weight_decay=0.0,\n"
      "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8, progress=None,\n"
-     "    objective='elbo', n_samples=1, free_bits=0.0, cond=None)\n--\n\n"
+     "    objective='elbo', n_samples=1, free_bits=0.0, cond=None, reduce=None,\n"
+     "    n_global=0, shard_start=0)\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
      "objective, n_samples, beta and free_bits as in loss_and_grad; cond holds\n"
      "the rows' conditions for a conditional model.\n\n"
@@ -1566,7 +1657,12 @@ static PyMethodDef Model_methods[] = {
      "progress(n_rows) runs after each minibatch (for progress bars); an\n"
      "exception from it stops training after that minibatch and propagates.\n"
      "Ctrl-C stops after the current minibatch (KeyboardInterrupt); a\n"
-     "non-finite loss raises DivergenceError before the step is applied."},
+     "non-finite loss raises DivergenceError before the step is applied.\n\n"
+     "Data-parallel training: X holds rows shard_start.. of n_global rows spread\n"
+     "over processes that call fit alike, with the same generator state; every\n"
+     "step, reduce(grads, values) must sum both float arrays over the processes\n"
+     "in place (grads is None in a call that sums values only). See\n"
+     "hvae.distributed."},
     {"reset_optimizer", (PyCFunction)Model_reset_optimizer, METH_NOARGS,
      "reset_optimizer()\n--\n\nForget the optimizer's moments and step count."},
     {"init_parameters", (PyCFunction)(void (*)(void))Model_init_parameters,

@@ -49,19 +49,62 @@ static const float *stage_rows(const hvae_model *m, const hvae_workspace *ws,
     return ws->x;
 }
 
+/* Gathers, for data-parallel training, the rows of the minibatch
+ * start .. start + B - 1 of `order` (all rows when NULL) that this process
+ * holds, global rows first .. first + n - 1 at x, into the workspace (each
+ * repeated S times), and moves their noise rows to the same positions.
+ * Returns how many it holds. */
+static int64_t stage_shard_rows(const hvae_model *m, const hvae_workspace *ws,
+                                const float *x, const float *cond,
+                                const int64_t *order, int64_t start, int64_t B,
+                                int64_t S, int64_t first, int64_t n)
+{
+    int64_t D = m->config.n_features, C = m->config.n_conditions;
+    int64_t k = 0;
+    for (int64_t j = 0; j < B; j++) {
+        int64_t g = order ? order[start + j] : start + j;
+        if (g < first || g >= first + n)
+            continue;
+        for (int64_t s = 0; s < S; s++) {
+            memcpy(ws->x + (k * S + s) * D, x + (g - first) * D, (size_t)D * sizeof(float));
+            if (C > 0)
+                memcpy(ws->cond + (k * S + s) * C, cond + (g - first) * C,
+                       (size_t)C * sizeof(float));
+        }
+        if (k != j)
+            for (int32_t i = 0; i < m->config.n_layers; i++) {
+                int64_t d = m->latent_dims[i];
+                float *e = ws_eps(ws, i);
+                memmove(e + k * S * d, e + j * S * d, (size_t)(S * d) * sizeof(float));
+            }
+        k++;
+    }
+    return k;
+}
+
+typedef struct {
+    hvae_reduce_hook fn; /* NULL: one process */
+    void *ctx;
+} reducer;
+
 /* Forward and backward over B data rows times S draws staged at xb, with
  * gradients scaled so that a full loss over n_total data rows accumulates.
- * Adds the rows' sums (per data row, draws averaged) to `sums`. */
-static void objective_step(hvae_model *m, const hvae_workspace *ws,
-                           const float *xb, const float *cb,
-                           const float *const *noise, int64_t B,
-                           const hvae_objective_options *o, double n_total,
-                           hvae_epoch_stats *sums)
+ * Adds the rows' sums (per data row, draws averaged) to `sums`. B may be 0
+ * (a data-parallel process holding none of a minibatch's rows). With free
+ * bits, the layers' minibatch-mean KL terms are summed over the processes
+ * by `red` first, so that every process floors the same layers. Returns
+ * nonzero when the reduction stopped the work. */
+static int objective_step(hvae_model *m, const hvae_workspace *ws,
+                          const float *xb, const float *cb,
+                          const float *const *noise, int64_t B,
+                          const hvae_objective_options *o, double n_total,
+                          const reducer *red, hvae_epoch_stats *sums)
 {
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, R = B * S;
     int iwae = o->objective == HVAE_OBJECTIVE_IWAE;
-    hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
+    if (R > 0)
+        hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
 
     double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0};
     for (int64_t r = 0; r < R; r++)
@@ -70,13 +113,23 @@ static void objective_step(hvae_model *m, const hvae_workspace *ws,
         for (int64_t r = 0; r < R; r++)
             kl_sum[i] += ws->kl[i * ws->max_rows + r];
 
+    /* Free bits compare each layer's KL, averaged over the minibatch, with
+     * the floor: over every process's rows. */
+    int free_bits = !iwae && o->free_bits > 0.0f;
+    double batch_kl[HVAE_MAX_LAYERS + 1];
+    for (int32_t i = 0; i < T; i++)
+        batch_kl[i] = kl_sum[i];
+    batch_kl[T] = (double)R;
+    if (free_bits && red->fn && red->fn(red->ctx, NULL, 0, batch_kl, T + 1))
+        return 1;
+
     float kl_weight[HVAE_MAX_LAYERS];
     double kl_total = 0.0, penalty = 0.0;
     for (int32_t i = 0; i < T; i++) {
-        double mean = kl_sum[i] / (double)R;
+        double mean = batch_kl[T] > 0.0 ? batch_kl[i] / batch_kl[T] : 0.0;
         /* Free bits: a layer whose batch-mean KL is under the floor counts
          * as the floor and receives no KL gradient. */
-        int floored = !iwae && o->free_bits > 0.0f && mean < (double)o->free_bits;
+        int floored = free_bits && mean < (double)o->free_bits;
         kl_weight[i] = iwae ? 1.0f : floored ? 0.0f : o->beta;
         penalty += (iwae ? 1.0 : (double)o->beta) * (floored ? o->free_bits : mean);
         kl_total += kl_sum[i];
@@ -104,12 +157,15 @@ static void objective_step(hvae_model *m, const hvae_workspace *ws,
                     (float)(exp(ws->lse_sum[b * S + s] - mx) / total / n_total);
             objective += mx + log(total) - log((double)S);
         }
-        hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
+        if (R > 0)
+            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
-        hvae_backward(m, ws, xb, cb, noise, R, (float)(1.0 / (n_total * (double)S)),
-                      NULL, kl_weight, 0);
+        if (R > 0)
+            hvae_backward(m, ws, xb, cb, noise, R, (float)(1.0 / (n_total * (double)S)),
+                          NULL, kl_weight, 0);
+        /* The penalty is per data row: this process's share of it. */
         sums->loss += -(rec / (double)S - penalty * (double)B);
     }
     sums->objective += objective;
@@ -118,6 +174,7 @@ static void objective_step(hvae_model *m, const hvae_workspace *ws,
     for (int32_t i = 0; i < T; i++)
         sums->kl[i] += kl_sum[i] / (double)S;
     sums->n_rows += B;
+    return 0;
 }
 
 static void scale_sums(hvae_epoch_stats *s, double factor, int32_t T)
@@ -184,7 +241,8 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
             noise[i] = eps ? eps[i] + r0 * S * m->latent_dims[i] : ws_eps(ws, i);
         if (!eps)
             hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, S, noise_seed);
-        objective_step(m, ws, xb, cb, noise, B, o, (double)n, stats);
+        static const reducer none = {NULL, NULL};
+        objective_step(m, ws, xb, cb, noise, B, o, (double)n, &none, stats);
         stats->n_batches++;
     }
     scale_sums(stats, 1.0 / (double)n, T);
@@ -199,7 +257,35 @@ hvae_train_options hvae_train_options_default(void)
     o.shuffle = 1;
     o.hook = NULL;
     o.hook_ctx = NULL;
+    o.n_global = 0;
+    o.shard_start = 0;
+    o.reduce = NULL;
+    o.reduce_ctx = NULL;
     return o;
+}
+
+/* The loss terms of a minibatch as the doubles a reduction sums. */
+static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, double *v)
+{
+    v[0] = s->loss;
+    v[1] = s->objective;
+    v[2] = s->elbo;
+    v[3] = s->reconstruction;
+    v[4] = (double)s->n_rows;
+    for (int32_t i = 0; i < T; i++)
+        v[5 + i] = s->kl[i];
+    return 5 + T;
+}
+
+static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
+{
+    s->loss = v[0];
+    s->objective = v[1];
+    s->elbo = v[2];
+    s->reconstruction = v[3];
+    s->n_rows = (int64_t)v[4];
+    for (int32_t i = 0; i < T; i++)
+        s->kl[i] = v[5 + i];
 }
 
 hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
@@ -208,33 +294,63 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
                              int64_t *order, const hvae_train_options *o,
                              hvae_epoch_stats *stats)
 {
-    if (!m || !ws || ws->model != m || !opt || !rng || !x || n < 1 || !o ||
-        !stats || (o->shuffle && !order) || o->batch_size < 1 ||
-        !objective_is_valid(&o->objective) || (m->config.n_conditions > 0 && !cond))
+    int parallel = o && o->n_global > 0;
+    if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
+        o->batch_size < 1 || !objective_is_valid(&o->objective))
         return HVAE_ERR_INVALID_ARGUMENT;
-    int64_t S = o->objective.n_samples;
+    /* One process needs rows; a data-parallel one may hold none. */
+    if (parallel ? (!o->reduce || n < 0 || o->shard_start < 0 ||
+                    o->shard_start > o->n_global - n)
+                 : n < 1)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if ((n > 0 && (!x || (m->config.n_conditions > 0 && !cond))) || (o->shuffle && !order))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
     if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
     int32_t T = m->config.n_layers;
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
         noise[i] = ws_eps(ws, i);
+    reducer red = {parallel ? o->reduce : NULL, o->reduce_ctx};
     memset(stats, 0, sizeof *stats);
     if (o->shuffle)
-        hvae_rng_permutation(rng, order, n);
+        hvae_rng_permutation(rng, order, N);
 
     hvae_status status = HVAE_OK;
-    for (int64_t start = 0; start < n; start += o->batch_size) {
-        int64_t B = n - start < o->batch_size ? n - start : o->batch_size;
-        const float *cb;
-        const float *xb = stage_rows(m, ws, x, cond, o->shuffle ? order : NULL, start,
-                                     B, S, &cb);
+    for (int64_t start = 0; start < N; start += o->batch_size) {
+        int64_t B = N - start < o->batch_size ? N - start : o->batch_size;
+        /* Every process draws the whole minibatch's noise, so each row
+         * gets the same draws wherever it is held. */
         for (int32_t i = 0; i < T; i++)
             hvae_rng_normal(rng, ws_eps(ws, i), B * S * m->latent_dims[i]);
+        const int64_t *rows = o->shuffle ? order : NULL;
+        const float *cb, *xb;
+        int64_t held = B;
+        if (parallel) {
+            held = stage_shard_rows(m, ws, x, cond, rows, start, B, S, o->shard_start, n);
+            xb = ws->x;
+            cb = m->config.n_conditions > 0 ? ws->cond : NULL;
+        } else {
+            xb = stage_rows(m, ws, x, cond, rows, start, B, S, &cb);
+        }
         memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
-        objective_step(m, ws, xb, cb, noise, B, &o->objective, (double)B, &batch);
+        if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
+                           &batch)) {
+            status = HVAE_ERR_STOPPED;
+            break;
+        }
+        if (parallel) {
+            double v[5 + HVAE_MAX_LAYERS];
+            int64_t nv = pack_sums(&batch, T, v);
+            if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv)) {
+                status = HVAE_ERR_STOPPED;
+                break;
+            }
+            unpack_sums(v, T, &batch);
+        }
         batch.n_batches = 1;
         if (!isfinite(batch.loss) || !hvae_all_finite(m->grads, m->n_params)) {
             status = HVAE_ERR_NONFINITE_LOSS;

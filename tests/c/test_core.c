@@ -647,6 +647,151 @@ static void test_training_errors(void)
     free_model(&f);
 }
 
+typedef struct {
+    int calls, stop_at;
+    int64_t n_values[2]; /* values per call: free bits' layer means, sums */
+} reduce_state;
+
+/* One process: summing over itself leaves everything as it is. */
+static int identity_reduce(void *ctx, float *grads, int64_t n_grads, double *values,
+                           int64_t n_values)
+{
+    reduce_state *r = ctx;
+    r->calls++;
+    r->n_values[grads != NULL] = n_values;
+    (void)n_grads;
+    (void)values;
+    return r->stop_at > 0 && r->calls >= r->stop_at;
+}
+
+/* Trains one epoch from a fresh model, data-parallel or not; returns its
+ * parameters (malloc'd). */
+static float *train_epoch_once(int parallel, int64_t n_global, int64_t shard_start,
+                               int64_t n, float free_bits, reduce_state *r,
+                               hvae_status *status, hvae_epoch_stats *stats)
+{
+    const int64_t D = 8;
+    int64_t latent[2] = {4, 2}, hidden[1] = {16};
+    fixture f;
+    *status = make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
+                         HVAE_ACT_RELU, 16, 3);
+    if (*status != HVAE_OK)
+        return NULL;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    hvae_optimizer *opt = NULL;
+    *status = hvae_optimizer_create(f.model, &oc, &opt);
+    float *x = make_data(64, D, 1);
+    int64_t order[64];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 77);
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 16;
+    to.objective.free_bits = free_bits;
+    if (parallel) {
+        to.n_global = n_global;
+        to.shard_start = shard_start;
+        to.reduce = identity_reduce;
+        to.reduce_ctx = r;
+    }
+    if (*status == HVAE_OK)
+        *status = hvae_train_epoch(f.model, f.ws, opt, &rng, x + shard_start * D, NULL, n,
+                                   order, &to, stats);
+    int64_t P = hvae_model_n_params(f.model);
+    float *params = malloc((size_t)P * sizeof(float));
+    memcpy(params, hvae_model_params(f.model), (size_t)P * sizeof(float));
+    hvae_optimizer_free(opt);
+    free(x);
+    free_model(&f);
+    return params;
+}
+
+static void test_data_parallel(void)
+{
+    current_test = "data_parallel";
+    int64_t latent[2] = {4, 2}, hidden[1] = {16};
+    hvae_config c = hvae_config_default(8, 2, latent, 1, hidden);
+    c.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
+    hvae_model *probe = NULL;
+    CHECK_STATUS(hvae_model_create(&c, &probe), HVAE_OK);
+    int64_t P = probe ? hvae_model_n_params(probe) : 0;
+    hvae_model_free(probe);
+
+    /* One process holding every row trains exactly as without parallelism:
+     * the same rows, noise and sums, one reduction per step. */
+    hvae_status st_a, st_b;
+    hvae_epoch_stats sa, sb;
+    reduce_state r = {0, 0, {0, 0}};
+    float *a = train_epoch_once(0, 0, 0, 64, 0.0f, NULL, &st_a, &sa);
+    float *b = train_epoch_once(1, 64, 0, 64, 0.0f, &r, &st_b, &sb);
+    CHECK(st_a == HVAE_OK && st_b == HVAE_OK);
+    CHECK(a && b && memcmp(a, b, (size_t)P * sizeof(float)) == 0);
+    CHECK(sa.elbo == sb.elbo && sa.n_rows == 64 && sb.n_rows == 64 && sb.n_batches == 4);
+    CHECK(r.calls == 4 && r.n_values[1] == 5 + 2 && r.n_values[0] == 0);
+    free(a);
+    free(b);
+
+    /* Free bits add one reduction of the layers' KL sums per step. */
+    reduce_state rf = {0, 0, {0, 0}};
+    a = train_epoch_once(0, 0, 0, 64, 0.5f, NULL, &st_a, &sa);
+    b = train_epoch_once(1, 64, 0, 64, 0.5f, &rf, &st_b, &sb);
+    CHECK(st_a == HVAE_OK && st_b == HVAE_OK);
+    CHECK(a && b && memcmp(a, b, (size_t)P * sizeof(float)) == 0);
+    CHECK(rf.calls == 8 && rf.n_values[0] == 2 + 1);
+    free(a);
+    free(b);
+
+    /* A process holding rows 10..29 of 64 only computes those rows; with
+     * nobody to sum with, its epoch covers 20 rows in 4 steps. */
+    reduce_state rs = {0, 0, {0, 0}};
+    a = train_epoch_once(1, 64, 10, 20, 0.0f, &rs, &st_a, &sa);
+    CHECK(st_a == HVAE_OK && sa.n_rows == 20 && sa.n_batches == 4 && rs.calls == 4);
+    CHECK(a && all_finite_f(a, P));
+    free(a);
+    /* A process may hold no row at all. */
+    reduce_state r0 = {0, 0, {0, 0}};
+    a = train_epoch_once(1, 64, 5, 0, 0.0f, &r0, &st_a, &sa);
+    CHECK(st_a == HVAE_OK && sa.n_rows == 0 && r0.calls == 4);
+    free(a);
+
+    /* A reduction that fails stops the epoch after the steps before it. */
+    reduce_state stop = {0, 3, {0, 0}};
+    a = train_epoch_once(1, 64, 0, 64, 0.0f, &stop, &st_a, &sa);
+    CHECK(st_a == HVAE_ERR_STOPPED && sa.n_batches == 2 && stop.calls == 3);
+    free(a);
+
+    /* Invalid: no reduction, rows beyond n_global, a negative start. */
+    reduce_state unused = {0, 0, {0, 0}};
+    struct { int64_t n_global, start, n; int with_reduce; } bad[] = {
+        {64, 0, 64, 0}, {64, 60, 10, 1}, {64, -1, 10, 1}, {10, 0, 64, 1}};
+    for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
+        const int64_t D = 8;
+        fixture f;
+        CHECK_STATUS(make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
+                                HVAE_ACT_RELU, 16, 3), HVAE_OK);
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        hvae_optimizer *opt = NULL;
+        CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_OK);
+        float *x = make_data(64, D, 1);
+        int64_t order[64];
+        hvae_rng rng;
+        hvae_rng_seed(&rng, 1);
+        hvae_train_options to = hvae_train_options_default();
+        to.batch_size = 16;
+        to.n_global = bad[k].n_global;
+        to.shard_start = bad[k].start;
+        to.reduce = bad[k].with_reduce ? identity_reduce : NULL;
+        to.reduce_ctx = &unused;
+        hvae_epoch_stats stats;
+        CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, bad[k].n, order,
+                                      &to, &stats), HVAE_ERR_INVALID_ARGUMENT);
+        CHECK(*hvae_optimizer_step_count(opt) == 0);
+        hvae_optimizer_free(opt);
+        free(x);
+        free_model(&f);
+    }
+    CHECK(unused.calls == 0);
+}
+
 static void test_optimizer_formulas(void)
 {
     current_test = "optimizer_formulas";
@@ -871,6 +1016,7 @@ int main(void)
     test_gradient();
     test_training();
     test_training_errors();
+    test_data_parallel();
     test_optimizer_formulas();
     test_rng();
     test_kernels();
