@@ -54,6 +54,13 @@ memory
     10000-row views of X under tracemalloc show whether any NumPy-level copy
     of X is made: a copy would grow the traced peak with the rows; a
     fixed-size allocation does not.
+mpi (hvae only)
+    W2 trained data-parallel by ``mpirun -n P python bench/mpi.py`` for P = 1
+    and 2, one BLAS thread per process, global batch 128: samples/s (median
+    epoch), the time a rank spends in the per-step reductions (waiting for
+    the slower rank included), and one Allreduce of the gradient buffer
+    alone after a barrier, times the steps, as the communication share.
+    Skipped when mpirun or mpi4py is missing.
 scaling (hvae only)
     Epoch time on the first 10k/30k/60k rows of W2's data for T = 1..4
     (W2's hidden dims, latent dims (32,), (32, 16), (32, 16, 8),
@@ -110,10 +117,10 @@ SCALING_LATENT_DIMS = ((32,), (32, 16), (32, 16, 8), (32, 16, 8, 4))
 # Sizes of the --quick smoke run: tiny subsets, one timed epoch.
 QUICK = dict(n_train=256, n_test=128, scaling_rows=(256, 512), thread_rows=256,
              memory_rows=2048, tracemalloc_rows=1024, gemm_steps=5, gemm_repeats=2,
-             inference_repeats=1)
+             inference_repeats=1, mpi_rows=1024)
 FULL = dict(n_train=None, n_test=None, scaling_rows=(10000, 30000, 60000), thread_rows=20000,
             memory_rows=None, tracemalloc_rows=10000, gemm_steps=20, gemm_repeats=20,
-            inference_repeats=3)
+            inference_repeats=3, mpi_rows=None)
 
 
 # -- the machine -------------------------------------------------------------
@@ -828,6 +835,49 @@ def thread_speedup(workload, n_rows, n_epochs, n_warmup, thread_counts=(1, 2),
     return result
 
 
+def mpi_scaling(n_rows, n_epochs, n_warmup, process_counts=(1, 2), timeout=1800):
+    """W2 data-parallel over MPI (bench/mpi.py under mpirun), one thread per
+    process: samples/s, the reductions' share of an epoch and one Allreduce
+    of the gradient alone. None with the reason when mpirun or mpi4py is
+    missing."""
+    import shutil
+
+    if shutil.which("mpirun") is None:
+        return {"skipped": "mpirun not found (Debian: apt-get install openmpi-bin)"}
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return {"skipped": "mpi4py not installed (pip install 'hvae[mpi]')"}
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    result = {"workload": "W2", "threads_per_process": 1, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for P in process_counts:
+            out = Path(tmp) / f"mpi{P}.json"
+            command = ["mpirun", "-n", str(P), sys.executable, str(BENCH_DIR / "mpi.py"),
+                       "--epochs", str(n_epochs), "--warmup", str(n_warmup), "--threads", "1",
+                       "--json", str(out)]
+            if n_rows is not None:
+                command += ["--rows", str(n_rows)]
+            meter = LoadMeter()
+            run = subprocess.run(command, env=env, capture_output=True, text=True,
+                                 timeout=timeout)
+            if run.returncode != 0:
+                result["runs"][str(P)] = {"failed": run.stderr[-2000:]}
+                continue
+            cell = json.loads(out.read_text())
+            # This process is idle meanwhile: all CPU time not mpirun's
+            # children is foreign, but the meter cannot tell them apart.
+            cell["machine_cpu"] = meter.foreign_share()
+            result["runs"][str(P)] = cell
+    runs = result["runs"]
+    if all("samples_per_s" in runs.get(str(P), {}) for P in process_counts):
+        base = runs[str(process_counts[0])]["samples_per_s"]
+        result["speedup"] = {str(P): runs[str(P)]["samples_per_s"] / base
+                             for P in process_counts}
+    return result
+
+
 # -- the report --------------------------------------------------------------
 
 
@@ -928,6 +978,26 @@ def format_report(results):
                                                for k, s in threads[lib]["epoch_seconds"].items())
                          + f" (speedup {threads[lib]['speedup']:.2f}x)"
                          for lib in ("hvae", "peer")))
+    mpi = results.get("mpi")
+    if mpi:
+        lines.append("")
+        if "skipped" in mpi:
+            lines.append(f"MPI: skipped ({mpi['skipped']})")
+        else:
+            lines.append(f"MPI data-parallel {mpi['workload']} (global batch 128, 1 thread per "
+                         "process):")
+            for P, cell in mpi["runs"].items():
+                if "failed" in cell:
+                    lines.append(f"  {P} process(es): FAILED")
+                    continue
+                share = max(cell["reduce_share"])
+                lines.append(
+                    f"  {P} process(es): {_fmt_rate(cell['samples_per_s'])} samples/s "
+                    f"(speedup {mpi.get('speedup', {}).get(P, float('nan')):.2f}x); "
+                    f"{1e3 * cell['step_seconds']:.2f} ms/step; one Allreduce of "
+                    f"{cell['allreduce_bytes'] / 2**20:.1f} MB {1e3 * cell['allreduce_seconds']:.2f}"
+                    f" ms = {100 * cell['communication_share']:.1f}% of a step; time in the "
+                    f"reductions (waiting included) up to {100 * share:.0f}%")
     return "\n".join(lines)
 
 
@@ -1014,6 +1084,10 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
             "threads": thread_speedup(w2, sizes["thread_rows"], n_epochs, n_warmup,
                                       thread_counts=(1, max(2, n_threads)), noise=noise),
         }
+        if wait_quiet:
+            wait_for_quiet(wait_quiet)
+        say("MPI ...")
+        results["mpi"] = mpi_scaling(sizes["mpi_rows"], n_epochs, n_warmup)
     torch.set_num_threads(torch_threads_before)
     for w in results["workloads"]:
         w.pop("models", None)

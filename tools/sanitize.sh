@@ -85,8 +85,9 @@ if [ "$#" -eq 0 ]; then
     # (those check threading and timing, which these sanitizers do not).
     set -- tests/test_fuzz.py tests/test_load_hostile.py tests/test_faults.py \
         tests/test_model.py tests/test_model_family.py tests/test_kernels.py \
-        tests/test_gradients.py tests/test_elbo_reference.py \
+        tests/test_gradients.py tests/test_elbo_reference.py tests/test_distributed.py \
         -k "not snapshots_of_a_fitting and not estimator_calls_during_its_fit \
+and not aborted_by_other_threads \
 and not calls_on_a_fitting_model and not across_processes and not another_process \
 and not conditional_digit_samples and not concurrent_calls_on_one_model \
 and not gil_is_released"

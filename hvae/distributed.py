@@ -1,0 +1,223 @@
+"""Data-parallel training over MPI (mpi4py), for ``fit(X, comm=...)``.
+
+Every process (rank) holds a shard of the rows and runs the same fit: the
+same parameters, optimizer state and random generator on every rank, the
+same order of all the rows and the same noise draws. Each step, a rank
+computes the loss and gradient of the rows of the global minibatch that it
+holds (scaled for the whole minibatch), and one Allreduce over the flat
+gradient buffer (straight from the C buffer, no copy) sums them, so every
+rank applies the same Adam step. The result equals one process holding
+all the rows with the same ``batch_size`` and seed, up to float rounding.
+
+A typical script, run with ``mpirun -n 4 python train.py``::
+
+    from mpi4py import MPI
+    import numpy as np
+    import hvae
+
+    comm = MPI.COMM_WORLD
+    X = np.load("data.npy", mmap_mode="r")           # every rank maps the file
+    X_local = X[hvae.distributed.shard_rows(len(X), comm)]  # ... and reads its rows
+    vae = hvae.HierarchicalVAE(latent_dims=(32,), n_threads=1, random_state=0)
+    vae.fit(X_local, comm=comm)
+    if comm.rank == 0:
+        vae.save("model.npz")
+
+mpi4py is an optional dependency (``pip install hvae[mpi]``); hvae imports
+it only when a communicator is passed.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["DistributedError", "Session", "shard_rows"]
+
+
+class DistributedError(RuntimeError):
+    """The processes of a data-parallel fit disagree (data widths, settings)."""
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        raise ImportError("data-parallel training needs mpi4py and an MPI library "
+                          "(pip install 'hvae[mpi]'; Debian: apt-get install "
+                          "openmpi-bin)") from exc
+    return MPI
+
+
+def shard_rows(n_rows, comm):
+    """The rows of ``n_rows`` that rank ``comm.rank`` holds: a slice.
+
+    Contiguous blocks, in rank order, as equal as possible (sizes differ by
+    at most one), so that rank r holds rows r * n / P .. (r + 1) * n / P.
+    Slicing an ``np.memmap`` or an h5py dataset with it reads only those rows.
+    """
+    n_rows, size, rank = int(n_rows), comm.Get_size(), comm.Get_rank()
+    if n_rows < size:
+        raise ValueError(f"{n_rows} rows cannot be shared by {size} processes: "
+                         f"every process needs at least one row")
+    return slice(rank * n_rows // size, (rank + 1) * n_rows // size)
+
+
+class _Watchdog:
+    """Aborts the MPI job when a collective call outlives its deadline.
+
+    A blocking MPI call cannot be interrupted from Python, and its
+    nonblocking form is several times slower for large buffers (Open MPI's
+    libnbc), so a daemon thread watches the deadline instead: arming and
+    disarming it costs two assignments per step. When it fires it writes why
+    to stderr and calls MPI_Abort, which ends every process of the job with
+    that message instead of leaving them hanging.
+    """
+
+    def __init__(self, comm, timeout):
+        self.comm = comm
+        self.timeout = timeout
+        self.deadline = None
+        self.what = ""
+        self.thread = None
+
+    def _watch(self):
+        import sys
+        import threading
+
+        while threading.main_thread().is_alive():
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                sys.stderr.write(
+                    f"hvae.distributed: rank {self.comm.Get_rank()} of {self.comm.Get_size()}: "
+                    f"{self.what} did not complete within {self.timeout:g} s: another rank "
+                    f"has probably died, hangs or stopped training (its own error, if "
+                    f"any, is in its output). Aborting the MPI job.\n")
+                sys.stderr.flush()
+                self.comm.Abort(70)
+                return
+            time.sleep(min(0.1, self.timeout / 10))
+
+    def arm(self, what):
+        if self.thread is None:
+            import threading
+
+            self.thread = threading.Thread(target=self._watch, name="hvae-mpi-watchdog",
+                                           daemon=True)
+            self.thread.start()
+        self.what = what
+        self.deadline = time.monotonic() + self.timeout
+
+    def disarm(self):
+        self.deadline = None
+
+
+class Session:
+    """One data-parallel fit: the communicator, the checks that all ranks
+    agree, and the reduction the C core calls every step.
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm
+        The processes that train together (usually ``MPI.COMM_WORLD``).
+    timeout : float
+        Seconds any collective call may wait for the other ranks; past it,
+        the rank writes why to stderr and aborts the MPI job (MPI_Abort), so
+        that a dead or hung rank never leaves the others waiting forever.
+    """
+
+    def __init__(self, comm, timeout=300.0):
+        MPI = _mpi()
+        if not isinstance(comm, MPI.Comm):
+            raise TypeError(f"comm must be an mpi4py communicator (e.g. MPI.COMM_WORLD); "
+                            f"got {type(comm).__name__}")
+        timeout = float(timeout)
+        if not timeout > 0:
+            raise ValueError(f"comm_timeout must be > 0 seconds; got {timeout}")
+        self.MPI = MPI
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.timeout = timeout
+        self.watchdog = _Watchdog(comm, timeout)
+        self.n_reductions = 0
+        self.reduce_seconds = 0.0
+
+    def _allreduce(self, array, what):
+        self.watchdog.arm(what)
+        try:
+            self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
+        finally:
+            self.watchdog.disarm()
+
+    def reduce(self, grads, values):
+        """The C core's reduction: sums ``values`` (float64) and ``grads``
+        (float32, the model's gradient buffer itself, or None) over all
+        ranks, in place."""
+        t0 = time.perf_counter()
+        self._allreduce(values, "the Allreduce of a step's loss terms")
+        if grads is not None:
+            self._allreduce(grads, "the Allreduce of a step's gradient")
+        self.n_reductions += 1
+        self.reduce_seconds += time.perf_counter() - t0
+
+    def allgather(self, value, what="exchanging settings"):
+        """Every rank's picklable value, in rank order (with the deadline)."""
+        import pickle
+
+        payload = np.frombuffer(pickle.dumps(value), dtype=np.uint8)
+        sizes = np.zeros(self.size, dtype=np.int64)
+        sizes[self.rank] = payload.size
+        self._allreduce(sizes, what)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        buffer = np.zeros(int(offsets[-1]), dtype=np.uint8)
+        buffer[offsets[self.rank]:offsets[self.rank + 1]] = payload
+        self._allreduce(buffer, what)
+        return [pickle.loads(buffer[offsets[r]:offsets[r + 1]].tobytes())
+                for r in range(self.size)]
+
+    def bcast(self, value, what="broadcasting the model"):
+        """Rank 0's value on every rank."""
+        return self.allgather(value if self.rank == 0 else None, what)[0]
+
+    def sum(self, values, what="summing validation terms"):
+        """Elementwise float64 sums of ``values`` over the ranks."""
+        array = np.array(values, dtype=np.float64)
+        self._allreduce(array, what)
+        return array
+
+    def any(self, flag, what="agreeing to stop"):
+        """True on every rank when ``flag`` is true on some rank."""
+        return bool(self.sum([1.0 if flag else 0.0], what)[0] > 0)
+    # ---- agreement --------------------------------------------------------------
+
+    def check(self, error, what):
+        """Raises on every rank when some rank's ``error`` (an exception or
+        None) is set: the failing rank re-raises its own, the others a
+        ValueError naming the ranks and their messages."""
+        messages = self.allgather(None if error is None else f"{type(error).__name__}: "
+                                  f"{error}", what)
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if not failed:
+            return
+        if error is not None:
+            raise error
+        detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        raise ValueError(f"data-parallel fit: {what} failed on another rank ({detail}); "
+                         f"every rank stops before training")
+
+    def check_same(self, value, what):
+        """Raises on every rank unless ``value`` is equal on all of them."""
+        values = self.allgather(value, what)
+        differing = [r for r, v in enumerate(values) if v != values[0]]
+        if differing:
+            raise DistributedError(
+                f"data-parallel fit: {what} differ between ranks (rank 0: {values[0]!r}; "
+                + "; ".join(f"rank {r}: {values[r]!r}" for r in differing)
+                + "); every rank must make the same call")
+
+    def shard(self, n_local):
+        """(n_global, shard_start) for this rank's n_local rows, which
+        follow the rows of the lower ranks."""
+        counts = self.allgather(int(n_local), "counting the rows")
+        return sum(counts), sum(counts[:self.rank])
