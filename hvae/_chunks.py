@@ -7,11 +7,11 @@ slices without loading everything -- ``np.memmap``, ``h5py.Dataset``,
 validates each chunk before anyone trains on it. The estimator trains one
 :meth:`hvae.Model.fit` pass per block.
 
-Memory stays bounded by the chunk: the buffer, the slice an array-like
-returns before it is converted, and a boolean mask for the finite check. For
-an ``np.memmap``, the pages a chunk was copied from are dropped from the
-process (``madvise(MADV_DONTNEED)``) once it is copied: they would otherwise
-stay mapped and count in its resident set until the whole file were. They
+Memory stays bounded by the chunk: the buffer, and the slice an array-like
+returns before it is converted. For an ``np.memmap``, the chunk is copied a
+few MB at a time, the pages of each piece dropped from the process
+(``madvise(MADV_DONTNEED)``) once copied: they would otherwise stay mapped
+and count in its resident set until the whole file were. They
 stay in the page cache (the kernel's, not the process's), so the next epoch
 reads them without touching the disk when memory allows. Copy-on-write
 memmaps (``mode='c'``) keep their pages: dropping them would discard writes.
@@ -23,6 +23,9 @@ import scipy.sparse as sp
 
 #: Bytes of float32 rows per chunk when ``chunk_size`` is None.
 DEFAULT_CHUNK_BYTES = 64 << 20
+#: A memmap chunk is copied this many bytes at a time, each piece's pages
+#: released before the next is read.
+_PIECE_BYTES = 4 << 20
 
 
 class ChunkError(ValueError):
@@ -159,15 +162,22 @@ class ChunkedRows:
         if part.shape != out.shape:
             raise ChunkError(f"{self.name}[{first}:{end}] gave an array of shape {part.shape}; "
                              f"expected {out.shape}")
+        step = len(part)
+        if isinstance(X, np.memmap):
+            step = max(1, _PIECE_BYTES // max(1, self.n_features * part.itemsize))
         # Values beyond float32's range become inf, refused by _check.
         with np.errstate(over="ignore", invalid="ignore"):
-            np.copyto(out, part, casting="unsafe")
-        if isinstance(X, np.memmap):
-            _drop_pages(part)
+            for row in range(0, len(part), step):
+                piece = part[row:row + step]
+                np.copyto(out[row:row + step], piece, casting="unsafe")
+                if isinstance(X, np.memmap):
+                    _drop_pages(piece)
 
     def _check(self, first, end, block):
         where = f"rows {first}:{end} of {self.name}"
-        if not np.isfinite(block).all():
+        # A float64 sum of float32 values is finite exactly when they all are
+        # (it cannot overflow), and needs no mask of the chunk's size.
+        if not np.isfinite(np.sum(block, dtype=np.float64)):
             raise ChunkError(f"{where} contain NaN or infinity (or values beyond float32's "
                              "range)")
         if self.bernoulli and (block.min() < 0.0 or block.max() > 1.0):

@@ -282,6 +282,19 @@ def test_a_bad_chunk_raises_naming_its_rows_and_keeps_the_training_before_it(dat
         check_is_fitted(fresh)
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, 1e39, -1e300])
+def test_infinite_values_and_values_beyond_float32_are_refused(data, tmp_path, value):
+    X = data[0][:1000].astype(np.float64)
+    X[700, 1] = value
+    path = tmp_path / "X.f64"
+    X.tofile(path)
+    X = np.memmap(path, dtype=np.float64, mode="r", shape=X.shape)
+    vae = small_vae(likelihood="gaussian", shuffle=False)
+    with pytest.raises(ValueError, match="rows 640:960 of X contain NaN or infinity"):
+        vae.partial_fit(X)
+    assert vae.history_["n_batches"] == [10]  # chunks 0 and 1 trained
+
+
 def test_shape_and_dtype_are_checked_before_any_work(memmap, tmp_path):
     vae = small_vae()
     with pytest.raises(ValueError, match="2D"):
