@@ -194,9 +194,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         order drawn by the model's generator. With ``shuffle``, epoch e reads
         the chunks in the order
         ``np.random.default_rng([model_.seed, e]).permutation(n_chunks)``,
-        e being the epoch's index in ``history_``. Memory stays bounded by a
-        few chunks, whatever the size of the data: the pages of an
-        ``np.memmap`` are released as each chunk is copied.
+        e being the epoch's index in ``history_``. Memory stays at about one
+        chunk (two for h5py and zarr, whose slices are arrays of their own),
+        whatever the size of the data: the pages of an ``np.memmap`` are
+        released as each chunk is copied.
 
     Attributes
     ----------
