@@ -3,12 +3,15 @@ import math
 import numbers
 import os
 import sys
+import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like, chunk_order,
+                      default_chunk_size, is_out_of_core)
 from ._native import MAX_HIDDEN, MAX_LAYERS, Model
 
 _LIKELIHOODS = ("gaussian", "bernoulli")
@@ -20,6 +23,7 @@ _OBJECTIVES = ("elbo", "iwae")
 _HISTORY_KEYS = ("loss", "objective", "elbo", "reconstruction", "kl", "beta", "seconds",
                  "n_batches")
 _VALIDATION_KEYS = ("val_elbo", "val_reconstruction", "val_kl")
+_MEAN_KEYS = ("loss", "objective", "elbo", "reconstruction")
 
 
 def _one_hot(labels, classes):
@@ -31,6 +35,35 @@ def _one_hot(labels, classes):
     C = np.zeros((len(labels), len(classes)), dtype=np.float32)
     C[np.arange(len(labels)), codes] = 1.0
     return C
+
+
+def _is_labels(y):
+    """Whether y (an ndarray) holds class labels rather than condition rows."""
+    return y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1
+                           and not np.issubdtype(y.dtype, np.floating))
+
+
+def _pass_record(block_records, beta, seconds=None):
+    """The history_ record of a pass from its blocks' Model.fit records:
+    per-row averages (the blocks' averages weighted by their rows), summed
+    minibatches and rows."""
+    if len(block_records) == 1:
+        record = dict(block_records[0])
+    else:
+        n_rows = sum(r["n_rows"] for r in block_records)
+        weights = [r["n_rows"] / n_rows for r in block_records]
+        record = {key: math.fsum(w * r[key] for w, r in zip(weights, block_records))
+                  for key in _MEAN_KEYS}
+        record["kl"] = [math.fsum(w * r["kl"][i] for w, r in zip(weights, block_records))
+                        for i in range(len(block_records[0]["kl"]))]
+        record["n_batches"] = sum(r["n_batches"] for r in block_records)
+        record["n_rows"] = n_rows
+        record["seconds"] = math.fsum(r["seconds"] for r in block_records)
+        record["complete"] = all(r["complete"] for r in block_records)
+    if seconds is not None:
+        record["seconds"] = seconds
+    record["beta"] = beta
+    return record
 
 
 def _available_cores():
@@ -66,6 +99,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     reparameterised sample per data point, by minibatch Adam (or SGD).
     ``latent_dims=(d,)`` is the ordinary VAE.
 
+    ``fit`` trains on an array in memory, or reads data that do not fit in
+    memory (``np.memmap``, ``h5py.Dataset``, ``zarr.Array``) chunk by chunk;
+    ``partial_fit`` trains one pass over the rows it is given, for training
+    loops that stream the data themselves.
+
     Parameters
     ----------
     latent_dims : int or tuple of int, default=(16,)
@@ -82,7 +120,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         'learned' gives every Gaussian decoder a log-variance head; 'unit'
         fixes those variances to 1.
     n_epochs : int, default=30
-        Passes over the data per call to ``fit``.
+        Passes over the data per call to ``fit`` (``partial_fit`` makes one).
     batch_size : int, default=128
         Rows per minibatch (capped at the number of rows).
     learning_rate : float, default=1e-3
@@ -95,7 +133,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     weight_decay : float, default=0.0
         L2 penalty added to the gradient (PyTorch's convention).
     shuffle : bool, default=True
-        Draw a new row order every epoch.
+        Draw a new row order every epoch. For data read in chunks, the chunks
+        are read in a new order every epoch too, and rows are shuffled within
+        each chunk (see ``chunk_size``).
     warm_start : bool, default=False
         When True and the architecture is unchanged, ``fit`` continues
         training the fitted model (parameters, optimizer state, history).
@@ -115,7 +155,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         rows (``X[train_rows]``); passing ``validation_data`` to ``fit``
         instead makes none. With an int ``random_state`` every call to
         ``fit`` holds out the same rows, so warm-started fits never train on
-        them.
+        them. For X read in chunks (see ``chunk_size``) the held-out rows are
+        the last ceil(fraction * n_samples) rows instead, read in chunks too
+        and never copied: shuffle the file beforehand if its order is not
+        random. ``partial_fit`` ignores it.
     early_stopping : bool, default=False
         Stop when the validation ELBO has not improved by more than ``tol``
         for ``n_iter_no_change`` epochs, and when ``fit`` ends (however it
@@ -124,7 +167,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         moments and the random generator stay where the last epoch left them,
         ``history_`` keeps every epoch run and ``n_iter_`` counts them. Needs
         validation rows: ``validation_data``, else ``validation_fraction``,
-        else 0.1 of X as with ``validation_fraction=0.1``.
+        else 0.1 of X as with ``validation_fraction=0.1``. ``partial_fit``
+        ignores it.
     n_iter_no_change : int, default=10
         Epochs without improvement before early stopping stops.
     tol : float, default=1e-4
@@ -136,7 +180,24 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         already holding that epoch (and its validation ELBO). All callbacks
         run every epoch; if any returns ``False``, ``fit`` stops after that
         epoch and returns normally. An exception raised by a callback stops
-        the fit and propagates, with ``history_`` kept.
+        the fit and propagates, with ``history_`` kept. ``partial_fit`` calls
+        them after its pass too (there is nothing for False to stop).
+    chunk_size : int or None, default=None
+        Rows read at a time from data that ``fit`` and ``partial_fit`` read
+        in chunks: an ``np.memmap``, or an array-like that is not an ndarray
+        but has ``shape``, ``dtype`` and ``__getitem__`` (``h5py.Dataset``,
+        ``zarr.Array``). Ignored for data in memory. None takes the rows of
+        about 64 MB of float32, rounded down to a multiple of ``batch_size``
+        (so that only the last chunk makes a short minibatch). Every epoch
+        reads each chunk once into one float32 buffer, checks it (NaN,
+        infinity, Bernoulli range) and trains one pass over its rows, in an
+        order drawn by the model's generator. With ``shuffle``, epoch e reads
+        the chunks in the order
+        ``np.random.default_rng([model_.seed, e]).permutation(n_chunks)``,
+        e being the epoch's index in ``history_``. Memory stays at about one
+        chunk (two for h5py and zarr, whose slices are arrays of their own),
+        whatever the size of the data: the pages of an ``np.memmap`` are
+        released as each chunk is copied.
 
     Attributes
     ----------
@@ -145,8 +206,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     history_ : dict of lists
         Per epoch: 'elbo', 'reconstruction' (mean log p(x|z_1)), 'kl' (one
         list of T per-layer mean KL terms per epoch), 'loss' (the training
-        loss, with beta), 'seconds', 'n_batches'. All in nats per sample,
-        averaged over the epoch's minibatches. With validation rows also
+        loss, with beta), 'beta', 'seconds', 'n_batches'. All in nats per
+        sample, averaged over the epoch's rows. A call to ``partial_fit``
+        adds one entry. For data read in chunks, 'seconds' includes reading
+        them. With validation rows also
         'val_elbo', 'val_reconstruction' and 'val_kl': the same terms on the
         validation rows at the end of the epoch (deterministic, as in
         ``score``), NaN for epochs trained without validation rows.
@@ -155,11 +218,15 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         parameters the model holds (the best validation ELBO of the last
         fit); None otherwise.
     n_iter_ : int
-        Epochs trained so far (all fit calls of a warm-started model).
+        Epochs trained so far (all fit calls of a warm-started model, and
+        one per ``partial_fit`` call). ``kl_warmup_epochs`` counts these.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of str
         Feature names seen during fit, when X had string column names.
+    classes_ : ndarray or None
+        For a conditional model trained on class labels, the classes (sorted)
+        whose one-hot rows are the conditions; None otherwise.
 
     Examples
     --------
@@ -180,7 +247,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
                  objective="elbo", n_mc_samples=1, n_importance_samples=5,
-                 kl_warmup_epochs=0, free_bits=0.0, conditional=False):
+                 kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -209,6 +276,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.kl_warmup_epochs = kl_warmup_epochs
         self.free_bits = free_bits
         self.conditional = conditional
+        self.chunk_size = chunk_size
 
     # ---- validation ---------------------------------------------------------
 
@@ -273,6 +341,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              "beta must be 1, free_bits 0 and kl_warmup_epochs 0")
         if not isinstance(self.conditional, (bool, np.bool_)):
             raise ValueError(f"conditional must be True or False; got {self.conditional!r}")
+        if self.chunk_size is not None:
+            check_int("chunk_size", self.chunk_size, 1)
 
     def _callbacks(self):
         """The callbacks as a list, validated."""
@@ -351,48 +421,197 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         return C
 
     def _split_validation(self, X, C, classes, validation_data, likelihood):
-        """(X_train, C_train, X_val, C_val): validation_data as given ((X_val, y_val)
-        for a conditional model), or held-out rows; X_val None without validation."""
+        """(X_train, C_train, validation rows or None) of X in memory:
+        validation_data as given ((X_val, y_val) for a conditional model), or
+        held-out rows."""
         fraction = self.validation_fraction
         if validation_data is not None:
             if fraction is not None:
                 raise ValueError("pass either validation_data to fit or validation_fraction, "
                                  "not both")
-            y_val = None
-            if C is not None:
-                if not (isinstance(validation_data, tuple) and len(validation_data) == 2):
-                    raise ValueError("validation_data of a conditional model must be a tuple "
-                                     "(X_val, y_val)")
-                validation_data, y_val = validation_data
-            try:
-                X_val = self._validate_X(validation_data, reset=False, likelihood=likelihood,
-                                         name="validation_data")
-            except ValueError as error:
-                raise ValueError(f"validation_data: {error}") from None
-            C_val = None
-            if C is not None:
-                C_val = (_one_hot(np.asarray(y_val).ravel(), classes) if classes is not None
-                         else check_array(y_val, dtype=np.float32, order="C", input_name="y_val"))
-                if C_val.shape[0] != X_val.shape[0]:
-                    raise ValueError("validation_data: y_val and X_val differ in length")
-            return X, C, X_val, C_val
+            return X, C, self._validation_data_rows(validation_data, C is not None, classes,
+                                                    likelihood)
         if fraction is None and self.early_stopping:
             fraction = 0.1
         if fraction is None:
-            return X, C, None, None
+            return X, C, None
         n = X.shape[0]
-        n_val = math.ceil(fraction * n)
-        if n_val < 1 or n - n_val < 1:
-            raise ValueError(f"validation_fraction={fraction} of {n} rows leaves "
-                             f"{n - n_val} training and {n_val} validation rows; need "
-                             "at least one of each")
+        n_val = self._n_validation_rows(fraction, n)
         # A fresh generator from random_state: with an int, every fit holds
         # out the same rows. Fancy indexing copies; sorted rows keep X's order.
         rows = check_random_state(self.random_state).permutation(n)
         train, val = np.sort(rows[n_val:]), np.sort(rows[:n_val])
         if C is None:
-            return X[train], None, X[val], None
-        return X[train], C[train], X[val], C[val]
+            return X[train], None, InMemoryRows(X[val], None)
+        return X[train], C[train], InMemoryRows(X[val], C[val])
+
+    @staticmethod
+    def _n_validation_rows(fraction, n):
+        n_val = math.ceil(fraction * n)
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"validation_fraction={fraction} of {n} rows leaves "
+                             f"{n - n_val} training and {n_val} validation rows; need "
+                             "at least one of each")
+        return n_val
+
+    def _validation_data_rows(self, validation_data, conditional, classes, likelihood):
+        """validation_data (X_val, or (X_val, y_val) for a conditional model)
+        as rows: in memory, validated whole and used in place; or read in
+        chunks like X."""
+        y_val = None
+        if conditional:
+            if not (isinstance(validation_data, tuple) and len(validation_data) == 2):
+                raise ValueError("validation_data of a conditional model must be a tuple "
+                                 "(X_val, y_val)")
+            validation_data, y_val = validation_data
+        chunked = is_out_of_core(validation_data)
+        if chunked:
+            try:
+                n_val, n_features = check_array_like(validation_data, "validation_data")
+            except ValueError as error:
+                raise ValueError(f"validation_data: {error}") from None
+            if n_features != self.n_features_in_:
+                raise ValueError(f"validation_data: X has {n_features} features, but "
+                                 f"{type(self).__name__} is expecting {self.n_features_in_} "
+                                 "features as input.")
+        else:
+            try:
+                validation_data = self._validate_X(validation_data, reset=False,
+                                                   likelihood=likelihood,
+                                                   name="validation_data")
+            except ValueError as error:
+                raise ValueError(f"validation_data: {error}") from None
+            n_val = validation_data.shape[0]
+        C_val = None
+        if conditional:
+            C_val = (_one_hot(np.asarray(y_val).ravel(), classes) if classes is not None
+                     else check_array(y_val, dtype=np.float32, order="C", input_name="y_val"))
+            if C_val.shape[0] != n_val:
+                raise ValueError("validation_data: y_val and X_val differ in length")
+        if not chunked:
+            return InMemoryRows(validation_data, C_val)
+        return ChunkedRows(validation_data, 0, n_val, self._chunk_size(self.n_features_in_),
+                           conditions=None if C_val is None else (lambda a, b: C_val[a:b]),
+                           bernoulli=likelihood == "bernoulli", name="validation_data")
+
+    def _chunk_size(self, n_features):
+        if self.chunk_size is not None:
+            return int(self.chunk_size)
+        return default_chunk_size(n_features, self.batch_size)
+
+    def _check_n_features(self, n_features, reset):
+        """validate_data's n_features_in_ bookkeeping, for data read in chunks
+        (which have no feature names)."""
+        if reset:
+            self.n_features_in_ = n_features
+            self.__dict__.pop("feature_names_in_", None)
+        elif n_features != self.n_features_in_:
+            raise ValueError(f"X has {n_features} features, but {type(self).__name__} is "
+                             f"expecting {self.n_features_in_} features as input.")
+
+    def _condition_source(self, y, n, new_model, classes=None, infer_classes=True):
+        """(conditions(first, end) or None, classes, n_conditions) for n rows.
+
+        y is class labels (one-hot over the classes: ``classes``, else for a
+        new model np.unique(y) when ``infer_classes``, else ``classes_``) or
+        an (n, n_conditions) array. y is held in memory; one-hot rows are made
+        per chunk, as they are needed.
+        """
+        conditional = bool(self.conditional) if new_model else self.model_.n_conditions > 0
+        if not conditional:
+            return None, None, 0
+        if y is None:
+            raise ValueError("this model is conditional: pass y, class labels of shape "
+                             "(n_samples,) or conditions of shape (n_samples, n_conditions)")
+        y_arr = np.asarray(y)
+        if _is_labels(y_arr):
+            labels = y_arr.ravel()
+            if labels.shape[0] != n:
+                raise ValueError(f"y has {labels.shape[0]} labels but X has {n} rows")
+            if not new_model:
+                if self.classes_ is None:
+                    raise ValueError("this model was fitted with conditions of shape "
+                                     "(n_samples, n_conditions), not class labels; pass y "
+                                     "as such an array")
+                classes = self.classes_
+            elif classes is None:
+                if not infer_classes:
+                    raise ValueError("classes must be passed on the first call to "
+                                     "partial_fit when y holds class labels: all the "
+                                     "classes, so that later calls use the same one-hot "
+                                     "code")
+                classes = np.unique(labels)
+            unknown = ~np.isin(labels, classes)
+            if np.any(unknown):
+                raise ValueError(f"y holds labels not in classes: "
+                                 f"{np.unique(labels[unknown])[:5]}")
+            return (lambda first, end: _one_hot(labels[first:end], classes)), classes, \
+                len(classes)
+        if y_arr.ndim != 2:
+            raise ValueError(f"y must be class labels (n_samples,) or conditions "
+                             f"(n_samples, n_conditions); got shape {y_arr.shape}")
+        if new_model and classes is not None:
+            raise ValueError("classes applies to class labels; y holds conditions of shape "
+                             "(n_samples, n_conditions)")
+        C = check_array(y_arr, dtype=np.float32, order="C", input_name="y")
+        if C.shape[0] != n:
+            raise ValueError(f"y has {C.shape[0]} rows but X has {n}")
+        if not new_model and C.shape[1] != self.model_.n_conditions:
+            raise ValueError(f"y must have shape ({n}, {self.model_.n_conditions}); "
+                             f"got {C.shape}")
+        return (lambda first, end: C[first:end]), None, C.shape[1]
+
+    def _fit_rows(self, X, y, validation_data, continuing, likelihood):
+        """(training rows, validation rows or None, classes, n_conditions) of fit."""
+        if not is_out_of_core(X):
+            X = self._validate_X(X, reset=not continuing)
+            if continuing:
+                C, classes = self._conditions(y, X.shape[0]), self.classes_
+            else:
+                C, classes = self._fit_conditions(y, X.shape[0])
+            X, C, val = self._split_validation(X, C, classes, validation_data, likelihood)
+            return InMemoryRows(X, C), val, classes, 0 if C is None else C.shape[1]
+        n, n_features = check_array_like(X)
+        self._check_n_features(n_features, reset=not continuing)
+        conditions, classes, n_conditions = self._condition_source(y, n, not continuing)
+        chunk_size = self._chunk_size(n_features)
+        bernoulli = likelihood == "bernoulli"
+        n_train, val = n, None
+        fraction = self.validation_fraction
+        if validation_data is not None:
+            if fraction is not None:
+                raise ValueError("pass either validation_data to fit or validation_fraction, "
+                                 "not both")
+            val = self._validation_data_rows(validation_data, n_conditions > 0, classes,
+                                             likelihood)
+        else:
+            if fraction is None and self.early_stopping:
+                fraction = 0.1
+            if fraction is not None:
+                # Random rows would mean random reads: the tail is held out.
+                n_train = n - self._n_validation_rows(fraction, n)
+                val = ChunkedRows(X, n_train, n, chunk_size, conditions, bernoulli)
+        train = ChunkedRows(X, 0, n_train, chunk_size, conditions, bernoulli)
+        return train, val, classes, n_conditions
+
+    def _new_model(self, architecture, n_features, n_conditions):
+        latent, hidden, likelihood, activation, variance, inference = architecture
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        return Model(n_features, latent, hidden, likelihood=likelihood, activation=activation,
+                     decoder_variance=variance, seed=seed, inference=inference,
+                     n_conditions=n_conditions)
+
+    def _fitted_state(self):
+        """The fitted attributes, for _restore_fitted_state."""
+        return {key: value for key, value in self.__dict__.items()
+                if key.endswith("_") and not key.startswith("_")}
+
+    def _restore_fitted_state(self, state):
+        for key in [key for key in self.__dict__
+                    if key.endswith("_") and not key.startswith("_")]:
+            del self.__dict__[key]
+        self.__dict__.update(state)
 
     # ---- fitting -------------------------------------------------------------
 
@@ -403,16 +622,22 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ----------
         X : array-like of shape (n_samples, n_features)
             Training data. A float32 C-contiguous array is used in place
-            (unless ``validation_fraction`` is set: see there).
+            (unless ``validation_fraction`` is set: see there). An
+            ``np.memmap``, ``h5py.Dataset``, ``zarr.Array`` or other
+            array-like that is not an ndarray but has ``shape``, ``dtype``
+            and ``__getitem__`` is read ``chunk_size`` rows at a time (see
+            there), so it need not fit in memory.
         y : None or array-like, default=None
             Ignored, unless ``conditional=True``: then the condition of each
             row, class labels of shape (n_samples,) (one-hot encoded inside
             over ``classes_``) or an array of shape (n_samples, n_conditions).
+            Held in memory also when X is read in chunks.
         validation_data : array-like of shape (n_val, n_features) or None
             Rows whose ELBO is recorded after every epoch in
             ``history_['val_elbo']`` (and used by ``early_stopping``). A
-            float32 C-contiguous array is used in place. Cannot be combined
-            with ``validation_fraction``.
+            float32 C-contiguous array is used in place; data of the kinds
+            that X may be read in chunks are read in chunks too. Cannot be
+            combined with ``validation_fraction``.
 
         Returns
         -------
@@ -422,7 +647,13 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         Raises
         ------
         ValueError
-            For invalid parameters or data, before any work is done.
+            For invalid parameters or data, before any work is done. For X
+            read in chunks, the shape and dtype are checked before any work
+            and each chunk's values (NaN, infinity, the Bernoulli range) just
+            before training on it: an invalid chunk raises a ValueError that
+            names its rows, the model keeping the training done so far (a
+            new model that trained on nothing leaves the estimator as it
+            was).
         hvae.DivergenceError
             When the loss becomes NaN or infinite; the model keeps its last
             finite parameters (with ``early_stopping``, its best ones) and
@@ -434,7 +665,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         early stopping, Ctrl-C, an error), ``history_`` and ``n_iter_`` hold
         every epoch that ran; an epoch cut short by Ctrl-C or an error is
         recorded with the averages of its minibatches so far and NaN
-        validation terms.
+        validation terms. On data read in chunks, a divergence returns the
+        model to its state at the start of the chunk.
         """
         architecture = self._architecture()
         self._check_training_params()
@@ -444,30 +676,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                       and (self.model_.n_conditions > 0) == bool(self.conditional))
         # validate_data records n_features_in_ (and feature names) as it
         # checks X: until the new model exists, a failure restores them.
-        seen = {key: self.__dict__[key] for key in ("n_features_in_", "feature_names_in_")
-                if key in self.__dict__}
+        before = self._fitted_state()
         try:
-            X = self._validate_X(X, reset=not continuing)
-            if continuing:
-                C, classes = self._conditions(y, X.shape[0]), self.classes_
-            else:
-                C, classes = self._fit_conditions(y, X.shape[0])
-            X, C, X_val, C_val = self._split_validation(X, C, classes, validation_data,
-                                                        likelihood=architecture[2])
+            train, val, classes, n_conditions = self._fit_rows(X, y, validation_data,
+                                                               continuing, architecture[2])
             if not continuing:
-                latent, hidden, likelihood, activation, variance, inference = architecture
-                rng = check_random_state(self.random_state)
-                seed = int(rng.randint(np.iinfo(np.int32).max))
-                model = Model(X.shape[1], latent, hidden, likelihood=likelihood,
-                              activation=activation, decoder_variance=variance, seed=seed,
-                              inference=inference,
-                              n_conditions=0 if C is None else C.shape[1])
+                model = self._new_model(architecture, self.n_features_in_, n_conditions)
         except BaseException:
-            for key in ("n_features_in_", "feature_names_in_"):
-                if key in seen:
-                    setattr(self, key, seen[key])
-                else:
-                    self.__dict__.pop(key, None)
+            self._restore_fitted_state(before)
             raise
         self.classes_ = classes
         if not continuing:
@@ -476,35 +692,140 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             self.n_iter_ = 0
         self.best_epoch_ = None
         self.model_.n_threads = self.n_threads or _available_cores()
-        if X_val is not None:
+        if val is not None:
             self._ensure_validation_history()
-
-        records = []          # every epoch record, in order, kept by Model.fit
-        n_recorded = 0        # how many of them are in history_ already
-        best_elbo, best_parameters, n_stale = -np.inf, None, 0
-        bar = self._progress_bar(X.shape[0]) if self.verbose >= 1 else None
         try:
-            # One Model.fit call per epoch, so that validation and callbacks
-            # run between calls and may use the model (it serves one call at
-            # a time); the optimizer and generator carry over, so this trains
-            # exactly as one call with n_epochs would.
-            iwae = self.objective == "iwae"
+            self._train_epochs(train, val, callbacks)
+        except ChunkError:
+            if not continuing and not self.history_["elbo"]:
+                self._restore_fitted_state(before)
+            raise
+        return self
+
+    def partial_fit(self, X, y=None, classes=None):
+        """Train one pass of minibatch updates over the rows of X.
+
+        The first call (on an estimator without ``model_``) creates the
+        model as ``fit`` would; every call continues it, keeping the
+        optimizer's state, the random generator, ``history_`` (one entry per
+        call) and ``n_iter_`` (one per call, which ``kl_warmup_epochs``
+        counts as epochs). So n calls on the same X train exactly as
+        ``fit(X)`` with ``n_epochs=n``, and calls over consecutive chunks of
+        a data set train exactly as a ``fit`` that read the data in those
+        chunks in that order (the same ``random_state``, ``beta`` and
+        rows). After ``fit``, it continues the fitted model.
+
+        ``validation_fraction``, ``early_stopping`` and ``verbose`` apply to
+        ``fit`` only; ``callbacks`` are called after the pass (a False return
+        has nothing to stop). X read in chunks (see ``chunk_size``) is read,
+        checked and trained on one chunk at a time, as in ``fit``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            The rows of this pass; the same kinds as for ``fit``.
+        y : None or array-like, default=None
+            Ignored, unless ``conditional=True``: class labels of shape
+            (n_samples,) or conditions of shape (n_samples, n_conditions).
+        classes : array-like of shape (n_classes,) or None, default=None
+            Every class label that y may hold, required on the first call of
+            a conditional model trained on class labels (a single batch may
+            not show them all); later calls may omit it or must repeat it.
+
+        Returns
+        -------
+        self : HierarchicalVAE
+
+        Raises
+        ------
+        ValueError
+            For invalid parameters or data (a feature count that differs
+            from the model's, no ``classes`` on the first conditional call,
+            parameters of another architecture than the model's), before any
+            work; for an invalid chunk of X read in chunks, naming its rows,
+            with the training on earlier chunks kept in the model and in
+            ``history_``.
+        hvae.DivergenceError
+            As for ``fit``.
+        """
+        architecture = self._architecture()
+        self._check_training_params()
+        callbacks = self._callbacks()
+        first = not hasattr(self, "model_")
+        if not first and (self._model_architecture() != architecture
+                          or (self.model_.n_conditions > 0) != bool(self.conditional)):
+            raise ValueError("partial_fit continues the fitted model, whose architecture "
+                             "differs from the parameters' now (latent_dims, hidden_dims, "
+                             "likelihood, activation, decoder_variance, inference or "
+                             "conditional); call fit to train a new model")
+        before = self._fitted_state()
+        try:
+            if classes is not None:
+                classes = np.unique(np.asarray(classes))
+                if classes.ndim != 1 or classes.size == 0:
+                    raise ValueError(f"classes must be a non-empty 1-D array of labels; "
+                                     f"got {classes!r}")
+                if not first and (self.classes_ is None
+                                  or not np.array_equal(classes, self.classes_)):
+                    raise ValueError(f"classes={classes!r} differs from classes_="
+                                     f"{self.classes_!r} of the earlier calls")
+            rows, classes, n_conditions = self._pass_rows(X, y, first, classes,
+                                                          architecture[2])
+            if first:
+                model = self._new_model(architecture, self.n_features_in_, n_conditions)
+        except BaseException:
+            self._restore_fitted_state(before)
+            raise
+        if first:
+            self.model_ = model
+            self.history_ = {key: [] for key in _HISTORY_KEYS}
+            self.n_iter_ = 0
+            self.classes_ = classes
+        self.best_epoch_ = None
+        self.model_.n_threads = self.n_threads or _available_cores()
+        try:
+            record = self._train_pass(rows)
+        except ChunkError:
+            if first and not self.history_["elbo"]:
+                self._restore_fitted_state(before)
+            raise
+        self._append_epoch(record, None)
+        for callback in callbacks:
+            callback(self.n_iter_ - 1, self.history_)
+        return self
+
+    def _pass_rows(self, X, y, reset, classes, likelihood):
+        """(rows, classes, n_conditions) of a partial_fit call."""
+        if is_out_of_core(X):
+            n, n_features = check_array_like(X)
+            self._check_n_features(n_features, reset)
+            conditions, classes, n_conditions = self._condition_source(
+                y, n, reset, classes, infer_classes=False)
+            return (ChunkedRows(X, 0, n, self._chunk_size(n_features), conditions,
+                                bernoulli=likelihood == "bernoulli"),
+                    classes, n_conditions)
+        X = self._validate_X(X, reset=reset, likelihood=likelihood)
+        conditions, classes, n_conditions = self._condition_source(
+            y, X.shape[0], reset, classes, infer_classes=False)
+        C = conditions(0, X.shape[0]) if conditions is not None else None
+        return InMemoryRows(X, C), classes, n_conditions
+
+    def _train_epochs(self, train, val, callbacks):
+        """fit's epochs: a pass over train, the validation terms of val,
+        early stopping, progress and callbacks, n_epochs times."""
+        best_elbo, best_parameters, n_stale = -np.inf, None, 0
+        bar = self._progress_bar(train.n_rows) if self.verbose >= 1 else None
+        record = None  # a pass's record not yet in history_
+        try:
+            # One pass per epoch, so that validation and callbacks run between
+            # passes and may use the model (it serves one call at a time); the
+            # optimizer and generator carry over, so on data in memory this
+            # trains exactly as one Model.fit call with n_epochs would.
             for epoch_in_call in range(self.n_epochs):
-                beta = self._epoch_beta(self.n_iter_)
-                self.model_.fit(X, n_epochs=1, batch_size=self.batch_size,
-                                learning_rate=self.learning_rate, optimizer=self.optimizer,
-                                beta=beta, weight_decay=self.weight_decay,
-                                shuffle=self.shuffle, history=records,
-                                progress=bar.update if bar is not None else None,
-                                objective=self.objective,
-                                n_samples=self.n_importance_samples if iwae else self.n_mc_samples,
-                                free_bits=self.free_bits, cond=C)
-                record = records[-1]
-                record["beta"] = beta
-                validation = (self._validation_terms(X_val, C_val) if X_val is not None
-                              else None)
+                record = self._train_pass(train, bar.update if bar is not None else None)
+                validation = self._validation_terms(val) if val is not None else None
                 self._append_epoch(record, validation)
-                n_recorded += 1
+                record, appended = None, record
                 epoch = self.n_iter_ - 1
                 stop = False
                 if validation is not None and self.early_stopping:
@@ -516,7 +837,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                         n_stale += 1
                     stop = n_stale >= self.n_iter_no_change
                 if bar is not None:
-                    self._report_progress(bar, epoch_in_call, record, validation)
+                    self._report_progress(bar, epoch_in_call, appended, validation)
                 # Every callback sees every epoch, even after one asked to stop.
                 for callback in callbacks:
                     if callback(epoch, self.history_) is False:
@@ -524,16 +845,50 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 if stop:
                     break
         finally:
-            # Whatever stopped training, keep the epochs that happened
-            # (a record not yet in history_ is an epoch cut short).
+            # Whatever stopped training, keep the epochs that happened (a pass
+            # cut short is recorded by _train_pass).
             if bar is not None:
                 bar.close()
-            for record in records[n_recorded:]:
-                record.setdefault("beta", self._epoch_beta(self.n_iter_))
+            if record is not None:
                 self._append_epoch(record, None)
             if best_parameters is not None:
                 self.model_.parameters[:] = best_parameters
-        return self
+
+    def _train_pass(self, rows, progress=None):
+        """One pass of minibatch updates over rows, block by block (one
+        ``_train_block`` per chunk, chunks in ``chunk_order``); the unit of
+        both fit (one per epoch) and partial_fit (one per call).
+
+        Returns the pass's record for history_. If the pass stops with an
+        exception after some minibatches, their record is appended to
+        history_ (NaN validation terms) before the exception propagates.
+        """
+        beta = self._epoch_beta(self.n_iter_)
+        order = chunk_order(rows.n_chunks, self.model_.seed, self.n_iter_, self.shuffle)
+        chunked = isinstance(rows, ChunkedRows)
+        block_records = []  # Model.fit appends each block's record as it is made
+        started = time.perf_counter()
+        try:
+            for _, _, X_block, C_block in rows.blocks(order):
+                self._train_block(X_block, C_block, beta, block_records, progress)
+        except BaseException:
+            if block_records:
+                seconds = time.perf_counter() - started if chunked else None
+                self._append_epoch(_pass_record(block_records, beta, seconds), None)
+            raise
+        seconds = time.perf_counter() - started if chunked else None
+        return _pass_record(block_records, beta, seconds)
+
+    def _train_block(self, X, C, beta, records, progress):
+        """One Model.fit pass over rows in memory (float32 C-contiguous X,
+        conditions C or None); its record is appended to records."""
+        iwae = self.objective == "iwae"
+        self.model_.fit(X, n_epochs=1, batch_size=self.batch_size,
+                        learning_rate=self.learning_rate, optimizer=self.optimizer,
+                        beta=beta, weight_decay=self.weight_decay, shuffle=self.shuffle,
+                        history=records, progress=progress, objective=self.objective,
+                        n_samples=self.n_importance_samples if iwae else self.n_mc_samples,
+                        free_bits=self.free_bits, cond=C)
 
     def _ensure_validation_history(self):
         """Add the validation keys to history_, NaN for epochs without them."""
@@ -551,14 +906,22 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             return float(self.beta)
         return float(self.beta) * min(1.0, epoch / self.kl_warmup_epochs)
 
-    def _validation_terms(self, X_val, C_val=None):
-        """Mean ELBO, reconstruction and per-layer KL of the validation rows."""
-        terms = self.model_.elbo_terms(X_val, cond=C_val)
-        # The same per-row values as score_samples, so score(X_val) after
-        # early stopping equals the best epoch's val_elbo exactly.
-        return {"elbo": float(np.mean(terms["elbo"])),
-                "reconstruction": float(np.mean(terms["reconstruction"])),
-                "kl": [float(k) for k in np.mean(terms["kl"], axis=0)]}
+    def _validation_terms(self, rows):
+        """Mean ELBO, reconstruction and per-layer KL of the validation rows,
+        block by block."""
+        elbo = reconstruction = 0.0
+        kl = np.zeros(len(self.model_.latent_dims))
+        for _, _, X_val, C_val in rows.blocks():
+            terms = self.model_.elbo_terms(X_val, cond=C_val)
+            elbo += np.sum(terms["elbo"])
+            reconstruction += np.sum(terms["reconstruction"])
+            kl += np.sum(terms["kl"], axis=0)
+        # The same per-row values as score_samples; for rows in memory (one
+        # block) sum / n is np.mean's computation, so score(X_val) after early
+        # stopping equals the best epoch's val_elbo exactly.
+        n = rows.n_rows
+        return {"elbo": float(elbo / n), "reconstruction": float(reconstruction / n),
+                "kl": [float(k) for k in kl / n]}
 
     def _append_epoch(self, record, validation):
         for key in _HISTORY_KEYS:
