@@ -102,6 +102,9 @@ class InMemoryRows:
         self.X, self.C = X, C
         self.n_rows = X.shape[0]
         self.n_chunks = 1
+        # Data-parallel training (hvae.distributed): (session, n_global,
+        # shard_start) when these rows are one rank's shard, else None.
+        self.parallel = None
 
     def blocks(self, order=(0,)):
         """Yields (first row, end row, X block, C block) once."""

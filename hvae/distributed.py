@@ -191,24 +191,34 @@ class Session:
         return bool(self.sum([1.0 if flag else 0.0], what)[0] > 0)
     # ---- agreement --------------------------------------------------------------
 
-    def check(self, error, what):
-        """Raises on every rank when some rank's ``error`` (an exception or
-        None) is set: the failing rank re-raises its own, the others a
-        ValueError naming the ranks and their messages."""
-        messages = self.allgather(None if error is None else f"{type(error).__name__}: "
-                                  f"{error}", what)
-        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
-        if not failed:
-            return
-        if error is not None:
-            raise error
-        detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
-        raise ValueError(f"data-parallel fit: {what} failed on another rank ({detail}); "
-                         f"every rank stops before training")
+    def agree(self, what, compute):
+        """Runs ``compute()`` here, which returns (local, shared), and tells
+        every rank every rank's outcome: returns (local, [shared of each
+        rank]) when all succeeded. When some rank's compute raised, every
+        rank raises: that rank its own exception, the others a ValueError
+        naming it. One collective call whatever happens, so that no rank is
+        left waiting."""
+        try:
+            local, shared = compute()
+            error = None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+            local = shared = None
+            error = exc
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        gathered = self.allgather((message, shared), what)
+        failed = [(r, m) for r, (m, _) in enumerate(gathered) if m is not None]
+        if failed:
+            if error is not None:
+                raise error
+            detail = "; ".join(f"rank {r}: {m}" for r, m in failed)
+            raise ValueError(f"data-parallel fit: {what} failed on another rank ({detail}); "
+                             f"every rank stops before training")
+        return local, [s for _, s in gathered]
 
-    def check_same(self, value, what):
-        """Raises on every rank unless ``value`` is equal on all of them."""
-        values = self.allgather(value, what)
+    @staticmethod
+    def require_same(values, what):
+        """Raises DistributedError (on every rank, as every rank sees the
+        same values) unless the ranks' values are equal."""
         differing = [r for r, v in enumerate(values) if v != values[0]]
         if differing:
             raise DistributedError(
@@ -216,8 +226,25 @@ class Session:
                 + "; ".join(f"rank {r}: {values[r]!r}" for r in differing)
                 + "); every rank must make the same call")
 
-    def shard(self, n_local):
-        """(n_global, shard_start) for this rank's n_local rows, which
-        follow the rows of the lower ranks."""
-        counts = self.allgather(int(n_local), "counting the rows")
-        return sum(counts), sum(counts[:self.rank])
+    @staticmethod
+    def shard(counts, rank):
+        """(n_global, shard_start) of ``rank`` from every rank's row count:
+        the shards follow each other in rank order."""
+        return sum(counts), sum(counts[:rank])
+
+
+def local_rows(X, name="X"):
+    """One rank's rows as fit uses them: an ndarray-like in place (an
+    np.memmap as a plain view of its mapping, so it is not read in chunks);
+    data that can only be read in chunks are refused."""
+    from ._chunks import is_out_of_core
+
+    if isinstance(X, np.memmap):
+        return X.view(np.ndarray)
+    if is_out_of_core(X):
+        raise ValueError(
+            f"{name}: a data-parallel fit takes each rank's rows in memory or as an "
+            f"np.memmap; a {type(X).__name__} would be read in chunks, whose order the "
+            f"ranks cannot share. Load this rank's shard (X[hvae.distributed.shard_rows("
+            f"len(X), comm)]) or stream it with partial_fit(chunk, comm=comm)")
+    return X

@@ -12,6 +12,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like, chunk_order,
                       default_chunk_size, is_out_of_core)
+from . import distributed as _distributed
 from ._native import MAX_HIDDEN, MAX_LAYERS, Model
 
 _LIKELIHOODS = ("gaussian", "bernoulli")
@@ -373,10 +374,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 % (name, X.min(), X.max()))
         return X
 
-    def _fit_conditions(self, y, n):
+    def _fit_conditions(self, y, n, classes=None):
         """(conditions, classes) of a conditional fit: (n, n_conditions) float32
-        from class labels (one-hot over the sorted classes) or a 2-D array;
-        (None, None) otherwise."""
+        from class labels (one-hot over the sorted classes: ``classes`` when
+        given, else those of y) or a 2-D array; (None, None) otherwise."""
         if not self.conditional:
             return None, None
         if y is None:
@@ -388,7 +389,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             y_arr = y_arr.ravel()
             if y_arr.shape[0] != n:
                 raise ValueError(f"y has {y_arr.shape[0]} labels but X has {n} rows")
-            classes = np.unique(y_arr)
+            if classes is None:
+                classes = np.unique(y_arr)
             return _one_hot(y_arr, classes), classes
         if y_arr.ndim != 2:
             raise ValueError(f"y must be class labels (n_samples,) or conditions "
@@ -561,14 +563,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              f"got {C.shape}")
         return (lambda first, end: C[first:end]), None, C.shape[1]
 
-    def _fit_rows(self, X, y, validation_data, continuing, likelihood):
+    def _fit_rows(self, X, y, validation_data, continuing, likelihood, classes=None):
         """(training rows, validation rows or None, classes, n_conditions) of fit."""
         if not is_out_of_core(X):
             X = self._validate_X(X, reset=not continuing)
             if continuing:
                 C, classes = self._conditions(y, X.shape[0]), self.classes_
             else:
-                C, classes = self._fit_conditions(y, X.shape[0])
+                C, classes = self._fit_conditions(y, X.shape[0], classes)
             X, C, val = self._split_validation(X, C, classes, validation_data, likelihood)
             return InMemoryRows(X, C), val, classes, 0 if C is None else C.shape[1]
         n, n_features = check_array_like(X)
@@ -594,10 +596,101 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         train = ChunkedRows(X, 0, n_train, chunk_size, conditions, bernoulli)
         return train, val, classes, n_conditions
 
-    def _new_model(self, architecture, n_features, n_conditions):
+    # ---- data-parallel training (hvae.distributed) --------------------------------
+
+    _UNSHARED_PARAMS = ("callbacks", "verbose", "n_threads", "random_state")
+
+    def _shared_settings(self):
+        """What every rank of a data-parallel fit must agree on: the
+        parameters (less those that may differ per process; the seed is rank
+        0's) and the state of the model being continued."""
+        params = {key: repr(value) for key, value in sorted(self.get_params().items())
+                  if key not in self._UNSHARED_PARAMS}
+        return params
+
+    def _model_digest(self):
+        import hashlib
+
+        m = self.model_
+        digest = hashlib.sha256(np.ascontiguousarray(m.parameters).tobytes())
+        digest.update(repr((m.rng_state, m.optimizer_steps, self.n_iter_)).encode())
+        return digest.hexdigest()
+
+    def _agree_on_settings(self, session, continuing, has_validation, labels_of=None,
+                           same=None):
+        """The first agreement of a data-parallel call: the same parameters,
+        the same model to continue (or none), validation rows on all ranks
+        or none, and the same values of ``same`` (a dict). Returns (rank 0's
+        seed for a new model, the union of the ranks' class labels or None)."""
+        def facts():
+            labels = labels_of() if labels_of is not None else None
+            return None, {"settings": self._shared_settings(), "continuing": continuing,
+                          "model": self._model_digest() if continuing else None,
+                          "validation": has_validation, "labels": labels,
+                          "seed": self._new_seed(), "same": same}
+
+        _, gathered = session.agree("checking the settings", facts)
+        for key, what in (("settings", "the estimator's parameters"),
+                          ("continuing", "whether the call continues a fitted model"),
+                          ("model", "the models being continued (parameters, optimizer "
+                                    "or generator)"),
+                          ("validation", "whether validation_data is given"),
+                          ("same", "the call's arguments")):
+            session.require_same([g[key] for g in gathered], what)
+        labels = [g["labels"] for g in gathered if g["labels"] is not None]
+        classes = np.unique(np.concatenate(labels)) if labels else None
+        return gathered[0]["seed"], classes
+
+    def _agree_on_rows(self, session, compute):
+        """The second agreement: compute() makes this rank's (train rows,
+        validation rows, classes, n_conditions); every rank must have
+        succeeded, with the same width. Marks the rows as this rank's shard."""
+        def rows():
+            train, val, classes, n_conditions = compute()
+            return (train, val, classes, n_conditions), (self.n_features_in_, n_conditions,
+                                                         train.n_rows)
+
+        (train, val, classes, n_conditions), gathered = session.agree("checking the data",
+                                                                      rows)
+        session.require_same([g[0] for g in gathered], "the numbers of features")
+        session.require_same([g[1] for g in gathered], "the numbers of condition columns")
+        n_global, shard_start = session.shard([g[2] for g in gathered], session.rank)
+        train.parallel = (session, n_global, shard_start)
+        if val is not None:
+            val.parallel = (session, None, None)
+        return train, val, classes, n_conditions
+
+    def _fit_rows_parallel(self, session, X, y, validation_data, continuing, likelihood):
+        """_fit_rows on one rank of a data-parallel fit, agreed with the
+        others; also returns rank 0's seed."""
+        def labels_of():
+            if continuing or not self.conditional or y is None:
+                return None
+            y_arr = np.asarray(y)
+            return np.unique(y_arr.ravel()) if _is_labels(y_arr) else None
+
+        seed, classes = self._agree_on_settings(session, continuing,
+                                                validation_data is not None, labels_of)
+
+        def compute():
+            X_local = _distributed.local_rows(X)
+            val_local = validation_data
+            if isinstance(validation_data, tuple) and len(validation_data) == 2:
+                val_local = (_distributed.local_rows(validation_data[0], "validation_data"),
+                             validation_data[1])
+            elif validation_data is not None:
+                val_local = _distributed.local_rows(validation_data, "validation_data")
+            return self._fit_rows(X_local, y, val_local, continuing, likelihood, classes)
+
+        train, val, classes, n_conditions = self._agree_on_rows(session, compute)
+        return train, val, classes, n_conditions, seed
+
+    def _new_seed(self):
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _new_model(self, architecture, n_features, n_conditions, seed=None):
         latent, hidden, likelihood, activation, variance, inference = architecture
-        rng = check_random_state(self.random_state)
-        seed = int(rng.randint(np.iinfo(np.int32).max))
+        seed = self._new_seed() if seed is None else seed
         return Model(n_features, latent, hidden, likelihood=likelihood, activation=activation,
                      decoder_variance=variance, seed=seed, inference=inference,
                      n_conditions=n_conditions)
@@ -615,7 +708,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     # ---- fitting -------------------------------------------------------------
 
-    def fit(self, X, y=None, *, validation_data=None):
+    def fit(self, X, y=None, *, validation_data=None, comm=None, comm_timeout=300.0):
         """Train on X.
 
         Parameters
@@ -638,6 +731,19 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             float32 C-contiguous array is used in place; data of the kinds
             that X may be read in chunks are read in chunks too. Cannot be
             combined with ``validation_fraction``.
+        comm : mpi4py.MPI.Comm or None, default=None
+            Data-parallel training over MPI (see :mod:`hvae.distributed`):
+            every process of ``comm`` calls ``fit`` alike with its shard of
+            the rows as X (in memory or an ``np.memmap``, used in place) and,
+            if any, its shard of ``validation_data``; minibatches of
+            ``batch_size`` rows are drawn from all the shards together, and
+            every process ends with the same model, equal up to float
+            rounding to one process fitting all the rows in rank order.
+            Needs mpi4py.
+        comm_timeout : float, default=300.0
+            With ``comm``: seconds a process waits for the others in any
+            collective step before it aborts the MPI job with a message (a
+            dead or hung process never leaves the others waiting forever).
 
         Returns
         -------
@@ -671,6 +777,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         architecture = self._architecture()
         self._check_training_params()
         callbacks = self._callbacks()
+        session = None if comm is None else _distributed.Session(comm, comm_timeout)
         continuing = (self.warm_start and hasattr(self, "model_")
                       and self._model_architecture() == architecture
                       and (self.model_.n_conditions > 0) == bool(self.conditional))
@@ -678,10 +785,16 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # checks X: until the new model exists, a failure restores them.
         before = self._fitted_state()
         try:
-            train, val, classes, n_conditions = self._fit_rows(X, y, validation_data,
-                                                               continuing, architecture[2])
+            if session is None:
+                train, val, classes, n_conditions = self._fit_rows(
+                    X, y, validation_data, continuing, architecture[2])
+                seed = None
+            else:
+                train, val, classes, n_conditions, seed = self._fit_rows_parallel(
+                    session, X, y, validation_data, continuing, architecture[2])
             if not continuing:
-                model = self._new_model(architecture, self.n_features_in_, n_conditions)
+                model = self._new_model(architecture, self.n_features_in_, n_conditions,
+                                        seed)
         except BaseException:
             self._restore_fitted_state(before)
             raise
@@ -702,7 +815,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise
         return self
 
-    def partial_fit(self, X, y=None, classes=None):
+    def partial_fit(self, X, y=None, classes=None, *, comm=None, comm_timeout=300.0):
         """Train one pass of minibatch updates over the rows of X.
 
         The first call (on an estimator without ``model_``) creates the
@@ -731,6 +844,13 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             Every class label that y may hold, required on the first call of
             a conditional model trained on class labels (a single batch may
             not show them all); later calls may omit it or must repeat it.
+        comm : mpi4py.MPI.Comm or None, default=None
+            Data-parallel streaming over MPI: every process of ``comm`` calls
+            ``partial_fit`` alike, each with its own rows (in memory); the
+            pass runs over all of them together, as ``fit(X, comm=comm)``
+            does (see there and :mod:`hvae.distributed`).
+        comm_timeout : float, default=300.0
+            As for ``fit``.
 
         Returns
         -------
@@ -758,6 +878,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference or "
                              "conditional); call fit to train a new model")
+        session = None if comm is None else _distributed.Session(comm, comm_timeout)
         before = self._fitted_state()
         try:
             if classes is not None:
@@ -769,10 +890,24 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                                   or not np.array_equal(classes, self.classes_)):
                     raise ValueError(f"classes={classes!r} differs from classes_="
                                      f"{self.classes_!r} of the earlier calls")
-            rows, classes, n_conditions = self._pass_rows(X, y, first, classes,
-                                                          architecture[2])
+            seed = None
+            if session is None:
+                rows, classes, n_conditions = self._pass_rows(X, y, first, classes,
+                                                              architecture[2])
+            else:
+                seed, _ = self._agree_on_settings(
+                    session, not first, False,
+                    same={"classes": None if classes is None else classes.tolist()})
+
+                def compute():
+                    rows, pass_classes, n_conditions = self._pass_rows(
+                        _distributed.local_rows(X), y, first, classes, architecture[2])
+                    return rows, None, pass_classes, n_conditions
+
+                rows, _, classes, n_conditions = self._agree_on_rows(session, compute)
             if first:
-                model = self._new_model(architecture, self.n_features_in_, n_conditions)
+                model = self._new_model(architecture, self.n_features_in_, n_conditions,
+                                        seed)
         except BaseException:
             self._restore_fitted_state(before)
             raise
@@ -814,7 +949,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """fit's epochs: a pass over train, the validation terms of val,
         early stopping, progress and callbacks, n_epochs times."""
         best_elbo, best_parameters, n_stale = -np.inf, None, 0
-        bar = self._progress_bar(train.n_rows) if self.verbose >= 1 else None
+        parallel = getattr(train, "parallel", None)
+        session = parallel[0] if parallel is not None else None
+        show = self.verbose >= 1 and (session is None or session.rank == 0)
+        bar = self._progress_bar(train.n_rows if session is None else parallel[1]) if show \
+            else None
         record = None  # a pass's record not yet in history_
         try:
             # One pass per epoch, so that validation and callbacks run between
@@ -842,6 +981,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 for callback in callbacks:
                     if callback(epoch, self.history_) is False:
                         stop = True
+                if session is not None:  # all ranks stop together
+                    stop = session.any(stop)
                 if stop:
                     break
         finally:
@@ -870,7 +1011,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         started = time.perf_counter()
         try:
             for _, _, X_block, C_block in rows.blocks(order):
-                self._train_block(X_block, C_block, beta, block_records, progress)
+                self._train_block(X_block, C_block, beta, block_records, progress,
+                                  getattr(rows, "parallel", None))
         except BaseException:
             if block_records:
                 seconds = time.perf_counter() - started if chunked else None
@@ -879,16 +1021,22 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         seconds = time.perf_counter() - started if chunked else None
         return _pass_record(block_records, beta, seconds)
 
-    def _train_block(self, X, C, beta, records, progress):
+    def _train_block(self, X, C, beta, records, progress, parallel=None):
         """One Model.fit pass over rows in memory (float32 C-contiguous X,
-        conditions C or None); its record is appended to records."""
+        conditions C or None); its record is appended to records. With
+        parallel = (session, n_global, shard_start), X is this rank's shard
+        of a data-parallel pass."""
         iwae = self.objective == "iwae"
+        extra = {}
+        if parallel is not None:
+            session, n_global, shard_start = parallel
+            extra = dict(reduce=session.reduce, n_global=n_global, shard_start=shard_start)
         self.model_.fit(X, n_epochs=1, batch_size=self.batch_size,
                         learning_rate=self.learning_rate, optimizer=self.optimizer,
                         beta=beta, weight_decay=self.weight_decay, shuffle=self.shuffle,
                         history=records, progress=progress, objective=self.objective,
                         n_samples=self.n_importance_samples if iwae else self.n_mc_samples,
-                        free_bits=self.free_bits, cond=C)
+                        free_bits=self.free_bits, cond=C, **extra)
 
     def _ensure_validation_history(self):
         """Add the validation keys to history_, NaN for epochs without them."""
@@ -920,6 +1068,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # block) sum / n is np.mean's computation, so score(X_val) after early
         # stopping equals the best epoch's val_elbo exactly.
         n = rows.n_rows
+        parallel = getattr(rows, "parallel", None)
+        if parallel is not None:  # every rank's validation shard
+            sums = parallel[0].sum([elbo, reconstruction, n, *kl])
+            elbo, reconstruction, n, kl = sums[0], sums[1], sums[2], sums[3:]
         return {"elbo": float(elbo / n), "reconstruction": float(reconstruction / n),
                 "kl": [float(k) for k in kl / n]}
 

@@ -1,0 +1,85 @@
+"""Run under mpirun by tests/test_mpi.py: one scenario per call.
+
+    mpirun -n 2 python tests/mpi_worker.py SCENARIO OUT_DIR
+
+Every rank writes OUT_DIR/rank<r>.npz (or prints), so that the test can
+compare each rank's result with a single-process fit.
+"""
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from hvae import HierarchicalVAE
+from hvae.datasets import load_digits
+from hvae.distributed import shard_rows
+
+comm = MPI.COMM_WORLD
+rank = comm.Get_rank()
+scenario, out_dir = sys.argv[1], sys.argv[2]
+
+X = load_digits()[0][:1000]
+X_val = load_digits()[0][1000:1300]
+local = X[shard_rows(len(X), comm)]
+local_val = X_val[shard_rows(len(X_val), comm)]
+
+# Must match SETTINGS in tests/test_mpi.py.
+SETTINGS = dict(latent_dims=(8, 4), hidden_dims=(32,), likelihood="bernoulli", n_epochs=3,
+                batch_size=100, random_state=0, n_threads=1, free_bits=0.05)
+
+
+def save(vae, **extra):
+    np.savez(os.path.join(out_dir, f"rank{rank}.npz"), parameters=vae.model_.parameters,
+             elbo=np.array(vae.history_["elbo"]), n_iter=vae.n_iter_,
+             rng=np.array(vae.model_.rng_state, dtype=np.uint64), **extra)
+
+
+if scenario == "fit":
+    vae = HierarchicalVAE(**SETTINGS).fit(local, comm=comm, validation_data=local_val)
+    save(vae, val_elbo=np.array(vae.history_["val_elbo"]))
+elif scenario == "warm_start":
+    vae = HierarchicalVAE(**SETTINGS, warm_start=True).fit(local, comm=comm)
+    vae.set_params(n_epochs=1).fit(local, comm=comm)
+    save(vae)
+elif scenario == "partial_fit":
+    vae = HierarchicalVAE(**SETTINGS)
+    for chunk in np.array_split(local, 2):
+        vae.partial_fit(chunk, comm=comm)
+    save(vae)
+elif scenario == "bad_input":
+    data = local.copy()
+    if rank == 1:
+        data[3, 5] = np.nan
+    vae = HierarchicalVAE(**SETTINGS)
+    try:
+        vae.fit(data, comm=comm)
+    except ValueError as exc:
+        print(f"rank {rank} ValueError: {exc}", flush=True)
+    print(f"rank {rank} fitted: {hasattr(vae, 'model_')}", flush=True)
+elif scenario == "mismatch":
+    vae = HierarchicalVAE(**dict(SETTINGS, batch_size=100 if rank == 0 else 50))
+    try:
+        vae.fit(local, comm=comm)
+    except Exception as exc:  # noqa: BLE001 - printed for the test
+        print(f"rank {rank} {type(exc).__name__}: {exc}", flush=True)
+elif scenario == "stop":
+    # Only rank 1's callback asks to stop, after the second epoch.
+    vae = HierarchicalVAE(**dict(SETTINGS, n_epochs=5),
+                          callbacks=[lambda epoch, history: not (rank == 1 and epoch == 1)])
+    vae.fit(local, comm=comm)
+    save(vae)
+elif scenario in ("dies", "hangs"):
+    def callback(epoch, history):
+        if rank == 1 and epoch == 1:
+            if scenario == "dies":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)
+
+    vae = HierarchicalVAE(**SETTINGS, callbacks=[callback])
+    vae.fit(local, comm=comm, comm_timeout=3)
+    print(f"rank {rank} finished, which it should not have", flush=True)
+else:
+    raise SystemExit(f"unknown scenario {scenario}")

@@ -1,0 +1,146 @@
+"""Data-parallel training over real MPI: `mpirun -n 2` on this machine.
+
+Each test launches tests/mpi_worker.py under mpirun and compares every
+rank's result with the same fit in this single process. Skipped where
+mpirun or mpi4py is missing (CI installs Open MPI and mpi4py).
+"""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hvae import HierarchicalVAE
+from hvae.datasets import load_digits
+
+WORKER = Path(__file__).with_name("mpi_worker.py")
+# Must match SETTINGS in tests/mpi_worker.py.
+SETTINGS = dict(latent_dims=(8, 4), hidden_dims=(32,), likelihood="bernoulli", n_epochs=3,
+                batch_size=100, random_state=0, n_threads=1, free_bits=0.05)
+
+
+def _mpi_available():
+    if shutil.which("mpirun") is None:
+        return "mpirun not found (apt-get install openmpi-bin)"
+    probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"mpi4py cannot load an MPI library: {probe.stderr.strip()[-200:]}"
+    return None
+
+
+_SKIP = _mpi_available()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+
+
+def mpirun(scenario, tmp_path, n=2, timeout=120):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(["mpirun", "-n", str(n), sys.executable, str(WORKER), scenario,
+                           str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ranks(tmp_path, n=2):
+    return [np.load(tmp_path / f"rank{r}.npz") for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def data():
+    X = load_digits()[0]
+    return X[:1000], X[1000:1300]
+
+
+def assert_matches(results, single):
+    # Every rank holds the same model, bit for bit, and the same generator...
+    for r in results[1:]:
+        np.testing.assert_array_equal(r["parameters"], results[0]["parameters"])
+        np.testing.assert_array_equal(r["rng"], results[0]["rng"])
+    # ... which is the single process's, up to float rounding (the sums of
+    # the gradient run in another order).
+    np.testing.assert_allclose(results[0]["parameters"], single.model_.parameters,
+                               rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(results[0]["rng"],
+                                  np.array(single.model_.rng_state, dtype=np.uint64))
+    np.testing.assert_allclose(results[0]["elbo"], single.history_["elbo"], rtol=1e-5)
+    assert int(results[0]["n_iter"]) == single.n_iter_
+
+
+def test_two_processes_train_like_one(tmp_path, data):
+    X, X_val = data
+    run = mpirun("fit", tmp_path)
+    assert run.returncode == 0, run.stderr
+    single = HierarchicalVAE(**SETTINGS).fit(X, validation_data=X_val)
+    results = ranks(tmp_path)
+    assert_matches(results, single)
+    # Validation terms are summed over the ranks' validation shards.
+    np.testing.assert_allclose(results[1]["val_elbo"], single.history_["val_elbo"], rtol=1e-5)
+
+
+def test_warm_started_fits_continue_together(tmp_path, data):
+    X, _ = data
+    run = mpirun("warm_start", tmp_path)
+    assert run.returncode == 0, run.stderr
+    single = HierarchicalVAE(**SETTINGS, warm_start=True).fit(X)
+    single.set_params(n_epochs=1).fit(X)
+    assert_matches(ranks(tmp_path), single)
+
+
+def test_partial_fit_streams_together(tmp_path, data):
+    X, _ = data
+    run = mpirun("partial_fit", tmp_path)
+    assert run.returncode == 0, run.stderr
+    # Call k trains on every rank's k-th chunk: in rank order, one pass.
+    shards = [X[:500], X[500:]]
+    single = HierarchicalVAE(**SETTINGS)
+    for k in range(2):
+        single.partial_fit(np.concatenate([np.array_split(s, 2)[k] for s in shards]))
+    assert_matches(ranks(tmp_path), single)
+
+
+def test_bad_input_on_one_rank_stops_every_rank_before_training(tmp_path):
+    run = mpirun("bad_input", tmp_path)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    for r in (0, 1):
+        error = next(line for line in lines if line.startswith(f"rank {r} ValueError"))
+        assert "NaN" in error
+        assert f"rank {r} fitted: False" in lines
+    # The other rank names the one whose data were bad.
+    assert "rank 1" in next(line for line in lines if line.startswith("rank 0 ValueError"))
+
+
+def test_different_settings_on_two_ranks_are_refused_on_both(tmp_path):
+    run = mpirun("mismatch", tmp_path)
+    assert run.returncode == 0, run.stderr
+    for r in (0, 1):
+        line = next(line for line in run.stdout.splitlines() if line.startswith(f"rank {r} "))
+        assert "DistributedError" in line and "parameters differ between ranks" in line
+        assert "batch_size" in line
+
+
+def test_a_callback_stopping_on_one_rank_stops_all(tmp_path):
+    run = mpirun("stop", tmp_path)
+    assert run.returncode == 0, run.stderr
+    results = ranks(tmp_path)
+    assert [int(r["n_iter"]) for r in results] == [2, 2]
+    np.testing.assert_array_equal(results[0]["parameters"], results[1]["parameters"])
+
+
+def test_a_dead_rank_stops_the_others(tmp_path):
+    run = mpirun("dies", tmp_path, timeout=90)
+    assert run.returncode != 0
+    assert "which it should not have" not in run.stdout
+    output = run.stdout + run.stderr
+    assert "signal 9" in output or "Killed" in output, output[-2000:]
+
+
+def test_a_hung_rank_makes_the_others_abort_after_the_timeout(tmp_path):
+    run = mpirun("hangs", tmp_path, timeout=90)
+    assert run.returncode != 0
+    assert "which it should not have" not in run.stdout
+    output = run.stdout + run.stderr
+    assert "rank 0 of 2" in output and "did not complete within 3 s" in output, output[-2000:]
