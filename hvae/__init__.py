@@ -5,11 +5,14 @@ low-level model whose parameters live in C buffers; :mod:`hvae.datasets`
 loads the bundled and on-disk data sets without downloading anything;
 :func:`load` reads a model written by :meth:`HierarchicalVAE.save`;
 :mod:`hvae.plot` draws training curves, samples, reconstructions and latent
-spaces (with matplotlib, imported only when a plot is drawn).
+spaces (with matplotlib, imported only when a plot is drawn);
+:mod:`hvae.distributed` trains data-parallel over MPI (``fit(X, comm=...)``,
+with mpi4py, imported only when a communicator is passed).
 """
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
 from .estimator import HierarchicalVAE
 from .file_format import load
+from . import distributed  # noqa: E402  (cheap: mpi4py is imported when it is used)
 from . import plot  # noqa: E402  (cheap: matplotlib is imported when a plot is drawn)
 
 __version__ = "0.1.0"

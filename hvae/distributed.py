@@ -176,10 +176,6 @@ class Session:
         return [pickle.loads(buffer[offsets[r]:offsets[r + 1]].tobytes())
                 for r in range(self.size)]
 
-    def bcast(self, value, what="broadcasting the model"):
-        """Rank 0's value on every rank."""
-        return self.allgather(value if self.rank == 0 else None, what)[0]
-
     def sum(self, values, what="summing validation terms"):
         """Elementwise float64 sums of ``values`` over the ranks."""
         array = np.array(values, dtype=np.float64)
