@@ -21,18 +21,8 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
     /* dout (B, n_out) becomes dpre in place; dweight (n_in, n_out) +=
      * inp^T @ dpre; dbias += column sums of dpre; dinp (B, n_in) +=
      * dpre @ weight^T. */
-    if (B <= 0 || n_out <= 0)
-        return;
-    for (int64_t b = 0; b < B; b++)
-        hvae_activation_backward_row_inplace(dout + b * n_out, dbias,
-                                             out + b * n_out, act, n_out);
-    hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)n_in, (int)n_out,
-               (int)B, 1.0f, inp, (int)n_in, dout, (int)n_out, 1.0f, dweight,
-               (int)n_out);
-    if (dinp)
-        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_TRANS, (int)B, (int)n_in,
-                   (int)n_out, 1.0f, dout, (int)n_out, weight, (int)n_out,
-                   1.0f, dinp, (int)n_in);
+    hvae_dense_cond_backward(dinp, dweight, dbias, dout, out, inp, NULL, weight, act,
+                             B, n_in, 0, n_out);
 }
 
 /*
@@ -169,25 +159,74 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
     }
 }
 
-/* out = inp @ weight[:n_in] (+ cond @ weight[n_in:]), by BLAS or row by row. */
-static void product(float *out, const float *inp, const float *cond,
-                    const float *weight, int64_t B, int64_t n_in,
-                    int64_t n_cond, int64_t n_out, int rowwise)
+/*
+ * Threads: a dense layer is one region of the pool. Forward, each part
+ * takes a block of output columns (BLAS) or of rows (rowwise), computes
+ * its product and applies bias and activation while the block is in
+ * cache. Backward, each part takes a block of output columns: the
+ * activation's derivative and dbias on those columns, then those columns
+ * of dW; then dinp in a second region (it needs every column of dpre).
+ * Every element is computed by the same operations whatever the split
+ * (bias sums run down the rows in order), so results do not depend on the
+ * thread count.
+ */
+typedef struct {
+    float *out;           /* forward output, or backward dout/dpre */
+    const float *inp, *cond, *weight, *bias;
+    const float *act_out; /* backward: the forward output */
+    float *dweight, *dbias;
+    hvae_activation act;
+    int64_t B, n_in, n_cond, n_out;
+    int rowwise;
+} dense_args;
+
+/* Splits of fewer multiply-adds run on one thread. */
+#define DENSE_PARALLEL_MIN (1 << 18)
+
+static int dense_parts(int64_t B, int64_t n_in, int64_t n_out)
 {
-    const float *w_cond = weight + n_in * n_out;
-    if (rowwise) {
-        gemm_rowwise(out, inp, weight, B, n_in, n_out, 0);
-        if (n_cond > 0)
-            gemm_rowwise(out, cond, w_cond, B, n_cond, n_out, 1);
+    return (double)B * (double)n_in * (double)n_out < DENSE_PARALLEL_MIN
+               ? 1 : HVAE_MAX_THREADS;
+}
+
+/* out[:, j0:j1] = inp @ weight[:n_in, j0:j1] (+ cond @ weight[n_in:, j0:j1]). */
+static void product_columns(const dense_args *a, int64_t j0, int64_t j1)
+{
+    int64_t n_out = a->n_out;
+    hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->B, (int)(j1 - j0),
+               (int)a->n_in, 1.0f, a->inp, (int)a->n_in, a->weight + j0, (int)n_out,
+               0.0f, a->out + j0, (int)n_out);
+    if (a->n_cond > 0)
+        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->B, (int)(j1 - j0),
+                   (int)a->n_cond, 1.0f, a->cond, (int)a->n_cond,
+                   a->weight + a->n_in * n_out + j0, (int)n_out, 1.0f, a->out + j0,
+                   (int)n_out);
+}
+
+static void dense_forward_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t n_out = a->n_out, lo, hi;
+    if (a->rowwise) {
+        hvae_split(a->B, part, n_parts, RW_ROWS, &lo, &hi);
+        if (hi <= lo)
+            return;
+        float *out = a->out + lo * n_out;
+        gemm_rowwise(out, a->inp + lo * a->n_in, a->weight, hi - lo, a->n_in, n_out, 0);
+        if (a->n_cond > 0)
+            gemm_rowwise(out, a->cond + lo * a->n_cond, a->weight + a->n_in * n_out,
+                         hi - lo, a->n_cond, n_out, 1);
+        for (int64_t b = 0; b < hi - lo; b++)
+            hvae_bias_activation_row_inplace(out + b * n_out, a->bias, a->act, n_out);
         return;
     }
-    hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
-               (int)n_in, 1.0f, inp, (int)n_in, weight, (int)n_out, 0.0f, out,
-               (int)n_out);
-    if (n_cond > 0)
-        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
-                   (int)n_cond, 1.0f, cond, (int)n_cond, w_cond, (int)n_out,
-                   1.0f, out, (int)n_out);
+    hvae_split(n_out, part, n_parts, 16, &lo, &hi);
+    if (hi <= lo)
+        return;
+    product_columns(a, lo, hi);
+    for (int64_t b = 0; b < a->B; b++)
+        hvae_bias_activation_row_inplace(a->out + b * n_out + lo, a->bias + lo, a->act,
+                                         hi - lo);
 }
 
 void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
@@ -197,9 +236,33 @@ void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
 {
     if (B <= 0 || n_out <= 0)
         return;
-    product(out, inp, cond, weight, B, n_in, n_cond, n_out, rowwise);
-    for (int64_t b = 0; b < B; b++)
-        hvae_bias_activation_row_inplace(out + b * n_out, bias, act, n_out);
+    dense_args a = {.out = out, .inp = inp, .cond = cond, .weight = weight,
+                    .bias = bias, .act = act, .B = B, .n_in = n_in,
+                    .n_cond = n_cond, .n_out = n_out, .rowwise = rowwise};
+    hvae_parallel(dense_forward_part, &a, dense_parts(B, n_in + n_cond, n_out));
+}
+
+/* Columns j0..j1 of dpre (from dout, in place), dbias and dW. */
+static void dense_backward_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t n_out = a->n_out, j0, j1;
+    hvae_split(n_out, part, n_parts, 16, &j0, &j1);
+    if (j1 <= j0)
+        return;
+    float *dpre = a->out;
+    for (int64_t b = 0; b < a->B; b++)
+        hvae_activation_backward_row_inplace(dpre + b * n_out + j0, a->dbias + j0,
+                                             a->act_out + b * n_out + j0, a->act, j1 - j0);
+    hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->n_in, (int)(j1 - j0),
+               (int)a->B, 1.0f, a->inp, (int)a->n_in, dpre + j0, (int)n_out, 1.0f,
+               a->dweight + j0, (int)n_out);
+    /* The condition's rows of W: dW[n_in:] += cond^T @ dpre; the condition
+     * itself needs no gradient. */
+    if (a->n_cond > 0)
+        hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->n_cond, (int)(j1 - j0),
+                   (int)a->B, 1.0f, a->cond, (int)a->n_cond, dpre + j0, (int)n_out, 1.0f,
+                   a->dweight + a->n_in * n_out + j0, (int)n_out);
 }
 
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
@@ -210,12 +273,11 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
 {
     if (B <= 0 || n_out <= 0)
         return;
-    hvae_dense_backward(dinp, dweight, dbias, dout, out, inp, weight, act, B,
-                        n_in, n_out);
-    /* The condition's rows of W: dW[n_in:] += cond^T @ dpre (dout now holds
-     * dpre); the condition itself needs no gradient. */
-    if (n_cond > 0)
-        hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)n_cond, (int)n_out,
-                   (int)B, 1.0f, cond, (int)n_cond, dout, (int)n_out, 1.0f,
-                   dweight + n_in * n_out, (int)n_out);
+    dense_args a = {.out = dout, .inp = inp, .cond = cond, .act_out = out,
+                    .dweight = dweight, .dbias = dbias, .act = act, .B = B,
+                    .n_in = n_in, .n_cond = n_cond, .n_out = n_out};
+    hvae_parallel(dense_backward_part, &a, dense_parts(B, n_in + n_cond, n_out));
+    if (dinp)
+        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_TRANS, (int)B, (int)n_in, (int)n_out,
+                   1.0f, dout, (int)n_out, weight, (int)n_out, 1.0f, dinp, (int)n_in);
 }

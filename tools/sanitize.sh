@@ -53,7 +53,7 @@ fi
 echo "== C core tests (tests/c/test_core.c) with ASan + UBSan"
 sources=$(ls csrc/*.c | grep -v '/hvaemodule\.c$')
 # shellcheck disable=SC2086
-"$CC" -std=c11 $SAN_FLAGS -DHVAE_NO_BLAS -Icsrc tests/c/test_core.c $sources -lm \
+"$CC" -std=c11 $SAN_FLAGS -DHVAE_NO_BLAS -Icsrc tests/c/test_core.c $sources -pthread -lm \
     -o "$work/test_core"
 ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:abort_on_error=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
