@@ -224,6 +224,8 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
         hvae_rng_permutation(rng, order, n);
 
     hvae_status status = HVAE_OK;
+    /* Zeroed here once; each optimizer step zeroes it again as it goes. */
+    memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
     for (int64_t start = 0; start < n; start += o->batch_size) {
         int64_t B = n - start < o->batch_size ? n - start : o->batch_size;
         const float *cb;
@@ -231,16 +233,14 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
                                      B, S, &cb);
         for (int32_t i = 0; i < T; i++)
             hvae_rng_normal(rng, ws_eps(ws, i), B * S * m->latent_dims[i]);
-        memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
         objective_step(m, ws, xb, cb, noise, B, &o->objective, (double)B, &batch);
         batch.n_batches = 1;
-        if (!isfinite(batch.loss) || !hvae_all_finite(m->grads, m->n_params)) {
+        if (!isfinite(batch.loss) || !hvae_optimizer_step_if_finite(opt, m)) {
             status = HVAE_ERR_NONFINITE_LOSS;
             break;
         }
-        hvae_optimizer_step(opt, m);
         add_sums(stats, &batch, T);
         if (o->hook) {
             scale_sums(&batch, 1.0 / (double)B, T);
