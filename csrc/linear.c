@@ -39,66 +39,103 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
  */
 #define RW_COLS 16
 #define RW_ROWS 4
+#define RW_KC 256
+#define RW_MC 96
+#define RW_TILE_ROWS 6
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(HVAE_NO_CLONES)
 #include <immintrin.h>
 #define HVAE_HAVE_FMA_KERNEL 1
 
-/* The same computation with AVX + FMA registers: a 4 x 16 tile of
- * accumulators (8 ymm), one broadcast per row and two weight loads per k.
- * Vector and scalar FMAs round identically, so the column tail agrees. */
+/* The same computation with AVX + FMA registers, blocked for the caches
+ * as a BLAS would be (but never splitting or reordering a sum): the inputs
+ * are walked in blocks of RW_KC values of k and RW_MC rows (an L2-sized
+ * block of inp), the weights in panels of RW_KC x 16 copied to a
+ * contiguous L1-resident buffer, and a 6 x 16 tile of accumulators (12 ymm)
+ * runs down the k of a block. Between k blocks a tile is stored to out and
+ * loaded back, which is exact, so each output element is still one chain of
+ * FMAs over k = 0..n_in-1 in order, started from zero (or from out when
+ * accumulating); vector and scalar FMAs round identically, so the row tail
+ * (one row at a time) and the column tail (scalar) agree with the tiles. */
+
+__attribute__((target("avx,fma")))
+static inline void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
+                                 const float *panel, int64_t kc, int load_out)
+{
+    __m256 acc[RW_TILE_ROWS][2];
+    for (int r = 0; r < RW_TILE_ROWS; r++) {
+        acc[r][0] = load_out ? _mm256_loadu_ps(out + r * n_out) : _mm256_setzero_ps();
+        acc[r][1] = load_out ? _mm256_loadu_ps(out + r * n_out + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 w0 = _mm256_load_ps(panel + 16 * k);
+        __m256 w1 = _mm256_load_ps(panel + 16 * k + 8);
+        for (int r = 0; r < RW_TILE_ROWS; r++) {
+            __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
+            acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < RW_TILE_ROWS; r++) {
+        _mm256_storeu_ps(out + r * n_out, acc[r][0]);
+        _mm256_storeu_ps(out + r * n_out + 8, acc[r][1]);
+    }
+}
+
+__attribute__((target("avx,fma")))
+static inline void rowwise_tile1(float *out, const float *x, const float *panel,
+                                 int64_t kc, int load_out)
+{
+    __m256 a0 = load_out ? _mm256_loadu_ps(out) : _mm256_setzero_ps();
+    __m256 a1 = load_out ? _mm256_loadu_ps(out + 8) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 v = _mm256_broadcast_ss(x + k);
+        a0 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k + 8), a1);
+    }
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out + 8, a1);
+}
+
 __attribute__((target("avx,fma")))
 static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                              int64_t B, int64_t n_in, int64_t n_out, int accumulate)
 {
+    float panel[RW_KC * RW_COLS] __attribute__((aligned(32)));
     int64_t full_cols = n_out - n_out % RW_COLS;
-    for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
-        const float *w = weight + j0;
-        int64_t b = 0;
-        for (; b + RW_ROWS <= B; b += RW_ROWS) {
-            __m256 acc[RW_ROWS][2];
-            for (int r = 0; r < RW_ROWS; r++) {
-                float *o = out + (b + r) * n_out + j0;
-                acc[r][0] = accumulate ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
-                acc[r][1] = accumulate ? _mm256_loadu_ps(o + 8) : _mm256_setzero_ps();
+    if (n_in == 0 && !accumulate) {
+        for (int64_t i = 0; i < B * n_out; i++)
+            out[i] = 0.0f;
+        return;
+    }
+    for (int64_t k0 = 0; k0 < n_in; k0 += RW_KC) {
+        int64_t kc = n_in - k0 < RW_KC ? n_in - k0 : RW_KC;
+        int load_out = k0 > 0 || accumulate;
+        for (int64_t b0 = 0; b0 < B; b0 += RW_MC) {
+            int64_t b1 = B - b0 < RW_MC ? B : b0 + RW_MC;
+            for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
+                const float *w = weight + k0 * n_out + j0;
+                for (int64_t k = 0; k < kc; k++) {
+                    _mm256_store_ps(panel + 16 * k, _mm256_loadu_ps(w + k * n_out));
+                    _mm256_store_ps(panel + 16 * k + 8, _mm256_loadu_ps(w + k * n_out + 8));
+                }
+                int64_t b = b0;
+                for (; b + RW_TILE_ROWS <= b1; b += RW_TILE_ROWS)
+                    rowwise_tile6(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
+                                  panel, kc, load_out);
+                for (; b < b1; b++)
+                    rowwise_tile1(out + b * n_out + j0, inp + b * n_in + k0, panel, kc,
+                                  load_out);
             }
-            const float *x = inp + b * n_in;
-            for (int64_t k = 0; k < n_in; k++) {
-                __m256 w0 = _mm256_loadu_ps(w + k * n_out);
-                __m256 w1 = _mm256_loadu_ps(w + k * n_out + 8);
-                for (int r = 0; r < RW_ROWS; r++) {
-                    __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
-                    acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
+            for (int64_t b = b0; b < b1; b++) {
+                for (int64_t j = full_cols; j < n_out; j++) {
+                    __m128 acc = _mm_set_ss(load_out ? out[b * n_out + j] : 0.0f);
+                    for (int64_t k = k0; k < k0 + kc; k++)
+                        acc = _mm_fmadd_ss(_mm_set_ss(inp[b * n_in + k]),
+                                           _mm_set_ss(weight[k * n_out + j]), acc);
+                    out[b * n_out + j] = _mm_cvtss_f32(acc);
                 }
             }
-            for (int r = 0; r < RW_ROWS; r++) {
-                float *o = out + (b + r) * n_out + j0;
-                _mm256_storeu_ps(o, acc[r][0]);
-                _mm256_storeu_ps(o + 8, acc[r][1]);
-            }
-        }
-        for (; b < B; b++) {
-            float *o = out + b * n_out + j0;
-            __m256 a0 = accumulate ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
-            __m256 a1 = accumulate ? _mm256_loadu_ps(o + 8) : _mm256_setzero_ps();
-            const float *x = inp + b * n_in;
-            for (int64_t k = 0; k < n_in; k++) {
-                __m256 v = _mm256_broadcast_ss(x + k);
-                a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k * n_out), a0);
-                a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k * n_out + 8), a1);
-            }
-            _mm256_storeu_ps(o, a0);
-            _mm256_storeu_ps(o + 8, a1);
-        }
-    }
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t j = full_cols; j < n_out; j++) {
-            __m128 acc = _mm_set_ss(accumulate ? out[b * n_out + j] : 0.0f);
-            for (int64_t k = 0; k < n_in; k++)
-                acc = _mm_fmadd_ss(_mm_set_ss(inp[b * n_in + k]),
-                                   _mm_set_ss(weight[k * n_out + j]), acc);
-            out[b * n_out + j] = _mm_cvtss_f32(acc);
         }
     }
 }
@@ -208,7 +245,7 @@ static void dense_forward_part(void *ctx, int part, int n_parts)
     const dense_args *a = ctx;
     int64_t n_out = a->n_out, lo, hi;
     if (a->rowwise) {
-        hvae_split(a->B, part, n_parts, RW_ROWS, &lo, &hi);
+        hvae_split(a->B, part, n_parts, RW_TILE_ROWS, &lo, &hi);
         if (hi <= lo)
             return;
         float *out = a->out + lo * n_out;

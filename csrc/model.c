@@ -680,16 +680,34 @@ static void row_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *r
         hvae_rng_normal(rng, ws_eps(ws, i) + r * m->latent_dims[i], m->latent_dims[i]);
 }
 
+typedef struct {
+    const hvae_model *m;
+    const hvae_workspace *ws;
+    const float *x;
+    int64_t B, S;
+    uint64_t noise_seed;
+} noise_args;
+
+/* Rows are hashed and drawn independently: split between the threads. */
+static void hashed_noise_part(void *ctx, int part, int n_parts)
+{
+    const noise_args *a = ctx;
+    int64_t D = a->m->config.n_features, lo, hi;
+    hvae_split(a->B, part, n_parts, 1, &lo, &hi);
+    for (int64_t b = lo; b < hi; b++) {
+        hvae_rng rng;
+        hvae_row_rng(&rng, a->x + b * D, D, a->noise_seed);
+        for (int64_t s = 0; s < a->S; s++)
+            row_noise(a->m, a->ws, &rng, b * a->S + s);
+    }
+}
+
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S, uint64_t noise_seed)
 {
-    int64_t D = m->config.n_features;
-    for (int64_t b = 0; b < B; b++) {
-        hvae_rng rng;
-        hvae_row_rng(&rng, x + b * D, D, noise_seed);
-        for (int64_t s = 0; s < S; s++)
-            row_noise(m, ws, &rng, b * S + s);
-    }
+    noise_args a = {m, ws, x, B, S, noise_seed};
+    int64_t work = B * (m->config.n_features + S * m->eps_cols);
+    hvae_parallel(hashed_noise_part, &a, work < (1 << 14) ? 1 : HVAE_MAX_THREADS);
 }
 
 /* ---- evaluation ------------------------------------------------------------ */
