@@ -33,7 +33,11 @@
 #ifdef HVAE_HAVE_POOL
 extern int hvae_gemm_use_openblas_threads;
 extern double hvae_gemm_split_min;
+extern long hvae_pool_regions;
+extern double hvae_pool_wait_seconds;
 #else
+static long hvae_pool_regions;
+static double hvae_pool_wait_seconds;
 static int hvae_gemm_use_openblas_threads;
 static double hvae_gemm_split_min;
 #endif
@@ -110,10 +114,11 @@ void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
 }
 
 enum { P_STAGE, P_NOISE, P_ZERO, P_FWD_GEMM, P_FWD_OTHER, P_BWD_GEMM, P_BWD_OTHER,
-       P_FINITE, P_OPTIM, P_TOTAL, N_PHASES };
+       P_FINITE, P_OPTIM, P_TOTAL, P_FWD_WAIT, P_BWD_WAIT, P_REGIONS, N_PHASES };
 static const char *phase_names[N_PHASES] = {
     "gather rows", "noise", "zero grads", "forward GEMM", "forward other",
-    "backward GEMM", "backward other", "finite check", "optimizer", "step total"};
+    "backward GEMM", "backward other", "finite check", "optimizer", "step total",
+    "forward waits", "backward waits", "regions"};
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -209,6 +214,8 @@ int main(int argc, char **argv)
         t1 = now();
         t[P_ZERO] = t1 - t0;
         gemm_seconds = 0.0;
+        hvae_pool_wait_seconds = 0.0;
+        long regions0 = hvae_pool_regions;
         recording = s == -warm;
         hvae_forward(m, ws, ws->x, NULL, noise, batch, 0, 0);
         double loss = 0.0;
@@ -217,6 +224,8 @@ int main(int argc, char **argv)
         t0 = now();
         t[P_FWD_GEMM] = gemm_seconds;
         t[P_FWD_OTHER] = t0 - t1 - gemm_seconds;
+        t[P_FWD_WAIT] = hvae_pool_wait_seconds;
+        hvae_pool_wait_seconds = 0.0;
         gemm_seconds = 0.0;
         hvae_backward(m, ws, ws->x, NULL, noise, batch, 1.0f / (float)batch, NULL,
                       kl_weight, 0);
@@ -226,6 +235,8 @@ int main(int argc, char **argv)
         t1 = now();
         t[P_BWD_GEMM] = gemm_seconds;
         t[P_BWD_OTHER] = t1 - t0 - gemm_seconds;
+        t[P_BWD_WAIT] = hvae_pool_wait_seconds;
+        t[P_REGIONS] = 1e-3 * (double)(hvae_pool_regions - regions0);
 #ifdef HVAE_FUSED_STEP
         /* The check and the update (with the zeroing) in one call. */
         t0 = now();
@@ -312,7 +323,7 @@ int main(int argc, char **argv)
     double sum_parts = 0.0;
     for (int p = 0; p < N_PHASES; p++) {
         double med = median_of(times[p], steps);
-        if (p != P_TOTAL)
+        if (p < P_TOTAL)
             sum_parts += med;
         printf("  %-16s %8.3f ms\n", phase_names[p], 1e3 * med);
     }

@@ -17,7 +17,7 @@ libdir=$(python -c "import scipy_openblas32 as s; print(s.get_lib_dir())")
 flags="-std=c11 -O3 -Wall -Wextra -fno-math-errno -fno-trapping-math -pthread -DHVAE_BLAS_PREFIX=scipy_ -Icsrc"
 # The training loop's zeroing and finite check fused into the optimizer step?
 grep -q hvae_optimizer_step_if_finite csrc/internal.h && flags="$flags -DHVAE_FUSED_STEP"
-[ -f csrc/parallel.c ] && flags="$flags -DHVAE_HAVE_POOL"
+[ -f csrc/parallel.c ] && flags="$flags -DHVAE_HAVE_POOL -DHVAE_POOL_STATS"
 objs=()
 for src in csrc/*.c; do
     case $src in csrc/hvaemodule.c) continue ;; esac

@@ -150,8 +150,19 @@ static void wake_workers(void)
     }
 }
 
+#ifdef HVAE_POOL_STATS
+/* For bench/profile_step.c: regions run and the time callers spent
+ * waiting for workers at their end. */
+long hvae_pool_regions;
+double hvae_pool_wait_seconds;
+#endif
+
 static void wait_workers(void)
 {
+#ifdef HVAE_POOL_STATS
+    int64_t t0 = monotonic_ns();
+    hvae_pool_regions++;
+#endif
     int spins = 0;
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
         if (++spins % WAIT_SPINS_BEFORE_YIELD == 0)
@@ -159,6 +170,9 @@ static void wait_workers(void)
         else
             cpu_relax();
     }
+#ifdef HVAE_POOL_STATS
+    hvae_pool_wait_seconds += 1e-9 * (double)(monotonic_ns() - t0);
+#endif
 }
 
 /* Joins every worker; the caller holds resize and owner. */
