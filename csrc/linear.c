@@ -222,8 +222,7 @@ typedef struct {
 
 static int dense_parts(int64_t B, int64_t n_in, int64_t n_out)
 {
-    return (double)B * (double)n_in * (double)n_out < DENSE_PARALLEL_MIN
-               ? 1 : HVAE_MAX_THREADS;
+    return hvae_parts((double)B * (double)n_in * (double)n_out, DENSE_PARALLEL_MIN);
 }
 
 /* out[:, j0:j1] = inp @ weight[:n_in, j0:j1] (+ cond @ weight[n_in:, j0:j1]). */

@@ -449,7 +449,7 @@ typedef struct {
 
 static int likelihood_parts(const hvae_model *m, int64_t B)
 {
-    return B * m->config.n_features < (1 << 14) ? 1 : HVAE_MAX_THREADS;
+    return hvae_parts((double)(B * m->config.n_features), 1 << 14);
 }
 
 static void likelihood_forward_part(void *ctx, int part, int n_parts)
@@ -707,7 +707,7 @@ void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
 {
     noise_args a = {m, ws, x, B, S, noise_seed};
     int64_t work = B * (m->config.n_features + S * m->eps_cols);
-    hvae_parallel(hashed_noise_part, &a, work < (1 << 14) ? 1 : HVAE_MAX_THREADS);
+    hvae_parallel(hashed_noise_part, &a, hvae_parts((double)work, 1 << 14));
 }
 
 /* ---- evaluation ------------------------------------------------------------ */

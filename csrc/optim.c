@@ -105,7 +105,7 @@ static void sgd_part(void *ctx, int part, int n_parts)
 
 static int parts_for(int64_t n)
 {
-    return n < UPDATE_PARALLEL_MIN ? 1 : HVAE_MAX_THREADS;
+    return hvae_parts((double)n, UPDATE_PARALLEL_MIN);
 }
 
 void hvae_adam_update(float *params, const float *grads, float *m, float *v,

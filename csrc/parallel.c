@@ -30,6 +30,8 @@
 #include "hvae.h"
 #include "internal.h"
 
+double hvae_parallel_min_scale = 1.0;
+
 #if defined(_WIN32) || defined(HVAE_NO_THREADS)
 
 int hvae_pool_resize(int n_threads) { return n_threads >= 1 ? 1 : 0; }
