@@ -873,8 +873,8 @@ typedef struct {
 
 static void nested_part(void *ctx, int part, int n_parts)
 {
-    (void)part;
-    *(int *)ctx = n_parts;
+    if (part == 0)
+        *(int *)ctx = n_parts;
 }
 
 static void logging_part(void *ctx, int part, int n_parts)
