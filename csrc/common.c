@@ -147,10 +147,11 @@ void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
         set_blas_threads(macs < OPENBLAS_PARALLEL_MIN ? 1 : budget);
     } else if (budget > 0) {
         set_blas_threads(1);
-        if (budget > 1 && hvae_parts(macs, hvae_gemm_split_min) > 1) {
+        int parts = budget > 1 ? hvae_parts(macs, hvae_gemm_split_min) : 1;
+        if (parts > 1) {
             gemm_args g = {trans_a, trans_b, M, N, K, alpha, beta, A, B, C,
                            lda, ldb, ldc, N >= M};
-            hvae_parallel(gemm_part, &g, budget);
+            hvae_parallel(gemm_part, &g, parts < budget ? parts : budget);
             return;
         }
     }

@@ -134,12 +134,16 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts);
 int hvae_pool_resize(int n_threads);
 int hvae_pool_threads(void);
 /* Parts to ask of hvae_parallel for `work` units (multiply-adds, elements)
- * when splitting pays from min_work up: 1 below it. Tests set
- * hvae_parallel_min_scale to 0 to split everything. */
+ * when a part pays from min_work up: one per min_work (so that many cores
+ * do not each get a sliver), 1 below it. Tests set hvae_parallel_min_scale
+ * to 0 to split everything. */
 extern double hvae_parallel_min_scale;
 static inline int hvae_parts(double work, double min_work)
 {
-    return work < min_work * hvae_parallel_min_scale ? 1 : HVAE_MAX_THREADS;
+    double least = min_work * hvae_parallel_min_scale;
+    if (least <= 0.0 || work >= least * HVAE_MAX_THREADS)
+        return HVAE_MAX_THREADS;
+    return work < least ? 1 : (int)(work / least);
 }
 /* Inside a task: returns when all n_parts parts of the region have called
  * it (immediately for one part). */
