@@ -78,8 +78,8 @@ extension = Extension(
     include_dirs=["csrc", numpy.get_include()],
     define_macros=blas["macros"],
     extra_compile_args=["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fno-trapping-math",
-                        "-fvisibility=hidden"] + blas["compile"] + extra_cflags,
-    extra_link_args=blas["link"] + extra_cflags,
+                        "-fvisibility=hidden", "-pthread"] + blas["compile"] + extra_cflags,
+    extra_link_args=blas["link"] + ["-pthread"] + extra_cflags,
 )
 
 setup(

@@ -42,7 +42,15 @@ inference
     Rows/s of hvae's ``Model.encode`` and ``Model.elbo`` against the peer's
     ``transform`` and ``score_samples`` (both under no_grad, the peer's
     default 1024-row chunks) on W2's 10000 test rows; medians of 3
-    interleaved repeats after a warm-up on 1000 rows.
+    interleaved repeats after a warm-up on 1000 rows. Each rate is also
+    given in GFLOP/s (the matrix-product FLOPs of a row: the encoder's
+    dense layers for transform, every dense layer for score) and as a
+    percentage of the machine's peak, with what 3x the peer would need.
+machine peak
+    The single-precision GEMM rate of this machine: a large square
+    ``scipy_cblas_sgemm`` (n = 4096; 2048 with --quick) through hvae's
+    OpenBLAS on 1 and on K threads, best of 5; the ceiling for any float32
+    matrix-product code here, hvae's or the peer's.
 memory
     A fresh subprocess per library loads W2's training X from a .npy file
     (no transient copy), then fits one epoch. Reported: X bytes, RSS after
@@ -499,6 +507,51 @@ def gemm_limit(model, batch_size, n_threads, n_steps=20, repeats=20):
     }
 
 
+def machine_peak(n_threads, n=4096, repeats=5):
+    """Single-precision GEMM GFLOP/s of a large square product, 1 and n_threads threads.
+
+    Returns
+    -------
+    result : dict
+        ``n``, ``gflops`` {threads: best GFLOP/s}, ``seconds`` {threads: best
+        seconds} and the ``foreign_cpu`` share while it ran.
+    """
+    ROW_MAJOR, NO_TRANS = 101, 111
+    lib, path = openblas_library()
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n, n)).astype(np.float32)
+    B = rng.standard_normal((n, n)).astype(np.float32)
+    C = np.zeros((n, n), np.float32)
+    previous = lib.scipy_openblas_get_num_threads()
+    meter = LoadMeter()
+    seconds = {}
+    try:
+        for k in sorted({1, n_threads}):
+            lib.scipy_openblas_set_num_threads(k)
+            times = []
+            for _ in range(repeats + 1):  # the first one warms up
+                start = time.perf_counter()
+                lib.scipy_cblas_sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, n, n, 1.0,
+                                      A.ctypes.data, n, B.ctypes.data, n, 0.0,
+                                      C.ctypes.data, n)
+                times.append(time.perf_counter() - start)
+            seconds[k] = min(times[1:])
+    finally:
+        lib.scipy_openblas_set_num_threads(previous)
+    flops = 2.0 * n ** 3
+    return {"n": n, "library": path, "seconds": seconds,
+            "gflops": {k: flops / t / 1e9 for k, t in seconds.items()},
+            "foreign_cpu": meter.foreign_share()}
+
+
+def inference_flops(model):
+    """Matrix-product FLOPs per row of transform (encoders) and score (all layers)."""
+    forward, _ = dense_layers(model)
+    per_layer = [(layer["name"], 2 * layer["n_in"] * layer["n_out"]) for layer in forward]
+    return {"transform": sum(f for name, f in per_layer if name.startswith("enc")),
+            "score": sum(f for _, f in per_layer)}
+
+
 # -- training comparison -----------------------------------------------------
 
 
@@ -639,8 +692,12 @@ def compare_inference(model, twin, X_test, n_threads, repeats, noise=ACCEPT_ALL)
             peer_times = [p for _, p in pairs]
             hvae_rate = X_test.shape[0] / median(hvae_times)
             peer_rate = X_test.shape[0] / median(peer_times)
+            flops = inference_flops(model)[name]
             result[name] = {"hvae_rows_per_s": hvae_rate, "peer_rows_per_s": peer_rate,
-                            "ratio": hvae_rate / peer_rate, "noise": summary}
+                            "ratio": hvae_rate / peer_rate, "noise": summary,
+                            "flops_per_row": flops,
+                            "hvae_gflops": hvae_rate * flops / 1e9,
+                            "peer_gflops": peer_rate * flops / 1e9}
     result["foreign_cpu"] = max((result[name]["noise"]["foreign_cpu_used"] or 0.0)
                                 for name in tasks)
     return result
@@ -932,8 +989,20 @@ def format_report(results):
                      "rows/s:")
         for name, label in (("transform", "transform (encode)"), ("score", "score (elbo)")):
             r = inference[name]
-            lines.append(f"  {label:<20} hvae {_fmt_rate(r['hvae_rows_per_s']):>10}   "
-                         f"peer {_fmt_rate(r['peer_rows_per_s']):>10}   ratio {r['ratio']:.2f}")
+            line = (f"  {label:<20} hvae {_fmt_rate(r['hvae_rows_per_s']):>10}   "
+                    f"peer {_fmt_rate(r['peer_rows_per_s']):>10}   ratio {r['ratio']:.2f}")
+            if "hvae_percent_of_peak" in r:
+                line += (f"   ({r['flops_per_row'] / 1e6:.2f} MFLOP/row: hvae "
+                         f"{r['hvae_gflops']:.0f} GFLOP/s = {r['hvae_percent_of_peak']:.0f}%, "
+                         f"peer {r['peer_gflops']:.0f} GFLOP/s = "
+                         f"{r['peer_percent_of_peak']:.0f}% of peak; 3x the peer would need "
+                         f"{r['three_times_peer_percent_of_peak']:.0f}%)")
+            lines.append(line)
+    peak = results.get("machine_peak")
+    if peak:
+        lines.append("  machine peak (square sgemm n = {}, OpenBLAS): ".format(peak["n"])
+                     + ", ".join(f"{k} thread{'s' if int(k) > 1 else ''} "
+                                 f"{g:.0f} GFLOP/s" for k, g in peak["gflops"].items()))
     memory = results.get("memory")
     if memory:
         lines.append("")
@@ -1072,6 +1141,17 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
             model, twin, _subset(w2["X_test"], sizes["n_test"]), n_threads,
             sizes["inference_repeats"], noise=noise)
         results["inference"]["workload"] = "W2"
+        say("machine peak ...")
+        peak = machine_peak(n_threads, n=2048 if quick else 4096)
+        results["machine_peak"] = peak
+        peak_gflops = peak["gflops"][n_threads]
+        for name in ("transform", "score"):
+            r = results["inference"][name]
+            r["machine_peak_gflops"] = peak_gflops
+            r["hvae_percent_of_peak"] = 100 * r["hvae_gflops"] / peak_gflops
+            r["peer_percent_of_peak"] = 100 * r["peer_gflops"] / peak_gflops
+            # What 3x the peer's rows/s would take, at the same FLOPs per row.
+            r["three_times_peer_percent_of_peak"] = 300 * r["peer_gflops"] / peak_gflops
         say("memory ...")
         results["memory"] = measure_memory(w2, n_threads, n_rows=sizes["memory_rows"],
                                            tracemalloc_rows=sizes["tracemalloc_rows"])

@@ -1,6 +1,7 @@
 /* common.c -- status strings, the BLAS binding and its thread count. */
 #include "hvae.h"
 #include "blas.h"
+#include "internal.h"
 
 #include <stdatomic.h>
 #include <string.h>
@@ -35,44 +36,12 @@ void HVAE_BLAS_NAME(openblas_set_num_threads)(int n);
 int HVAE_BLAS_NAME(openblas_get_num_threads)(void);
 char *HVAE_BLAS_NAME(openblas_get_config)(void);
 
-/* The thread budget set by hvae_set_num_threads (0: never set, leave
- * OpenBLAS alone) and the count last given to OpenBLAS. Products below
- * HVAE_GEMM_PARALLEL_MIN multiply-adds run on one thread: waking a second
- * one costs more than it saves (a 64x64x64 product takes 4x longer on two
- * threads than on one here), and when another process holds the other core
- * a threaded small product can wait a whole scheduler slice (the digits demo
- * ran 100x slower so). OpenBLAS's own cut-off sits far lower. Racing writers
- * only ever store valid counts. */
-#define HVAE_GEMM_PARALLEL_MIN (1 << 21)
-static _Atomic int thread_budget;
-static _Atomic int threads_in_use;
-
-void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
-                const float *A, int lda, const float *B, int ldb, float beta,
-                float *C, int ldc)
+static void raw_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta,
+                      float *C, int ldc)
 {
-    int budget = atomic_load_explicit(&thread_budget, memory_order_relaxed);
-    if (budget > 0) {
-        int want = (double)M * N * K < HVAE_GEMM_PARALLEL_MIN ? 1 : budget;
-        if (want != atomic_load_explicit(&threads_in_use, memory_order_relaxed)) {
-            HVAE_BLAS_NAME(openblas_set_num_threads)(want);
-            atomic_store_explicit(&threads_in_use, want, memory_order_relaxed);
-        }
-    }
-    HVAE_BLAS_NAME(cblas_sgemm)(HVAE_CBLAS_ROW_MAJOR, trans_a, trans_b, M, N,
-                                K, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-void hvae_set_num_threads(int n_threads)
-{
-    if (n_threads >= 1)
-        atomic_store_explicit(&thread_budget, n_threads, memory_order_relaxed);
-}
-
-int hvae_get_num_threads(void)
-{
-    int budget = atomic_load_explicit(&thread_budget, memory_order_relaxed);
-    return budget > 0 ? budget : HVAE_BLAS_NAME(openblas_get_num_threads)();
+    HVAE_BLAS_NAME(cblas_sgemm)(HVAE_CBLAS_ROW_MAJOR, trans_a, trans_b, M, N, K,
+                                alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 const char *hvae_blas_info(void)
@@ -82,9 +51,9 @@ const char *hvae_blas_info(void)
 
 #else /* HVAE_NO_BLAS: a straightforward reference GEMM. */
 
-void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
-                const float *A, int lda, const float *B, int ldb, float beta,
-                float *C, int ldc)
+static void raw_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta,
+                      float *C, int ldc)
 {
     for (int i = 0; i < M; i++) {
         for (int j = 0; j < N; j++) {
@@ -102,8 +71,107 @@ void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     }
 }
 
-void hvae_set_num_threads(int n_threads) { (void)n_threads; }
-int hvae_get_num_threads(void) { return 1; }
 const char *hvae_blas_info(void) { return "reference C GEMM (HVAE_NO_BLAS)"; }
 
 #endif
+
+/* The thread budget set by hvae_set_num_threads (0: never set, leave
+ * OpenBLAS alone) and the count last given to OpenBLAS. With a budget,
+ * OpenBLAS runs on one thread and hvae's own pool (parallel.c) splits a
+ * product of at least hvae_gemm_split_min multiply-adds into column (or
+ * row) blocks, one per thread: one pool for the products and the
+ * elementwise work, rather than OpenBLAS's threads and ours taking turns on
+ * the same cores. Smaller products run on one thread. Racing writers only
+ * ever store valid counts.
+ *
+ * hvae_gemm_use_openblas_threads = 1 restores the former policy (OpenBLAS's
+ * threads for products of at least 2M multiply-adds), for measurements. */
+static _Atomic int thread_budget;
+static _Atomic int threads_in_use;
+int hvae_gemm_use_openblas_threads;
+double hvae_gemm_split_min = (double)(1 << 18);
+#define OPENBLAS_PARALLEL_MIN (1 << 21)
+
+static void set_blas_threads(int want)
+{
+#ifndef HVAE_NO_BLAS
+    if (want != atomic_load_explicit(&threads_in_use, memory_order_relaxed)) {
+        HVAE_BLAS_NAME(openblas_set_num_threads)(want);
+        atomic_store_explicit(&threads_in_use, want, memory_order_relaxed);
+    }
+#else
+    (void)want;
+    (void)threads_in_use;
+#endif
+}
+
+typedef struct {
+    int trans_a, trans_b, M, N, K;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+    int lda, ldb, ldc;
+    int split_n; /* split the columns of C, else its rows */
+} gemm_args;
+
+/* Rows or columns of C in blocks of 16 (OpenBLAS's kernels are 16 wide on
+ * AVX2): every element of C is computed by the same single-threaded kernel
+ * over the whole of K, whatever the split. */
+static void gemm_part(void *ctx, int part, int n_parts)
+{
+    const gemm_args *g = ctx;
+    int64_t lo, hi;
+    if (g->split_n) {
+        hvae_split(g->N, part, n_parts, 16, &lo, &hi);
+        if (hi > lo)
+            raw_sgemm(g->trans_a, g->trans_b, g->M, (int)(hi - lo), g->K, g->alpha,
+                      g->A, g->lda,
+                      g->trans_b == HVAE_CBLAS_NO_TRANS ? g->B + lo : g->B + lo * g->ldb,
+                      g->ldb, g->beta, g->C + lo, g->ldc);
+    } else {
+        hvae_split(g->M, part, n_parts, 16, &lo, &hi);
+        if (hi > lo)
+            raw_sgemm(g->trans_a, g->trans_b, (int)(hi - lo), g->N, g->K, g->alpha,
+                      g->trans_a == HVAE_CBLAS_NO_TRANS ? g->A + lo * g->lda : g->A + lo,
+                      g->lda, g->B, g->ldb, g->beta, g->C + lo * g->ldc, g->ldc);
+    }
+}
+
+void hvae_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                const float *A, int lda, const float *B, int ldb, float beta,
+                float *C, int ldc)
+{
+    int budget = atomic_load_explicit(&thread_budget, memory_order_relaxed);
+    double macs = (double)M * N * K;
+    if (budget > 0 && hvae_gemm_use_openblas_threads) {
+        set_blas_threads(macs < OPENBLAS_PARALLEL_MIN ? 1 : budget);
+    } else if (budget > 0) {
+        set_blas_threads(1);
+        int parts = budget > 1 ? hvae_parts(macs, hvae_gemm_split_min) : 1;
+        if (parts > 1) {
+            gemm_args g = {trans_a, trans_b, M, N, K, alpha, beta, A, B, C,
+                           lda, ldb, ldc, N >= M};
+            hvae_parallel(gemm_part, &g, parts < budget ? parts : budget);
+            return;
+        }
+    }
+    raw_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void hvae_set_num_threads(int n_threads)
+{
+    if (n_threads >= 1) {
+        atomic_store_explicit(&thread_budget, n_threads, memory_order_relaxed);
+        hvae_pool_resize(n_threads);
+    }
+}
+
+int hvae_get_num_threads(void)
+{
+    int budget = atomic_load_explicit(&thread_budget, memory_order_relaxed);
+#ifndef HVAE_NO_BLAS
+    return budget > 0 ? budget : HVAE_BLAS_NAME(openblas_get_num_threads)();
+#else
+    return budget > 0 ? budget : 1;
+#endif
+}

@@ -52,7 +52,8 @@
  * are borrowed for the duration of a call and never written.
  *
  * Threads: one object must not be used by two threads at once; distinct
- * objects may. Matrix products run on OpenBLAS with hvae_set_num_threads().
+ * objects may. Matrix products run on OpenBLAS, split over hvae's own thread
+ * pool (hvae_set_num_threads()).
  */
 #ifndef HVAE_H
 #define HVAE_H
@@ -554,9 +555,10 @@ HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
 HVAE_API int hvae_all_finite(const float *v, int64_t n);
 
 /* ------------------------------------------------------------------------ */
-/* BLAS threads: the most hvae's matrix products may use (process-wide for  */
-/* hvae's OpenBLAS; other libraries' BLAS copies are unaffected). Small      */
-/* products run on one thread whatever the budget.                           */
+/* Threads: the most hvae's work may use (process-wide). hvae's own pool    */
+/* splits large matrix products (each part on OpenBLAS with one thread) and  */
+/* the elementwise work; small products run on one thread whatever the       */
+/* budget. Other libraries' BLAS copies are unaffected.                      */
 HVAE_API void hvae_set_num_threads(int n_threads);
 HVAE_API int hvae_get_num_threads(void);
 /* The BLAS library's configuration string. */

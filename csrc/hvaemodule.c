@@ -1693,7 +1693,7 @@ static PyGetSetDef Model_getset[] = {
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
      "Optimizer steps taken since the optimizer was created", "optimizer_steps"},
     {"n_threads", (getter)Model_get_n_threads, (setter)Model_set_n_threads,
-     "BLAS threads for this model's calls (None: leave the setting alone).", NULL},
+     "Threads of hvae's pool for this model's calls (None: leave the setting alone).", NULL},
     {"rng_state", (getter)Model_get_rng_state, (setter)Model_set_rng_state,
      "State of the training and sampling generator (4 uint64).", NULL},
     {NULL, NULL, NULL, NULL, NULL}};
@@ -1754,8 +1754,9 @@ static PyObject *mod_blas_info(PyObject *mod, PyObject *noargs)
 
 static PyMethodDef module_methods[] = {
     {"set_num_threads", mod_set_num_threads, METH_O,
-     "set_num_threads(n)\n--\n\nBLAS threads for hvae calls of models without "
-     "their own n_threads (hvae's OpenBLAS only)."},
+     "set_num_threads(n)\n--\n\nThreads of hvae's pool (which splits its matrix "
+     "products, each part on OpenBLAS with one thread, and its elementwise work) for "
+     "calls of models without their own n_threads."},
     {"get_num_threads", mod_get_num_threads, METH_NOARGS,
      "get_num_threads()\n--\n\nThe BLAS thread count now in force for hvae."},
     {"blas_info", mod_blas_info, METH_NOARGS,

@@ -122,6 +122,44 @@ static inline float *block_dhead(const hvae_workspace *ws,
     return h < blk->n_heads ? ws_dact(ws, blk->col[blk->n_hidden + h]) : NULL;
 }
 
+/* parallel.c: hvae's thread pool (see there). A task computes part `part`
+ * of n_parts; hvae_parallel runs parts 0..n-1 of it, n at most n_parts and
+ * the pool's thread count, the caller taking part 0, and returns when all
+ * are done (n = 1 when the pool is busy or the call is nested). */
+#define HVAE_MAX_THREADS 64
+typedef void (*hvae_task_fn)(void *ctx, int part, int n_parts);
+void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts);
+/* Makes the pool n_threads strong (n_threads - 1 workers); returns the
+ * thread count it has (fewer if threads could not be made). */
+int hvae_pool_resize(int n_threads);
+int hvae_pool_threads(void);
+/* Parts to ask of hvae_parallel for `work` units (multiply-adds, elements)
+ * when a part pays from min_work up: one per min_work (so that many cores
+ * do not each get a sliver), 1 below it. Tests set hvae_parallel_min_scale
+ * to 0 to split everything. */
+extern double hvae_parallel_min_scale;
+static inline int hvae_parts(double work, double min_work)
+{
+    double least = min_work * hvae_parallel_min_scale;
+    if (least <= 0.0 || work >= least * HVAE_MAX_THREADS)
+        return HVAE_MAX_THREADS;
+    return work < least ? 1 : (int)(work / least);
+}
+/* Inside a task: returns when all n_parts parts of the region have called
+ * it (immediately for one part). */
+void hvae_barrier(int n_parts);
+
+/* Part `part` of [0, n) in n_parts pieces whose bounds are multiples of
+ * align (but the last). */
+static inline void hvae_split(int64_t n, int part, int n_parts, int64_t align,
+                              int64_t *begin, int64_t *end)
+{
+    int64_t blocks = (n + align - 1) / align;
+    int64_t b0 = blocks * part / n_parts, b1 = blocks * (part + 1) / n_parts;
+    *begin = b0 * align < n ? b0 * align : n;
+    *end = b1 * align < n ? b1 * align : n;
+}
+
 /* activations.c */
 void hvae_activation_backward_row_inplace(float *d, float *dbias,
                                           const float *out,
@@ -142,6 +180,12 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
                               const float *cond, const float *weight,
                               hvae_activation act, int64_t B, int64_t n_in,
                               int64_t n_cond, int64_t n_out);
+
+/* optim.c: the training loop's update. When every gradient is finite,
+ * applies one optimizer step and zeroes the gradient (fused into the same
+ * pass), returning 1; otherwise changes nothing and returns 0. Both the
+ * check and the update are split over the pool. */
+int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model);
 
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);

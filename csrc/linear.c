@@ -21,18 +21,8 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
     /* dout (B, n_out) becomes dpre in place; dweight (n_in, n_out) +=
      * inp^T @ dpre; dbias += column sums of dpre; dinp (B, n_in) +=
      * dpre @ weight^T. */
-    if (B <= 0 || n_out <= 0)
-        return;
-    for (int64_t b = 0; b < B; b++)
-        hvae_activation_backward_row_inplace(dout + b * n_out, dbias,
-                                             out + b * n_out, act, n_out);
-    hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)n_in, (int)n_out,
-               (int)B, 1.0f, inp, (int)n_in, dout, (int)n_out, 1.0f, dweight,
-               (int)n_out);
-    if (dinp)
-        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_TRANS, (int)B, (int)n_in,
-                   (int)n_out, 1.0f, dout, (int)n_out, weight, (int)n_out,
-                   1.0f, dinp, (int)n_in);
+    hvae_dense_cond_backward(dinp, dweight, dbias, dout, out, inp, NULL, weight, act,
+                             B, n_in, 0, n_out);
 }
 
 /*
@@ -49,66 +39,103 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
  */
 #define RW_COLS 16
 #define RW_ROWS 4
+#define RW_KC 256
+#define RW_MC 96
+#define RW_TILE_ROWS 6
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(HVAE_NO_CLONES)
 #include <immintrin.h>
 #define HVAE_HAVE_FMA_KERNEL 1
 
-/* The same computation with AVX + FMA registers: a 4 x 16 tile of
- * accumulators (8 ymm), one broadcast per row and two weight loads per k.
- * Vector and scalar FMAs round identically, so the column tail agrees. */
+/* The same computation with AVX + FMA registers, blocked for the caches
+ * as a BLAS would be (but never splitting or reordering a sum): the inputs
+ * are walked in blocks of RW_KC values of k and RW_MC rows (an L2-sized
+ * block of inp), the weights in panels of RW_KC x 16 copied to a
+ * contiguous L1-resident buffer, and a 6 x 16 tile of accumulators (12 ymm)
+ * runs down the k of a block. Between k blocks a tile is stored to out and
+ * loaded back, which is exact, so each output element is still one chain of
+ * FMAs over k = 0..n_in-1 in order, started from zero (or from out when
+ * accumulating); vector and scalar FMAs round identically, so the row tail
+ * (one row at a time) and the column tail (scalar) agree with the tiles. */
+
+__attribute__((target("avx,fma")))
+static inline void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
+                                 const float *panel, int64_t kc, int load_out)
+{
+    __m256 acc[RW_TILE_ROWS][2];
+    for (int r = 0; r < RW_TILE_ROWS; r++) {
+        acc[r][0] = load_out ? _mm256_loadu_ps(out + r * n_out) : _mm256_setzero_ps();
+        acc[r][1] = load_out ? _mm256_loadu_ps(out + r * n_out + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 w0 = _mm256_load_ps(panel + 16 * k);
+        __m256 w1 = _mm256_load_ps(panel + 16 * k + 8);
+        for (int r = 0; r < RW_TILE_ROWS; r++) {
+            __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
+            acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < RW_TILE_ROWS; r++) {
+        _mm256_storeu_ps(out + r * n_out, acc[r][0]);
+        _mm256_storeu_ps(out + r * n_out + 8, acc[r][1]);
+    }
+}
+
+__attribute__((target("avx,fma")))
+static inline void rowwise_tile1(float *out, const float *x, const float *panel,
+                                 int64_t kc, int load_out)
+{
+    __m256 a0 = load_out ? _mm256_loadu_ps(out) : _mm256_setzero_ps();
+    __m256 a1 = load_out ? _mm256_loadu_ps(out + 8) : _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; k++) {
+        __m256 v = _mm256_broadcast_ss(x + k);
+        a0 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k), a0);
+        a1 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k + 8), a1);
+    }
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out + 8, a1);
+}
+
 __attribute__((target("avx,fma")))
 static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                              int64_t B, int64_t n_in, int64_t n_out, int accumulate)
 {
+    float panel[RW_KC * RW_COLS] __attribute__((aligned(32)));
     int64_t full_cols = n_out - n_out % RW_COLS;
-    for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
-        const float *w = weight + j0;
-        int64_t b = 0;
-        for (; b + RW_ROWS <= B; b += RW_ROWS) {
-            __m256 acc[RW_ROWS][2];
-            for (int r = 0; r < RW_ROWS; r++) {
-                float *o = out + (b + r) * n_out + j0;
-                acc[r][0] = accumulate ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
-                acc[r][1] = accumulate ? _mm256_loadu_ps(o + 8) : _mm256_setzero_ps();
+    if (n_in == 0 && !accumulate) {
+        for (int64_t i = 0; i < B * n_out; i++)
+            out[i] = 0.0f;
+        return;
+    }
+    for (int64_t k0 = 0; k0 < n_in; k0 += RW_KC) {
+        int64_t kc = n_in - k0 < RW_KC ? n_in - k0 : RW_KC;
+        int load_out = k0 > 0 || accumulate;
+        for (int64_t b0 = 0; b0 < B; b0 += RW_MC) {
+            int64_t b1 = B - b0 < RW_MC ? B : b0 + RW_MC;
+            for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
+                const float *w = weight + k0 * n_out + j0;
+                for (int64_t k = 0; k < kc; k++) {
+                    _mm256_store_ps(panel + 16 * k, _mm256_loadu_ps(w + k * n_out));
+                    _mm256_store_ps(panel + 16 * k + 8, _mm256_loadu_ps(w + k * n_out + 8));
+                }
+                int64_t b = b0;
+                for (; b + RW_TILE_ROWS <= b1; b += RW_TILE_ROWS)
+                    rowwise_tile6(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
+                                  panel, kc, load_out);
+                for (; b < b1; b++)
+                    rowwise_tile1(out + b * n_out + j0, inp + b * n_in + k0, panel, kc,
+                                  load_out);
             }
-            const float *x = inp + b * n_in;
-            for (int64_t k = 0; k < n_in; k++) {
-                __m256 w0 = _mm256_loadu_ps(w + k * n_out);
-                __m256 w1 = _mm256_loadu_ps(w + k * n_out + 8);
-                for (int r = 0; r < RW_ROWS; r++) {
-                    __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
-                    acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
+            for (int64_t b = b0; b < b1; b++) {
+                for (int64_t j = full_cols; j < n_out; j++) {
+                    __m128 acc = _mm_set_ss(load_out ? out[b * n_out + j] : 0.0f);
+                    for (int64_t k = k0; k < k0 + kc; k++)
+                        acc = _mm_fmadd_ss(_mm_set_ss(inp[b * n_in + k]),
+                                           _mm_set_ss(weight[k * n_out + j]), acc);
+                    out[b * n_out + j] = _mm_cvtss_f32(acc);
                 }
             }
-            for (int r = 0; r < RW_ROWS; r++) {
-                float *o = out + (b + r) * n_out + j0;
-                _mm256_storeu_ps(o, acc[r][0]);
-                _mm256_storeu_ps(o + 8, acc[r][1]);
-            }
-        }
-        for (; b < B; b++) {
-            float *o = out + b * n_out + j0;
-            __m256 a0 = accumulate ? _mm256_loadu_ps(o) : _mm256_setzero_ps();
-            __m256 a1 = accumulate ? _mm256_loadu_ps(o + 8) : _mm256_setzero_ps();
-            const float *x = inp + b * n_in;
-            for (int64_t k = 0; k < n_in; k++) {
-                __m256 v = _mm256_broadcast_ss(x + k);
-                a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k * n_out), a0);
-                a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + k * n_out + 8), a1);
-            }
-            _mm256_storeu_ps(o, a0);
-            _mm256_storeu_ps(o + 8, a1);
-        }
-    }
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t j = full_cols; j < n_out; j++) {
-            __m128 acc = _mm_set_ss(accumulate ? out[b * n_out + j] : 0.0f);
-            for (int64_t k = 0; k < n_in; k++)
-                acc = _mm_fmadd_ss(_mm_set_ss(inp[b * n_in + k]),
-                                   _mm_set_ss(weight[k * n_out + j]), acc);
-            out[b * n_out + j] = _mm_cvtss_f32(acc);
         }
     }
 }
@@ -169,25 +196,73 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
     }
 }
 
-/* out = inp @ weight[:n_in] (+ cond @ weight[n_in:]), by BLAS or row by row. */
-static void product(float *out, const float *inp, const float *cond,
-                    const float *weight, int64_t B, int64_t n_in,
-                    int64_t n_cond, int64_t n_out, int rowwise)
+/*
+ * Threads: a dense layer is one region of the pool. Forward, each part
+ * takes a block of output columns (BLAS) or of rows (rowwise), computes
+ * its product and applies bias and activation while the block is in
+ * cache. Backward, each part takes a block of output columns: the
+ * activation's derivative and dbias on those columns, then those columns
+ * of dW; then dinp in a second region (it needs every column of dpre).
+ * Every element is computed by the same operations whatever the split
+ * (bias sums run down the rows in order), so results do not depend on the
+ * thread count.
+ */
+typedef struct {
+    float *out;           /* forward output, or backward dout/dpre */
+    const float *inp, *cond, *weight, *bias;
+    const float *act_out; /* backward: the forward output */
+    float *dweight, *dbias;
+    hvae_activation act;
+    int64_t B, n_in, n_cond, n_out;
+    int rowwise;
+} dense_args;
+
+/* Splits of fewer multiply-adds run on one thread. */
+#define DENSE_PARALLEL_MIN (1 << 18)
+
+static int dense_parts(int64_t B, int64_t n_in, int64_t n_out)
 {
-    const float *w_cond = weight + n_in * n_out;
-    if (rowwise) {
-        gemm_rowwise(out, inp, weight, B, n_in, n_out, 0);
-        if (n_cond > 0)
-            gemm_rowwise(out, cond, w_cond, B, n_cond, n_out, 1);
+    return hvae_parts((double)B * (double)n_in * (double)n_out, DENSE_PARALLEL_MIN);
+}
+
+/* out[:, j0:j1] = inp @ weight[:n_in, j0:j1] (+ cond @ weight[n_in:, j0:j1]). */
+static void product_columns(const dense_args *a, int64_t j0, int64_t j1)
+{
+    int64_t n_out = a->n_out;
+    hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->B, (int)(j1 - j0),
+               (int)a->n_in, 1.0f, a->inp, (int)a->n_in, a->weight + j0, (int)n_out,
+               0.0f, a->out + j0, (int)n_out);
+    if (a->n_cond > 0)
+        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->B, (int)(j1 - j0),
+                   (int)a->n_cond, 1.0f, a->cond, (int)a->n_cond,
+                   a->weight + a->n_in * n_out + j0, (int)n_out, 1.0f, a->out + j0,
+                   (int)n_out);
+}
+
+static void dense_forward_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t n_out = a->n_out, lo, hi;
+    if (a->rowwise) {
+        hvae_split(a->B, part, n_parts, RW_TILE_ROWS, &lo, &hi);
+        if (hi <= lo)
+            return;
+        float *out = a->out + lo * n_out;
+        gemm_rowwise(out, a->inp + lo * a->n_in, a->weight, hi - lo, a->n_in, n_out, 0);
+        if (a->n_cond > 0)
+            gemm_rowwise(out, a->cond + lo * a->n_cond, a->weight + a->n_in * n_out,
+                         hi - lo, a->n_cond, n_out, 1);
+        for (int64_t b = 0; b < hi - lo; b++)
+            hvae_bias_activation_row_inplace(out + b * n_out, a->bias, a->act, n_out);
         return;
     }
-    hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
-               (int)n_in, 1.0f, inp, (int)n_in, weight, (int)n_out, 0.0f, out,
-               (int)n_out);
-    if (n_cond > 0)
-        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_NO_TRANS, (int)B, (int)n_out,
-                   (int)n_cond, 1.0f, cond, (int)n_cond, w_cond, (int)n_out,
-                   1.0f, out, (int)n_out);
+    hvae_split(n_out, part, n_parts, 16, &lo, &hi);
+    if (hi <= lo)
+        return;
+    product_columns(a, lo, hi);
+    for (int64_t b = 0; b < a->B; b++)
+        hvae_bias_activation_row_inplace(a->out + b * n_out + lo, a->bias + lo, a->act,
+                                         hi - lo);
 }
 
 void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
@@ -197,9 +272,33 @@ void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
 {
     if (B <= 0 || n_out <= 0)
         return;
-    product(out, inp, cond, weight, B, n_in, n_cond, n_out, rowwise);
-    for (int64_t b = 0; b < B; b++)
-        hvae_bias_activation_row_inplace(out + b * n_out, bias, act, n_out);
+    dense_args a = {.out = out, .inp = inp, .cond = cond, .weight = weight,
+                    .bias = bias, .act = act, .B = B, .n_in = n_in,
+                    .n_cond = n_cond, .n_out = n_out, .rowwise = rowwise};
+    hvae_parallel(dense_forward_part, &a, dense_parts(B, n_in + n_cond, n_out));
+}
+
+/* Columns j0..j1 of dpre (from dout, in place), dbias and dW. */
+static void dense_backward_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t n_out = a->n_out, j0, j1;
+    hvae_split(n_out, part, n_parts, 16, &j0, &j1);
+    if (j1 <= j0)
+        return;
+    float *dpre = a->out;
+    for (int64_t b = 0; b < a->B; b++)
+        hvae_activation_backward_row_inplace(dpre + b * n_out + j0, a->dbias + j0,
+                                             a->act_out + b * n_out + j0, a->act, j1 - j0);
+    hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->n_in, (int)(j1 - j0),
+               (int)a->B, 1.0f, a->inp, (int)a->n_in, dpre + j0, (int)n_out, 1.0f,
+               a->dweight + j0, (int)n_out);
+    /* The condition's rows of W: dW[n_in:] += cond^T @ dpre; the condition
+     * itself needs no gradient. */
+    if (a->n_cond > 0)
+        hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->n_cond, (int)(j1 - j0),
+                   (int)a->B, 1.0f, a->cond, (int)a->n_cond, dpre + j0, (int)n_out, 1.0f,
+                   a->dweight + a->n_in * n_out + j0, (int)n_out);
 }
 
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
@@ -210,12 +309,11 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
 {
     if (B <= 0 || n_out <= 0)
         return;
-    hvae_dense_backward(dinp, dweight, dbias, dout, out, inp, weight, act, B,
-                        n_in, n_out);
-    /* The condition's rows of W: dW[n_in:] += cond^T @ dpre (dout now holds
-     * dpre); the condition itself needs no gradient. */
-    if (n_cond > 0)
-        hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)n_cond, (int)n_out,
-                   (int)B, 1.0f, cond, (int)n_cond, dout, (int)n_out, 1.0f,
-                   dweight + n_in * n_out, (int)n_out);
+    dense_args a = {.out = dout, .inp = inp, .cond = cond, .act_out = out,
+                    .dweight = dweight, .dbias = dbias, .act = act, .B = B,
+                    .n_in = n_in, .n_cond = n_cond, .n_out = n_out};
+    hvae_parallel(dense_backward_part, &a, dense_parts(B, n_in + n_cond, n_out));
+    if (dinp)
+        hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_TRANS, (int)B, (int)n_in, (int)n_out,
+                   1.0f, dout, (int)n_out, weight, (int)n_out, 1.0f, dinp, (int)n_in);
 }

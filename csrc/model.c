@@ -437,6 +437,87 @@ static float *enc_input(const hvae_model *m, const hvae_workspace *ws, int32_t i
     return grad ? ws_dact(ws, m->z_col[i - 1]) : ws_act(ws, m->z_col[i - 1]);
 }
 
+/* The likelihood terms, over rows split between the pool's threads (each
+ * row's terms are computed alone, so the split changes nothing). */
+typedef struct {
+    const hvae_model *m;
+    const hvae_workspace *ws;
+    const float *x;
+    int64_t B;
+    float scale; /* backward: the likelihood gradient's scale */
+} likelihood_args;
+
+static int likelihood_parts(const hvae_model *m, int64_t B)
+{
+    return hvae_parts((double)(B * m->config.n_features), 1 << 14);
+}
+
+static void likelihood_forward_part(void *ctx, int part, int n_parts)
+{
+    const likelihood_args *a = ctx;
+    const hvae_model *m = a->m;
+    const hvae_block *dec1 = &m->dec[0];
+    int64_t D = m->config.n_features, lo, hi;
+    hvae_split(a->B, part, n_parts, 1, &lo, &hi);
+    if (hi <= lo)
+        return;
+    const float *head = block_head(a->ws, dec1, 0) + lo * D;
+    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI) {
+        hvae_bernoulli_loglik_forward(a->ws->reconstruction + lo, a->x + lo * D, head,
+                                      hi - lo, D);
+    } else {
+        const float *lv = block_head(a->ws, dec1, 1);
+        hvae_gaussian_loglik_forward(a->ws->reconstruction + lo, a->x + lo * D, head,
+                                     lv ? lv + lo * D : NULL, hi - lo, D);
+    }
+}
+
+/* Rows lo..hi of a workspace matrix of `width` columns at column col. */
+static void zero_rows(const hvae_workspace *ws, int64_t col, int64_t width, int64_t lo,
+                      int64_t hi)
+{
+    memset(ws_dact(ws, col) + lo * width, 0, (size_t)((hi - lo) * width) * sizeof(float));
+}
+
+/* The start of the backward pass: zero the first B rows of every gradient
+ * matrix (not the whole workspace, which may hold many more rows), then the
+ * likelihood's gradient. */
+static void backward_start_part(void *ctx, int part, int n_parts)
+{
+    const likelihood_args *a = ctx;
+    const hvae_model *m = a->m;
+    const hvae_workspace *ws = a->ws;
+    int32_t T = m->config.n_layers;
+    int64_t D = m->config.n_features, lo, hi;
+    hvae_split(a->B, part, n_parts, 1, &lo, &hi);
+    if (hi <= lo)
+        return;
+    for (int32_t e = 0; e < 2 * T; e++) {
+        const hvae_block *blk = e < T ? &m->enc[e] : &m->dec[e - T];
+        for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++)
+            zero_rows(ws, blk->col[l], blk->out_dim[l], lo, hi);
+    }
+    for (int32_t i = 0; i < T; i++) {
+        zero_rows(ws, m->z_col[i], m->latent_dims[i], lo, hi);
+        if (merged(m, i)) {
+            zero_rows(ws, m->q_col[i][0], m->latent_dims[i], lo, hi);
+            zero_rows(ws, m->q_col[i][1], m->latent_dims[i], lo, hi);
+        }
+    }
+    const hvae_block *dec1 = &m->dec[0];
+    const float *head = block_head(ws, dec1, 0) + lo * D;
+    float *dhead = block_dhead(ws, dec1, 0) + lo * D;
+    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI) {
+        hvae_bernoulli_loglik_backward(dhead, a->scale, a->x + lo * D, head, hi - lo, D);
+    } else {
+        const float *lv = block_head(ws, dec1, 1);
+        float *dlv = block_dhead(ws, dec1, 1);
+        hvae_gaussian_loglik_backward(dhead, dlv ? dlv + lo * D : NULL, a->scale,
+                                      a->x + lo * D, head, lv ? lv + lo * D : NULL,
+                                      hi - lo, D);
+    }
+}
+
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                   const float *x, const float *cond, const float *const *eps,
                   int64_t B, int rowwise, int sampled)
@@ -466,14 +547,8 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
         }
     }
 
-    const hvae_block *dec1 = &m->dec[0];
-    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
-        hvae_bernoulli_loglik_forward(ws->reconstruction, x, block_head(ws, dec1, 0),
-                                      B, m->config.n_features);
-    else
-        hvae_gaussian_loglik_forward(ws->reconstruction, x, block_head(ws, dec1, 0),
-                                     block_head(ws, dec1, 1), B,
-                                     m->config.n_features);
+    likelihood_args la = {m, ws, x, B, 0.0f};
+    hvae_parallel(likelihood_forward_part, &la, likelihood_parts(m, B));
     for (int32_t i = 0; i < T; i++) {
         double *kl = ws->kl + i * ws->max_rows;
         if (closed_form(m, i, sampled))
@@ -497,18 +572,8 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
     /* With per-row weights the terms are differentiated at unit scale and
      * every gradient row is weighted once, before anything mixes rows. */
     float s = row_weight ? 1.0f : scale;
-    memset(ws->dacts, 0, (size_t)(ws->max_rows * m->act_cols) * sizeof(float));
-    const hvae_block *dec1 = &m->dec[0];
-    if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI)
-        hvae_bernoulli_loglik_backward(block_dhead(ws, dec1, 0), -s, x,
-                                       block_head(ws, dec1, 0), B,
-                                       m->config.n_features);
-    else
-        hvae_gaussian_loglik_backward(block_dhead(ws, dec1, 0),
-                                      block_dhead(ws, dec1, 1), -s, x,
-                                      block_head(ws, dec1, 0),
-                                      block_head(ws, dec1, 1), B,
-                                      m->config.n_features);
+    likelihood_args la = {m, ws, x, B, -s};
+    hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
     for (int32_t i = 0; i < T; i++) {
         if (kl_weight[i] == 0.0f)
             continue;
@@ -615,16 +680,34 @@ static void row_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *r
         hvae_rng_normal(rng, ws_eps(ws, i) + r * m->latent_dims[i], m->latent_dims[i]);
 }
 
+typedef struct {
+    const hvae_model *m;
+    const hvae_workspace *ws;
+    const float *x;
+    int64_t B, S;
+    uint64_t noise_seed;
+} noise_args;
+
+/* Rows are hashed and drawn independently: split between the threads. */
+static void hashed_noise_part(void *ctx, int part, int n_parts)
+{
+    const noise_args *a = ctx;
+    int64_t D = a->m->config.n_features, lo, hi;
+    hvae_split(a->B, part, n_parts, 1, &lo, &hi);
+    for (int64_t b = lo; b < hi; b++) {
+        hvae_rng rng;
+        hvae_row_rng(&rng, a->x + b * D, D, a->noise_seed);
+        for (int64_t s = 0; s < a->S; s++)
+            row_noise(a->m, a->ws, &rng, b * a->S + s);
+    }
+}
+
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S, uint64_t noise_seed)
 {
-    int64_t D = m->config.n_features;
-    for (int64_t b = 0; b < B; b++) {
-        hvae_rng rng;
-        hvae_row_rng(&rng, x + b * D, D, noise_seed);
-        for (int64_t s = 0; s < S; s++)
-            row_noise(m, ws, &rng, b * S + s);
-    }
+    noise_args a = {m, ws, x, B, S, noise_seed};
+    int64_t work = B * (m->config.n_features + S * m->eps_cols);
+    hvae_parallel(hashed_noise_part, &a, hvae_parts((double)work, 1 << 14));
 }
 
 /* ---- evaluation ------------------------------------------------------------ */

@@ -6,20 +6,54 @@
 #include <stdlib.h>
 #include <string.h>
 
-HVAE_AVX2_CLONES
-void hvae_adam_update(float *params, const float *grads, float *m, float *v,
-                      int64_t n, float lr, float beta1, float beta2, float eps,
-                      float weight_decay, int64_t t)
+/* Kingma & Ba (2015), Algorithm 1, with the bias corrections folded into
+ * the step size and the denominator as PyTorch does:
+ *   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+ * One pass reading p, g, m, v; with zero_grads it also clears g (the
+ * training loop's zeroing for the next step, fused into this pass). */
+typedef struct {
+    float *params, *grads, *m, *v;
+    int64_t n;
+    float step, inv_sqrt_bc2, beta1, beta2, eps, weight_decay, lr, momentum;
+    int zero_grads;
+    int n_parts;
+    int finite[HVAE_MAX_THREADS]; /* hvae_optimizer_step_if_finite's check */
+} update_args;
+
+static update_args adam_args(float lr, float beta1, float beta2, float eps,
+                             float weight_decay, int64_t t)
 {
-    /* Kingma & Ba (2015), Algorithm 1, with the bias corrections folded into
-     * the step size and the denominator as PyTorch does:
-     *   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) */
+    update_args a = {0};
     double bc1 = 1.0 - pow((double)beta1, (double)t);
     double bc2 = 1.0 - pow((double)beta2, (double)t);
-    float step = (float)(lr / bc1);
-    float inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
-    for (int64_t i = 0; i < n; i++) {
-        float g = grads[i] + weight_decay * params[i];
+    a.step = (float)(lr / bc1);
+    a.inv_sqrt_bc2 = (float)(1.0 / sqrt(bc2));
+    a.beta1 = beta1;
+    a.beta2 = beta2;
+    a.eps = eps;
+    a.weight_decay = weight_decay;
+    return a;
+}
+
+HVAE_AVX2_CLONES
+static void adam_range(const update_args *a, int64_t lo, int64_t hi)
+{
+    float *restrict params = a->params, *restrict grads = a->grads;
+    float *restrict m = a->m, *restrict v = a->v;
+    const float beta1 = a->beta1, beta2 = a->beta2, step = a->step;
+    const float inv_sqrt_bc2 = a->inv_sqrt_bc2, eps = a->eps, wd = a->weight_decay;
+    if (a->zero_grads) {
+        for (int64_t i = lo; i < hi; i++) {
+            float g = grads[i] + wd * params[i];
+            grads[i] = 0.0f;
+            m[i] = beta1 * m[i] + (1.0f - beta1) * g;
+            v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
+            params[i] -= step * m[i] / (sqrtf(v[i]) * inv_sqrt_bc2 + eps);
+        }
+        return;
+    }
+    for (int64_t i = lo; i < hi; i++) {
+        float g = grads[i] + wd * params[i];
         m[i] = beta1 * m[i] + (1.0f - beta1) * g;
         v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
         params[i] -= step * m[i] / (sqrtf(v[i]) * inv_sqrt_bc2 + eps);
@@ -27,19 +61,78 @@ void hvae_adam_update(float *params, const float *grads, float *m, float *v,
 }
 
 HVAE_AVX2_CLONES
-void hvae_sgd_update(float *params, const float *grads, float *buf, int64_t n,
-                     float lr, float momentum, float weight_decay)
+static void sgd_range(const update_args *a, int64_t lo, int64_t hi)
 {
+    float *restrict params = a->params, *restrict grads = a->grads, *restrict buf = a->m;
+    const float lr = a->lr, momentum = a->momentum, wd = a->weight_decay;
     if (momentum == 0.0f || buf == NULL) {
-        for (int64_t i = 0; i < n; i++)
-            params[i] -= lr * (grads[i] + weight_decay * params[i]);
+        for (int64_t i = lo; i < hi; i++) {
+            params[i] -= lr * (grads[i] + wd * params[i]);
+            if (a->zero_grads)
+                grads[i] = 0.0f;
+        }
         return;
     }
-    for (int64_t i = 0; i < n; i++) {
-        float g = grads[i] + weight_decay * params[i];
+    for (int64_t i = lo; i < hi; i++) {
+        float g = grads[i] + wd * params[i];
+        if (a->zero_grads)
+            grads[i] = 0.0f;
         buf[i] = momentum * buf[i] + g;
         params[i] -= lr * buf[i];
     }
+}
+
+/* Parts are whole cache lines; every element is updated alone, so the
+ * split does not change any result. */
+#define UPDATE_ALIGN 1024
+#define UPDATE_PARALLEL_MIN (1 << 15)
+
+static void adam_part(void *ctx, int part, int n_parts)
+{
+    update_args *a = ctx;
+    int64_t lo, hi;
+    hvae_split(a->n, part, n_parts, UPDATE_ALIGN, &lo, &hi);
+    adam_range(a, lo, hi);
+}
+
+static void sgd_part(void *ctx, int part, int n_parts)
+{
+    update_args *a = ctx;
+    int64_t lo, hi;
+    hvae_split(a->n, part, n_parts, UPDATE_ALIGN, &lo, &hi);
+    sgd_range(a, lo, hi);
+}
+
+static int parts_for(int64_t n)
+{
+    return hvae_parts((double)n, UPDATE_PARALLEL_MIN);
+}
+
+void hvae_adam_update(float *params, const float *grads, float *m, float *v,
+                      int64_t n, float lr, float beta1, float beta2, float eps,
+                      float weight_decay, int64_t t)
+{
+    update_args a = adam_args(lr, beta1, beta2, eps, weight_decay, t);
+    a.params = params;
+    a.grads = (float *)grads; /* not written: zero_grads is 0 */
+    a.m = m;
+    a.v = v;
+    a.n = n;
+    hvae_parallel(adam_part, &a, parts_for(n));
+}
+
+void hvae_sgd_update(float *params, const float *grads, float *buf, int64_t n,
+                     float lr, float momentum, float weight_decay)
+{
+    update_args a = {0};
+    a.params = params;
+    a.grads = (float *)grads; /* not written: zero_grads is 0 */
+    a.m = buf;
+    a.n = n;
+    a.lr = lr;
+    a.momentum = momentum;
+    a.weight_decay = weight_decay;
+    hvae_parallel(sgd_part, &a, parts_for(n));
 }
 
 struct hvae_optimizer {
@@ -140,17 +233,65 @@ int64_t *hvae_optimizer_step_count(hvae_optimizer *opt)
     return &opt->step;
 }
 
-void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model)
+static update_args step_args(hvae_optimizer *opt, hvae_model *model, int zero_grads)
 {
     const hvae_optimizer_config *c = &opt->config;
-    float *params = hvae_model_params(model);
-    const float *grads = hvae_model_grads(model);
-    opt->step++;
+    update_args a = {0};
     if (c->kind == HVAE_OPTIMIZER_ADAM)
-        hvae_adam_update(params, grads, opt->m, opt->v, opt->n_params,
-                         c->learning_rate, c->beta1, c->beta2, c->eps,
-                         c->weight_decay, opt->step);
+        a = adam_args(c->learning_rate, c->beta1, c->beta2, c->eps, c->weight_decay,
+                      opt->step);
+    a.params = hvae_model_params(model);
+    a.grads = hvae_model_grads(model);
+    a.m = opt->m;
+    a.v = opt->v;
+    a.n = opt->n_params;
+    a.lr = c->learning_rate;
+    a.momentum = c->momentum;
+    a.weight_decay = c->weight_decay;
+    a.zero_grads = zero_grads;
+    return a;
+}
+
+void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model)
+{
+    opt->step++;
+    update_args a = step_args(opt, model, 0);
+    hvae_parallel(opt->config.kind == HVAE_OPTIMIZER_ADAM ? adam_part : sgd_part, &a,
+                  parts_for(a.n));
+}
+
+/* Both passes in one region: every part checks its range of the gradient,
+ * the parts meet, and if all were finite each updates its range. */
+static void checked_step_part(void *ctx, int part, int n_parts)
+{
+    update_args *a = ctx;
+    int64_t lo, hi;
+    hvae_split(a->n, part, n_parts, UPDATE_ALIGN, &lo, &hi);
+    a->finite[part] = hvae_all_finite(a->grads + lo, hi - lo);
+    if (part == 0)
+        a->n_parts = n_parts;
+    hvae_barrier(n_parts);
+    for (int k = 0; k < n_parts; k++)
+        if (!a->finite[k])
+            return;
+    if (a->v)
+        adam_range(a, lo, hi);
     else
-        hvae_sgd_update(params, grads, opt->m, opt->n_params, c->learning_rate,
-                        c->momentum, c->weight_decay);
+        sgd_range(a, lo, hi);
+}
+
+int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model)
+{
+    opt->step++;
+    update_args a = step_args(opt, model, 1);
+    if (opt->config.kind != HVAE_OPTIMIZER_ADAM)
+        a.v = NULL;
+    hvae_parallel(checked_step_part, &a, parts_for(a.n));
+    for (int k = 0; k < a.n_parts; k++) {
+        if (!a.finite[k]) {
+            opt->step--;
+            return 0;
+        }
+    }
+    return 1;
 }

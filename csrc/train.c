@@ -318,6 +318,8 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
         hvae_rng_permutation(rng, order, N);
 
     hvae_status status = HVAE_OK;
+    /* Zeroed here once; each optimizer step zeroes it again as it goes. */
+    memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
     for (int64_t start = 0; start < N; start += o->batch_size) {
         int64_t B = N - start < o->batch_size ? N - start : o->batch_size;
         /* Every process draws the whole minibatch's noise, so each row
@@ -334,7 +336,6 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
         } else {
             xb = stage_rows(m, ws, x, cond, rows, start, B, S, &cb);
         }
-        memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
         if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
@@ -352,11 +353,10 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
             unpack_sums(v, T, &batch);
         }
         batch.n_batches = 1;
-        if (!isfinite(batch.loss) || !hvae_all_finite(m->grads, m->n_params)) {
+        if (!isfinite(batch.loss) || !hvae_optimizer_step_if_finite(opt, m)) {
             status = HVAE_ERR_NONFINITE_LOSS;
             break;
         }
-        hvae_optimizer_step(opt, m);
         add_sums(stats, &batch, T);
         if (o->hook) {
             scale_sums(&batch, 1.0 / (double)B, T);

@@ -143,8 +143,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     random_state : int, RandomState instance or None, default=None
         Seeds the initialisation, the minibatch order and the noise.
     n_threads : int or None, default=None
-        BLAS threads for this model's work (None: all available cores).
-        Applies to hvae's own OpenBLAS only, not to NumPy's or others'.
+        Threads for this model's work (None: all available cores): hvae's
+        own thread pool, which splits matrix products (each part on
+        OpenBLAS with one thread) and the elementwise work. NumPy's and other
+        libraries' threads are left alone.
     verbose : int, default=0
         0 is silent; 1 shows a progress bar (tqdm: a widget in Jupyter, text
         in a terminal) with the last epoch's training and validation ELBO;

@@ -18,7 +18,7 @@ def test_c_core_program(tmp_path):
     sources = sorted(str(p) for p in (ROOT / "csrc").glob("*.c") if p.name != "hvaemodule.c")
     binary = tmp_path / "test_core"
     subprocess.run([COMPILER, "-std=c11", "-O1", "-DHVAE_NO_BLAS", f"-I{ROOT / 'csrc'}",
-                    str(ROOT / "tests" / "c" / "test_core.c"), *sources, "-lm", "-o", str(binary)],
+                    str(ROOT / "tests" / "c" / "test_core.c"), *sources, "-pthread", "-lm", "-o", str(binary)],
                    check=True, capture_output=True, text=True, timeout=300)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=300)
     last = run.stdout.strip().splitlines()[-1]

@@ -2,7 +2,8 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer run of hvae's C.
 #
 # 1. Builds tests/c/test_core.c (the C core alone) with the sanitizers and
-#    runs it with leak detection on.
+#    runs it with leak detection on; then with ThreadSanitizer (the thread
+#    pool), when the compiler has it.
 # 2. Copies the work tree to a scratch directory (the in-place
 #    hvae/_core*.so that everyone uses is left alone), builds the extension
 #    there with the sanitizers and the plain-C GEMM (HVAE_BLAS=none), and runs
@@ -53,11 +54,23 @@ fi
 echo "== C core tests (tests/c/test_core.c) with ASan + UBSan"
 sources=$(ls csrc/*.c | grep -v '/hvaemodule\.c$')
 # shellcheck disable=SC2086
-"$CC" -std=c11 $SAN_FLAGS -DHVAE_NO_BLAS -Icsrc tests/c/test_core.c $sources -lm \
+"$CC" -std=c11 $SAN_FLAGS -DHVAE_NO_BLAS -Icsrc tests/c/test_core.c $sources -pthread -lm \
     -o "$work/test_core"
 ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:abort_on_error=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     "$work/test_core"
+
+echo "== C core tests with ThreadSanitizer (the thread pool)"
+# Without function multiversioning: its ifunc resolvers run before TSan's
+# runtime is initialised.
+if [ -e "$("$CC" -print-file-name=libtsan.so)" ]; then
+    # shellcheck disable=SC2086
+    "$CC" -std=c11 -O1 -g -fsanitize=thread -DHVAE_NO_CLONES -DHVAE_NO_BLAS -Icsrc \
+        tests/c/test_core.c $sources -pthread -lm -o "$work/test_core_tsan"
+    TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 "$work/test_core_tsan"
+else
+    echo "(skipped: $CC has no libtsan)"
+fi
 
 echo "== extension built with ASan + UBSan in $work/tree"
 mkdir -p "$work/tree"

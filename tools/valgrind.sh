@@ -23,7 +23,7 @@ trap 'rm -rf "$out"' EXIT
 sources=$(ls csrc/*.c | grep -v '/hvaemodule\.c$')
 # shellcheck disable=SC2086
 "${CC:-cc}" -std=c11 -O1 -g -Wall -Wextra -DHVAE_NO_BLAS -Icsrc \
-    tests/c/test_core.c $sources -lm -o "$out/test_core"
+    tests/c/test_core.c $sources -pthread -lm -o "$out/test_core"
 valgrind --error-exitcode=1 --leak-check=full --show-leak-kinds=definite,indirect,possible \
     --errors-for-leak-kinds=definite,indirect,possible --track-origins=yes -q \
     "$out/test_core"

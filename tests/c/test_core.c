@@ -11,10 +11,13 @@
  * provoke (invalid configurations, impossible sizes, bad data, a batch
  * larger than the workspace, a stopping hook, a diverging step), and checks
  * results: finite outputs, a loss that decreases, bit-identical reruns,
- * chunking invariance, a gradient against finite differences. The last line
+ * chunking invariance, a gradient against finite differences, the thread
+ * pool (regions, barriers, nesting, many resizes) and equal results on one
+ * and several threads. The last line
  * is "N passed, M failed"; the exit status is 1 when a check failed.
  */
 #include "hvae.h"
+#include "internal.h" /* the thread pool's entry points, for test_pool */
 
 #include <limits.h>
 #include <math.h>
@@ -1004,6 +1007,185 @@ static void test_many_models(void)
     free(x);
 }
 
+/* ---- threads --------------------------------------------------------------- */
+
+typedef struct {
+    int runs[HVAE_MAX_THREADS];
+    int n_parts_seen[HVAE_MAX_THREADS];
+    int nested_parts[HVAE_MAX_THREADS];
+    int before[HVAE_MAX_THREADS], after[HVAE_MAX_THREADS];
+} region_log;
+
+static void nested_part(void *ctx, int part, int n_parts)
+{
+    if (part == 0)
+        *(int *)ctx = n_parts;
+}
+
+static void logging_part(void *ctx, int part, int n_parts)
+{
+    region_log *log = ctx;
+    log->runs[part]++;
+    log->n_parts_seen[part] = n_parts;
+    hvae_parallel(nested_part, &log->nested_parts[part], HVAE_MAX_THREADS);
+    /* Around a barrier: every part's first write is visible to all after it. */
+    log->before[part] = part + 1;
+    hvae_barrier(n_parts);
+    int sum = 0;
+    for (int k = 0; k < n_parts; k++)
+        sum += log->before[k];
+    log->after[part] = sum;
+}
+
+static void test_pool(void)
+{
+    current_test = "pool";
+    int ok = 1;
+    /* Many resizes, each followed by regions asking for 1..4 parts. A
+     * region started inside a region of several parts runs on one thread;
+     * inside a region of one part (run by the caller alone) it may split. */
+    for (int k = 0; k < 300 && ok; k++) {
+        int threads = 1 + k % 4;
+        hvae_set_num_threads(threads);
+        ok &= hvae_get_num_threads() == threads && hvae_pool_threads() == threads;
+        for (int want = 1; want <= 4; want++) {
+            region_log log;
+            memset(&log, 0, sizeof log);
+            hvae_parallel(logging_part, &log, want);
+            int n = want < threads ? want : threads;
+            for (int p = 0; p < HVAE_MAX_THREADS; p++) {
+                int expected = p < n;
+                ok &= log.runs[p] == expected;
+                if (expected)
+                    ok &= log.n_parts_seen[p] == n &&
+                          log.nested_parts[p] == (n > 1 ? 1 : threads) &&
+                          log.after[p] == n * (n + 1) / 2;
+            }
+        }
+    }
+    CHECK(ok);
+    /* Back to one thread: the workers are joined (valgrind sees no leak). */
+    hvae_set_num_threads(1);
+    CHECK(hvae_pool_threads() == 1);
+}
+
+/* On `threads` threads with every split forced: evaluates and
+ * differentiates a model at its initial parameters, then trains it; results
+ * go to the out arrays. */
+static void run_on_threads(int threads, float *params, double *elbo, float *mu,
+                           float *grad)
+{
+    const int64_t n = 96, D = 12;
+    int64_t latent[2] = {5, 3}, hidden[2] = {20, 9};
+    hvae_set_num_threads(threads);
+    fixture f;
+    if (make_model(&f, D, 2, latent, 2, hidden, HVAE_LIKELIHOOD_BERNOULLI, HVAE_ACT_TANH,
+                   32, 11) != HVAE_OK)
+        return;
+    float *x = make_data(n, D, 4);
+    int64_t P = hvae_model_n_params(f.model);
+    hvae_elbo(f.model, f.ws, x, NULL, n, NULL, 9, elbo, NULL, NULL);
+    float *mus[2] = {mu, NULL};
+    hvae_encode(f.model, f.ws, x, NULL, n, mus, NULL);
+    hvae_objective_options obj = hvae_objective_options_default();
+    hvae_epoch_stats stats;
+    hvae_loss_and_grad(f.model, f.ws, x, NULL, n, NULL, 9, &obj, &stats);
+    memcpy(grad, hvae_model_grads(f.model), (size_t)P * sizeof(float));
+
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = 1e-2f;
+    hvae_optimizer *opt = NULL;
+    hvae_optimizer_create(f.model, &oc, &opt);
+    int64_t order[96];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 5);
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 32;
+    for (int e = 0; e < 3; e++)
+        hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats);
+    memcpy(params, hvae_model_params(f.model), (size_t)P * sizeof(float));
+    hvae_optimizer_free(opt);
+    free(x);
+    free_model(&f);
+}
+
+static void test_thread_counts(void)
+{
+    current_test = "thread_counts";
+    enum { P_MAX = 4096, N = 96 };
+    static float params[2][P_MAX], grad[2][P_MAX], mu[2][N * 5];
+    static double elbo[2][N];
+    hvae_parallel_min_scale = 0.0; /* split even these small products */
+    for (int t = 0; t < 2; t++)
+        run_on_threads(1 + t, params[t], elbo[t], mu[t], grad[t]);
+    /* Evaluation is bitwise the same on any number of threads. Training
+     * splits products in column blocks; the plain-C GEMM computes each
+     * element alone, so it too is bitwise the same (OpenBLAS's kernels can
+     * differ in the last bit between block widths). */
+    CHECK(memcmp(mu[0], mu[1], sizeof mu[0]) == 0);
+    CHECK(memcmp(elbo[0], elbo[1], sizeof elbo[0]) == 0);
+#ifdef HVAE_NO_BLAS
+    CHECK(memcmp(params[0], params[1], sizeof params[0]) == 0);
+    CHECK(memcmp(grad[0], grad[1], sizeof grad[0]) == 0);
+#else
+    double worst = 0.0, worst_grad = 0.0;
+    for (int i = 0; i < P_MAX; i++) {
+        worst = fmax(worst, fabs((double)params[0][i] - params[1][i]));
+        worst_grad = fmax(worst_grad, fabs((double)grad[0][i] - grad[1][i]));
+    }
+    printf("thread counts: largest difference 1 vs 2 threads, gradient %.2e, "
+           "parameters after 9 steps %.2e\n", worst_grad, worst);
+    CHECK(worst_grad < 1e-5 && worst < 1e-4);
+#endif
+    CHECK(all_finite_f(params[1], P_MAX) && all_finite_d(elbo[1], N));
+
+    /* The checked optimizer step on two threads: a NaN in the second half
+     * of the gradient stops the whole update; a finite gradient is applied
+     * as hvae_optimizer_step applies it, and zeroed. */
+    hvae_set_num_threads(2);
+    int64_t latent[1] = {4}, hidden[1] = {300};
+    fixture f;
+    CHECK_STATUS(make_model(&f, 40, 1, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_RELU, 4, 2), HVAE_OK);
+    int64_t P = hvae_model_n_params(f.model);
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    hvae_optimizer *a = NULL, *b = NULL;
+    hvae_optimizer_create(f.model, &oc, &a);
+    hvae_optimizer_create(f.model, &oc, &b);
+    float *g = hvae_model_grads(f.model), *p = hvae_model_params(f.model);
+    float *p0 = malloc((size_t)P * sizeof(float)), *g0 = malloc((size_t)P * sizeof(float));
+    for (int64_t i = 0; i < P; i++)
+        g[i] = 0.01f * (float)((i * 37) % 11 - 5);
+    memcpy(p0, p, (size_t)P * sizeof(float));
+    memcpy(g0, g, (size_t)P * sizeof(float));
+    g[P - 3] = NAN;
+    CHECK(hvae_optimizer_step_if_finite(a, f.model) == 0);
+    CHECK(*hvae_optimizer_step_count(a) == 0 && isnan(g[P - 3]));
+    CHECK(memcmp(p, p0, (size_t)P * sizeof(float)) == 0);
+    g[P - 3] = g0[P - 3];
+    hvae_optimizer_step(b, f.model); /* the reference, on the same gradient */
+    float *p1 = malloc((size_t)P * sizeof(float));
+    memcpy(p1, p, (size_t)P * sizeof(float));
+    memcpy(p, p0, (size_t)P * sizeof(float));
+    CHECK(hvae_optimizer_step_if_finite(a, f.model) == 1);
+    CHECK(*hvae_optimizer_step_count(a) == 1);
+    CHECK(memcmp(p, p1, (size_t)P * sizeof(float)) == 0);
+    CHECK(memcmp(hvae_optimizer_state(a, 1), hvae_optimizer_state(b, 1),
+                 (size_t)P * sizeof(float)) == 0);
+    int zeroed = 1;
+    for (int64_t i = 0; i < P; i++)
+        zeroed &= g[i] == 0.0f;
+    CHECK(zeroed);
+    free(p0);
+    free(g0);
+    free(p1);
+    hvae_optimizer_free(a);
+    hvae_optimizer_free(b);
+    free_model(&f);
+    hvae_parallel_min_scale = 1.0;
+    hvae_set_num_threads(1);
+}
+
 int main(void)
 {
     test_status_strings();
@@ -1022,6 +1204,8 @@ int main(void)
     test_kernels();
     test_variants();
     test_many_models();
+    test_pool();
+    test_thread_counts();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }

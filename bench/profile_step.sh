@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds bench/profile_step.c against the core (csrc/, without the Python
+# extension) and hvae's OpenBLAS (scipy-openblas32), with the flags setup.py
+# uses, and runs it: per-phase times of a training step.
+#
+#   bench/profile_step.sh [threads] [steps] [latent...] [-- hidden...]
+#   bench/profile_step.sh 2 300                 # W2 on two threads
+#   bench/profile_step.sh 1 200 32 16           # W3 on one thread
+#   bench/profile_step.sh 1 200 64 32 16 8 4 -- 256 128   # W4
+set -euo pipefail
+# HVAE_PROFILE_SRC: another tree's csrc/ (say, an older commit's) to build.
+here=$(cd "$(dirname "$0")" && pwd)
+cd "${HVAE_PROFILE_SRC:-$here/..}"
+out=${HVAE_PROFILE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/hvae-profile.XXXXXX")}
+mkdir -p "$out"
+libdir=$(python -c "import scipy_openblas32 as s; print(s.get_lib_dir())")
+flags="-std=c11 -O3 -Wall -Wextra -fno-math-errno -fno-trapping-math -pthread -DHVAE_BLAS_PREFIX=scipy_ -Icsrc"
+# The training loop's zeroing and finite check fused into the optimizer step?
+grep -q hvae_optimizer_step_if_finite csrc/internal.h && flags="$flags -DHVAE_FUSED_STEP"
+[ -f csrc/parallel.c ] && flags="$flags -DHVAE_HAVE_POOL -DHVAE_POOL_STATS"
+objs=()
+for src in csrc/*.c; do
+    case $src in csrc/hvaemodule.c) continue ;; esac
+    obj="$out/$(basename "$src" .c).o"
+    extra=""
+    [ "$src" = csrc/common.c ] && extra="-Dhvae_sgemm=hvae_sgemm_blas"
+    # shellcheck disable=SC2086
+    ${CC:-gcc} $flags $extra -c "$src" -o "$obj"
+    objs+=("$obj")
+done
+# shellcheck disable=SC2086
+${CC:-gcc} $flags "$here/profile_step.c" "${objs[@]}" -L"$libdir" -lscipy_openblas \
+    -Wl,-rpath,"$libdir" -lm -o "$out/profile_step"
+"$out/profile_step" "$@"
