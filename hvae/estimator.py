@@ -103,7 +103,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     ``fit`` trains on an array in memory, or reads data that do not fit in
     memory (``np.memmap``, ``h5py.Dataset``, ``zarr.Array``) chunk by chunk;
     ``partial_fit`` trains one pass over the rows it is given, for training
-    loops that stream the data themselves.
+    loops that stream the data themselves. Both take ``comm=`` (an mpi4py
+    communicator) to train data-parallel over MPI processes, each holding a
+    shard of the rows (:mod:`hvae.distributed`).
 
     Parameters
     ----------
