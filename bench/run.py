@@ -706,21 +706,21 @@ def compare_inference(model, twin, X_test, n_threads, repeats, noise=ACCEPT_ALL)
 # -- memory ------------------------------------------------------------------
 
 
-def _rss_bytes():
+def _status_bytes(key):
+    """A size from /proc/self/status (VmRSS, VmHWM: the peak RSS), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def _rss_bytes():
+    return _status_bytes("VmRSS")
 
 
 def _hwm_bytes():
-    """Peak RSS of this process's address space (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return None
+    return _status_bytes("VmHWM")
 
 
 def _maxrss_bytes():

@@ -23,37 +23,12 @@ static int objective_is_valid(const hvae_objective_options *o)
            isfinite(o->free_bits) && o->free_bits >= 0.0f;
 }
 
-/* The rows of one step: B data rows (from `order` when given), each
- * repeated S times (row b * S + s), with their conditions. Copies into the
- * workspace only when it must. */
-static const float *stage_rows(const hvae_model *m, const hvae_workspace *ws,
-                               const float *x, const float *cond,
-                               const int64_t *order, int64_t start, int64_t B,
-                               int64_t S, const float **cond_out)
-{
-    int64_t D = m->config.n_features, C = m->config.n_conditions;
-    if (!order && S == 1) {
-        *cond_out = C > 0 ? cond + start * C : NULL;
-        return x + start * D;
-    }
-    for (int64_t b = 0; b < B; b++) {
-        int64_t src = order ? order[start + b] : start + b;
-        for (int64_t s = 0; s < S; s++) {
-            memcpy(ws->x + (b * S + s) * D, x + src * D, (size_t)D * sizeof(float));
-            if (C > 0)
-                memcpy(ws->cond + (b * S + s) * C, cond + src * C,
-                       (size_t)C * sizeof(float));
-        }
-    }
-    *cond_out = C > 0 ? ws->cond : NULL;
-    return ws->x;
-}
-
-/* Gathers, for data-parallel training, the rows of the minibatch
- * start .. start + B - 1 of `order` (all rows when NULL) that this process
- * holds, global rows first .. first + n - 1 at x, into the workspace (each
- * repeated S times), and moves their noise rows to the same positions.
- * Returns how many it holds. */
+/* Gathers the rows of the minibatch start .. start + B - 1 of `order` (all
+ * rows when NULL) that x holds, global rows first .. first + n - 1 (a
+ * data-parallel process's shard; one process holds them all), into the
+ * workspace, each repeated S times (row b * S + s), with their conditions,
+ * and moves their noise rows to the same positions. Returns how many it
+ * holds. */
 static int64_t stage_shard_rows(const hvae_model *m, const hvae_workspace *ws,
                                 const float *x, const float *cond,
                                 const int64_t *order, int64_t start, int64_t B,
@@ -80,6 +55,23 @@ static int64_t stage_shard_rows(const hvae_model *m, const hvae_workspace *ws,
         k++;
     }
     return k;
+}
+
+/* The rows of one step on one process: stage_shard_rows, or x itself when
+ * the rows are consecutive and drawn once (no copy). */
+static const float *stage_rows(const hvae_model *m, const hvae_workspace *ws,
+                               const float *x, const float *cond,
+                               const int64_t *order, int64_t start, int64_t B,
+                               int64_t S, const float **cond_out)
+{
+    int64_t D = m->config.n_features, C = m->config.n_conditions;
+    if (!order && S == 1) {
+        *cond_out = C > 0 ? cond + start * C : NULL;
+        return x + start * D;
+    }
+    stage_shard_rows(m, ws, x, cond, order, start, B, S, 0, INT64_MAX);
+    *cond_out = C > 0 ? ws->cond : NULL;
+    return ws->x;
 }
 
 typedef struct {

@@ -28,6 +28,8 @@ it only when a communicator is passed.
 """
 from __future__ import annotations
 
+import sys
+import threading
 import time
 
 import numpy as np
@@ -69,47 +71,46 @@ class _Watchdog:
     A blocking MPI call cannot be interrupted from Python, and its
     nonblocking form is several times slower for large buffers (Open MPI's
     libnbc), so a daemon thread watches the deadline instead: arming and
-    disarming it costs two assignments per step. When it fires it writes why
-    to stderr and calls MPI_Abort, which ends every process of the job with
-    that message instead of leaving them hanging.
+    disarming it costs one assignment each per step. When it fires it writes
+    why to stderr and calls MPI_Abort, which ends every process of the job
+    with that message instead of leaving them hanging. One thread serves the
+    whole process (every Session, every fit), started on first use.
     """
 
-    def __init__(self, comm, timeout):
-        self.comm = comm
-        self.timeout = timeout
-        self.deadline = None
-        self.what = ""
+    def __init__(self):
+        self.armed = None  # (deadline, comm, timeout, what) while a call waits
         self.thread = None
+        self.lock = threading.Lock()
 
     def _watch(self):
-        import sys
-        import threading
-
         while threading.main_thread().is_alive():
-            deadline = self.deadline
-            if deadline is not None and time.monotonic() > deadline:
+            armed = self.armed
+            if armed is not None and time.monotonic() > armed[0]:
+                _, comm, timeout, what = armed
                 sys.stderr.write(
-                    f"hvae.distributed: rank {self.comm.Get_rank()} of {self.comm.Get_size()}: "
-                    f"{self.what} did not complete within {self.timeout:g} s: another rank "
-                    f"has probably died, hangs or stopped training (its own error, if "
-                    f"any, is in its output). Aborting the MPI job.\n")
+                    f"hvae.distributed: rank {comm.Get_rank()} of {comm.Get_size()}: "
+                    f"{what} did not complete within {timeout:g} s: another rank has "
+                    f"probably died, hangs or stopped training (its own error, if any, "
+                    f"is in its output). Aborting the MPI job.\n")
                 sys.stderr.flush()
-                self.comm.Abort(70)
+                comm.Abort(70)
                 return
-            time.sleep(min(0.1, self.timeout / 10))
+            time.sleep(0.1 if armed is None else min(0.1, armed[2] / 10))
 
-    def arm(self, what):
+    def arm(self, comm, timeout, what):
         if self.thread is None:
-            import threading
-
-            self.thread = threading.Thread(target=self._watch, name="hvae-mpi-watchdog",
-                                           daemon=True)
-            self.thread.start()
-        self.what = what
-        self.deadline = time.monotonic() + self.timeout
+            with self.lock:
+                if self.thread is None:
+                    self.thread = threading.Thread(target=self._watch,
+                                                   name="hvae-mpi-watchdog", daemon=True)
+                    self.thread.start()
+        self.armed = (time.monotonic() + timeout, comm, timeout, what)
 
     def disarm(self):
-        self.deadline = None
+        self.armed = None
+
+
+_watchdog = _Watchdog()
 
 
 class Session:
@@ -139,16 +140,15 @@ class Session:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self.timeout = timeout
-        self.watchdog = _Watchdog(comm, timeout)
         self.n_reductions = 0
         self.reduce_seconds = 0.0
 
     def _allreduce(self, array, what):
-        self.watchdog.arm(what)
+        _watchdog.arm(self.comm, self.timeout, what)
         try:
             self.comm.Allreduce(self.MPI.IN_PLACE, array, op=self.MPI.SUM)
         finally:
-            self.watchdog.disarm()
+            _watchdog.disarm()
 
     def reduce(self, grads, values):
         """The C core's reduction: sums ``values`` (float64) and ``grads``

@@ -605,9 +605,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     _UNSHARED_PARAMS = ("callbacks", "verbose", "n_threads", "random_state")
 
     def _shared_settings(self):
-        """What every rank of a data-parallel fit must agree on: the
-        parameters (less those that may differ per process; the seed is rank
-        0's) and the state of the model being continued."""
+        """The parameters every rank of a data-parallel fit must share (less
+        those that may differ per process; the seed is rank 0's)."""
         params = {key: repr(value) for key, value in sorted(self.get_params().items())
                   if key not in self._UNSHARED_PARAMS}
         return params

@@ -8,6 +8,7 @@ compare each rank's result with a single-process fit.
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -55,7 +56,8 @@ elif scenario == "partial_fit":
     vae = HierarchicalVAE(**SETTINGS)
     for chunk in np.array_split(local, 2):
         vae.partial_fit(chunk, comm=comm)
-    save(vae)
+    # Every call makes a Session; one watchdog thread serves them all.
+    save(vae, n_watchdogs=sum(t.name == "hvae-mpi-watchdog" for t in threading.enumerate()))
 elif scenario == "bad_input":
     data = local.copy()
     if rank == 1:

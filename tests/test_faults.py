@@ -347,6 +347,22 @@ def test_snapshots_of_a_fitting_model_are_consistent(digits):
     assert torn == 0, f"{torn} of {snapshots} snapshots mixed two optimizer steps"
 
 
+def fit_estimator_in_thread(vae, X):
+    """Starts vae.fit(X) in a thread; returns it and the list that receives
+    the fit's exception, if any."""
+    errors = []
+
+    def fit():
+        try:
+            vae.fit(X)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    return thread, errors
+
+
 def test_estimator_calls_during_its_fit_are_correct(digits):
     """transform on an estimator that is fitting in another thread: finite
     output of the right shape (from the model between two epochs); the fit
@@ -354,16 +370,7 @@ def test_estimator_calls_during_its_fit_are_correct(digits):
     vae = small_vae(hidden_dims=(256, 256), n_epochs=5)
     vae.fit(digits[:64])  # model_ exists, so transform is allowed
     vae.set_params(warm_start=True)
-    worker_errors = []
-
-    def fit():
-        try:
-            vae.fit(digits)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            worker_errors.append(exc)
-
-    thread = threading.Thread(target=fit)
-    thread.start()
+    thread, worker_errors = fit_estimator_in_thread(vae, digits)
     n_calls = 0
     while thread.is_alive():
         Z = vae.transform(digits[:10])
@@ -386,16 +393,7 @@ def test_a_fit_is_not_aborted_by_other_threads(digits):
     vae = small_vae(n_epochs=1, batch_size=64).fit(X)
     vae.set_params(warm_start=True, n_epochs=200,
                    callbacks=[lambda epoch, history: time.sleep(0.001)])
-    worker_errors = []
-
-    def fit():
-        try:
-            vae.fit(X)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            worker_errors.append(exc)
-
-    thread = threading.Thread(target=fit)
-    thread.start()
+    thread, worker_errors = fit_estimator_in_thread(vae, X)
     big = np.tile(digits, (2, 1))
     while thread.is_alive():
         vae.transform(big)

@@ -496,11 +496,16 @@ static int stopping_hook(void *ctx, int64_t batch_index, const hvae_epoch_stats 
     return isfinite(batch->loss) && h->calls >= h->stop_after;
 }
 
-/* Trains a fresh model for n_epochs; returns its parameters (malloc'd). */
-static float *train(hvae_optimizer_kind kind, float lr, int n_epochs, double *first,
-                    double *last, hvae_status *status)
+/* Trains a fresh model for n_epochs with the options `to` (batch 16 when
+ * NULL) on the rows shard_start .. shard_start + n - 1 of 64 data rows;
+ * returns its parameters (malloc'd), the first and last epochs' ELBO and
+ * the last epoch's stats. */
+static float *train_rows(hvae_optimizer_kind kind, float lr, int n_epochs,
+                         const hvae_train_options *to, int64_t shard_start, int64_t n,
+                         double *first, double *last, hvae_epoch_stats *stats,
+                         hvae_status *status)
 {
-    const int64_t n = 64, D = 8;
+    const int64_t D = 8;
     int64_t latent[2] = {4, 2}, hidden[1] = {16};
     fixture f;
     *status = make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
@@ -512,27 +517,33 @@ static float *train(hvae_optimizer_kind kind, float lr, int n_epochs, double *fi
     oc.learning_rate = lr;
     hvae_optimizer *opt = NULL;
     *status = hvae_optimizer_create(f.model, &oc, &opt);
-    float *x = make_data(n, D, 1);
-    int64_t *order = malloc((size_t)n * sizeof(int64_t));
+    float *x = make_data(64, D, 1);
+    int64_t order[64];
     hvae_rng rng;
     hvae_rng_seed(&rng, 77);
-    hvae_train_options to = hvae_train_options_default();
-    to.batch_size = 16;
+    hvae_train_options batch16 = hvae_train_options_default();
+    batch16.batch_size = 16;
     for (int e = 0; e < n_epochs && *status == HVAE_OK; e++) {
-        hvae_epoch_stats stats;
-        *status = hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats);
+        *status = hvae_train_epoch(f.model, f.ws, opt, &rng, x + shard_start * D, NULL, n,
+                                   order, to ? to : &batch16, stats);
         if (e == 0)
-            *first = stats.elbo;
-        *last = stats.elbo;
+            *first = stats->elbo;
+        *last = stats->elbo;
     }
     int64_t P = hvae_model_n_params(f.model);
     float *params = malloc((size_t)P * sizeof(float));
     memcpy(params, hvae_model_params(f.model), (size_t)P * sizeof(float));
     hvae_optimizer_free(opt);
-    free(order);
     free(x);
     free_model(&f);
     return params;
+}
+
+static float *train(hvae_optimizer_kind kind, float lr, int n_epochs, double *first,
+                    double *last, hvae_status *status)
+{
+    hvae_epoch_stats stats;
+    return train_rows(kind, lr, n_epochs, NULL, 0, 64, first, last, &stats, status);
 }
 
 static void test_training(void)
@@ -667,26 +678,13 @@ static int identity_reduce(void *ctx, float *grads, int64_t n_grads, double *val
     return r->stop_at > 0 && r->calls >= r->stop_at;
 }
 
-/* Trains one epoch from a fresh model, data-parallel or not; returns its
- * parameters (malloc'd). */
+/* One epoch of Adam (lr 1e-3, batch 16) from a fresh model, data-parallel
+ * (over rows shard_start .. of n_global, reduced by identity_reduce into r)
+ * or not. */
 static float *train_epoch_once(int parallel, int64_t n_global, int64_t shard_start,
                                int64_t n, float free_bits, reduce_state *r,
                                hvae_status *status, hvae_epoch_stats *stats)
 {
-    const int64_t D = 8;
-    int64_t latent[2] = {4, 2}, hidden[1] = {16};
-    fixture f;
-    *status = make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
-                         HVAE_ACT_RELU, 16, 3);
-    if (*status != HVAE_OK)
-        return NULL;
-    hvae_optimizer_config oc = hvae_optimizer_config_default();
-    hvae_optimizer *opt = NULL;
-    *status = hvae_optimizer_create(f.model, &oc, &opt);
-    float *x = make_data(64, D, 1);
-    int64_t order[64];
-    hvae_rng rng;
-    hvae_rng_seed(&rng, 77);
     hvae_train_options to = hvae_train_options_default();
     to.batch_size = 16;
     to.objective.free_bits = free_bits;
@@ -696,16 +694,9 @@ static float *train_epoch_once(int parallel, int64_t n_global, int64_t shard_sta
         to.reduce = identity_reduce;
         to.reduce_ctx = r;
     }
-    if (*status == HVAE_OK)
-        *status = hvae_train_epoch(f.model, f.ws, opt, &rng, x + shard_start * D, NULL, n,
-                                   order, &to, stats);
-    int64_t P = hvae_model_n_params(f.model);
-    float *params = malloc((size_t)P * sizeof(float));
-    memcpy(params, hvae_model_params(f.model), (size_t)P * sizeof(float));
-    hvae_optimizer_free(opt);
-    free(x);
-    free_model(&f);
-    return params;
+    double first, last;
+    return train_rows(HVAE_OPTIMIZER_ADAM, 1e-3f, 1, &to, shard_start, n, &first, &last,
+                      stats, status);
 }
 
 static void test_data_parallel(void)
