@@ -28,6 +28,9 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.decoder_variance = HVAE_DECODER_VARIANCE_LEARNED;
     c.inference = HVAE_INFERENCE_MARKOV;
     c.n_conditions = 0;
+    c.markov_kl = HVAE_MARKOV_KL_SAMPLED;
+    c.prior = HVAE_PRIOR_NORMAL;
+    c.latent_family = HVAE_LATENT_GAUSSIAN;
     return c;
 }
 
@@ -117,15 +120,13 @@ static hvae_status validate_config(const hvae_config *c)
     for (int32_t j = 0; j < c->n_hidden; j++)
         if (c->hidden_dims[j] < 1 || c->hidden_dims[j] > INT_MAX)
             return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->likelihood != HVAE_LIKELIHOOD_GAUSSIAN &&
-        c->likelihood != HVAE_LIKELIHOOD_BERNOULLI)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    if ((unsigned)c->activation > HVAE_ACT_IDENTITY)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->decoder_variance != HVAE_DECODER_VARIANCE_LEARNED &&
-        c->decoder_variance != HVAE_DECODER_VARIANCE_UNIT)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->inference != HVAE_INFERENCE_MARKOV && c->inference != HVAE_INFERENCE_LADDER)
+    /* Every named option must have a name; a hidden layer may also be the
+     * identity (linear), which the C API has always allowed. */
+    if (!hvae_likelihood_name(c->likelihood) ||
+        !(hvae_activation_name(c->activation) || c->activation == HVAE_ACT_IDENTITY) ||
+        !hvae_decoder_variance_name(c->decoder_variance) ||
+        !hvae_inference_name(c->inference) || !hvae_markov_kl_name(c->markov_kl) ||
+        !hvae_prior_name(c->prior) || !hvae_latent_family_name(c->latent_family))
         return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
