@@ -550,9 +550,16 @@ HVAE_API hvae_optimizer_config hvae_optimizer_config_default(void);
 
 typedef struct hvae_optimizer hvae_optimizer;
 
+/* An optimizer for the model's parameter buffer. */
 HVAE_API hvae_status hvae_optimizer_create(const hvae_model *model,
                                            const hvae_optimizer_config *config,
                                            hvae_optimizer **out);
+/* An optimizer for any block of n_params floats (an auxiliary network's
+ * parameters, say): its own moments and step count. */
+HVAE_API hvae_status hvae_optimizer_create_for(int64_t n_params,
+                                               const hvae_optimizer_config *config,
+                                               hvae_optimizer **out);
+HVAE_API int64_t hvae_optimizer_n_params(const hvae_optimizer *opt);
 HVAE_API void hvae_optimizer_free(hvae_optimizer *opt);
 /* Settings may change between steps (a new learning rate keeps moments). */
 HVAE_API hvae_status hvae_optimizer_configure(hvae_optimizer *opt,
@@ -565,6 +572,10 @@ HVAE_API float *hvae_optimizer_state(hvae_optimizer *opt, int which);
 HVAE_API int64_t *hvae_optimizer_step_count(hvae_optimizer *opt);
 /* Applies one update from hvae_model_grads to hvae_model_params. */
 HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
+/* Applies one update from grads to params, n_params floats each (the block
+ * the optimizer was made for). */
+HVAE_API void hvae_optimizer_step_block(hvae_optimizer *opt, float *params,
+                                        const float *grads);
 
 
 /* Data-parallel training: sums values across the processes, in place
@@ -602,16 +613,26 @@ HVAE_API hvae_train_options hvae_train_options_default(void);
 
 /* One pass of minibatch steps over x (n, D): reparameterisation noise from
  * rng, loss and gradient, a check that both are finite, an optimizer step.
- * `order` is scratch for n row indices (int64). On
- * HVAE_ERR_NONFINITE_LOSS the offending step is not applied, so the
- * parameters are the last finite ones. `stats` receives the means over the
- * batches that were applied. */
+ * `order` is scratch for n row indices (int64).
+ * Divergence: when a step's loss or gradient, or the parameters after the
+ * last step, are NaN or infinite, the call returns HVAE_ERR_NONFINITE_LOSS
+ * with the model's parameters, the optimizer's moments and step count and
+ * *rng back at their state at the start of the call (the optimizer keeps
+ * that copy, made without allocating), so training can go on from a finite
+ * model. `stats` receives the means over the batches that were applied
+ * (before a rollback). */
 HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       hvae_optimizer *opt, hvae_rng *rng,
                                       const float *x, const float *cond,
                                       int64_t n, int64_t *order,
                                       const hvae_train_options *options,
                                       hvae_epoch_stats *stats);
+
+/* Data-parallel training: how many doubles the reduce hook receives in its
+ * two kinds of call for this model (values of which == 0: the layers'
+ * minibatch KL sums and the row count, for free bits; which == 1: the
+ * minibatch's loss terms). 0 for another `which`. */
+HVAE_API int64_t hvae_train_reduce_values(const hvae_model *model, int which);
 
 /* 1 when all n values are finite. */
 HVAE_API int hvae_all_finite(const float *v, int64_t n);

@@ -1259,7 +1259,6 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     int shuffle = 1;
     PyArrayObject *x = NULL;
     int64_t *order = NULL;
-    float *snapshot = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
                                      &X_obj, &n_epochs, &batch_size, &lr,
                                      &optimizer, &beta, &shuffle, &callback,
@@ -1337,9 +1336,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         goto done;
     order = PyMem_RawMalloc((size_t)N * sizeof(int64_t));
     npy_intp P = hvae_model_n_params(self->model);
-    /* The state at the start of each epoch, restored if the epoch diverges. */
-    snapshot = PyMem_RawMalloc((size_t)(3 * P) * sizeof(float));
-    if (!order || !snapshot) {
+    if (!order) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1356,7 +1353,8 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     to.hook = fit_batch_hook;
     to.hook_ctx = &ctx;
     if (parallel) {
-        npy_intp n_values[2] = {T + 1, 5 + T}; /* see train.c: free bits, sums */
+        npy_intp n_values[2] = {hvae_train_reduce_values(self->model, 0),
+                                hvae_train_reduce_values(self->model, 1)};
         ctx.reduce = reduce;
         ctx.grads = view_of(self, hvae_model_grads(self->model), 1, &P);
         ctx.values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
@@ -1374,31 +1372,11 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     for (long long epoch = 0; epoch < n_epochs; epoch++) {
         hvae_epoch_stats stats;
         double t0 = now_seconds();
-        float *params = hvae_model_params(self->model);
-        float *m1 = hvae_optimizer_state(self->opt, 0), *m2 = hvae_optimizer_state(self->opt, 1);
-        int64_t step = *hvae_optimizer_step_count(self->opt);
-        hvae_rng rng = self->rng;
         ctx.saved = PyEval_SaveThread();
-        memcpy(snapshot, params, (size_t)P * sizeof(float));
-        memcpy(snapshot + P, m1, (size_t)P * sizeof(float));
-        if (m2)
-            memcpy(snapshot + 2 * P, m2, (size_t)P * sizeof(float));
+        /* On divergence the C loop returns the model, the optimizer and the
+         * generator to their state at the start of the epoch. */
         st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
                               PyArray_DATA(x), cond_data(cond), n, order, &to, &stats);
-        /* The loss and gradient are checked before every step; the last
-         * step's result is checked here. */
-        if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(params, P))
-            st = HVAE_ERR_NONFINITE_LOSS;
-        if (st == HVAE_ERR_NONFINITE_LOSS) {
-            /* Back to the start of the epoch: parameters whose loss was
-             * finite, and the optimizer and generator that went with them. */
-            memcpy(params, snapshot, (size_t)P * sizeof(float));
-            memcpy(m1, snapshot + P, (size_t)P * sizeof(float));
-            if (m2)
-                memcpy(m2, snapshot + 2 * P, (size_t)P * sizeof(float));
-            *hvae_optimizer_step_count(self->opt) = step;
-            self->rng = rng;
-        }
         PyEval_RestoreThread(ctx.saved);
         ctx.saved = NULL;
         double seconds = now_seconds() - t0;
@@ -1461,7 +1439,6 @@ release:
 done:
     model_leave(self);
     PyMem_RawFree(order);
-    PyMem_RawFree(snapshot);
     Py_XDECREF(x);
     Py_XDECREF(cond);
     return result;

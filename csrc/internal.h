@@ -186,6 +186,13 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
  * pass), returning 1; otherwise changes nothing and returns 0. Both the
  * check and the update are split over the pool. */
 int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model);
+/* The same over any block the optimizer was made for. */
+int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, float *grads);
+/* The training loop's rollback point: save copies params (the optimizer's
+ * n_params floats), the moments and the step count into buffers the
+ * optimizer allocated with itself; restore copies them back. */
+void hvae_optimizer_save(hvae_optimizer *opt, const float *params);
+void hvae_optimizer_restore(hvae_optimizer *opt, float *params);
 
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
