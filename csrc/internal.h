@@ -217,6 +217,10 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
                    int sampled);
+/* Row r's log-weight log p(x|z_1) - sum_i term_i after hvae_forward (the
+ * one place the objectives assemble it; see model.c), its layer terms into
+ * kl (T, or NULL) and its ELBO into *elbo (or NULL). */
+double hvae_row_terms(const hvae_workspace *ws, int64_t r, double *kl, double *elbo);
 /* Fills the workspace noise for B data rows, each replicated S times (row
  * b * S + s), from each data row's hashed generator. */
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,

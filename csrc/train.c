@@ -98,12 +98,17 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     if (R > 0)
         hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
 
-    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0};
-    for (int64_t r = 0; r < R; r++)
+    /* Each row's log-weight (IWAE's draws keep theirs in lse_sum) and the
+     * minibatch sums of its terms. */
+    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0}, kl_row[HVAE_MAX_LAYERS];
+    for (int64_t r = 0; r < R; r++) {
+        double log_w = hvae_row_terms(ws, r, kl_row, NULL);
+        if (iwae)
+            ws->lse_sum[r] = log_w;
         rec += ws->reconstruction[r];
-    for (int32_t i = 0; i < T; i++)
-        for (int64_t r = 0; r < R; r++)
-            kl_sum[i] += ws->kl[i * ws->max_rows + r];
+        for (int32_t i = 0; i < T; i++)
+            kl_sum[i] += kl_row[i];
+    }
 
     /* Free bits compare each layer's KL, averaged over the minibatch, with
      * the floor: over every process's rows. */
@@ -134,11 +139,7 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
         for (int64_t b = 0; b < B; b++) {
             double mx = -INFINITY;
             for (int64_t s = 0; s < S; s++) {
-                int64_t r = b * S + s;
-                double lw = ws->reconstruction[r];
-                for (int32_t i = 0; i < T; i++)
-                    lw -= ws->kl[i * ws->max_rows + r];
-                ws->lse_sum[r] = lw;
+                double lw = ws->lse_sum[b * S + s];
                 mx = lw > mx ? lw : mx;
             }
             double total = 0.0;
