@@ -6,6 +6,7 @@
 #define HVAE_INTERNAL_H
 
 #include "hvae.h"
+#include "extension.h"
 
 /* Independent partial sums per row reduction; lets the compiler vectorise
  * a reduction it may not reorder. */
@@ -69,7 +70,7 @@ typedef struct {
  * noise and (ladder, below the top) its merged posterior live. */
 typedef struct {
     int64_t dim;
-    hvae_latent_family family;
+    const hvae_latent_family_ops *family;   /* registry.c's table */
     int64_t z_col;        /* the sample among the activations */
     int64_t eps_col;      /* the noise in the noise buffer */
     int64_t q_col[2];     /* ladder: merged (mu, logvar) */
@@ -82,6 +83,9 @@ struct hvae_model {
     hvae_block enc[HVAE_MAX_LAYERS];        /* enc[i] infers z_{i+1} */
     hvae_block dec[HVAE_MAX_LAYERS];        /* dec[i] generates z_i (x for i = 0) */
     hvae_latent_layer latent[HVAE_MAX_LAYERS];
+    const hvae_prior_ops *prior;            /* p(z_T), registry.c's table */
+    int64_t prior_offset;                   /* its tensors in the buffers */
+    int32_t n_block_tensors;                /* the tensors before the prior's */
     int64_t act_cols;                       /* activation floats per row */
     int64_t eps_cols;                       /* sum of latent_dims */
     int64_t n_params;

@@ -128,6 +128,9 @@ static hvae_status validate_config(const hvae_config *c)
         !hvae_inference_name(c->inference) || !hvae_markov_kl_name(c->markov_kl) ||
         !hvae_prior_name(c->prior) || !hvae_latent_family_name(c->latent_family))
         return HVAE_ERR_INVALID_ARGUMENT;
+    /* The ladder's precision-weighted merge is the Gaussian's. */
+    if (c->inference == HVAE_INFERENCE_LADDER && c->latent_family != HVAE_LATENT_GAUSSIAN)
+        return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
@@ -151,7 +154,9 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         memcpy(m->hidden_dims, config->hidden_dims, (size_t)H * sizeof(int64_t));
     m->config.latent_dims = m->latent_dims;
     m->config.hidden_dims = m->hidden_dims;
-    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2), sizeof *m->tensors);
+    m->prior = hvae_prior_table[config->prior];
+    int32_t n_prior_tensors = m->prior->n_tensors(config);
+    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors), sizeof *m->tensors);
     if (!m->tensors) {
         free(m);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -169,7 +174,7 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         layout_block(&ls, &m->enc[i], prefix, i == 0 ? D : m->latent_dims[i - 1],
                      m->hidden_dims, H, 2, m->latent_dims[i], gaussian_heads);
         m->latent[i].dim = m->latent_dims[i];
-        m->latent[i].family = config->latent_family;
+        m->latent[i].family = hvae_latent_family_table[config->latent_family];
         m->latent[i].z_col = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
         m->latent[i].eps_col = m->eps_cols;
         m->eps_cols += m->latent_dims[i];
@@ -186,6 +191,18 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         layout_block(&ls, &m->dec[i], prefix, m->latent_dims[i], reversed, H,
                      bern || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
                      bern ? logits_head : gaussian_heads);
+    }
+    /* The prior's own tensors, if any, close the buffer. */
+    m->n_block_tensors = m->n_tensors;
+    m->prior_offset = ls.n_params;
+    for (int32_t k = 0; k < n_prior_tensors; k++) {
+        hvae_tensor_info info = {{0}, 0, 0, 0};
+        m->prior->tensor(config, k, &info);
+        char name[sizeof info.name];
+        snprintf(name, sizeof name, "prior.%.40s", info.name);
+        int64_t offset = checked_add(&ls, &ls.n_params, info.rows,
+                                     info.cols > 0 ? info.cols : 1);
+        add_tensor(&ls, name, offset, info.rows, info.cols);
     }
     m->n_params = ls.n_params;
     m->act_cols = ls.act_cols;
@@ -234,7 +251,7 @@ void hvae_model_init(hvae_model *m, uint64_t seed)
      * and the same bound for b): U(-1/sqrt(n_in), 1/sqrt(n_in)). */
     hvae_rng rng;
     hvae_rng_seed(&rng, seed);
-    for (int32_t t = 0; t < m->n_tensors; t++) {
+    for (int32_t t = 0; t < m->n_block_tensors; t++) {
         const hvae_tensor_info *info = &m->tensors[t];
         /* A bias follows its weight, whose row count is the fan-in. */
         int64_t fan_in = info->cols > 0 ? info->rows : m->tensors[t - 1].rows;
@@ -244,6 +261,7 @@ void hvae_model_init(hvae_model *m, uint64_t seed)
         for (int64_t k = 0; k < count; k++)
             p[k] = bound * (2.0f * hvae_rng_uniform_float(&rng) - 1.0f);
     }
+    m->prior->init(&m->config, m->params + m->prior_offset, &rng);
 }
 
 hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
@@ -354,6 +372,13 @@ void hvae_workspace_free(hvae_workspace *ws)
 }
 
 int64_t hvae_workspace_max_rows(const hvae_workspace *ws) { return ws->max_rows; }
+
+const float *hvae_workspace_samples(const hvae_workspace *ws, int32_t layer)
+{
+    if (!ws || layer < 0 || layer >= ws->model->config.n_layers)
+        return NULL;
+    return ws_act(ws, ws->model->latent[layer].z_col);
+}
 
 /* ---- passes -------------------------------------------------------------- */
 
@@ -554,25 +579,67 @@ static void backward_start_part(void *ctx, int part, int n_parts)
     }
 }
 
-/* Every layer's term, into ws->kl (T, B): the closed-form
- *   KL(N(mu_q, var_q) || N(mu_p, var_p)) = sum_j (lv_p - lv_q + (var_q + (mu_q - mu_p)^2) / var_p - 1) / 2
- * where closed_form() says so, else the sampled log-density ratio
- *   log q(z) - log p(z) = sum_j (lv_p - lv_q - eps^2 + (z - mu_p)^2 / var_p) / 2,
- * with p the decoder above's heads, or N(0, I) for the top layer. */
+/* Layer i's reparameterised sample z_{i+1} = f(q's heads, eps) of B rows,
+ * through its family's table, and the backward of it (accumulating into
+ * q's head gradients from dz). */
+static void latent_sample_forward(const hvae_model *m, const hvae_workspace *ws, int32_t i,
+                                  const float *eps, int64_t B)
+{
+    m->latent[i].family->sample_forward(ws_act(ws, m->latent[i].z_col), post(m, ws, i, 0),
+                                        post(m, ws, i, 1), eps, B * m->latent_dims[i]);
+}
+
+static void latent_sample_backward(const hvae_model *m, const hvae_workspace *ws, int32_t i,
+                                   const float *eps, int64_t B)
+{
+    m->latent[i].family->sample_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                         ws_dact(ws, m->latent[i].z_col), post(m, ws, i, 0),
+                                         post(m, ws, i, 1), eps, B * m->latent_dims[i]);
+}
+
+/* The top layer's prior's view of the workspace (gradients when grad). */
+static hvae_prior_args top_prior_args(const hvae_model *m, const hvae_workspace *ws,
+                                      const float *eps_top, int64_t B, int grad)
+{
+    int32_t top = m->config.n_layers - 1;
+    hvae_prior_args a = {m, ws, m->params, m->grads, m->prior_offset, B,
+                         m->latent_dims[top], NULL, eps_top, NULL, NULL, NULL, NULL, NULL};
+    if (ws) {
+        a.z = ws_act(ws, m->latent[top].z_col);
+        a.mu_q = post(m, ws, top, 0);
+        a.lv_q = post(m, ws, top, 1);
+        if (grad) {
+            a.dz = ws_dact(ws, m->latent[top].z_col);
+            a.dmu_q = dpost(m, ws, top, 0);
+            a.dlv_q = dpost(m, ws, top, 1);
+        }
+    }
+    return a;
+}
+
+/* Every layer's term, into ws->kl (T, B): the closed-form KL(q || p) where
+ * closed_form() says so, else the sampled log-density ratio log q(z) -
+ * log p(z); p the decoder above's heads (the layer's family's formulas), or
+ * for the top layer the prior's table. For the diagonal Gaussian,
+ *   KL = sum_j (lv_p - lv_q + (var_q + (mu_q - mu_p)^2) / var_p - 1) / 2,
+ *   log q - log p = sum_j (lv_p - lv_q - eps^2 + (z - mu_p)^2 / var_p) / 2. */
 static void layer_terms_forward(const hvae_model *m, const hvae_workspace *ws,
                                 const float *const *eps, int64_t B, int sampled)
 {
-    for (int32_t i = 0; i < m->config.n_layers; i++) {
+    int32_t top = m->config.n_layers - 1;
+    for (int32_t i = 0; i < top; i++) {
         double *kl = ws->kl + i * ws->max_rows;
+        const hvae_latent_family_ops *f = m->latent[i].family;
         if (closed_form(m, i, sampled))
-            hvae_gaussian_kl_forward(kl, post(m, ws, i, 0), post(m, ws, i, 1),
-                                     prior(m, ws, i, 0), prior(m, ws, i, 1), B,
-                                     m->latent_dims[i]);
+            f->kl_forward(kl, post(m, ws, i, 0), post(m, ws, i, 1), prior(m, ws, i, 0),
+                          prior(m, ws, i, 1), B, m->latent_dims[i]);
         else
-            hvae_gaussian_logratio_forward(kl, ws_act(ws, m->latent[i].z_col), eps[i],
-                                           post(m, ws, i, 1), prior(m, ws, i, 0),
-                                           prior(m, ws, i, 1), B, m->latent_dims[i]);
+            f->logratio_forward(kl, ws_act(ws, m->latent[i].z_col), eps[i],
+                                post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), B,
+                                m->latent_dims[i]);
     }
+    hvae_prior_args a = top_prior_args(m, ws, eps[top], B, 0);
+    m->prior->term_forward(ws->kl + top * ws->max_rows, &a, closed_form(m, top, sampled));
 }
 
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
@@ -585,8 +652,7 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
         hvae_block_forward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
                            B, rowwise);
         if (!ladder || i == T - 1)
-            hvae_reparam_forward(ws_act(ws, m->latent[i].z_col), post(m, ws, i, 0),
-                                 post(m, ws, i, 1), eps[i], B * m->latent_dims[i]);
+            latent_sample_forward(m, ws, i, eps[i], B);
     }
     for (int32_t i = T - 1; i >= 0; i--) {
         hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cond, B, rowwise);
@@ -599,8 +665,7 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                                          block_head(ws, &m->enc[i - 1], 1),
                                          prior(m, ws, i - 1, 0), prior(m, ws, i - 1, 1),
                                          count);
-            hvae_reparam_forward(ws_act(ws, m->latent[i - 1].z_col), post(m, ws, i - 1, 0),
-                                 post(m, ws, i - 1, 1), eps[i - 1], count);
+            latent_sample_forward(m, ws, i - 1, eps[i - 1], B);
         }
     }
 
@@ -611,24 +676,29 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
 
 /* Accumulates scale * kl_weight[i] * d(term_i) into the posterior's, the
  * prior's and (sampled ratio) the sample's gradients. */
-static void layer_terms_backward(const hvae_model *m, const hvae_workspace *ws,
-                                 int64_t B, float scale, const float *kl_weight,
-                                 int sampled)
+static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_t B,
+                                 float scale, const float *kl_weight, int sampled)
 {
-    for (int32_t i = 0; i < m->config.n_layers; i++) {
+    int32_t top = m->config.n_layers - 1;
+    for (int32_t i = 0; i < top; i++) {
+        const hvae_latent_family_ops *f = m->latent[i].family;
         if (kl_weight[i] == 0.0f)
             continue;
         if (closed_form(m, i, sampled))
-            hvae_gaussian_kl_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                                      dprior(m, ws, i, 0), dprior(m, ws, i, 1),
-                                      scale * kl_weight[i], post(m, ws, i, 0),
-                                      post(m, ws, i, 1), prior(m, ws, i, 0),
-                                      prior(m, ws, i, 1), B, m->latent_dims[i]);
+            f->kl_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1), dprior(m, ws, i, 0),
+                           dprior(m, ws, i, 1), scale * kl_weight[i], post(m, ws, i, 0),
+                           post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), B,
+                           m->latent_dims[i]);
         else
-            hvae_gaussian_logratio_backward(
-                ws_dact(ws, m->latent[i].z_col), dpost(m, ws, i, 1), dprior(m, ws, i, 0),
-                dprior(m, ws, i, 1), scale * kl_weight[i], ws_act(ws, m->latent[i].z_col),
-                prior(m, ws, i, 0), prior(m, ws, i, 1), B, m->latent_dims[i]);
+            f->logratio_backward(ws_dact(ws, m->latent[i].z_col), dpost(m, ws, i, 1),
+                                 dprior(m, ws, i, 0), dprior(m, ws, i, 1),
+                                 scale * kl_weight[i], ws_act(ws, m->latent[i].z_col),
+                                 prior(m, ws, i, 0), prior(m, ws, i, 1), B,
+                                 m->latent_dims[i]);
+    }
+    if (kl_weight[top] != 0.0f) {
+        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
+        m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
 }
 
@@ -672,9 +742,7 @@ static void markov_backward(hvae_model *m, const hvae_workspace *ws, const float
         hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cond,
                             ws_dact(ws, m->latent[i].z_col), B);
     for (int32_t i = T - 1; i >= 0; i--) {
-        hvae_reparam_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                              ws_dact(ws, m->latent[i].z_col), post(m, ws, i, 1), eps[i],
-                              B * m->latent_dims[i]);
+        latent_sample_backward(m, ws, i, eps[i], B);
         hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
                             i == 0 ? NULL : enc_input(m, ws, i, 1), B);
     }
@@ -693,9 +761,7 @@ static void ladder_backward(hvae_model *m, const hvae_workspace *ws, const float
                         ws_dact(ws, m->latent[0].z_col), B);
     for (int32_t i = 0; i < T - 1; i++) {
         int64_t count = B * m->latent_dims[i];
-        hvae_reparam_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                              ws_dact(ws, m->latent[i].z_col), post(m, ws, i, 1), eps[i],
-                              count);
+        latent_sample_backward(m, ws, i, eps[i], B);
         hvae_precision_merge_backward(block_dhead(ws, &m->enc[i], 0),
                                       block_dhead(ws, &m->enc[i], 1),
                                       dprior(m, ws, i, 0), dprior(m, ws, i, 1),
@@ -706,9 +772,7 @@ static void ladder_backward(hvae_model *m, const hvae_workspace *ws, const float
         hvae_block_backward(m, ws, &m->dec[i + 1], ws_act(ws, m->latent[i + 1].z_col), cond,
                             ws_dact(ws, m->latent[i + 1].z_col), B);
     }
-    hvae_reparam_backward(dpost(m, ws, T - 1, 0), dpost(m, ws, T - 1, 1),
-                          ws_dact(ws, m->latent[T - 1].z_col), post(m, ws, T - 1, 1),
-                          eps[T - 1], B * m->latent_dims[T - 1]);
+    latent_sample_backward(m, ws, T - 1, eps[T - 1], B);
     for (int32_t i = T - 1; i >= 0; i--)
         hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
                             i == 0 ? NULL : enc_input(m, ws, i, 1), B);
@@ -985,7 +1049,8 @@ hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
         const float *cb = rows_of(cond, r0, m->config.n_conditions);
-        hvae_rng_normal(rng, ws_act(ws, m->latent[T - 1].z_col), B * m->latent_dims[T - 1]);
+        hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
+        m->prior->sample(ws_act(ws, m->latent[T - 1].z_col), &top, rng);
         for (int32_t i = T - 1; i >= 1; i--) {
             const hvae_block *dec = &m->dec[i];
             int64_t count = B * m->latent_dims[i - 1];
