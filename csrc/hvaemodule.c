@@ -452,6 +452,7 @@ static int check_outputs(const char *what, int finite)
     return -1;
 }
 
+
 static int doubles_finite(PyObject *arr)
 {
     const double *v = PyArray_DATA((PyArrayObject *)arr);
@@ -470,6 +471,109 @@ static int floats_finite(PyObject *arr)
 static PyObject *new_array(int nd, npy_intp *dims, int typenum)
 {
     return PyArray_SimpleNew(nd, dims, typenum);
+}
+
+/* ---- the shared call frame -------------------------------------------------
+ * Every method that runs the model on data has the same frame (pydata/
+ * bottleneck's templates): its own argument parsing, then frame_enter takes
+ * the model and converts the inputs (X or latent codes, the noise, the
+ * conditions) and sizes the workspace; frame_output allocates outputs;
+ * frame_call runs the C call with the GIL released and raises its status
+ * once the GIL is back; frame_leave releases the model and every reference.
+ * A method is then the few lines particular to it. */
+
+typedef enum {
+    WS_EVAL,     /* eval_rows(n): chunks of EVAL_ROWS */
+    WS_SAMPLED,  /* sampled_rows(n, draws): whole rows' draws */
+    WS_FIXED     /* EVAL_ROWS (streamed draws) */
+} workspace_rows;
+
+typedef struct {
+    ModelObject *self;
+    int entered;
+    PyArrayObject *x, *cond;     /* X (or Z) and the conditions */
+    npy_intp n;                  /* rows of X */
+    int have_noise;
+    PyArrayObject *noise_arrays[HVAE_MAX_LAYERS];
+    const float *noise[HVAE_MAX_LAYERS];
+    PyObject *out[2 * HVAE_MAX_LAYERS];
+    int n_out;
+} call_frame;
+
+/* What frame_enter converts: X as data rows (checked like training data) or,
+ * with latent, as codes of d_1 columns (finite); noise (NULL: none) of
+ * n * draws rows; cond. */
+typedef struct {
+    PyObject *X;
+    int latent;
+    PyObject *noise;
+    int64_t draws;
+    PyObject *cond;
+    workspace_rows rows;
+} frame_inputs;
+
+static int frame_enter(call_frame *f, ModelObject *self, const frame_inputs *in)
+{
+    memset(f, 0, sizeof *f);
+    f->self = self;
+    if (model_enter(self) < 0)
+        return -1;
+    f->entered = 1;
+    const hvae_config *c = hvae_model_config(self->model);
+    f->x = in->latent ? as_finite_matrix(in->X, c->latent_dims[0], "Z")
+                      : as_data(self, in->X, "X");
+    if (!f->x)
+        return -1;
+    f->n = PyArray_DIM(f->x, 0);
+    if (in->noise) {
+        f->have_noise = as_noise(self, in->noise, f->n * in->draws, f->noise_arrays, f->noise);
+        if (f->have_noise < 0)
+            return -1;
+    }
+    if (as_cond(self, in->cond, f->n, &f->cond) < 0)
+        return -1;
+    int64_t rows = in->rows == WS_EVAL      ? eval_rows(f->n)
+                   : in->rows == WS_SAMPLED ? sampled_rows(f->n, in->draws)
+                                            : EVAL_ROWS;
+    return ensure_workspace(self, rows);
+}
+
+/* A new output array owned by the frame (NULL with MemoryError). */
+static PyObject *frame_output(call_frame *f, int nd, npy_intp *dims, int typenum)
+{
+    PyObject *arr = new_array(nd, dims, typenum);
+    if (arr)
+        f->out[f->n_out++] = arr;
+    return arr;
+}
+
+static void *out_data(PyObject *arr)
+{
+    return arr ? PyArray_DATA((PyArrayObject *)arr) : NULL;
+}
+
+/* The C part of a call: runs without the GIL, touches no Python object. */
+typedef hvae_status (*frame_body)(call_frame *f, void *args);
+
+static int frame_call(call_frame *f, frame_body body, void *args, const char *failed)
+{
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = body(f, args);
+    Py_END_ALLOW_THREADS
+    return raise_status(st, failed);
+}
+
+static void frame_leave(call_frame *f)
+{
+    if (f->entered)
+        model_leave(f->self);
+    Py_XDECREF(f->x);
+    Py_XDECREF(f->cond);
+    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
+        Py_XDECREF(f->noise_arrays[i]);
+    for (int k = 0; k < f->n_out; k++)
+        Py_XDECREF(f->out[k]);
 }
 
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -806,62 +910,48 @@ static int parse_objective(const char *objective, long long n_samples, double be
     return 0;
 }
 
-/* elbo_terms(X, noise=None, seed=0) and friends share this. */
+typedef struct {
+    unsigned long long seed;
+    PyObject *elbo, *rec, *kl;
+} elbo_call;
+
+static hvae_status elbo_body(call_frame *f, void *args)
+{
+    elbo_call *a = args;
+    return hvae_elbo(f->self->model, f->self->ws, PyArray_DATA(f->x), cond_data(f->cond),
+                     f->n, f->have_noise ? f->noise : NULL, a->seed, out_data(a->elbo),
+                     out_data(a->rec), out_data(a->kl));
+}
+
+/* elbo(X, noise=None, seed=0, cond=None) and elbo_terms share this. */
 static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
                            int want_terms)
 {
     static char *kwlist[] = {"X", "noise", "seed", "cond", NULL};
-    PyObject *X_obj, *noise_obj = Py_None, *result = NULL, *cond_obj = Py_None;
-    unsigned long long seed = 0;
-    PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
-    PyObject *elbo = NULL, *rec = NULL, *kl = NULL;
-    const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&O", kwlist, &X_obj,
-                                     &noise_obj, u64_converter, &seed, &cond_obj))
+    frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_EVAL};
+    elbo_call a = {0, NULL, NULL, NULL};
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&O", kwlist, &in.X, &in.noise,
+                                     u64_converter, &a.seed, &in.cond))
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
-    const hvae_config *c = hvae_model_config(self->model);
-    int32_t T = c->n_layers;
-    x = as_data(self, X_obj, "X");
-    if (!x)
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp n = PyArray_DIM(x, 0), kl_dims[2] = {n, T};
-    int have_noise = as_noise(self, noise_obj, n, noise_arrays, noise);
-    if (have_noise < 0 || as_cond(self, cond_obj, n, &cond) < 0 ||
-        ensure_workspace(self, eval_rows(n)) < 0)
-        goto done;
-    elbo = new_array(1, &n, NPY_FLOAT64);
+    npy_intp kl_dims[2] = {f.n, hvae_model_config(self->model)->n_layers};
+    a.elbo = frame_output(&f, 1, &f.n, NPY_FLOAT64);
     if (want_terms) {
-        rec = new_array(1, &n, NPY_FLOAT64);
-        kl = new_array(2, kl_dims, NPY_FLOAT64);
+        a.rec = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+        a.kl = frame_output(&f, 2, kl_dims, NPY_FLOAT64);
     }
-    if (!elbo || (want_terms && (!rec || !kl)))
+    if (!a.elbo || (want_terms && (!a.rec || !a.kl)) ||
+        frame_call(&f, elbo_body, &a, "elbo failed") < 0 ||
+        check_outputs("elbo", doubles_finite(a.elbo)) < 0)
         goto done;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_elbo(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                   have_noise ? noise : NULL, seed,
-                   PyArray_DATA((PyArrayObject *)elbo),
-                   rec ? PyArray_DATA((PyArrayObject *)rec) : NULL,
-                   kl ? PyArray_DATA((PyArrayObject *)kl) : NULL);
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "elbo failed") < 0 || check_outputs("elbo", doubles_finite(elbo)) < 0)
-        goto done;
-    if (want_terms)
-        result = Py_BuildValue("{sOsOsO}", "elbo", elbo, "reconstruction", rec,
-                               "kl", kl);
-    else
-        result = Py_NewRef(elbo);
+    result = want_terms ? Py_BuildValue("{sOsOsO}", "elbo", a.elbo, "reconstruction",
+                                        a.rec, "kl", a.kl)
+                        : Py_NewRef(a.elbo);
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
-        Py_XDECREF(noise_arrays[i]);
-    Py_XDECREF(elbo);
-    Py_XDECREF(rec);
-    Py_XDECREF(kl);
+    frame_leave(&f);
     return result;
 }
 
@@ -875,59 +965,56 @@ static PyObject *Model_elbo_terms(ModelObject *self, PyObject *args, PyObject *k
     return elbo_impl(self, args, kwds, 1);
 }
 
+typedef struct {
+    unsigned long long seed;
+    hvae_objective_options objective;
+    hvae_epoch_stats stats;
+    PyObject *grad;
+} loss_and_grad_call;
+
+static hvae_status loss_and_grad_body(call_frame *f, void *args)
+{
+    loss_and_grad_call *a = args;
+    hvae_model *model = f->self->model;
+    hvae_status st = hvae_loss_and_grad(model, f->self->ws, PyArray_DATA(f->x),
+                                        cond_data(f->cond), f->n,
+                                        f->have_noise ? f->noise : NULL, a->seed,
+                                        &a->objective, &a->stats);
+    if (st == HVAE_OK)
+        memcpy(out_data(a->grad), hvae_model_grads(model),
+               (size_t)hvae_model_n_params(model) * sizeof(float));
+    return st;
+}
+
 static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
                                      PyObject *kwds)
 {
     static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
                              "n_samples", "free_bits", "cond", NULL};
-    PyObject *X_obj, *noise_obj = Py_None, *grad = NULL, *result = NULL;
-    PyObject *cond_obj = Py_None;
-    unsigned long long seed = 0;
+    frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
+    loss_and_grad_call a = {0};
     double beta = 1.0, free_bits = 0.0;
     const char *objective = "elbo";
     int n_samples = 1;
-    PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
-    const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &X_obj,
-                                     &noise_obj, u64_converter, &seed, &beta, &objective,
-                                     &n_samples, &free_bits, &cond_obj))
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &in.X,
+                                     &in.noise, u64_converter, &a.seed, &beta, &objective,
+                                     &n_samples, &free_bits, &in.cond))
         return NULL;
-    hvae_objective_options oo;
-    if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
+    if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0)
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
-    x = as_data(self, X_obj, "X");
-    if (!x)
+    in.draws = n_samples;
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp n = PyArray_DIM(x, 0), P = hvae_model_n_params(self->model);
-    int have_noise = as_noise(self, noise_obj, n * n_samples, noise_arrays, noise);
-    if (have_noise < 0 || as_cond(self, cond_obj, n, &cond) < 0 ||
-        ensure_workspace(self, sampled_rows(n, n_samples)) < 0)
+    npy_intp P = hvae_model_n_params(self->model);
+    a.grad = frame_output(&f, 1, &P, NPY_FLOAT32);
+    if (!a.grad || frame_call(&f, loss_and_grad_body, &a, "loss_and_grad failed") < 0 ||
+        check_outputs("loss_and_grad", isfinite(a.stats.loss) && floats_finite(a.grad)) < 0)
         goto done;
-    grad = new_array(1, &P, NPY_FLOAT32);
-    if (!grad)
-        goto done;
-    hvae_epoch_stats stats;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_loss_and_grad(self->model, self->ws, PyArray_DATA(x), cond_data(cond),
-                            n, have_noise ? noise : NULL, seed, &oo, &stats);
-    if (st == HVAE_OK)
-        memcpy(PyArray_DATA((PyArrayObject *)grad), hvae_model_grads(self->model),
-               (size_t)P * sizeof(float));
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "loss_and_grad failed") < 0 ||
-        check_outputs("loss_and_grad", isfinite(stats.loss) && floats_finite(grad)) < 0)
-        goto done;
-    result = Py_BuildValue("(dO)", stats.loss, grad);
+    result = Py_BuildValue("(dO)", a.stats.loss, a.grad);
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
-        Py_XDECREF(noise_arrays[i]);
-    Py_XDECREF(grad);
+    frame_leave(&f);
     return result;
 }
 
@@ -1004,87 +1091,83 @@ static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
                                       PyObject *kwds)
 {
     static char *kwlist[] = {"X", "n_samples", "seed", "cond", NULL};
-    PyObject *X_obj, *cond_obj = Py_None, *out = NULL;
+    frame_inputs in = {NULL, 0, NULL, 1, Py_None, WS_FIXED};
     long long n_samples = 1000;
     unsigned long long seed = 0;
-    PyArrayObject *x = NULL, *cond = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LO&O", kwlist, &X_obj, &n_samples,
-                                     u64_converter, &seed, &cond_obj))
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LO&O", kwlist, &in.X, &n_samples,
+                                     u64_converter, &seed, &in.cond))
         return NULL;
     if (n_samples < 1) {
         PyErr_Format(PyExc_ValueError, "n_samples must be >= 1; got %lld", n_samples);
         return NULL;
     }
-    if (model_enter(self) < 0)
-        return NULL;
-    x = as_data(self, X_obj, "X");
-    if (!x || as_cond(self, cond_obj, PyArray_DIM(x, 0), &cond) < 0 ||
-        ensure_workspace(self, EVAL_ROWS) < 0)
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp n = PyArray_DIM(x, 0);
-    out = new_array(1, &n, NPY_FLOAT64);
+    PyObject *out = frame_output(&f, 1, &f.n, NPY_FLOAT64);
     if (!out)
         goto done;
-    hvae_status st;
-    /* A long estimate stays interruptible: Ctrl-C is checked between passes. */
+    /* A long estimate stays interruptible: Ctrl-C is checked between passes,
+     * so this call releases the GIL itself rather than through frame_call. */
     fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL,
                    NULL, NULL, {NULL, NULL}};
     ctx.saved = PyEval_SaveThread();
-    st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                             n_samples, seed, PyArray_DATA((PyArrayObject *)out),
-                             fit_batch_hook, &ctx);
+    hvae_status st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(f.x),
+                                         cond_data(f.cond), f.n, n_samples, seed,
+                                         out_data(out), fit_batch_hook, &ctx);
     PyEval_RestoreThread(ctx.saved);
-    if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
-        Py_CLEAR(out); /* the KeyboardInterrupt is set */
-    } else if (raise_status(st, "log_likelihood failed") < 0 ||
+    if (st == HVAE_ERR_STOPPED && ctx.interrupted)
+        goto done; /* the KeyboardInterrupt is set */
+    if (raise_status(st, "log_likelihood failed") < 0 ||
         check_outputs("log_likelihood", doubles_finite(out)) < 0)
-        Py_CLEAR(out);
+        goto done;
+    result = Py_NewRef(out);
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    return out;
+    frame_leave(&f);
+    return result;
+}
+
+typedef struct {
+    float *mu[HVAE_MAX_LAYERS], *logvar[HVAE_MAX_LAYERS];
+} encode_call;
+
+static hvae_status encode_body(call_frame *f, void *args)
+{
+    encode_call *a = args;
+    return hvae_encode(f->self->model, f->self->ws, PyArray_DATA(f->x), cond_data(f->cond),
+                       f->n, a->mu, a->logvar);
 }
 
 static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"X", "cond", NULL};
-    PyObject *X_obj, *result = NULL, *cond_obj = Py_None;
-    PyArrayObject *x = NULL, *cond = NULL;
-    PyObject *mus[HVAE_MAX_LAYERS] = {0}, *lvs[HVAE_MAX_LAYERS] = {0};
-    float *mu_ptr[HVAE_MAX_LAYERS], *lv_ptr[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &X_obj, &cond_obj))
+    frame_inputs in = {NULL, 0, NULL, 1, Py_None, WS_EVAL};
+    encode_call a;
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &in.X, &in.cond))
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
+    if (frame_enter(&f, self, &in) < 0)
+        goto done;
     const hvae_config *c = hvae_model_config(self->model);
-    x = as_data(self, X_obj, "X");
-    if (!x || as_cond(self, cond_obj, PyArray_DIM(x, 0), &cond) < 0 ||
-        ensure_workspace(self, eval_rows(PyArray_DIM(x, 0))) < 0)
-        goto done;
-    npy_intp n = PyArray_DIM(x, 0);
-    for (int32_t i = 0; i < c->n_layers; i++) {
-        npy_intp dims[2] = {n, c->latent_dims[i]};
-        mus[i] = new_array(2, dims, NPY_FLOAT32);
-        lvs[i] = new_array(2, dims, NPY_FLOAT32);
-        if (!mus[i] || !lvs[i])
+    int32_t T = c->n_layers;
+    for (int32_t i = 0; i < T; i++) {
+        npy_intp dims[2] = {f.n, c->latent_dims[i]};
+        a.mu[i] = out_data(frame_output(&f, 2, dims, NPY_FLOAT32));
+        a.logvar[i] = out_data(frame_output(&f, 2, dims, NPY_FLOAT32));
+        if (!a.mu[i] || !a.logvar[i])
             goto done;
-        mu_ptr[i] = PyArray_DATA((PyArrayObject *)mus[i]);
-        lv_ptr[i] = PyArray_DATA((PyArrayObject *)lvs[i]);
     }
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_encode(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                     mu_ptr, lv_ptr);
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "encode failed") < 0)
+    if (frame_call(&f, encode_body, &a, "encode failed") < 0)
         goto done;
-    for (int32_t i = 0; i < c->n_layers; i++)
-        if (check_outputs("encode", floats_finite(mus[i]) && floats_finite(lvs[i])) < 0)
+    for (int32_t i = 0; i < T; i++) /* out: mu_1, logvar_1, mu_2, ... */
+        if (check_outputs("encode", floats_finite(f.out[2 * i]) &&
+                                        floats_finite(f.out[2 * i + 1])) < 0)
             goto done;
-    result = PyList_New(c->n_layers);
-    for (int32_t i = 0; result && i < c->n_layers; i++) {
-        PyObject *pair = PyTuple_Pack(2, mus[i], lvs[i]);
+    result = PyList_New(T);
+    for (int32_t i = 0; result && i < T; i++) {
+        PyObject *pair = PyTuple_Pack(2, f.out[2 * i], f.out[2 * i + 1]);
         if (!pair) {
             Py_CLEAR(result);
             break;
@@ -1092,54 +1175,46 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
         PyList_SET_ITEM(result, i, pair);
     }
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++) {
-        Py_XDECREF(mus[i]);
-        Py_XDECREF(lvs[i]);
-    }
+    frame_leave(&f);
     return result;
+}
+
+typedef struct {
+    PyObject *mean, *logvar;
+} decode_call;
+
+static hvae_status decode_body(call_frame *f, void *args)
+{
+    decode_call *a = args;
+    return hvae_decode(f->self->model, f->self->ws, PyArray_DATA(f->x), cond_data(f->cond),
+                       f->n, out_data(a->mean), out_data(a->logvar));
 }
 
 static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"Z", "return_logvar", "cond", NULL};
-    PyObject *Z_obj, *mean = NULL, *logvar = NULL, *result = NULL, *cond_obj = Py_None;
+    frame_inputs in = {NULL, 1, NULL, 1, Py_None, WS_EVAL};
+    decode_call a = {NULL, NULL};
     int return_logvar = 0;
-    PyArrayObject *z = NULL, *cond = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pO", kwlist, &Z_obj,
-                                     &return_logvar, &cond_obj))
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pO", kwlist, &in.X, &return_logvar,
+                                     &in.cond))
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
-    const hvae_config *c = hvae_model_config(self->model);
-    z = as_finite_matrix(Z_obj, c->latent_dims[0], "Z");
-    if (!z || as_cond(self, cond_obj, PyArray_DIM(z, 0), &cond) < 0 ||
-        ensure_workspace(self, eval_rows(PyArray_DIM(z, 0))) < 0)
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp dims[2] = {PyArray_DIM(z, 0), c->n_features};
-    mean = new_array(2, dims, NPY_FLOAT32);
+    npy_intp dims[2] = {f.n, hvae_model_config(self->model)->n_features};
+    a.mean = frame_output(&f, 2, dims, NPY_FLOAT32);
     if (return_logvar)
-        logvar = new_array(2, dims, NPY_FLOAT32);
-    if (!mean || (return_logvar && !logvar))
+        a.logvar = frame_output(&f, 2, dims, NPY_FLOAT32);
+    if (!a.mean || (return_logvar && !a.logvar) ||
+        frame_call(&f, decode_body, &a, "decode failed") < 0 ||
+        check_outputs("decode", floats_finite(a.mean) &&
+                                    (!a.logvar || floats_finite(a.logvar))) < 0)
         goto done;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_decode(self->model, self->ws, PyArray_DATA(z), cond_data(cond), dims[0],
-                     PyArray_DATA((PyArrayObject *)mean),
-                     logvar ? PyArray_DATA((PyArrayObject *)logvar) : NULL);
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "decode failed") < 0 ||
-        check_outputs("decode", floats_finite(mean) && (!logvar || floats_finite(logvar))) < 0)
-        goto done;
-    result = return_logvar ? PyTuple_Pack(2, mean, logvar) : Py_NewRef(mean);
+    result = return_logvar ? PyTuple_Pack(2, a.mean, a.logvar) : Py_NewRef(a.mean);
 done:
-    model_leave(self);
-    Py_XDECREF(z);
-    Py_XDECREF(cond);
-    Py_XDECREF(mean);
-    Py_XDECREF(logvar);
+    frame_leave(&f);
     return result;
 }
 
