@@ -576,6 +576,54 @@ static void frame_leave(call_frame *f)
         Py_XDECREF(f->out[k]);
 }
 
+/* Model's latent_dims (1..HVAE_MAX_LAYERS sizes) and hidden_dims (up to
+ * HVAE_MAX_HIDDEN), every size in 1..2**31 - 1. */
+static int parse_dims(PyObject *latent_obj, PyObject *hidden_obj, int64_t *latent,
+                      Py_ssize_t *n_latent, int64_t *hidden, Py_ssize_t *n_hidden)
+{
+    int status = -1;
+    PyObject *latent_seq = PySequence_Fast(latent_obj, "latent_dims must be a sequence of ints");
+    PyObject *hidden_seq = latent_seq ? PySequence_Fast(hidden_obj, "hidden_dims must be a sequence of ints") : NULL;
+    if (!hidden_seq)
+        goto done;
+    Py_ssize_t T = PySequence_Fast_GET_SIZE(latent_seq);
+    Py_ssize_t H = PySequence_Fast_GET_SIZE(hidden_seq);
+    if (T < 1 || T > HVAE_MAX_LAYERS) {
+        PyErr_Format(PyExc_ValueError, "latent_dims must have 1 to %d entries; "
+                     "got %zd", HVAE_MAX_LAYERS, T);
+        goto done;
+    }
+    if (H > HVAE_MAX_HIDDEN) {
+        PyErr_Format(PyExc_ValueError, "hidden_dims may have at most %d entries; "
+                     "got %zd", HVAE_MAX_HIDDEN, H);
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < T + H; k++) {
+        PyObject *item = k < T ? PySequence_Fast_GET_ITEM(latent_seq, k)
+                               : PySequence_Fast_GET_ITEM(hidden_seq, k - T);
+        long long v = PyLong_AsLongLong(item);
+        if (v == -1 && PyErr_Occurred())
+            goto done;
+        if (v < 1 || v > INT_MAX) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd] must be a positive size "
+                         "below 2**31; got %lld", k < T ? "latent_dims" : "hidden_dims",
+                         k < T ? k : k - T, v);
+            goto done;
+        }
+        if (k < T)
+            latent[k] = v;
+        else
+            hidden[k - T] = v;
+    }
+    *n_latent = T;
+    *n_hidden = H;
+    status = 0;
+done:
+    Py_XDECREF(latent_seq);
+    Py_XDECREF(hidden_seq);
+    return status;
+}
+
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
@@ -583,7 +631,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                              "seed", "inference", "n_conditions", "markov_kl",
                              "prior", "latent_family", NULL};
     long long n_features;
-    PyObject *latent_obj, *hidden_obj, *latent_seq = NULL, *hidden_seq = NULL;
+    PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
     const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
@@ -618,39 +666,9 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                      "got %lld", n_features);
         return NULL;
     }
-    latent_seq = PySequence_Fast(latent_obj, "latent_dims must be a sequence of ints");
-    hidden_seq = latent_seq ? PySequence_Fast(hidden_obj, "hidden_dims must be a sequence of ints") : NULL;
-    if (!hidden_seq)
-        goto done;
-    Py_ssize_t T = PySequence_Fast_GET_SIZE(latent_seq);
-    Py_ssize_t H = PySequence_Fast_GET_SIZE(hidden_seq);
-    if (T < 1 || T > HVAE_MAX_LAYERS) {
-        PyErr_Format(PyExc_ValueError, "latent_dims must have 1 to %d entries; "
-                     "got %zd", HVAE_MAX_LAYERS, T);
-        goto done;
-    }
-    if (H > HVAE_MAX_HIDDEN) {
-        PyErr_Format(PyExc_ValueError, "hidden_dims may have at most %d entries; "
-                     "got %zd", HVAE_MAX_HIDDEN, H);
-        goto done;
-    }
-    for (Py_ssize_t k = 0; k < T + H; k++) {
-        PyObject *item = k < T ? PySequence_Fast_GET_ITEM(latent_seq, k)
-                               : PySequence_Fast_GET_ITEM(hidden_seq, k - T);
-        long long v = PyLong_AsLongLong(item);
-        if (v == -1 && PyErr_Occurred())
-            goto done;
-        if (v < 1 || v > INT_MAX) {
-            PyErr_Format(PyExc_ValueError, "%s[%zd] must be a positive size "
-                         "below 2**31; got %lld", k < T ? "latent_dims" : "hidden_dims",
-                         k < T ? k : k - T, v);
-            goto done;
-        }
-        if (k < T)
-            latent[k] = v;
-        else
-            hidden[k - T] = v;
-    }
+    Py_ssize_t T, H;
+    if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
+        return NULL;
 
     self = (ModelObject *)type->tp_alloc(type, 0);
     if (!self)
@@ -683,8 +701,6 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     /* The training stream is decorrelated from the initialisation stream. */
     hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
 done:
-    Py_XDECREF(latent_seq);
-    Py_XDECREF(hidden_seq);
     return (PyObject *)self;
 }
 
