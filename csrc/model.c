@@ -105,6 +105,23 @@ static void layout_block(layout_state *st, hvae_block *blk, const char *prefix,
     }
 }
 
+/* The prior's own tensors, if any, close the buffer (named "prior.*"). */
+static void layout_prior(layout_state *st, int32_t n_prior_tensors)
+{
+    hvae_model *m = st->m;
+    m->n_block_tensors = m->n_tensors;
+    m->prior_offset = st->n_params;
+    for (int32_t k = 0; k < n_prior_tensors; k++) {
+        hvae_tensor_info info = {{0}, 0, 0, 0};
+        m->prior->tensor(&m->config, k, &info);
+        char name[sizeof info.name];
+        snprintf(name, sizeof name, "prior.%.40s", info.name);
+        int64_t offset = checked_add(st, &st->n_params, info.rows,
+                                     info.cols > 0 ? info.cols : 1);
+        add_tensor(st, name, offset, info.rows, info.cols);
+    }
+}
+
 static hvae_status validate_config(const hvae_config *c)
 {
     if (c->n_features < 1 || c->n_features > INT_MAX)
@@ -192,18 +209,7 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
                      bern || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
                      bern ? logits_head : gaussian_heads);
     }
-    /* The prior's own tensors, if any, close the buffer. */
-    m->n_block_tensors = m->n_tensors;
-    m->prior_offset = ls.n_params;
-    for (int32_t k = 0; k < n_prior_tensors; k++) {
-        hvae_tensor_info info = {{0}, 0, 0, 0};
-        m->prior->tensor(config, k, &info);
-        char name[sizeof info.name];
-        snprintf(name, sizeof name, "prior.%.40s", info.name);
-        int64_t offset = checked_add(&ls, &ls.n_params, info.rows,
-                                     info.cols > 0 ? info.cols : 1);
-        add_tensor(&ls, name, offset, info.rows, info.cols);
-    }
+    layout_prior(&ls, n_prior_tensors);
     m->n_params = ls.n_params;
     m->act_cols = ls.act_cols;
     if (ls.overflow || m->n_params > (int64_t)(SIZE_MAX / 4 / sizeof(float))) {

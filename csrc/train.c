@@ -79,6 +79,29 @@ typedef struct {
     void *ctx;
 } reducer;
 
+/* IWAE over B data rows of S draws whose log-weights log w are in
+ * ws->lse_sum: returns the sum over rows of log (1/S) sum_s w_s, and writes
+ * each draw's gradient weight softmax_s(log w) / n_total to ws->row_weight. */
+static double iwae_bounds(const hvae_workspace *ws, int64_t B, int64_t S, double n_total)
+{
+    double bounds = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        double mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            double lw = ws->lse_sum[b * S + s];
+            mx = lw > mx ? lw : mx;
+        }
+        double total = 0.0;
+        for (int64_t s = 0; s < S; s++)
+            total += exp(ws->lse_sum[b * S + s] - mx);
+        for (int64_t s = 0; s < S; s++)
+            ws->row_weight[b * S + s] =
+                (float)(exp(ws->lse_sum[b * S + s] - mx) / total / n_total);
+        bounds += mx + log(total) - log((double)S);
+    }
+    return bounds;
+}
+
 /* Forward and backward over B data rows times S draws staged at xb, with
  * gradients scaled so that a full loss over n_total data rows accumulates.
  * Adds the rows' sums (per data row, draws averaged) to `sums`. B may be 0
@@ -134,22 +157,7 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
 
     double objective = 0.0;
     if (iwae) {
-        /* Per data row: log (1/S) sum_s w_s, and the gradient weights
-         * softmax(log w) / n_total of its draws (lse_sum holds log w). */
-        for (int64_t b = 0; b < B; b++) {
-            double mx = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                double lw = ws->lse_sum[b * S + s];
-                mx = lw > mx ? lw : mx;
-            }
-            double total = 0.0;
-            for (int64_t s = 0; s < S; s++)
-                total += exp(ws->lse_sum[b * S + s] - mx);
-            for (int64_t s = 0; s < S; s++)
-                ws->row_weight[b * S + s] =
-                    (float)(exp(ws->lse_sum[b * S + s] - mx) / total / n_total);
-            objective += mx + log(total) - log((double)S);
-        }
+        objective = iwae_bounds(ws, B, S, n_total);
         if (R > 0)
             hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
         sums->loss += -objective;
@@ -293,6 +301,38 @@ static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
         s->kl[i] = v[PACKED_SUMS + i];
 }
 
+/* The rows of the minibatch start .. start + B - 1 of `order` this process
+ * holds, staged for a step (see stage_rows and stage_shard_rows); their
+ * count into *held, their conditions into *cond_out. */
+static const float *stage_step(const hvae_model *m, const hvae_workspace *ws,
+                               const float *x, const float *cond, int64_t n,
+                               const int64_t *order, int64_t start, int64_t B,
+                               const hvae_train_options *o, const float **cond_out,
+                               int64_t *held)
+{
+    int64_t S = o->objective.n_samples;
+    if (o->n_global > 0) {
+        *held = stage_shard_rows(m, ws, x, cond, order, start, B, S, o->shard_start, n);
+        *cond_out = m->config.n_conditions > 0 ? ws->cond : NULL;
+        return ws->x;
+    }
+    *held = B;
+    return stage_rows(m, ws, x, cond, order, start, B, S, cond_out);
+}
+
+/* Data-parallel: sums the gradient and the minibatch's loss terms over the
+ * processes, in place. Nonzero when the reduction stopped the work. */
+static int reduce_step(hvae_model *m, const hvae_train_options *o, hvae_epoch_stats *batch)
+{
+    int32_t T = m->config.n_layers;
+    double v[PACKED_SUMS + HVAE_MAX_LAYERS];
+    int64_t nv = pack_sums(batch, T, v);
+    if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv))
+        return 1;
+    unpack_sums(v, T, batch);
+    return 0;
+}
+
 /* The minibatch steps of one epoch (hvae_train_epoch without the
  * rollback). */
 static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
@@ -334,16 +374,10 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
          * gets the same draws wherever it is held. */
         for (int32_t i = 0; i < T; i++)
             hvae_rng_normal(rng, ws_eps(ws, i), B * S * m->latent_dims[i]);
-        const int64_t *rows = o->shuffle ? order : NULL;
-        const float *cb, *xb;
-        int64_t held = B;
-        if (parallel) {
-            held = stage_shard_rows(m, ws, x, cond, rows, start, B, S, o->shard_start, n);
-            xb = ws->x;
-            cb = m->config.n_conditions > 0 ? ws->cond : NULL;
-        } else {
-            xb = stage_rows(m, ws, x, cond, rows, start, B, S, &cb);
-        }
+        const float *cb;
+        int64_t held;
+        const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
+                                     o, &cb, &held);
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
         if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
@@ -351,14 +385,9 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
             status = HVAE_ERR_STOPPED;
             break;
         }
-        if (parallel) {
-            double v[PACKED_SUMS + HVAE_MAX_LAYERS];
-            int64_t nv = pack_sums(&batch, T, v);
-            if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv)) {
-                status = HVAE_ERR_STOPPED;
-                break;
-            }
-            unpack_sums(v, T, &batch);
+        if (parallel && reduce_step(m, o, &batch)) {
+            status = HVAE_ERR_STOPPED;
+            break;
         }
         if (o->aux_step && o->aux_step(o->aux_ctx, m, ws, xb, cb, held * S)) {
             status = HVAE_ERR_STOPPED;
