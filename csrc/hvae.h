@@ -7,6 +7,8 @@
  *
  *   inference   q(z_i | z_{i-1}) = N(mu_i, exp(logvar_i))        i = 1..T
  *   generation  p(z_T) = N(0, I),  p(z_{i-1} | z_i)             i = T..1
+ *               (the prior and the layers' family are extension points,
+ *               see "Extension points" below)
  *   ELBO(x) = E_q[ log p(x | z_1) - KL(q(z_T|z_{T-1}) || N(0, I))
  *                  - sum_{i<T} (log q(z_i|z_{i-1}) - log p(z_i|z_{i+1})) ]
  *
@@ -30,8 +32,9 @@
  *
  * Memory: the parameters, their gradients and the optimizer moments each
  * live in one flat float32 buffer with the same layout (see
- * hvae_model_tensor). Activations live in a workspace sized once for a batch
- * size; nothing is allocated inside a training step. Functions return an
+ * hvae_model_tensor); the optimizer also keeps the epoch's rollback copy
+ * (parameters and moments). Activations live in a workspace sized once for
+ * a batch size; nothing is allocated inside a training step. Functions return an
  * hvae_status and never print or exit.
  *
  * Usage:
@@ -51,11 +54,12 @@
  *   hvae_epoch_stats stats;
  *   int64_t *order = malloc(n_rows * sizeof *order);  // shuffling scratch
  *   for (int e = 0; e < 10; e++)
- *       hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to, &stats);
+ *       if (hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to,
+ *                            &stats) == HVAE_ERR_NONFINITE_LOSS)
+ *           ...;  // rolled back to the epoch's start: lower the learning
+ *                 // rate (hvae_optimizer_configure) and go on
  *   double *ll = malloc(n_rows * sizeof *ll);
  *   hvae_log_likelihood(model, ws, X, NULL, n_rows, 1000, 0, ll, NULL, NULL);
- *   // On HVAE_ERR_NONFINITE_LOSS the epoch was rolled back: lower the rate
- *   // (hvae_optimizer_configure) and go on.
  *   hvae_optimizer_free(opt); hvae_workspace_free(ws); hvae_model_free(model);
  *
  * Ownership: every *_create has a matching *_free; buffers returned by
