@@ -7,6 +7,8 @@
  *
  *   inference   q(z_i | z_{i-1}) = N(mu_i, exp(logvar_i))        i = 1..T
  *   generation  p(z_T) = N(0, I),  p(z_{i-1} | z_i)             i = T..1
+ *               (the prior and the layers' family are extension points,
+ *               see "Extension points" below)
  *   ELBO(x) = E_q[ log p(x | z_1) - KL(q(z_T|z_{T-1}) || N(0, I))
  *                  - sum_{i<T} (log q(z_i|z_{i-1}) - log p(z_i|z_{i+1})) ]
  *
@@ -15,14 +17,24 @@
  * p(z_i | z_{i+1}) depends on z_{i+1}, which was drawn given z_i, so the
  * closed-form KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) at that z_{i+1} is not an
  * unbiased estimate of the ELBO (nor always a bound); those layers use the
- * sampled log-density ratio, whose expectation is exactly their term.
+ * sampled log-density ratio, whose expectation is exactly their term, unless
+ * hvae_config.markov_kl = HVAE_MARKOV_KL_ANALYTIC asks for that closed form
+ * (the lecture notes' estimator). Every objective (ELBO, multi-sample ELBO,
+ * IWAE, log-likelihood) assembles a row's log p(x|z_1) - sum of the layer
+ * terms in one function (model.c, hvae_row_terms).
+ *
+ * Files: model.c (layout, passes, evaluation), train.c (objectives, the
+ * training loop, rollback), gaussian.c (the Gaussian KL, log-ratio and
+ * likelihood kernels), optim.c (Adam, SGD), mlp.c (auxiliary networks),
+ * prior_*.c and latent_*.c (the extension points' tables, registry.c).
  * Every block is an MLP of dense layers y = act(x @ W + b), W of shape
  * (in, out), row-major.
  *
  * Memory: the parameters, their gradients and the optimizer moments each
  * live in one flat float32 buffer with the same layout (see
- * hvae_model_tensor). Activations live in a workspace sized once for a batch
- * size; nothing is allocated inside a training step. Functions return an
+ * hvae_model_tensor); the optimizer also keeps the epoch's rollback copy
+ * (parameters and moments). Activations live in a workspace sized once for
+ * a batch size; nothing is allocated inside a training step. Functions return an
  * hvae_status and never print or exit.
  *
  * Usage:
@@ -42,7 +54,10 @@
  *   hvae_epoch_stats stats;
  *   int64_t *order = malloc(n_rows * sizeof *order);  // shuffling scratch
  *   for (int e = 0; e < 10; e++)
- *       hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to, &stats);
+ *       if (hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to,
+ *                            &stats) == HVAE_ERR_NONFINITE_LOSS)
+ *           ...;  // rolled back to the epoch's start: lower the learning
+ *                 // rate (hvae_optimizer_configure) and go on
  *   double *ll = malloc(n_rows * sizeof *ll);
  *   hvae_log_likelihood(model, ws, X, NULL, n_rows, 1000, 0, ll, NULL, NULL);
  *   hvae_optimizer_free(opt); hvae_workspace_free(ws); hvae_model_free(model);
@@ -97,10 +112,21 @@ typedef enum {
 /* A static, human-readable description of a status code. */
 HVAE_API const char *hvae_status_to_string(hvae_status status);
 
+/* Names. Every option a caller picks by name (Python does) is an enum E
+ * with a sentinel HVAE_E_COUNT, one past its last value, and a function
+ * hvae_E_name(value) giving the value's name: a static string, or NULL when
+ * the value is out of range or not selectable by name (the internal
+ * activations). A binding lists the choices by walking 0..HVAE_E_COUNT - 1
+ * and skipping NULLs, and parses a name against the same list, so a new
+ * value needs its enum entry and its name here and nothing else. New values
+ * go at the end, before the sentinel. */
+
 typedef enum {
     HVAE_LIKELIHOOD_GAUSSIAN = 0,  /* p(x|z_1) = N(mu, exp(logvar)) */
-    HVAE_LIKELIHOOD_BERNOULLI = 1  /* p(x|z_1) = Bernoulli(sigmoid(logits)) */
+    HVAE_LIKELIHOOD_BERNOULLI = 1, /* p(x|z_1) = Bernoulli(sigmoid(logits)) */
+    HVAE_LIKELIHOOD_COUNT
 } hvae_likelihood;
+HVAE_API const char *hvae_likelihood_name(hvae_likelihood likelihood);
 
 typedef enum {
     HVAE_ACT_RELU = 0,
@@ -108,10 +134,17 @@ typedef enum {
     HVAE_ACT_LEAKY_RELU = 2,   /* slope 0.01 below zero */
     HVAE_ACT_ELU = 3,          /* alpha 1 */
     HVAE_ACT_SOFTPLUS = 4,
+    /* Internal: the heads' activations, never a hidden layer's choice; their
+     * names are NULL. */
     HVAE_ACT_IDENTITY = 5,     /* used for the linear heads */
-    HVAE_ACT_LOGVAR_CLIP = 6   /* clip to [-HVAE_LOGVAR_BOUND, HVAE_LOGVAR_BOUND]:
+    HVAE_ACT_LOGVAR_CLIP = 6,  /* clip to [-HVAE_LOGVAR_BOUND, HVAE_LOGVAR_BOUND]:
                                   every log-variance head */
+    /* A new hidden activation goes here (value 7 on), with its name. */
+    HVAE_ACT_COUNT
 } hvae_activation;
+/* "relu", "tanh", "leaky_relu", "elu", "softplus"; NULL for the internal
+ * head activations. */
+HVAE_API const char *hvae_activation_name(hvae_activation act);
 
 /* Log-variance heads are clipped to +-HVAE_LOGVAR_BOUND (variances between
  * 2e-9 and 5e8): every exp stays finite for unscaled data at initialisation,
@@ -121,8 +154,10 @@ typedef enum {
 
 typedef enum {
     HVAE_DECODER_VARIANCE_LEARNED = 0, /* decoders have log-variance heads */
-    HVAE_DECODER_VARIANCE_UNIT = 1     /* decoder variances fixed to 1 */
+    HVAE_DECODER_VARIANCE_UNIT = 1,    /* decoder variances fixed to 1 */
+    HVAE_DECODER_VARIANCE_COUNT
 } hvae_decoder_variance;
+HVAE_API const char *hvae_decoder_variance_name(hvae_decoder_variance v);
 
 /* How q(z | x) is built; the generative model is the same for both. */
 typedef enum {
@@ -135,8 +170,41 @@ typedef enum {
      * p(z_i | z_{i+1}) = N(mu_p, var_p):
      *   var_q = 1 / (1/var_hat + 1/var_p),  mu_q = var_q (mu_hat/var_hat + mu_p/var_p).
      * q and p of a layer then share z_{i+1}, so every KL is closed-form. */
-    HVAE_INFERENCE_LADDER = 1
+    HVAE_INFERENCE_LADDER = 1,
+    HVAE_INFERENCE_COUNT
 } hvae_inference;
+HVAE_API const char *hvae_inference_name(hvae_inference inference);
+
+/* The prior of the top layer, p(z_T). See "Extension points" below. */
+typedef enum {
+    HVAE_PRIOR_NORMAL = 0,     /* N(0, I), no parameters */
+    HVAE_PRIOR_COUNT
+} hvae_prior_kind;
+HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
+
+/* The distribution family of a latent layer. See "Extension points" below. */
+typedef enum {
+    HVAE_LATENT_GAUSSIAN = 0,  /* diagonal Gaussian: heads mu and logvar */
+    HVAE_LATENT_FAMILY_COUNT
+} hvae_latent_family;
+HVAE_API const char *hvae_latent_family_name(hvae_latent_family family);
+
+/* The ELBO's term of a lower Markov layer i < T (ladder layers are always
+ * closed form). */
+typedef enum {
+    /* log q(z_i|z_{i-1}) - log p(z_i|z_{i+1}) at the samples: an unbiased
+     * single-sample estimate of the term. */
+    HVAE_MARKOV_KL_SAMPLED = 0,
+    /* KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form at the sampled
+     * z_{i+1} (the lecture notes' estimator): z_{i+1} was drawn given z_i,
+     * so it is a different, not an unbiased, estimate of the ELBO (on
+     * Fashion-MNIST, T = 2, trained with SAMPLED: 3.3 nats lower, with a
+     * larger single-draw spread; see the README). IWAE and log-likelihood
+     * need true log-weights and keep the sampled ratio. */
+    HVAE_MARKOV_KL_ANALYTIC = 1,
+    HVAE_MARKOV_KL_COUNT
+} hvae_markov_kl;
+HVAE_API const char *hvae_markov_kl_name(hvae_markov_kl markov_kl);
 
 /* The architecture. Arrays are copied by hvae_model_create. */
 typedef struct {
@@ -153,6 +221,9 @@ typedef struct {
      * first layer of every encoder and decoder block (its W gains n_conditions
      * rows after the n_in rows of the block's input). */
     int64_t n_conditions;
+    hvae_markov_kl markov_kl;           /* default HVAE_MARKOV_KL_SAMPLED */
+    hvae_prior_kind prior;              /* default HVAE_PRIOR_NORMAL */
+    hvae_latent_family latent_family;   /* every layer's; default Gaussian */
 } hvae_config;
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
@@ -381,9 +452,9 @@ HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
  * C = 0. */
 
 /* Per-row terms: elbo (n), reconstruction log p(x|z_1) (n) and kl (n, T),
- * kl[:, i] the KL term of layer i+1 (closed-form where it is exact, else
- * the sampled log-density ratio; see the top of this file). Any output may
- * be NULL. */
+ * kl[:, i] the KL term of layer i+1 (closed-form where it is exact or
+ * markov_kl asks for it, else the sampled log-density ratio; see the top of
+ * this file). Any output may be NULL. */
 HVAE_API hvae_status hvae_elbo(hvae_model *model, hvae_workspace *ws,
                                const float *x, const float *cond, int64_t n,
                                const float *const *eps, uint64_t noise_seed,
@@ -392,9 +463,11 @@ HVAE_API hvae_status hvae_elbo(hvae_model *model, hvae_workspace *ws,
 
 typedef enum {
     HVAE_OBJECTIVE_ELBO = 0, /* the ELBO, averaged over n_samples draws */
-    HVAE_OBJECTIVE_IWAE = 1  /* log (1/k) sum_j w_j over k = n_samples draws,
+    HVAE_OBJECTIVE_IWAE = 1, /* log (1/k) sum_j w_j over k = n_samples draws,
                                 w_j = p(x, z_j) / q(z_j | x) (Burda et al. 2016) */
+    HVAE_OBJECTIVE_COUNT
 } hvae_objective;
+HVAE_API const char *hvae_objective_name(hvae_objective objective);
 
 typedef struct {
     hvae_objective objective;
@@ -474,7 +547,12 @@ HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
 /* ------------------------------------------------------------------------ */
 /* Training.                                                                  */
 
-typedef enum { HVAE_OPTIMIZER_ADAM = 0, HVAE_OPTIMIZER_SGD = 1 } hvae_optimizer_kind;
+typedef enum {
+    HVAE_OPTIMIZER_ADAM = 0,
+    HVAE_OPTIMIZER_SGD = 1,
+    HVAE_OPTIMIZER_COUNT
+} hvae_optimizer_kind;
+HVAE_API const char *hvae_optimizer_name(hvae_optimizer_kind kind);
 
 typedef struct {
     hvae_optimizer_kind kind;
@@ -488,9 +566,16 @@ HVAE_API hvae_optimizer_config hvae_optimizer_config_default(void);
 
 typedef struct hvae_optimizer hvae_optimizer;
 
+/* An optimizer for the model's parameter buffer. */
 HVAE_API hvae_status hvae_optimizer_create(const hvae_model *model,
                                            const hvae_optimizer_config *config,
                                            hvae_optimizer **out);
+/* An optimizer for any block of n_params floats (an auxiliary network's
+ * parameters, say): its own moments and step count. */
+HVAE_API hvae_status hvae_optimizer_create_for(int64_t n_params,
+                                               const hvae_optimizer_config *config,
+                                               hvae_optimizer **out);
+HVAE_API int64_t hvae_optimizer_n_params(const hvae_optimizer *opt);
 HVAE_API void hvae_optimizer_free(hvae_optimizer *opt);
 /* Settings may change between steps (a new learning rate keeps moments). */
 HVAE_API hvae_status hvae_optimizer_configure(hvae_optimizer *opt,
@@ -503,6 +588,10 @@ HVAE_API float *hvae_optimizer_state(hvae_optimizer *opt, int which);
 HVAE_API int64_t *hvae_optimizer_step_count(hvae_optimizer *opt);
 /* Applies one update from hvae_model_grads to hvae_model_params. */
 HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
+/* Applies one update from grads to params, n_params floats each (the block
+ * the optimizer was made for). */
+HVAE_API void hvae_optimizer_step_block(hvae_optimizer *opt, float *params,
+                                        const float *grads);
 
 
 /* Data-parallel training: sums values across the processes, in place
@@ -512,6 +601,9 @@ HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
  * work, which then returns HVAE_ERR_STOPPED. */
 typedef int (*hvae_reduce_hook)(void *ctx, float *grads, int64_t n_grads,
                                 double *values, int64_t n_values);
+
+typedef int (*hvae_aux_step)(void *ctx, hvae_model *model, const hvae_workspace *ws,
+                             const float *x, const float *cond, int64_t B);
 
 typedef struct {
     int64_t batch_size;    /* data rows per step; batch_size * n_samples at
@@ -534,16 +626,29 @@ typedef struct {
     int64_t shard_start;
     hvae_reduce_hook reduce;
     void *reduce_ctx;
+    /* Auxiliary training (may be NULL): called in every step after the
+     * model's gradient is complete (and reduced) and before the model's
+     * optimizer step, with the staged minibatch x (B, D), its conditions
+     * (or NULL) and the workspace (hvae_workspace_samples). It may train
+     * its own networks (an hvae_mlp and its optimizer) and may ADD terms to
+     * hvae_model_grads (a discriminator's penalty); a nonzero return stops
+     * the work with HVAE_ERR_STOPPED. */
+    hvae_aux_step aux_step;
+    void *aux_ctx;
 } hvae_train_options;
 
 HVAE_API hvae_train_options hvae_train_options_default(void);
 
 /* One pass of minibatch steps over x (n, D): reparameterisation noise from
  * rng, loss and gradient, a check that both are finite, an optimizer step.
- * `order` is scratch for n row indices (int64). On
- * HVAE_ERR_NONFINITE_LOSS the offending step is not applied, so the
- * parameters are the last finite ones. `stats` receives the means over the
- * batches that were applied. */
+ * `order` is scratch for n row indices (int64).
+ * Divergence: when a step's loss or gradient, or the parameters after the
+ * last step, are NaN or infinite, the call returns HVAE_ERR_NONFINITE_LOSS
+ * with the model's parameters, the optimizer's moments and step count and
+ * *rng back at their state at the start of the call (the optimizer keeps
+ * that copy, made without allocating), so training can go on from a finite
+ * model. `stats` receives the means over the batches that were applied
+ * (before a rollback). */
 HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       hvae_optimizer *opt, hvae_rng *rng,
                                       const float *x, const float *cond,
@@ -551,8 +656,89 @@ HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       const hvae_train_options *options,
                                       hvae_epoch_stats *stats);
 
+/* Data-parallel training: how many doubles the reduce hook receives in its
+ * two kinds of call for this model (values of which == 0: the layers'
+ * minibatch KL sums and the row count, for free bits; which == 1: the
+ * minibatch's loss terms). 0 for another `which`. */
+HVAE_API int64_t hvae_train_reduce_values(const hvae_model *model, int which);
+
 /* 1 when all n values are finite. */
 HVAE_API int hvae_all_finite(const float *v, int64_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Auxiliary networks: an MLP with its own flat parameter and gradient       */
+/* buffers (same layout rules as the model's: W (n_in, n_out) row-major,     */
+/* then b, layer by layer), trained by its own optimizer                     */
+/* (hvae_optimizer_create_for(hvae_mlp_n_params(mlp), ...) and               */
+/* hvae_optimizer_step_block), for discriminators (FactorVAE, adversarial    */
+/* priors) and density-ratio estimators. hvae_train_options.aux_step runs    */
+/* one inside the training loop.                                             */
+
+typedef struct hvae_mlp hvae_mlp;
+
+/* n_layers dense layers of widths[0..n_layers-1] over inputs of n_in
+ * features: act on every layer but the last, which is linear. Forward and
+ * backward take at most max_rows rows (activations are allocated here, not
+ * in the calls). */
+HVAE_API hvae_status hvae_mlp_create(int64_t n_in, int32_t n_layers,
+                                     const int64_t *widths, hvae_activation act,
+                                     int64_t max_rows, hvae_mlp **out);
+HVAE_API void hvae_mlp_free(hvae_mlp *mlp);
+HVAE_API int64_t hvae_mlp_n_params(const hvae_mlp *mlp);
+HVAE_API int64_t hvae_mlp_n_out(const hvae_mlp *mlp);
+HVAE_API float *hvae_mlp_params(hvae_mlp *mlp);
+HVAE_API float *hvae_mlp_grads(hvae_mlp *mlp);
+/* PyTorch's Linear default, as hvae_model_init. */
+HVAE_API void hvae_mlp_init(hvae_mlp *mlp, uint64_t seed);
+/* h_0 = x (B, n_in), h_l = act(h_{l-1} @ W_l + b_l), out = h_L (B, n_out)
+ * (the last layer linear), copied to out when not NULL. */
+HVAE_API hvae_status hvae_mlp_forward(hvae_mlp *mlp, const float *x, int64_t B,
+                                      float *out);
+/* The last forward's output (B, n_out), owned by the MLP. */
+HVAE_API const float *hvae_mlp_output(const hvae_mlp *mlp);
+/* After a forward on the same x: ACCUMULATES dL/dW, dL/db into
+ * hvae_mlp_grads and dL/dx into dx (B, n_in; skipped when NULL) from
+ * dout = dL/d(out) (B, n_out), which is not written. */
+HVAE_API hvae_status hvae_mlp_backward(hvae_mlp *mlp, const float *x,
+                                       const float *dout, int64_t B, float *dx);
+
+/* The samples z_{layer+1} (B, d_{layer+1}) of the workspace's last forward
+ * pass (the rows of the minibatch being trained, inside aux_step). */
+HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
+                                             int32_t layer);
+
+/* ------------------------------------------------------------------------ */
+/* Extension points. How to add ...                                          */
+/*                                                                           */
+/* A top-layer prior (hvae_prior_kind): add HVAE_PRIOR_<NAME> before         */
+/* HVAE_PRIOR_COUNT, write csrc/prior_<name>.c defining an hvae_prior_ops    */
+/* (csrc/extension.h) and list it in csrc/registry.c. The table says how     */
+/* many named tensors the prior adds to the end of the model's flat          */
+/* parameter buffer (so Adam, save/load and named_parameters cover them),    */
+/* initialises them, gives each row's term of the top layer (the closed-form */
+/* KL(q(z_T|.) || p(z_T)) from q's (mu, logvar) when it has one, else       */
+/* log q(z_T) - log p(z_T) at the sample) and its gradient into dz, dmu_q,   */
+/* dlogvar_q and the prior's own parameter gradients, and draws z_T. Its    */
+/* create/free hooks own any state: a mixture of Gaussians (learned          */
+/* weights, means, variances; per-component closed-form KL and              */
+/* responsibilities as in VaDE) needs only tensors; a VampPrior runs the    */
+/* encoder on its learned pseudo-inputs (the ops receive the model and      */
+/* workspace, and ask for workspace columns); a prior corrected by a        */
+/* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
+/* csrc/prior_normal.c, goes through this interface.                         */
+/*                                                                           */
+/* A latent family (hvae_latent_family): add HVAE_LATENT_<NAME> before       */
+/* HVAE_LATENT_FAMILY_COUNT, write csrc/latent_<name>.c defining an          */
+/* hvae_latent_family_ops and list it in csrc/registry.c. The table gives    */
+/* the encoder heads (count and width per latent unit: a Gumbel-softmax      */
+/* layer of M variables with K classes has one head of M*K logits), the     */
+/* noise per unit, the reparameterised sample forward and backward (with     */
+/* its temperature), and the closed-form KL and the sampled log-ratio with  */
+/* their gradients. The diagonal Gaussian, csrc/latent_gaussian.c, goes    */
+/* through this interface.                                                   */
+/*                                                                           */
+/* An auxiliary network: an hvae_mlp with its own optimizer, stepped from   */
+/* hvae_train_options.aux_step (see hvae_train_epoch).                       */
 
 /* ------------------------------------------------------------------------ */
 /* Threads: the most hvae's work may use (process-wide). hvae's own pool    */

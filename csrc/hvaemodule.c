@@ -30,24 +30,85 @@
 
 static PyObject *DivergenceError;
 
-static const char *const likelihood_names[] = {"gaussian", "bernoulli"};
-static const char *const activation_names[] = {"relu", "tanh", "leaky_relu",
-                                               "elu", "softplus"};
-static const char *const variance_names[] = {"learned", "unit"};
-static const char *const optimizer_names[] = {"adam", "sgd"};
-static const char *const inference_names[] = {"markov", "ladder"};
-static const char *const objective_names[] = {"elbo", "iwae"};
+/* ---- names ---------------------------------------------------------------
+ * Every option chosen by name comes from the C core's name functions (see
+ * "Names" in hvae.h): the module's tuples (ACTIVATIONS, ...) and the
+ * parser below read the same list, so what Python reports is what it
+ * accepts. */
 
-static int parse_choice(const char *what, const char *value,
-                        const char *const *names, int n_names)
+#define NAME_OF(fn, type) \
+    static const char *fn##_int(int v) { return fn((type)v); }
+NAME_OF(hvae_likelihood_name, hvae_likelihood)
+NAME_OF(hvae_activation_name, hvae_activation)
+NAME_OF(hvae_decoder_variance_name, hvae_decoder_variance)
+NAME_OF(hvae_inference_name, hvae_inference)
+NAME_OF(hvae_objective_name, hvae_objective)
+NAME_OF(hvae_optimizer_name, hvae_optimizer_kind)
+NAME_OF(hvae_prior_name, hvae_prior_kind)
+NAME_OF(hvae_latent_family_name, hvae_latent_family)
+NAME_OF(hvae_markov_kl_name, hvae_markov_kl)
+
+typedef enum {
+    CHOICE_LIKELIHOOD, CHOICE_ACTIVATION, CHOICE_DECODER_VARIANCE,
+    CHOICE_INFERENCE, CHOICE_OBJECTIVE, CHOICE_OPTIMIZER, CHOICE_PRIOR,
+    CHOICE_LATENT_FAMILY, CHOICE_MARKOV_KL, N_CHOICES
+} choice_kind;
+
+typedef struct {
+    const char *attribute;      /* the module's tuple of names */
+    const char *(*name)(int);   /* the C core's name function */
+    int count;                  /* its enum's *_COUNT */
+} choice_list;
+
+static const choice_list choices[N_CHOICES] = {
+    {"LIKELIHOODS", hvae_likelihood_name_int, HVAE_LIKELIHOOD_COUNT},
+    {"ACTIVATIONS", hvae_activation_name_int, HVAE_ACT_COUNT},
+    {"DECODER_VARIANCES", hvae_decoder_variance_name_int, HVAE_DECODER_VARIANCE_COUNT},
+    {"INFERENCES", hvae_inference_name_int, HVAE_INFERENCE_COUNT},
+    {"OBJECTIVES", hvae_objective_name_int, HVAE_OBJECTIVE_COUNT},
+    {"OPTIMIZERS", hvae_optimizer_name_int, HVAE_OPTIMIZER_COUNT},
+    {"PRIORS", hvae_prior_name_int, HVAE_PRIOR_COUNT},
+    {"LATENT_FAMILIES", hvae_latent_family_name_int, HVAE_LATENT_FAMILY_COUNT},
+    {"MARKOV_KLS", hvae_markov_kl_name_int, HVAE_MARKOV_KL_COUNT},
+};
+
+/* The name of value v of a choice (values come from a validated config). */
+static const char *choice_name(choice_kind kind, int v)
 {
-    for (int i = 0; i < n_names; i++)
-        if (strcmp(value, names[i]) == 0)
-            return i;
+    const char *name = choices[kind].name(v);
+    return name ? name : "?";
+}
+
+/* The names of a choice as a tuple of str, in enum order. */
+static PyObject *choice_tuple(choice_kind kind)
+{
+    PyObject *names = PyList_New(0);
+    for (int v = 0; names && v < choices[kind].count; v++) {
+        const char *name = choices[kind].name(v);
+        PyObject *s = name ? PyUnicode_FromString(name) : NULL;
+        if (name && (!s || PyList_Append(names, s) < 0))
+            Py_CLEAR(names);
+        Py_XDECREF(s);
+    }
+    PyObject *tuple = names ? PyList_AsTuple(names) : NULL;
+    Py_XDECREF(names);
+    return tuple;
+}
+
+/* The enum value named `value`, or -1 with a ValueError that lists every
+ * accepted name. */
+static int parse_choice(const char *what, const char *value, choice_kind kind)
+{
+    const choice_list *list = &choices[kind];
+    for (int v = 0; v < list->count; v++)
+        if (list->name(v) && strcmp(value, list->name(v)) == 0)
+            return v;
     PyObject *options = PyUnicode_FromString("");
-    for (int i = 0; i < n_names && options; i++) {
+    for (int v = 0, listed = 0; v < list->count && options; v++) {
+        if (!list->name(v))
+            continue;
         PyObject *next = PyUnicode_FromFormat("%U%s'%s'", options,
-                                              i ? ", " : "", names[i]);
+                                              listed++ ? ", " : "", list->name(v));
         Py_SETREF(options, next);
     }
     if (options)
@@ -391,6 +452,7 @@ static int check_outputs(const char *what, int finite)
     return -1;
 }
 
+
 static int doubles_finite(PyObject *arr)
 {
     const double *v = PyArray_DATA((PyArrayObject *)arr);
@@ -411,44 +473,117 @@ static PyObject *new_array(int nd, npy_intp *dims, int typenum)
     return PyArray_SimpleNew(nd, dims, typenum);
 }
 
-static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
-                             "likelihood", "activation", "decoder_variance",
-                             "seed", "inference", "n_conditions", NULL};
-    long long n_features;
-    PyObject *latent_obj, *hidden_obj, *latent_seq = NULL, *hidden_seq = NULL;
-    const char *likelihood = "gaussian", *activation = "relu",
-               *variance = "learned", *inference = "markov";
-    long long n_conditions = 0;
-    unsigned long long seed = 0;
-    ModelObject *self = NULL;
-    int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
+/* ---- the shared call frame -------------------------------------------------
+ * Every method that runs the model on data has the same frame (pydata/
+ * bottleneck's templates): its own argument parsing, then frame_enter takes
+ * the model and converts the inputs (X or latent codes, the noise, the
+ * conditions) and sizes the workspace; frame_output allocates outputs;
+ * frame_call runs the C call with the GIL released and raises its status
+ * once the GIL is back; frame_leave releases the model and every reference.
+ * A method is then the few lines particular to it. */
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sL:Model", kwlist,
-                                     &n_features, &latent_obj, &hidden_obj,
-                                     &likelihood, &activation, &variance,
-                                     u64_converter, &seed,
-                                     &inference, &n_conditions))
-        return NULL;
-    int lik = parse_choice("likelihood", likelihood, likelihood_names, 2);
-    int act = lik < 0 ? -1 : parse_choice("activation", activation, activation_names, 5);
-    int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, variance_names, 2);
-    int inf = var < 0 ? -1 : parse_choice("inference", inference, inference_names, 2);
-    if (inf < 0)
-        return NULL;
-    if (n_conditions < 0 || n_conditions > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
-                     "got %lld", n_conditions);
-        return NULL;
+typedef enum {
+    WS_EVAL,     /* eval_rows(n): chunks of EVAL_ROWS */
+    WS_SAMPLED,  /* sampled_rows(n, draws): whole rows' draws */
+    WS_FIXED     /* EVAL_ROWS (streamed draws) */
+} workspace_rows;
+
+typedef struct {
+    ModelObject *self;
+    int entered;
+    PyArrayObject *x, *cond;     /* X (or Z) and the conditions */
+    npy_intp n;                  /* rows of X */
+    int have_noise;
+    PyArrayObject *noise_arrays[HVAE_MAX_LAYERS];
+    const float *noise[HVAE_MAX_LAYERS];
+    PyObject *out[2 * HVAE_MAX_LAYERS];
+    int n_out;
+} call_frame;
+
+/* What frame_enter converts: X as data rows (checked like training data) or,
+ * with latent, as codes of d_1 columns (finite); noise (NULL: none) of
+ * n * draws rows; cond. */
+typedef struct {
+    PyObject *X;
+    int latent;
+    PyObject *noise;
+    int64_t draws;
+    PyObject *cond;
+    workspace_rows rows;
+} frame_inputs;
+
+static int frame_enter(call_frame *f, ModelObject *self, const frame_inputs *in)
+{
+    memset(f, 0, sizeof *f);
+    f->self = self;
+    if (model_enter(self) < 0)
+        return -1;
+    f->entered = 1;
+    const hvae_config *c = hvae_model_config(self->model);
+    f->x = in->latent ? as_finite_matrix(in->X, c->latent_dims[0], "Z")
+                      : as_data(self, in->X, "X");
+    if (!f->x)
+        return -1;
+    f->n = PyArray_DIM(f->x, 0);
+    if (in->noise) {
+        f->have_noise = as_noise(self, in->noise, f->n * in->draws, f->noise_arrays, f->noise);
+        if (f->have_noise < 0)
+            return -1;
     }
-    if (n_features < 1 || n_features > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
-                     "got %lld", n_features);
-        return NULL;
-    }
-    latent_seq = PySequence_Fast(latent_obj, "latent_dims must be a sequence of ints");
-    hidden_seq = latent_seq ? PySequence_Fast(hidden_obj, "hidden_dims must be a sequence of ints") : NULL;
+    if (as_cond(self, in->cond, f->n, &f->cond) < 0)
+        return -1;
+    int64_t rows = in->rows == WS_EVAL      ? eval_rows(f->n)
+                   : in->rows == WS_SAMPLED ? sampled_rows(f->n, in->draws)
+                                            : EVAL_ROWS;
+    return ensure_workspace(self, rows);
+}
+
+/* A new output array owned by the frame (NULL with MemoryError). */
+static PyObject *frame_output(call_frame *f, int nd, npy_intp *dims, int typenum)
+{
+    PyObject *arr = new_array(nd, dims, typenum);
+    if (arr)
+        f->out[f->n_out++] = arr;
+    return arr;
+}
+
+static void *out_data(PyObject *arr)
+{
+    return arr ? PyArray_DATA((PyArrayObject *)arr) : NULL;
+}
+
+/* The C part of a call: runs without the GIL, touches no Python object. */
+typedef hvae_status (*frame_body)(call_frame *f, void *args);
+
+static int frame_call(call_frame *f, frame_body body, void *args, const char *failed)
+{
+    hvae_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = body(f, args);
+    Py_END_ALLOW_THREADS
+    return raise_status(st, failed);
+}
+
+static void frame_leave(call_frame *f)
+{
+    if (f->entered)
+        model_leave(f->self);
+    Py_XDECREF(f->x);
+    Py_XDECREF(f->cond);
+    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
+        Py_XDECREF(f->noise_arrays[i]);
+    for (int k = 0; k < f->n_out; k++)
+        Py_XDECREF(f->out[k]);
+}
+
+/* Model's latent_dims (1..HVAE_MAX_LAYERS sizes) and hidden_dims (up to
+ * HVAE_MAX_HIDDEN), every size in 1..2**31 - 1. */
+static int parse_dims(PyObject *latent_obj, PyObject *hidden_obj, int64_t *latent,
+                      Py_ssize_t *n_latent, int64_t *hidden, Py_ssize_t *n_hidden)
+{
+    int status = -1;
+    PyObject *latent_seq = PySequence_Fast(latent_obj, "latent_dims must be a sequence of ints");
+    PyObject *hidden_seq = latent_seq ? PySequence_Fast(hidden_obj, "hidden_dims must be a sequence of ints") : NULL;
     if (!hidden_seq)
         goto done;
     Py_ssize_t T = PySequence_Fast_GET_SIZE(latent_seq);
@@ -480,6 +615,60 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         else
             hidden[k - T] = v;
     }
+    *n_latent = T;
+    *n_hidden = H;
+    status = 0;
+done:
+    Py_XDECREF(latent_seq);
+    Py_XDECREF(hidden_seq);
+    return status;
+}
+
+static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
+                             "likelihood", "activation", "decoder_variance",
+                             "seed", "inference", "n_conditions", "markov_kl",
+                             "prior", "latent_family", NULL};
+    long long n_features;
+    PyObject *latent_obj, *hidden_obj;
+    const char *likelihood = "gaussian", *activation = "relu",
+               *variance = "learned", *inference = "markov";
+    const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
+    long long n_conditions = 0;
+    unsigned long long seed = 0;
+    ModelObject *self = NULL;
+    int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsss:Model", kwlist,
+                                     &n_features, &latent_obj, &hidden_obj,
+                                     &likelihood, &activation, &variance,
+                                     u64_converter, &seed,
+                                     &inference, &n_conditions, &markov_kl,
+                                     &prior, &latent_family))
+        return NULL;
+    int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
+    int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
+    int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, CHOICE_DECODER_VARIANCE);
+    int inf = var < 0 ? -1 : parse_choice("inference", inference, CHOICE_INFERENCE);
+    int mkl = inf < 0 ? -1 : parse_choice("markov_kl", markov_kl, CHOICE_MARKOV_KL);
+    int pri = mkl < 0 ? -1 : parse_choice("prior", prior, CHOICE_PRIOR);
+    int fam = pri < 0 ? -1 : parse_choice("latent_family", latent_family, CHOICE_LATENT_FAMILY);
+    if (fam < 0)
+        return NULL;
+    if (n_conditions < 0 || n_conditions > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
+                     "got %lld", n_conditions);
+        return NULL;
+    }
+    if (n_features < 1 || n_features > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
+                     "got %lld", n_features);
+        return NULL;
+    }
+    Py_ssize_t T, H;
+    if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
+        return NULL;
 
     self = (ModelObject *)type->tp_alloc(type, 0);
     if (!self)
@@ -496,6 +685,9 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.activation = (hvae_activation)act;
     cfg.decoder_variance = (hvae_decoder_variance)var;
     cfg.inference = (hvae_inference)inf;
+    cfg.markov_kl = (hvae_markov_kl)mkl;
+    cfg.prior = (hvae_prior_kind)pri;
+    cfg.latent_family = (hvae_latent_family)fam;
     cfg.n_conditions = n_conditions;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
@@ -509,8 +701,6 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     /* The training stream is decorrelated from the initialisation stream. */
     hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
 done:
-    Py_XDECREF(latent_seq);
-    Py_XDECREF(hidden_seq);
     return (PyObject *)self;
 }
 
@@ -593,17 +783,23 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
     if (strcmp(which, "hidden_dims") == 0)
         return dims_tuple(c->hidden_dims, c->n_hidden);
     if (strcmp(which, "likelihood") == 0)
-        return PyUnicode_FromString(likelihood_names[c->likelihood]);
+        return PyUnicode_FromString(choice_name(CHOICE_LIKELIHOOD, c->likelihood));
     if (strcmp(which, "activation") == 0)
-        return PyUnicode_FromString(activation_names[c->activation]);
+        return PyUnicode_FromString(choice_name(CHOICE_ACTIVATION, c->activation));
     if (strcmp(which, "decoder_variance") == 0)
-        return PyUnicode_FromString(variance_names[c->decoder_variance]);
+        return PyUnicode_FromString(choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance));
     if (strcmp(which, "n_params") == 0)
         return PyLong_FromLongLong(hvae_model_n_params(self->model));
     if (strcmp(which, "n_layers") == 0)
         return PyLong_FromLong(c->n_layers);
     if (strcmp(which, "inference") == 0)
-        return PyUnicode_FromString(inference_names[c->inference]);
+        return PyUnicode_FromString(choice_name(CHOICE_INFERENCE, c->inference));
+    if (strcmp(which, "markov_kl") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_MARKOV_KL, c->markov_kl));
+    if (strcmp(which, "prior") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_PRIOR, c->prior));
+    if (strcmp(which, "latent_family") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
     if (strcmp(which, "n_conditions") == 0)
         return PyLong_FromLongLong(c->n_conditions);
     if (strcmp(which, "seed") == 0)
@@ -706,7 +902,7 @@ static int check_float32(const char *name, double value, double low, int low_inc
 static int parse_objective(const char *objective, long long n_samples, double beta,
                            double free_bits, hvae_objective_options *out)
 {
-    int kind = parse_choice("objective", objective, objective_names, 2);
+    int kind = parse_choice("objective", objective, CHOICE_OBJECTIVE);
     if (kind < 0)
         return -1;
     if (n_samples < 1 || n_samples > (1 << 20)) {
@@ -730,62 +926,48 @@ static int parse_objective(const char *objective, long long n_samples, double be
     return 0;
 }
 
-/* elbo_terms(X, noise=None, seed=0) and friends share this. */
+typedef struct {
+    unsigned long long seed;
+    PyObject *elbo, *rec, *kl;
+} elbo_call;
+
+static hvae_status elbo_body(call_frame *f, void *args)
+{
+    elbo_call *a = args;
+    return hvae_elbo(f->self->model, f->self->ws, PyArray_DATA(f->x), cond_data(f->cond),
+                     f->n, f->have_noise ? f->noise : NULL, a->seed, out_data(a->elbo),
+                     out_data(a->rec), out_data(a->kl));
+}
+
+/* elbo(X, noise=None, seed=0, cond=None) and elbo_terms share this. */
 static PyObject *elbo_impl(ModelObject *self, PyObject *args, PyObject *kwds,
                            int want_terms)
 {
     static char *kwlist[] = {"X", "noise", "seed", "cond", NULL};
-    PyObject *X_obj, *noise_obj = Py_None, *result = NULL, *cond_obj = Py_None;
-    unsigned long long seed = 0;
-    PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
-    PyObject *elbo = NULL, *rec = NULL, *kl = NULL;
-    const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&O", kwlist, &X_obj,
-                                     &noise_obj, u64_converter, &seed, &cond_obj))
+    frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_EVAL};
+    elbo_call a = {0, NULL, NULL, NULL};
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&O", kwlist, &in.X, &in.noise,
+                                     u64_converter, &a.seed, &in.cond))
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
-    const hvae_config *c = hvae_model_config(self->model);
-    int32_t T = c->n_layers;
-    x = as_data(self, X_obj, "X");
-    if (!x)
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp n = PyArray_DIM(x, 0), kl_dims[2] = {n, T};
-    int have_noise = as_noise(self, noise_obj, n, noise_arrays, noise);
-    if (have_noise < 0 || as_cond(self, cond_obj, n, &cond) < 0 ||
-        ensure_workspace(self, eval_rows(n)) < 0)
-        goto done;
-    elbo = new_array(1, &n, NPY_FLOAT64);
+    npy_intp kl_dims[2] = {f.n, hvae_model_config(self->model)->n_layers};
+    a.elbo = frame_output(&f, 1, &f.n, NPY_FLOAT64);
     if (want_terms) {
-        rec = new_array(1, &n, NPY_FLOAT64);
-        kl = new_array(2, kl_dims, NPY_FLOAT64);
+        a.rec = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+        a.kl = frame_output(&f, 2, kl_dims, NPY_FLOAT64);
     }
-    if (!elbo || (want_terms && (!rec || !kl)))
+    if (!a.elbo || (want_terms && (!a.rec || !a.kl)) ||
+        frame_call(&f, elbo_body, &a, "elbo failed") < 0 ||
+        check_outputs("elbo", doubles_finite(a.elbo)) < 0)
         goto done;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_elbo(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                   have_noise ? noise : NULL, seed,
-                   PyArray_DATA((PyArrayObject *)elbo),
-                   rec ? PyArray_DATA((PyArrayObject *)rec) : NULL,
-                   kl ? PyArray_DATA((PyArrayObject *)kl) : NULL);
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "elbo failed") < 0 || check_outputs("elbo", doubles_finite(elbo)) < 0)
-        goto done;
-    if (want_terms)
-        result = Py_BuildValue("{sOsOsO}", "elbo", elbo, "reconstruction", rec,
-                               "kl", kl);
-    else
-        result = Py_NewRef(elbo);
+    result = want_terms ? Py_BuildValue("{sOsOsO}", "elbo", a.elbo, "reconstruction",
+                                        a.rec, "kl", a.kl)
+                        : Py_NewRef(a.elbo);
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
-        Py_XDECREF(noise_arrays[i]);
-    Py_XDECREF(elbo);
-    Py_XDECREF(rec);
-    Py_XDECREF(kl);
+    frame_leave(&f);
     return result;
 }
 
@@ -799,59 +981,56 @@ static PyObject *Model_elbo_terms(ModelObject *self, PyObject *args, PyObject *k
     return elbo_impl(self, args, kwds, 1);
 }
 
+typedef struct {
+    unsigned long long seed;
+    hvae_objective_options objective;
+    hvae_epoch_stats stats;
+    PyObject *grad;
+} loss_and_grad_call;
+
+static hvae_status loss_and_grad_body(call_frame *f, void *args)
+{
+    loss_and_grad_call *a = args;
+    hvae_model *model = f->self->model;
+    hvae_status st = hvae_loss_and_grad(model, f->self->ws, PyArray_DATA(f->x),
+                                        cond_data(f->cond), f->n,
+                                        f->have_noise ? f->noise : NULL, a->seed,
+                                        &a->objective, &a->stats);
+    if (st == HVAE_OK)
+        memcpy(out_data(a->grad), hvae_model_grads(model),
+               (size_t)hvae_model_n_params(model) * sizeof(float));
+    return st;
+}
+
 static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
                                      PyObject *kwds)
 {
     static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
                              "n_samples", "free_bits", "cond", NULL};
-    PyObject *X_obj, *noise_obj = Py_None, *grad = NULL, *result = NULL;
-    PyObject *cond_obj = Py_None;
-    unsigned long long seed = 0;
+    frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
+    loss_and_grad_call a = {0};
     double beta = 1.0, free_bits = 0.0;
     const char *objective = "elbo";
     int n_samples = 1;
-    PyArrayObject *x = NULL, *cond = NULL, *noise_arrays[HVAE_MAX_LAYERS] = {0};
-    const float *noise[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &X_obj,
-                                     &noise_obj, u64_converter, &seed, &beta, &objective,
-                                     &n_samples, &free_bits, &cond_obj))
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &in.X,
+                                     &in.noise, u64_converter, &a.seed, &beta, &objective,
+                                     &n_samples, &free_bits, &in.cond))
         return NULL;
-    hvae_objective_options oo;
-    if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
+    if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0)
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
-    x = as_data(self, X_obj, "X");
-    if (!x)
+    in.draws = n_samples;
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp n = PyArray_DIM(x, 0), P = hvae_model_n_params(self->model);
-    int have_noise = as_noise(self, noise_obj, n * n_samples, noise_arrays, noise);
-    if (have_noise < 0 || as_cond(self, cond_obj, n, &cond) < 0 ||
-        ensure_workspace(self, sampled_rows(n, n_samples)) < 0)
+    npy_intp P = hvae_model_n_params(self->model);
+    a.grad = frame_output(&f, 1, &P, NPY_FLOAT32);
+    if (!a.grad || frame_call(&f, loss_and_grad_body, &a, "loss_and_grad failed") < 0 ||
+        check_outputs("loss_and_grad", isfinite(a.stats.loss) && floats_finite(a.grad)) < 0)
         goto done;
-    grad = new_array(1, &P, NPY_FLOAT32);
-    if (!grad)
-        goto done;
-    hvae_epoch_stats stats;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_loss_and_grad(self->model, self->ws, PyArray_DATA(x), cond_data(cond),
-                            n, have_noise ? noise : NULL, seed, &oo, &stats);
-    if (st == HVAE_OK)
-        memcpy(PyArray_DATA((PyArrayObject *)grad), hvae_model_grads(self->model),
-               (size_t)P * sizeof(float));
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "loss_and_grad failed") < 0 ||
-        check_outputs("loss_and_grad", isfinite(stats.loss) && floats_finite(grad)) < 0)
-        goto done;
-    result = Py_BuildValue("(dO)", stats.loss, grad);
+    result = Py_BuildValue("(dO)", a.stats.loss, a.grad);
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++)
-        Py_XDECREF(noise_arrays[i]);
-    Py_XDECREF(grad);
+    frame_leave(&f);
     return result;
 }
 
@@ -928,87 +1107,83 @@ static PyObject *Model_log_likelihood(ModelObject *self, PyObject *args,
                                       PyObject *kwds)
 {
     static char *kwlist[] = {"X", "n_samples", "seed", "cond", NULL};
-    PyObject *X_obj, *cond_obj = Py_None, *out = NULL;
+    frame_inputs in = {NULL, 0, NULL, 1, Py_None, WS_FIXED};
     long long n_samples = 1000;
     unsigned long long seed = 0;
-    PyArrayObject *x = NULL, *cond = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LO&O", kwlist, &X_obj, &n_samples,
-                                     u64_converter, &seed, &cond_obj))
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LO&O", kwlist, &in.X, &n_samples,
+                                     u64_converter, &seed, &in.cond))
         return NULL;
     if (n_samples < 1) {
         PyErr_Format(PyExc_ValueError, "n_samples must be >= 1; got %lld", n_samples);
         return NULL;
     }
-    if (model_enter(self) < 0)
-        return NULL;
-    x = as_data(self, X_obj, "X");
-    if (!x || as_cond(self, cond_obj, PyArray_DIM(x, 0), &cond) < 0 ||
-        ensure_workspace(self, EVAL_ROWS) < 0)
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp n = PyArray_DIM(x, 0);
-    out = new_array(1, &n, NPY_FLOAT64);
+    PyObject *out = frame_output(&f, 1, &f.n, NPY_FLOAT64);
     if (!out)
         goto done;
-    hvae_status st;
-    /* A long estimate stays interruptible: Ctrl-C is checked between passes. */
+    /* A long estimate stays interruptible: Ctrl-C is checked between passes,
+     * so this call releases the GIL itself rather than through frame_call. */
     fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL,
                    NULL, NULL, {NULL, NULL}};
     ctx.saved = PyEval_SaveThread();
-    st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                             n_samples, seed, PyArray_DATA((PyArrayObject *)out),
-                             fit_batch_hook, &ctx);
+    hvae_status st = hvae_log_likelihood(self->model, self->ws, PyArray_DATA(f.x),
+                                         cond_data(f.cond), f.n, n_samples, seed,
+                                         out_data(out), fit_batch_hook, &ctx);
     PyEval_RestoreThread(ctx.saved);
-    if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
-        Py_CLEAR(out); /* the KeyboardInterrupt is set */
-    } else if (raise_status(st, "log_likelihood failed") < 0 ||
+    if (st == HVAE_ERR_STOPPED && ctx.interrupted)
+        goto done; /* the KeyboardInterrupt is set */
+    if (raise_status(st, "log_likelihood failed") < 0 ||
         check_outputs("log_likelihood", doubles_finite(out)) < 0)
-        Py_CLEAR(out);
+        goto done;
+    result = Py_NewRef(out);
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    return out;
+    frame_leave(&f);
+    return result;
+}
+
+typedef struct {
+    float *mu[HVAE_MAX_LAYERS], *logvar[HVAE_MAX_LAYERS];
+} encode_call;
+
+static hvae_status encode_body(call_frame *f, void *args)
+{
+    encode_call *a = args;
+    return hvae_encode(f->self->model, f->self->ws, PyArray_DATA(f->x), cond_data(f->cond),
+                       f->n, a->mu, a->logvar);
 }
 
 static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"X", "cond", NULL};
-    PyObject *X_obj, *result = NULL, *cond_obj = Py_None;
-    PyArrayObject *x = NULL, *cond = NULL;
-    PyObject *mus[HVAE_MAX_LAYERS] = {0}, *lvs[HVAE_MAX_LAYERS] = {0};
-    float *mu_ptr[HVAE_MAX_LAYERS], *lv_ptr[HVAE_MAX_LAYERS];
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &X_obj, &cond_obj))
+    frame_inputs in = {NULL, 0, NULL, 1, Py_None, WS_EVAL};
+    encode_call a;
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &in.X, &in.cond))
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
+    if (frame_enter(&f, self, &in) < 0)
+        goto done;
     const hvae_config *c = hvae_model_config(self->model);
-    x = as_data(self, X_obj, "X");
-    if (!x || as_cond(self, cond_obj, PyArray_DIM(x, 0), &cond) < 0 ||
-        ensure_workspace(self, eval_rows(PyArray_DIM(x, 0))) < 0)
-        goto done;
-    npy_intp n = PyArray_DIM(x, 0);
-    for (int32_t i = 0; i < c->n_layers; i++) {
-        npy_intp dims[2] = {n, c->latent_dims[i]};
-        mus[i] = new_array(2, dims, NPY_FLOAT32);
-        lvs[i] = new_array(2, dims, NPY_FLOAT32);
-        if (!mus[i] || !lvs[i])
+    int32_t T = c->n_layers;
+    for (int32_t i = 0; i < T; i++) {
+        npy_intp dims[2] = {f.n, c->latent_dims[i]};
+        a.mu[i] = out_data(frame_output(&f, 2, dims, NPY_FLOAT32));
+        a.logvar[i] = out_data(frame_output(&f, 2, dims, NPY_FLOAT32));
+        if (!a.mu[i] || !a.logvar[i])
             goto done;
-        mu_ptr[i] = PyArray_DATA((PyArrayObject *)mus[i]);
-        lv_ptr[i] = PyArray_DATA((PyArrayObject *)lvs[i]);
     }
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_encode(self->model, self->ws, PyArray_DATA(x), cond_data(cond), n,
-                     mu_ptr, lv_ptr);
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "encode failed") < 0)
+    if (frame_call(&f, encode_body, &a, "encode failed") < 0)
         goto done;
-    for (int32_t i = 0; i < c->n_layers; i++)
-        if (check_outputs("encode", floats_finite(mus[i]) && floats_finite(lvs[i])) < 0)
+    for (int32_t i = 0; i < T; i++) /* out: mu_1, logvar_1, mu_2, ... */
+        if (check_outputs("encode", floats_finite(f.out[2 * i]) &&
+                                        floats_finite(f.out[2 * i + 1])) < 0)
             goto done;
-    result = PyList_New(c->n_layers);
-    for (int32_t i = 0; result && i < c->n_layers; i++) {
-        PyObject *pair = PyTuple_Pack(2, mus[i], lvs[i]);
+    result = PyList_New(T);
+    for (int32_t i = 0; result && i < T; i++) {
+        PyObject *pair = PyTuple_Pack(2, f.out[2 * i], f.out[2 * i + 1]);
         if (!pair) {
             Py_CLEAR(result);
             break;
@@ -1016,54 +1191,46 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
         PyList_SET_ITEM(result, i, pair);
     }
 done:
-    model_leave(self);
-    Py_XDECREF(x);
-    Py_XDECREF(cond);
-    for (int32_t i = 0; i < HVAE_MAX_LAYERS; i++) {
-        Py_XDECREF(mus[i]);
-        Py_XDECREF(lvs[i]);
-    }
+    frame_leave(&f);
     return result;
+}
+
+typedef struct {
+    PyObject *mean, *logvar;
+} decode_call;
+
+static hvae_status decode_body(call_frame *f, void *args)
+{
+    decode_call *a = args;
+    return hvae_decode(f->self->model, f->self->ws, PyArray_DATA(f->x), cond_data(f->cond),
+                       f->n, out_data(a->mean), out_data(a->logvar));
 }
 
 static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"Z", "return_logvar", "cond", NULL};
-    PyObject *Z_obj, *mean = NULL, *logvar = NULL, *result = NULL, *cond_obj = Py_None;
+    frame_inputs in = {NULL, 1, NULL, 1, Py_None, WS_EVAL};
+    decode_call a = {NULL, NULL};
     int return_logvar = 0;
-    PyArrayObject *z = NULL, *cond = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pO", kwlist, &Z_obj,
-                                     &return_logvar, &cond_obj))
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pO", kwlist, &in.X, &return_logvar,
+                                     &in.cond))
         return NULL;
-    if (model_enter(self) < 0)
-        return NULL;
-    const hvae_config *c = hvae_model_config(self->model);
-    z = as_finite_matrix(Z_obj, c->latent_dims[0], "Z");
-    if (!z || as_cond(self, cond_obj, PyArray_DIM(z, 0), &cond) < 0 ||
-        ensure_workspace(self, eval_rows(PyArray_DIM(z, 0))) < 0)
+    if (frame_enter(&f, self, &in) < 0)
         goto done;
-    npy_intp dims[2] = {PyArray_DIM(z, 0), c->n_features};
-    mean = new_array(2, dims, NPY_FLOAT32);
+    npy_intp dims[2] = {f.n, hvae_model_config(self->model)->n_features};
+    a.mean = frame_output(&f, 2, dims, NPY_FLOAT32);
     if (return_logvar)
-        logvar = new_array(2, dims, NPY_FLOAT32);
-    if (!mean || (return_logvar && !logvar))
+        a.logvar = frame_output(&f, 2, dims, NPY_FLOAT32);
+    if (!a.mean || (return_logvar && !a.logvar) ||
+        frame_call(&f, decode_body, &a, "decode failed") < 0 ||
+        check_outputs("decode", floats_finite(a.mean) &&
+                                    (!a.logvar || floats_finite(a.logvar))) < 0)
         goto done;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_decode(self->model, self->ws, PyArray_DATA(z), cond_data(cond), dims[0],
-                     PyArray_DATA((PyArrayObject *)mean),
-                     logvar ? PyArray_DATA((PyArrayObject *)logvar) : NULL);
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "decode failed") < 0 ||
-        check_outputs("decode", floats_finite(mean) && (!logvar || floats_finite(logvar))) < 0)
-        goto done;
-    result = return_logvar ? PyTuple_Pack(2, mean, logvar) : Py_NewRef(mean);
+    result = return_logvar ? PyTuple_Pack(2, a.mean, a.logvar) : Py_NewRef(a.mean);
 done:
-    model_leave(self);
-    Py_XDECREF(z);
-    Py_XDECREF(cond);
-    Py_XDECREF(mean);
-    Py_XDECREF(logvar);
+    frame_leave(&f);
     return result;
 }
 
@@ -1114,29 +1281,64 @@ done:
 /* ---- fit ----------------------------------------------------------------- */
 
 
+/* The keys of fit's per-epoch records, in record order; exported as
+ * EPOCH_RECORD_KEYS. */
+enum {
+    RECORD_LOSS, RECORD_OBJECTIVE, RECORD_ELBO, RECORD_RECONSTRUCTION,
+    RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
+    RECORD_COMPLETE, N_RECORD_KEYS
+};
+static const char *const epoch_record_keys[N_RECORD_KEYS] = {
+    "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
+    "n_batches", "n_rows", "complete"};
+
+/* One epoch's record: a dict of epoch_record_keys; kl a list of T floats. */
 static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
                               double seconds, int complete)
 {
-    PyObject *kl = PyList_New(T);
-    for (int32_t i = 0; kl && i < T; i++) {
+    PyObject *values[N_RECORD_KEYS] = {NULL};
+    PyObject *record = NULL;
+    values[RECORD_LOSS] = PyFloat_FromDouble(s->loss);
+    values[RECORD_OBJECTIVE] = PyFloat_FromDouble(s->objective);
+    values[RECORD_ELBO] = PyFloat_FromDouble(s->elbo);
+    values[RECORD_RECONSTRUCTION] = PyFloat_FromDouble(s->reconstruction);
+    values[RECORD_KL] = PyList_New(T);
+    for (int32_t i = 0; values[RECORD_KL] && i < T; i++) {
         PyObject *v = PyFloat_FromDouble(s->kl[i]);
         if (!v) {
-            Py_CLEAR(kl);
+            Py_CLEAR(values[RECORD_KL]);
             break;
         }
-        PyList_SET_ITEM(kl, i, v);
+        PyList_SET_ITEM(values[RECORD_KL], i, v);
     }
-    if (!kl)
-        return NULL;
-    return Py_BuildValue("{sdsdsdsdsNsdsLsLsO}", "loss", s->loss, "objective",
-                         s->objective, "elbo", s->elbo,
-                         "reconstruction", s->reconstruction, "kl", kl,
-                         "seconds", seconds, "n_batches", (long long)s->n_batches,
-                         "n_rows", (long long)s->n_rows, "complete",
-                         complete ? Py_True : Py_False);
+    values[RECORD_SECONDS] = PyFloat_FromDouble(seconds);
+    values[RECORD_N_BATCHES] = PyLong_FromLongLong((long long)s->n_batches);
+    values[RECORD_N_ROWS] = PyLong_FromLongLong((long long)s->n_rows);
+    values[RECORD_COMPLETE] = Py_NewRef(complete ? Py_True : Py_False);
+    for (int k = 0; k < N_RECORD_KEYS; k++)
+        if (!values[k])
+            goto done;
+    record = PyDict_New();
+    for (int k = 0; record && k < N_RECORD_KEYS; k++)
+        if (PyDict_SetItemString(record, epoch_record_keys[k], values[k]) < 0)
+            Py_CLEAR(record);
+done:
+    for (int k = 0; k < N_RECORD_KEYS; k++)
+        Py_XDECREF(values[k]);
+    return record;
 }
 
-static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
+/* fit's arguments, parsed and checked before the model is entered. */
+typedef struct {
+    PyObject *X, *callback, *history, *progress, *cond, *reduce;
+    long long n_epochs, batch_size, n_global, shard_start;
+    double learning_rate;
+    int shuffle;
+    hvae_objective_options objective;
+    hvae_optimizer_config optimizer;
+} fit_args;
+
+static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
 {
     static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
                              "optimizer", "beta", "shuffle", "callback",
@@ -1144,226 +1346,221 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
                              "adam_eps", "progress", "objective", "n_samples",
                              "free_bits", "cond", "reduce", "n_global",
                              "shard_start", NULL};
-    PyObject *X_obj, *callback = Py_None, *history = NULL, *result = NULL;
-    PyObject *progress = Py_None, *cond_obj = Py_None, *reduce = Py_None;
-    long long n_global = 0, shard_start = 0;
-    const char *objective = "elbo";
+    const char *objective = "elbo", *optimizer = "adam";
     long long n_samples = 1;
-    double free_bits = 0.0;
-    PyArrayObject *cond = NULL;
-    long long n_epochs = 1, batch_size = 128;
-    double lr = 1e-3, beta = 1.0, weight_decay = 0.0, momentum = 0.0;
+    double beta = 1.0, weight_decay = 0.0, momentum = 0.0, free_bits = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
-    const char *optimizer = "adam";
-    int shuffle = 1;
-    PyArrayObject *x = NULL;
-    int64_t *order = NULL;
-    float *snapshot = NULL;
+    *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
+                    hvae_objective_options_default(), hvae_optimizer_config_default()};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
-                                     &X_obj, &n_epochs, &batch_size, &lr,
-                                     &optimizer, &beta, &shuffle, &callback,
-                                     &PyList_Type, &history, &weight_decay,
+                                     &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
+                                     &optimizer, &beta, &a->shuffle, &a->callback,
+                                     &PyList_Type, &a->history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
-                                     &progress, &objective, &n_samples, &free_bits,
-                                     &cond_obj, &reduce, &n_global, &shard_start))
-        return NULL;
-    hvae_objective_options oo;
-    if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
-        return NULL;
-    int kind = parse_choice("optimizer", optimizer, optimizer_names, 2);
+                                     &a->progress, &objective, &n_samples, &free_bits,
+                                     &a->cond, &a->reduce, &a->n_global, &a->shard_start))
+        return -1;
+    if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0)
+        return -1;
+    int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
-        return NULL;
-    if (n_epochs < 0 || batch_size < 1 || batch_size > (1LL << 30)) {
+        return -1;
+    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > (1LL << 30)) {
         PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
-                     ">= 1; got n_epochs=%lld, batch_size=%lld", n_epochs,
-                     batch_size);
-        return NULL;
+                     ">= 1; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
+                     a->batch_size);
+        return -1;
     }
-    if (check_float32("learning_rate", lr, 0.0, 0) < 0 ||
+    if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
         check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
         check_float32("adam_eps", adam_eps, 0.0, 1) < 0)
-        return NULL;
+        return -1;
     if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
         !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
         PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
                         "(in float32: 1 - 1e-8 rounds to 1)");
-        return NULL;
+        return -1;
     }
-    if ((callback != Py_None && !PyCallable_Check(callback)) ||
-        (progress != Py_None && !PyCallable_Check(progress)) ||
-        (reduce != Py_None && !PyCallable_Check(reduce))) {
+    if ((a->callback != Py_None && !PyCallable_Check(a->callback)) ||
+        (a->progress != Py_None && !PyCallable_Check(a->progress)) ||
+        (a->reduce != Py_None && !PyCallable_Check(a->reduce))) {
         PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
                         "callable or None");
-        return NULL;
+        return -1;
     }
-    int parallel = reduce != Py_None;
-    if (parallel ? n_global < 1 || shard_start < 0 : n_global != 0 || shard_start != 0) {
+    int parallel = a->reduce != Py_None;
+    if (parallel ? a->n_global < 1 || a->shard_start < 0
+                 : a->n_global != 0 || a->shard_start != 0) {
         PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
                      ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
-                     "shard_start=%lld", n_global, shard_start);
-        return NULL;
+                     "shard_start=%lld", a->n_global, a->shard_start);
+        return -1;
     }
-    hvae_optimizer_config oc = hvae_optimizer_config_default();
-    oc.kind = (hvae_optimizer_kind)kind;
-    oc.learning_rate = (float)lr;
-    oc.weight_decay = (float)weight_decay;
-    oc.momentum = (float)momentum;
-    oc.beta1 = (float)beta1;
-    oc.beta2 = (float)beta2;
-    oc.eps = (float)adam_eps;
-    if (model_enter(self) < 0)
+    hvae_optimizer_config *oc = &a->optimizer;
+    oc->kind = (hvae_optimizer_kind)kind;
+    oc->learning_rate = (float)a->learning_rate;
+    oc->weight_decay = (float)weight_decay;
+    oc->momentum = (float)momentum;
+    oc->beta1 = (float)beta1;
+    oc->beta2 = (float)beta2;
+    oc->eps = (float)adam_eps;
+    return 0;
+}
+
+/* Data-parallel fit: the reduce hook's buffers, sized by the C core
+ * (hvae_train_reduce_values), and the shard in the training options. */
+static int fit_setup_parallel(ModelObject *self, const fit_args *a, fit_ctx *ctx,
+                              hvae_train_options *to)
+{
+    npy_intp P = hvae_model_n_params(self->model);
+    npy_intp n_values[2] = {hvae_train_reduce_values(self->model, 0),
+                            hvae_train_reduce_values(self->model, 1)};
+    ctx->reduce = a->reduce;
+    ctx->grads = view_of(self, hvae_model_grads(self->model), 1, &P);
+    ctx->values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
+    ctx->values[1] = new_array(1, &n_values[1], NPY_FLOAT64);
+    if (!ctx->grads || !ctx->values[0] || !ctx->values[1])
+        return -1;
+    to->n_global = a->n_global;
+    to->shard_start = a->shard_start;
+    to->reduce = fit_reduce_hook;
+    to->reduce_ctx = ctx;
+    return 0;
+}
+
+/* After an epoch that applied steps (or completed): its record into the
+ * returned list and history, then the callback (complete epochs only).
+ * Returns 0 to go on, 1 when the callback returned False, -1 on error. */
+static int fit_record_epoch(const fit_args *a, PyObject *records, long long epoch,
+                            const hvae_epoch_stats *stats, int32_t T, double seconds,
+                            int complete)
+{
+    PyObject *rec = epoch_record(stats, T, seconds, complete);
+    if (!rec || PyList_Append(records, rec) < 0 ||
+        (a->history && PyList_Append(a->history, rec) < 0)) {
+        Py_XDECREF(rec);
+        return -1;
+    }
+    int outcome = 0;
+    if (complete && a->callback != Py_None) {
+        PyObject *r = PyObject_CallFunction(a->callback, "LO", epoch, rec);
+        outcome = !r ? -1 : r == Py_False;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(rec);
+    return outcome;
+}
+
+/* The exception for an epoch that ended with status st (set, returning -1),
+ * or 0 when training may go on. */
+static int fit_raise_epoch_status(hvae_status st, const fit_ctx *ctx, long long epoch,
+                                  const hvae_epoch_stats *stats, double learning_rate)
+{
+    if (st == HVAE_ERR_STOPPED && ctx->interrupted)
+        return -1; /* KeyboardInterrupt, a signal handler's or progress's error */
+    if (st == HVAE_ERR_NONFINITE_LOSS) {
+        char lr_text[32];
+        snprintf(lr_text, sizeof lr_text, "%g", learning_rate);
+        PyErr_Format(DivergenceError,
+                     "the loss, its gradient or the parameters became NaN or "
+                     "infinite in epoch %lld of this call, after %lld "
+                     "minibatch(es); the model was returned to its state at "
+                     "the start of that epoch (parameters, optimizer, random "
+                     "generator), so it can be trained on. Lower the learning "
+                     "rate (now %s) or rescale the data.", epoch + 1,
+                     (long long)stats->n_batches, lr_text);
+        return -1;
+    }
+    return st == HVAE_OK ? 0 : raise_status(st, "fit failed");
+}
+
+/* The epochs of a fit, appending their records; -1 with an exception set. */
+static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
+                      PyArrayObject *cond, int64_t *order, hvae_train_options *to,
+                      fit_ctx *ctx, PyObject *records)
+{
+    int32_t T = hvae_model_config(self->model)->n_layers;
+    npy_intp n = PyArray_DIM(x, 0);
+    for (long long epoch = 0; epoch < a->n_epochs; epoch++) {
+        hvae_epoch_stats stats;
+        double t0 = now_seconds();
+        ctx->saved = PyEval_SaveThread();
+        /* On divergence the C loop returns the model, the optimizer and the
+         * generator to their state at the start of the epoch. */
+        hvae_status st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
+                                          PyArray_DATA(x), cond_data(cond), n, order, to,
+                                          &stats);
+        PyEval_RestoreThread(ctx->saved);
+        ctx->saved = NULL;
+        double seconds = now_seconds() - t0;
+        if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
+            int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,
+                                           st == HVAE_OK);
+            if (outcome != 0)
+                return outcome < 0 ? -1 : 0;
+        }
+        if (fit_raise_epoch_status(st, ctx, epoch, &stats, a->learning_rate) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    fit_args a;
+    PyObject *records = NULL;
+    PyArrayObject *x = NULL, *cond = NULL;
+    int64_t *order = NULL;
+    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL, NULL,
+                   NULL, {NULL, NULL}};
+    if (parse_fit_args(args, kwds, &a) < 0 || model_enter(self) < 0)
         return NULL;
-    const hvae_config *c = hvae_model_config(self->model);
-    int32_t T = c->n_layers;
-    x = as_data(self, X_obj, "X");
+    int parallel = a.reduce != Py_None;
+    x = as_data(self, a.X, "X");
     if (!x)
         goto done;
     npy_intp n = PyArray_DIM(x, 0);
-    if (parallel && shard_start > n_global - n) {
+    if (parallel && a.shard_start > a.n_global - n) {
         PyErr_Format(PyExc_ValueError, "data-parallel fit: this process holds rows "
-                     "%lld..%lld, beyond n_global=%lld", shard_start,
-                     shard_start + (long long)n - 1, n_global);
+                     "%lld..%lld, beyond n_global=%lld", a.shard_start,
+                     a.shard_start + (long long)n - 1, a.n_global);
         goto done;
     }
     /* The order and the minibatches run over all rows, on every process. */
-    int64_t N = parallel ? n_global : n;
-    int64_t rows = batch_size < N ? batch_size : N;
-    if (as_cond(self, cond_obj, n, &cond) < 0 || ensure_workspace(self, rows * n_samples) < 0)
+    int64_t N = parallel ? a.n_global : n;
+    int64_t rows = a.batch_size < N ? a.batch_size : N;
+    if (as_cond(self, a.cond, n, &cond) < 0 ||
+        ensure_workspace(self, rows * a.objective.n_samples) < 0)
         goto done;
-    hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &oc)
-                               : hvae_optimizer_create(self->model, &oc, &self->opt);
+    hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &a.optimizer)
+                               : hvae_optimizer_create(self->model, &a.optimizer, &self->opt);
     if (raise_status(st, "cannot set up the optimizer") < 0)
         goto done;
     order = PyMem_RawMalloc((size_t)N * sizeof(int64_t));
-    npy_intp P = hvae_model_n_params(self->model);
-    /* The state at the start of each epoch, restored if the epoch diverges. */
-    snapshot = PyMem_RawMalloc((size_t)(3 * P) * sizeof(float));
-    if (!order || !snapshot) {
+    if (!order) {
         PyErr_NoMemory();
         goto done;
     }
-    PyObject *records = PyList_New(0);
-    if (!records)
-        goto done;
-
     hvae_train_options to = hvae_train_options_default();
     to.batch_size = rows;
-    to.objective = oo;
-    to.shuffle = shuffle;
-    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0,
-                   progress == Py_None ? NULL : progress, NULL, NULL, {NULL, NULL}};
+    to.objective = a.objective;
+    to.shuffle = a.shuffle;
     to.hook = fit_batch_hook;
     to.hook_ctx = &ctx;
-    if (parallel) {
-        npy_intp n_values[2] = {T + 1, 5 + T}; /* see train.c: free bits, sums */
-        ctx.reduce = reduce;
-        ctx.grads = view_of(self, hvae_model_grads(self->model), 1, &P);
-        ctx.values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
-        ctx.values[1] = new_array(1, &n_values[1], NPY_FLOAT64);
-        if (!ctx.grads || !ctx.values[0] || !ctx.values[1]) {
-            Py_DECREF(records);
-            goto release;
-        }
-        to.n_global = n_global;
-        to.shard_start = shard_start;
-        to.reduce = fit_reduce_hook;
-        to.reduce_ctx = &ctx;
-    }
-    int failed = 0;
-    for (long long epoch = 0; epoch < n_epochs; epoch++) {
-        hvae_epoch_stats stats;
-        double t0 = now_seconds();
-        float *params = hvae_model_params(self->model);
-        float *m1 = hvae_optimizer_state(self->opt, 0), *m2 = hvae_optimizer_state(self->opt, 1);
-        int64_t step = *hvae_optimizer_step_count(self->opt);
-        hvae_rng rng = self->rng;
-        ctx.saved = PyEval_SaveThread();
-        memcpy(snapshot, params, (size_t)P * sizeof(float));
-        memcpy(snapshot + P, m1, (size_t)P * sizeof(float));
-        if (m2)
-            memcpy(snapshot + 2 * P, m2, (size_t)P * sizeof(float));
-        st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
-                              PyArray_DATA(x), cond_data(cond), n, order, &to, &stats);
-        /* The loss and gradient are checked before every step; the last
-         * step's result is checked here. */
-        if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(params, P))
-            st = HVAE_ERR_NONFINITE_LOSS;
-        if (st == HVAE_ERR_NONFINITE_LOSS) {
-            /* Back to the start of the epoch: parameters whose loss was
-             * finite, and the optimizer and generator that went with them. */
-            memcpy(params, snapshot, (size_t)P * sizeof(float));
-            memcpy(m1, snapshot + P, (size_t)P * sizeof(float));
-            if (m2)
-                memcpy(m2, snapshot + 2 * P, (size_t)P * sizeof(float));
-            *hvae_optimizer_step_count(self->opt) = step;
-            self->rng = rng;
-        }
-        PyEval_RestoreThread(ctx.saved);
-        ctx.saved = NULL;
-        double seconds = now_seconds() - t0;
-        if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
-            PyObject *rec = epoch_record(&stats, T, seconds, st == HVAE_OK);
-            if (!rec || PyList_Append(records, rec) < 0 ||
-                (history && PyList_Append(history, rec) < 0)) {
-                Py_XDECREF(rec);
-                failed = 1;
-                break;
-            }
-            if (st == HVAE_OK && callback != Py_None) {
-                PyObject *r = PyObject_CallFunction(callback, "LO", epoch, rec);
-                if (!r) {
-                    Py_DECREF(rec);
-                    failed = 1;
-                    break;
-                }
-                int stop = r == Py_False;
-                Py_DECREF(r);
-                if (stop) {
-                    Py_DECREF(rec);
-                    break;
-                }
-            }
-            Py_DECREF(rec);
-        }
-        if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
-            failed = 1; /* KeyboardInterrupt, a signal handler's or progress's error */
-            break;
-        }
-        if (st == HVAE_ERR_NONFINITE_LOSS) {
-            char lr_text[32];
-            snprintf(lr_text, sizeof lr_text, "%g", lr);
-            PyErr_Format(DivergenceError,
-                         "the loss, its gradient or the parameters became NaN or "
-                         "infinite in epoch %lld of this call, after %lld "
-                         "minibatch(es); the model was returned to its state at "
-                         "the start of that epoch (parameters, optimizer, random "
-                         "generator), so it can be trained on. Lower the learning "
-                         "rate (now %s) or rescale the data.", epoch + 1,
-                         (long long)stats.n_batches, lr_text);
-            failed = 1;
-            break;
-        }
-        if (st != HVAE_OK) {
-            raise_status(st, "fit failed");
-            failed = 1;
-            break;
-        }
-    }
-    if (failed)
-        Py_DECREF(records);
-    else
-        result = records;
-release:
+    ctx.progress = a.progress == Py_None ? NULL : a.progress;
+    records = PyList_New(0);
+    if (!records || (parallel && fit_setup_parallel(self, &a, &ctx, &to) < 0) ||
+        fit_epochs(self, &a, x, cond, order, &to, &ctx, records) < 0)
+        Py_CLEAR(records);
+done:
     Py_XDECREF(ctx.grads);
     Py_XDECREF(ctx.values[0]);
     Py_XDECREF(ctx.values[1]);
-done:
     model_leave(self);
     PyMem_RawFree(order);
-    PyMem_RawFree(snapshot);
     Py_XDECREF(x);
     Py_XDECREF(cond);
-    return result;
+    return records;
 }
 
 static PyObject *Model_reset_optimizer(ModelObject *self, PyObject *noargs)
@@ -1428,7 +1625,7 @@ static PyObject *Model_getstate_locked(ModelObject *self)
         float *v = hvae_optimizer_state(self->opt, 1);
         Py_DECREF(opt_state);
         opt_state = Py_BuildValue(
-            "{sssdsdsdsdsdsdsLsNsN}", "kind", optimizer_names[oc->kind],
+            "{sssdsdsdsdsdsdsLsNsN}", "kind", choice_name(CHOICE_OPTIMIZER, oc->kind),
             "learning_rate", (double)oc->learning_rate, "beta1", (double)oc->beta1,
             "beta2", (double)oc->beta2, "eps", (double)oc->eps, "momentum",
             (double)oc->momentum, "weight_decay", (double)oc->weight_decay,
@@ -1520,7 +1717,7 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
         Py_XDECREF(empty);
         if (!ok)
             goto done;
-        int kind = parse_choice("optimizer kind", kind_name, optimizer_names, 2);
+        int kind = parse_choice("optimizer kind", kind_name, CHOICE_OPTIMIZER);
         if (kind < 0)
             goto done;
         oc.kind = (hvae_optimizer_kind)kind;
@@ -1555,15 +1752,17 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
     PyObject *state = Model_getstate(self, NULL);
     if (!state)
         return NULL;
-    return Py_BuildValue("(O(LNNsssKsL)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLsss)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
-                         likelihood_names[c->likelihood],
-                         activation_names[c->activation],
-                         variance_names[c->decoder_variance], self->seed,
-                         inference_names[c->inference], (long long)c->n_conditions,
-                         state);
+                         choice_name(CHOICE_LIKELIHOOD, c->likelihood),
+                         choice_name(CHOICE_ACTIVATION, c->activation),
+                         choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
+                         choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
+                         choice_name(CHOICE_MARKOV_KL, c->markov_kl),
+                         choice_name(CHOICE_PRIOR, c->prior),
+                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family), state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -1576,11 +1775,14 @@ static PyObject *Model_repr(ModelObject *self)
         r = PyUnicode_FromFormat(
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
-            "inference='%s', n_conditions=%lld)",
+            "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
+            "latent_family='%s')",
             (long long)c->n_features, latent, hidden,
-            likelihood_names[c->likelihood], activation_names[c->activation],
-            variance_names[c->decoder_variance], self->seed,
-            inference_names[c->inference], (long long)c->n_conditions);
+            choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
+            choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
+            choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
+            choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
+            choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     return r;
@@ -1688,6 +1890,12 @@ static PyGetSetDef Model_getset[] = {
     {"n_layers", (getter)Model_get_config_value, NULL, "T", "n_layers"},
     {"seed", (getter)Model_get_config_value, NULL, "Initialisation seed", "seed"},
     {"inference", (getter)Model_get_config_value, NULL, "'markov' or 'ladder'", "inference"},
+    {"markov_kl", (getter)Model_get_config_value, NULL,
+     "A lower Markov layer's ELBO term: 'sampled' log-density ratio or 'analytic' KL",
+     "markov_kl"},
+    {"prior", (getter)Model_get_config_value, NULL, "The top layer's prior (PRIORS)", "prior"},
+    {"latent_family", (getter)Model_get_config_value, NULL,
+     "The latent layers' distribution family (LATENT_FAMILIES)", "latent_family"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
@@ -1707,7 +1915,8 @@ static PyTypeObject ModelType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
-              "inference='markov', n_conditions=0)\n--\n\n"
+              "inference='markov', n_conditions=0, markov_kl='sampled', "
+              "prior='normal', latent_family='gaussian')\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -1716,7 +1925,12 @@ static PyTypeObject ModelType = {
               "'ladder' (a deterministic bottom-up pass, then top-down precision-\n"
               "weighted posteriors). n_conditions: width of a condition that enters\n"
               "the first layer of every block (conditional VAE); the methods then\n"
-              "take cond, an (n, n_conditions) array.",
+              "take cond, an (n, n_conditions) array. markov_kl: a lower Markov\n"
+              "layer's ELBO term, 'sampled' (log q - log p at the samples, unbiased)\n"
+              "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
+              "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
+              "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
+              "latent layers' family (LATENT_FAMILIES).",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,
@@ -1768,6 +1982,15 @@ static struct PyModuleDef module_def = {
     "hvae's native core: the Model type and BLAS settings.", -1, module_methods,
     NULL, NULL, NULL, NULL};
 
+/* PyModule_Add of Python 3.13: adds obj (a new reference, NULL after a
+ * failure) and drops it. */
+static int module_add_new(PyObject *m, const char *name, PyObject *obj)
+{
+    int r = obj ? PyModule_AddObjectRef(m, name, obj) : -1;
+    Py_XDECREF(obj);
+    return r;
+}
+
 PyMODINIT_FUNC PyInit__core(void)
 {
     import_array();
@@ -1797,9 +2020,23 @@ PyMODINIT_FUNC PyInit__core(void)
     if (!DivergenceError || PyModule_AddObjectRef(m, "DivergenceError", DivergenceError) < 0 ||
         PyModule_AddObjectRef(m, "Model", (PyObject *)&ModelType) < 0 ||
         PyModule_AddIntConstant(m, "MAX_LAYERS", HVAE_MAX_LAYERS) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0) {
-        Py_DECREF(m);
-        return NULL;
+        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0)
+        goto fail;
+    for (int kind = 0; kind < N_CHOICES; kind++)
+        if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)
+            goto fail;
+    PyObject *keys = PyTuple_New(N_RECORD_KEYS);
+    for (int k = 0; keys && k < N_RECORD_KEYS; k++) {
+        PyObject *key = PyUnicode_FromString(epoch_record_keys[k]);
+        if (!key)
+            Py_CLEAR(keys);
+        else
+            PyTuple_SET_ITEM(keys, k, key);
     }
+    if (module_add_new(m, "EPOCH_RECORD_KEYS", keys) < 0)
+        goto fail;
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

@@ -79,6 +79,29 @@ typedef struct {
     void *ctx;
 } reducer;
 
+/* IWAE over B data rows of S draws whose log-weights log w are in
+ * ws->lse_sum: returns the sum over rows of log (1/S) sum_s w_s, and writes
+ * each draw's gradient weight softmax_s(log w) / n_total to ws->row_weight. */
+static double iwae_bounds(const hvae_workspace *ws, int64_t B, int64_t S, double n_total)
+{
+    double bounds = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        double mx = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            double lw = ws->lse_sum[b * S + s];
+            mx = lw > mx ? lw : mx;
+        }
+        double total = 0.0;
+        for (int64_t s = 0; s < S; s++)
+            total += exp(ws->lse_sum[b * S + s] - mx);
+        for (int64_t s = 0; s < S; s++)
+            ws->row_weight[b * S + s] =
+                (float)(exp(ws->lse_sum[b * S + s] - mx) / total / n_total);
+        bounds += mx + log(total) - log((double)S);
+    }
+    return bounds;
+}
+
 /* Forward and backward over B data rows times S draws staged at xb, with
  * gradients scaled so that a full loss over n_total data rows accumulates.
  * Adds the rows' sums (per data row, draws averaged) to `sums`. B may be 0
@@ -98,12 +121,17 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     if (R > 0)
         hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
 
-    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0};
-    for (int64_t r = 0; r < R; r++)
+    /* Each row's log-weight (IWAE's draws keep theirs in lse_sum) and the
+     * minibatch sums of its terms. */
+    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0}, kl_row[HVAE_MAX_LAYERS];
+    for (int64_t r = 0; r < R; r++) {
+        double log_w = hvae_row_terms(ws, r, kl_row, NULL);
+        if (iwae)
+            ws->lse_sum[r] = log_w;
         rec += ws->reconstruction[r];
-    for (int32_t i = 0; i < T; i++)
-        for (int64_t r = 0; r < R; r++)
-            kl_sum[i] += ws->kl[i * ws->max_rows + r];
+        for (int32_t i = 0; i < T; i++)
+            kl_sum[i] += kl_row[i];
+    }
 
     /* Free bits compare each layer's KL, averaged over the minibatch, with
      * the floor: over every process's rows. */
@@ -129,26 +157,7 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
 
     double objective = 0.0;
     if (iwae) {
-        /* Per data row: log (1/S) sum_s w_s, and the gradient weights
-         * softmax(log w) / n_total of its draws (lse_sum holds log w). */
-        for (int64_t b = 0; b < B; b++) {
-            double mx = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                int64_t r = b * S + s;
-                double lw = ws->reconstruction[r];
-                for (int32_t i = 0; i < T; i++)
-                    lw -= ws->kl[i * ws->max_rows + r];
-                ws->lse_sum[r] = lw;
-                mx = lw > mx ? lw : mx;
-            }
-            double total = 0.0;
-            for (int64_t s = 0; s < S; s++)
-                total += exp(ws->lse_sum[b * S + s] - mx);
-            for (int64_t s = 0; s < S; s++)
-                ws->row_weight[b * S + s] =
-                    (float)(exp(ws->lse_sum[b * S + s] - mx) / total / n_total);
-            objective += mx + log(total) - log((double)S);
-        }
+        objective = iwae_bounds(ws, B, S, n_total);
         if (R > 0)
             hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
         sums->loss += -objective;
@@ -253,7 +262,19 @@ hvae_train_options hvae_train_options_default(void)
     o.shard_start = 0;
     o.reduce = NULL;
     o.reduce_ctx = NULL;
+    o.aux_step = NULL;
+    o.aux_ctx = NULL;
     return o;
+}
+
+/* The reduction's two kinds of call: the free bits' layer sums and row
+ * count (T + 1 doubles), and a minibatch's loss terms (PACKED_SUMS + T). */
+#define PACKED_SUMS 5
+
+int64_t hvae_train_reduce_values(const hvae_model *m, int which)
+{
+    int32_t T = m->config.n_layers;
+    return which == 0 ? T + 1 : which == 1 ? PACKED_SUMS + T : 0;
 }
 
 /* The loss terms of a minibatch as the doubles a reduction sums. */
@@ -265,8 +286,8 @@ static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, double *v)
     v[3] = s->reconstruction;
     v[4] = (double)s->n_rows;
     for (int32_t i = 0; i < T; i++)
-        v[5 + i] = s->kl[i];
-    return 5 + T;
+        v[PACKED_SUMS + i] = s->kl[i];
+    return PACKED_SUMS + T;
 }
 
 static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
@@ -277,14 +298,47 @@ static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
     s->reconstruction = v[3];
     s->n_rows = (int64_t)v[4];
     for (int32_t i = 0; i < T; i++)
-        s->kl[i] = v[5 + i];
+        s->kl[i] = v[PACKED_SUMS + i];
 }
 
-hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
-                             hvae_optimizer *opt, hvae_rng *rng,
-                             const float *x, const float *cond, int64_t n,
-                             int64_t *order, const hvae_train_options *o,
-                             hvae_epoch_stats *stats)
+/* The rows of the minibatch start .. start + B - 1 of `order` this process
+ * holds, staged for a step (see stage_rows and stage_shard_rows); their
+ * count into *held, their conditions into *cond_out. */
+static const float *stage_step(const hvae_model *m, const hvae_workspace *ws,
+                               const float *x, const float *cond, int64_t n,
+                               const int64_t *order, int64_t start, int64_t B,
+                               const hvae_train_options *o, const float **cond_out,
+                               int64_t *held)
+{
+    int64_t S = o->objective.n_samples;
+    if (o->n_global > 0) {
+        *held = stage_shard_rows(m, ws, x, cond, order, start, B, S, o->shard_start, n);
+        *cond_out = m->config.n_conditions > 0 ? ws->cond : NULL;
+        return ws->x;
+    }
+    *held = B;
+    return stage_rows(m, ws, x, cond, order, start, B, S, cond_out);
+}
+
+/* Data-parallel: sums the gradient and the minibatch's loss terms over the
+ * processes, in place. Nonzero when the reduction stopped the work. */
+static int reduce_step(hvae_model *m, const hvae_train_options *o, hvae_epoch_stats *batch)
+{
+    int32_t T = m->config.n_layers;
+    double v[PACKED_SUMS + HVAE_MAX_LAYERS];
+    int64_t nv = pack_sums(batch, T, v);
+    if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv))
+        return 1;
+    unpack_sums(v, T, batch);
+    return 0;
+}
+
+/* The minibatch steps of one epoch (hvae_train_epoch without the
+ * rollback). */
+static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
+                               hvae_rng *rng, const float *x, const float *cond,
+                               int64_t n, int64_t *order, const hvae_train_options *o,
+                               hvae_epoch_stats *stats)
 {
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
@@ -300,6 +354,8 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
     int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
     if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
+    if (hvae_optimizer_n_params(opt) != m->n_params)
+        return HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
@@ -318,16 +374,10 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
          * gets the same draws wherever it is held. */
         for (int32_t i = 0; i < T; i++)
             hvae_rng_normal(rng, ws_eps(ws, i), B * S * m->latent_dims[i]);
-        const int64_t *rows = o->shuffle ? order : NULL;
-        const float *cb, *xb;
-        int64_t held = B;
-        if (parallel) {
-            held = stage_shard_rows(m, ws, x, cond, rows, start, B, S, o->shard_start, n);
-            xb = ws->x;
-            cb = m->config.n_conditions > 0 ? ws->cond : NULL;
-        } else {
-            xb = stage_rows(m, ws, x, cond, rows, start, B, S, &cb);
-        }
+        const float *cb;
+        int64_t held;
+        const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
+                                     o, &cb, &held);
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
         if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
@@ -335,14 +385,13 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
             status = HVAE_ERR_STOPPED;
             break;
         }
-        if (parallel) {
-            double v[5 + HVAE_MAX_LAYERS];
-            int64_t nv = pack_sums(&batch, T, v);
-            if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv)) {
-                status = HVAE_ERR_STOPPED;
-                break;
-            }
-            unpack_sums(v, T, &batch);
+        if (parallel && reduce_step(m, o, &batch)) {
+            status = HVAE_ERR_STOPPED;
+            break;
+        }
+        if (o->aux_step && o->aux_step(o->aux_ctx, m, ws, xb, cb, held * S)) {
+            status = HVAE_ERR_STOPPED;
+            break;
         }
         batch.n_batches = 1;
         if (!isfinite(batch.loss) || !hvae_optimizer_step_if_finite(opt, m)) {
@@ -361,4 +410,32 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
     if (stats->n_rows > 0)
         scale_sums(stats, 1.0 / (double)stats->n_rows, T);
     return status;
+}
+
+/* Divergence handling for every caller: the epoch starts from a saved copy
+ * of the parameters, the optimizer's state and the generator; a nonfinite
+ * loss or gradient (checked before every step) or nonfinite parameters
+ * after the last step (which the per-step check cannot see) bring all of
+ * them back, so the model is the last finite one that belongs with its
+ * optimizer and generator. */
+hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
+                             hvae_optimizer *opt, hvae_rng *rng,
+                             const float *x, const float *cond, int64_t n,
+                             int64_t *order, const hvae_train_options *o,
+                             hvae_epoch_stats *stats)
+{
+    if (!m || !opt || !rng)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    int64_t n_params = m->n_params;
+    if (hvae_optimizer_n_params(opt) == n_params)
+        hvae_optimizer_save(opt, m->params);
+    hvae_rng saved_rng = *rng;
+    hvae_status st = train_steps(m, ws, opt, rng, x, cond, n, order, o, stats);
+    if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(m->params, n_params))
+        st = HVAE_ERR_NONFINITE_LOSS;
+    if (st == HVAE_ERR_NONFINITE_LOSS) {
+        hvae_optimizer_restore(opt, m->params);
+        *rng = saved_rng;
+    }
+    return st;
 }
