@@ -41,6 +41,8 @@ void hvae_activation_forward(float *out, const float *inp,
             out[i] = v < -HVAE_LOGVAR_BOUND ? -HVAE_LOGVAR_BOUND : v;
         }
         break;
+    case HVAE_ACT_COUNT: /* the sentinel, not an activation */
+        break;
     }
 }
 
@@ -59,6 +61,8 @@ static inline float derivative_from_output(hvae_activation act, float out)
     case HVAE_ACT_IDENTITY: return 1.0f;
     case HVAE_ACT_LOGVAR_CLIP:
         return out > -HVAE_LOGVAR_BOUND && out < HVAE_LOGVAR_BOUND ? 1.0f : 0.0f;
+    case HVAE_ACT_COUNT: /* the sentinel, not an activation */
+        break;
     }
     return 1.0f;
 }

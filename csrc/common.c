@@ -26,6 +26,41 @@ const char *hvae_status_to_string(hvae_status status)
     return "unknown status";
 }
 
+/* ---- names: see "Names" in hvae.h -------------------------------------- */
+
+/* The name of value v in a table of n names, NULL outside it. */
+static const char *table_name(const char *const *names, int n, int v)
+{
+    return v >= 0 && v < n ? names[v] : NULL;
+}
+#define NAME_FUNCTION(fn, type, count, ...)                                   \
+    const char *fn(type v)                                                    \
+    {                                                                         \
+        static const char *const names[] = {__VA_ARGS__};                     \
+        _Static_assert(sizeof names / sizeof names[0] == count,               \
+                       #fn ": one name per value");                           \
+        return table_name(names, count, (int)v);                              \
+    }
+
+NAME_FUNCTION(hvae_likelihood_name, hvae_likelihood, HVAE_LIKELIHOOD_COUNT,
+              "gaussian", "bernoulli")
+/* NULL entries: the heads' internal activations. */
+NAME_FUNCTION(hvae_activation_name, hvae_activation, HVAE_ACT_COUNT,
+              "relu", "tanh", "leaky_relu", "elu", "softplus", NULL, NULL)
+NAME_FUNCTION(hvae_decoder_variance_name, hvae_decoder_variance,
+              HVAE_DECODER_VARIANCE_COUNT, "learned", "unit")
+NAME_FUNCTION(hvae_inference_name, hvae_inference, HVAE_INFERENCE_COUNT,
+              "markov", "ladder")
+NAME_FUNCTION(hvae_prior_name, hvae_prior_kind, HVAE_PRIOR_COUNT, "normal")
+NAME_FUNCTION(hvae_latent_family_name, hvae_latent_family,
+              HVAE_LATENT_FAMILY_COUNT, "gaussian")
+NAME_FUNCTION(hvae_markov_kl_name, hvae_markov_kl, HVAE_MARKOV_KL_COUNT,
+              "sampled", "analytic")
+NAME_FUNCTION(hvae_objective_name, hvae_objective, HVAE_OBJECTIVE_COUNT,
+              "elbo", "iwae")
+NAME_FUNCTION(hvae_optimizer_name, hvae_optimizer_kind, HVAE_OPTIMIZER_COUNT,
+              "adam", "sgd")
+
 #ifndef HVAE_NO_BLAS
 
 void HVAE_BLAS_NAME(cblas_sgemm)(int order, int trans_a, int trans_b, int M,

@@ -97,10 +97,21 @@ typedef enum {
 /* A static, human-readable description of a status code. */
 HVAE_API const char *hvae_status_to_string(hvae_status status);
 
+/* Names. Every option a caller picks by name (Python does) is an enum E
+ * with a sentinel HVAE_E_COUNT, one past its last value, and a function
+ * hvae_E_name(value) giving the value's name: a static string, or NULL when
+ * the value is out of range or not selectable by name (the internal
+ * activations). A binding lists the choices by walking 0..HVAE_E_COUNT - 1
+ * and skipping NULLs, and parses a name against the same list, so a new
+ * value needs its enum entry and its name here and nothing else. New values
+ * go at the end, before the sentinel. */
+
 typedef enum {
     HVAE_LIKELIHOOD_GAUSSIAN = 0,  /* p(x|z_1) = N(mu, exp(logvar)) */
-    HVAE_LIKELIHOOD_BERNOULLI = 1  /* p(x|z_1) = Bernoulli(sigmoid(logits)) */
+    HVAE_LIKELIHOOD_BERNOULLI = 1, /* p(x|z_1) = Bernoulli(sigmoid(logits)) */
+    HVAE_LIKELIHOOD_COUNT
 } hvae_likelihood;
+HVAE_API const char *hvae_likelihood_name(hvae_likelihood likelihood);
 
 typedef enum {
     HVAE_ACT_RELU = 0,
@@ -108,10 +119,17 @@ typedef enum {
     HVAE_ACT_LEAKY_RELU = 2,   /* slope 0.01 below zero */
     HVAE_ACT_ELU = 3,          /* alpha 1 */
     HVAE_ACT_SOFTPLUS = 4,
+    /* Internal: the heads' activations, never a hidden layer's choice; their
+     * names are NULL. */
     HVAE_ACT_IDENTITY = 5,     /* used for the linear heads */
-    HVAE_ACT_LOGVAR_CLIP = 6   /* clip to [-HVAE_LOGVAR_BOUND, HVAE_LOGVAR_BOUND]:
+    HVAE_ACT_LOGVAR_CLIP = 6,  /* clip to [-HVAE_LOGVAR_BOUND, HVAE_LOGVAR_BOUND]:
                                   every log-variance head */
+    /* A new hidden activation goes here (value 7 on), with its name. */
+    HVAE_ACT_COUNT
 } hvae_activation;
+/* "relu", "tanh", "leaky_relu", "elu", "softplus"; NULL for the internal
+ * head activations. */
+HVAE_API const char *hvae_activation_name(hvae_activation act);
 
 /* Log-variance heads are clipped to +-HVAE_LOGVAR_BOUND (variances between
  * 2e-9 and 5e8): every exp stays finite for unscaled data at initialisation,
@@ -121,8 +139,10 @@ typedef enum {
 
 typedef enum {
     HVAE_DECODER_VARIANCE_LEARNED = 0, /* decoders have log-variance heads */
-    HVAE_DECODER_VARIANCE_UNIT = 1     /* decoder variances fixed to 1 */
+    HVAE_DECODER_VARIANCE_UNIT = 1,    /* decoder variances fixed to 1 */
+    HVAE_DECODER_VARIANCE_COUNT
 } hvae_decoder_variance;
+HVAE_API const char *hvae_decoder_variance_name(hvae_decoder_variance v);
 
 /* How q(z | x) is built; the generative model is the same for both. */
 typedef enum {
@@ -135,8 +155,40 @@ typedef enum {
      * p(z_i | z_{i+1}) = N(mu_p, var_p):
      *   var_q = 1 / (1/var_hat + 1/var_p),  mu_q = var_q (mu_hat/var_hat + mu_p/var_p).
      * q and p of a layer then share z_{i+1}, so every KL is closed-form. */
-    HVAE_INFERENCE_LADDER = 1
+    HVAE_INFERENCE_LADDER = 1,
+    HVAE_INFERENCE_COUNT
 } hvae_inference;
+HVAE_API const char *hvae_inference_name(hvae_inference inference);
+
+/* The prior of the top layer, p(z_T). See "Extension points" below. */
+typedef enum {
+    HVAE_PRIOR_NORMAL = 0,     /* N(0, I), no parameters */
+    HVAE_PRIOR_COUNT
+} hvae_prior_kind;
+HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
+
+/* The distribution family of a latent layer. See "Extension points" below. */
+typedef enum {
+    HVAE_LATENT_GAUSSIAN = 0,  /* diagonal Gaussian: heads mu and logvar */
+    HVAE_LATENT_FAMILY_COUNT
+} hvae_latent_family;
+HVAE_API const char *hvae_latent_family_name(hvae_latent_family family);
+
+/* The ELBO's term of a lower Markov layer i < T (ladder layers are always
+ * closed form). */
+typedef enum {
+    /* log q(z_i|z_{i-1}) - log p(z_i|z_{i+1}) at the samples: an unbiased
+     * single-sample estimate of the term. */
+    HVAE_MARKOV_KL_SAMPLED = 0,
+    /* KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form at the sampled
+     * z_{i+1} (the lecture notes' estimator): lower variance, but z_{i+1}
+     * was drawn given z_i, so it is a different, not an unbiased, estimate
+     * of the ELBO. IWAE and log-likelihood need true log-weights and keep
+     * the sampled ratio. */
+    HVAE_MARKOV_KL_ANALYTIC = 1,
+    HVAE_MARKOV_KL_COUNT
+} hvae_markov_kl;
+HVAE_API const char *hvae_markov_kl_name(hvae_markov_kl markov_kl);
 
 /* The architecture. Arrays are copied by hvae_model_create. */
 typedef struct {
@@ -153,6 +205,9 @@ typedef struct {
      * first layer of every encoder and decoder block (its W gains n_conditions
      * rows after the n_in rows of the block's input). */
     int64_t n_conditions;
+    hvae_markov_kl markov_kl;           /* default HVAE_MARKOV_KL_SAMPLED */
+    hvae_prior_kind prior;              /* default HVAE_PRIOR_NORMAL */
+    hvae_latent_family latent_family;   /* every layer's; default Gaussian */
 } hvae_config;
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
@@ -392,9 +447,11 @@ HVAE_API hvae_status hvae_elbo(hvae_model *model, hvae_workspace *ws,
 
 typedef enum {
     HVAE_OBJECTIVE_ELBO = 0, /* the ELBO, averaged over n_samples draws */
-    HVAE_OBJECTIVE_IWAE = 1  /* log (1/k) sum_j w_j over k = n_samples draws,
+    HVAE_OBJECTIVE_IWAE = 1, /* log (1/k) sum_j w_j over k = n_samples draws,
                                 w_j = p(x, z_j) / q(z_j | x) (Burda et al. 2016) */
+    HVAE_OBJECTIVE_COUNT
 } hvae_objective;
+HVAE_API const char *hvae_objective_name(hvae_objective objective);
 
 typedef struct {
     hvae_objective objective;
@@ -474,7 +531,12 @@ HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
 /* ------------------------------------------------------------------------ */
 /* Training.                                                                  */
 
-typedef enum { HVAE_OPTIMIZER_ADAM = 0, HVAE_OPTIMIZER_SGD = 1 } hvae_optimizer_kind;
+typedef enum {
+    HVAE_OPTIMIZER_ADAM = 0,
+    HVAE_OPTIMIZER_SGD = 1,
+    HVAE_OPTIMIZER_COUNT
+} hvae_optimizer_kind;
+HVAE_API const char *hvae_optimizer_name(hvae_optimizer_kind kind);
 
 typedef struct {
     hvae_optimizer_kind kind;
@@ -488,9 +550,16 @@ HVAE_API hvae_optimizer_config hvae_optimizer_config_default(void);
 
 typedef struct hvae_optimizer hvae_optimizer;
 
+/* An optimizer for the model's parameter buffer. */
 HVAE_API hvae_status hvae_optimizer_create(const hvae_model *model,
                                            const hvae_optimizer_config *config,
                                            hvae_optimizer **out);
+/* An optimizer for any block of n_params floats (an auxiliary network's
+ * parameters, say): its own moments and step count. */
+HVAE_API hvae_status hvae_optimizer_create_for(int64_t n_params,
+                                               const hvae_optimizer_config *config,
+                                               hvae_optimizer **out);
+HVAE_API int64_t hvae_optimizer_n_params(const hvae_optimizer *opt);
 HVAE_API void hvae_optimizer_free(hvae_optimizer *opt);
 /* Settings may change between steps (a new learning rate keeps moments). */
 HVAE_API hvae_status hvae_optimizer_configure(hvae_optimizer *opt,
@@ -503,6 +572,10 @@ HVAE_API float *hvae_optimizer_state(hvae_optimizer *opt, int which);
 HVAE_API int64_t *hvae_optimizer_step_count(hvae_optimizer *opt);
 /* Applies one update from hvae_model_grads to hvae_model_params. */
 HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
+/* Applies one update from grads to params, n_params floats each (the block
+ * the optimizer was made for). */
+HVAE_API void hvae_optimizer_step_block(hvae_optimizer *opt, float *params,
+                                        const float *grads);
 
 
 /* Data-parallel training: sums values across the processes, in place
@@ -540,16 +613,26 @@ HVAE_API hvae_train_options hvae_train_options_default(void);
 
 /* One pass of minibatch steps over x (n, D): reparameterisation noise from
  * rng, loss and gradient, a check that both are finite, an optimizer step.
- * `order` is scratch for n row indices (int64). On
- * HVAE_ERR_NONFINITE_LOSS the offending step is not applied, so the
- * parameters are the last finite ones. `stats` receives the means over the
- * batches that were applied. */
+ * `order` is scratch for n row indices (int64).
+ * Divergence: when a step's loss or gradient, or the parameters after the
+ * last step, are NaN or infinite, the call returns HVAE_ERR_NONFINITE_LOSS
+ * with the model's parameters, the optimizer's moments and step count and
+ * *rng back at their state at the start of the call (the optimizer keeps
+ * that copy, made without allocating), so training can go on from a finite
+ * model. `stats` receives the means over the batches that were applied
+ * (before a rollback). */
 HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
                                       hvae_optimizer *opt, hvae_rng *rng,
                                       const float *x, const float *cond,
                                       int64_t n, int64_t *order,
                                       const hvae_train_options *options,
                                       hvae_epoch_stats *stats);
+
+/* Data-parallel training: how many doubles the reduce hook receives in its
+ * two kinds of call for this model (values of which == 0: the layers'
+ * minibatch KL sums and the row count, for free bits; which == 1: the
+ * minibatch's loss terms). 0 for another `which`. */
+HVAE_API int64_t hvae_train_reduce_values(const hvae_model *model, int which);
 
 /* 1 when all n values are finite. */
 HVAE_API int hvae_all_finite(const float *v, int64_t n);

@@ -30,24 +30,85 @@
 
 static PyObject *DivergenceError;
 
-static const char *const likelihood_names[] = {"gaussian", "bernoulli"};
-static const char *const activation_names[] = {"relu", "tanh", "leaky_relu",
-                                               "elu", "softplus"};
-static const char *const variance_names[] = {"learned", "unit"};
-static const char *const optimizer_names[] = {"adam", "sgd"};
-static const char *const inference_names[] = {"markov", "ladder"};
-static const char *const objective_names[] = {"elbo", "iwae"};
+/* ---- names ---------------------------------------------------------------
+ * Every option chosen by name comes from the C core's name functions (see
+ * "Names" in hvae.h): the module's tuples (ACTIVATIONS, ...) and the
+ * parser below read the same list, so what Python reports is what it
+ * accepts. */
 
-static int parse_choice(const char *what, const char *value,
-                        const char *const *names, int n_names)
+#define NAME_OF(fn, type) \
+    static const char *fn##_int(int v) { return fn((type)v); }
+NAME_OF(hvae_likelihood_name, hvae_likelihood)
+NAME_OF(hvae_activation_name, hvae_activation)
+NAME_OF(hvae_decoder_variance_name, hvae_decoder_variance)
+NAME_OF(hvae_inference_name, hvae_inference)
+NAME_OF(hvae_objective_name, hvae_objective)
+NAME_OF(hvae_optimizer_name, hvae_optimizer_kind)
+NAME_OF(hvae_prior_name, hvae_prior_kind)
+NAME_OF(hvae_latent_family_name, hvae_latent_family)
+NAME_OF(hvae_markov_kl_name, hvae_markov_kl)
+
+typedef enum {
+    CHOICE_LIKELIHOOD, CHOICE_ACTIVATION, CHOICE_DECODER_VARIANCE,
+    CHOICE_INFERENCE, CHOICE_OBJECTIVE, CHOICE_OPTIMIZER, CHOICE_PRIOR,
+    CHOICE_LATENT_FAMILY, CHOICE_MARKOV_KL, N_CHOICES
+} choice_kind;
+
+typedef struct {
+    const char *attribute;      /* the module's tuple of names */
+    const char *(*name)(int);   /* the C core's name function */
+    int count;                  /* its enum's *_COUNT */
+} choice_list;
+
+static const choice_list choices[N_CHOICES] = {
+    {"LIKELIHOODS", hvae_likelihood_name_int, HVAE_LIKELIHOOD_COUNT},
+    {"ACTIVATIONS", hvae_activation_name_int, HVAE_ACT_COUNT},
+    {"DECODER_VARIANCES", hvae_decoder_variance_name_int, HVAE_DECODER_VARIANCE_COUNT},
+    {"INFERENCES", hvae_inference_name_int, HVAE_INFERENCE_COUNT},
+    {"OBJECTIVES", hvae_objective_name_int, HVAE_OBJECTIVE_COUNT},
+    {"OPTIMIZERS", hvae_optimizer_name_int, HVAE_OPTIMIZER_COUNT},
+    {"PRIORS", hvae_prior_name_int, HVAE_PRIOR_COUNT},
+    {"LATENT_FAMILIES", hvae_latent_family_name_int, HVAE_LATENT_FAMILY_COUNT},
+    {"MARKOV_KLS", hvae_markov_kl_name_int, HVAE_MARKOV_KL_COUNT},
+};
+
+/* The name of value v of a choice (values come from a validated config). */
+static const char *choice_name(choice_kind kind, int v)
 {
-    for (int i = 0; i < n_names; i++)
-        if (strcmp(value, names[i]) == 0)
-            return i;
+    const char *name = choices[kind].name(v);
+    return name ? name : "?";
+}
+
+/* The names of a choice as a tuple of str, in enum order. */
+static PyObject *choice_tuple(choice_kind kind)
+{
+    PyObject *names = PyList_New(0);
+    for (int v = 0; names && v < choices[kind].count; v++) {
+        const char *name = choices[kind].name(v);
+        PyObject *s = name ? PyUnicode_FromString(name) : NULL;
+        if (name && (!s || PyList_Append(names, s) < 0))
+            Py_CLEAR(names);
+        Py_XDECREF(s);
+    }
+    PyObject *tuple = names ? PyList_AsTuple(names) : NULL;
+    Py_XDECREF(names);
+    return tuple;
+}
+
+/* The enum value named `value`, or -1 with a ValueError that lists every
+ * accepted name. */
+static int parse_choice(const char *what, const char *value, choice_kind kind)
+{
+    const choice_list *list = &choices[kind];
+    for (int v = 0; v < list->count; v++)
+        if (list->name(v) && strcmp(value, list->name(v)) == 0)
+            return v;
     PyObject *options = PyUnicode_FromString("");
-    for (int i = 0; i < n_names && options; i++) {
+    for (int v = 0, listed = 0; v < list->count && options; v++) {
+        if (!list->name(v))
+            continue;
         PyObject *next = PyUnicode_FromFormat("%U%s'%s'", options,
-                                              i ? ", " : "", names[i]);
+                                              listed++ ? ", " : "", list->name(v));
         Py_SETREF(options, next);
     }
     if (options)
@@ -415,27 +476,33 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
-                             "seed", "inference", "n_conditions", NULL};
+                             "seed", "inference", "n_conditions", "markov_kl",
+                             "prior", "latent_family", NULL};
     long long n_features;
     PyObject *latent_obj, *hidden_obj, *latent_seq = NULL, *hidden_seq = NULL;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
+    const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
     long long n_conditions = 0;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sL:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsss:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
-                                     &inference, &n_conditions))
+                                     &inference, &n_conditions, &markov_kl,
+                                     &prior, &latent_family))
         return NULL;
-    int lik = parse_choice("likelihood", likelihood, likelihood_names, 2);
-    int act = lik < 0 ? -1 : parse_choice("activation", activation, activation_names, 5);
-    int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, variance_names, 2);
-    int inf = var < 0 ? -1 : parse_choice("inference", inference, inference_names, 2);
-    if (inf < 0)
+    int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
+    int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
+    int var = act < 0 ? -1 : parse_choice("decoder_variance", variance, CHOICE_DECODER_VARIANCE);
+    int inf = var < 0 ? -1 : parse_choice("inference", inference, CHOICE_INFERENCE);
+    int mkl = inf < 0 ? -1 : parse_choice("markov_kl", markov_kl, CHOICE_MARKOV_KL);
+    int pri = mkl < 0 ? -1 : parse_choice("prior", prior, CHOICE_PRIOR);
+    int fam = pri < 0 ? -1 : parse_choice("latent_family", latent_family, CHOICE_LATENT_FAMILY);
+    if (fam < 0)
         return NULL;
     if (n_conditions < 0 || n_conditions > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
@@ -496,6 +563,9 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.activation = (hvae_activation)act;
     cfg.decoder_variance = (hvae_decoder_variance)var;
     cfg.inference = (hvae_inference)inf;
+    cfg.markov_kl = (hvae_markov_kl)mkl;
+    cfg.prior = (hvae_prior_kind)pri;
+    cfg.latent_family = (hvae_latent_family)fam;
     cfg.n_conditions = n_conditions;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
@@ -593,17 +663,23 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
     if (strcmp(which, "hidden_dims") == 0)
         return dims_tuple(c->hidden_dims, c->n_hidden);
     if (strcmp(which, "likelihood") == 0)
-        return PyUnicode_FromString(likelihood_names[c->likelihood]);
+        return PyUnicode_FromString(choice_name(CHOICE_LIKELIHOOD, c->likelihood));
     if (strcmp(which, "activation") == 0)
-        return PyUnicode_FromString(activation_names[c->activation]);
+        return PyUnicode_FromString(choice_name(CHOICE_ACTIVATION, c->activation));
     if (strcmp(which, "decoder_variance") == 0)
-        return PyUnicode_FromString(variance_names[c->decoder_variance]);
+        return PyUnicode_FromString(choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance));
     if (strcmp(which, "n_params") == 0)
         return PyLong_FromLongLong(hvae_model_n_params(self->model));
     if (strcmp(which, "n_layers") == 0)
         return PyLong_FromLong(c->n_layers);
     if (strcmp(which, "inference") == 0)
-        return PyUnicode_FromString(inference_names[c->inference]);
+        return PyUnicode_FromString(choice_name(CHOICE_INFERENCE, c->inference));
+    if (strcmp(which, "markov_kl") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_MARKOV_KL, c->markov_kl));
+    if (strcmp(which, "prior") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_PRIOR, c->prior));
+    if (strcmp(which, "latent_family") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
     if (strcmp(which, "n_conditions") == 0)
         return PyLong_FromLongLong(c->n_conditions);
     if (strcmp(which, "seed") == 0)
@@ -706,7 +782,7 @@ static int check_float32(const char *name, double value, double low, int low_inc
 static int parse_objective(const char *objective, long long n_samples, double beta,
                            double free_bits, hvae_objective_options *out)
 {
-    int kind = parse_choice("objective", objective, objective_names, 2);
+    int kind = parse_choice("objective", objective, CHOICE_OBJECTIVE);
     if (kind < 0)
         return -1;
     if (n_samples < 1 || n_samples > (1 << 20)) {
@@ -1114,26 +1190,51 @@ done:
 /* ---- fit ----------------------------------------------------------------- */
 
 
+/* The keys of fit's per-epoch records, in record order; exported as
+ * EPOCH_RECORD_KEYS. */
+enum {
+    RECORD_LOSS, RECORD_OBJECTIVE, RECORD_ELBO, RECORD_RECONSTRUCTION,
+    RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
+    RECORD_COMPLETE, N_RECORD_KEYS
+};
+static const char *const epoch_record_keys[N_RECORD_KEYS] = {
+    "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
+    "n_batches", "n_rows", "complete"};
+
+/* One epoch's record: a dict of epoch_record_keys; kl a list of T floats. */
 static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
                               double seconds, int complete)
 {
-    PyObject *kl = PyList_New(T);
-    for (int32_t i = 0; kl && i < T; i++) {
+    PyObject *values[N_RECORD_KEYS] = {NULL};
+    PyObject *record = NULL;
+    values[RECORD_LOSS] = PyFloat_FromDouble(s->loss);
+    values[RECORD_OBJECTIVE] = PyFloat_FromDouble(s->objective);
+    values[RECORD_ELBO] = PyFloat_FromDouble(s->elbo);
+    values[RECORD_RECONSTRUCTION] = PyFloat_FromDouble(s->reconstruction);
+    values[RECORD_KL] = PyList_New(T);
+    for (int32_t i = 0; values[RECORD_KL] && i < T; i++) {
         PyObject *v = PyFloat_FromDouble(s->kl[i]);
         if (!v) {
-            Py_CLEAR(kl);
+            Py_CLEAR(values[RECORD_KL]);
             break;
         }
-        PyList_SET_ITEM(kl, i, v);
+        PyList_SET_ITEM(values[RECORD_KL], i, v);
     }
-    if (!kl)
-        return NULL;
-    return Py_BuildValue("{sdsdsdsdsNsdsLsLsO}", "loss", s->loss, "objective",
-                         s->objective, "elbo", s->elbo,
-                         "reconstruction", s->reconstruction, "kl", kl,
-                         "seconds", seconds, "n_batches", (long long)s->n_batches,
-                         "n_rows", (long long)s->n_rows, "complete",
-                         complete ? Py_True : Py_False);
+    values[RECORD_SECONDS] = PyFloat_FromDouble(seconds);
+    values[RECORD_N_BATCHES] = PyLong_FromLongLong((long long)s->n_batches);
+    values[RECORD_N_ROWS] = PyLong_FromLongLong((long long)s->n_rows);
+    values[RECORD_COMPLETE] = Py_NewRef(complete ? Py_True : Py_False);
+    for (int k = 0; k < N_RECORD_KEYS; k++)
+        if (!values[k])
+            goto done;
+    record = PyDict_New();
+    for (int k = 0; record && k < N_RECORD_KEYS; k++)
+        if (PyDict_SetItemString(record, epoch_record_keys[k], values[k]) < 0)
+            Py_CLEAR(record);
+done:
+    for (int k = 0; k < N_RECORD_KEYS; k++)
+        Py_XDECREF(values[k]);
+    return record;
 }
 
 static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
@@ -1158,7 +1259,6 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     int shuffle = 1;
     PyArrayObject *x = NULL;
     int64_t *order = NULL;
-    float *snapshot = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
                                      &X_obj, &n_epochs, &batch_size, &lr,
                                      &optimizer, &beta, &shuffle, &callback,
@@ -1170,7 +1270,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     hvae_objective_options oo;
     if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
         return NULL;
-    int kind = parse_choice("optimizer", optimizer, optimizer_names, 2);
+    int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
         return NULL;
     if (n_epochs < 0 || batch_size < 1 || batch_size > (1LL << 30)) {
@@ -1236,9 +1336,7 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         goto done;
     order = PyMem_RawMalloc((size_t)N * sizeof(int64_t));
     npy_intp P = hvae_model_n_params(self->model);
-    /* The state at the start of each epoch, restored if the epoch diverges. */
-    snapshot = PyMem_RawMalloc((size_t)(3 * P) * sizeof(float));
-    if (!order || !snapshot) {
+    if (!order) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1255,7 +1353,8 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     to.hook = fit_batch_hook;
     to.hook_ctx = &ctx;
     if (parallel) {
-        npy_intp n_values[2] = {T + 1, 5 + T}; /* see train.c: free bits, sums */
+        npy_intp n_values[2] = {hvae_train_reduce_values(self->model, 0),
+                                hvae_train_reduce_values(self->model, 1)};
         ctx.reduce = reduce;
         ctx.grads = view_of(self, hvae_model_grads(self->model), 1, &P);
         ctx.values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
@@ -1273,31 +1372,11 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     for (long long epoch = 0; epoch < n_epochs; epoch++) {
         hvae_epoch_stats stats;
         double t0 = now_seconds();
-        float *params = hvae_model_params(self->model);
-        float *m1 = hvae_optimizer_state(self->opt, 0), *m2 = hvae_optimizer_state(self->opt, 1);
-        int64_t step = *hvae_optimizer_step_count(self->opt);
-        hvae_rng rng = self->rng;
         ctx.saved = PyEval_SaveThread();
-        memcpy(snapshot, params, (size_t)P * sizeof(float));
-        memcpy(snapshot + P, m1, (size_t)P * sizeof(float));
-        if (m2)
-            memcpy(snapshot + 2 * P, m2, (size_t)P * sizeof(float));
+        /* On divergence the C loop returns the model, the optimizer and the
+         * generator to their state at the start of the epoch. */
         st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
                               PyArray_DATA(x), cond_data(cond), n, order, &to, &stats);
-        /* The loss and gradient are checked before every step; the last
-         * step's result is checked here. */
-        if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(params, P))
-            st = HVAE_ERR_NONFINITE_LOSS;
-        if (st == HVAE_ERR_NONFINITE_LOSS) {
-            /* Back to the start of the epoch: parameters whose loss was
-             * finite, and the optimizer and generator that went with them. */
-            memcpy(params, snapshot, (size_t)P * sizeof(float));
-            memcpy(m1, snapshot + P, (size_t)P * sizeof(float));
-            if (m2)
-                memcpy(m2, snapshot + 2 * P, (size_t)P * sizeof(float));
-            *hvae_optimizer_step_count(self->opt) = step;
-            self->rng = rng;
-        }
         PyEval_RestoreThread(ctx.saved);
         ctx.saved = NULL;
         double seconds = now_seconds() - t0;
@@ -1360,7 +1439,6 @@ release:
 done:
     model_leave(self);
     PyMem_RawFree(order);
-    PyMem_RawFree(snapshot);
     Py_XDECREF(x);
     Py_XDECREF(cond);
     return result;
@@ -1428,7 +1506,7 @@ static PyObject *Model_getstate_locked(ModelObject *self)
         float *v = hvae_optimizer_state(self->opt, 1);
         Py_DECREF(opt_state);
         opt_state = Py_BuildValue(
-            "{sssdsdsdsdsdsdsLsNsN}", "kind", optimizer_names[oc->kind],
+            "{sssdsdsdsdsdsdsLsNsN}", "kind", choice_name(CHOICE_OPTIMIZER, oc->kind),
             "learning_rate", (double)oc->learning_rate, "beta1", (double)oc->beta1,
             "beta2", (double)oc->beta2, "eps", (double)oc->eps, "momentum",
             (double)oc->momentum, "weight_decay", (double)oc->weight_decay,
@@ -1520,7 +1598,7 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
         Py_XDECREF(empty);
         if (!ok)
             goto done;
-        int kind = parse_choice("optimizer kind", kind_name, optimizer_names, 2);
+        int kind = parse_choice("optimizer kind", kind_name, CHOICE_OPTIMIZER);
         if (kind < 0)
             goto done;
         oc.kind = (hvae_optimizer_kind)kind;
@@ -1555,15 +1633,17 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
     PyObject *state = Model_getstate(self, NULL);
     if (!state)
         return NULL;
-    return Py_BuildValue("(O(LNNsssKsL)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLsss)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
-                         likelihood_names[c->likelihood],
-                         activation_names[c->activation],
-                         variance_names[c->decoder_variance], self->seed,
-                         inference_names[c->inference], (long long)c->n_conditions,
-                         state);
+                         choice_name(CHOICE_LIKELIHOOD, c->likelihood),
+                         choice_name(CHOICE_ACTIVATION, c->activation),
+                         choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
+                         choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
+                         choice_name(CHOICE_MARKOV_KL, c->markov_kl),
+                         choice_name(CHOICE_PRIOR, c->prior),
+                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family), state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -1576,11 +1656,14 @@ static PyObject *Model_repr(ModelObject *self)
         r = PyUnicode_FromFormat(
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
-            "inference='%s', n_conditions=%lld)",
+            "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
+            "latent_family='%s')",
             (long long)c->n_features, latent, hidden,
-            likelihood_names[c->likelihood], activation_names[c->activation],
-            variance_names[c->decoder_variance], self->seed,
-            inference_names[c->inference], (long long)c->n_conditions);
+            choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
+            choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
+            choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
+            choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
+            choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     return r;
@@ -1688,6 +1771,12 @@ static PyGetSetDef Model_getset[] = {
     {"n_layers", (getter)Model_get_config_value, NULL, "T", "n_layers"},
     {"seed", (getter)Model_get_config_value, NULL, "Initialisation seed", "seed"},
     {"inference", (getter)Model_get_config_value, NULL, "'markov' or 'ladder'", "inference"},
+    {"markov_kl", (getter)Model_get_config_value, NULL,
+     "A lower Markov layer's ELBO term: 'sampled' log-density ratio or 'analytic' KL",
+     "markov_kl"},
+    {"prior", (getter)Model_get_config_value, NULL, "The top layer's prior (PRIORS)", "prior"},
+    {"latent_family", (getter)Model_get_config_value, NULL,
+     "The latent layers' distribution family (LATENT_FAMILIES)", "latent_family"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
@@ -1707,7 +1796,8 @@ static PyTypeObject ModelType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
-              "inference='markov', n_conditions=0)\n--\n\n"
+              "inference='markov', n_conditions=0, markov_kl='sampled', "
+              "prior='normal', latent_family='gaussian')\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -1716,7 +1806,12 @@ static PyTypeObject ModelType = {
               "'ladder' (a deterministic bottom-up pass, then top-down precision-\n"
               "weighted posteriors). n_conditions: width of a condition that enters\n"
               "the first layer of every block (conditional VAE); the methods then\n"
-              "take cond, an (n, n_conditions) array.",
+              "take cond, an (n, n_conditions) array. markov_kl: a lower Markov\n"
+              "layer's ELBO term, 'sampled' (log q - log p at the samples, unbiased)\n"
+              "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
+              "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
+              "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
+              "latent layers' family (LATENT_FAMILIES).",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,
@@ -1768,6 +1863,15 @@ static struct PyModuleDef module_def = {
     "hvae's native core: the Model type and BLAS settings.", -1, module_methods,
     NULL, NULL, NULL, NULL};
 
+/* PyModule_Add of Python 3.13: adds obj (a new reference, NULL after a
+ * failure) and drops it. */
+static int module_add_new(PyObject *m, const char *name, PyObject *obj)
+{
+    int r = obj ? PyModule_AddObjectRef(m, name, obj) : -1;
+    Py_XDECREF(obj);
+    return r;
+}
+
 PyMODINIT_FUNC PyInit__core(void)
 {
     import_array();
@@ -1797,9 +1901,23 @@ PyMODINIT_FUNC PyInit__core(void)
     if (!DivergenceError || PyModule_AddObjectRef(m, "DivergenceError", DivergenceError) < 0 ||
         PyModule_AddObjectRef(m, "Model", (PyObject *)&ModelType) < 0 ||
         PyModule_AddIntConstant(m, "MAX_LAYERS", HVAE_MAX_LAYERS) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0) {
-        Py_DECREF(m);
-        return NULL;
+        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0)
+        goto fail;
+    for (int kind = 0; kind < N_CHOICES; kind++)
+        if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)
+            goto fail;
+    PyObject *keys = PyTuple_New(N_RECORD_KEYS);
+    for (int k = 0; keys && k < N_RECORD_KEYS; k++) {
+        PyObject *key = PyUnicode_FromString(epoch_record_keys[k]);
+        if (!key)
+            Py_CLEAR(keys);
+        else
+            PyTuple_SET_ITEM(keys, k, key);
     }
+    if (module_add_new(m, "EPOCH_RECORD_KEYS", keys) < 0)
+        goto fail;
     return m;
+fail:
+    Py_DECREF(m);
+    return NULL;
 }

@@ -186,6 +186,13 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
  * pass), returning 1; otherwise changes nothing and returns 0. Both the
  * check and the update are split over the pool. */
 int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model);
+/* The same over any block the optimizer was made for. */
+int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, float *grads);
+/* The training loop's rollback point: save copies params (the optimizer's
+ * n_params floats), the moments and the step count into buffers the
+ * optimizer allocated with itself; restore copies them back. */
+void hvae_optimizer_save(hvae_optimizer *opt, const float *params);
+void hvae_optimizer_restore(hvae_optimizer *opt, float *params);
 
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
@@ -210,6 +217,10 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
                    int sampled);
+/* Row r's log-weight log p(x|z_1) - sum_i term_i after hvae_forward (the
+ * one place the objectives assemble it; see model.c), its layer terms into
+ * kl (T, or NULL) and its ELBO into *elbo (or NULL). */
+double hvae_row_terms(const hvae_workspace *ws, int64_t r, double *kl, double *elbo);
 /* Fills the workspace noise for B data rows, each replicated S times (row
  * b * S + s), from each data row's hashed generator. */
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,

@@ -28,6 +28,9 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.decoder_variance = HVAE_DECODER_VARIANCE_LEARNED;
     c.inference = HVAE_INFERENCE_MARKOV;
     c.n_conditions = 0;
+    c.markov_kl = HVAE_MARKOV_KL_SAMPLED;
+    c.prior = HVAE_PRIOR_NORMAL;
+    c.latent_family = HVAE_LATENT_GAUSSIAN;
     return c;
 }
 
@@ -117,15 +120,13 @@ static hvae_status validate_config(const hvae_config *c)
     for (int32_t j = 0; j < c->n_hidden; j++)
         if (c->hidden_dims[j] < 1 || c->hidden_dims[j] > INT_MAX)
             return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->likelihood != HVAE_LIKELIHOOD_GAUSSIAN &&
-        c->likelihood != HVAE_LIKELIHOOD_BERNOULLI)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    if ((unsigned)c->activation > HVAE_ACT_IDENTITY)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->decoder_variance != HVAE_DECODER_VARIANCE_LEARNED &&
-        c->decoder_variance != HVAE_DECODER_VARIANCE_UNIT)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->inference != HVAE_INFERENCE_MARKOV && c->inference != HVAE_INFERENCE_LADDER)
+    /* Every named option must have a name; a hidden layer may also be the
+     * identity (linear), which the C API has always allowed. */
+    if (!hvae_likelihood_name(c->likelihood) ||
+        !(hvae_activation_name(c->activation) || c->activation == HVAE_ACT_IDENTITY) ||
+        !hvae_decoder_variance_name(c->decoder_variance) ||
+        !hvae_inference_name(c->inference) || !hvae_markov_kl_name(c->markov_kl) ||
+        !hvae_prior_name(c->prior) || !hvae_latent_family_name(c->latent_family))
         return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
@@ -419,12 +420,43 @@ static float *dprior(const hvae_model *m, const hvae_workspace *ws, int32_t i, i
     return i == m->config.n_layers - 1 ? NULL : block_dhead(ws, &m->dec[i + 1], h);
 }
 
-/* A closed-form KL is exact when q and p of the layer condition on the same
- * things: the top layer, and every ladder layer. */
+/* Whether layer i's term is the closed-form KL rather than the sampled
+ * log-density ratio. The KL is exact when q and p of the layer condition on
+ * the same things: the top layer, and every ladder layer. A lower Markov
+ * layer takes it too with markov_kl = analytic (at the sampled z_{i+1}; see
+ * hvae.h). `sampled` (IWAE, log-likelihood) asks for true log-weights. */
 static int closed_form(const hvae_model *m, int32_t i, int sampled)
 {
     return !sampled && (i == m->config.n_layers - 1 ||
-                        m->config.inference == HVAE_INFERENCE_LADDER);
+                        m->config.inference == HVAE_INFERENCE_LADDER ||
+                        m->config.markov_kl == HVAE_MARKOV_KL_ANALYTIC);
+}
+
+/* Row r's terms after a forward pass, the one place every objective
+ * assembles them:
+ *   log w_r = log p(x|z_1) + sum of the prior terms - sum of the posterior
+ *           = reconstruction_r - term_1 - ... - term_T,
+ * term_i = log q(z_i|.) - log p(z_i|.) at the samples (a true log-weight:
+ * IWAE, log-likelihood), or the closed-form KL where the pass took it (then
+ * log w_r is the row's ELBO estimate). Also writes the layer terms into kl
+ * (T entries, may be NULL) and returns through elbo (may be NULL) the same
+ * quantity summed as reconstruction_r - (term_1 + ... + term_T): the two
+ * orders of rounding are those the ELBO and the importance-weighted paths
+ * have always used, kept so that results stay bit for bit. */
+double hvae_row_terms(const hvae_workspace *ws, int64_t r, double *kl, double *elbo)
+{
+    int32_t T = ws->model->config.n_layers;
+    double reconstruction = ws->reconstruction[r], log_w = reconstruction, total = 0.0;
+    for (int32_t i = 0; i < T; i++) {
+        double term = ws->kl[i * ws->max_rows + r];
+        log_w -= term;
+        total += term;
+        if (kl)
+            kl[i] = term;
+    }
+    if (elbo)
+        *elbo = reconstruction - total;
+    return log_w;
 }
 
 /* The input of encoder block i: x, the sample z_i (Markov) or the mean
@@ -746,17 +778,10 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
             hvae_hashed_noise(m, ws, xb, B, 1, noise_seed);
         hvae_forward(m, ws, xb, rows_of(cond, r0, C), noise, B, 1, 0);
         for (int64_t b = 0; b < B; b++) {
-            double kl_total = 0.0;
-            for (int32_t i = 0; i < T; i++) {
-                double k = ws->kl[i * ws->max_rows + b];
-                kl_total += k;
-                if (kl)
-                    kl[(r0 + b) * T + i] = k;
-            }
+            hvae_row_terms(ws, b, kl ? kl + (r0 + b) * T : NULL,
+                           elbo ? elbo + r0 + b : NULL);
             if (reconstruction)
                 reconstruction[r0 + b] = ws->reconstruction[b];
-            if (elbo)
-                elbo[r0 + b] = ws->reconstruction[b] - kl_total;
         }
     }
     return HVAE_OK;
@@ -804,10 +829,7 @@ hvae_status hvae_log_likelihood(hvae_model *m, hvae_workspace *ws, const float *
                 return HVAE_ERR_STOPPED;
             for (int64_t b = 0; b < rows; b++) {
                 for (int64_t s = 0; s < draws; s++) {
-                    int64_t r = b * draws + s;
-                    double log_w = ws->reconstruction[r];
-                    for (int32_t i = 0; i < T; i++)
-                        log_w -= ws->kl[i * ws->max_rows + r];
+                    double log_w = hvae_row_terms(ws, b * draws + s, NULL, NULL);
                     if (log_w > ws->lse_max[b]) {
                         ws->lse_sum[b] = ws->lse_sum[b] * exp(ws->lse_max[b] - log_w) + 1.0;
                         ws->lse_max[b] = log_w;

@@ -1,4 +1,6 @@
-/* optim.c -- Adam and SGD over the flat parameter buffer. */
+/* optim.c -- Adam and SGD over flat buffers: the model's parameter buffer,
+ * or any (params, grads, n) block such as an auxiliary network's; and the
+ * training loop's snapshot of an optimizer's block for rolling back. */
 #include "hvae.h"
 #include "internal.h"
 
@@ -141,6 +143,11 @@ struct hvae_optimizer {
     int64_t step;
     float *m; /* Adam's first moment, or SGD's momentum buffer */
     float *v; /* Adam's second moment */
+    /* The training loop's rollback point (hvae_train_epoch): parameters, m,
+     * v and the step count at the start of an epoch. Allocated with the
+     * optimizer so that training allocates nothing. */
+    float *saved;   /* 3 n_params floats: params, m, v */
+    int64_t saved_step;
 };
 
 hvae_optimizer_config hvae_optimizer_config_default(void)
@@ -166,28 +173,40 @@ static int config_is_valid(const hvae_optimizer_config *c)
            c->weight_decay >= 0.0f && isfinite(c->weight_decay);
 }
 
-hvae_status hvae_optimizer_create(const hvae_model *model,
-                                  const hvae_optimizer_config *config,
-                                  hvae_optimizer **out)
+hvae_status hvae_optimizer_create_for(int64_t n_params,
+                                      const hvae_optimizer_config *config,
+                                      hvae_optimizer **out)
 {
-    if (!model || !config || !out)
+    if (!config || !out || n_params < 1)
         return HVAE_ERR_INVALID_ARGUMENT;
     *out = NULL;
     if (!config_is_valid(config))
         return HVAE_ERR_INVALID_ARGUMENT;
+    if (n_params > (int64_t)(SIZE_MAX / 4 / sizeof(float)))
+        return HVAE_ERR_SIZE_OVERFLOW;
     hvae_optimizer *opt = calloc(1, sizeof *opt);
     if (!opt)
         return HVAE_ERR_OUT_OF_MEMORY;
     opt->config = *config;
-    opt->n_params = hvae_model_n_params(model);
+    opt->n_params = n_params;
     opt->m = calloc((size_t)opt->n_params, sizeof(float));
     opt->v = calloc((size_t)opt->n_params, sizeof(float));
-    if (!opt->m || !opt->v) {
+    opt->saved = malloc(3 * (size_t)opt->n_params * sizeof(float));
+    if (!opt->m || !opt->v || !opt->saved) {
         hvae_optimizer_free(opt);
         return HVAE_ERR_OUT_OF_MEMORY;
     }
     *out = opt;
     return HVAE_OK;
+}
+
+hvae_status hvae_optimizer_create(const hvae_model *model,
+                                  const hvae_optimizer_config *config,
+                                  hvae_optimizer **out)
+{
+    if (!model)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    return hvae_optimizer_create_for(hvae_model_n_params(model), config, out);
 }
 
 void hvae_optimizer_free(hvae_optimizer *opt)
@@ -196,7 +215,28 @@ void hvae_optimizer_free(hvae_optimizer *opt)
         return;
     free(opt->m);
     free(opt->v);
+    free(opt->saved);
     free(opt);
+}
+
+int64_t hvae_optimizer_n_params(const hvae_optimizer *opt) { return opt->n_params; }
+
+void hvae_optimizer_save(hvae_optimizer *opt, const float *params)
+{
+    size_t bytes = (size_t)opt->n_params * sizeof(float);
+    memcpy(opt->saved, params, bytes);
+    memcpy(opt->saved + opt->n_params, opt->m, bytes);
+    memcpy(opt->saved + 2 * opt->n_params, opt->v, bytes);
+    opt->saved_step = opt->step;
+}
+
+void hvae_optimizer_restore(hvae_optimizer *opt, float *params)
+{
+    size_t bytes = (size_t)opt->n_params * sizeof(float);
+    memcpy(params, opt->saved, bytes);
+    memcpy(opt->m, opt->saved + opt->n_params, bytes);
+    memcpy(opt->v, opt->saved + 2 * opt->n_params, bytes);
+    opt->step = opt->saved_step;
 }
 
 hvae_status hvae_optimizer_configure(hvae_optimizer *opt,
@@ -233,15 +273,16 @@ int64_t *hvae_optimizer_step_count(hvae_optimizer *opt)
     return &opt->step;
 }
 
-static update_args step_args(hvae_optimizer *opt, hvae_model *model, int zero_grads)
+static update_args step_args(hvae_optimizer *opt, float *params, float *grads,
+                             int zero_grads)
 {
     const hvae_optimizer_config *c = &opt->config;
     update_args a = {0};
     if (c->kind == HVAE_OPTIMIZER_ADAM)
         a = adam_args(c->learning_rate, c->beta1, c->beta2, c->eps, c->weight_decay,
                       opt->step);
-    a.params = hvae_model_params(model);
-    a.grads = hvae_model_grads(model);
+    a.params = params;
+    a.grads = grads;
     a.m = opt->m;
     a.v = opt->v;
     a.n = opt->n_params;
@@ -254,8 +295,13 @@ static update_args step_args(hvae_optimizer *opt, hvae_model *model, int zero_gr
 
 void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model)
 {
+    hvae_optimizer_step_block(opt, hvae_model_params(model), hvae_model_grads(model));
+}
+
+void hvae_optimizer_step_block(hvae_optimizer *opt, float *params, const float *grads)
+{
     opt->step++;
-    update_args a = step_args(opt, model, 0);
+    update_args a = step_args(opt, params, (float *)grads, 0); /* grads not written */
     hvae_parallel(opt->config.kind == HVAE_OPTIMIZER_ADAM ? adam_part : sgd_part, &a,
                   parts_for(a.n));
 }
@@ -282,8 +328,14 @@ static void checked_step_part(void *ctx, int part, int n_parts)
 
 int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model)
 {
+    return hvae_optimizer_block_step_if_finite(opt, hvae_model_params(model),
+                                               hvae_model_grads(model));
+}
+
+int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, float *grads)
+{
     opt->step++;
-    update_args a = step_args(opt, model, 1);
+    update_args a = step_args(opt, params, grads, 1);
     if (opt->config.kind != HVAE_OPTIMIZER_ADAM)
         a.v = NULL;
     hvae_parallel(checked_step_part, &a, parts_for(a.n));

@@ -98,12 +98,17 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     if (R > 0)
         hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
 
-    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0};
-    for (int64_t r = 0; r < R; r++)
+    /* Each row's log-weight (IWAE's draws keep theirs in lse_sum) and the
+     * minibatch sums of its terms. */
+    double rec = 0.0, kl_sum[HVAE_MAX_LAYERS] = {0}, kl_row[HVAE_MAX_LAYERS];
+    for (int64_t r = 0; r < R; r++) {
+        double log_w = hvae_row_terms(ws, r, kl_row, NULL);
+        if (iwae)
+            ws->lse_sum[r] = log_w;
         rec += ws->reconstruction[r];
-    for (int32_t i = 0; i < T; i++)
-        for (int64_t r = 0; r < R; r++)
-            kl_sum[i] += ws->kl[i * ws->max_rows + r];
+        for (int32_t i = 0; i < T; i++)
+            kl_sum[i] += kl_row[i];
+    }
 
     /* Free bits compare each layer's KL, averaged over the minibatch, with
      * the floor: over every process's rows. */
@@ -134,11 +139,7 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
         for (int64_t b = 0; b < B; b++) {
             double mx = -INFINITY;
             for (int64_t s = 0; s < S; s++) {
-                int64_t r = b * S + s;
-                double lw = ws->reconstruction[r];
-                for (int32_t i = 0; i < T; i++)
-                    lw -= ws->kl[i * ws->max_rows + r];
-                ws->lse_sum[r] = lw;
+                double lw = ws->lse_sum[b * S + s];
                 mx = lw > mx ? lw : mx;
             }
             double total = 0.0;
@@ -256,6 +257,16 @@ hvae_train_options hvae_train_options_default(void)
     return o;
 }
 
+/* The reduction's two kinds of call: the free bits' layer sums and row
+ * count (T + 1 doubles), and a minibatch's loss terms (PACKED_SUMS + T). */
+#define PACKED_SUMS 5
+
+int64_t hvae_train_reduce_values(const hvae_model *m, int which)
+{
+    int32_t T = m->config.n_layers;
+    return which == 0 ? T + 1 : which == 1 ? PACKED_SUMS + T : 0;
+}
+
 /* The loss terms of a minibatch as the doubles a reduction sums. */
 static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, double *v)
 {
@@ -265,8 +276,8 @@ static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, double *v)
     v[3] = s->reconstruction;
     v[4] = (double)s->n_rows;
     for (int32_t i = 0; i < T; i++)
-        v[5 + i] = s->kl[i];
-    return 5 + T;
+        v[PACKED_SUMS + i] = s->kl[i];
+    return PACKED_SUMS + T;
 }
 
 static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
@@ -277,14 +288,15 @@ static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
     s->reconstruction = v[3];
     s->n_rows = (int64_t)v[4];
     for (int32_t i = 0; i < T; i++)
-        s->kl[i] = v[5 + i];
+        s->kl[i] = v[PACKED_SUMS + i];
 }
 
-hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
-                             hvae_optimizer *opt, hvae_rng *rng,
-                             const float *x, const float *cond, int64_t n,
-                             int64_t *order, const hvae_train_options *o,
-                             hvae_epoch_stats *stats)
+/* The minibatch steps of one epoch (hvae_train_epoch without the
+ * rollback). */
+static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
+                               hvae_rng *rng, const float *x, const float *cond,
+                               int64_t n, int64_t *order, const hvae_train_options *o,
+                               hvae_epoch_stats *stats)
 {
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
@@ -300,6 +312,8 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
     int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
     if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
+    if (hvae_optimizer_n_params(opt) != m->n_params)
+        return HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
@@ -336,7 +350,7 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
             break;
         }
         if (parallel) {
-            double v[5 + HVAE_MAX_LAYERS];
+            double v[PACKED_SUMS + HVAE_MAX_LAYERS];
             int64_t nv = pack_sums(&batch, T, v);
             if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv)) {
                 status = HVAE_ERR_STOPPED;
@@ -361,4 +375,32 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
     if (stats->n_rows > 0)
         scale_sums(stats, 1.0 / (double)stats->n_rows, T);
     return status;
+}
+
+/* Divergence handling for every caller: the epoch starts from a saved copy
+ * of the parameters, the optimizer's state and the generator; a nonfinite
+ * loss or gradient (checked before every step) or nonfinite parameters
+ * after the last step (which the per-step check cannot see) bring all of
+ * them back, so the model is the last finite one that belongs with its
+ * optimizer and generator. */
+hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
+                             hvae_optimizer *opt, hvae_rng *rng,
+                             const float *x, const float *cond, int64_t n,
+                             int64_t *order, const hvae_train_options *o,
+                             hvae_epoch_stats *stats)
+{
+    if (!m || !opt || !rng)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    int64_t n_params = m->n_params;
+    if (hvae_optimizer_n_params(opt) == n_params)
+        hvae_optimizer_save(opt, m->params);
+    hvae_rng saved_rng = *rng;
+    hvae_status st = train_steps(m, ws, opt, rng, x, cond, n, order, o, stats);
+    if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(m->params, n_params))
+        st = HVAE_ERR_NONFINITE_LOSS;
+    if (st == HVAE_ERR_NONFINITE_LOSS) {
+        hvae_optimizer_restore(opt, m->params);
+        *rng = saved_rng;
+    }
+    return st;
 }

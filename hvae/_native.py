@@ -11,8 +11,18 @@ except ImportError:
     pass
 
 from ._core import (  # noqa: E402
+    ACTIVATIONS,
+    DECODER_VARIANCES,
+    EPOCH_RECORD_KEYS,
+    INFERENCES,
+    LATENT_FAMILIES,
+    LIKELIHOODS,
+    MARKOV_KLS,
     MAX_HIDDEN,
     MAX_LAYERS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    PRIORS,
     DivergenceError,
     Model,
     blas_info,
@@ -20,5 +30,9 @@ from ._core import (  # noqa: E402
     set_num_threads,
 )
 
-__all__ = ["MAX_HIDDEN", "MAX_LAYERS", "DivergenceError", "Model", "blas_info",
+# Names the C core accepts for each option (hvae.h, "Names") and the keys of
+# Model.fit's per-epoch records.
+__all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "EPOCH_RECORD_KEYS", "INFERENCES",
+           "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
+           "PRIORS", "MAX_HIDDEN", "MAX_LAYERS", "DivergenceError", "Model", "blas_info",
            "get_num_threads", "set_num_threads"]

@@ -138,6 +138,7 @@ class Config:
     decoder_variance: str = "learned"
     inference: str = "markov"
     n_conditions: int = 0
+    markov_kl: str = "sampled"
 
     @property
     def n_layers(self):
@@ -152,7 +153,8 @@ class Config:
                     activation=self.activation,
                     decoder_variance=self.decoder_variance,
                     inference=self.inference,
-                    n_conditions=self.n_conditions)
+                    n_conditions=self.n_conditions,
+                    markov_kl=self.markov_kl)
 
 
 def _block_shapes(prefix, n_in, widths, heads, n_cond=0):
@@ -304,7 +306,11 @@ def forward(params, cfg, x, noise, cond=None, sampled=False):
     kl = np.empty((x.shape[0], T))
     for i in range(T):
         mu_p, logvar_p = priors[i] if i < T - 1 else (0.0, 0.0)
-        if not sampled and (i == T - 1 or cfg.inference == "ladder"):
+        # markov_kl="analytic": the lecture notes' estimator, every lower
+        # Markov layer's KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form
+        # at the sampled z_{i+1}.
+        if not sampled and (i == T - 1 or cfg.inference == "ladder"
+                            or cfg.markov_kl == "analytic"):
             kl[:, i] = gaussian_kl(mus[i], logvars[i], mu_p, logvar_p)
         else:
             kl[:, i] = (gaussian_loglik(zs[i], mus[i], logvars[i])

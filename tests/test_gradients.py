@@ -46,9 +46,9 @@ N_ROWS = 9
 LATENT = {1: (4,), 2: (4, 3), 3: (4, 3, 2)}
 
 
-def _cfg(T, likelihood, variance, act, hidden):
+def _cfg(T, likelihood, variance, act, hidden, markov_kl="sampled"):
     D = 6 if likelihood == "gaussian" else 8
-    return Config(D, LATENT[T], hidden, likelihood, act, variance)
+    return Config(D, LATENT[T], hidden, likelihood, act, variance, markov_kl=markov_kl)
 
 
 CASES = [
@@ -65,13 +65,19 @@ CASES = [
     _cfg(3, "gaussian", "unit", "relu", (6,)),
     _cfg(3, "bernoulli", "learned", "elu", ()),
     _cfg(3, "bernoulli", "unit", "tanh", (6,)),
+    # markov_kl="analytic": the lower layers' closed-form KL at the sampled
+    # z_{i+1}, whose gradient reaches the prior's decoder through mu_p, lv_p.
+    _cfg(2, "gaussian", "learned", "tanh", (6,), "analytic"),
+    _cfg(3, "gaussian", "learned", "softplus", (5, 4), "analytic"),
+    _cfg(3, "bernoulli", "unit", "elu", (6,), "analytic"),
 ]
 
 
 def case_id(cfg):
     hidden = "x".join(map(str, cfg.hidden_dims)) or "linear"
+    analytic = "-analytic" if cfg.markov_kl == "analytic" else ""
     return (f"T{cfg.n_layers}-{cfg.likelihood}-{cfg.decoder_variance}-"
-            f"{cfg.activation}-h{hidden}")
+            f"{cfg.activation}-h{hidden}{analytic}")
 
 
 class Problem:
@@ -83,7 +89,8 @@ class Problem:
         self.model = hvae.Model(cfg.n_features, cfg.latent_dims, cfg.hidden_dims,
                                 likelihood=cfg.likelihood,
                                 activation=cfg.activation,
-                                decoder_variance=cfg.decoder_variance, seed=seed)
+                                decoder_variance=cfg.decoder_variance,
+                                markov_kl=cfg.markov_kl, seed=seed)
         self.p0 = ref.random_parameters(cfg, rng, scale=1.5)
         self.model.parameters[:] = self.p0
         self.x = ref.random_data(cfg, N_ROWS, rng)

@@ -1177,6 +1177,95 @@ static void test_thread_counts(void)
     hvae_set_num_threads(1);
 }
 
+/* A hook that poisons one parameter after the last minibatch: the per-step
+ * check cannot see it, the end-of-epoch check must. */
+typedef struct {
+    hvae_model *model;
+    int64_t last_batch;
+} poison_state;
+
+static int poisoning_hook(void *ctx, int64_t batch_index, const hvae_epoch_stats *batch)
+{
+    poison_state *p = ctx;
+    (void)batch;
+    if (batch_index == p->last_batch)
+        hvae_model_params(p->model)[0] = NAN;
+    return 0;
+}
+
+/* Divergence handling in C: a diverging epoch returns the parameters, the
+ * optimizer's moments and step count and the generator to their state at
+ * the start of the call, bit for bit. */
+static void test_rollback(void)
+{
+    current_test = "rollback";
+    int64_t latent[] = {3, 2}, hidden[] = {6};
+    int64_t D = 5, n = 16;
+    fixture f;
+    CHECK_STATUS(make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_RELU, 8, 4), HVAE_OK);
+    if (!f.model)
+        return;
+    hvae_optimizer *opt;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_OK);
+    float *x = make_data(n, D, 9);
+    int64_t order[16];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 11);
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 4;
+    hvae_epoch_stats stats;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_OK);
+
+    int64_t P = hvae_model_n_params(f.model);
+    float *saved = malloc(3 * (size_t)P * sizeof(float));
+    for (int round = 0; round < 2 && saved; round++) {
+        memcpy(saved, hvae_model_params(f.model), (size_t)P * sizeof(float));
+        memcpy(saved + P, hvae_optimizer_state(opt, 0), (size_t)P * sizeof(float));
+        memcpy(saved + 2 * P, hvae_optimizer_state(opt, 1), (size_t)P * sizeof(float));
+        int64_t step = *hvae_optimizer_step_count(opt);
+        hvae_rng rng_before = rng;
+        poison_state ps = {f.model, n / to.batch_size - 1};
+        hvae_status st;
+        if (round == 0) {
+            /* A NaN loss in the third minibatch: two steps were applied. */
+            x[2 * to.batch_size * D] = NAN;
+            to.shuffle = 0;
+            st = hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats);
+            x[2 * to.batch_size * D] = 0.5f;
+            CHECK(stats.n_batches == 2);
+        } else {
+            /* Finite steps, then nonfinite parameters after the last one. */
+            to.hook = poisoning_hook;
+            to.hook_ctx = &ps;
+            st = hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats);
+            to.hook = NULL;
+        }
+        CHECK(st == HVAE_ERR_NONFINITE_LOSS);
+        CHECK(memcmp(saved, hvae_model_params(f.model), (size_t)P * sizeof(float)) == 0);
+        CHECK(memcmp(saved + P, hvae_optimizer_state(opt, 0), (size_t)P * sizeof(float)) == 0);
+        CHECK(memcmp(saved + 2 * P, hvae_optimizer_state(opt, 1),
+                     (size_t)P * sizeof(float)) == 0);
+        CHECK(*hvae_optimizer_step_count(opt) == step);
+        CHECK(memcmp(&rng, &rng_before, sizeof rng) == 0);
+    }
+    /* Training goes on from the restored state. */
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_OK);
+    /* An optimizer made for another block is refused. */
+    hvae_optimizer *other;
+    CHECK_STATUS(hvae_optimizer_create_for(P + 1, &oc, &other), HVAE_OK);
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, other, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    hvae_optimizer_free(other);
+    free(saved);
+    hvae_optimizer_free(opt);
+    free(x);
+    free_model(&f);
+}
+
 int main(void)
 {
     test_status_strings();
@@ -1189,6 +1278,7 @@ int main(void)
     test_gradient();
     test_training();
     test_training_errors();
+    test_rollback();
     test_data_parallel();
     test_optimizer_formulas();
     test_rng();
