@@ -15,10 +15,14 @@ import time
 import numpy as np
 
 from ._chunks import ChunkedRows, chunk_order
+from ._native import EPOCH_RECORD_KEYS
 
-#: The keys of ``history_``, one list each, one entry per epoch.
-HISTORY_KEYS = ("loss", "objective", "elbo", "reconstruction", "kl", "beta", "seconds",
-                "n_batches")
+#: Keys of Model.fit's records that only combine the blocks of a pass.
+_BLOCK_KEYS = ("n_rows", "complete")
+#: The keys of ``history_``, one list each, one entry per epoch: those of
+#: Model.fit's records (EPOCH_RECORD_KEYS, declared by the C core) and the
+#: epoch's KL weight.
+HISTORY_KEYS = tuple(key for key in EPOCH_RECORD_KEYS if key not in _BLOCK_KEYS) + ("beta",)
 #: The keys added to ``history_`` once a fit has validation rows.
 VALIDATION_KEYS = ("val_elbo", "val_reconstruction", "val_kl")
 #: The keys of a pass record that are per-row averages of its blocks' records.

@@ -5,6 +5,7 @@ loop is in :mod:`hvae._training`, the parameter checks in :mod:`hvae._params`,
 the conversion of ``y`` to conditions in :mod:`hvae._conditions` and the
 agreements of data-parallel calls in :mod:`hvae.distributed`.
 """
+import inspect
 import math
 import numbers
 import os
@@ -26,7 +27,7 @@ from ._training import Trainer, fitted_state, new_history, restore_fitted_state
 #: fit with warm_start, and partial_fit, continue a model only while they
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
-                  "decoder_variance", "inference")
+                  "decoder_variance", "inference", "markov_kl")
 
 
 def _model_options(params):
@@ -138,22 +139,6 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         epoch and returns normally. An exception raised by a callback stops
         the fit and propagates, with ``history_`` kept. ``partial_fit`` calls
         them after its pass too (there is nothing for False to stop).
-    chunk_size : int or None, default=None
-        Rows read at a time from data that ``fit`` and ``partial_fit`` read
-        in chunks: an ``np.memmap``, or an array-like that is not an ndarray
-        but has ``shape``, ``dtype`` and ``__getitem__`` (``h5py.Dataset``,
-        ``zarr.Array``). Ignored for data in memory. None takes the rows of
-        about 64 MB of float32, rounded down to a multiple of ``batch_size``
-        (so that only the last chunk makes a short minibatch). Every epoch
-        reads each chunk once into one float32 buffer, checks it (NaN,
-        infinity, Bernoulli range) and trains one pass over its rows, in an
-        order drawn by the model's generator. With ``shuffle``, epoch e reads
-        the chunks in the order
-        ``np.random.default_rng([model_.seed, e]).permutation(n_chunks)``,
-        e being the epoch's index in ``history_``. Memory stays at about one
-        chunk (two for h5py and zarr, whose slices are arrays of their own),
-        whatever the size of the data: the pages of an ``np.memmap`` are
-        released as each chunk is copied.
     inference : {'markov', 'ladder'}, default='markov'
         How the posterior is computed. 'markov': bottom-up,
         q(z_i | z_{i-1}), each layer from a sample of the one below.
@@ -188,15 +173,35 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         encoded over ``classes_``) or an array of shape (n_samples,
         n_conditions), which enters every encoder and decoder block. Every
         method that takes X (and ``sample``) then needs ``y`` for its rows.
+    chunk_size : int or None, default=None
+        Rows read at a time from data that ``fit`` and ``partial_fit`` read
+        in chunks: an ``np.memmap``, or an array-like that is not an ndarray
+        but has ``shape``, ``dtype`` and ``__getitem__`` (``h5py.Dataset``,
+        ``zarr.Array``). Ignored for data in memory. None takes the rows of
+        about 64 MB of float32, rounded down to a multiple of ``batch_size``
+        (so that only the last chunk makes a short minibatch). Every epoch
+        reads each chunk once into one float32 buffer, checks it (NaN,
+        infinity, Bernoulli range) and trains one pass over its rows, in an
+        order drawn by the model's generator. With ``shuffle``, epoch e reads
+        the chunks in the order
+        ``np.random.default_rng([model_.seed, e]).permutation(n_chunks)``,
+        e being the epoch's index in ``history_``. Memory stays at about one
+        chunk (two for h5py and zarr, whose slices are arrays of their own),
+        whatever the size of the data: the pages of an ``np.memmap`` are
+        released as each chunk is copied.
     markov_kl : {'sampled', 'analytic'}, default='sampled'
-        The estimate of the lower layers' terms of a Markov hierarchy
-        (``inference='markov'``, T > 1). 'sampled': the sampled log-density
-        ratio log q(z_i | z_{i-1}) - log p(z_i | z_{i+1}), an unbiased
-        estimate of the ELBO. 'analytic': the closed-form
+        The ELBO's term of each lower layer z_i (i < T) of a Markov
+        hierarchy (``inference='markov'``), in training and in evaluation
+        (``score``, ``validation_data``). 'sampled': the sampled log-density
+        ratio log q(z_i | z_{i-1}) - log p(z_i | z_{i+1}), whose expectation
+        is exactly the term. 'analytic': the closed-form
         KL(q(z_i | z_{i-1}) || p(z_i | z_{i+1})) at the sampled z_{i+1}, as
-        in the lecture notes; z_{i+1} was drawn given z_i, so this is a
-        different, not an unbiased, estimate of the ELBO (see the README).
-        The top layer's KL is in closed form either way.
+        the lecture notes derive it; z_{i+1} was drawn given z_i, so this is
+        a different, not an unbiased, estimate of the ELBO (see the README).
+        The top layer's KL is in closed form either way; ladder inference,
+        ``objective='iwae'`` and ``log_likelihood`` are unaffected. Part of
+        the model: with another value, ``fit`` trains a new model even with
+        ``warm_start``.
 
     Attributes
     ----------
@@ -458,8 +463,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         if incremental and not same:
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
-                             "likelihood, activation, decoder_variance, inference or "
-                             "conditional); call fit to train a new model")
+                             "likelihood, activation, decoder_variance, inference, "
+                             "markov_kl or conditional); call fit to train a new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):
@@ -906,6 +911,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         from .file_format import save
 
         save(self, path)
+
+    def __setstate__(self, state):
+        # An estimator pickled before a parameter existed (markov_kl) loads
+        # with that parameter's default, which is how it trained.
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if name != "self":
+                state.setdefault(name, parameter.default)
+        super().__setstate__(state)
 
     @property
     def _n_features_out(self):
