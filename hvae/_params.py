@@ -13,9 +13,10 @@ import numbers
 
 import numpy as np
 
-from ._names import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
-                     OBJECTIVES, OPTIMIZERS)
-from ._native import MAX_HIDDEN, MAX_LAYERS
+# The names of every choice come from the C core (csrc/hvae.h, "Names"),
+# never spelled again here.
+from ._native import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
+                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS)
 
 
 def _is_int(value):

@@ -92,7 +92,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         are read in a new order every epoch too, and rows are shuffled within
         each chunk (see ``chunk_size``).
     warm_start : bool, default=False
-        When True and the architecture is unchanged, ``fit`` continues
+        When True and the model's options are unchanged (the architecture,
+        ``inference``, ``markov_kl``, ``conditional``), ``fit`` continues
         training the fitted model (parameters, optimizer state, history).
     random_state : int, RandomState instance or None, default=None
         Seeds the initialisation, the minibatch order and the noise.
@@ -417,8 +418,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         the fitted one with ``warm_start``) and partial_fit
         (``incremental=True``: one pass that continues the fitted model)."""
         params = validate_parameters(self)
-        architecture = _model_options(params)
-        continuing = self._continues(architecture, incremental)
+        model_options = _model_options(params)
+        continuing = self._continues(model_options, incremental)
         session = None if comm is None else _distributed.Session(comm, comm_timeout)
         # validate_data records n_features_in_ (and feature names) as it
         # checks X: until the new model exists, a failure restores them.
@@ -427,12 +428,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if incremental:
                 classes = self._partial_fit_classes(classes, continuing)
             rows_args = (X, y, validation_data, classes, continuing, incremental,
-                         architecture["likelihood"])
+                         model_options["likelihood"])
             if session is None:
                 (train, val, code), seed = self._training_rows(*rows_args), None
             else:
                 train, val, code, seed = self._training_rows_parallel(session, *rows_args)
-            model = None if continuing else self._new_model(architecture, code.n_conditions,
+            model = None if continuing else self._new_model(model_options, code.n_conditions,
                                                             seed)
         except BaseException:
             restore_fitted_state(self, before)
@@ -452,13 +453,13 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise
         return self
 
-    def _continues(self, architecture, incremental):
+    def _continues(self, model_options, incremental):
         """Whether the call continues the fitted model: partial_fit always
-        (refusing another architecture), fit with warm_start and the same
-        architecture."""
+        (refusing other model options), fit with warm_start and the same
+        model options."""
         if not hasattr(self, "model_"):
             return False
-        same = (self._model_options() == architecture
+        same = (self._model_options() == model_options
                 and (self.model_.n_conditions > 0) == bool(self.conditional))
         if incremental and not same:
             raise ValueError("partial_fit continues the fitted model, whose architecture "
@@ -500,11 +501,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     def _new_seed(self):
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
-    def _new_model(self, architecture, n_conditions, seed=None):
+    def _new_model(self, model_options, n_conditions, seed=None):
+        """A new Model for n_features_in_ columns (seeded from random_state
+        unless ``seed`` is given)."""
         seed = self._new_seed() if seed is None else seed
-        return Model(self.n_features_in_, architecture["latent_dims"],
-                     architecture["hidden_dims"], seed=seed, n_conditions=n_conditions,
-                     **{key: architecture[key] for key in _MODEL_OPTIONS[2:]})
+        return Model(self.n_features_in_, seed=seed, n_conditions=n_conditions,
+                     **model_options)
 
     # ---- the rows of a fit ---------------------------------------------------------
 
