@@ -15,7 +15,16 @@
  * p(z_i | z_{i+1}) depends on z_{i+1}, which was drawn given z_i, so the
  * closed-form KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) at that z_{i+1} is not an
  * unbiased estimate of the ELBO (nor always a bound); those layers use the
- * sampled log-density ratio, whose expectation is exactly their term.
+ * sampled log-density ratio, whose expectation is exactly their term, unless
+ * hvae_config.markov_kl = HVAE_MARKOV_KL_ANALYTIC asks for that closed form
+ * (the lecture notes' estimator). Every objective (ELBO, multi-sample ELBO,
+ * IWAE, log-likelihood) assembles a row's log p(x|z_1) - sum of the layer
+ * terms in one function (model.c, hvae_row_terms).
+ *
+ * Files: model.c (layout, passes, evaluation), train.c (objectives, the
+ * training loop, rollback), gaussian.c (the Gaussian KL, log-ratio and
+ * likelihood kernels), optim.c (Adam, SGD), mlp.c (auxiliary networks),
+ * prior_*.c and latent_*.c (the extension points' tables, registry.c).
  * Every block is an MLP of dense layers y = act(x @ W + b), W of shape
  * (in, out), row-major.
  *
@@ -45,6 +54,8 @@
  *       hvae_train_epoch(model, ws, opt, &rng, X, NULL, n_rows, order, &to, &stats);
  *   double *ll = malloc(n_rows * sizeof *ll);
  *   hvae_log_likelihood(model, ws, X, NULL, n_rows, 1000, 0, ll, NULL, NULL);
+ *   // On HVAE_ERR_NONFINITE_LOSS the epoch was rolled back: lower the rate
+ *   // (hvae_optimizer_configure) and go on.
  *   hvae_optimizer_free(opt); hvae_workspace_free(ws); hvae_model_free(model);
  *
  * Ownership: every *_create has a matching *_free; buffers returned by
@@ -181,10 +192,11 @@ typedef enum {
      * single-sample estimate of the term. */
     HVAE_MARKOV_KL_SAMPLED = 0,
     /* KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form at the sampled
-     * z_{i+1} (the lecture notes' estimator): lower variance, but z_{i+1}
-     * was drawn given z_i, so it is a different, not an unbiased, estimate
-     * of the ELBO. IWAE and log-likelihood need true log-weights and keep
-     * the sampled ratio. */
+     * z_{i+1} (the lecture notes' estimator): z_{i+1} was drawn given z_i,
+     * so it is a different, not an unbiased, estimate of the ELBO (on
+     * Fashion-MNIST, T = 2, trained with SAMPLED: 3.3 nats lower, with a
+     * larger single-draw spread; see the README). IWAE and log-likelihood
+     * need true log-weights and keep the sampled ratio. */
     HVAE_MARKOV_KL_ANALYTIC = 1,
     HVAE_MARKOV_KL_COUNT
 } hvae_markov_kl;
@@ -436,9 +448,9 @@ HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
  * C = 0. */
 
 /* Per-row terms: elbo (n), reconstruction log p(x|z_1) (n) and kl (n, T),
- * kl[:, i] the KL term of layer i+1 (closed-form where it is exact, else
- * the sampled log-density ratio; see the top of this file). Any output may
- * be NULL. */
+ * kl[:, i] the KL term of layer i+1 (closed-form where it is exact or
+ * markov_kl asks for it, else the sampled log-density ratio; see the top of
+ * this file). Any output may be NULL. */
 HVAE_API hvae_status hvae_elbo(hvae_model *model, hvae_workspace *ws,
                                const float *x, const float *cond, int64_t n,
                                const float *const *eps, uint64_t noise_seed,
@@ -586,6 +598,9 @@ HVAE_API void hvae_optimizer_step_block(hvae_optimizer *opt, float *params,
 typedef int (*hvae_reduce_hook)(void *ctx, float *grads, int64_t n_grads,
                                 double *values, int64_t n_values);
 
+typedef int (*hvae_aux_step)(void *ctx, hvae_model *model, const hvae_workspace *ws,
+                             const float *x, const float *cond, int64_t B);
+
 typedef struct {
     int64_t batch_size;    /* data rows per step; batch_size * n_samples at
                               most the workspace's max_rows */
@@ -607,6 +622,15 @@ typedef struct {
     int64_t shard_start;
     hvae_reduce_hook reduce;
     void *reduce_ctx;
+    /* Auxiliary training (may be NULL): called in every step after the
+     * model's gradient is complete (and reduced) and before the model's
+     * optimizer step, with the staged minibatch x (B, D), its conditions
+     * (or NULL) and the workspace (hvae_workspace_samples). It may train
+     * its own networks (an hvae_mlp and its optimizer) and may ADD terms to
+     * hvae_model_grads (a discriminator's penalty); a nonzero return stops
+     * the work with HVAE_ERR_STOPPED. */
+    hvae_aux_step aux_step;
+    void *aux_ctx;
 } hvae_train_options;
 
 HVAE_API hvae_train_options hvae_train_options_default(void);
@@ -636,6 +660,81 @@ HVAE_API int64_t hvae_train_reduce_values(const hvae_model *model, int which);
 
 /* 1 when all n values are finite. */
 HVAE_API int hvae_all_finite(const float *v, int64_t n);
+
+/* ------------------------------------------------------------------------ */
+/* Auxiliary networks: an MLP with its own flat parameter and gradient       */
+/* buffers (same layout rules as the model's: W (n_in, n_out) row-major,     */
+/* then b, layer by layer), trained by its own optimizer                     */
+/* (hvae_optimizer_create_for(hvae_mlp_n_params(mlp), ...) and               */
+/* hvae_optimizer_step_block), for discriminators (FactorVAE, adversarial    */
+/* priors) and density-ratio estimators. hvae_train_options.aux_step runs    */
+/* one inside the training loop.                                             */
+
+typedef struct hvae_mlp hvae_mlp;
+
+/* n_layers dense layers of widths[0..n_layers-1] over inputs of n_in
+ * features: act on every layer but the last, which is linear. Forward and
+ * backward take at most max_rows rows (activations are allocated here, not
+ * in the calls). */
+HVAE_API hvae_status hvae_mlp_create(int64_t n_in, int32_t n_layers,
+                                     const int64_t *widths, hvae_activation act,
+                                     int64_t max_rows, hvae_mlp **out);
+HVAE_API void hvae_mlp_free(hvae_mlp *mlp);
+HVAE_API int64_t hvae_mlp_n_params(const hvae_mlp *mlp);
+HVAE_API int64_t hvae_mlp_n_out(const hvae_mlp *mlp);
+HVAE_API float *hvae_mlp_params(hvae_mlp *mlp);
+HVAE_API float *hvae_mlp_grads(hvae_mlp *mlp);
+/* PyTorch's Linear default, as hvae_model_init. */
+HVAE_API void hvae_mlp_init(hvae_mlp *mlp, uint64_t seed);
+/* h_0 = x (B, n_in), h_l = act(h_{l-1} @ W_l + b_l), out = h_L (B, n_out)
+ * (the last layer linear), copied to out when not NULL. */
+HVAE_API hvae_status hvae_mlp_forward(hvae_mlp *mlp, const float *x, int64_t B,
+                                      float *out);
+/* The last forward's output (B, n_out), owned by the MLP. */
+HVAE_API const float *hvae_mlp_output(const hvae_mlp *mlp);
+/* After a forward on the same x: ACCUMULATES dL/dW, dL/db into
+ * hvae_mlp_grads and dL/dx into dx (B, n_in; skipped when NULL) from
+ * dout = dL/d(out) (B, n_out), which is not written. */
+HVAE_API hvae_status hvae_mlp_backward(hvae_mlp *mlp, const float *x,
+                                       const float *dout, int64_t B, float *dx);
+
+/* The samples z_{layer+1} (B, d_{layer+1}) of the workspace's last forward
+ * pass (the rows of the minibatch being trained, inside aux_step). */
+HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
+                                             int32_t layer);
+
+/* ------------------------------------------------------------------------ */
+/* Extension points. How to add ...                                          */
+/*                                                                           */
+/* A top-layer prior (hvae_prior_kind): add HVAE_PRIOR_<NAME> before         */
+/* HVAE_PRIOR_COUNT, write csrc/prior_<name>.c defining an hvae_prior_ops    */
+/* (csrc/extension.h) and list it in csrc/registry.c. The table says how     */
+/* many named tensors the prior adds to the end of the model's flat          */
+/* parameter buffer (so Adam, save/load and named_parameters cover them),    */
+/* initialises them, gives each row's term of the top layer (the closed-form */
+/* KL(q(z_T|.) || p(z_T)) from q's (mu, logvar) when it has one, else       */
+/* log q(z_T) - log p(z_T) at the sample) and its gradient into dz, dmu_q,   */
+/* dlogvar_q and the prior's own parameter gradients, and draws z_T. Its    */
+/* create/free hooks own any state: a mixture of Gaussians (learned          */
+/* weights, means, variances; per-component closed-form KL and              */
+/* responsibilities as in VaDE) needs only tensors; a VampPrior runs the    */
+/* encoder on its learned pseudo-inputs (the ops receive the model and      */
+/* workspace, and ask for workspace columns); a prior corrected by a        */
+/* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
+/* csrc/prior_normal.c, goes through this interface.                         */
+/*                                                                           */
+/* A latent family (hvae_latent_family): add HVAE_LATENT_<NAME> before       */
+/* HVAE_LATENT_FAMILY_COUNT, write csrc/latent_<name>.c defining an          */
+/* hvae_latent_family_ops and list it in csrc/registry.c. The table gives    */
+/* the encoder heads (count and width per latent unit: a Gumbel-softmax      */
+/* layer of M variables with K classes has one head of M*K logits), the     */
+/* noise per unit, the reparameterised sample forward and backward (with     */
+/* its temperature), and the closed-form KL and the sampled log-ratio with  */
+/* their gradients. The diagonal Gaussian, csrc/latent_gaussian.c, goes    */
+/* through this interface.                                                   */
+/*                                                                           */
+/* An auxiliary network: an hvae_mlp with its own optimizer, stepped from   */
+/* hvae_train_options.aux_step (see hvae_train_epoch).                       */
 
 /* ------------------------------------------------------------------------ */
 /* Threads: the most hvae's work may use (process-wide). hvae's own pool    */

@@ -1237,7 +1237,17 @@ done:
     return record;
 }
 
-static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
+/* fit's arguments, parsed and checked before the model is entered. */
+typedef struct {
+    PyObject *X, *callback, *history, *progress, *cond, *reduce;
+    long long n_epochs, batch_size, n_global, shard_start;
+    double learning_rate;
+    int shuffle;
+    hvae_objective_options objective;
+    hvae_optimizer_config optimizer;
+} fit_args;
+
+static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
 {
     static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
                              "optimizer", "beta", "shuffle", "callback",
@@ -1245,203 +1255,221 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
                              "adam_eps", "progress", "objective", "n_samples",
                              "free_bits", "cond", "reduce", "n_global",
                              "shard_start", NULL};
-    PyObject *X_obj, *callback = Py_None, *history = NULL, *result = NULL;
-    PyObject *progress = Py_None, *cond_obj = Py_None, *reduce = Py_None;
-    long long n_global = 0, shard_start = 0;
-    const char *objective = "elbo";
+    const char *objective = "elbo", *optimizer = "adam";
     long long n_samples = 1;
-    double free_bits = 0.0;
-    PyArrayObject *cond = NULL;
-    long long n_epochs = 1, batch_size = 128;
-    double lr = 1e-3, beta = 1.0, weight_decay = 0.0, momentum = 0.0;
+    double beta = 1.0, weight_decay = 0.0, momentum = 0.0, free_bits = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
-    const char *optimizer = "adam";
-    int shuffle = 1;
-    PyArrayObject *x = NULL;
-    int64_t *order = NULL;
+    *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
+                    hvae_objective_options_default(), hvae_optimizer_config_default()};
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
-                                     &X_obj, &n_epochs, &batch_size, &lr,
-                                     &optimizer, &beta, &shuffle, &callback,
-                                     &PyList_Type, &history, &weight_decay,
+                                     &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
+                                     &optimizer, &beta, &a->shuffle, &a->callback,
+                                     &PyList_Type, &a->history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
-                                     &progress, &objective, &n_samples, &free_bits,
-                                     &cond_obj, &reduce, &n_global, &shard_start))
-        return NULL;
-    hvae_objective_options oo;
-    if (parse_objective(objective, n_samples, beta, free_bits, &oo) < 0)
-        return NULL;
+                                     &a->progress, &objective, &n_samples, &free_bits,
+                                     &a->cond, &a->reduce, &a->n_global, &a->shard_start))
+        return -1;
+    if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0)
+        return -1;
     int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
-        return NULL;
-    if (n_epochs < 0 || batch_size < 1 || batch_size > (1LL << 30)) {
+        return -1;
+    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > (1LL << 30)) {
         PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
-                     ">= 1; got n_epochs=%lld, batch_size=%lld", n_epochs,
-                     batch_size);
-        return NULL;
+                     ">= 1; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
+                     a->batch_size);
+        return -1;
     }
-    if (check_float32("learning_rate", lr, 0.0, 0) < 0 ||
+    if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
         check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
         check_float32("adam_eps", adam_eps, 0.0, 1) < 0)
-        return NULL;
+        return -1;
     if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
         !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
         PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
                         "(in float32: 1 - 1e-8 rounds to 1)");
-        return NULL;
+        return -1;
     }
-    if ((callback != Py_None && !PyCallable_Check(callback)) ||
-        (progress != Py_None && !PyCallable_Check(progress)) ||
-        (reduce != Py_None && !PyCallable_Check(reduce))) {
+    if ((a->callback != Py_None && !PyCallable_Check(a->callback)) ||
+        (a->progress != Py_None && !PyCallable_Check(a->progress)) ||
+        (a->reduce != Py_None && !PyCallable_Check(a->reduce))) {
         PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
                         "callable or None");
-        return NULL;
+        return -1;
     }
-    int parallel = reduce != Py_None;
-    if (parallel ? n_global < 1 || shard_start < 0 : n_global != 0 || shard_start != 0) {
+    int parallel = a->reduce != Py_None;
+    if (parallel ? a->n_global < 1 || a->shard_start < 0
+                 : a->n_global != 0 || a->shard_start != 0) {
         PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
                      ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
-                     "shard_start=%lld", n_global, shard_start);
-        return NULL;
+                     "shard_start=%lld", a->n_global, a->shard_start);
+        return -1;
     }
-    hvae_optimizer_config oc = hvae_optimizer_config_default();
-    oc.kind = (hvae_optimizer_kind)kind;
-    oc.learning_rate = (float)lr;
-    oc.weight_decay = (float)weight_decay;
-    oc.momentum = (float)momentum;
-    oc.beta1 = (float)beta1;
-    oc.beta2 = (float)beta2;
-    oc.eps = (float)adam_eps;
-    if (model_enter(self) < 0)
+    hvae_optimizer_config *oc = &a->optimizer;
+    oc->kind = (hvae_optimizer_kind)kind;
+    oc->learning_rate = (float)a->learning_rate;
+    oc->weight_decay = (float)weight_decay;
+    oc->momentum = (float)momentum;
+    oc->beta1 = (float)beta1;
+    oc->beta2 = (float)beta2;
+    oc->eps = (float)adam_eps;
+    return 0;
+}
+
+/* Data-parallel fit: the reduce hook's buffers, sized by the C core
+ * (hvae_train_reduce_values), and the shard in the training options. */
+static int fit_setup_parallel(ModelObject *self, const fit_args *a, fit_ctx *ctx,
+                              hvae_train_options *to)
+{
+    npy_intp P = hvae_model_n_params(self->model);
+    npy_intp n_values[2] = {hvae_train_reduce_values(self->model, 0),
+                            hvae_train_reduce_values(self->model, 1)};
+    ctx->reduce = a->reduce;
+    ctx->grads = view_of(self, hvae_model_grads(self->model), 1, &P);
+    ctx->values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
+    ctx->values[1] = new_array(1, &n_values[1], NPY_FLOAT64);
+    if (!ctx->grads || !ctx->values[0] || !ctx->values[1])
+        return -1;
+    to->n_global = a->n_global;
+    to->shard_start = a->shard_start;
+    to->reduce = fit_reduce_hook;
+    to->reduce_ctx = ctx;
+    return 0;
+}
+
+/* After an epoch that applied steps (or completed): its record into the
+ * returned list and history, then the callback (complete epochs only).
+ * Returns 0 to go on, 1 when the callback returned False, -1 on error. */
+static int fit_record_epoch(const fit_args *a, PyObject *records, long long epoch,
+                            const hvae_epoch_stats *stats, int32_t T, double seconds,
+                            int complete)
+{
+    PyObject *rec = epoch_record(stats, T, seconds, complete);
+    if (!rec || PyList_Append(records, rec) < 0 ||
+        (a->history && PyList_Append(a->history, rec) < 0)) {
+        Py_XDECREF(rec);
+        return -1;
+    }
+    int outcome = 0;
+    if (complete && a->callback != Py_None) {
+        PyObject *r = PyObject_CallFunction(a->callback, "LO", epoch, rec);
+        outcome = !r ? -1 : r == Py_False;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(rec);
+    return outcome;
+}
+
+/* The exception for an epoch that ended with status st (set, returning -1),
+ * or 0 when training may go on. */
+static int fit_raise_epoch_status(hvae_status st, const fit_ctx *ctx, long long epoch,
+                                  const hvae_epoch_stats *stats, double learning_rate)
+{
+    if (st == HVAE_ERR_STOPPED && ctx->interrupted)
+        return -1; /* KeyboardInterrupt, a signal handler's or progress's error */
+    if (st == HVAE_ERR_NONFINITE_LOSS) {
+        char lr_text[32];
+        snprintf(lr_text, sizeof lr_text, "%g", learning_rate);
+        PyErr_Format(DivergenceError,
+                     "the loss, its gradient or the parameters became NaN or "
+                     "infinite in epoch %lld of this call, after %lld "
+                     "minibatch(es); the model was returned to its state at "
+                     "the start of that epoch (parameters, optimizer, random "
+                     "generator), so it can be trained on. Lower the learning "
+                     "rate (now %s) or rescale the data.", epoch + 1,
+                     (long long)stats->n_batches, lr_text);
+        return -1;
+    }
+    return st == HVAE_OK ? 0 : raise_status(st, "fit failed");
+}
+
+/* The epochs of a fit, appending their records; -1 with an exception set. */
+static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
+                      PyArrayObject *cond, int64_t *order, hvae_train_options *to,
+                      fit_ctx *ctx, PyObject *records)
+{
+    int32_t T = hvae_model_config(self->model)->n_layers;
+    npy_intp n = PyArray_DIM(x, 0);
+    for (long long epoch = 0; epoch < a->n_epochs; epoch++) {
+        hvae_epoch_stats stats;
+        double t0 = now_seconds();
+        ctx->saved = PyEval_SaveThread();
+        /* On divergence the C loop returns the model, the optimizer and the
+         * generator to their state at the start of the epoch. */
+        hvae_status st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
+                                          PyArray_DATA(x), cond_data(cond), n, order, to,
+                                          &stats);
+        PyEval_RestoreThread(ctx->saved);
+        ctx->saved = NULL;
+        double seconds = now_seconds() - t0;
+        if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
+            int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,
+                                           st == HVAE_OK);
+            if (outcome != 0)
+                return outcome < 0 ? -1 : 0;
+        }
+        if (fit_raise_epoch_status(st, ctx, epoch, &stats, a->learning_rate) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    fit_args a;
+    PyObject *records = NULL;
+    PyArrayObject *x = NULL, *cond = NULL;
+    int64_t *order = NULL;
+    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL, NULL,
+                   NULL, {NULL, NULL}};
+    if (parse_fit_args(args, kwds, &a) < 0 || model_enter(self) < 0)
         return NULL;
-    const hvae_config *c = hvae_model_config(self->model);
-    int32_t T = c->n_layers;
-    x = as_data(self, X_obj, "X");
+    int parallel = a.reduce != Py_None;
+    x = as_data(self, a.X, "X");
     if (!x)
         goto done;
     npy_intp n = PyArray_DIM(x, 0);
-    if (parallel && shard_start > n_global - n) {
+    if (parallel && a.shard_start > a.n_global - n) {
         PyErr_Format(PyExc_ValueError, "data-parallel fit: this process holds rows "
-                     "%lld..%lld, beyond n_global=%lld", shard_start,
-                     shard_start + (long long)n - 1, n_global);
+                     "%lld..%lld, beyond n_global=%lld", a.shard_start,
+                     a.shard_start + (long long)n - 1, a.n_global);
         goto done;
     }
     /* The order and the minibatches run over all rows, on every process. */
-    int64_t N = parallel ? n_global : n;
-    int64_t rows = batch_size < N ? batch_size : N;
-    if (as_cond(self, cond_obj, n, &cond) < 0 || ensure_workspace(self, rows * n_samples) < 0)
+    int64_t N = parallel ? a.n_global : n;
+    int64_t rows = a.batch_size < N ? a.batch_size : N;
+    if (as_cond(self, a.cond, n, &cond) < 0 ||
+        ensure_workspace(self, rows * a.objective.n_samples) < 0)
         goto done;
-    hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &oc)
-                               : hvae_optimizer_create(self->model, &oc, &self->opt);
+    hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &a.optimizer)
+                               : hvae_optimizer_create(self->model, &a.optimizer, &self->opt);
     if (raise_status(st, "cannot set up the optimizer") < 0)
         goto done;
     order = PyMem_RawMalloc((size_t)N * sizeof(int64_t));
-    npy_intp P = hvae_model_n_params(self->model);
     if (!order) {
         PyErr_NoMemory();
         goto done;
     }
-    PyObject *records = PyList_New(0);
-    if (!records)
-        goto done;
-
     hvae_train_options to = hvae_train_options_default();
     to.batch_size = rows;
-    to.objective = oo;
-    to.shuffle = shuffle;
-    fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0,
-                   progress == Py_None ? NULL : progress, NULL, NULL, {NULL, NULL}};
+    to.objective = a.objective;
+    to.shuffle = a.shuffle;
     to.hook = fit_batch_hook;
     to.hook_ctx = &ctx;
-    if (parallel) {
-        npy_intp n_values[2] = {hvae_train_reduce_values(self->model, 0),
-                                hvae_train_reduce_values(self->model, 1)};
-        ctx.reduce = reduce;
-        ctx.grads = view_of(self, hvae_model_grads(self->model), 1, &P);
-        ctx.values[0] = new_array(1, &n_values[0], NPY_FLOAT64);
-        ctx.values[1] = new_array(1, &n_values[1], NPY_FLOAT64);
-        if (!ctx.grads || !ctx.values[0] || !ctx.values[1]) {
-            Py_DECREF(records);
-            goto release;
-        }
-        to.n_global = n_global;
-        to.shard_start = shard_start;
-        to.reduce = fit_reduce_hook;
-        to.reduce_ctx = &ctx;
-    }
-    int failed = 0;
-    for (long long epoch = 0; epoch < n_epochs; epoch++) {
-        hvae_epoch_stats stats;
-        double t0 = now_seconds();
-        ctx.saved = PyEval_SaveThread();
-        /* On divergence the C loop returns the model, the optimizer and the
-         * generator to their state at the start of the epoch. */
-        st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
-                              PyArray_DATA(x), cond_data(cond), n, order, &to, &stats);
-        PyEval_RestoreThread(ctx.saved);
-        ctx.saved = NULL;
-        double seconds = now_seconds() - t0;
-        if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
-            PyObject *rec = epoch_record(&stats, T, seconds, st == HVAE_OK);
-            if (!rec || PyList_Append(records, rec) < 0 ||
-                (history && PyList_Append(history, rec) < 0)) {
-                Py_XDECREF(rec);
-                failed = 1;
-                break;
-            }
-            if (st == HVAE_OK && callback != Py_None) {
-                PyObject *r = PyObject_CallFunction(callback, "LO", epoch, rec);
-                if (!r) {
-                    Py_DECREF(rec);
-                    failed = 1;
-                    break;
-                }
-                int stop = r == Py_False;
-                Py_DECREF(r);
-                if (stop) {
-                    Py_DECREF(rec);
-                    break;
-                }
-            }
-            Py_DECREF(rec);
-        }
-        if (st == HVAE_ERR_STOPPED && ctx.interrupted) {
-            failed = 1; /* KeyboardInterrupt, a signal handler's or progress's error */
-            break;
-        }
-        if (st == HVAE_ERR_NONFINITE_LOSS) {
-            char lr_text[32];
-            snprintf(lr_text, sizeof lr_text, "%g", lr);
-            PyErr_Format(DivergenceError,
-                         "the loss, its gradient or the parameters became NaN or "
-                         "infinite in epoch %lld of this call, after %lld "
-                         "minibatch(es); the model was returned to its state at "
-                         "the start of that epoch (parameters, optimizer, random "
-                         "generator), so it can be trained on. Lower the learning "
-                         "rate (now %s) or rescale the data.", epoch + 1,
-                         (long long)stats.n_batches, lr_text);
-            failed = 1;
-            break;
-        }
-        if (st != HVAE_OK) {
-            raise_status(st, "fit failed");
-            failed = 1;
-            break;
-        }
-    }
-    if (failed)
-        Py_DECREF(records);
-    else
-        result = records;
-release:
+    ctx.progress = a.progress == Py_None ? NULL : a.progress;
+    records = PyList_New(0);
+    if (!records || (parallel && fit_setup_parallel(self, &a, &ctx, &to) < 0) ||
+        fit_epochs(self, &a, x, cond, order, &to, &ctx, records) < 0)
+        Py_CLEAR(records);
+done:
     Py_XDECREF(ctx.grads);
     Py_XDECREF(ctx.values[0]);
     Py_XDECREF(ctx.values[1]);
-done:
     model_leave(self);
     PyMem_RawFree(order);
     Py_XDECREF(x);
     Py_XDECREF(cond);
-    return result;
+    return records;
 }
 
 static PyObject *Model_reset_optimizer(ModelObject *self, PyObject *noargs)

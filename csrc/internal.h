@@ -6,6 +6,7 @@
 #define HVAE_INTERNAL_H
 
 #include "hvae.h"
+#include "extension.h"
 
 /* Independent partial sums per row reduction; lets the compiler vectorise
  * a reduction it may not reorder. */
@@ -42,36 +43,51 @@ static inline double hvae_sum_chunk(const float *v, int64_t n)
     return sum;
 }
 
+/* One dense layer y = act([x, c] @ W + b) of a block, in llm.c's spirit: its
+ * parameters' place in the flat buffers (the same offsets index the
+ * gradients and the optimizer's moments) and its output's in the workspace. */
+typedef struct {
+    int64_t W, b;         /* offsets of W (n_in, n_out) and b (n_out) */
+    int64_t n_in;         /* rows of W: n_data, then the condition's */
+    int64_t n_data;       /* the rows fed by the layer's input */
+    int takes_cond;       /* the condition's rows follow */
+    int64_t n_out;
+    int64_t col;          /* activation column of the output */
+    hvae_activation act;
+} hvae_dense_layer;
+
 /* One MLP block: n_hidden dense layers with the model's activation, then
  * n_heads linear heads of n_out units each (mu and logvar, or one head). */
 #define HVAE_MAX_DENSE (HVAE_MAX_HIDDEN + 2)
 typedef struct {
     int32_t n_hidden;
     int32_t n_heads;
-    int64_t n_in;
-    int64_t n_out;                      /* units per head */
-    int64_t in_dim[HVAE_MAX_DENSE];     /* rows of W per dense layer (hidden,
-                                           then heads), condition included */
-    int64_t in_data[HVAE_MAX_DENSE];    /* the part of in_dim fed by the data */
-    int takes_cond[HVAE_MAX_DENSE];     /* the condition's rows follow */
-    int64_t out_dim[HVAE_MAX_DENSE];
-    int64_t W[HVAE_MAX_DENSE];          /* offsets in the parameter buffer */
-    int64_t b[HVAE_MAX_DENSE];
-    int64_t col[HVAE_MAX_DENSE];        /* activation column offsets */
-    hvae_activation act[HVAE_MAX_DENSE];
+    int64_t n_out;                          /* units per head */
+    hvae_dense_layer layer[HVAE_MAX_DENSE]; /* hidden1..H, then the heads */
 } hvae_block;
+
+/* One latent layer z_{i+1}: its size and family, and where its sample, its
+ * noise and (ladder, below the top) its merged posterior live. */
+typedef struct {
+    int64_t dim;
+    const hvae_latent_family_ops *family;   /* registry.c's table */
+    int64_t z_col;        /* the sample among the activations */
+    int64_t eps_col;      /* the noise in the noise buffer */
+    int64_t q_col[2];     /* ladder: merged (mu, logvar) */
+} hvae_latent_layer;
 
 struct hvae_model {
     hvae_config config;
-    int64_t latent_dims[HVAE_MAX_LAYERS];
+    int64_t latent_dims[HVAE_MAX_LAYERS];   /* config's copies */
     int64_t hidden_dims[HVAE_MAX_HIDDEN];
-    hvae_block enc[HVAE_MAX_LAYERS];    /* enc[i] infers z_{i+1} */
-    hvae_block dec[HVAE_MAX_LAYERS];    /* dec[i] generates z_i (x for i = 0) */
-    int64_t z_col[HVAE_MAX_LAYERS];     /* column of z_{i+1} among activations */
-    int64_t eps_col[HVAE_MAX_LAYERS];   /* column of eps_{i+1} in the noise buffer */
-    int64_t q_col[HVAE_MAX_LAYERS][2];  /* ladder: merged (mu, logvar) of z_{i+1} */
-    int64_t act_cols;                   /* activation floats per row */
-    int64_t eps_cols;                   /* sum of latent_dims */
+    hvae_block enc[HVAE_MAX_LAYERS];        /* enc[i] infers z_{i+1} */
+    hvae_block dec[HVAE_MAX_LAYERS];        /* dec[i] generates z_i (x for i = 0) */
+    hvae_latent_layer latent[HVAE_MAX_LAYERS];
+    const hvae_prior_ops *prior;            /* p(z_T), registry.c's table */
+    int64_t prior_offset;                   /* its tensors in the buffers */
+    int32_t n_block_tensors;                /* the tensors before the prior's */
+    int64_t act_cols;                       /* activation floats per row */
+    int64_t eps_cols;                       /* sum of latent_dims */
     int64_t n_params;
     float *params;
     float *grads;
@@ -94,7 +110,6 @@ struct hvae_workspace {
     float *dacts;
     double *reconstruction;  /* (max_rows) */
     double *kl;              /* (T, max_rows), layer-major */
-    int64_t *rows;           /* scratch row indices */
 };
 
 static inline float *ws_act(const hvae_workspace *ws, int64_t col)
@@ -107,19 +122,19 @@ static inline float *ws_dact(const hvae_workspace *ws, int64_t col)
 }
 static inline float *ws_eps(const hvae_workspace *ws, int32_t layer)
 {
-    return ws->eps + ws->max_rows * ws->model->eps_col[layer];
+    return ws->eps + ws->max_rows * ws->model->latent[layer].eps_col;
 }
 
 /* Head h (0: mu or logits, 1: logvar) of a block as a matrix in acts. */
 static inline float *block_head(const hvae_workspace *ws, const hvae_block *blk,
                                 int h)
 {
-    return h < blk->n_heads ? ws_act(ws, blk->col[blk->n_hidden + h]) : NULL;
+    return h < blk->n_heads ? ws_act(ws, blk->layer[blk->n_hidden + h].col) : NULL;
 }
 static inline float *block_dhead(const hvae_workspace *ws,
                                  const hvae_block *blk, int h)
 {
-    return h < blk->n_heads ? ws_dact(ws, blk->col[blk->n_hidden + h]) : NULL;
+    return h < blk->n_heads ? ws_dact(ws, blk->layer[blk->n_hidden + h].col) : NULL;
 }
 
 /* parallel.c: hvae's thread pool (see there). A task computes part `part`

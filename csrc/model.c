@@ -70,36 +70,36 @@ static void layout_block(layout_state *st, hvae_block *blk, const char *prefix,
     char name[48];
     blk->n_hidden = n_hidden;
     blk->n_heads = n_heads;
-    blk->n_in = n_in;
     blk->n_out = n_out;
     int64_t in = n_in, C = st->m->config.n_conditions;
     for (int32_t l = 0; l < n_hidden + n_heads; l++) {
         int head = l >= n_hidden;
         int64_t out = head ? n_out : widths[l];
+        hvae_dense_layer *L = &blk->layer[l];
         /* The condition meets the block's first layer: hidden1, or every
          * head of a block without hidden layers. */
-        blk->takes_cond[l] = C > 0 && (l == 0 || (head && n_hidden == 0));
-        blk->in_data[l] = in;
-        blk->in_dim[l] = in + (blk->takes_cond[l] ? C : 0);
-        blk->out_dim[l] = out;
-        blk->W[l] = checked_add(st, &st->n_params, blk->in_dim[l], out);
-        blk->b[l] = checked_add(st, &st->n_params, 1, out);
-        blk->col[l] = checked_add(st, &st->act_cols, 1, out);
+        L->takes_cond = C > 0 && (l == 0 || (head && n_hidden == 0));
+        L->n_data = in;
+        L->n_in = in + (L->takes_cond ? C : 0);
+        L->n_out = out;
+        L->W = checked_add(st, &st->n_params, L->n_in, out);
+        L->b = checked_add(st, &st->n_params, 1, out);
+        L->col = checked_add(st, &st->act_cols, 1, out);
         if (!head)
-            blk->act[l] = st->m->config.activation;
+            L->act = st->m->config.activation;
         else if (strcmp(head_names[l - n_hidden], "logvar") == 0)
-            blk->act[l] = HVAE_ACT_LOGVAR_CLIP;
+            L->act = HVAE_ACT_LOGVAR_CLIP;
         else
-            blk->act[l] = HVAE_ACT_IDENTITY;
+            L->act = HVAE_ACT_IDENTITY;
         if (head)
             snprintf(name, sizeof name, "%s.%s", prefix, head_names[l - n_hidden]);
         else
             snprintf(name, sizeof name, "%s.hidden%d", prefix, (int)l + 1);
         size_t len = strlen(name);
         snprintf(name + len, sizeof name - len, ".W");
-        add_tensor(st, name, blk->W[l], blk->in_dim[l], out);
+        add_tensor(st, name, L->W, L->n_in, out);
         snprintf(name + len, sizeof name - len, ".b");
-        add_tensor(st, name, blk->b[l], out, 0);
+        add_tensor(st, name, L->b, out, 0);
         if (!head)
             in = out;
     }
@@ -128,6 +128,9 @@ static hvae_status validate_config(const hvae_config *c)
         !hvae_inference_name(c->inference) || !hvae_markov_kl_name(c->markov_kl) ||
         !hvae_prior_name(c->prior) || !hvae_latent_family_name(c->latent_family))
         return HVAE_ERR_INVALID_ARGUMENT;
+    /* The ladder's precision-weighted merge is the Gaussian's. */
+    if (c->inference == HVAE_INFERENCE_LADDER && c->latent_family != HVAE_LATENT_GAUSSIAN)
+        return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
@@ -151,7 +154,9 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         memcpy(m->hidden_dims, config->hidden_dims, (size_t)H * sizeof(int64_t));
     m->config.latent_dims = m->latent_dims;
     m->config.hidden_dims = m->hidden_dims;
-    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2), sizeof *m->tensors);
+    m->prior = hvae_prior_table[config->prior];
+    int32_t n_prior_tensors = m->prior->n_tensors(config);
+    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors), sizeof *m->tensors);
     if (!m->tensors) {
         free(m);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -168,13 +173,15 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         snprintf(prefix, sizeof prefix, "enc%d", (int)i + 1);
         layout_block(&ls, &m->enc[i], prefix, i == 0 ? D : m->latent_dims[i - 1],
                      m->hidden_dims, H, 2, m->latent_dims[i], gaussian_heads);
-        m->z_col[i] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
-        m->eps_col[i] = m->eps_cols;
+        m->latent[i].dim = m->latent_dims[i];
+        m->latent[i].family = hvae_latent_family_table[config->latent_family];
+        m->latent[i].z_col = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
+        m->latent[i].eps_col = m->eps_cols;
         m->eps_cols += m->latent_dims[i];
         /* The ladder's merged posterior of every layer below the top. */
         if (config->inference == HVAE_INFERENCE_LADDER && i < T - 1) {
-            m->q_col[i][0] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
-            m->q_col[i][1] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
+            m->latent[i].q_col[0] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
+            m->latent[i].q_col[1] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
         }
     }
     int unit = config->decoder_variance == HVAE_DECODER_VARIANCE_UNIT;
@@ -184,6 +191,18 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         layout_block(&ls, &m->dec[i], prefix, m->latent_dims[i], reversed, H,
                      bern || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
                      bern ? logits_head : gaussian_heads);
+    }
+    /* The prior's own tensors, if any, close the buffer. */
+    m->n_block_tensors = m->n_tensors;
+    m->prior_offset = ls.n_params;
+    for (int32_t k = 0; k < n_prior_tensors; k++) {
+        hvae_tensor_info info = {{0}, 0, 0, 0};
+        m->prior->tensor(config, k, &info);
+        char name[sizeof info.name];
+        snprintf(name, sizeof name, "prior.%.40s", info.name);
+        int64_t offset = checked_add(&ls, &ls.n_params, info.rows,
+                                     info.cols > 0 ? info.cols : 1);
+        add_tensor(&ls, name, offset, info.rows, info.cols);
     }
     m->n_params = ls.n_params;
     m->act_cols = ls.act_cols;
@@ -232,7 +251,7 @@ void hvae_model_init(hvae_model *m, uint64_t seed)
      * and the same bound for b): U(-1/sqrt(n_in), 1/sqrt(n_in)). */
     hvae_rng rng;
     hvae_rng_seed(&rng, seed);
-    for (int32_t t = 0; t < m->n_tensors; t++) {
+    for (int32_t t = 0; t < m->n_block_tensors; t++) {
         const hvae_tensor_info *info = &m->tensors[t];
         /* A bias follows its weight, whose row count is the fan-in. */
         int64_t fan_in = info->cols > 0 ? info->rows : m->tensors[t - 1].rows;
@@ -242,6 +261,7 @@ void hvae_model_init(hvae_model *m, uint64_t seed)
         for (int64_t k = 0; k < count; k++)
             p[k] = bound * (2.0f * hvae_rng_uniform_float(&rng) - 1.0f);
     }
+    m->prior->init(&m->config, m->params + m->prior_offset, &rng);
 }
 
 hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
@@ -291,7 +311,7 @@ size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
         return 0;
     int64_t per_row = floats_per_row * (int64_t)sizeof(float) +
                       (doubles_per_row + 2) * (int64_t)sizeof(double) +
-                      (int64_t)sizeof(int64_t) + (int64_t)sizeof(hvae_rng);
+                      (int64_t)sizeof(hvae_rng);
     if (__builtin_mul_overflow(per_row, max_rows, &total) ||
         total > (int64_t)(SIZE_MAX / 2))
         return 0;
@@ -323,9 +343,8 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     ws->dacts = calloc(R * (size_t)m->act_cols, sizeof(float));
     ws->reconstruction = malloc(R * sizeof(double));
     ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
-    ws->rows = malloc(R * sizeof(int64_t));
     if (!ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
-        !ws->kl || !ws->rows || !ws->cond || !ws->row_weight || !ws->lse_max ||
+        !ws->kl || !ws->cond || !ws->row_weight || !ws->lse_max ||
         !ws->lse_sum || !ws->row_rng) {
         hvae_workspace_free(ws);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -349,31 +368,42 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->dacts);
     free(ws->reconstruction);
     free(ws->kl);
-    free(ws->rows);
     free(ws);
 }
 
 int64_t hvae_workspace_max_rows(const hvae_workspace *ws) { return ws->max_rows; }
 
+const float *hvae_workspace_samples(const hvae_workspace *ws, int32_t layer)
+{
+    if (!ws || layer < 0 || layer >= ws->model->config.n_layers)
+        return NULL;
+    return ws_act(ws, ws->model->latent[layer].z_col);
+}
+
 /* ---- passes -------------------------------------------------------------- */
 
+/* A block's layers in order: each hidden layer reads the one before (the
+ * first reads inp), every head reads the last hidden layer (or inp):
+ *   h_l = act_l([h_{l-1}, c] @ W_l + b_l),  the condition only where taken. */
 void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
                         const hvae_block *blk, const float *inp,
                         const float *cond, int64_t B, int rowwise)
 {
     const float *in = inp;
     for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
-        int head = l >= blk->n_hidden;
-        float *out = ws_act(ws, blk->col[l]);
-        int64_t n_cond = blk->in_dim[l] - blk->in_data[l];
-        hvae_dense_cond_forward(out, in, n_cond ? cond : NULL, m->params + blk->W[l],
-                                m->params + blk->b[l], blk->act[l], B,
-                                blk->in_data[l], n_cond, blk->out_dim[l], rowwise);
-        if (!head)
+        const hvae_dense_layer *L = &blk->layer[l];
+        float *out = ws_act(ws, L->col);
+        int64_t n_cond = L->n_in - L->n_data;
+        hvae_dense_cond_forward(out, in, n_cond ? cond : NULL, m->params + L->W,
+                                m->params + L->b, L->act, B, L->n_data, n_cond, L->n_out,
+                                rowwise);
+        if (l < blk->n_hidden)
             in = out;
     }
 }
 
+/* Accumulates the block's parameter gradients and dinp (skipped when NULL)
+ * from the gradients of its heads in dacts. */
 void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
                          const hvae_block *blk, const float *inp,
                          const float *cond, float *dinp, int64_t B)
@@ -382,16 +412,15 @@ void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
      * reads the one before it. */
     int32_t H = blk->n_hidden;
     for (int32_t l = H + blk->n_heads - 1; l >= 0; l--) {
+        const hvae_dense_layer *L = &blk->layer[l];
         int from_input = l == 0 || (l >= H && H == 0);
         int64_t reads = l >= H ? H - 1 : l - 1; /* the layer this one reads */
-        const float *in = from_input ? inp : ws_act(ws, blk->col[reads]);
-        float *din = from_input ? dinp : ws_dact(ws, blk->col[reads]);
-        int64_t n_cond = blk->in_dim[l] - blk->in_data[l];
-        hvae_dense_cond_backward(din, m->grads + blk->W[l], m->grads + blk->b[l],
-                                 ws_dact(ws, blk->col[l]), ws_act(ws, blk->col[l]),
-                                 in, n_cond ? cond : NULL, m->params + blk->W[l],
-                                 blk->act[l], B, blk->in_data[l], n_cond,
-                                 blk->out_dim[l]);
+        const float *in = from_input ? inp : ws_act(ws, blk->layer[reads].col);
+        float *din = from_input ? dinp : ws_dact(ws, blk->layer[reads].col);
+        int64_t n_cond = L->n_in - L->n_data;
+        hvae_dense_cond_backward(din, m->grads + L->W, m->grads + L->b, ws_dact(ws, L->col),
+                                 ws_act(ws, L->col), in, n_cond ? cond : NULL,
+                                 m->params + L->W, L->act, B, L->n_data, n_cond, L->n_out);
     }
 }
 
@@ -403,11 +432,11 @@ static int merged(const hvae_model *m, int32_t i)
 }
 static float *post(const hvae_model *m, const hvae_workspace *ws, int32_t i, int h)
 {
-    return merged(m, i) ? ws_act(ws, m->q_col[i][h]) : block_head(ws, &m->enc[i], h);
+    return merged(m, i) ? ws_act(ws, m->latent[i].q_col[h]) : block_head(ws, &m->enc[i], h);
 }
 static float *dpost(const hvae_model *m, const hvae_workspace *ws, int32_t i, int h)
 {
-    return merged(m, i) ? ws_dact(ws, m->q_col[i][h]) : block_dhead(ws, &m->enc[i], h);
+    return merged(m, i) ? ws_dact(ws, m->latent[i].q_col[h]) : block_dhead(ws, &m->enc[i], h);
 }
 
 /* The prior over z_{i+1}: decoder block i + 1's heads, NULL for the top. */
@@ -466,7 +495,7 @@ static float *enc_input(const hvae_model *m, const hvae_workspace *ws, int32_t i
 {
     if (m->config.inference == HVAE_INFERENCE_LADDER)
         return grad ? block_dhead(ws, &m->enc[i - 1], 0) : block_head(ws, &m->enc[i - 1], 0);
-    return grad ? ws_dact(ws, m->z_col[i - 1]) : ws_act(ws, m->z_col[i - 1]);
+    return grad ? ws_dact(ws, m->latent[i - 1].z_col) : ws_act(ws, m->latent[i - 1].z_col);
 }
 
 /* The likelihood terms, over rows split between the pool's threads (each
@@ -527,13 +556,13 @@ static void backward_start_part(void *ctx, int part, int n_parts)
     for (int32_t e = 0; e < 2 * T; e++) {
         const hvae_block *blk = e < T ? &m->enc[e] : &m->dec[e - T];
         for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++)
-            zero_rows(ws, blk->col[l], blk->out_dim[l], lo, hi);
+            zero_rows(ws, blk->layer[l].col, blk->layer[l].n_out, lo, hi);
     }
     for (int32_t i = 0; i < T; i++) {
-        zero_rows(ws, m->z_col[i], m->latent_dims[i], lo, hi);
+        zero_rows(ws, m->latent[i].z_col, m->latent_dims[i], lo, hi);
         if (merged(m, i)) {
-            zero_rows(ws, m->q_col[i][0], m->latent_dims[i], lo, hi);
-            zero_rows(ws, m->q_col[i][1], m->latent_dims[i], lo, hi);
+            zero_rows(ws, m->latent[i].q_col[0], m->latent_dims[i], lo, hi);
+            zero_rows(ws, m->latent[i].q_col[1], m->latent_dims[i], lo, hi);
         }
     }
     const hvae_block *dec1 = &m->dec[0];
@@ -550,6 +579,69 @@ static void backward_start_part(void *ctx, int part, int n_parts)
     }
 }
 
+/* Layer i's reparameterised sample z_{i+1} = f(q's heads, eps) of B rows,
+ * through its family's table, and the backward of it (accumulating into
+ * q's head gradients from dz). */
+static void latent_sample_forward(const hvae_model *m, const hvae_workspace *ws, int32_t i,
+                                  const float *eps, int64_t B)
+{
+    m->latent[i].family->sample_forward(ws_act(ws, m->latent[i].z_col), post(m, ws, i, 0),
+                                        post(m, ws, i, 1), eps, B * m->latent_dims[i]);
+}
+
+static void latent_sample_backward(const hvae_model *m, const hvae_workspace *ws, int32_t i,
+                                   const float *eps, int64_t B)
+{
+    m->latent[i].family->sample_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                         ws_dact(ws, m->latent[i].z_col), post(m, ws, i, 0),
+                                         post(m, ws, i, 1), eps, B * m->latent_dims[i]);
+}
+
+/* The top layer's prior's view of the workspace (gradients when grad). */
+static hvae_prior_args top_prior_args(const hvae_model *m, const hvae_workspace *ws,
+                                      const float *eps_top, int64_t B, int grad)
+{
+    int32_t top = m->config.n_layers - 1;
+    hvae_prior_args a = {m, ws, m->params, m->grads, m->prior_offset, B,
+                         m->latent_dims[top], NULL, eps_top, NULL, NULL, NULL, NULL, NULL};
+    if (ws) {
+        a.z = ws_act(ws, m->latent[top].z_col);
+        a.mu_q = post(m, ws, top, 0);
+        a.lv_q = post(m, ws, top, 1);
+        if (grad) {
+            a.dz = ws_dact(ws, m->latent[top].z_col);
+            a.dmu_q = dpost(m, ws, top, 0);
+            a.dlv_q = dpost(m, ws, top, 1);
+        }
+    }
+    return a;
+}
+
+/* Every layer's term, into ws->kl (T, B): the closed-form KL(q || p) where
+ * closed_form() says so, else the sampled log-density ratio log q(z) -
+ * log p(z); p the decoder above's heads (the layer's family's formulas), or
+ * for the top layer the prior's table. For the diagonal Gaussian,
+ *   KL = sum_j (lv_p - lv_q + (var_q + (mu_q - mu_p)^2) / var_p - 1) / 2,
+ *   log q - log p = sum_j (lv_p - lv_q - eps^2 + (z - mu_p)^2 / var_p) / 2. */
+static void layer_terms_forward(const hvae_model *m, const hvae_workspace *ws,
+                                const float *const *eps, int64_t B, int sampled)
+{
+    int32_t top = m->config.n_layers - 1;
+    for (int32_t i = 0; i < top; i++) {
+        double *kl = ws->kl + i * ws->max_rows;
+        const hvae_latent_family_ops *f = m->latent[i].family;
+        if (closed_form(m, i, sampled))
+            f->kl_forward(kl, post(m, ws, i, 0), post(m, ws, i, 1), prior(m, ws, i, 0),
+                          prior(m, ws, i, 1), B, m->latent_dims[i]);
+        else
+            f->logratio_forward(kl, ws_act(ws, m->latent[i].z_col), eps[i],
+                                post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), B,
+                                m->latent_dims[i]);
+    }
+    hvae_prior_args a = top_prior_args(m, ws, eps[top], B, 0);
+    m->prior->term_forward(ws->kl + top * ws->max_rows, &a, closed_form(m, top, sampled));
+}
+
 void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                   const float *x, const float *cond, const float *const *eps,
                   int64_t B, int rowwise, int sampled)
@@ -560,11 +652,10 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
         hvae_block_forward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
                            B, rowwise);
         if (!ladder || i == T - 1)
-            hvae_reparam_forward(ws_act(ws, m->z_col[i]), post(m, ws, i, 0),
-                                 post(m, ws, i, 1), eps[i], B * m->latent_dims[i]);
+            latent_sample_forward(m, ws, i, eps[i], B);
     }
     for (int32_t i = T - 1; i >= 0; i--) {
-        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), cond, B, rowwise);
+        hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cond, B, rowwise);
         if (ladder && i > 0) {
             /* Top-down: the prior of z_i, just computed, meets the bottom-up
              * estimate; z_i is drawn from the result. */
@@ -574,104 +665,103 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                                          block_head(ws, &m->enc[i - 1], 1),
                                          prior(m, ws, i - 1, 0), prior(m, ws, i - 1, 1),
                                          count);
-            hvae_reparam_forward(ws_act(ws, m->z_col[i - 1]), post(m, ws, i - 1, 0),
-                                 post(m, ws, i - 1, 1), eps[i - 1], count);
+            latent_sample_forward(m, ws, i - 1, eps[i - 1], B);
         }
     }
 
     likelihood_args la = {m, ws, x, B, 0.0f};
     hvae_parallel(likelihood_forward_part, &la, likelihood_parts(m, B));
-    for (int32_t i = 0; i < T; i++) {
-        double *kl = ws->kl + i * ws->max_rows;
-        if (closed_form(m, i, sampled))
-            hvae_gaussian_kl_forward(kl, post(m, ws, i, 0), post(m, ws, i, 1),
-                                     prior(m, ws, i, 0), prior(m, ws, i, 1), B,
-                                     m->latent_dims[i]);
-        else
-            hvae_gaussian_logratio_forward(kl, ws_act(ws, m->z_col[i]), eps[i],
-                                           post(m, ws, i, 1), prior(m, ws, i, 0),
-                                           prior(m, ws, i, 1), B, m->latent_dims[i]);
-    }
+    layer_terms_forward(m, ws, eps, B, sampled);
 }
 
-void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
-                   const float *cond, const float *const *eps, int64_t B,
-                   float scale, const float *row_weight, const float *kl_weight,
-                   int sampled)
+/* Accumulates scale * kl_weight[i] * d(term_i) into the posterior's, the
+ * prior's and (sampled ratio) the sample's gradients. */
+static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_t B,
+                                 float scale, const float *kl_weight, int sampled)
 {
-    int32_t T = m->config.n_layers;
-    int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
-    /* With per-row weights the terms are differentiated at unit scale and
-     * every gradient row is weighted once, before anything mixes rows. */
-    float s = row_weight ? 1.0f : scale;
-    likelihood_args la = {m, ws, x, B, -s};
-    hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
-    for (int32_t i = 0; i < T; i++) {
+    int32_t top = m->config.n_layers - 1;
+    for (int32_t i = 0; i < top; i++) {
+        const hvae_latent_family_ops *f = m->latent[i].family;
         if (kl_weight[i] == 0.0f)
             continue;
         if (closed_form(m, i, sampled))
-            hvae_gaussian_kl_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                                      dprior(m, ws, i, 0), dprior(m, ws, i, 1),
-                                      s * kl_weight[i], post(m, ws, i, 0),
-                                      post(m, ws, i, 1), prior(m, ws, i, 0),
-                                      prior(m, ws, i, 1), B, m->latent_dims[i]);
+            f->kl_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1), dprior(m, ws, i, 0),
+                           dprior(m, ws, i, 1), scale * kl_weight[i], post(m, ws, i, 0),
+                           post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), B,
+                           m->latent_dims[i]);
         else
-            hvae_gaussian_logratio_backward(
-                ws_dact(ws, m->z_col[i]), dpost(m, ws, i, 1), dprior(m, ws, i, 0),
-                dprior(m, ws, i, 1), s * kl_weight[i], ws_act(ws, m->z_col[i]),
-                prior(m, ws, i, 0), prior(m, ws, i, 1), B, m->latent_dims[i]);
+            f->logratio_backward(ws_dact(ws, m->latent[i].z_col), dpost(m, ws, i, 1),
+                                 dprior(m, ws, i, 0), dprior(m, ws, i, 1),
+                                 scale * kl_weight[i], ws_act(ws, m->latent[i].z_col),
+                                 prior(m, ws, i, 0), prior(m, ws, i, 1), B,
+                                 m->latent_dims[i]);
     }
-    if (row_weight) {
-        /* Every gradient so far is a sum of per-row terms: weight the rows of
-         * every matrix of the gradient buffer. */
-        for (int32_t e = 0; e < 2 * T; e++) {
-            const hvae_block *blk = e < T ? &m->enc[e] : &m->dec[e - T];
-            for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
-                float *g = ws_dact(ws, blk->col[l]);
-                for (int64_t r = 0; r < B; r++)
-                    for (int64_t j = 0; j < blk->out_dim[l]; j++)
-                        g[r * blk->out_dim[l] + j] *= row_weight[r];
-            }
-        }
-        for (int32_t i = 0; i < T; i++) {
-            float *mats[3] = {ws_dact(ws, m->z_col[i]),
-                              merged(m, i) ? ws_dact(ws, m->q_col[i][0]) : NULL,
-                              merged(m, i) ? ws_dact(ws, m->q_col[i][1]) : NULL};
-            for (int k = 0; k < 3; k++)
-                for (int64_t r = 0; mats[k] && r < B; r++)
-                    for (int64_t j = 0; j < m->latent_dims[i]; j++)
-                        mats[k][r * m->latent_dims[i] + j] *= row_weight[r];
-        }
+    if (kl_weight[top] != 0.0f) {
+        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
+        m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
+}
 
-    if (!ladder) {
-        /* The decoders only need the gradients of their heads, so they run
-         * first; then the encoders top-down, each completing dz of the layer
-         * below before its reparameterisation is differentiated. */
-        for (int32_t i = 0; i < T; i++)
-            hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), cond,
-                                ws_dact(ws, m->z_col[i]), B);
-        for (int32_t i = T - 1; i >= 0; i--) {
-            hvae_reparam_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                                  ws_dact(ws, m->z_col[i]), post(m, ws, i, 1),
-                                  eps[i], B * m->latent_dims[i]);
-            hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0),
-                                cond, i == 0 ? NULL : enc_input(m, ws, i, 1), B);
+/* Multiplies row r of every activation gradient by row_weight[r]: every
+ * gradient so far is a sum of per-row terms (IWAE's draw weights). */
+static void weight_gradient_rows(const hvae_model *m, const hvae_workspace *ws,
+                                 int64_t B, const float *row_weight)
+{
+    int32_t T = m->config.n_layers;
+    for (int32_t e = 0; e < 2 * T; e++) {
+        const hvae_block *blk = e < T ? &m->enc[e] : &m->dec[e - T];
+        for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
+            const hvae_dense_layer *L = &blk->layer[l];
+            float *g = ws_dact(ws, L->col);
+            for (int64_t r = 0; r < B; r++)
+                for (int64_t j = 0; j < L->n_out; j++)
+                    g[r * L->n_out + j] *= row_weight[r];
         }
-        return;
     }
-    /* Ladder: bottom-up through the top-down pass. z_i feeds decoder block i
-     * only; its posterior came from merging encoder i's heads with decoder
-     * i+1's, whose input is z_{i+1}. Then the deterministic encoder pass
-     * top-down, each block passing its input gradient to the mean head of
-     * the block below. */
-    hvae_block_backward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), cond,
-                        ws_dact(ws, m->z_col[0]), B);
+    for (int32_t i = 0; i < T; i++) {
+        int ladder = merged(m, i);
+        float *mats[3] = {ws_dact(ws, m->latent[i].z_col),
+                          ladder ? ws_dact(ws, m->latent[i].q_col[0]) : NULL,
+                          ladder ? ws_dact(ws, m->latent[i].q_col[1]) : NULL};
+        for (int k = 0; k < 3; k++)
+            for (int64_t r = 0; mats[k] && r < B; r++)
+                for (int64_t j = 0; j < m->latent_dims[i]; j++)
+                    mats[k][r * m->latent_dims[i] + j] *= row_weight[r];
+    }
+}
+
+/* Markov: the decoders only need the gradients of their heads, so they run
+ * first; then the encoders top-down, each completing dz of the layer below
+ * before its reparameterisation (dmu += dz, dlv += dz eps exp(lv/2) / 2) is
+ * differentiated. */
+static void markov_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
+                            const float *cond, const float *const *eps, int64_t B)
+{
+    int32_t T = m->config.n_layers;
+    for (int32_t i = 0; i < T; i++)
+        hvae_block_backward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cond,
+                            ws_dact(ws, m->latent[i].z_col), B);
+    for (int32_t i = T - 1; i >= 0; i--) {
+        latent_sample_backward(m, ws, i, eps[i], B);
+        hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
+                            i == 0 ? NULL : enc_input(m, ws, i, 1), B);
+    }
+}
+
+/* Ladder: bottom-up through the top-down pass. z_i feeds decoder block i
+ * only; its posterior came from merging encoder i's heads with decoder
+ * i+1's (precision weighting), whose input is z_{i+1}. Then the
+ * deterministic encoder pass top-down, each block passing its input
+ * gradient to the mean head of the block below. */
+static void ladder_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
+                            const float *cond, const float *const *eps, int64_t B)
+{
+    int32_t T = m->config.n_layers;
+    hvae_block_backward(m, ws, &m->dec[0], ws_act(ws, m->latent[0].z_col), cond,
+                        ws_dact(ws, m->latent[0].z_col), B);
     for (int32_t i = 0; i < T - 1; i++) {
         int64_t count = B * m->latent_dims[i];
-        hvae_reparam_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                              ws_dact(ws, m->z_col[i]), post(m, ws, i, 1), eps[i],
-                              count);
+        latent_sample_backward(m, ws, i, eps[i], B);
         hvae_precision_merge_backward(block_dhead(ws, &m->enc[i], 0),
                                       block_dhead(ws, &m->enc[i], 1),
                                       dprior(m, ws, i, 0), dprior(m, ws, i, 1),
@@ -679,15 +769,32 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                                       block_head(ws, &m->enc[i], 0),
                                       block_head(ws, &m->enc[i], 1),
                                       prior(m, ws, i, 0), prior(m, ws, i, 1), count);
-        hvae_block_backward(m, ws, &m->dec[i + 1], ws_act(ws, m->z_col[i + 1]), cond,
-                            ws_dact(ws, m->z_col[i + 1]), B);
+        hvae_block_backward(m, ws, &m->dec[i + 1], ws_act(ws, m->latent[i + 1].z_col), cond,
+                            ws_dact(ws, m->latent[i + 1].z_col), B);
     }
-    hvae_reparam_backward(dpost(m, ws, T - 1, 0), dpost(m, ws, T - 1, 1),
-                          ws_dact(ws, m->z_col[T - 1]), post(m, ws, T - 1, 1),
-                          eps[T - 1], B * m->latent_dims[T - 1]);
+    latent_sample_backward(m, ws, T - 1, eps[T - 1], B);
     for (int32_t i = T - 1; i >= 0; i--)
         hvae_block_backward(m, ws, &m->enc[i], i == 0 ? x : enc_input(m, ws, i, 0), cond,
                             i == 0 ? NULL : enc_input(m, ws, i, 1), B);
+}
+
+void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
+                   const float *cond, const float *const *eps, int64_t B,
+                   float scale, const float *row_weight, const float *kl_weight,
+                   int sampled)
+{
+    /* With per-row weights the terms are differentiated at unit scale and
+     * every gradient row is weighted once, before anything mixes rows. */
+    float s = row_weight ? 1.0f : scale;
+    likelihood_args la = {m, ws, x, B, -s};
+    hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
+    layer_terms_backward(m, ws, B, s, kl_weight, sampled);
+    if (row_weight)
+        weight_gradient_rows(m, ws, B, row_weight);
+    if (m->config.inference == HVAE_INFERENCE_LADDER)
+        ladder_backward(m, ws, x, cond, eps, B);
+    else
+        markov_backward(m, ws, x, cond, eps, B);
 }
 
 /* ---- noise --------------------------------------------------------------- */
@@ -865,18 +972,18 @@ hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
         if (ladder) {
             /* Top-down at the means: z_T = mu_hat_T, then each layer's
              * merged posterior with the prior at the mean above. */
-            float *z_top = ws_act(ws, m->z_col[T - 1]);
+            float *z_top = ws_act(ws, m->latent[T - 1].z_col);
             memcpy(z_top, post(m, ws, T - 1, 0),
                    (size_t)(B * m->latent_dims[T - 1]) * sizeof(float));
             for (int32_t i = T - 1; i >= 1; i--) {
                 int64_t count = B * m->latent_dims[i - 1];
-                hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->z_col[i]), cb, B, 1);
+                hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cb, B, 1);
                 hvae_precision_merge_forward(post(m, ws, i - 1, 0), post(m, ws, i - 1, 1),
                                              block_head(ws, &m->enc[i - 1], 0),
                                              block_head(ws, &m->enc[i - 1], 1),
                                              prior(m, ws, i - 1, 0),
                                              prior(m, ws, i - 1, 1), count);
-                memcpy(ws_act(ws, m->z_col[i - 1]), post(m, ws, i - 1, 0),
+                memcpy(ws_act(ws, m->latent[i - 1].z_col), post(m, ws, i - 1, 0),
                        (size_t)count * sizeof(float));
             }
         }
@@ -942,18 +1049,19 @@ hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
         const float *cb = rows_of(cond, r0, m->config.n_conditions);
-        hvae_rng_normal(rng, ws_act(ws, m->z_col[T - 1]), B * m->latent_dims[T - 1]);
+        hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
+        m->prior->sample(ws_act(ws, m->latent[T - 1].z_col), &top, rng);
         for (int32_t i = T - 1; i >= 1; i--) {
             const hvae_block *dec = &m->dec[i];
             int64_t count = B * m->latent_dims[i - 1];
-            float *eps = ws_eps(ws, i - 1), *z = ws_act(ws, m->z_col[i - 1]);
-            hvae_block_forward(m, ws, dec, ws_act(ws, m->z_col[i]), cb, B, 1);
+            float *eps = ws_eps(ws, i - 1), *z = ws_act(ws, m->latent[i - 1].z_col);
+            hvae_block_forward(m, ws, dec, ws_act(ws, m->latent[i].z_col), cb, B, 1);
             hvae_rng_normal(rng, eps, count);
             const float *mu = block_head(ws, dec, 0), *lv = block_head(ws, dec, 1);
             for (int64_t k = 0; k < count; k++)
                 z[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * eps[k];
         }
-        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->z_col[0]), cb, B, 1);
+        hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->latent[0].z_col), cb, B, 1);
         float *xb = x + r0 * D;
         if (!observation_noise) {
             observation_params(m, ws, B, xb, NULL);

@@ -254,6 +254,8 @@ hvae_train_options hvae_train_options_default(void)
     o.shard_start = 0;
     o.reduce = NULL;
     o.reduce_ctx = NULL;
+    o.aux_step = NULL;
+    o.aux_ctx = NULL;
     return o;
 }
 
@@ -357,6 +359,10 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
                 break;
             }
             unpack_sums(v, T, &batch);
+        }
+        if (o->aux_step && o->aux_step(o->aux_ctx, m, ws, xb, cb, held * S)) {
+            status = HVAE_ERR_STOPPED;
+            break;
         }
         batch.n_batches = 1;
         if (!isfinite(batch.loss) || !hvae_optimizer_step_if_finite(opt, m)) {

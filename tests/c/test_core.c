@@ -1266,6 +1266,167 @@ static void test_rollback(void)
     free_model(&f);
 }
 
+/* L = sum(out * g) of an MLP in double, at its current parameters. */
+static double mlp_loss(hvae_mlp *mlp, const float *x, const float *g, int64_t B, float *out)
+{
+    hvae_mlp_forward(mlp, x, B, out);
+    double L = 0.0;
+    for (int64_t k = 0; k < B * hvae_mlp_n_out(mlp); k++)
+        L += (double)out[k] * g[k];
+    return L;
+}
+
+/* The auxiliary MLP: gradients of parameters and inputs against central
+ * differences, backward accumulating, its own optimizer over its block. */
+static void test_mlp(void)
+{
+    current_test = "mlp";
+    int64_t widths[] = {7, 6, 3}, n_in = 5, B = 4;
+    hvae_mlp *mlp = NULL;
+    CHECK_STATUS(hvae_mlp_create(n_in, 3, widths, HVAE_ACT_LOGVAR_CLIP, 8, &mlp),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_mlp_create(0, 3, widths, HVAE_ACT_TANH, 8, &mlp),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(hvae_mlp_create(n_in, 3, widths, HVAE_ACT_TANH, 8, &mlp), HVAE_OK);
+    if (!mlp)
+        return;
+    CHECK(hvae_mlp_n_params(mlp) == (5 + 1) * 7 + (7 + 1) * 6 + (6 + 1) * 3);
+    CHECK(hvae_mlp_n_out(mlp) == 3);
+    hvae_mlp_init(mlp, 3);
+    float *x = make_data(B, n_in, 21), *g = make_data(B, 3, 22), out[4 * 3];
+    float dx[4 * 5] = {0};
+    int64_t P = hvae_mlp_n_params(mlp);
+    float *p = hvae_mlp_params(mlp), *grads = hvae_mlp_grads(mlp);
+    CHECK_STATUS(hvae_mlp_forward(mlp, x, 9, out), HVAE_ERR_BATCH_TOO_LARGE);
+    mlp_loss(mlp, x, g, B, out);
+    CHECK(memcmp(out, hvae_mlp_output(mlp), sizeof out) == 0);
+    CHECK_STATUS(hvae_mlp_backward(mlp, x, g, B, dx), HVAE_OK);
+    float *first = malloc((size_t)P * sizeof(float));
+    if (first)
+        memcpy(first, grads, (size_t)P * sizeof(float));
+
+    double worst = 0.0, scale = 0.0;
+    for (int64_t k = 0; k < P; k++)
+        scale = fmax(scale, fabs(grads[k]));
+    for (int64_t k = 0; k < P + B * n_in; k++) {
+        float *v = k < P ? &p[k] : &x[k - P];
+        float keep = *v, h = 1e-2f;
+        *v = keep + h;
+        float up = *v;
+        double L1 = mlp_loss(mlp, x, g, B, out);
+        *v = keep - h;
+        float down = *v;
+        double L0 = mlp_loss(mlp, x, g, B, out);
+        *v = keep;
+        double fd = (L1 - L0) / ((double)up - (double)down);
+        double an = k < P ? grads[k] : dx[k - P];
+        worst = fmax(worst, fabs(fd - an));
+    }
+    printf("mlp: largest |gradient - central difference| %.2e of max |gradient| %.2e\n",
+           worst, scale);
+    CHECK(worst <= 2e-3 * fmax(scale, 1.0));
+
+    /* Backward accumulates. */
+    mlp_loss(mlp, x, g, B, out);
+    CHECK_STATUS(hvae_mlp_backward(mlp, x, g, B, NULL), HVAE_OK);
+    int doubled = first != NULL;
+    for (int64_t k = 0; first && k < P; k++)
+        doubled &= fabsf(grads[k] - 2.0f * first[k]) <= 1e-6f * (1.0f + fabsf(first[k]));
+    CHECK(doubled);
+
+    /* Its own optimizer over its block: descent on L lowers L. */
+    hvae_optimizer *opt = NULL;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = 1e-2f;
+    CHECK_STATUS(hvae_optimizer_create_for(P, &oc, &opt), HVAE_OK);
+    double before = mlp_loss(mlp, x, g, B, out), after = before;
+    for (int step = 0; opt && step < 20; step++) {
+        memset(grads, 0, (size_t)P * sizeof(float));
+        mlp_loss(mlp, x, g, B, out);
+        hvae_mlp_backward(mlp, x, g, B, NULL);
+        hvae_optimizer_step_block(opt, p, grads);
+    }
+    after = mlp_loss(mlp, x, g, B, out);
+    CHECK(after < before - 0.1);
+    CHECK(opt && *hvae_optimizer_step_count(opt) == 20);
+    hvae_optimizer_free(opt);
+    free(first);
+    free(x);
+    free(g);
+    hvae_mlp_free(mlp);
+}
+
+/* hvae_train_options.aux_step: called once per step with the staged rows and
+ * the workspace's samples; here it trains a small MLP on z_1 and can stop. */
+typedef struct {
+    hvae_mlp *mlp;
+    hvae_optimizer *opt;
+    int calls, stop_at;
+    int64_t rows;
+    int saw_samples;
+} aux_state;
+
+static int aux_training_step(void *ctx, hvae_model *model, const hvae_workspace *ws,
+                             const float *x, const float *cond, int64_t B)
+{
+    aux_state *a = ctx;
+    (void)model;
+    (void)x;
+    (void)cond;
+    const float *z1 = hvae_workspace_samples(ws, 0);
+    a->saw_samples += z1 != NULL && hvae_workspace_samples(ws, 2) == NULL;
+    a->rows += B;
+    memset(hvae_mlp_grads(a->mlp), 0, (size_t)hvae_mlp_n_params(a->mlp) * sizeof(float));
+    hvae_mlp_forward(a->mlp, z1, B, NULL);
+    hvae_mlp_backward(a->mlp, z1, hvae_mlp_output(a->mlp), B, NULL);
+    hvae_optimizer_step_block(a->opt, hvae_mlp_params(a->mlp), hvae_mlp_grads(a->mlp));
+    return ++a->calls == a->stop_at;
+}
+
+static void test_aux_step(void)
+{
+    current_test = "aux_step";
+    int64_t latent[] = {3, 2}, hidden[] = {6}, widths[] = {4, 1};
+    int64_t D = 5, n = 16;
+    fixture f;
+    CHECK_STATUS(make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_RELU, 8, 4), HVAE_OK);
+    if (!f.model)
+        return;
+    aux_state a = {NULL, NULL, 0, 0, 0, 0};
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    hvae_optimizer *opt = NULL;
+    CHECK_STATUS(hvae_mlp_create(3, 2, widths, HVAE_ACT_RELU, 8, &a.mlp), HVAE_OK);
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_OK);
+    if (a.mlp)
+        CHECK_STATUS(hvae_optimizer_create_for(hvae_mlp_n_params(a.mlp), &oc, &a.opt), HVAE_OK);
+    if (!a.mlp || !opt || !a.opt)
+        return;
+    hvae_mlp_init(a.mlp, 1);
+    float *x = make_data(n, D, 30);
+    int64_t order[16];
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 2);
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 4;
+    to.aux_step = aux_training_step;
+    to.aux_ctx = &a;
+    hvae_epoch_stats stats;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_OK);
+    CHECK(a.calls == 4 && a.rows == n && a.saw_samples == 4);
+    CHECK(*hvae_optimizer_step_count(a.opt) == 4 && *hvae_optimizer_step_count(opt) == 4);
+    a.stop_at = 6;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                 HVAE_ERR_STOPPED);
+    CHECK(a.calls == 6 && *hvae_optimizer_step_count(opt) == 5);
+    hvae_optimizer_free(a.opt);
+    hvae_mlp_free(a.mlp);
+    hvae_optimizer_free(opt);
+    free(x);
+    free_model(&f);
+}
+
 int main(void)
 {
     test_status_strings();
@@ -1279,6 +1440,8 @@ int main(void)
     test_training();
     test_training_errors();
     test_rollback();
+    test_mlp();
+    test_aux_step();
     test_data_parallel();
     test_optimizer_formulas();
     test_rng();

@@ -1,0 +1,11 @@
+/* registry.c -- the extension points' tables by enum value (hvae.h,
+ * "Extension points"): a new prior or latent family adds its line here. */
+#include "extension.h"
+
+const hvae_prior_ops *const hvae_prior_table[HVAE_PRIOR_COUNT] = {
+    [HVAE_PRIOR_NORMAL] = &hvae_prior_normal,
+};
+
+const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_FAMILY_COUNT] = {
+    [HVAE_LATENT_GAUSSIAN] = &hvae_latent_gaussian,
+};
