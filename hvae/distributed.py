@@ -244,3 +244,86 @@ def local_rows(X, name="X"):
             f"ranks cannot share. Load this rank's shard (X[hvae.distributed.shard_rows("
             f"len(X), comm)]) or stream it with partial_fit(chunk, comm=comm)")
     return X
+
+
+# ---- the agreements of a data-parallel fit or partial_fit ---------------------------
+
+#: Estimator parameters that may differ between the ranks of a data-parallel
+#: call (the seed of a new model is rank 0's).
+UNSHARED_PARAMS = ("callbacks", "verbose", "n_threads", "random_state")
+
+
+def shared_settings(estimator):
+    """The parameters every rank of a data-parallel call must share, as
+    reprs by name."""
+    return {key: repr(value) for key, value in sorted(estimator.get_params().items())
+            if key not in UNSHARED_PARAMS}
+
+
+def model_digest(estimator):
+    """A SHA-256 of the fitted model's parameters, generator, optimizer step
+    count and the estimator's n_iter_: equal on ranks continuing one model."""
+    import hashlib
+
+    m = estimator.model_
+    digest = hashlib.sha256(np.ascontiguousarray(m.parameters).tobytes())
+    digest.update(repr((m.rng_state, m.optimizer_steps, estimator.n_iter_)).encode())
+    return digest.hexdigest()
+
+
+def agree_on_settings(session, estimator, continuing, has_validation, new_seed,
+                      labels_of=None, same=None):
+    """The first agreement of a data-parallel call: the same parameters,
+    the same model to continue (or none), validation rows on all ranks or
+    none, and the same values of ``same`` (a dict). ``new_seed()`` draws
+    this rank's seed for a new model; ``labels_of()``, if given, returns
+    this rank's class labels or None. Returns (rank 0's seed, the union of
+    the ranks' class labels or None)."""
+    def facts():
+        labels = labels_of() if labels_of is not None else None
+        return None, {"settings": shared_settings(estimator), "continuing": continuing,
+                      "model": model_digest(estimator) if continuing else None,
+                      "validation": has_validation, "labels": labels,
+                      "seed": new_seed(), "same": same}
+
+    _, gathered = session.agree("checking the settings", facts)
+    for key, what in (("settings", "the estimator's parameters"),
+                      ("continuing", "whether the call continues a fitted model"),
+                      ("model", "the models being continued (parameters, optimizer "
+                                "or generator)"),
+                      ("validation", "whether validation_data is given"),
+                      ("same", "the call's arguments")):
+        session.require_same([g[key] for g in gathered], what)
+    labels = [g["labels"] for g in gathered if g["labels"] is not None]
+    classes = np.unique(np.concatenate(labels)) if labels else None
+    return gathered[0]["seed"], classes
+
+
+def agree_on_rows(session, estimator, compute):
+    """The second agreement: ``compute()`` makes this rank's (training rows,
+    validation rows or None, condition code); every rank must have
+    succeeded, with the same numbers of features and condition columns.
+    Marks the rows as this rank's shard and returns compute()'s result."""
+    def rows():
+        train, val, code = compute()
+        return (train, val, code), (estimator.n_features_in_, code.n_conditions,
+                                    train.n_rows)
+
+    (train, val, code), gathered = session.agree("checking the data", rows)
+    session.require_same([g[0] for g in gathered], "the numbers of features")
+    session.require_same([g[1] for g in gathered], "the numbers of condition columns")
+    n_global, shard_start = session.shard([g[2] for g in gathered], session.rank)
+    train.parallel = (session, n_global, shard_start)
+    if val is not None:
+        val.parallel = (session, None, None)
+    return train, val, code
+
+
+def local_validation_data(validation_data):
+    """One rank's validation_data (X_val, or (X_val, y_val)) with X_val as
+    :func:`local_rows` makes it."""
+    if isinstance(validation_data, tuple) and len(validation_data) == 2:
+        return (local_rows(validation_data[0], "validation_data"), validation_data[1])
+    if validation_data is not None:
+        return local_rows(validation_data, "validation_data")
+    return None

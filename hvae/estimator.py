@@ -1,70 +1,38 @@
-"""The scikit-learn estimator :class:`HierarchicalVAE`."""
+"""The scikit-learn estimator :class:`HierarchicalVAE`.
+
+Its ``fit`` and ``partial_fit`` are thin shells over ``_fit``; the training
+loop is in :mod:`hvae._training`, the parameter checks in :mod:`hvae._params`,
+the conversion of ``y`` to conditions in :mod:`hvae._conditions` and the
+agreements of data-parallel calls in :mod:`hvae.distributed`.
+"""
+import inspect
 import math
 import numbers
 import os
-import sys
-import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like, chunk_order,
-                      default_chunk_size, is_out_of_core)
 from . import distributed as _distributed
-from ._native import MAX_HIDDEN, MAX_LAYERS, Model
+from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
+                      default_chunk_size, is_out_of_core)
+from ._conditions import ConditionCode, is_labels
+from ._native import Model
+from ._params import validate_parameters
+from ._training import Trainer, fitted_state, new_history, restore_fitted_state
 
-_LIKELIHOODS = ("gaussian", "bernoulli")
-_ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "softplus")
-_VARIANCES = ("learned", "unit")
-_OPTIMIZERS = ("adam", "sgd")
-_INFERENCES = ("markov", "ladder")
-_OBJECTIVES = ("elbo", "iwae")
-_HISTORY_KEYS = ("loss", "objective", "elbo", "reconstruction", "kl", "beta", "seconds",
-                 "n_batches")
-_VALIDATION_KEYS = ("val_elbo", "val_reconstruction", "val_kl")
-_MEAN_KEYS = ("loss", "objective", "elbo", "reconstruction")
-
-
-def _one_hot(labels, classes):
-    """(n, len(classes)) float32 one-hot rows of labels; unknown labels raise."""
-    codes = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
-    unknown = classes[codes] != labels
-    if np.any(unknown):
-        raise ValueError(f"y holds labels not seen in fit: {np.unique(labels[unknown])[:5]}")
-    C = np.zeros((len(labels), len(classes)), dtype=np.float32)
-    C[np.arange(len(labels)), codes] = 1.0
-    return C
+#: The parameters that make the low-level Model, as its attributes name them:
+#: fit with warm_start, and partial_fit, continue a model only while they
+#: are unchanged.
+_MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
+                  "decoder_variance", "inference", "markov_kl")
 
 
-def _is_labels(y):
-    """Whether y (an ndarray) holds class labels rather than condition rows."""
-    return y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1
-                           and not np.issubdtype(y.dtype, np.floating))
-
-
-def _pass_record(block_records, beta, seconds=None):
-    """The history_ record of a pass from its blocks' Model.fit records:
-    per-row averages (the blocks' averages weighted by their rows), summed
-    minibatches and rows."""
-    if len(block_records) == 1:
-        record = dict(block_records[0])
-    else:
-        n_rows = sum(r["n_rows"] for r in block_records)
-        weights = [r["n_rows"] / n_rows for r in block_records]
-        record = {key: math.fsum(w * r[key] for w, r in zip(weights, block_records))
-                  for key in _MEAN_KEYS}
-        record["kl"] = [math.fsum(w * r["kl"][i] for w, r in zip(weights, block_records))
-                        for i in range(len(block_records[0]["kl"]))]
-        record["n_batches"] = sum(r["n_batches"] for r in block_records)
-        record["n_rows"] = n_rows
-        record["seconds"] = math.fsum(r["seconds"] for r in block_records)
-        record["complete"] = all(r["complete"] for r in block_records)
-    if seconds is not None:
-        record["seconds"] = seconds
-    record["beta"] = beta
-    return record
+def _model_options(params):
+    """The Model options of validated parameters (see _MODEL_OPTIONS)."""
+    return {key: params[key] for key in _MODEL_OPTIONS}
 
 
 def _available_cores():
@@ -72,22 +40,6 @@ def _available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def _as_dims(value, name, allow_empty):
-    """A tuple of positive ints from an int or a sequence of ints."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,)
-    try:
-        dims = tuple(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a sequence of ints; got {value!r}") from None
-    for d in dims:
-        if not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1:
-            raise ValueError(f"{name} must hold positive ints; got {value!r}")
-    if not dims and not allow_empty:
-        raise ValueError(f"{name} must have at least one entry; got {value!r}")
-    return tuple(int(d) for d in dims)
 
 
 class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -140,7 +92,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         are read in a new order every epoch too, and rows are shuffled within
         each chunk (see ``chunk_size``).
     warm_start : bool, default=False
-        When True and the architecture is unchanged, ``fit`` continues
+        When True and the model's options are unchanged (the architecture,
+        ``inference``, ``markov_kl``, ``conditional``), ``fit`` continues
         training the fitted model (parameters, optimizer state, history).
     random_state : int, RandomState instance or None, default=None
         Seeds the initialisation, the minibatch order and the noise.
@@ -187,6 +140,40 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         epoch and returns normally. An exception raised by a callback stops
         the fit and propagates, with ``history_`` kept. ``partial_fit`` calls
         them after its pass too (there is nothing for False to stop).
+    inference : {'markov', 'ladder'}, default='markov'
+        How the posterior is computed. 'markov': bottom-up,
+        q(z_i | z_{i-1}), each layer from a sample of the one below.
+        'ladder' (Sønderby et al. 2016): a deterministic bottom-up pass, then
+        top-down posteriors that combine it with the prior
+        p(z_i | z_{i+1}) by precision weighting; the generative model and
+        the parameters' layout are those of 'markov'.
+    objective : {'elbo', 'iwae'}, default='elbo'
+        The bound training maximises. 'elbo': the ELBO, averaged over
+        ``n_mc_samples`` draws per row. 'iwae' (Burda et al. 2016): the
+        importance-weighted bound log (1/k) sum_j p(x, z_j) / q(z_j | x)
+        with k = ``n_importance_samples`` draws per row; it needs ``beta=1``,
+        ``free_bits=0`` and ``kl_warmup_epochs=0``.
+    n_mc_samples : int, default=1
+        Reparameterised draws per row with ``objective='elbo'``; the
+        training loss averages their ELBOs.
+    n_importance_samples : int, default=5
+        Draws per row (k) with ``objective='iwae'``; ignored otherwise.
+    kl_warmup_epochs : int, default=0
+        KL warm-up: epoch e (counted by ``n_iter_`` over every fit of the
+        model) weights the KL terms by beta * min(1, e / kl_warmup_epochs),
+        so 0 in the first epoch and ``beta`` from epoch ``kl_warmup_epochs``
+        on. 0 uses ``beta`` throughout.
+    free_bits : float, default=0.0
+        Free bits (Kingma et al. 2016): in the training loss, each layer's
+        minibatch-mean KL term counts as at least ``free_bits`` nats, so the
+        optimizer gains nothing by pushing a layer below that. The reported
+        ELBO is unaffected. 0 turns it off.
+    conditional : bool, default=False
+        Train a conditional VAE: ``y`` passed to ``fit`` gives every row a
+        condition, either class labels of shape (n_samples,) (one-hot
+        encoded over ``classes_``) or an array of shape (n_samples,
+        n_conditions), which enters every encoder and decoder block. Every
+        method that takes X (and ``sample``) then needs ``y`` for its rows.
     chunk_size : int or None, default=None
         Rows read at a time from data that ``fit`` and ``partial_fit`` read
         in chunks: an ``np.memmap``, or an array-like that is not an ndarray
@@ -203,6 +190,19 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         chunk (two for h5py and zarr, whose slices are arrays of their own),
         whatever the size of the data: the pages of an ``np.memmap`` are
         released as each chunk is copied.
+    markov_kl : {'sampled', 'analytic'}, default='sampled'
+        The ELBO's term of each lower layer z_i (i < T) of a Markov
+        hierarchy (``inference='markov'``), in training and in evaluation
+        (``score``, ``validation_data``). 'sampled': the sampled log-density
+        ratio log q(z_i | z_{i-1}) - log p(z_i | z_{i+1}), whose expectation
+        is exactly the term. 'analytic': the closed-form
+        KL(q(z_i | z_{i-1}) || p(z_i | z_{i+1})) at the sampled z_{i+1}, as
+        the lecture notes derive it; z_{i+1} was drawn given z_i, so this is
+        a different, not an unbiased, estimate of the ELBO (see the README).
+        The top layer's KL is in closed form either way; ladder inference,
+        ``objective='iwae'`` and ``log_likelihood`` are unaffected. Part of
+        the model: with another value, ``fit`` trains a new model even with
+        ``warm_start``.
 
     Attributes
     ----------
@@ -252,7 +252,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
                  objective="elbo", n_mc_samples=1, n_importance_samples=5,
-                 kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None):
+                 kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None,
+                 markov_kl="sampled"):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -282,432 +283,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.free_bits = free_bits
         self.conditional = conditional
         self.chunk_size = chunk_size
-
-    # ---- validation ---------------------------------------------------------
-
-    def _architecture(self):
-        """Validated (latent_dims, hidden_dims, likelihood, activation, variance,
-        inference)."""
-        latent = _as_dims(self.latent_dims, "latent_dims", allow_empty=False)
-        hidden = _as_dims(self.hidden_dims, "hidden_dims", allow_empty=True)
-        if len(latent) > MAX_LAYERS:
-            raise ValueError(f"latent_dims may have at most {MAX_LAYERS} layers; got {len(latent)}")
-        if len(hidden) > MAX_HIDDEN:
-            raise ValueError(f"hidden_dims may have at most {MAX_HIDDEN} entries; got {len(hidden)}")
-        for name, value, options in (("likelihood", self.likelihood, _LIKELIHOODS),
-                                     ("activation", self.activation, _ACTIVATIONS),
-                                     ("decoder_variance", self.decoder_variance, _VARIANCES),
-                                     ("inference", self.inference, _INFERENCES)):
-            if value not in options:
-                raise ValueError(f"{name} must be one of {options}; got {value!r}")
-        return (latent, hidden, self.likelihood, self.activation, self.decoder_variance,
-                self.inference)
-
-    def _check_training_params(self):
-        def check_int(name, value, low):
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
-
-        def check_float(name, value, positive):
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
-            if not ok or value < 0 or (positive and value == 0):
-                bound = "> 0" if positive else ">= 0"
-                raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
-
-        check_int("n_epochs", self.n_epochs, 0)
-        check_int("batch_size", self.batch_size, 1)
-        check_float("learning_rate", self.learning_rate, positive=True)
-        check_float("beta", self.beta, positive=False)
-        check_float("weight_decay", self.weight_decay, positive=False)
-        check_int("verbose", self.verbose, 0)
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {_OPTIMIZERS}; got {self.optimizer!r}")
-        if self.n_threads is not None:
-            check_int("n_threads", self.n_threads, 1)
-        fraction = self.validation_fraction
-        if fraction is not None and not (
-                isinstance(fraction, numbers.Real) and not isinstance(fraction, bool)
-                and 0.0 < fraction < 1.0):
-            raise ValueError(f"validation_fraction must be None or a number in (0, 1); "
-                             f"got {fraction!r}")
-        if not isinstance(self.early_stopping, (bool, np.bool_)):
-            raise ValueError(f"early_stopping must be True or False; got {self.early_stopping!r}")
-        check_int("n_iter_no_change", self.n_iter_no_change, 1)
-        check_float("tol", self.tol, positive=False)
-        if self.objective not in _OBJECTIVES:
-            raise ValueError(f"objective must be one of {_OBJECTIVES}; got {self.objective!r}")
-        check_int("n_mc_samples", self.n_mc_samples, 1)
-        check_int("n_importance_samples", self.n_importance_samples, 1)
-        check_int("kl_warmup_epochs", self.kl_warmup_epochs, 0)
-        check_float("free_bits", self.free_bits, positive=False)
-        if self.objective == "iwae" and (self.beta != 1.0 or self.free_bits != 0.0
-                                         or self.kl_warmup_epochs != 0):
-            raise ValueError("objective='iwae' trains the importance-weighted bound itself: "
-                             "beta must be 1, free_bits 0 and kl_warmup_epochs 0")
-        if not isinstance(self.conditional, (bool, np.bool_)):
-            raise ValueError(f"conditional must be True or False; got {self.conditional!r}")
-        if self.chunk_size is not None:
-            check_int("chunk_size", self.chunk_size, 1)
-
-    def _callbacks(self):
-        """The callbacks as a list, validated."""
-        callbacks = self.callbacks
-        if callbacks is None:
-            return []
-        if callable(callbacks):
-            return [callbacks]
-        try:
-            callbacks = list(callbacks)
-        except TypeError:
-            raise ValueError("callbacks must be a callable, a sequence of callables or None; "
-                             f"got {self.callbacks!r}") from None
-        for callback in callbacks:
-            if not callable(callback):
-                raise ValueError(f"callbacks must hold callables; got {callback!r}")
-        return callbacks
-
-    def _validate_X(self, X, reset, likelihood=None, name="X"):
-        # float32 C order: one conversion at most, none for such an array.
-        X = validate_data(self, X, reset=reset, dtype=np.float32, order="C")
-        if likelihood is None:
-            likelihood = self.model_.likelihood if not reset else self.likelihood
-        if likelihood == "bernoulli" and X.size and (X.min() < 0.0 or X.max() > 1.0):
-            raise ValueError(
-                "%s has values outside [0, 1] (min %g, max %g), but likelihood='bernoulli' "
-                "needs data in [0, 1]; rescale it or use likelihood='gaussian'"
-                % (name, X.min(), X.max()))
-        return X
-
-    def _fit_conditions(self, y, n, classes=None):
-        """(conditions, classes) of a conditional fit: (n, n_conditions) float32
-        from class labels (one-hot over the sorted classes: ``classes`` when
-        given, else those of y) or a 2-D array; (None, None) otherwise."""
-        if not self.conditional:
-            return None, None
-        if y is None:
-            raise ValueError("conditional=True needs y: class labels of shape (n_samples,) "
-                             "or conditions of shape (n_samples, n_conditions)")
-        y_arr = np.asarray(y)
-        if y_arr.ndim == 1 or (y_arr.ndim == 2 and y_arr.shape[1] == 1
-                               and not np.issubdtype(y_arr.dtype, np.floating)):
-            y_arr = y_arr.ravel()
-            if y_arr.shape[0] != n:
-                raise ValueError(f"y has {y_arr.shape[0]} labels but X has {n} rows")
-            if classes is None:
-                classes = np.unique(y_arr)
-            return _one_hot(y_arr, classes), classes
-        if y_arr.ndim != 2:
-            raise ValueError(f"y must be class labels (n_samples,) or conditions "
-                             f"(n_samples, n_conditions); got shape {y_arr.shape}")
-        C = check_array(y_arr, dtype=np.float32, order="C", input_name="y")
-        if C.shape[0] != n:
-            raise ValueError(f"y has {C.shape[0]} rows but X has {n}")
-        return C, None
-
-    def _conditions(self, y, n):
-        """Conditions for n rows of the fitted model, None if not conditional.
-        Class labels may be one label for all rows."""
-        if self.model_.n_conditions == 0:
-            return None
-        if y is None:
-            raise ValueError("this model was fitted with conditions: pass y (class labels "
-                             "or conditions) for these rows too")
-        if self.classes_ is not None:
-            labels = np.asarray(y)
-            if labels.ndim == 0:
-                labels = np.full(n, labels.item(), dtype=self.classes_.dtype)
-            labels = labels.ravel()
-            if labels.shape[0] != n:
-                raise ValueError(f"y has {labels.shape[0]} labels for {n} rows")
-            return _one_hot(labels, self.classes_)
-        C = check_array(y, dtype=np.float32, order="C", input_name="y")
-        if C.shape != (n, self.model_.n_conditions):
-            raise ValueError(f"y must have shape ({n}, {self.model_.n_conditions}); "
-                             f"got {C.shape}")
-        return C
-
-    def _split_validation(self, X, C, classes, validation_data, likelihood):
-        """(X_train, C_train, validation rows or None) of X in memory:
-        validation_data as given ((X_val, y_val) for a conditional model), or
-        held-out rows."""
-        fraction = self.validation_fraction
-        if validation_data is not None:
-            if fraction is not None:
-                raise ValueError("pass either validation_data to fit or validation_fraction, "
-                                 "not both")
-            return X, C, self._validation_data_rows(validation_data, C is not None, classes,
-                                                    likelihood)
-        if fraction is None and self.early_stopping:
-            fraction = 0.1
-        if fraction is None:
-            return X, C, None
-        n = X.shape[0]
-        n_val = self._n_validation_rows(fraction, n)
-        # A fresh generator from random_state: with an int, every fit holds
-        # out the same rows. Fancy indexing copies; sorted rows keep X's order.
-        rows = check_random_state(self.random_state).permutation(n)
-        train, val = np.sort(rows[n_val:]), np.sort(rows[:n_val])
-        if C is None:
-            return X[train], None, InMemoryRows(X[val], None)
-        return X[train], C[train], InMemoryRows(X[val], C[val])
-
-    @staticmethod
-    def _n_validation_rows(fraction, n):
-        n_val = math.ceil(fraction * n)
-        if n_val < 1 or n - n_val < 1:
-            raise ValueError(f"validation_fraction={fraction} of {n} rows leaves "
-                             f"{n - n_val} training and {n_val} validation rows; need "
-                             "at least one of each")
-        return n_val
-
-    def _validation_data_rows(self, validation_data, conditional, classes, likelihood):
-        """validation_data (X_val, or (X_val, y_val) for a conditional model)
-        as rows: in memory, validated whole and used in place; or read in
-        chunks like X."""
-        y_val = None
-        if conditional:
-            if not (isinstance(validation_data, tuple) and len(validation_data) == 2):
-                raise ValueError("validation_data of a conditional model must be a tuple "
-                                 "(X_val, y_val)")
-            validation_data, y_val = validation_data
-        chunked = is_out_of_core(validation_data)
-        if chunked:
-            try:
-                n_val, n_features = check_array_like(validation_data, "validation_data")
-            except ValueError as error:
-                raise ValueError(f"validation_data: {error}") from None
-            if n_features != self.n_features_in_:
-                raise ValueError(f"validation_data: X has {n_features} features, but "
-                                 f"{type(self).__name__} is expecting {self.n_features_in_} "
-                                 "features as input.")
-        else:
-            try:
-                validation_data = self._validate_X(validation_data, reset=False,
-                                                   likelihood=likelihood,
-                                                   name="validation_data")
-            except ValueError as error:
-                raise ValueError(f"validation_data: {error}") from None
-            n_val = validation_data.shape[0]
-        C_val = None
-        if conditional:
-            C_val = (_one_hot(np.asarray(y_val).ravel(), classes) if classes is not None
-                     else check_array(y_val, dtype=np.float32, order="C", input_name="y_val"))
-            if C_val.shape[0] != n_val:
-                raise ValueError("validation_data: y_val and X_val differ in length")
-        if not chunked:
-            return InMemoryRows(validation_data, C_val)
-        return ChunkedRows(validation_data, 0, n_val, self._chunk_size(self.n_features_in_),
-                           conditions=None if C_val is None else (lambda a, b: C_val[a:b]),
-                           bernoulli=likelihood == "bernoulli", name="validation_data")
-
-    def _chunk_size(self, n_features):
-        if self.chunk_size is not None:
-            return int(self.chunk_size)
-        return default_chunk_size(n_features, self.batch_size)
-
-    def _check_n_features(self, n_features, reset):
-        """validate_data's n_features_in_ bookkeeping, for data read in chunks
-        (which have no feature names)."""
-        if reset:
-            self.n_features_in_ = n_features
-            self.__dict__.pop("feature_names_in_", None)
-        elif n_features != self.n_features_in_:
-            raise ValueError(f"X has {n_features} features, but {type(self).__name__} is "
-                             f"expecting {self.n_features_in_} features as input.")
-
-    def _condition_source(self, y, n, new_model, classes=None, infer_classes=True):
-        """(conditions(first, end) or None, classes, n_conditions) for n rows.
-
-        y is class labels (one-hot over the classes: ``classes``, else for a
-        new model np.unique(y) when ``infer_classes``, else ``classes_``) or
-        an (n, n_conditions) array. y is held in memory; one-hot rows are made
-        per chunk, as they are needed.
-        """
-        conditional = bool(self.conditional) if new_model else self.model_.n_conditions > 0
-        if not conditional:
-            return None, None, 0
-        if y is None:
-            raise ValueError("this model is conditional: pass y, class labels of shape "
-                             "(n_samples,) or conditions of shape (n_samples, n_conditions)")
-        y_arr = np.asarray(y)
-        if _is_labels(y_arr):
-            labels = y_arr.ravel()
-            if labels.shape[0] != n:
-                raise ValueError(f"y has {labels.shape[0]} labels but X has {n} rows")
-            if not new_model:
-                if self.classes_ is None:
-                    raise ValueError("this model was fitted with conditions of shape "
-                                     "(n_samples, n_conditions), not class labels; pass y "
-                                     "as such an array")
-                classes = self.classes_
-            elif classes is None:
-                if not infer_classes:
-                    raise ValueError("classes must be passed on the first call to "
-                                     "partial_fit when y holds class labels: all the "
-                                     "classes, so that later calls use the same one-hot "
-                                     "code")
-                classes = np.unique(labels)
-            unknown = ~np.isin(labels, classes)
-            if np.any(unknown):
-                raise ValueError(f"y holds labels not in classes: "
-                                 f"{np.unique(labels[unknown])[:5]}")
-            return (lambda first, end: _one_hot(labels[first:end], classes)), classes, \
-                len(classes)
-        if y_arr.ndim != 2:
-            raise ValueError(f"y must be class labels (n_samples,) or conditions "
-                             f"(n_samples, n_conditions); got shape {y_arr.shape}")
-        if new_model and classes is not None:
-            raise ValueError("classes applies to class labels; y holds conditions of shape "
-                             "(n_samples, n_conditions)")
-        C = check_array(y_arr, dtype=np.float32, order="C", input_name="y")
-        if C.shape[0] != n:
-            raise ValueError(f"y has {C.shape[0]} rows but X has {n}")
-        if not new_model and C.shape[1] != self.model_.n_conditions:
-            raise ValueError(f"y must have shape ({n}, {self.model_.n_conditions}); "
-                             f"got {C.shape}")
-        return (lambda first, end: C[first:end]), None, C.shape[1]
-
-    def _fit_rows(self, X, y, validation_data, continuing, likelihood, classes=None):
-        """(training rows, validation rows or None, classes, n_conditions) of fit."""
-        if not is_out_of_core(X):
-            X = self._validate_X(X, reset=not continuing)
-            if continuing:
-                C, classes = self._conditions(y, X.shape[0]), self.classes_
-            else:
-                C, classes = self._fit_conditions(y, X.shape[0], classes)
-            X, C, val = self._split_validation(X, C, classes, validation_data, likelihood)
-            return InMemoryRows(X, C), val, classes, 0 if C is None else C.shape[1]
-        n, n_features = check_array_like(X)
-        self._check_n_features(n_features, reset=not continuing)
-        conditions, classes, n_conditions = self._condition_source(y, n, not continuing)
-        chunk_size = self._chunk_size(n_features)
-        bernoulli = likelihood == "bernoulli"
-        n_train, val = n, None
-        fraction = self.validation_fraction
-        if validation_data is not None:
-            if fraction is not None:
-                raise ValueError("pass either validation_data to fit or validation_fraction, "
-                                 "not both")
-            val = self._validation_data_rows(validation_data, n_conditions > 0, classes,
-                                             likelihood)
-        else:
-            if fraction is None and self.early_stopping:
-                fraction = 0.1
-            if fraction is not None:
-                # Random rows would mean random reads: the tail is held out.
-                n_train = n - self._n_validation_rows(fraction, n)
-                val = ChunkedRows(X, n_train, n, chunk_size, conditions, bernoulli)
-        train = ChunkedRows(X, 0, n_train, chunk_size, conditions, bernoulli)
-        return train, val, classes, n_conditions
-
-    # ---- data-parallel training (hvae.distributed) --------------------------------
-
-    _UNSHARED_PARAMS = ("callbacks", "verbose", "n_threads", "random_state")
-
-    def _shared_settings(self):
-        """The parameters every rank of a data-parallel fit must share (less
-        those that may differ per process; the seed is rank 0's)."""
-        params = {key: repr(value) for key, value in sorted(self.get_params().items())
-                  if key not in self._UNSHARED_PARAMS}
-        return params
-
-    def _model_digest(self):
-        import hashlib
-
-        m = self.model_
-        digest = hashlib.sha256(np.ascontiguousarray(m.parameters).tobytes())
-        digest.update(repr((m.rng_state, m.optimizer_steps, self.n_iter_)).encode())
-        return digest.hexdigest()
-
-    def _agree_on_settings(self, session, continuing, has_validation, labels_of=None,
-                           same=None):
-        """The first agreement of a data-parallel call: the same parameters,
-        the same model to continue (or none), validation rows on all ranks
-        or none, and the same values of ``same`` (a dict). Returns (rank 0's
-        seed for a new model, the union of the ranks' class labels or None)."""
-        def facts():
-            labels = labels_of() if labels_of is not None else None
-            return None, {"settings": self._shared_settings(), "continuing": continuing,
-                          "model": self._model_digest() if continuing else None,
-                          "validation": has_validation, "labels": labels,
-                          "seed": self._new_seed(), "same": same}
-
-        _, gathered = session.agree("checking the settings", facts)
-        for key, what in (("settings", "the estimator's parameters"),
-                          ("continuing", "whether the call continues a fitted model"),
-                          ("model", "the models being continued (parameters, optimizer "
-                                    "or generator)"),
-                          ("validation", "whether validation_data is given"),
-                          ("same", "the call's arguments")):
-            session.require_same([g[key] for g in gathered], what)
-        labels = [g["labels"] for g in gathered if g["labels"] is not None]
-        classes = np.unique(np.concatenate(labels)) if labels else None
-        return gathered[0]["seed"], classes
-
-    def _agree_on_rows(self, session, compute):
-        """The second agreement: compute() makes this rank's (train rows,
-        validation rows, classes, n_conditions); every rank must have
-        succeeded, with the same width. Marks the rows as this rank's shard."""
-        def rows():
-            train, val, classes, n_conditions = compute()
-            return (train, val, classes, n_conditions), (self.n_features_in_, n_conditions,
-                                                         train.n_rows)
-
-        (train, val, classes, n_conditions), gathered = session.agree("checking the data",
-                                                                      rows)
-        session.require_same([g[0] for g in gathered], "the numbers of features")
-        session.require_same([g[1] for g in gathered], "the numbers of condition columns")
-        n_global, shard_start = session.shard([g[2] for g in gathered], session.rank)
-        train.parallel = (session, n_global, shard_start)
-        if val is not None:
-            val.parallel = (session, None, None)
-        return train, val, classes, n_conditions
-
-    def _fit_rows_parallel(self, session, X, y, validation_data, continuing, likelihood):
-        """_fit_rows on one rank of a data-parallel fit, agreed with the
-        others; also returns rank 0's seed."""
-        def labels_of():
-            if continuing or not self.conditional or y is None:
-                return None
-            y_arr = np.asarray(y)
-            return np.unique(y_arr.ravel()) if _is_labels(y_arr) else None
-
-        seed, classes = self._agree_on_settings(session, continuing,
-                                                validation_data is not None, labels_of)
-
-        def compute():
-            X_local = _distributed.local_rows(X)
-            val_local = validation_data
-            if isinstance(validation_data, tuple) and len(validation_data) == 2:
-                val_local = (_distributed.local_rows(validation_data[0], "validation_data"),
-                             validation_data[1])
-            elif validation_data is not None:
-                val_local = _distributed.local_rows(validation_data, "validation_data")
-            return self._fit_rows(X_local, y, val_local, continuing, likelihood, classes)
-
-        train, val, classes, n_conditions = self._agree_on_rows(session, compute)
-        return train, val, classes, n_conditions, seed
-
-    def _new_seed(self):
-        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-
-    def _new_model(self, architecture, n_features, n_conditions, seed=None):
-        latent, hidden, likelihood, activation, variance, inference = architecture
-        seed = self._new_seed() if seed is None else seed
-        return Model(n_features, latent, hidden, likelihood=likelihood, activation=activation,
-                     decoder_variance=variance, seed=seed, inference=inference,
-                     n_conditions=n_conditions)
-
-    def _fitted_state(self):
-        """The fitted attributes, for _restore_fitted_state."""
-        return {key: value for key, value in self.__dict__.items()
-                if key.endswith("_") and not key.startswith("_")}
-
-    def _restore_fitted_state(self, state):
-        for key in [key for key in self.__dict__
-                    if key.endswith("_") and not key.startswith("_")]:
-            del self.__dict__[key]
-        self.__dict__.update(state)
+        self.markov_kl = markov_kl
 
     # ---- fitting -------------------------------------------------------------
 
@@ -777,46 +353,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         validation terms. On data read in chunks, a divergence returns the
         model to its state at the start of the chunk.
         """
-        architecture = self._architecture()
-        self._check_training_params()
-        callbacks = self._callbacks()
-        session = None if comm is None else _distributed.Session(comm, comm_timeout)
-        continuing = (self.warm_start and hasattr(self, "model_")
-                      and self._model_architecture() == architecture
-                      and (self.model_.n_conditions > 0) == bool(self.conditional))
-        # validate_data records n_features_in_ (and feature names) as it
-        # checks X: until the new model exists, a failure restores them.
-        before = self._fitted_state()
-        try:
-            if session is None:
-                train, val, classes, n_conditions = self._fit_rows(
-                    X, y, validation_data, continuing, architecture[2])
-                seed = None
-            else:
-                train, val, classes, n_conditions, seed = self._fit_rows_parallel(
-                    session, X, y, validation_data, continuing, architecture[2])
-            if not continuing:
-                model = self._new_model(architecture, self.n_features_in_, n_conditions,
-                                        seed)
-        except BaseException:
-            self._restore_fitted_state(before)
-            raise
-        self.classes_ = classes
-        if not continuing:
-            self.model_ = model
-            self.history_ = {key: [] for key in _HISTORY_KEYS}
-            self.n_iter_ = 0
-        self.best_epoch_ = None
-        self.model_.n_threads = self.n_threads or _available_cores()
-        if val is not None:
-            self._ensure_validation_history()
-        try:
-            self._train_epochs(train, val, callbacks)
-        except ChunkError:
-            if not continuing and not self.history_["elbo"]:
-                self._restore_fitted_state(before)
-            raise
-        return self
+        return self._fit(X, y, incremental=False, validation_data=validation_data, comm=comm,
+                         comm_timeout=comm_timeout)
 
     def partial_fit(self, X, y=None, classes=None, *, comm=None, comm_timeout=300.0):
         """Train one pass of minibatch updates over the rows of X.
@@ -871,251 +409,267 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         hvae.DivergenceError
             As for ``fit``.
         """
-        architecture = self._architecture()
-        self._check_training_params()
-        callbacks = self._callbacks()
-        first = not hasattr(self, "model_")
-        if not first and (self._model_architecture() != architecture
-                          or (self.model_.n_conditions > 0) != bool(self.conditional)):
-            raise ValueError("partial_fit continues the fitted model, whose architecture "
-                             "differs from the parameters' now (latent_dims, hidden_dims, "
-                             "likelihood, activation, decoder_variance, inference or "
-                             "conditional); call fit to train a new model")
+        return self._fit(X, y, incremental=True, classes=classes, comm=comm,
+                         comm_timeout=comm_timeout)
+
+    def _fit(self, X, y, *, incremental, validation_data=None, classes=None, comm=None,
+             comm_timeout=300.0):
+        """fit (``incremental=False``: n_epochs epochs of a new model, or of
+        the fitted one with ``warm_start``) and partial_fit
+        (``incremental=True``: one pass that continues the fitted model)."""
+        params = validate_parameters(self)
+        model_options = _model_options(params)
+        continuing = self._continues(model_options, incremental)
         session = None if comm is None else _distributed.Session(comm, comm_timeout)
-        before = self._fitted_state()
+        # validate_data records n_features_in_ (and feature names) as it
+        # checks X: until the new model exists, a failure restores them.
+        before = fitted_state(self)
         try:
-            if classes is not None:
-                classes = np.unique(np.asarray(classes))
-                if classes.ndim != 1 or classes.size == 0:
-                    raise ValueError(f"classes must be a non-empty 1-D array of labels; "
-                                     f"got {classes!r}")
-                if not first and (self.classes_ is None
-                                  or not np.array_equal(classes, self.classes_)):
-                    raise ValueError(f"classes={classes!r} differs from classes_="
-                                     f"{self.classes_!r} of the earlier calls")
-            seed = None
+            if incremental:
+                classes = self._partial_fit_classes(classes, continuing)
+            rows_args = (X, y, validation_data, classes, continuing, incremental,
+                         model_options["likelihood"])
             if session is None:
-                rows, classes, n_conditions = self._pass_rows(X, y, first, classes,
-                                                              architecture[2])
+                (train, val, code), seed = self._training_rows(*rows_args), None
             else:
-                seed, _ = self._agree_on_settings(
-                    session, not first, False,
-                    same={"classes": None if classes is None else classes.tolist()})
-
-                def compute():
-                    rows, pass_classes, n_conditions = self._pass_rows(
-                        _distributed.local_rows(X), y, first, classes, architecture[2])
-                    return rows, None, pass_classes, n_conditions
-
-                rows, _, classes, n_conditions = self._agree_on_rows(session, compute)
-            if first:
-                model = self._new_model(architecture, self.n_features_in_, n_conditions,
-                                        seed)
+                train, val, code, seed = self._training_rows_parallel(session, *rows_args)
+            model = None if continuing else self._new_model(model_options, code.n_conditions,
+                                                            seed)
         except BaseException:
-            self._restore_fitted_state(before)
+            restore_fitted_state(self, before)
             raise
-        if first:
-            self.model_ = model
-            self.history_ = {key: [] for key in _HISTORY_KEYS}
-            self.n_iter_ = 0
-            self.classes_ = classes
-        self.best_epoch_ = None
-        self.model_.n_threads = self.n_threads or _available_cores()
+        self._start_training(model, code)
+        trainer = Trainer(self, params["callbacks"])
         try:
-            record = self._train_pass(rows)
+            if incremental:
+                trainer.run_pass(train)
+            else:
+                if val is not None:
+                    trainer.add_validation_history()
+                trainer.run_epochs(train, val)
         except ChunkError:
-            if first and not self.history_["elbo"]:
-                self._restore_fitted_state(before)
+            if not continuing and not self.history_["elbo"]:
+                restore_fitted_state(self, before)
             raise
-        self._append_epoch(record, None)
-        for callback in callbacks:
-            callback(self.n_iter_ - 1, self.history_)
         return self
 
-    def _pass_rows(self, X, y, reset, classes, likelihood):
-        """(rows, classes, n_conditions) of a partial_fit call."""
-        if is_out_of_core(X):
+    def _continues(self, model_options, incremental):
+        """Whether the call continues the fitted model: partial_fit always
+        (refusing other model options), fit with warm_start and the same
+        model options."""
+        if not hasattr(self, "model_"):
+            return False
+        same = (self._model_options() == model_options
+                and (self.model_.n_conditions > 0) == bool(self.conditional))
+        if incremental and not same:
+            raise ValueError("partial_fit continues the fitted model, whose architecture "
+                             "differs from the parameters' now (latent_dims, hidden_dims, "
+                             "likelihood, activation, decoder_variance, inference, "
+                             "markov_kl or conditional); call fit to train a new model")
+        return same and (incremental or bool(self.warm_start))
+
+    def _model_options(self):
+        """The fitted model's options, as _model_options(params) gives them."""
+        return {key: getattr(self.model_, key) for key in _MODEL_OPTIONS}
+
+    def _partial_fit_classes(self, classes, continuing):
+        """partial_fit's classes, sorted, checked against classes_ of a model
+        being continued."""
+        if classes is None:
+            return None
+        classes = np.unique(np.asarray(classes))
+        if classes.ndim != 1 or classes.size == 0:
+            raise ValueError(f"classes must be a non-empty 1-D array of labels; "
+                             f"got {classes!r}")
+        if continuing and (self.classes_ is None
+                           or not np.array_equal(classes, self.classes_)):
+            raise ValueError(f"classes={classes!r} differs from classes_="
+                             f"{self.classes_!r} of the earlier calls")
+        return classes
+
+    def _start_training(self, model, code):
+        """Installs a new model (None: continue the fitted one) and the
+        condition code before the first pass."""
+        self.classes_ = code.classes
+        if model is not None:
+            self.model_ = model
+            self.history_ = new_history()
+            self.n_iter_ = 0
+        self.best_epoch_ = None
+        self.model_.n_threads = self.n_threads or _available_cores()
+
+    def _new_seed(self):
+        return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+    def _new_model(self, model_options, n_conditions, seed=None):
+        """A new Model for n_features_in_ columns (seeded from random_state
+        unless ``seed`` is given)."""
+        seed = self._new_seed() if seed is None else seed
+        return Model(self.n_features_in_, seed=seed, n_conditions=n_conditions,
+                     **model_options)
+
+    # ---- the rows of a fit ---------------------------------------------------------
+
+    def _training_rows(self, X, y, validation_data, classes, continuing, incremental,
+                       likelihood):
+        """(training rows, validation rows or None, condition code) of a fit
+        (``incremental=False``) or partial_fit call. X in memory is
+        validated whole; X read in chunks by its shape and dtype here, by
+        chunk as it is read."""
+        chunked = is_out_of_core(X)
+        if chunked:
             n, n_features = check_array_like(X)
-            self._check_n_features(n_features, reset)
-            conditions, classes, n_conditions = self._condition_source(
-                y, n, reset, classes, infer_classes=False)
-            return (ChunkedRows(X, 0, n, self._chunk_size(n_features), conditions,
-                                bernoulli=likelihood == "bernoulli"),
-                    classes, n_conditions)
-        X = self._validate_X(X, reset=reset, likelihood=likelihood)
-        conditions, classes, n_conditions = self._condition_source(
-            y, X.shape[0], reset, classes, infer_classes=False)
-        C = conditions(0, X.shape[0]) if conditions is not None else None
-        return InMemoryRows(X, C), classes, n_conditions
+            self._check_n_features(n_features, reset=not continuing)
+        else:
+            X = self._validate_X(X, reset=not continuing, likelihood=likelihood)
+            n, n_features = X.shape
+        if continuing:
+            code = self._condition_code()
+        elif self.conditional:
+            code = ConditionCode.learn(y, n, classes, infer_classes=not incremental)
+        else:
+            code = ConditionCode.unconditional()
+        conditions = code.rows(y, n)
+        fraction = None if incremental else self._validation_fraction(validation_data)
+        val = None
+        if not incremental and validation_data is not None:
+            val = self._validation_data_rows(validation_data, code, likelihood)
+        if not chunked:
+            C = None if conditions is None else conditions(0, n)
+            if fraction is None:
+                return InMemoryRows(X, C), val, code
+            return (*self._hold_out_rows(X, C, fraction), code)
+        chunk_size = self._chunk_size(n_features)
+        bernoulli = likelihood == "bernoulli"
+        n_train = n
+        if fraction is not None:
+            # Random rows would mean random reads: the tail is held out.
+            n_train = n - self._n_validation_rows(fraction, n)
+            val = ChunkedRows(X, n_train, n, chunk_size, conditions, bernoulli)
+        return ChunkedRows(X, 0, n_train, chunk_size, conditions, bernoulli), val, code
 
-    def _train_epochs(self, train, val, callbacks):
-        """fit's epochs: a pass over train, the validation terms of val,
-        early stopping, progress and callbacks, n_epochs times."""
-        best_elbo, best_parameters, n_stale = -np.inf, None, 0
-        parallel = getattr(train, "parallel", None)
-        session = parallel[0] if parallel is not None else None
-        show = self.verbose >= 1 and (session is None or session.rank == 0)
-        bar = self._progress_bar(train.n_rows if session is None else parallel[1]) if show \
-            else None
-        record = None  # a pass's record not yet in history_
+    def _validation_fraction(self, validation_data):
+        """The fraction of X that fit holds out: None when validation_data is
+        given, else validation_fraction, or 0.1 for early stopping."""
+        fraction = self.validation_fraction
+        if validation_data is not None:
+            if fraction is not None:
+                raise ValueError("pass either validation_data to fit or validation_fraction, "
+                                 "not both")
+            return None
+        if fraction is None and self.early_stopping:
+            return 0.1
+        return fraction
+
+    def _hold_out_rows(self, X, C, fraction):
+        """(training rows, validation rows) of X in memory (conditions C or
+        None), ceil(fraction * n) rows held out at random."""
+        n = X.shape[0]
+        n_val = self._n_validation_rows(fraction, n)
+        # A fresh generator from random_state: with an int, every fit holds
+        # out the same rows. Fancy indexing copies; sorted rows keep X's order.
+        rows = check_random_state(self.random_state).permutation(n)
+        train, val = np.sort(rows[n_val:]), np.sort(rows[:n_val])
+        if C is None:
+            return InMemoryRows(X[train], None), InMemoryRows(X[val], None)
+        return InMemoryRows(X[train], C[train]), InMemoryRows(X[val], C[val])
+
+    @staticmethod
+    def _n_validation_rows(fraction, n):
+        n_val = math.ceil(fraction * n)
+        if n_val < 1 or n - n_val < 1:
+            raise ValueError(f"validation_fraction={fraction} of {n} rows leaves "
+                             f"{n - n_val} training and {n_val} validation rows; need "
+                             "at least one of each")
+        return n_val
+
+    def _validation_data_rows(self, validation_data, code, likelihood):
+        """validation_data (X_val, or (X_val, y_val) for a conditional model)
+        as rows: in memory, validated whole and used in place; or read in
+        chunks like X."""
+        y_val = None
+        conditional = code.n_conditions > 0
+        if conditional:
+            if not (isinstance(validation_data, tuple) and len(validation_data) == 2):
+                raise ValueError("validation_data of a conditional model must be a tuple "
+                                 "(X_val, y_val)")
+            validation_data, y_val = validation_data
+        chunked = is_out_of_core(validation_data)
         try:
-            # One pass per epoch, so that validation and callbacks run between
-            # passes and may use the model (it serves one call at a time); the
-            # optimizer and generator carry over, so on data in memory this
-            # trains exactly as one Model.fit call with n_epochs would.
-            for epoch_in_call in range(self.n_epochs):
-                record = self._train_pass(train, bar.update if bar is not None else None)
-                validation = self._validation_terms(val) if val is not None else None
-                self._append_epoch(record, validation)
-                record, appended = None, record
-                epoch = self.n_iter_ - 1
-                stop = False
-                if validation is not None and self.early_stopping:
-                    if validation["elbo"] > best_elbo + self.tol:
-                        best_elbo, n_stale = validation["elbo"], 0
-                        best_parameters = np.copy(self.model_.parameters)
-                        self.best_epoch_ = epoch
-                    else:
-                        n_stale += 1
-                    stop = n_stale >= self.n_iter_no_change
-                if bar is not None:
-                    self._report_progress(bar, epoch_in_call, appended, validation)
-                # Every callback sees every epoch, even after one asked to stop.
-                for callback in callbacks:
-                    if callback(epoch, self.history_) is False:
-                        stop = True
-                if session is not None:  # all ranks stop together
-                    stop = session.any(stop)
-                if stop:
-                    break
-        finally:
-            # Whatever stopped training, keep the epochs that happened (a pass
-            # cut short is recorded by _train_pass).
-            if bar is not None:
-                bar.close()
-            if record is not None:
-                self._append_epoch(record, None)
-            if best_parameters is not None:
-                self.model_.parameters[:] = best_parameters
+            if chunked:
+                n_val, n_features = check_array_like(validation_data, "validation_data")
+                self._check_n_features(n_features, reset=False)
+            else:
+                validation_data = self._validate_X(validation_data, reset=False,
+                                                   likelihood=likelihood,
+                                                   name="validation_data")
+                n_val = validation_data.shape[0]
+            C_val = code.all_rows(y_val, n_val, name="y_val")
+        except ValueError as error:
+            raise ValueError(f"validation_data: {error}") from None
+        if not chunked:
+            return InMemoryRows(validation_data, C_val)
+        return ChunkedRows(validation_data, 0, n_val, self._chunk_size(self.n_features_in_),
+                           conditions=None if C_val is None else (lambda a, b: C_val[a:b]),
+                           bernoulli=likelihood == "bernoulli", name="validation_data")
 
-    def _train_pass(self, rows, progress=None):
-        """One pass of minibatch updates over rows, block by block (one
-        ``_train_block`` per chunk, chunks in ``chunk_order``); the unit of
-        both fit (one per epoch) and partial_fit (one per call).
+    def _training_rows_parallel(self, session, X, y, validation_data, classes, continuing,
+                                incremental, likelihood):
+        """_training_rows on one rank of a data-parallel call, agreed with
+        the others (hvae.distributed); also returns rank 0's seed."""
+        def labels_of():
+            if incremental or continuing or not self.conditional or y is None:
+                return None
+            y_arr = np.asarray(y)
+            return np.unique(y_arr.ravel()) if is_labels(y_arr) else None
 
-        Returns the pass's record for history_. If the pass stops with an
-        exception after some minibatches, their record is appended to
-        history_ (NaN validation terms) before the exception propagates.
-        """
-        beta = self._epoch_beta(self.n_iter_)
-        order = chunk_order(rows.n_chunks, self.model_.seed, self.n_iter_, self.shuffle)
-        chunked = isinstance(rows, ChunkedRows)
-        block_records = []  # Model.fit appends each block's record as it is made
-        started = time.perf_counter()
-        try:
-            for _, _, X_block, C_block in rows.blocks(order):
-                self._train_block(X_block, C_block, beta, block_records, progress,
-                                  getattr(rows, "parallel", None))
-        except BaseException:
-            if block_records:
-                seconds = time.perf_counter() - started if chunked else None
-                self._append_epoch(_pass_record(block_records, beta, seconds), None)
-            raise
-        seconds = time.perf_counter() - started if chunked else None
-        return _pass_record(block_records, beta, seconds)
+        same = None
+        if incremental:
+            same = {"classes": None if classes is None else classes.tolist()}
+        seed, label_union = _distributed.agree_on_settings(
+            session, self, continuing, validation_data is not None, self._new_seed,
+            labels_of, same)
+        if not incremental:
+            classes = label_union
 
-    def _train_block(self, X, C, beta, records, progress, parallel=None):
-        """One Model.fit pass over rows in memory (float32 C-contiguous X,
-        conditions C or None); its record is appended to records. With
-        parallel = (session, n_global, shard_start), X is this rank's shard
-        of a data-parallel pass."""
-        iwae = self.objective == "iwae"
-        extra = {}
-        if parallel is not None:
-            session, n_global, shard_start = parallel
-            extra = dict(reduce=session.reduce, n_global=n_global, shard_start=shard_start)
-        self.model_.fit(X, n_epochs=1, batch_size=self.batch_size,
-                        learning_rate=self.learning_rate, optimizer=self.optimizer,
-                        beta=beta, weight_decay=self.weight_decay, shuffle=self.shuffle,
-                        history=records, progress=progress, objective=self.objective,
-                        n_samples=self.n_importance_samples if iwae else self.n_mc_samples,
-                        free_bits=self.free_bits, cond=C, **extra)
+        def compute():
+            return self._training_rows(_distributed.local_rows(X), y,
+                                       _distributed.local_validation_data(validation_data),
+                                       classes, continuing, incremental, likelihood)
 
-    def _ensure_validation_history(self):
-        """Add the validation keys to history_, NaN for epochs without them."""
-        n_layers = len(self.model_.latent_dims)
-        for key in _VALIDATION_KEYS:
-            if key not in self.history_:
-                missing = [math.nan] * n_layers if key == "val_kl" else math.nan
-                self.history_[key] = [missing for _ in range(len(self.history_["elbo"]))]
+        train, val, code = _distributed.agree_on_rows(session, self, compute)
+        return train, val, code, seed
 
-    def _epoch_beta(self, epoch):
-        """The KL weight of an epoch (counted over every fit of the model):
-        beta * min(1, epoch / kl_warmup_epochs), so 0 in the first epoch and
-        beta from epoch kl_warmup_epochs on; beta without warm-up."""
-        if self.kl_warmup_epochs == 0:
-            return float(self.beta)
-        return float(self.beta) * min(1.0, epoch / self.kl_warmup_epochs)
+    def _chunk_size(self, n_features):
+        if self.chunk_size is not None:
+            return int(self.chunk_size)
+        return default_chunk_size(n_features, self.batch_size)
 
-    def _validation_terms(self, rows):
-        """Mean ELBO, reconstruction and per-layer KL of the validation rows,
-        block by block."""
-        elbo = reconstruction = 0.0
-        kl = np.zeros(len(self.model_.latent_dims))
-        for _, _, X_val, C_val in rows.blocks():
-            terms = self.model_.elbo_terms(X_val, cond=C_val)
-            elbo += np.sum(terms["elbo"])
-            reconstruction += np.sum(terms["reconstruction"])
-            kl += np.sum(terms["kl"], axis=0)
-        # The same per-row values as score_samples; for rows in memory (one
-        # block) sum / n is np.mean's computation, so score(X_val) after early
-        # stopping equals the best epoch's val_elbo exactly.
-        n = rows.n_rows
-        parallel = getattr(rows, "parallel", None)
-        if parallel is not None:  # every rank's validation shard
-            sums = parallel[0].sum([elbo, reconstruction, n, *kl])
-            elbo, reconstruction, n, kl = sums[0], sums[1], sums[2], sums[3:]
-        return {"elbo": float(elbo / n), "reconstruction": float(reconstruction / n),
-                "kl": [float(k) for k in kl / n]}
+    def _check_n_features(self, n_features, reset):
+        """validate_data's n_features_in_ bookkeeping, for data read in chunks
+        (which have no feature names)."""
+        if reset:
+            self.n_features_in_ = n_features
+            self.__dict__.pop("feature_names_in_", None)
+        elif n_features != self.n_features_in_:
+            raise ValueError(f"X has {n_features} features, but {type(self).__name__} is "
+                             f"expecting {self.n_features_in_} features as input.")
 
-    def _append_epoch(self, record, validation):
-        for key in _HISTORY_KEYS:
-            self.history_[key].append(record[key])
-        if "val_elbo" in self.history_:
-            if validation is None:
-                n_layers = len(self.model_.latent_dims)
-                validation = {"elbo": math.nan, "reconstruction": math.nan,
-                              "kl": [math.nan] * n_layers}
-            self.history_["val_elbo"].append(validation["elbo"])
-            self.history_["val_reconstruction"].append(validation["reconstruction"])
-            self.history_["val_kl"].append(validation["kl"])
-        self.n_iter_ += 1
+    def _validate_X(self, X, reset, likelihood=None, name="X"):
+        # float32 C order: one conversion at most, none for such an array.
+        X = validate_data(self, X, reset=reset, dtype=np.float32, order="C")
+        if likelihood is None:
+            likelihood = self.model_.likelihood if not reset else self.likelihood
+        if likelihood == "bernoulli" and X.size and (X.min() < 0.0 or X.max() > 1.0):
+            raise ValueError(
+                "%s has values outside [0, 1] (min %g, max %g), but likelihood='bernoulli' "
+                "needs data in [0, 1]; rescale it or use likelihood='gaussian'"
+                % (name, X.min(), X.max()))
+        return X
 
-    def _progress_bar(self, n_rows):
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.n_epochs * n_rows, unit="row", unit_scale=True,
-                    desc=f"epoch 1/{self.n_epochs}", leave=True)
-
-    def _report_progress(self, bar, epoch_in_call, record, validation):
-        upcoming = min(epoch_in_call + 2, self.n_epochs)
-        bar.set_description(f"epoch {upcoming}/{self.n_epochs}", refresh=False)
-        postfix = {"elbo": f"{record['elbo']:.3f}"}
-        if validation is not None:
-            postfix["val_elbo"] = f"{validation['elbo']:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        if self.verbose >= 2:
-            kl = " ".join(f"{k:.2f}" for k in record["kl"])
-            line = (f"epoch {epoch_in_call + 1}/{self.n_epochs}  elbo {record['elbo']:.3f}  "
-                    f"reconstruction {record['reconstruction']:.3f}  kl [{kl}]")
-            if validation is not None:
-                line += f"  val_elbo {validation['elbo']:.3f}"
-            bar.write(line + f"  ({record['seconds']:.2f} s)", file=sys.stdout)
-
-    def _model_architecture(self):
-        m = self.model_
-        return (m.latent_dims, m.hidden_dims, m.likelihood, m.activation, m.decoder_variance,
-                m.inference)
+    def _condition_code(self):
+        """The fitted model's ConditionCode."""
+        return ConditionCode(self.classes_, self.model_.n_conditions)
 
     # ---- inference -------------------------------------------------------------
 
@@ -1124,7 +678,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         check_is_fitted(self)
         self.model_.n_threads = self.n_threads or _available_cores()
         X = self._validate_X(X, reset=False)
-        return X, self._conditions(y, X.shape[0])
+        return X, self._condition_code().all_rows(y, X.shape[0])
 
     def fit_transform(self, X, y=None, **fit_params):
         """fit(X, y) then transform(X, y): posterior means of z_1.
@@ -1253,7 +807,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              f"got {Z.shape}")
         if not np.all(np.isfinite(Z)):
             raise ValueError("Z contains NaN or infinity (or values beyond float32's range)")
-        return self.model_.decode(Z, cond=self._conditions(y, Z.shape[0]))
+        return self.model_.decode(Z, cond=self._condition_code().all_rows(y, Z.shape[0]))
 
     def reconstruct(self, X, y=None):
         """inverse_transform(transform(X)): the decoded posterior mean.
@@ -1295,7 +849,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         check_is_fitted(self)
         if not isinstance(n_samples, numbers.Integral) or n_samples < 0:
             raise ValueError(f"n_samples must be an int >= 0; got {n_samples!r}")
-        C = self._conditions(y, int(n_samples))
+        C = self._condition_code().all_rows(y, int(n_samples))
         seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
         return self.model_.sample(int(n_samples), seed=seed,
                                   observation_noise=bool(observation_noise), cond=C)
@@ -1359,6 +913,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         from .file_format import save
 
         save(self, path)
+
+    def __setstate__(self, state):
+        # An estimator pickled before a parameter existed (markov_kl) loads
+        # with that parameter's default, which is how it trained.
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if name != "self":
+                state.setdefault(name, parameter.default)
+        super().__setstate__(state)
 
     @property
     def _n_features_out(self):
