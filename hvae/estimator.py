@@ -14,6 +14,7 @@ from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like, c
                       default_chunk_size, is_out_of_core)
 from . import distributed as _distributed
 from ._native import MAX_HIDDEN, MAX_LAYERS, Model
+from .file_format import register_estimator
 
 _LIKELIHOODS = ("gaussian", "bernoulli")
 _ACTIVATIONS = ("relu", "tanh", "leaky_relu", "elu", "softplus")
@@ -1369,3 +1370,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # The core computes in float32; it is what transform returns.
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+register_estimator(HierarchicalVAE, history_keys=_HISTORY_KEYS, validation_keys=_VALIDATION_KEYS,
+                   validate=lambda e: (e._check_training_params(), e._callbacks(),
+                                       e._architecture())[-1])
