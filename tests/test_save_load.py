@@ -300,3 +300,25 @@ def _npy_bytes(array):
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+# ---- file mode (issue 12) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_the_file_mode_follows_the_umask_like_joblib(fitted, tmp_path, umask, mode):
+    """Saved models used to be 0600 whatever the umask (mkstemp's mode), so
+    others could not read a shared model; now they are created as open()
+    and joblib.dump create files: 0666 less the umask."""
+    import joblib
+
+    previous = os.umask(umask)
+    try:
+        fitted.save(tmp_path / "m.npz")
+        fitted.save(tmp_path / "m.npz")  # replacing a file gives the same mode
+        joblib.dump([1], tmp_path / "m.joblib")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == mode
+    assert os.stat(tmp_path / "m.joblib").st_mode & 0o777 == mode
+    assert sorted(os.listdir(tmp_path)) == ["m.joblib", "m.npz"]  # no temporary left
