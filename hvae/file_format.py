@@ -44,6 +44,11 @@ The JSON object has the keys:
 ``arrays``
     For every array member: ``{"dtype", "shape", "sha256"}``, the SHA-256
     of its data bytes.
+``metadata_sha256``
+    The SHA-256 of the rest of the metadata, spelled as canonical JSON
+    (``json.dumps(..., sort_keys=True, ensure_ascii=False,
+    separators=(",", ":"))`` of the object without this key). Files written
+    before it existed (the same format version) lack it and still load.
 
 Inside ``params``, ``model``, ``state`` and ``attributes`` a few values are
 tagged: ``{"__tuple__": [...]}`` is a tuple, ``{"__array__": name}`` the array
@@ -54,13 +59,38 @@ Infinity and -Infinity (history entries may be NaN).
 Loading refuses, with a ValueError that names the file: anything that is not
 a readable zip archive of ``.npy`` members (truncated, corrupt, a bad CRC), a
 missing member or key, another format or format version, arrays whose dtype,
-shape or SHA-256 differ from the metadata, an architecture whose layout
-differs from the file's, non-finite parameters, and parameters this version
-of hvae does not know. Sizes are checked before anything is allocated: every
-array's declared size against the archive's, and the architecture's widths
-against the number of parameters, so that a hostile file cannot make hvae
-allocate much more memory than its own size (about a thousand times, at
-most, for a file crafted to do so).
+shape or SHA-256 differ from the metadata, metadata that differs from its
+SHA-256, an architecture whose layout differs from the file's, non-finite
+parameters, and parameters this version of hvae does not know. Sizes are
+checked before anything is allocated: every array's declared size against
+the archive's, and the architecture's widths against the number of
+parameters, so that a hostile file cannot make hvae allocate much more memory
+than its own size (about a thousand times, at most, for a file crafted to do
+so).
+
+Checksums detect corruption, not authors: anyone can edit a file and
+recompute them. So every field is validated as well, and a file that loads
+is the model its metadata describes, and one that trains:
+
+* the fitted attributes are exactly the known ones; ``n_iter_`` is the length
+  of every ``history_`` list (the estimator's keys, the validation keys all or
+  none), whose entries have their types and per-layer lengths;
+  ``best_epoch_`` indexes history; ``classes_`` are the model's conditions;
+* the hyperparameters pass the estimator's own validation and the C core's
+  limits, and describe the model's architecture;
+* the optimizer state: the settings HierarchicalVAE trains with, a step count
+  between 0 and the minibatches in ``history_``, finite moments, second
+  moments >= 0, and first moments within the bound Adam's averages obey,
+  ``|m| <= (1 - b1) / sqrt((1 - b2) (1 - b1**2 / b2)) sqrt(v)`` (7.27 for
+  b1 = 0.9, b2 = 0.999; plus eps), so that no Adam step can overflow; an SGD
+  state has no second moments and, without momentum, zero first ones;
+* the generator's state is four 64-bit words, not all zero;
+* the parameters give a finite loss and gradient on the model's own samples
+  and on data of the kind its likelihood expects, the own-sample loss at most
+  1e6 nats per dimension (a coherent model's is a few).
+
+The loadable classes are registered by their modules
+(:func:`register_estimator`), so this module imports none of them.
 """
 import functools
 import hashlib

@@ -322,3 +322,22 @@ def test_the_file_mode_follows_the_umask_like_joblib(fitted, tmp_path, umask, mo
     assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == mode
     assert os.stat(tmp_path / "m.joblib").st_mode & 0o777 == mode
     assert sorted(os.listdir(tmp_path)) == ["m.joblib", "m.npz"]  # no temporary left
+
+
+def test_file_format_does_not_import_the_estimator():
+    """Issue 11: no import cycle. The estimator module registers its class
+    with hvae.file_format, which imports no estimator module."""
+    import ast
+    import hvae.file_format as file_format
+
+    tree = ast.parse(open(file_format.__file__, encoding="utf-8").read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+            imported.update(f"{'.' * node.level}{node.module or ''}.{a.name}".replace("..", ".")
+                            for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert not [name for name in imported if "estimator" in name], imported
+    assert file_format._ESTIMATORS["HierarchicalVAE"].cls is HierarchicalVAE
