@@ -464,7 +464,7 @@ def _check_model_arguments(arguments, n_params):
         _check_int(arguments["seed"], "model seed", 0, 2**64 - 1)
 
 
-def _check_state(state, model, params, history):
+def _check_state(state, model, history):
     """The model's state (Model.__getstate__) field by field: what the C
     optimizer and generator need to train, and agreement with history_."""
     expected = {"parameters", "optimizer", "rng_state", "n_threads"}
@@ -794,7 +794,7 @@ def _load(file, archive_size):
             state["optimizer"].get("kind") not in ("adam", "sgd"):
         raise _Damaged(f"invalid model state (optimizer kind "
                        f"{state['optimizer'].get('kind')!r:.100})")
-    _check_state(state, model, params, attributes["history_"])
+    _check_state(state, model, attributes["history_"])
     try:
         model.__setstate__(state)
     except (TypeError, ValueError, OverflowError, KeyError) as error:
