@@ -21,7 +21,9 @@ from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
 from ._conditions import ConditionCode, is_labels
 from ._native import Model
 from ._params import validate_parameters
-from ._training import Trainer, fitted_state, new_history, restore_fitted_state
+from ._training import (HISTORY_KEYS, VALIDATION_KEYS, Trainer, fitted_state, new_history,
+                        restore_fitted_state)
+from .file_format import register_estimator
 
 #: The parameters that make the low-level Model, as its attributes name them:
 #: fit with warm_start, and partial_fit, continue a model only while they
@@ -931,3 +933,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         # The core computes in float32; it is what transform returns.
         tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+register_estimator(HierarchicalVAE, history_keys=HISTORY_KEYS, validation_keys=VALIDATION_KEYS,
+                   validate=lambda e: _model_options(validate_parameters(e)))

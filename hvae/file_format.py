@@ -44,6 +44,11 @@ The JSON object has the keys:
 ``arrays``
     For every array member: ``{"dtype", "shape", "sha256"}``, the SHA-256
     of its data bytes.
+``metadata_sha256``
+    The SHA-256 of the rest of the metadata, spelled as canonical JSON
+    (``json.dumps(..., sort_keys=True, ensure_ascii=False,
+    separators=(",", ":"))`` of the object without this key). Files written
+    before it existed (the same format version) lack it and still load.
 
 Inside ``params``, ``model``, ``state`` and ``attributes`` a few values are
 tagged: ``{"__tuple__": [...]}`` is a tuple, ``{"__array__": name}`` the array
@@ -54,24 +59,51 @@ Infinity and -Infinity (history entries may be NaN).
 Loading refuses, with a ValueError that names the file: anything that is not
 a readable zip archive of ``.npy`` members (truncated, corrupt, a bad CRC), a
 missing member or key, another format or format version, arrays whose dtype,
-shape or SHA-256 differ from the metadata, an architecture whose layout
-differs from the file's, non-finite parameters, and parameters this version
-of hvae does not know. Sizes are checked before anything is allocated: every
-array's declared size against the archive's, and the architecture's widths
-against the number of parameters, so that a hostile file cannot make hvae
-allocate much more memory than its own size (about a thousand times, at
-most, for a file crafted to do so).
+shape or SHA-256 differ from the metadata, metadata that differs from its
+SHA-256, an architecture whose layout differs from the file's, non-finite
+parameters, and parameters this version of hvae does not know. Sizes are
+checked before anything is allocated: every array's declared size against
+the archive's, and the architecture's widths against the number of
+parameters, so that a hostile file cannot make hvae allocate much more memory
+than its own size (about a thousand times, at most, for a file crafted to do
+so).
+
+Checksums detect corruption, not authors: anyone can edit a file and
+recompute them. So every field is validated as well, and a file that loads
+is the model its metadata describes, and one that trains:
+
+* the fitted attributes are exactly the known ones; ``n_iter_`` is the length
+  of every ``history_`` list (the estimator's keys, the validation keys all or
+  none), whose entries have their types and per-layer lengths;
+  ``best_epoch_`` indexes history; ``classes_`` are the model's conditions;
+* the hyperparameters pass the estimator's own validation and the C core's
+  limits, and describe the model's architecture;
+* the optimizer state: the settings HierarchicalVAE trains with, a step count
+  between 0 and the minibatches in ``history_``, finite moments, second
+  moments >= 0, and first moments within the bound Adam's averages obey,
+  ``|m| <= (1 - b1) / sqrt((1 - b2) (1 - b1**2 / b2)) sqrt(v)`` (7.27 for
+  b1 = 0.9, b2 = 0.999; plus eps), so that no Adam step can overflow; an SGD
+  state has no second moments and, without momentum, zero first ones;
+* the generator's state is four 64-bit words, not all zero;
+* the parameters give a finite loss and gradient on the model's own samples
+  and on data of the kind its likelihood expects, the own-sample loss at most
+  1e6 nats per dimension (a coherent model's is a few).
+
+The loadable classes are registered by their modules
+(:func:`register_estimator`), so this module imports none of them.
 """
+import functools
 import hashlib
 import inspect
 import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
 import warnings
 import zipfile
 import zlib
+from typing import Callable, NamedTuple
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
@@ -79,13 +111,48 @@ from sklearn.utils.validation import check_is_fitted
 FORMAT_NAME = "hvae"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "register_estimator", "save"]
 
 _METADATA = "metadata"
 _DTYPES = {"<f4", "<f8", "<i4", "<i8", "<u8", "|u1", "|b1"}
 _REQUIRED_KEYS = ("format", "format_version", "hvae_version", "estimator", "params", "model",
                   "layout", "state", "attributes", "arrays")
-_REQUIRED_ATTRIBUTES = ("n_features_in_", "n_iter_", "history_")
+_REQUIRED_ATTRIBUTES = ("n_features_in_", "n_iter_", "history_", "best_epoch_", "classes_")
+_DIGEST = "metadata_sha256"
+
+
+class _EstimatorSpec(NamedTuple):
+    cls: type
+    validate: Callable
+    history_keys: tuple
+    validation_keys: tuple
+
+
+# Loadable estimator classes by name. The estimator module registers its
+# class when it is imported, so this module never imports it (no cycle).
+_ESTIMATORS = {}
+
+
+def register_estimator(cls, *, validate, history_keys, validation_keys=()):
+    """Make ``cls`` savable and loadable.
+
+    Parameters
+    ----------
+    cls : type
+        A scikit-learn estimator class whose fitted state is ``model_`` (an
+        hvae.Model) and the attributes ``n_features_in_``, ``n_iter_``,
+        ``history_``, ``best_epoch_``, ``classes_``, ``feature_names_in_``.
+    validate : callable
+        ``validate(estimator)`` checks the estimator's parameters with the
+        estimator's own validation (raising ValueError or TypeError) and
+        returns the model options they describe, a dict whose keys are
+        attributes of the saved ``hvae.Model`` (``latent_dims``,
+        ``likelihood``, ...), each of which must equal the model's.
+    history_keys, validation_keys : tuple of str
+        The keys every ``history_`` has, and those it has all or none of.
+    """
+    _ESTIMATORS[cls.__name__] = _EstimatorSpec(cls, validate, tuple(history_keys),
+                                               tuple(validation_keys))
 
 
 class _Unencodable(TypeError):
@@ -159,10 +226,11 @@ def save(estimator, path):
         a good one).
     """
     from . import __version__
-    from .estimator import HierarchicalVAE
 
-    if type(estimator) is not HierarchicalVAE:
-        raise TypeError(f"can save a HierarchicalVAE; got {type(estimator).__name__}")
+    if type(estimator).__name__ not in _ESTIMATORS or \
+            _ESTIMATORS[type(estimator).__name__].cls is not type(estimator):
+        raise TypeError(f"can save a {' or '.join(_ESTIMATORS) or 'registered estimator'}; "
+                        f"got {type(estimator).__name__}")
     check_is_fitted(estimator)
     model = estimator.model_
     arrays = {}
@@ -206,13 +274,14 @@ def save(estimator, path):
                           "sha256": hashlib.sha256(array.tobytes()).hexdigest()}
                    for name, array in arrays.items()},
     }
+    metadata[_DIGEST] = _metadata_digest(metadata)
     text = json.dumps(metadata, ensure_ascii=False)
     members = dict(arrays)
     members[_METADATA] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".hvae-", suffix=".tmp", dir=directory)
+    fd, tmp = _create_temporary(directory)
     try:
         with os.fdopen(fd, "wb") as file:
             np.savez(file, **members)
@@ -223,6 +292,28 @@ def save(estimator, path):
         except OSError:
             pass
         raise
+
+
+def _create_temporary(directory):
+    """(fd, path) of a new file in ``directory`` for writing, created with
+    mode 0o666 less the umask, as ``open(path, "w")`` would (mkstemp's 0600
+    would leave a shared model unreadable to others)."""
+    for _ in range(100):
+        path = os.path.join(directory, f".hvae-{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                           | getattr(os, "O_BINARY", 0), 0o666), path
+        except FileExistsError:  # pragma: no cover - 64 random bits collided
+            continue
+    raise FileExistsError(f"cannot create a temporary file in {directory}")  # pragma: no cover
+
+
+def _metadata_digest(metadata):
+    """SHA-256 of the metadata without its own digest, in a canonical JSON
+    spelling (sorted keys), so that the text's layout does not matter."""
+    body = {key: value for key, value in metadata.items() if key != _DIGEST}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ---- decoding -------------------------------------------------------------------
@@ -314,10 +405,284 @@ def _check_architecture_size(model_arguments, n_params):
                        f"{n_params} parameters")
 
 
+# ---- validation of every field ----------------------------------------------------
+
+# The Adam settings HierarchicalVAE trains with (Model.fit's defaults, as float32):
+# a saved optimizer state holds exactly these.
+_ADAM_BETA1, _ADAM_BETA2, _ADAM_EPS = (float(np.float32(x)) for x in (0.9, 0.999, 1e-8))
+# |m| <= K sqrt(v) for Adam's moments started at zero (Cauchy-Schwarz over the
+# two exponential averages of one gradient sequence), so a step moves a
+# parameter by at most lr / (1 - beta1) * K: a state beyond it (first moments
+# of 3e38 over small second moments) would overflow the first step.
+_MOMENT_RATIO = (1 - _ADAM_BETA1) / math.sqrt((1 - _ADAM_BETA2)
+                                              * (1 - _ADAM_BETA1 ** 2 / _ADAM_BETA2))
+# Far more steps and epochs than any training makes, far from int64's end.
+_MAX_COUNT = 2**48
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_THREADS = 1024  # Model.n_threads accepts 1..1024
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(condition, message):
+    if not condition:
+        raise _Damaged(message)
+
+
+def _check_int(value, name, low, high=_MAX_COUNT):
+    _require(_is_int(value) and low <= value <= high,
+             f"{name} must be an int in [{low}, {high}]; got {value!r:.100}")
+
+
+def _check_real(value, name, low=-math.inf, high=math.inf, nan=False):
+    ok = _is_real(value) and (low <= value <= high or (nan and value != value))
+    _require(ok and (math.isfinite(value) or (nan and value != value)),
+             f"{name} must be a finite number in [{low:g}, {high:g}]"
+             f"{' (or NaN)' if nan else ''}; got {value!r:.100}")
+
+
+def _check_model_arguments(arguments, n_params):
+    """Types and ranges of hvae.Model's arguments, before it is built."""
+    for key in ("n_features", "n_conditions"):
+        if key in arguments:
+            _check_int(arguments[key], f"model {key}", 1 if key == "n_features" else 0,
+                       max(n_params, 1))
+    for key in ("latent_dims", "hidden_dims"):
+        value = arguments.get(key)
+        _require(isinstance(value, tuple) and all(_is_int(d) and d >= 1 for d in value),
+                 f"model {key} must be a tuple of positive ints; got {value!r:.100}")
+    for key in ("likelihood", "activation", "decoder_variance", "inference"):
+        if key in arguments:
+            _require(isinstance(arguments[key], str),
+                     f"model {key} must be a string; got {arguments[key]!r:.100}")
+    if "seed" in arguments:
+        _check_int(arguments["seed"], "model seed", 0, 2**64 - 1)
+
+
+def _check_state(state, model, history):
+    """The model's state (Model.__getstate__) field by field: what the C
+    optimizer and generator need to train, and agreement with history_."""
+    expected = {"parameters", "optimizer", "rng_state", "n_threads"}
+    _require(isinstance(state, dict) and set(state) == expected,
+             f"the model state must have the keys {sorted(expected)}; got "
+             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    n_params = model.n_params
+    parameters = state["parameters"]
+    _require(isinstance(parameters, np.ndarray) and parameters.dtype == np.float32
+             and parameters.shape == (n_params,),
+             "the model state's parameters must be the float32 'parameters' array")
+    rng_state = state["rng_state"]
+    _require(isinstance(rng_state, tuple) and len(rng_state) == 4
+             and all(_is_int(s) and 0 <= s < 2**64 for s in rng_state)
+             and any(rng_state),
+             f"invalid model state (rng_state {rng_state!r:.100} is not 4 unsigned 64-bit "
+             "ints, not all zero)")
+    threads = state["n_threads"]
+    _require(threads is None or (_is_int(threads) and 1 <= threads <= _MAX_THREADS),
+             f"the model state's n_threads must be None or in 1..{_MAX_THREADS}; "
+             f"got {threads!r:.100}")
+    optimizer = state["optimizer"]
+    if optimizer is None:
+        return
+    keys = {"kind", "learning_rate", "beta1", "beta2", "eps", "momentum", "weight_decay",
+            "step", "m", "v"}
+    _require(isinstance(optimizer, dict) and set(optimizer) == keys,
+             f"invalid model state (the optimizer state must have the keys {sorted(keys)})")
+    kind = optimizer["kind"]
+    _require(kind in ("adam", "sgd"),
+             f"invalid model state (optimizer kind {kind!r:.100} is not 'adam' or 'sgd')")
+    _check_real(optimizer["learning_rate"], "the optimizer's learning_rate", 0.0,
+                _FLOAT32_MAX)
+    _require(optimizer["learning_rate"] > 0, "the optimizer's learning_rate must be > 0")
+    _check_real(optimizer["weight_decay"], "the optimizer's weight_decay", 0.0, _FLOAT32_MAX)
+    for key, value in (("beta1", _ADAM_BETA1), ("beta2", _ADAM_BETA2), ("eps", _ADAM_EPS),
+                       ("momentum", 0.0)):
+        _require(_is_real(optimizer[key]) and optimizer[key] == value,
+                 f"the optimizer's {key} is {optimizer[key]!r:.100}; HierarchicalVAE trains "
+                 f"with {value!r}")
+    # Each step is one minibatch of history_ (a step whose gradient was not
+    # finite is undone, a diverged epoch is rolled back and not recorded);
+    # switching optimizer or reset_optimizer() starts again from 0.
+    n_batches = sum(history["n_batches"])
+    step = optimizer["step"]
+    _require(_is_int(step) and 0 <= step <= n_batches,
+             f"the optimizer's step count {step!r:.100} is not in [0, {n_batches}], the "
+             "minibatches in history_")
+    m, v = optimizer["m"], optimizer["v"]
+    for name, array in (("m", m), ("v", v)):
+        if name == "v" and kind == "sgd":
+            _require(array is None, "an SGD optimizer state has no second moments 'v'")
+            continue
+        _require(isinstance(array, np.ndarray) and array.dtype == np.float32
+                 and array.shape == (n_params,) and array is not parameters,
+                 f"the optimizer's {name} must be a float32 array of {n_params} values")
+        _require(bool(np.all(np.isfinite(array))),
+                 f"the optimizer's {name} holds NaN or infinite values")
+    if kind == "sgd":
+        # Without momentum (HierarchicalVAE uses none) SGD never writes it.
+        _require(not np.any(m), "an SGD optimizer state without momentum has nonzero 'm'")
+        return
+    _require(bool(np.all(v >= 0)), "the optimizer's second moments 'v' must be >= 0")
+    bound = _MOMENT_RATIO * 1.001 * np.sqrt(v.astype(np.float64)) + _ADAM_EPS
+    _require(bool(np.all(np.abs(m.astype(np.float64)) <= bound)),
+             "the optimizer's first moments 'm' exceed what its second moments 'v' allow "
+             f"(|m| <= {_MOMENT_RATIO:.2f} sqrt(v) for Adam): an Adam step from this state "
+             "would overflow")
+    if step == 0:
+        _require(not np.any(m) and not np.any(v),
+                 "the optimizer has taken no step but holds nonzero moments")
+
+
+def _check_history(history, n_iter, n_layers, keys, validation_keys):
+    _require(isinstance(history, dict), f"history_ must be a dict; got "
+             f"{type(history).__name__}")
+    required, optional = set(keys), set(validation_keys)
+    present = set(history)
+    _require(required <= present and (present - required) in (set(), optional),
+             f"history_ must have the keys {sorted(required)} (and all or none of "
+             f"{sorted(optional)}); got {sorted(map(str, present))[:20]}")
+    for key, values in history.items():
+        _require(isinstance(values, list) and len(values) == n_iter,
+                 f"history_[{key!r}] must be a list of n_iter_ = {n_iter} entries")
+        for i, value in enumerate(values):
+            name = f"history_[{key!r}][{i}]"
+            if key in ("kl", "val_kl"):
+                _require(isinstance(value, list) and len(value) == n_layers,
+                         f"{name} must be a list of {n_layers} per-layer KL terms")
+                for k in value:
+                    _check_real(k, name, nan=True)
+            elif key == "n_batches":
+                _check_int(value, name, 0)
+            elif key in ("beta", "seconds"):
+                _check_real(value, name, 0.0, nan=key == "seconds")
+            else:
+                _check_real(value, name, nan=True)
+
+
+def _check_attributes(attributes, model, spec):
+    """The fitted attributes: their set, types, ranges and agreement with
+    the model."""
+    known = {"n_features_in_", "n_iter_", "history_", "best_epoch_", "classes_",
+             "feature_names_in_"}
+    missing = [key for key in _REQUIRED_ATTRIBUTES if key not in attributes]
+    if missing:
+        raise _Damaged(f"the metadata lacks the fitted attributes {missing}")
+    unknown = set(attributes) - known
+    _require(not unknown, f"unknown fitted attributes {sorted(map(str, unknown))[:10]}")
+    n_features = attributes["n_features_in_"]
+    _require(_is_int(n_features) and n_features == model.n_features,
+             f"n_features_in_ ({n_features!r:.100}) differs from the model's "
+             f"{model.n_features} features")
+    n_iter = attributes["n_iter_"]
+    _check_int(n_iter, "n_iter_", 0)
+    _check_history(attributes["history_"], n_iter, len(model.latent_dims),
+                   spec.history_keys, spec.validation_keys)
+    best = attributes.get("best_epoch_")
+    _require(best is None or (_is_int(best) and 0 <= best < n_iter),
+             f"best_epoch_ must be None or an epoch index in [0, {n_iter}); got {best!r:.100}")
+    classes = attributes.get("classes_")
+    if classes is not None:
+        _require(isinstance(classes, np.ndarray) and classes.ndim == 1
+                 and classes.size == model.n_conditions and classes.size > 0,
+                 f"classes_ must be None or the {model.n_conditions} class labels whose "
+                 "one-hot rows are the model's conditions")
+        if classes.dtype.kind == "f":
+            _require(bool(np.all(np.isfinite(classes))), "classes_ holds NaN or infinity")
+        _require(np.array_equal(np.unique(classes), classes),
+                 "classes_ must be sorted and unique")
+    names = attributes.get("feature_names_in_")
+    if "feature_names_in_" in attributes:
+        _require(isinstance(names, np.ndarray) and names.dtype == object
+                 and names.shape == (model.n_features,),
+                 f"feature_names_in_ must be {model.n_features} strings")
+
+
+def _check_params(estimator, model, spec):
+    """The estimator's parameters through its own validation, then what the
+    C core needs of them, then their agreement with the model."""
+    try:
+        claimed = spec.validate(estimator)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise _Damaged(f"invalid estimator parameters ({error})") from None
+    params = estimator.get_params(deep=False)
+    # Beyond these the first minibatches overflow float32 (a loss of beta * KL,
+    # a step of learning_rate * 10 per parameter): no training could have
+    # used them, and a model saved with them could not train on.
+    for key, high in (("learning_rate", 1.0), ("beta", 1e3), ("weight_decay", 1e3),
+                      ("free_bits", 1e3), ("tol", _FLOAT32_MAX)):
+        if _is_real(params.get(key)):
+            _check_real(params[key], key, high=high)
+    limits = {"batch_size": 2**30, "n_threads": _MAX_THREADS, "n_epochs": _MAX_COUNT,
+              "n_mc_samples": 2**20, "n_importance_samples": 2**20, "chunk_size": 2**40,
+              "n_iter_no_change": _MAX_COUNT, "kl_warmup_epochs": _MAX_COUNT,
+              "verbose": 100}
+    for key, high in limits.items():
+        if _is_int(params.get(key)):
+            _check_int(params[key], key, 0, high)
+    random_state = params.get("random_state")
+    _require(random_state is None or (_is_int(random_state) and 0 <= random_state < 2**32),
+             f"random_state must be None or an int in [0, 2**32); got {random_state!r:.100}")
+    _require(params.get("callbacks") is None, "callbacks cannot be saved; must be null")
+    actual = {key: getattr(model, key) for key in claimed}
+    _require(dict(claimed) == actual,
+             f"the estimator's parameters describe the architecture {claimed}, but the "
+             f"model is {actual}")
+    _require(bool(params.get("conditional")) == (model.n_conditions > 0),
+             f"conditional={params.get('conditional')!r} but the model has "
+             f"{model.n_conditions} conditions")
+
+
+def _check_trains(model):
+    """A cheap check that the parameters can be trained from: the loss and
+    gradient of the model's own samples, and of data of the kind its
+    likelihood expects (coin flips in [0, 1]; standard-normal, that is
+    scaled, features), are finite, and the loss of its own samples is that
+    of a coherent model. The encoder and decoder of any trained (or freshly
+    initialised) model agree on what the decoder generates, a few nats per
+    dimension; finite but arbitrary weights are off by 1e10 and more, and
+    their gradients overflow the first steps. The user's data can still
+    differ, and make a bad model diverge (DivergenceError, the model kept)."""
+    rng = np.random.default_rng(0)
+    n = 8
+    cond = (np.eye(model.n_conditions, dtype=np.float32)[np.arange(n) % model.n_conditions]
+            if model.n_conditions else None)
+    if model.likelihood == "bernoulli":
+        data = (rng.random((n, model.n_features)) < 0.5).astype(np.float32)
+    else:
+        data = rng.standard_normal((n, model.n_features)).astype(np.float32)
+    bound = 1e6 * (model.n_features + sum(model.latent_dims))
+    try:
+        samples = model.sample(n, seed=0, cond=cond)
+        for X, limit in ((samples, bound), (data, math.inf)):
+            for seed in (0, 1):
+                loss, grad = model.loss_and_grad(X, seed=seed, cond=cond)
+                _require(abs(loss) <= limit and bool(np.all(np.isfinite(grad))),
+                         f"the model's parameters are incoherent: the loss of its own "
+                         f"samples is {loss:.3g} nats per row")
+    except (ValueError, FloatingPointError, ArithmeticError) as error:
+        if isinstance(error, _Damaged):
+            raise
+        raise _Damaged(f"the model's parameters give no finite loss and gradient on its own "
+                       f"samples or on data of the kind its likelihood expects ({error})") \
+            from None
+
+
+@functools.lru_cache(maxsize=None)
+def _argument_names(constructor):
+    """The keyword arguments a class's constructor takes (parsing a C
+    signature costs more than the rest of loading a small model)."""
+    return frozenset(inspect.signature(constructor).parameters)
+
+
 def _load(file, archive_size):
     from . import __version__
     from ._native import Model
-    from .estimator import HierarchicalVAE
 
     with zipfile.ZipFile(file) as archive:
         infos = {}
@@ -336,17 +701,24 @@ def _load(file, archive_size):
             raise _Damaged("the metadata does not name the format 'hvae': not an hvae "
                            "model file")
         version = metadata.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or not _is_int(version):
             raise ValueError(
-                f"written in hvae file format version {version!r} (by hvae "
-                f"{metadata.get('hvae_version')}); this hvae ({__version__}) reads version "
-                f"{FORMAT_VERSION}" + (": upgrade hvae to load it" if isinstance(version, int)
-                                       and version > FORMAT_VERSION else ""))
+                f"written in hvae file format version {version!r:.100} (by hvae "
+                f"{str(metadata.get('hvae_version'))[:100]}); this hvae ({__version__}) reads "
+                f"version {FORMAT_VERSION}" + (": upgrade hvae to load it" if _is_int(version)
+                                               and version > FORMAT_VERSION else ""))
         missing = [key for key in _REQUIRED_KEYS if key not in metadata]
         if missing:
             raise _Damaged(f"the metadata lacks {missing}")
-        if metadata["estimator"] != HierarchicalVAE.__name__:
-            raise _Damaged(f"holds a {metadata['estimator']!r}, not a HierarchicalVAE")
+        unknown = set(metadata) - set(_REQUIRED_KEYS) - {"unsaved_params", _DIGEST}
+        _require(not unknown, f"unknown metadata keys {sorted(unknown)[:10]}")
+        spec = _ESTIMATORS.get(metadata["estimator"]) if isinstance(
+            metadata["estimator"], str) else None
+        if spec is None:
+            raise _Damaged(f"holds a {metadata['estimator']!r:.100}, not a "
+                           f"{' or '.join(_ESTIMATORS)}")
+        _require(isinstance(metadata["hvae_version"], str) and len(metadata["hvae_version"])
+                 < 100, "hvae_version must be a short string")
 
         declared = metadata["arrays"]
         if not isinstance(declared, dict) or "parameters" not in declared:
@@ -356,10 +728,11 @@ def _load(file, archive_size):
             raise _Damaged(f"members {sorted(members)} differ from the metadata's arrays "
                            f"{sorted(declared)}")
         arrays = {}
-        for name, spec in declared.items():
+        for name, spec_ in declared.items():
             try:
-                dtype, shape, digest = spec["dtype"], spec["shape"], spec["sha256"]
-                if not all(isinstance(s, int) and s >= 0 for s in shape):
+                dtype, shape, digest = spec_["dtype"], spec_["shape"], spec_["sha256"]
+                if not all(_is_int(s) and s >= 0 for s in shape) or set(spec_) != {
+                        "dtype", "shape", "sha256"}:
                     raise TypeError
             except (TypeError, KeyError):
                 raise _Damaged(f"the metadata's entry for array {name!r} is malformed") from None
@@ -375,7 +748,7 @@ def _load(file, archive_size):
     model_arguments = _decode(metadata["model"], arrays)
     if not isinstance(model_arguments, dict):
         raise _Damaged("the metadata's 'model' is not an object")
-    known = set(inspect.signature(Model).parameters)
+    known = _argument_names(Model)
     if set(model_arguments) - known:
         raise ValueError(f"the model uses settings this hvae ({__version__}) does not know: "
                          f"{sorted(set(model_arguments) - known)}; it was written by hvae "
@@ -385,6 +758,7 @@ def _load(file, archive_size):
         model = Model(**model_arguments)
     except (TypeError, ValueError, OverflowError, MemoryError) as error:
         raise _Damaged(f"invalid model architecture ({error})") from None
+    _check_model_arguments(model_arguments, parameters.size)
     layout = [[name, list(view.shape)] for name, view in model.named_parameters()]
     if layout != metadata["layout"]:
         raise _Damaged(f"layout mismatch: the file's tensors {_describe(metadata['layout'])} "
@@ -394,39 +768,47 @@ def _load(file, archive_size):
         if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
             raise _Damaged(f"array {name!r} holds NaN or infinite values")
 
+    params = _decode(metadata["params"], arrays)
+    attributes = _decode(metadata["attributes"], arrays)
+    if not isinstance(params, dict) or not isinstance(attributes, dict):
+        raise _Damaged("the metadata's 'params' or 'attributes' is not an object")
+    unknown = set(params) - _argument_names(spec.cls)
+    if unknown:
+        raise ValueError(f"the estimator uses parameters this hvae ({__version__}) does not "
+                         f"know: {sorted(unknown)}; it was written by hvae "
+                         f"{metadata['hvae_version']}")
+    unsaved = metadata.get("unsaved_params", [])
+    _require(isinstance(unsaved, list) and all(
+        isinstance(key, str) and key in params and params[key] is None for key in unsaved),
+        "unsaved_params must list parameters saved as null")
+    _check_attributes(attributes, model, spec)
+
     state = _decode(metadata["state"], arrays)
-    if not isinstance(state, dict):
-        raise _Damaged("the metadata's 'state' is not an object")
-    rng_state = state.get("rng_state")
-    if not (isinstance(rng_state, tuple) and len(rng_state) == 4 and all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**64
-            for s in rng_state)):
-        raise _Damaged(f"invalid model state (rng_state {rng_state!r:.100} is not 4 "
-                       "unsigned 64-bit ints)")
+    if isinstance(state, dict) and "rng_state" in state:
+        rng_state = state.get("rng_state")
+        if not (isinstance(rng_state, tuple) and len(rng_state) == 4 and all(
+                _is_int(s) and 0 <= s < 2**64 for s in rng_state)):
+            raise _Damaged(f"invalid model state (rng_state {rng_state!r:.100} is not 4 "
+                           "unsigned 64-bit ints)")
+    if isinstance(state, dict) and isinstance(state.get("optimizer"), dict) and \
+            state["optimizer"].get("kind") not in ("adam", "sgd"):
+        raise _Damaged(f"invalid model state (optimizer kind "
+                       f"{state['optimizer'].get('kind')!r:.100})")
+    _check_state(state, model, attributes["history_"])
     try:
         model.__setstate__(state)
     except (TypeError, ValueError, OverflowError, KeyError) as error:
         raise _Damaged(f"invalid model state ({error})") from None
 
-    params = _decode(metadata["params"], arrays)
-    attributes = _decode(metadata["attributes"], arrays)
-    if not isinstance(params, dict) or not isinstance(attributes, dict):
-        raise _Damaged("the metadata's 'params' or 'attributes' is not an object")
-    unknown = set(params) - set(HierarchicalVAE().get_params())
-    if unknown:
-        raise ValueError(f"the estimator uses parameters this hvae ({__version__}) does not "
-                         f"know: {sorted(unknown)}; it was written by hvae "
-                         f"{metadata['hvae_version']}")
-    missing = [key for key in _REQUIRED_ATTRIBUTES if key not in attributes]
-    if missing:
-        raise _Damaged(f"the metadata lacks the fitted attributes {missing}")
-    if attributes["n_features_in_"] != model.n_features:
-        raise _Damaged(f"n_features_in_ ({attributes['n_features_in_']}) differs from the "
-                       f"model's {model.n_features} features")
-    estimator = HierarchicalVAE(**params)
+    estimator = spec.cls(**params)
+    _check_params(estimator, model, spec)
+    _check_trains(model)
+    # Last, so that an edit that breaks a field is named by that field's check.
+    if _DIGEST in metadata:
+        _require(isinstance(metadata[_DIGEST], str)
+                 and metadata[_DIGEST] == _metadata_digest(metadata),
+                 "the metadata does not match its SHA-256 checksum: the file was altered")
     for key, value in attributes.items():
-        if not (isinstance(key, str) and key.endswith("_") and not key.startswith("_")):
-            raise _Damaged(f"invalid attribute name {key!r}")
         setattr(estimator, key, value)
     estimator.model_ = model
     return estimator

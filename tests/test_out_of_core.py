@@ -398,3 +398,52 @@ def test_fit_from_a_memmap_larger_than_the_budget_stays_within_it(tmp_path):
     assert measured["n_batches"] == [math.ceil(n / 1024)]  # it read every row
     growth = measured["peak"] - measured["before"]
     assert growth < BUDGET, f"peak resident set grew by {growth / MB:.0f} MB"
+
+
+TRUNCATE_CHILD = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from hvae import HierarchicalVAE
+    path, mode = sys.argv[1], sys.argv[2]
+    X = np.random.default_rng(0).random((2000, 16)).astype(np.float32)
+    X.tofile(path)
+    X = np.memmap(path, dtype=np.float32, mode=mode, shape=X.shape)
+
+    def truncate(epoch, history):
+        if epoch == 0:  # another process cuts the file to 700 rows under the fit
+            os.truncate(path, 700 * 16 * 4)
+
+    vae = HierarchicalVAE(latent_dims=(2,), hidden_dims=(8,), likelihood="bernoulli",
+                          n_epochs=3, batch_size=50, chunk_size=500, shuffle=False,
+                          random_state=0, n_threads=1, callbacks=truncate)
+    try:
+        vae.fit(X)
+        error = None
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    lengths = sorted({len(v) for v in vae.history_.values()})
+    finite = bool(np.all(np.isfinite(vae.transform(np.asarray(X[:100])))))
+    vae.partial_fit(np.asarray(X[:100]))  # the model trains on
+    print(json.dumps(dict(error=error, n_iter=vae.n_iter_ - 1, lengths=lengths,
+                          n_batches=vae.history_["n_batches"][:-1], finite=finite)))
+""")
+
+
+def test_a_memmap_truncated_under_a_fit_raises_instead_of_sigbus(tmp_path):
+    """Issue 16, item 8: reading rows past the end of a file truncated under
+    its mapping used to kill the process with SIGBUS. The rows are read
+    through the file, and the missing ones raise a ValueError that names the
+    file and the rows; the model keeps the training before them."""
+    path = tmp_path / "X.f32"
+    env = dict(os.environ)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, "-c", TRUNCATE_CHILD, str(path), "r"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    out = json.loads(result.stdout)
+    assert out["error"].startswith("ChunkError: rows 500:1000 of X lie beyond the end of "
+                                   f"its file {path}, now 44800 bytes"), out["error"]
+    # Epoch 1 whole (40 minibatches), epoch 2 up to the missing rows (10).
+    assert out["n_iter"] == 2 and out["n_batches"] == [40, 10], out
+    assert out["lengths"] == [out["n_iter"]] and out["finite"], out

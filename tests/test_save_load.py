@@ -300,3 +300,44 @@ def _npy_bytes(array):
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+# ---- file mode (issue 12) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_the_file_mode_follows_the_umask_like_joblib(fitted, tmp_path, umask, mode):
+    """Saved models used to be 0600 whatever the umask (mkstemp's mode), so
+    others could not read a shared model; now they are created as open()
+    and joblib.dump create files: 0666 less the umask."""
+    import joblib
+
+    previous = os.umask(umask)
+    try:
+        fitted.save(tmp_path / "m.npz")
+        fitted.save(tmp_path / "m.npz")  # replacing a file gives the same mode
+        joblib.dump([1], tmp_path / "m.joblib")
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "m.npz").st_mode & 0o777 == mode
+    assert os.stat(tmp_path / "m.joblib").st_mode & 0o777 == mode
+    assert sorted(os.listdir(tmp_path)) == ["m.joblib", "m.npz"]  # no temporary left
+
+
+def test_file_format_does_not_import_the_estimator():
+    """Issue 11: no import cycle. The estimator module registers its class
+    with hvae.file_format, which imports no estimator module."""
+    import ast
+    import hvae.file_format as file_format
+
+    tree = ast.parse(open(file_format.__file__, encoding="utf-8").read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+            imported.update(f"{'.' * node.level}{node.module or ''}.{a.name}".replace("..", ".")
+                            for a in node.names)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert not [name for name in imported if "estimator" in name], imported
+    assert file_format._ESTIMATORS["HierarchicalVAE"].cls is HierarchicalVAE
