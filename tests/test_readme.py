@@ -146,3 +146,15 @@ def test_directives_are_read():
     assert [(b[1], b[2], b[3]) for b in blocks] == [
         ("python", "print(1)\n", {"after": "tour", "skip": "needs a GPU here"}),
         ("bash", "ls\n", {})]
+
+
+def test_the_headline_model_uses_its_latent_units(workdir):
+    """The README's first block trains a model that does not collapse (its
+    comment promises [8, 4] active units; a collapsed model has [0, 0])."""
+    line, _, code, _ = python_blocks()[0]
+    assert "HierarchicalVAE(" in code and "active_units" in code
+    namespace = {}
+    run_block(code, namespace, line)
+    vae, X = namespace["vae"], namespace["X"]
+    assert vae.active_units(X) == [8, 4]
+    assert vae.score(X) > -26.0           # a collapsed model scores about -27.3
