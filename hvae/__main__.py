@@ -68,9 +68,9 @@ def load_data(name, seed, n_train=None):
 
 
 def recognisable_fraction(samples, X, y):
-    """Fraction of ``samples`` that a logistic regression fitted to the real
-    images (X, y; the first 2000) assigns to some class with probability above CONFIDENCE, and
-    the same fraction for the real images themselves."""
+    """(fraction, classifier): the fraction of ``samples`` that a logistic
+    regression fitted to the real images (the first 2000 rows of X, y) assigns
+    to some class with probability above CONFIDENCE, and that classifier."""
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
