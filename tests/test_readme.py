@@ -8,6 +8,9 @@ on GitHub, says more:
 * ``<!-- readme-test: name=tour -->`` names the block;
 * ``<!-- readme-test: after=tour -->`` runs the named block first, in the same
   fresh namespace (the README says which blocks continue the tour's session);
+* ``<!-- readme-test: after=tour subsample=600 -->`` also keeps only the
+  first 600 rows of the tour's data (``X``, ``y``, ``X_train``, ``y_train``,
+  ``X_test``, ``y_test``) before the block runs, to keep the test fast;
 * ``<!-- readme-test: mpirun=2 -->`` writes the block to ``train.py`` and runs
   it with ``mpirun -n 2`` (skipped, with the reason, without MPI);
 * ``<!-- readme-test: skip=reason -->`` skips the block, and pytest reports the
@@ -100,7 +103,8 @@ def test_the_readme_has_python_blocks():
     names = named_blocks()
     assert "tour" in names
     for line, _, _, directives in blocks:
-        assert set(directives) <= {"name", "after", "mpirun", "skip"}, (line, directives)
+        assert set(directives) <= {"name", "after", "subsample", "mpirun", "skip"}, \
+            (line, directives)
         if "after" in directives:
             assert directives["after"] in names, (line, directives)
 
@@ -134,6 +138,11 @@ def test_readme_block_runs(block, workdir):
         if "after" in directives:
             first_line, _, first_code, _ = named_blocks()[directives["after"]]
             run_block(first_code, namespace, first_line)
+        if "subsample" in directives:
+            rows = int(directives["subsample"])
+            for name in ("X", "y", "X_train", "y_train", "X_test", "y_test"):
+                if name in namespace:
+                    namespace[name] = namespace[name][:rows]
         run_block(code, namespace, line)
     finally:
         plt.close("all")
