@@ -2,9 +2,21 @@
 
 The notebooks are stored with their outputs. To re-execute them and store the
 new outputs: ``python tests/test_notebooks.py --store [names...]``.
+
+Notebook 02 is about Fashion-MNIST, and runs here on Fashion-MNIST or fails:
+the test looks for the IDX files in ``$HVAE_FASHION_MNIST``, in
+``../shared/data/fashion-mnist`` beside the repository and in
+``/usr/share/datasets/fashion-mnist`` (Debian's dataset-fashion-mnist), hands
+the folder to the kernel, and checks that the notebook used it rather than
+its digits fallback. After each notebook, a probe run in its kernel (not
+stored) checks that no model in it collapsed: every latent layer of every
+fitted HierarchicalVAE keeps an active unit on the notebook's test images.
 """
+import ast
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,17 +32,73 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TIMEOUT = 600
 
 
-def execute(path):
+REPOSITORY = NOTEBOOKS.parent
+FASHION_MNIST_PLACES = [REPOSITORY.parent / "shared" / "data" / "fashion-mnist",
+                        Path("/usr/share/datasets/fashion-mnist")]
+# Notebooks that must run on the data they are about: the name their
+# `data_name` variable must hold.
+REQUIRED_DATA = {"02_hierarchy": "Fashion-MNIST"}
+
+# Appended to a notebook by the test (never stored): prints, as a Python
+# literal, the data set's name and the active units of every fitted model in
+# the kernel (in dicts, pipelines and searches too).
+PROBE = """
+def _hvae_probe():
+    from hvae import HierarchicalVAE
+    found, seen = {}, set()
+    def visit(name, value, depth=0):
+        if id(value) in seen or depth > 3:
+            return
+        seen.add(id(value))
+        if isinstance(value, HierarchicalVAE):
+            if hasattr(value, "model_"):
+                found[name] = value.active_units(X_test)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}[{key!r}]", item, depth + 1)
+        elif hasattr(value, "steps"):                     # a Pipeline
+            for key, item in value.steps:
+                visit(f"{name}[{key!r}]", item, depth + 1)
+        elif hasattr(value, "best_estimator_"):           # a fitted search
+            visit(f"{name}.best_estimator_", value.best_estimator_, depth + 1)
+    for name, value in list(globals().items()):
+        if not name.startswith("_"):
+            visit(name, value)
+    return {"data_name": globals().get("data_name"), "active_units": found}
+print("HVAE-PROBE", repr(_hvae_probe()))
+"""
+
+
+def fashion_mnist_dir(environ=os.environ, places=FASHION_MNIST_PLACES):
+    """The folder holding Fashion-MNIST's test split, or None."""
+    candidates = [Path(environ["HVAE_FASHION_MNIST"])] if environ.get("HVAE_FASHION_MNIST") \
+        else []
+    for folder in candidates + list(places):
+        if folder.is_dir() and any(folder.glob("t10k-images-idx3-ubyte*")):
+            return folder
+    return None
+
+
+def execute(path, probe=False):
     """Run the notebook at ``path`` in a new kernel of this interpreter, in
-    notebooks/; returns the executed notebook. Raises on any cell's error."""
+    notebooks/; returns the executed notebook. Raises on any cell's error.
+    With ``probe``, also returns what PROBE printed, as a dict."""
     notebook = nbformat.read(path, as_version=4)
+    if probe:
+        notebook.cells.append(nbformat.v4.new_code_cell(PROBE))
     # This interpreter, whatever 'python' is on PATH.
     manager = KernelManager(kernel_name="python3")
     manager.kernel_spec.argv[0] = sys.executable
     client = nbclient.NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT,
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()
-    return notebook
+    if not probe:
+        return notebook
+    probe_cell = notebook.cells.pop()
+    text = "".join(output.get("text", "") for output in probe_cell.outputs
+                   if output.output_type == "stream")
+    line = next(line for line in text.splitlines() if line.startswith("HVAE-PROBE "))
+    return notebook, ast.literal_eval(line[len("HVAE-PROBE "):])
 
 
 def notebook_paths():
@@ -56,8 +124,23 @@ def test_notebook_is_stored_with_its_outputs(path):
 
 
 @pytest.mark.parametrize("path", notebook_paths(), ids=lambda path: path.stem)
-def test_notebook_executes(path):
-    notebook = execute(path)
+def test_notebook_executes(path, monkeypatch):
+    required = REQUIRED_DATA.get(path.stem)
+    if required == "Fashion-MNIST":
+        folder = fashion_mnist_dir()
+        if folder is None:
+            pytest.fail(f"{path.name} is about Fashion-MNIST, which is in none of "
+                        f"$HVAE_FASHION_MNIST, {', '.join(map(str, FASHION_MNIST_PLACES))}: "
+                        "put its four IDX files in one of them (apt-get install "
+                        "dataset-fashion-mnist) rather than test the notebook's fallback")
+        monkeypatch.setenv("HVAE_FASHION_MNIST", str(folder))   # the kernel inherits it
+    notebook, probe = execute(path, probe=True)
+    if required is not None:
+        assert probe["data_name"] == required, \
+            f"{path.name} ran on {probe['data_name']!r}, not on {required}"
+    assert probe["active_units"], "no fitted model found in the notebook"
+    for name, active in probe["active_units"].items():
+        assert min(active) > 0, f"{path.name}: {name} collapsed: active units {active}"
     for cell in notebook.cells:
         if cell.cell_type == "code":
             for output in cell.outputs:
@@ -66,6 +149,41 @@ def test_notebook_executes(path):
                     # A warning in a tutorial is a bug in the tutorial (tqdm's
                     # bar is a widget, not stderr text, in a notebook).
                     assert "Warning" not in output.text, output.text
+
+
+def test_the_data_search_finds_nothing_where_nothing_is(tmp_path):
+    assert fashion_mnist_dir({"HVAE_FASHION_MNIST": str(tmp_path)}, [tmp_path / "none"]) is None
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"")
+    assert fashion_mnist_dir({"HVAE_FASHION_MNIST": str(tmp_path)}, []) == tmp_path
+    assert fashion_mnist_dir({}, [tmp_path / "none", tmp_path]) == tmp_path
+
+
+def _code_cells(name):
+    notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    return [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def test_notebook_02_falls_back_visibly_and_its_models_stay_active(tmp_path, monkeypatch):
+    """Without Fashion-MNIST, notebook 02's data cell warns (a pink stderr box
+    in Jupyter) and its models, sized for the digits, do not collapse. Its
+    first two code cells run here, in this process, away from any data."""
+    if Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Debian's Fashion-MNIST is installed: the notebook cannot fall back here")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("HVAE_FASHION_MNIST", str(empty))
+    monkeypatch.chdir(tmp_path)            # no shared/data/fashion-mnist above it
+    load, fit = _code_cells("02_hierarchy")[:2]
+    load = "\n".join(line for line in load.splitlines() if not line.startswith("%"))
+    namespace = {}
+    with pytest.warns(UserWarning, match="Fashion-MNIST not found"):
+        exec(load, namespace)
+    assert "FALLBACK" in namespace["data_name"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # a tutorial's cell warns about nothing
+        exec(fit, namespace)
+    for name, model in namespace["models"].items():
+        assert min(model.active_units(namespace["X_test"])) > 0, name
 
 
 if __name__ == "__main__":
