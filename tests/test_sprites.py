@@ -49,7 +49,7 @@ def test_factor_names_and_sizes():
     assert grid.shape == (737280, 5)
     # dSprites' order: shape slowest, pos_y fastest, every combination once.
     assert grid[1].tolist() == [0, 0, 0, 0, 1] and grid[-1].tolist() == [2, 5, 39, 31, 31]
-    assert len(np.unique(np.ravel_multi_index(tuple(grid.T), SPRITES_FACTOR_SIZES))) == 737280
+    assert np.bincount(np.ravel_multi_index(tuple(grid.T), SPRITES_FACTOR_SIZES)).min() == 1
 
 
 @pytest.mark.parametrize("image_size", [64, 32])
