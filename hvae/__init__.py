@@ -14,6 +14,7 @@ from .estimator import HierarchicalVAE
 from .file_format import load
 from . import distributed  # noqa: E402  (cheap: mpi4py is imported when it is used)
 from . import plot  # noqa: E402  (cheap: matplotlib is imported when a plot is drawn)
+from . import metrics  # noqa: E402  (disentanglement metrics; scikit-learn imported on use)
 
 __version__ = "0.1.0"
 

@@ -342,3 +342,13 @@ def _load_mnist_like(
             f"{images_path.name}, got shape {labels.shape}"
         )
     return X, labels.astype(np.int64)
+
+
+# Data sets with known factors (for the disentanglement metrics in
+# hvae.metrics) live in their own modules; re-exported here.
+from ._factor_dataset import FactorDataset  # noqa: E402
+from ._sprites import (  # noqa: E402
+    SPRITES_FACTOR_NAMES, SPRITES_FACTOR_SIZES, SPRITES_SHAPE_NAMES, Sprites, make_sprites)
+
+__all__ += ["FactorDataset", "SPRITES_FACTOR_NAMES", "SPRITES_FACTOR_SIZES",
+            "SPRITES_SHAPE_NAMES", "Sprites", "make_sprites"]
