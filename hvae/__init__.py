@@ -9,6 +9,7 @@ spaces (with matplotlib, imported only when a plot is drawn);
 :mod:`hvae.distributed` trains data-parallel over MPI (``fit(X, comm=...)``,
 with mpi4py, imported only when a communicator is passed).
 """
+from ._collapse import PosteriorCollapseWarning
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
 from .estimator import HierarchicalVAE
 from .file_format import load
@@ -17,5 +18,5 @@ from . import plot  # noqa: E402  (cheap: matplotlib is imported when a plot is 
 
 __version__ = "0.1.0"
 
-__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "blas_info", "get_num_threads",
-           "load", "set_num_threads", "__version__"]
+__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "PosteriorCollapseWarning",
+           "blas_info", "get_num_threads", "load", "set_num_threads", "__version__"]

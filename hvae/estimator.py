@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from . import distributed as _distributed
 from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
                       default_chunk_size, is_out_of_core)
+from ._collapse import check_posterior_collapse
 from ._conditions import ConditionCode, is_labels
 from ._native import Model
 from ._params import validate_parameters
@@ -78,6 +79,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         fixes those variances to 1.
     n_epochs : int, default=30
         Passes over the data per call to ``fit`` (``partial_fit`` makes one).
+        0 creates the model only: ``fit`` checks X, initialises a new model
+        (or keeps the fitted one with ``warm_start``) and trains nothing,
+        ``history_`` gaining no epoch (an untrained baseline, say).
     batch_size : int, default=128
         Rows per minibatch (capped at the number of rows).
     learning_rate : float, default=1e-3
@@ -220,6 +224,18 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         'val_elbo', 'val_reconstruction' and 'val_kl': the same terms on the
         validation rows at the end of the epoch (deterministic, as in
         ``score``), NaN for epochs trained without validation rows.
+    active_units_ : list of int or None
+        Active units per latent layer, bottom to top, counted at the end of
+        ``fit`` as ``active_units`` does (dimensions whose posterior mean
+        varies by more than 0.01 over the rows) on at most 1000 of the
+        training rows, evenly spaced (for data read in chunks, 8 evenly
+        spaced runs of rows): one encoder pass, a few milliseconds. A layer
+        with none has collapsed onto the prior, and ``fit`` warns with
+        :class:`hvae.PosteriorCollapseWarning`, naming the settings that
+        help. ``partial_fit`` counts them only once the model has trained
+        1000 minibatches and a layer's KL term in the pass is below 0.5
+        nats (else sets None), on the rows of the call, and warns likewise.
+        None after ``fit`` with ``n_epochs=0``.
     best_epoch_ : int or None
         With ``early_stopping``, the index in ``history_`` of the epoch whose
         parameters the model holds (the best validation ELBO of the last
@@ -441,6 +457,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             restore_fitted_state(self, before)
             raise
         self._start_training(model, code)
+        epochs_before = self.n_iter_
         trainer = Trainer(self, params["callbacks"])
         try:
             if incremental:
@@ -453,6 +470,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if not continuing and not self.history_["elbo"]:
                 restore_fitted_state(self, before)
             raise
+        check_posterior_collapse(self, train, incremental, trained=self.n_iter_ > epochs_before)
         return self
 
     def _continues(self, model_options, incremental):
