@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from . import distributed as _distributed
 from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
                       default_chunk_size, is_out_of_core)
+from ._checks import check_finite
 from ._collapse import check_posterior_collapse
 from ._conditions import ConditionCode, is_labels
 from ._native import Model
@@ -677,7 +678,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     def _validate_X(self, X, reset, likelihood=None, name="X"):
         # float32 C order: one conversion at most, none for such an array.
-        X = validate_data(self, X, reset=reset, dtype=np.float32, order="C")
+        # Values beyond float32's range become inf, refused by check_finite
+        # with NaN in hvae's own words.
+        with np.errstate(over="ignore"):
+            X = validate_data(self, X, reset=reset, dtype=np.float32, order="C",
+                              ensure_all_finite=False)
+        check_finite(X, name)
         if likelihood is None:
             likelihood = self.model_.likelihood if not reset else self.likelihood
         if likelihood == "bernoulli" and X.size and (X.min() < 0.0 or X.max() > 1.0):
