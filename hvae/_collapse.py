@@ -130,12 +130,18 @@ def remedies(estimator):
     return advice
 
 
-def collapse_message(estimator, counts, kl, where, n_rows):
+def collapse_message(estimator, counts, where, n_rows):
     """The warning's text: every collapsed layer, then the remedies."""
     dims = estimator.model_.latent_dims
     collapsed = [i for i, count in enumerate(counts) if count == 0]
+    history, best = estimator.history_, estimator.best_epoch_
+    if best is not None and "val_kl" in history:
+        # Early stopping restored that epoch's parameters: its validation KL.
+        kl, kind = history["val_kl"][best], f"validation KL of epoch {best + 1}"
+    else:
+        kl, kind = history["kl"][-1], "KL"
     layers = "; ".join(f"layer {i + 1} (z_{i + 1}): 0 of {dims[i]} units active, "
-                       f"KL {kl[i]:.3f} nats" for i in collapsed)
+                       f"{kind} {kl[i]:.3f} nats" for i in collapsed)
     effect = ("the decoder ignores the latent code, so every sample looks the same"
               if 0 in collapsed or len(collapsed) == len(dims) else
               "those layers carry no information about the data")
@@ -170,5 +176,5 @@ def check_posterior_collapse(estimator, rows, incremental, trained):
         n = estimator.n_iter_
         where = f"{n} {'epoch' if n == 1 else 'epochs'}" + (" (partial_fit passes)"
                                                             if incremental else "")
-        warnings.warn(collapse_message(estimator, counts, kl, where, n_rows),
+        warnings.warn(collapse_message(estimator, counts, where, n_rows),
                       PosteriorCollapseWarning, stacklevel=4)

@@ -155,7 +155,7 @@ class ProgressBar:
 
         self.n_epochs, self.verbose = n_epochs, verbose
         stream = sys.stderr if stream is None else stream
-        options = {}
+        options = dict(file=stream)
         if not _is_terminal(stream) and not _in_notebook():
             options = dict(file=_LineWriter(stream), mininterval=PLAIN_LINE_SECONDS,
                            maxinterval=math.inf)

@@ -813,7 +813,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
         Parameters
         ----------
-        Z : array-like of shape (n_samples, latent_dims[0])
+        Z : array-like of shape (n_samples, latent_dims[0]), or list of pairs
+            Values of z_1, such as ``transform``'s output; or ``encode``'s
+            output, the list of T (mu, logvar) pairs, of which the first
+            layer's means are decoded (``inverse_transform(encode(X))``
+            equals ``reconstruct(X)``).
         y : array-like or None, default=None
             The rows' conditions, for a model fitted with ``conditional=True``
             (class labels or an (n_samples, n_conditions) array); else ignored.
@@ -823,6 +827,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         X : ndarray of shape (n_samples, n_features), float32
         """
         check_is_fitted(self)
+        if isinstance(Z, list) and Z and isinstance(Z[0], tuple):
+            T = len(self.model_.latent_dims)
+            if not (len(Z) == T and all(isinstance(pair, tuple) and len(pair) == 2
+                                        for pair in Z)):
+                raise ValueError(f"Z must be values of z_1 of shape (n_samples, "
+                                 f"{self.model_.latent_dims[0]}) or encode's output, a list "
+                                 f"of {T} (mu, logvar) pairs; got a list of {len(Z)} tuples")
+            Z = Z[0][0]
         # float32 first (once): values beyond its range become inf and are
         # refused with the rest.
         with np.errstate(over="ignore"):
