@@ -8,7 +8,8 @@ mean varies over the data by more than ``ACTIVE_UNIT_THRESHOLD``) at the end
 of every ``fit``, on a fixed sample of at most ``MAX_SAMPLE_ROWS`` training
 rows (one encoder pass over them: a few milliseconds, once per fit), stores
 them in ``active_units_`` and warns with :class:`PosteriorCollapseWarning`
-when a layer has none.
+when a layer has none, once the model has trained ``FIT_MIN_BATCHES``
+minibatches (fewer updates leave a model untrained, not collapsed).
 
 Why at the end and not every epoch: the encoder pass over 1000 rows costs
 about 0.4 of a whole training epoch on the 1797 digits (evaluation in the
@@ -36,6 +37,10 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 MAX_SAMPLE_ROWS = 1000
 #: Contiguous runs the sample of rows read in chunks is made of.
 _CHUNKED_RUNS = 8
+#: fit warns only once the model has trained this many minibatches: a model
+#: of fewer updates is untrained rather than collapsed (scikit-learn's
+#: estimator checks fit a few rows of noise for a few dozen).
+FIT_MIN_BATCHES = 100
 #: partial_fit looks for collapse only once the model has trained this many
 #: minibatches.
 PARTIAL_FIT_MIN_BATCHES = 1000
@@ -172,7 +177,8 @@ def check_posterior_collapse(estimator, rows, incremental, trained):
     X, C = sample_rows(rows)
     counts, n_rows = count_active_units(estimator.model_, X, C, session)
     estimator.active_units_ = counts
-    if 0 in counts and (session is None or session.rank == 0):
+    if (0 in counts and sum(history["n_batches"]) >= FIT_MIN_BATCHES
+            and (session is None or session.rank == 0)):
         n = estimator.n_iter_
         where = f"{n} {'epoch' if n == 1 else 'epochs'}" + (" (partial_fit passes)"
                                                             if incremental else "")

@@ -112,7 +112,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     verbose : int, default=0
         0 is silent; 1 shows a progress bar (tqdm: a widget in Jupyter, text
         in a terminal) with the last epoch's training and validation ELBO;
-        2 also prints one line per epoch.
+        2 also prints one line per epoch. When stderr is a file or a pipe
+        (a log), the bar is written as plain lines, one every 5 s at most
+        and the last, instead of carriage-return redraws. With
+        ``early_stopping``, a line after the bar says whether it fired and
+        which epoch's parameters the model holds.
     validation_fraction : float in (0, 1) or None, default=None
         Hold out this fraction of the rows of X (ceil(fraction * n_samples)
         rows, drawn with ``random_state``) and report their ELBO after every
@@ -233,7 +237,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         spaced runs of rows): one encoder pass, a few milliseconds. A layer
         with none has collapsed onto the prior, and ``fit`` warns with
         :class:`hvae.PosteriorCollapseWarning`, naming the settings that
-        help. ``partial_fit`` counts them only once the model has trained
+        help (once the model has trained 100 minibatches: before, it is
+        untrained rather than collapsed). ``partial_fit`` counts them only once the model has trained
         1000 minibatches and a layer's KL term in the pass is below 0.5
         nats (else sets None), on the rows of the call, and warns likewise.
         None after ``fit`` with ``n_epochs=0``.

@@ -85,7 +85,10 @@ def test_no_epoch_no_count_no_warning(digits):
     # n_epochs=0 creates the model only.
     assert vae.active_units_ is None and vae.n_iter_ == 0 and vae.history_["elbo"] == []
     assert vae.model_.latent_dims == (8, 4)
-    collapsed = HierarchicalVAE(n_epochs=5, beta=20.0, warm_start=True, **small)
+    # Fewer than 100 minibatches (6 epochs of 12): untrained, not collapsed.
+    few = HierarchicalVAE(n_epochs=6, beta=20.0, batch_size=128, **small)
+    assert fit_recording(few, X[:1500]) == [] and few.active_units_ == [0, 0]
+    collapsed = HierarchicalVAE(n_epochs=7, beta=20.0, warm_start=True, **small)
     assert len(fit_recording(collapsed, X)) == 1
     parameters = collapsed.model_.parameters.copy()
     collapsed.set_params(n_epochs=0)
