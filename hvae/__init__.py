@@ -8,6 +8,8 @@ loads the bundled and on-disk data sets without downloading anything;
 spaces (with matplotlib, imported only when a plot is drawn);
 :mod:`hvae.distributed` trains data-parallel over MPI (``fit(X, comm=...)``,
 with mpi4py, imported only when a communicator is passed).
+A fit that leaves a latent layer without active units warns with
+:class:`PosteriorCollapseWarning`.
 """
 from ._collapse import PosteriorCollapseWarning
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads

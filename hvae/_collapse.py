@@ -154,8 +154,8 @@ def collapse_message(estimator, counts, where, n_rows):
     return (f"{type(estimator).__name__}: posterior collapse after {where}: {layers} "
             f"(active units per layer: {counts}, counted over {n_rows} "
             f"training rows; see active_units_). The posterior of "
-            f"{'that layer' if len(collapsed) == 1 else 'those layers'} equals the prior "
-            f"for every row and {effect}. Try: {advice}.")
+            f"{'that layer' if len(collapsed) == 1 else 'those layers'} is the same for "
+            f"every row: {effect}. Try: {advice}.")
 
 
 def check_posterior_collapse(estimator, rows, incremental, trained):
