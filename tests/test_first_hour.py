@@ -127,6 +127,29 @@ def test_active_units_are_saved_and_pickled(digits, tmp_path):
     assert pickle.loads(pickle.dumps(vae)).active_units_ == vae.active_units_
 
 
+@pytest.mark.parametrize("value", [[5], [-1], [1.5], [1, 1], "4", True])
+def test_a_file_with_impossible_active_units_is_refused(digits, tmp_path, value):
+    import hashlib
+    import json
+
+    X, _ = digits
+    vae = HierarchicalVAE(latent_dims=(4,), hidden_dims=(8,), likelihood="bernoulli",
+                          n_epochs=1, random_state=0, n_threads=1).fit(X[:100])
+    vae.save(tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz", allow_pickle=False) as npz:
+        members = {name: npz[name] for name in npz.files}
+    metadata = json.loads(members.pop("metadata").tobytes().decode("utf-8"))
+    assert metadata["attributes"]["active_units_"] == vae.active_units_
+    metadata["attributes"]["active_units_"] = value
+    body = {key: v for key, v in metadata.items() if key != "metadata_sha256"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    metadata["metadata_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    members["metadata"] = np.frombuffer(json.dumps(metadata).encode("utf-8"), np.uint8)
+    np.savez(tmp_path / "crafted.npz", **members)
+    with pytest.raises(ValueError, match="active_units_ must be None or a list of 1 counts"):
+        hvae.load(tmp_path / "crafted.npz")
+
+
 def test_rows_read_in_chunks_are_sampled_in_evenly_spaced_runs(digits, tmp_path):
     X, _ = digits
     path = tmp_path / "X.npy"
