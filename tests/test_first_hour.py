@@ -2,6 +2,7 @@
 as plain lines in a log, hvae's own message for NaN and infinity, n_epochs=0,
 and decode accepting encode's output."""
 import io
+import time
 import warnings
 
 import numpy as np
@@ -173,7 +174,9 @@ def test_progress_in_a_log_is_plain_lines_and_says_how_early_stopping_ended(digi
     vae = HierarchicalVAE(latent_dims=(8,), hidden_dims=(64,), likelihood="bernoulli",
                           n_epochs=500, verbose=1, early_stopping=True, n_iter_no_change=3,
                           learning_rate=1e-2, random_state=0, n_threads=1)
+    started = time.perf_counter()
     vae.fit(X[:1400], validation_data=X[1400:])
+    elapsed = time.perf_counter() - started
     out, err = capsys.readouterr()
     assert out == "" and "\r" not in err
     lines = err.splitlines()
@@ -185,7 +188,10 @@ def test_progress_in_a_log_is_plain_lines_and_says_how_early_stopping_ended(digi
         f"more than tol=0.0001 for 3 epochs; restored the parameters of epoch "
         f"{vae.best_epoch_ + 1} (val_elbo {vae.history_['val_elbo'][vae.best_epoch_]:.3f}; "
         f"best_epoch_={vae.best_epoch_})")
-    assert len(lines) <= 2 + 1 + 1  # the first, at most one per 5 s, the last, the note
+    # The first line, at most one per 5 s, the last, the note: all bar lines
+    # but the note.
+    assert len(lines) <= 3 + elapsed / 5, lines
+    assert all(line.startswith("epoch ") for line in lines[:-1])
 
 
 def test_a_terminal_gets_the_redrawn_bar():
