@@ -238,10 +238,10 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         with none has collapsed onto the prior, and ``fit`` warns with
         :class:`hvae.PosteriorCollapseWarning`, naming the settings that
         help (once the model has trained 100 minibatches: before, it is
-        untrained rather than collapsed). ``partial_fit`` counts them only once the model has trained
-        1000 minibatches and a layer's KL term in the pass is below 0.5
-        nats (else sets None), on the rows of the call, and warns likewise.
-        None after ``fit`` with ``n_epochs=0``.
+        untrained rather than collapsed). ``partial_fit`` counts them only
+        once the model has trained 1000 minibatches and a layer's KL term in
+        the pass is below 0.5 nats (else sets None), on the rows of the
+        call, and warns likewise. None after ``fit`` with ``n_epochs=0``.
     best_epoch_ : int or None
         With ``early_stopping``, the index in ``history_`` of the epoch whose
         parameters the model holds (the best validation ELBO of the last
