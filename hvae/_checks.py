@@ -34,9 +34,19 @@ def check_finite(A, name="X"):
     # no mask for the usual, clean case.
     if A.size == 0 or np.isfinite(np.sum(A, dtype=np.float64)):
         return
+    details = describe_nonfinite(A, name)
+    if details is not None:  # None: a float64 A whose sum overflowed
+        raise ValueError(f"{name} contains {details}")
+
+
+def describe_nonfinite(A, name, first_row=0):
+    """What NaN and infinity A (n, d) holds, where, and what to do, as the
+    end of a sentence ("NaN (3 values) in 2 of 100 rows (rows 5, 9; column
+    1). hvae needs finite values: ..."); None when A is finite. Rows are
+    numbered from ``first_row`` (for a chunk of a larger array)."""
     bad = ~np.isfinite(A)
-    if not bad.any():  # a float64 A whose sum overflowed
-        return
+    if not bad.any():
+        return None
     n_nan = int(np.count_nonzero(np.isnan(A)))
     n_inf = int(np.count_nonzero(bad)) - n_nan
     found = []
@@ -46,7 +56,7 @@ def check_finite(A, name="X"):
         found.append(f"infinity ({n_inf} {'value' if n_inf == 1 else 'values'}; values "
                      "beyond float32's range, about 3.4e38, count as infinite)")
     bad2 = bad.reshape(A.shape[0], -1)
-    rows = np.flatnonzero(bad2.any(axis=1))
+    rows = np.flatnonzero(bad2.any(axis=1)) + first_row
     columns = np.flatnonzero(bad2.any(axis=0))
     where = f"{'row' if len(rows) == 1 else 'rows'} {_some(rows, 'rows')}"
     if A.ndim == 2 and A.shape[1] > 1:
@@ -60,5 +70,5 @@ def check_finite(A, name="X"):
                   + "make_pipeline(SimpleImputer(), HierarchicalVAE(...)) with "
                   "sklearn.impute.SimpleImputer and sklearn.pipeline.make_pipeline, or drop "
                   f"those rows ({name}[np.isfinite({name}).all(axis=1)])")
-    raise ValueError(f"{name} contains {' and '.join(found)} in {len(rows)} of {A.shape[0]} "
-                     f"rows ({where}). hvae needs finite values: {remedy}.")
+    return (f"{' and '.join(found)} in {len(rows)} of {A.shape[0]} rows ({where}). "
+            f"hvae needs finite values: {remedy}.")

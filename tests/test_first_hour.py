@@ -255,6 +255,17 @@ def test_nan_in_validation_data_y_and_later_calls(digits):
         vae.transform(bad)
 
 
+def test_nan_in_a_chunk_is_located_in_the_file(digits, tmp_path):
+    X, _ = digits
+    X = X.copy()
+    X[700, 3] = np.nan
+    np.save(tmp_path / "X.npy", X)
+    mapped = np.load(tmp_path / "X.npy", mmap_mode="r")
+    with pytest.raises(ValueError, match=r"^rows 640:960 of X contain NaN or infinity .*: NaN "
+                                         r"\(1 value\) in 1 of 320 rows \(row 700; column 3\)"):
+        HierarchicalVAE(n_epochs=1, chunk_size=320).fit(mapped)
+
+
 # ---- decode(encode(X)) --------------------------------------------------------------------
 
 
