@@ -145,11 +145,11 @@ def collapse_message(estimator, counts, where, n_rows):
     history, best = estimator.history_, estimator.best_epoch_
     if best is not None and "val_kl" in history:
         # Early stopping restored that epoch's parameters: its validation KL.
-        kl, kind = history["val_kl"][best], f"validation KL of epoch {best + 1}"
+        kl, kind = history["val_kl"][best], f" (validation rows, epoch {best + 1})"
     else:
-        kl, kind = history["kl"][-1], "KL"
+        kl, kind = history["kl"][-1], ""
     layers = "; ".join(f"layer {i + 1} (z_{i + 1}): 0 of {dims[i]} units active, "
-                       f"{kind} {kl[i]:.3f} nats" for i in collapsed)
+                       f"KL {kl[i]:.3f} nats{kind}" for i in collapsed)
     effect = ("the decoder ignores the latent code, so every sample looks the same"
               if 0 in collapsed or len(collapsed) == len(dims) else
               "those layers carry no information about the data")
