@@ -1206,6 +1206,32 @@ static hvae_status decode_body(call_frame *f, void *args)
                        f->n, out_data(a->mean), out_data(a->logvar));
 }
 
+/* decode(encode(X)): encode's output, a list of T (mu, logvar) pairs, stands
+ * for the means of z_1 (borrowed from the list, which the caller holds).
+ * Z itself when it is not a list of tuples; NULL with a ValueError for a list
+ * of tuples that is not such an output. */
+static PyObject *encode_output_means(PyObject *Z, int32_t T)
+{
+    if (!PyList_Check(Z) || PyList_GET_SIZE(Z) == 0 || !PyTuple_Check(PyList_GET_ITEM(Z, 0)))
+        return Z;
+    Py_ssize_t n_pairs = PyList_GET_SIZE(Z);
+    int pairs = n_pairs == T;
+    for (Py_ssize_t i = 0; pairs && i < n_pairs; i++) {
+        PyObject *item = PyList_GET_ITEM(Z, i);
+        pairs = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 &&
+                PyArray_Check(PyTuple_GET_ITEM(item, 0));
+    }
+    if (!pairs) {
+        PyErr_Format(PyExc_ValueError,
+                     "decode takes Z, the values of z_1 of shape (n, latent_dims[0]), or "
+                     "encode's output, a list of %d (mu, logvar) pairs of arrays (it decodes "
+                     "the first layer's means); got a list of %zd tuples",
+                     (int)T, n_pairs);
+        return NULL;
+    }
+    return PyTuple_GET_ITEM(PyList_GET_ITEM(Z, 0), 0);
+}
+
 static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"Z", "return_logvar", "cond", NULL};
@@ -1216,6 +1242,9 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
     PyObject *result = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|pO", kwlist, &in.X, &return_logvar,
                                      &in.cond))
+        return NULL;
+    in.X = encode_output_means(in.X, hvae_model_config(self->model)->n_layers);
+    if (!in.X)
         return NULL;
     if (frame_enter(&f, self, &in) < 0)
         goto done;
@@ -1837,7 +1866,9 @@ static PyMethodDef Model_methods[] = {
      "decode(Z, return_logvar=False, cond=None)\n--\n\n"
      "The mean of p(x | z_1) for Z of shape (n, d_1): (n, D) float32\n"
      "(probabilities for a Bernoulli likelihood). With return_logvar, also\n"
-     "its log-variance (zeros where the variance is fixed to 1)."},
+     "its log-variance (zeros where the variance is fixed to 1). Z may also be\n"
+     "encode's output, the list of (mu, logvar) pairs: decode(encode(X))\n"
+     "decodes the posterior means of z_1."},
     {"sample", (PyCFunction)(void (*)(void))Model_sample, METH_VARARGS | METH_KEYWORDS,
      "sample(n, seed=None, observation_noise=False, cond=None)\n--\n\n"
      "n draws by ancestral sampling: z_T ~ N(0, I), each z_{i-1} ~ p(z_{i-1}|z_i),\n"

@@ -8,7 +8,10 @@ loads the bundled and on-disk data sets without downloading anything;
 spaces (with matplotlib, imported only when a plot is drawn);
 :mod:`hvae.distributed` trains data-parallel over MPI (``fit(X, comm=...)``,
 with mpi4py, imported only when a communicator is passed).
+A fit that leaves a latent layer without active units warns with
+:class:`PosteriorCollapseWarning`.
 """
+from ._collapse import PosteriorCollapseWarning
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
 from .estimator import HierarchicalVAE
 from .file_format import load
@@ -18,5 +21,5 @@ from . import metrics  # noqa: E402  (disentanglement metrics; scikit-learn impo
 
 __version__ = "0.1.0"
 
-__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "blas_info", "get_num_threads",
-           "load", "set_num_threads", "__version__"]
+__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "PosteriorCollapseWarning",
+           "blas_info", "get_num_threads", "load", "set_num_threads", "__version__"]

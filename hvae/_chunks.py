@@ -23,6 +23,8 @@ import stat
 import numpy as np
 import scipy.sparse as sp
 
+from ._checks import describe_nonfinite
+
 #: Bytes of float32 rows per chunk when ``chunk_size`` is None.
 DEFAULT_CHUNK_BYTES = 64 << 20
 #: A memmap chunk is copied this many bytes at a time, each piece's pages
@@ -194,7 +196,7 @@ class ChunkedRows:
         # (it cannot overflow), and needs no mask of the chunk's size.
         if not np.isfinite(np.sum(block, dtype=np.float64)):
             raise ChunkError(f"{where} contain NaN or infinity (or values beyond float32's "
-                             "range)")
+                             f"range): {describe_nonfinite(block, self.name, first)}")
         if self.bernoulli and (block.min() < 0.0 or block.max() > 1.0):
             raise ChunkError(f"{where} have values outside [0, 1] (min {block.min():g}, "
                              f"max {block.max():g}), but likelihood='bernoulli' needs data "

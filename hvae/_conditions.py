@@ -9,6 +9,8 @@ that takes y (fit, partial_fit, validation_data, transform, sample...).
 import numpy as np
 from sklearn.utils.validation import check_array
 
+from ._checks import check_finite
+
 
 def one_hot(labels, classes):
     """(n, len(classes)) float32 one-hot rows of ``labels``, which must all
@@ -74,6 +76,8 @@ class ConditionCode:
             labels = y_arr.ravel()
             if labels.shape[0] != n:
                 raise ValueError(f"y has {labels.shape[0]} labels for {n} rows")
+            if labels.dtype.kind == "f":
+                check_finite(labels.reshape(-1, 1), "y")
             classes = np.unique(labels)
         return cls(classes, len(classes))
 
@@ -99,7 +103,10 @@ class ConditionCode:
         if y_arr.ndim != 2:
             raise ValueError(f"{name} must be class labels (n_samples,) or conditions "
                              f"(n_samples, n_conditions); got shape {y_arr.shape}")
-        C = check_array(y_arr, dtype=np.float32, order="C", input_name=name)
+        with np.errstate(over="ignore"):
+            C = check_array(y_arr, dtype=np.float32, order="C", input_name=name,
+                            ensure_all_finite=False)
+        check_finite(C, name)
         if C.shape != (n, self.n_conditions):
             raise ValueError(f"{name} must have shape ({n}, {self.n_conditions}); "
                              f"got {C.shape}")

@@ -107,16 +107,61 @@ class EarlyStopping:
             self.model.parameters[:] = self.best_parameters
 
 
-class ProgressBar:
-    """fit's tqdm bar (rows trained, the epoch, the last ELBOs) and, at
-    ``verbose >= 2``, one printed line per epoch."""
+#: Seconds between fit's progress lines when they are plain lines.
+PLAIN_LINE_SECONDS = 5.0
 
-    def __init__(self, n_epochs, n_rows, verbose):
+
+def _in_notebook():
+    """Whether tqdm.auto shows a Jupyter widget (its notebook tqdm)."""
+    from tqdm import auto, std  # noqa: F401  (tqdm.auto imports tqdm.autonotebook quietly)
+
+    return sys.modules["tqdm.autonotebook"].tqdm is not std.tqdm
+
+
+def _is_terminal(stream):
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or closed
+        return False
+
+
+class _LineWriter:
+    """A text stream for tqdm that turns its carriage-return redraws into
+    plain lines: each redraw of the bar becomes one line, blank redraws
+    (clearing) none."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self):
+        getattr(self.stream, "flush", lambda: None)()
+
+
+class ProgressBar:
+    """fit's progress at ``verbose >= 1``: a tqdm bar (rows trained, the
+    epoch, the last ELBOs) in a terminal or Jupyter (a widget). When stderr
+    is a file or a pipe, tqdm's carriage-return redraws would pile up there:
+    the bar is then written as plain lines, one at most every
+    PLAIN_LINE_SECONDS and one at the end. At ``verbose >= 2`` also one line
+    per epoch on stdout."""
+
+    def __init__(self, n_epochs, n_rows, verbose, stream=None):
         from tqdm.auto import tqdm
 
         self.n_epochs, self.verbose = n_epochs, verbose
+        stream = sys.stderr if stream is None else stream
+        options = dict(file=stream)
+        if not _is_terminal(stream) and not _in_notebook():
+            options = dict(file=_LineWriter(stream), mininterval=PLAIN_LINE_SECONDS,
+                           maxinterval=math.inf)
         self.bar = tqdm(total=n_epochs * n_rows, unit="row", unit_scale=True,
-                        desc=f"epoch 1/{n_epochs}", leave=True)
+                        desc=f"epoch 1/{n_epochs}", leave=True, **options)
+        self.stream = stream
         self.update = self.bar.update
 
     def report(self, epoch_in_call, record, validation):
@@ -135,8 +180,34 @@ class ProgressBar:
                 line += f"  val_elbo {validation['elbo']:.3f}"
             self.bar.write(line + f"  ({record['seconds']:.2f} s)", file=sys.stdout)
 
-    def close(self):
+    def close(self, epochs_run):
+        """Ends the bar at the last epoch run in this call."""
+        self.bar.set_description(f"epoch {epochs_run}/{self.n_epochs}", refresh=False)
         self.bar.close()
+
+    def note(self, text):
+        """A line after the bar (once closed): how the fit ended."""
+        print(text, file=self.stream, flush=True)
+
+
+def early_stopping_note(stopping, stopped, epochs_run, first_epoch, tol):
+    """fit's line on early stopping at ``verbose >= 1``: whether it fired and
+    which epoch's parameters the model holds (epochs counted from 1 in this
+    call, as the progress shows them; ``first_epoch`` is the call's first
+    index in history_)."""
+    if stopping.best_epoch is None:
+        return None
+    best = stopping.best_epoch - first_epoch + 1
+    restored = (f"the parameters of epoch {best} (val_elbo {stopping.best_elbo:.3f}; "
+                f"best_epoch_={stopping.best_epoch})")
+    if stopped:
+        return (f"early stopping after epoch {epochs_run}: the validation ELBO did not "
+                f"improve by more than tol={tol:g} for {stopping.n_iter_no_change} epochs; "
+                f"restored {restored}")
+    if best == epochs_run:
+        return f"early stopping did not fire; the last epoch, {epochs_run}, was the best"
+    return (f"early stopping did not fire in {epochs_run} epochs; restored {restored}, "
+            "the best validation ELBO")
 
 
 class Trainer:
@@ -175,6 +246,7 @@ class Trainer:
             bar = ProgressBar(est.n_epochs, train.n_rows if session is None else parallel[1],
                               est.verbose)
         record = None  # a pass's record not yet in history_
+        first_epoch, stopped_early = est.n_iter_, False
         try:
             # One pass per epoch, so that validation and callbacks run between
             # passes and may use the model (it serves one call at a time); the
@@ -188,7 +260,7 @@ class Trainer:
                 epoch = est.n_iter_ - 1
                 stop = False
                 if stopping is not None:
-                    stop = stopping.update(epoch, validation["elbo"])
+                    stop = stopped_early = stopping.update(epoch, validation["elbo"])
                     est.best_epoch_ = stopping.best_epoch
                 if bar is not None:
                     bar.report(epoch_in_call, appended, validation)
@@ -203,12 +275,17 @@ class Trainer:
         finally:
             # Whatever stopped training, keep the epochs that happened (a pass
             # cut short is recorded by train_pass).
-            if bar is not None:
-                bar.close()
             if record is not None:
                 self.append_epoch(record, None)
+            if bar is not None:
+                bar.close(est.n_iter_ - first_epoch)
             if stopping is not None:
                 stopping.restore_best()
+                if bar is not None:
+                    note = early_stopping_note(stopping, stopped_early, est.n_iter_ - first_epoch,
+                                               first_epoch, est.tol)
+                    if note is not None:
+                        bar.note(note)
 
     # ---- partial_fit: one pass -------------------------------------------------------
 

@@ -18,6 +18,8 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from . import distributed as _distributed
 from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
                       default_chunk_size, is_out_of_core)
+from ._checks import check_finite
+from ._collapse import check_posterior_collapse
 from ._conditions import ConditionCode, is_labels
 from ._native import Model
 from ._params import validate_parameters
@@ -78,6 +80,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         fixes those variances to 1.
     n_epochs : int, default=30
         Passes over the data per call to ``fit`` (``partial_fit`` makes one).
+        0 creates the model only: ``fit`` checks X, initialises a new model
+        (or keeps the fitted one with ``warm_start``) and trains nothing,
+        ``history_`` gaining no epoch (an untrained baseline, say).
     batch_size : int, default=128
         Rows per minibatch (capped at the number of rows).
     learning_rate : float, default=1e-3
@@ -107,7 +112,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
     verbose : int, default=0
         0 is silent; 1 shows a progress bar (tqdm: a widget in Jupyter, text
         in a terminal) with the last epoch's training and validation ELBO;
-        2 also prints one line per epoch.
+        2 also prints one line per epoch. When stderr is a file or a pipe
+        (a log), the bar is written as plain lines, one every 5 s at most
+        and the last, instead of carriage-return redraws. With
+        ``early_stopping``, a line after the bar says whether it fired and
+        which epoch's parameters the model holds.
     validation_fraction : float in (0, 1) or None, default=None
         Hold out this fraction of the rows of X (ceil(fraction * n_samples)
         rows, drawn with ``random_state``) and report their ELBO after every
@@ -220,6 +229,19 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         'val_elbo', 'val_reconstruction' and 'val_kl': the same terms on the
         validation rows at the end of the epoch (deterministic, as in
         ``score``), NaN for epochs trained without validation rows.
+    active_units_ : list of int or None
+        Active units per latent layer, bottom to top, counted at the end of
+        ``fit`` as ``active_units`` does (dimensions whose posterior mean
+        varies by more than 0.01 over the rows) on at most 1000 of the
+        training rows, evenly spaced (for data read in chunks, 8 evenly
+        spaced runs of rows): one encoder pass, a few milliseconds. A layer
+        with none has collapsed onto the prior, and ``fit`` warns with
+        :class:`hvae.PosteriorCollapseWarning`, naming the settings that
+        help (once the model has trained 100 minibatches: before, it is
+        untrained rather than collapsed). ``partial_fit`` counts them only
+        once the model has trained 1000 minibatches and a layer's KL term in
+        the pass is below 0.5 nats (else sets None), on the rows of the
+        call, and warns likewise. None after ``fit`` with ``n_epochs=0``.
     best_epoch_ : int or None
         With ``early_stopping``, the index in ``history_`` of the epoch whose
         parameters the model holds (the best validation ELBO of the last
@@ -441,6 +463,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             restore_fitted_state(self, before)
             raise
         self._start_training(model, code)
+        epochs_before = self.n_iter_
         trainer = Trainer(self, params["callbacks"])
         try:
             if incremental:
@@ -453,6 +476,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             if not continuing and not self.history_["elbo"]:
                 restore_fitted_state(self, before)
             raise
+        check_posterior_collapse(self, train, incremental, trained=self.n_iter_ > epochs_before)
         return self
 
     def _continues(self, model_options, incremental):
@@ -659,7 +683,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     def _validate_X(self, X, reset, likelihood=None, name="X"):
         # float32 C order: one conversion at most, none for such an array.
-        X = validate_data(self, X, reset=reset, dtype=np.float32, order="C")
+        # Values beyond float32's range become inf, refused by check_finite
+        # with NaN in hvae's own words.
+        with np.errstate(over="ignore"):
+            X = validate_data(self, X, reset=reset, dtype=np.float32, order="C",
+                              ensure_all_finite=False)
+        check_finite(X, name)
         if likelihood is None:
             likelihood = self.model_.likelihood if not reset else self.likelihood
         if likelihood == "bernoulli" and X.size and (X.min() < 0.0 or X.max() > 1.0):
@@ -789,7 +818,11 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
         Parameters
         ----------
-        Z : array-like of shape (n_samples, latent_dims[0])
+        Z : array-like of shape (n_samples, latent_dims[0]), or list of pairs
+            Values of z_1, such as ``transform``'s output; or ``encode``'s
+            output, the list of T (mu, logvar) pairs, of which the first
+            layer's means are decoded (``inverse_transform(encode(X))``
+            equals ``reconstruct(X)``).
         y : array-like or None, default=None
             The rows' conditions, for a model fitted with ``conditional=True``
             (class labels or an (n_samples, n_conditions) array); else ignored.
@@ -799,6 +832,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         X : ndarray of shape (n_samples, n_features), float32
         """
         check_is_fitted(self)
+        if isinstance(Z, list) and Z and isinstance(Z[0], tuple):
+            T = len(self.model_.latent_dims)
+            if not (len(Z) == T and all(isinstance(pair, tuple) and len(pair) == 2
+                                        for pair in Z)):
+                raise ValueError(f"Z must be values of z_1 of shape (n_samples, "
+                                 f"{self.model_.latent_dims[0]}) or encode's output, a list "
+                                 f"of {T} (mu, logvar) pairs; got a list of {len(Z)} tuples")
+            Z = Z[0][0]
         # float32 first (once): values beyond its range become inf and are
         # refused with the rest.
         with np.errstate(over="ignore"):

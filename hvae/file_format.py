@@ -40,7 +40,8 @@ The JSON object has the keys:
     the generator's state, with arrays replaced by references to members.
 ``attributes``
     The fitted attributes: ``n_features_in_``, ``n_iter_``, ``history_``,
-    ``best_epoch_``, ``feature_names_in_`` when set, ...
+    ``best_epoch_``, ``feature_names_in_`` when set, ``active_units_``
+    (absent from files written before it existed), ...
 ``arrays``
     For every array member: ``{"dtype", "shape", "sha256"}``, the SHA-256
     of its data bytes.
@@ -569,7 +570,7 @@ def _check_attributes(attributes, model, spec):
     """The fitted attributes: their set, types, ranges and agreement with
     the model."""
     known = {"n_features_in_", "n_iter_", "history_", "best_epoch_", "classes_",
-             "feature_names_in_"}
+             "feature_names_in_", "active_units_"}
     missing = [key for key in _REQUIRED_ATTRIBUTES if key not in attributes]
     if missing:
         raise _Damaged(f"the metadata lacks the fitted attributes {missing}")
@@ -596,6 +597,13 @@ def _check_attributes(attributes, model, spec):
             _require(bool(np.all(np.isfinite(classes))), "classes_ holds NaN or infinity")
         _require(np.array_equal(np.unique(classes), classes),
                  "classes_ must be sorted and unique")
+    # Files written before it existed lack it.
+    active = attributes.get("active_units_")
+    dims = model.latent_dims
+    _require(active is None or (isinstance(active, list) and len(active) == len(dims)
+                                and all(_is_int(a) and 0 <= a <= d for a, d in zip(active, dims))),
+             f"active_units_ must be None or a list of {len(dims)} counts, each between 0 and "
+             f"its layer's size {tuple(dims)}; got {active!r:.100}")
     names = attributes.get("feature_names_in_")
     if "feature_names_in_" in attributes:
         _require(isinstance(names, np.ndarray) and names.dtype == object
