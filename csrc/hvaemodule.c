@@ -1020,11 +1020,12 @@ static int check_float32(const char *name, double value, double low, int low_inc
 {
     float f = (float)value;
     if (!isfinite(f) || (low_inclusive ? !(value >= low) : !(value > low))) {
-        char text[64];
+        char text[64], bound[32]; /* PyErr_Format has no %g */
         snprintf(text, sizeof text, "%g", value);
-        PyErr_Format(PyExc_ValueError, "%s must be a number %s %g that is finite in "
+        snprintf(bound, sizeof bound, "%g", low);
+        PyErr_Format(PyExc_ValueError, "%s must be a number %s %s that is finite in "
                      "float32 (below 3.4e38); got %s", name, low_inclusive ? ">=" : ">",
-                     low, text);
+                     bound, text);
         return -1;
     }
     return 0;
