@@ -312,10 +312,11 @@ static int ensure_workspace(ModelObject *self, int64_t rows)
  * the call stops and its exception propagates. Python runs signal handlers
  * in the main thread only, so the hook is set there only. */
 typedef struct {
-    PyThreadState *saved; /* the released thread state */
+    PyThreadState **saved; /* where the call keeps its released thread state */
+    PyThreadState *own;    /* that place, unless the call has its own */
     unsigned long thread;
-    double next;          /* when to look next */
-    int stopped;          /* a handler raised: the exception is set */
+    double next;           /* when to look next */
+    int stopped;           /* a handler raised: the exception is set */
 } poll_ctx;
 
 static unsigned long main_thread_ident;
@@ -331,30 +332,43 @@ static int poll_signals(void *ptr)
     if (t < c->next)
         return 0;
     c->next = t + POLL_SECONDS;
-    PyEval_RestoreThread(c->saved);
+    PyEval_RestoreThread(*c->saved);
     c->stopped = PyErr_CheckSignals() < 0;
-    c->saved = PyEval_SaveThread();
+    *c->saved = PyEval_SaveThread();
     return c->stopped;
 }
 
-/* Releases the GIL for a call on self's workspace, polling for Ctrl-C. */
-static void poll_begin(poll_ctx *c, ModelObject *self)
+/* Sets the poll hook on self's workspace (main thread only) for a call
+ * that keeps its released thread state at *saved (NULL: in c). */
+static void poll_install(poll_ctx *c, ModelObject *self, PyThreadState **saved)
 {
+    c->saved = saved ? saved : &c->own;
     c->thread = PyThread_get_thread_ident();
     c->next = now_seconds() + POLL_SECONDS;
     c->stopped = 0;
     if (c->thread == main_thread_ident && self->ws)
         hvae_workspace_set_poll(self->ws, poll_signals, c);
-    c->saved = PyEval_SaveThread();
+}
+
+static void poll_remove(ModelObject *self)
+{
+    if (self->ws)
+        hvae_workspace_set_poll(self->ws, NULL, NULL);
+}
+
+/* Releases the GIL for a call on self's workspace, polling for Ctrl-C. */
+static void poll_begin(poll_ctx *c, ModelObject *self)
+{
+    poll_install(c, self, NULL);
+    c->own = PyEval_SaveThread();
 }
 
 /* Takes the GIL back; raises for st (-1) or returns 0. A stop by a signal
  * handler keeps its exception. */
 static int poll_end(poll_ctx *c, ModelObject *self, hvae_status st, const char *failed)
 {
-    PyEval_RestoreThread(c->saved);
-    if (self->ws)
-        hvae_workspace_set_poll(self->ws, NULL, NULL);
+    PyEval_RestoreThread(c->own);
+    poll_remove(self);
     if (st == HVAE_ERR_STOPPED && c->stopped)
         return -1;
     return raise_status(st, failed);
@@ -1614,6 +1628,10 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
     for (long long epoch = 0; epoch < a->n_epochs; epoch++) {
         hvae_epoch_stats stats;
         double t0 = now_seconds();
+        /* Ctrl-C within a long minibatch too: the poll stops it before its
+         * step (the batch hook looks between minibatches). */
+        poll_ctx pc;
+        poll_install(&pc, self, &ctx->saved);
         ctx->saved = PyEval_SaveThread();
         /* On divergence the C loop returns the model, the optimizer and the
          * generator to their state at the start of the epoch. */
@@ -1622,6 +1640,9 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
                                           &stats);
         PyEval_RestoreThread(ctx->saved);
         ctx->saved = NULL;
+        poll_remove(self);
+        if (pc.stopped)
+            ctx->interrupted = 1;
         double seconds = now_seconds() - t0;
         if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
             int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,

@@ -173,6 +173,12 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     m->config.hidden_dims = m->hidden_dims;
     m->prior = hvae_prior_table[config->prior];
     int32_t n_prior_tensors = m->prior->n_tensors(config);
+    /* 2 * T blocks of at most H hidden layers and 2 heads, W and b each;
+     * a prior's own tensors are few (a table of names, not of sizes). */
+    if (n_prior_tensors < 0 || n_prior_tensors > 4096) {
+        free(m);
+        return HVAE_ERR_INVALID_ARGUMENT;
+    }
     m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors), sizeof *m->tensors);
     if (!m->tensors) {
         free(m);

@@ -384,6 +384,10 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         int64_t held;
         const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
                                      o, &cb, &held);
+        if (ws_stop(ws)) {
+            status = HVAE_ERR_STOPPED;
+            break;
+        }
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
         if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,

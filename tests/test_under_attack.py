@@ -351,8 +351,9 @@ def test_an_estimator_fitting_at_fork_is_refused_in_the_child():
 
 def test_ctrl_c_stops_a_long_loss_and_grad_promptly():
     """Before: n_samples=2**20 on 6,400 rows ignored SIGINT (killed after
-    40 s). Now the call polls every 20 ms; the bound allows for a loaded
-    machine."""
+    40 s), and a fit heard it only between minibatches. Now the calls poll
+    every 20 ms of work, between chunks, layers and phases; the bound allows
+    for a loaded machine."""
     result = run_script("""
         import os, signal, threading, time
         import numpy as np
@@ -360,6 +361,7 @@ def test_ctrl_c_stops_a_long_loss_and_grad_promptly():
         X = np.tile(X, (4, 1))[:6400]
         m = hvae.Model(64, latent_dims=(4,), hidden_dims=(16,))
         calls = {"loss_and_grad": lambda: m.loss_and_grad(X, n_samples=2**20),
+                 "fit": lambda: m.fit(X[:1024], batch_size=256, n_samples=2**12),
                  "elbo": lambda: m.elbo(np.tile(X, (400, 1))),
                  "encode": lambda: m.encode(np.tile(X, (400, 1)))}
         for name, call in calls.items():
@@ -379,6 +381,7 @@ def test_ctrl_c_stops_a_long_loss_and_grad_promptly():
     assert result.returncode == 0, result.stderr
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
     assert float(lines["loss_and_grad"]) < 2.0
+    assert float(lines["fit"]) < 2.0  # within a minibatch of 2**20 draws
     assert lines["after"] == "(2, 4)"
     for name in ("elbo", "encode"):  # fast enough to finish first, or stopped at once
         assert lines[name] == "finished" or float(lines[name]) < 2.0
