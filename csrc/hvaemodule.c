@@ -2121,7 +2121,12 @@ static PyTypeObject ModelType = {
               "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
               "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
               "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
-              "latent layers' family (LATENT_FAMILIES).",
+              "latent layers' family (LATENT_FAMILIES).\n\n"
+              "Threads: a model serves one call at a time (others wait; a fit's\n"
+              "callback calling back into it gets a RuntimeError). Long calls stop\n"
+              "for Ctrl-C within a layer's work. Fork: in a child, a model that\n"
+              "another thread of the parent was using at the fork raises\n"
+              "RuntimeError (its state may be mid-update); an idle one works.",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,
