@@ -355,7 +355,16 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         every epoch that ran; an epoch cut short by Ctrl-C or an error is
         recorded with the averages of its minibatches so far and NaN
         validation terms. On data read in chunks, a divergence returns the
-        model to its state at the start of the chunk.
+        model to its state at the start of the chunk. A call that fails on a
+        setting, the data or an allocation (MemoryError), before any epoch,
+        leaves the estimator exactly as it was.
+
+        ``fit``, ``partial_fit``, ``save``, pickling and ``set_params`` of one
+        estimator run one at a time: a call from another thread waits for a
+        running fit; ``fit`` or ``partial_fit`` called from this fit's own
+        callback raises RuntimeError. In a process forked while another
+        thread was fitting the estimator, the estimator refuses these calls
+        (RuntimeError): its model may be mid-update.
         """
         return self._fit(X, y, incremental=False, validation_data=validation_data, comm=comm,
                          comm_timeout=comm_timeout)
