@@ -17,8 +17,8 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import distributed as _distributed
-from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
-                      default_chunk_size, is_out_of_core)
+from ._chunks import (ChunkedRows, InMemoryRows, check_array_like, default_chunk_size,
+                      is_out_of_core)
 from ._conditions import ConditionCode, is_labels
 from ._lock import estimator_lock
 from ._native import MAX_THREADS, DivergenceError, Model

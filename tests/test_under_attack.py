@@ -29,7 +29,8 @@ from hvae import HierarchicalVAE
 from hvae.datasets import load_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = "from hvae.datasets import load_digits\nX = load_digits()[0]\nX = (X / X.max()).astype('float32')\n"
+DIGITS = ("from hvae.datasets import load_digits\nX = load_digits()[0]\n"
+          "X = (X / X.max()).astype('float32')\n")
 
 
 def run_script(script, timeout=120):
