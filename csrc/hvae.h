@@ -438,6 +438,18 @@ HVAE_API hvae_status hvae_workspace_create(const hvae_model *model,
 HVAE_API void hvae_workspace_free(hvae_workspace *ws);
 HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
 
+/* Interrupting long calls. poll(ctx) is called by the calling thread
+ * between the chunks and the layers of hvae_elbo, hvae_loss_and_grad,
+ * hvae_log_likelihood, hvae_encode, hvae_decode and hvae_sample (every few
+ * milliseconds of work; rate-limit in poll itself), and before every
+ * optimizer step of training. A nonzero return stops the call with
+ * HVAE_ERR_STOPPED: outputs (and hvae_model_grads) are then undefined, no
+ * optimizer step is applied after it, the parameters are untouched. Once
+ * it has returned nonzero it must keep doing so until the call returns.
+ * NULL (the default) removes it. */
+typedef int (*hvae_poll_hook)(void *ctx);
+HVAE_API void hvae_workspace_set_poll(hvae_workspace *ws, hvae_poll_hook poll, void *ctx);
+
 /* ------------------------------------------------------------------------ */
 /* Evaluation. Functions taking n rows process them in chunks of the        */
 /* workspace's max_rows, so n is unbounded.                                  */

@@ -22,11 +22,20 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "hvae.h"
 
 /* Rows per chunk for evaluation calls on many rows. */
 #define EVAL_ROWS 1024
+/* The binding's limits, exported (MAX_THREADS, MAX_BATCH_SIZE, MAX_SAMPLES)
+ * for the estimator's parameter table: threads of a model, rows per
+ * minibatch, draws per row. */
+#define MAX_MODEL_THREADS 1024
+#define MAX_BATCH_SIZE (1LL << 30)
+#define MAX_SAMPLES (1LL << 20)
+/* How often a long call takes the GIL back to look for Ctrl-C. */
+#define POLL_SECONDS 0.02
 
 static PyObject *DivergenceError;
 
@@ -156,6 +165,7 @@ typedef struct {
     hvae_rng rng;        /* training noise, shuffling and sampling */
     PyThread_type_lock lock;
     unsigned long owner; /* the thread holding lock, 0 when free */
+    long lock_pid;       /* the process whose thread holds lock, 0 when free */
     int n_threads;       /* 0: leave the BLAS thread count alone */
     unsigned long long seed;
 } ModelObject;
@@ -190,6 +200,19 @@ static int model_enter(ModelObject *self)
         PyErr_SetString(PyExc_RuntimeError, "Model is not initialised");
         return -1;
     }
+    /* Fork policy: a model that a thread of the parent was using when the
+     * process forked is refused in the child (that thread does not exist
+     * here, its lock is never released, and the buffers may be mid-update);
+     * a model idle at the fork works in the child as in the parent. */
+    long pid = (long)getpid();
+    if (self->lock_pid != 0 && self->lock_pid != pid) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "this Model was in use by another thread of process %ld when this "
+                     "process (%ld) was forked from it: its state may be mid-update, so "
+                     "it cannot be used here; pickle or save it in the parent when it is "
+                     "idle, or use the 'spawn' start method", self->lock_pid, pid);
+        return -1;
+    }
     unsigned long me = PyThread_get_thread_ident();
     if (self->owner == me) {
         PyErr_SetString(PyExc_RuntimeError,
@@ -198,15 +221,23 @@ static int model_enter(ModelObject *self)
                         "the model after that call returns");
         return -1;
     }
-    while (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
-        PyLockStatus got;
-        Py_BEGIN_ALLOW_THREADS
-        got = PyThread_acquire_lock_timed(self->lock, 50000, 0); /* 50 ms */
-        Py_END_ALLOW_THREADS
-        if (got == PY_LOCK_ACQUIRED)
-            break;
-        if (PyErr_CheckSignals() < 0)
-            return -1;
+    if (PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        self->lock_pid = pid;
+    } else {
+        for (;;) {
+            PyLockStatus got;
+            Py_BEGIN_ALLOW_THREADS
+            got = PyThread_acquire_lock_timed(self->lock, 50000, 0); /* 50 ms */
+            /* At once, without waiting for the GIL: a fork in between
+             * would see the lock held and no owner process. */
+            if (got == PY_LOCK_ACQUIRED)
+                self->lock_pid = pid;
+            Py_END_ALLOW_THREADS
+            if (got == PY_LOCK_ACQUIRED)
+                break;
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+        }
     }
     self->owner = me;
     if (self->n_threads > 0)
@@ -217,7 +248,41 @@ static int model_enter(ModelObject *self)
 static void model_leave(ModelObject *self)
 {
     self->owner = 0;
+    self->lock_pid = 0;
     PyThread_release_lock(self->lock);
+}
+
+/* A MemoryError that says what could not be allocated and how much; bytes
+ * 0 means more than the address space. Returns -1. */
+static int raise_no_memory(const char *what, long long count, const char *unit,
+                           size_t bytes)
+{
+    if (bytes == 0)
+        PyErr_Format(PyExc_MemoryError, "cannot allocate %s: %lld %s need more bytes than "
+                     "the address space holds", what, count, unit);
+    else {
+        char size[32]; /* PyErr_Format has no %g */
+        snprintf(size, sizeof size, "%.3g GB", (double)bytes / 1e9);
+        PyErr_Format(PyExc_MemoryError, "cannot allocate %s: %lld %s, %s", what, count,
+                     unit, size);
+    }
+    return -1;
+}
+
+/* count items of size bytes each with PyMem_RawMalloc, the product checked
+ * first; NULL with a MemoryError naming `what`. */
+static void *raw_array(long long count, size_t size, const char *what, const char *unit)
+{
+    size_t bytes;
+    if (count < 0 || __builtin_mul_overflow((size_t)count, size, &bytes) ||
+        bytes > (size_t)PY_SSIZE_T_MAX) {
+        raise_no_memory(what, count, unit, 0);
+        return NULL;
+    }
+    void *p = PyMem_RawMalloc(bytes ? bytes : 1);
+    if (!p)
+        raise_no_memory(what, count, unit, bytes);
+    return p;
 }
 
 static int ensure_workspace(ModelObject *self, int64_t rows)
@@ -225,12 +290,88 @@ static int ensure_workspace(ModelObject *self, int64_t rows)
     if (self->ws && hvae_workspace_max_rows(self->ws) >= rows)
         return 0;
     hvae_workspace *ws = NULL;
+    if (rows > INT_MAX) {
+        PyErr_Format(PyExc_MemoryError, "cannot allocate the workspace: %lld rows (minibatch "
+                     "rows times draws per row), more than the 2**31 - 1 it may hold",
+                     (long long)rows);
+        return -1;
+    }
     hvae_status st = hvae_workspace_create(self->model, rows, &ws);
+    if (st == HVAE_ERR_OUT_OF_MEMORY || st == HVAE_ERR_SIZE_OVERFLOW)
+        return raise_no_memory("the workspace", (long long)rows, "rows (minibatch rows "
+                               "times draws per row)", hvae_workspace_bytes(self->model, rows));
     if (st != HVAE_OK)
         return raise_status(st, "cannot allocate the workspace");
     hvae_workspace_free(self->ws);
     self->ws = ws;
     return 0;
+}
+
+/* Ctrl-C during a long call: the workspace's poll hook (hvae.h) takes the
+ * GIL back every POLL_SECONDS to run the signal handlers; once one raised,
+ * the call stops and its exception propagates. Python runs signal handlers
+ * in the main thread only, so the hook is set there only. */
+typedef struct {
+    PyThreadState **saved; /* where the call keeps its released thread state */
+    PyThreadState *own;    /* that place, unless the call has its own */
+    unsigned long thread;
+    double next;           /* when to look next */
+    int stopped;           /* a handler raised: the exception is set */
+} poll_ctx;
+
+static unsigned long main_thread_ident;
+
+static int poll_signals(void *ptr)
+{
+    poll_ctx *c = ptr;
+    if (c->stopped)
+        return 1;
+    if (PyThread_get_thread_ident() != c->thread)
+        return 0;
+    double t = now_seconds();
+    if (t < c->next)
+        return 0;
+    c->next = t + POLL_SECONDS;
+    PyEval_RestoreThread(*c->saved);
+    c->stopped = PyErr_CheckSignals() < 0;
+    *c->saved = PyEval_SaveThread();
+    return c->stopped;
+}
+
+/* Sets the poll hook on self's workspace (main thread only) for a call
+ * that keeps its released thread state at *saved (NULL: in c). */
+static void poll_install(poll_ctx *c, ModelObject *self, PyThreadState **saved)
+{
+    c->saved = saved ? saved : &c->own;
+    c->thread = PyThread_get_thread_ident();
+    c->next = now_seconds() + POLL_SECONDS;
+    c->stopped = 0;
+    if (c->thread == main_thread_ident && self->ws)
+        hvae_workspace_set_poll(self->ws, poll_signals, c);
+}
+
+static void poll_remove(ModelObject *self)
+{
+    if (self->ws)
+        hvae_workspace_set_poll(self->ws, NULL, NULL);
+}
+
+/* Releases the GIL for a call on self's workspace, polling for Ctrl-C. */
+static void poll_begin(poll_ctx *c, ModelObject *self)
+{
+    poll_install(c, self, NULL);
+    c->own = PyEval_SaveThread();
+}
+
+/* Takes the GIL back; raises for st (-1) or returns 0. A stop by a signal
+ * handler keeps its exception. */
+static int poll_end(poll_ctx *c, ModelObject *self, hvae_status st, const char *failed)
+{
+    PyEval_RestoreThread(c->own);
+    poll_remove(self);
+    if (st == HVAE_ERR_STOPPED && c->stopped)
+        return -1;
+    return raise_status(st, failed);
 }
 
 static int64_t eval_rows(int64_t n)
@@ -526,7 +667,12 @@ static int frame_enter(call_frame *f, ModelObject *self, const frame_inputs *in)
         return -1;
     f->n = PyArray_DIM(f->x, 0);
     if (in->noise) {
-        f->have_noise = as_noise(self, in->noise, f->n * in->draws, f->noise_arrays, f->noise);
+        int64_t noise_rows;
+        if (__builtin_mul_overflow((int64_t)f->n, in->draws, &noise_rows)) {
+            PyErr_SetString(PyExc_ValueError, "noise: rows times draws overflow");
+            return -1;
+        }
+        f->have_noise = as_noise(self, in->noise, noise_rows, f->noise_arrays, f->noise);
         if (f->have_noise < 0)
             return -1;
     }
@@ -557,11 +703,10 @@ typedef hvae_status (*frame_body)(call_frame *f, void *args);
 
 static int frame_call(call_frame *f, frame_body body, void *args, const char *failed)
 {
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = body(f, args);
-    Py_END_ALLOW_THREADS
-    return raise_status(st, failed);
+    poll_ctx pc;
+    poll_begin(&pc, f->self);
+    hvae_status st = body(f, args);
+    return poll_end(&pc, f->self, st, failed);
 }
 
 static void frame_leave(call_frame *f)
@@ -828,9 +973,9 @@ static int Model_set_n_threads(ModelObject *self, PyObject *value, void *closure
     long n = PyLong_AsLong(value);
     if (n == -1 && PyErr_Occurred())
         return -1;
-    if (n < 1 || n > 1024) {
+    if (n < 1 || n > MAX_MODEL_THREADS) {
         PyErr_Format(PyExc_ValueError, "n_threads must be None or between 1 "
-                     "and 1024; got %ld", n);
+                     "and %d; got %ld", MAX_MODEL_THREADS, n);
         return -1;
     }
     self->n_threads = (int)n;
@@ -889,11 +1034,12 @@ static int check_float32(const char *name, double value, double low, int low_inc
 {
     float f = (float)value;
     if (!isfinite(f) || (low_inclusive ? !(value >= low) : !(value > low))) {
-        char text[64];
+        char text[64], bound[32]; /* PyErr_Format has no %g */
         snprintf(text, sizeof text, "%g", value);
-        PyErr_Format(PyExc_ValueError, "%s must be a number %s %g that is finite in "
+        snprintf(bound, sizeof bound, "%g", low);
+        PyErr_Format(PyExc_ValueError, "%s must be a number %s %s that is finite in "
                      "float32 (below 3.4e38); got %s", name, low_inclusive ? ">=" : ">",
-                     low, text);
+                     bound, text);
         return -1;
     }
     return 0;
@@ -905,7 +1051,7 @@ static int parse_objective(const char *objective, long long n_samples, double be
     int kind = parse_choice("objective", objective, CHOICE_OBJECTIVE);
     if (kind < 0)
         return -1;
-    if (n_samples < 1 || n_samples > (1 << 20)) {
+    if (n_samples < 1 || n_samples > MAX_SAMPLES) {
         PyErr_Format(PyExc_ValueError, "n_samples must be between 1 and 2**20; got %lld",
                      n_samples);
         return -1;
@@ -1046,8 +1192,6 @@ typedef struct {
     PyObject *grads;
     PyObject *values[2];
 } fit_ctx;
-
-static unsigned long main_thread_ident;
 
 /* Between minibatches: take the GIL back only to see whether Ctrl-C was
  * pressed, which stops after this minibatch with a valid model. Python runs
@@ -1294,12 +1438,12 @@ static PyObject *Model_sample(ModelObject *self, PyObject *args, PyObject *kwds)
     if (!out)
         goto done;
     hvae_rng *rng = seed_obj != Py_None ? &local : &self->rng;
-    hvae_status st;
-    Py_BEGIN_ALLOW_THREADS
-    st = hvae_sample(self->model, self->ws, rng, n, cond_data(cond), observation_noise,
-                     PyArray_DATA((PyArrayObject *)out));
-    Py_END_ALLOW_THREADS
-    if (raise_status(st, "sample failed") < 0 || check_outputs("sample", floats_finite(out)) < 0)
+    poll_ctx pc;
+    poll_begin(&pc, self);
+    hvae_status st = hvae_sample(self->model, self->ws, rng, n, cond_data(cond),
+                                 observation_noise, PyArray_DATA((PyArrayObject *)out));
+    if (poll_end(&pc, self, st, "sample failed") < 0 ||
+        check_outputs("sample", floats_finite(out)) < 0)
         Py_CLEAR(out);
 done:
     model_leave(self);
@@ -1394,9 +1538,9 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
     int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
         return -1;
-    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > (1LL << 30)) {
+    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > MAX_BATCH_SIZE) {
         PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
-                     ">= 1; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
+                     "between 1 and 2**30; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
                      a->batch_size);
         return -1;
     }
@@ -1513,6 +1657,10 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
     for (long long epoch = 0; epoch < a->n_epochs; epoch++) {
         hvae_epoch_stats stats;
         double t0 = now_seconds();
+        /* Ctrl-C within a long minibatch too: the poll stops it before its
+         * step (the batch hook looks between minibatches). */
+        poll_ctx pc;
+        poll_install(&pc, self, &ctx->saved);
         ctx->saved = PyEval_SaveThread();
         /* On divergence the C loop returns the model, the optimizer and the
          * generator to their state at the start of the epoch. */
@@ -1521,6 +1669,9 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
                                           &stats);
         PyEval_RestoreThread(ctx->saved);
         ctx->saved = NULL;
+        poll_remove(self);
+        if (pc.stopped)
+            ctx->interrupted = 1;
         double seconds = now_seconds() - t0;
         if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
             int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,
@@ -1565,11 +1716,9 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
                                : hvae_optimizer_create(self->model, &a.optimizer, &self->opt);
     if (raise_status(st, "cannot set up the optimizer") < 0)
         goto done;
-    order = PyMem_RawMalloc((size_t)N * sizeof(int64_t));
-    if (!order) {
-        PyErr_NoMemory();
+    order = raw_array(N, sizeof(int64_t), "the row order of the fit", "rows");
+    if (!order)
         goto done;
-    }
     hvae_train_options to = hvae_train_options_default();
     to.batch_size = rows;
     to.objective = a.objective;
@@ -1590,6 +1739,43 @@ done:
     Py_XDECREF(x);
     Py_XDECREF(cond);
     return records;
+}
+
+/* reserve(rows, optimizer=None): what a fit allocates, ahead of it. */
+static PyObject *Model_reserve(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"rows", "optimizer", NULL};
+    long long rows;
+    const char *optimizer = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L|z:reserve", kwlist, &rows, &optimizer))
+        return NULL;
+    if (rows < 1) {
+        PyErr_Format(PyExc_ValueError, "rows must be >= 1; got %lld", rows);
+        return NULL;
+    }
+    int kind = optimizer ? parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER) : 0;
+    if (kind < 0 || model_enter(self) < 0)
+        return NULL;
+    PyObject *result = NULL;
+    if (ensure_workspace(self, rows) < 0)
+        goto done;
+    if (optimizer && !self->opt) {
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        oc.kind = (hvae_optimizer_kind)kind;
+        hvae_status st = hvae_optimizer_create(self->model, &oc, &self->opt);
+        if (st == HVAE_ERR_OUT_OF_MEMORY || st == HVAE_ERR_SIZE_OVERFLOW) {
+            long long P = hvae_model_n_params(self->model);
+            raise_no_memory("the optimizer's state", P, "parameters (5 floats each)",
+                            (size_t)P * 5 * sizeof(float));
+            goto done;
+        }
+        if (raise_status(st, "cannot set up the optimizer") < 0)
+            goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    model_leave(self);
+    return result;
 }
 
 static PyObject *Model_reset_optimizer(ModelObject *self, PyObject *noargs)
@@ -1709,12 +1895,10 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
     PyObject *result = NULL;
     npy_intp P = hvae_model_n_params(self->model);
     hvae_optimizer *opt = NULL;
-    float *params = PyMem_RawMalloc((size_t)P * sizeof(float));
+    float *params = raw_array(P, sizeof(float), "a copy of the parameters", "floats");
     PyObject *p = dict_item(state, "parameters"), *o, *rng, *threads;
-    if (!params) {
-        PyErr_NoMemory();
+    if (!params)
         goto done;
-    }
     if (!p || load_floats(p, params, P, "parameters") < 0)
         goto done;
     if (!hvae_all_finite(params, P)) {
@@ -1827,6 +2011,13 @@ static PyMethodDef Model_methods[] = {
      "decoder_variance='unit'; ``dec1.logits`` for a Bernoulli likelihood).\n"
      "W has shape (n_in, n_out); every view is writable and shares memory "
      "with the model."},
+    {"reserve", (PyCFunction)(void (*)(void))Model_reserve, METH_VARARGS | METH_KEYWORDS,
+     "reserve(rows, optimizer=None)\n--\n\n"
+     "Allocates now what a fit would: a workspace of at least ``rows`` rows\n"
+     "(minibatch rows times draws per row) and, when ``optimizer`` names one\n"
+     "and the model has none yet, the optimizer's state. Raises MemoryError\n"
+     "(saying what and how much) and leaves the model as it was when that\n"
+     "fails, so a caller can allocate everything before it changes anything."},
     {"elbo", (PyCFunction)(void (*)(void))Model_elbo, METH_VARARGS | METH_KEYWORDS,
      "elbo(X, noise=None, seed=0, cond=None)\n--\n\n"
      "Per-sample ELBO in nats, float64 array of shape (n,).\n\n"
@@ -1961,7 +2152,12 @@ static PyTypeObject ModelType = {
               "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
               "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
               "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
-              "latent layers' family (LATENT_FAMILIES).",
+              "latent layers' family (LATENT_FAMILIES).\n\n"
+              "Threads: a model serves one call at a time (others wait; a fit's\n"
+              "callback calling back into it gets a RuntimeError). Long calls stop\n"
+              "for Ctrl-C within a layer's work. Fork: in a child, a model that\n"
+              "another thread of the parent was using at the fork raises\n"
+              "RuntimeError (its state may be mid-update); an idle one works.",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,
@@ -1975,8 +2171,9 @@ static PyObject *mod_set_num_threads(PyObject *mod, PyObject *arg)
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    if (n < 1 || n > 1024) {
-        PyErr_Format(PyExc_ValueError, "n_threads must be in 1..1024; got %ld", n);
+    if (n < 1 || n > MAX_MODEL_THREADS) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be in 1..%d; got %ld",
+                     MAX_MODEL_THREADS, n);
         return NULL;
     }
     hvae_set_num_threads((int)n);
@@ -2051,7 +2248,10 @@ PyMODINIT_FUNC PyInit__core(void)
     if (!DivergenceError || PyModule_AddObjectRef(m, "DivergenceError", DivergenceError) < 0 ||
         PyModule_AddObjectRef(m, "Model", (PyObject *)&ModelType) < 0 ||
         PyModule_AddIntConstant(m, "MAX_LAYERS", HVAE_MAX_LAYERS) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0)
+        PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_THREADS", MAX_MODEL_THREADS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_BATCH_SIZE", MAX_BATCH_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_SAMPLES", MAX_SAMPLES) < 0)
         goto fail;
     for (int kind = 0; kind < N_CHOICES; kind++)
         if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)

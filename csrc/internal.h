@@ -110,7 +110,15 @@ struct hvae_workspace {
     float *dacts;
     double *reconstruction;  /* (max_rows) */
     double *kl;              /* (T, max_rows), layer-major */
+    hvae_poll_hook poll;     /* hvae_workspace_set_poll, or NULL */
+    void *poll_ctx;
 };
+
+/* Whether the workspace's poll hook asks the current call to stop. */
+static inline int ws_stop(const hvae_workspace *ws)
+{
+    return ws->poll && ws->poll(ws->poll_ctx);
+}
 
 static inline float *ws_act(const hvae_workspace *ws, int64_t col)
 {

@@ -173,6 +173,12 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     m->config.hidden_dims = m->hidden_dims;
     m->prior = hvae_prior_table[config->prior];
     int32_t n_prior_tensors = m->prior->n_tensors(config);
+    /* 2 * T blocks of at most H hidden layers and 2 heads, W and b each;
+     * a prior's own tensors are few (a table of names, not of sizes). */
+    if (n_prior_tensors < 0 || n_prior_tensors > 4096) {
+        free(m);
+        return HVAE_ERR_INVALID_ARGUMENT;
+    }
     m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors), sizeof *m->tensors);
     if (!m->tensors) {
         free(m);
@@ -315,9 +321,11 @@ size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
     if (__builtin_add_overflow(floats_per_row, m->config.n_conditions + 2,
                                &floats_per_row))
         return 0;
-    int64_t per_row = floats_per_row * (int64_t)sizeof(float) +
-                      (doubles_per_row + 2) * (int64_t)sizeof(double) +
-                      (int64_t)sizeof(hvae_rng);
+    int64_t per_row;
+    if (__builtin_mul_overflow(floats_per_row, (int64_t)sizeof(float), &per_row) ||
+        __builtin_add_overflow(per_row, (doubles_per_row + 2) * (int64_t)sizeof(double) +
+                                            (int64_t)sizeof(hvae_rng), &per_row))
+        return 0;
     if (__builtin_mul_overflow(per_row, max_rows, &total) ||
         total > (int64_t)(SIZE_MAX / 2))
         return 0;
@@ -379,6 +387,14 @@ void hvae_workspace_free(hvae_workspace *ws)
 
 int64_t hvae_workspace_max_rows(const hvae_workspace *ws) { return ws->max_rows; }
 
+void hvae_workspace_set_poll(hvae_workspace *ws, hvae_poll_hook poll, void *ctx)
+{
+    if (!ws)
+        return;
+    ws->poll = poll;
+    ws->poll_ctx = poll ? ctx : NULL;
+}
+
 const float *hvae_workspace_samples(const hvae_workspace *ws, int32_t layer)
 {
     if (!ws || layer < 0 || layer >= ws->model->config.n_layers)
@@ -397,6 +413,8 @@ void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
 {
     const float *in = inp;
     for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++) {
+        if (ws_stop(ws))
+            return; /* the caller sees the stop at its next poll */
         const hvae_dense_layer *L = &blk->layer[l];
         float *out = ws_act(ws, L->col);
         int64_t n_cond = L->n_in - L->n_data;
@@ -418,6 +436,8 @@ void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
      * reads the one before it. */
     int32_t H = blk->n_hidden;
     for (int32_t l = H + blk->n_heads - 1; l >= 0; l--) {
+        if (ws_stop(ws))
+            return; /* the caller sees the stop at its next poll */
         const hvae_dense_layer *L = &blk->layer[l];
         int from_input = l == 0 || (l >= H && H == 0);
         int64_t reads = l >= H ? H - 1 : l - 1; /* the layer this one reads */
@@ -675,8 +695,12 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
         }
     }
 
+    if (ws_stop(ws))
+        return;
     likelihood_args la = {m, ws, x, B, 0.0f};
     hvae_parallel(likelihood_forward_part, &la, likelihood_parts(m, B));
+    if (ws_stop(ws))
+        return;
     layer_terms_forward(m, ws, eps, B, sampled);
 }
 
@@ -792,11 +816,17 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
     /* With per-row weights the terms are differentiated at unit scale and
      * every gradient row is weighted once, before anything mixes rows. */
     float s = row_weight ? 1.0f : scale;
+    if (ws_stop(ws))
+        return;
     likelihood_args la = {m, ws, x, B, -s};
     hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
+    if (ws_stop(ws))
+        return;
     layer_terms_backward(m, ws, B, s, kl_weight, sampled);
-    if (row_weight)
+    if (row_weight && !ws_stop(ws))
         weight_gradient_rows(m, ws, B, row_weight);
+    if (ws_stop(ws))
+        return;
     if (m->config.inference == HVAE_INFERENCE_LADDER)
         ladder_backward(m, ws, x, cond, eps, B);
     else
@@ -884,6 +914,8 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
     const float *noise[HVAE_MAX_LAYERS];
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         const float *xb = x + r0 * D;
         for (int32_t i = 0; i < T; i++)
             noise[i] = eps ? eps[i] + r0 * m->latent_dims[i] : ws_eps(ws, i);
@@ -938,7 +970,7 @@ hvae_status hvae_log_likelihood(hvae_model *m, hvae_workspace *ws, const float *
                 }
             }
             hvae_forward(m, ws, ws->x, C > 0 ? ws->cond : NULL, noise, rows * draws, 0, 1);
-            if (hook && hook(hook_ctx, passes++, NULL))
+            if (ws_stop(ws) || (hook && hook(hook_ctx, passes++, NULL)))
                 return HVAE_ERR_STOPPED;
             for (int64_t b = 0; b < rows; b++) {
                 for (int64_t s = 0; s < draws; s++) {
@@ -969,6 +1001,8 @@ hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
     int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         const float *cb = rows_of(cond, r0, m->config.n_conditions);
         const float *inp = x + r0 * m->config.n_features;
         for (int32_t i = 0; i < T; i++) {
@@ -1035,6 +1069,8 @@ hvae_status hvae_decode(hvae_model *m, hvae_workspace *ws, const float *z1,
     int64_t D = m->config.n_features;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         hvae_block_forward(m, ws, &m->dec[0], z1 + r0 * m->latent_dims[0],
                            rows_of(cond, r0, m->config.n_conditions), B, 1);
         observation_params(m, ws, B, x_mean + r0 * D,
@@ -1054,6 +1090,8 @@ hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
     int64_t D = m->config.n_features;
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         const float *cb = rows_of(cond, r0, m->config.n_conditions);
         hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
         m->prior->sample(ws_act(ws, m->latent[T - 1].z_col), &top, rng);

@@ -240,10 +240,16 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
         const float *xb = stage_rows(m, ws, x, cond, NULL, r0, B, S, &cb);
         for (int32_t i = 0; i < T; i++)
             noise[i] = eps ? eps[i] + r0 * S * m->latent_dims[i] : ws_eps(ws, i);
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         if (!eps)
             hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, S, noise_seed);
         static const reducer none = {NULL, NULL};
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         objective_step(m, ws, xb, cb, noise, B, o, (double)n, &none, stats);
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
         stats->n_batches++;
     }
     scale_sums(stats, 1.0 / (double)n, T);
@@ -378,6 +384,10 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         int64_t held;
         const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
                                      o, &cb, &held);
+        if (ws_stop(ws)) {
+            status = HVAE_ERR_STOPPED;
+            break;
+        }
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
         if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
@@ -394,6 +404,10 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
             break;
         }
         batch.n_batches = 1;
+        if (ws_stop(ws)) { /* a poll cut the step short: not applied */
+            status = HVAE_ERR_STOPPED;
+            break;
+        }
         if (!isfinite(batch.loss) || !hvae_optimizer_step_if_finite(opt, m)) {
             status = HVAE_ERR_NONFINITE_LOSS;
             break;

@@ -185,5 +185,7 @@ def check_posterior_collapse(estimator, rows, incremental, trained):
         n = estimator.n_iter_
         where = f"{n} {'epoch' if n == 1 else 'epochs'}" + (" (partial_fit passes)"
                                                             if incremental else "")
+        # Pointed at the user's call: this function <- _fit_locked <- _fit
+        # <- fit or partial_fit <- the caller.
         warnings.warn(collapse_message(estimator, counts, where, n_rows),
-                      PosteriorCollapseWarning, stacklevel=4)
+                      PosteriorCollapseWarning, stacklevel=5)

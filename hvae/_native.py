@@ -18,8 +18,11 @@ from ._core import (  # noqa: E402
     LATENT_FAMILIES,
     LIKELIHOODS,
     MARKOV_KLS,
+    MAX_BATCH_SIZE,
     MAX_HIDDEN,
     MAX_LAYERS,
+    MAX_SAMPLES,
+    MAX_THREADS,
     OBJECTIVES,
     OPTIMIZERS,
     PRIORS,
@@ -34,5 +37,6 @@ from ._core import (  # noqa: E402
 # Model.fit's per-epoch records.
 __all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "EPOCH_RECORD_KEYS", "INFERENCES",
            "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
-           "PRIORS", "MAX_HIDDEN", "MAX_LAYERS", "DivergenceError", "Model", "blas_info",
+           "PRIORS", "MAX_BATCH_SIZE", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SAMPLES",
+           "MAX_THREADS", "DivergenceError", "Model", "blas_info",
            "get_num_threads", "set_num_threads"]

@@ -7,7 +7,11 @@ order they are checked, in the spirit of scikit-learn's
 (``sklearn.utils._param_validation``) is private, changes between releases
 and words its messages its own way; this small one keeps hvae's messages and
 normalises values (``latent_dims=8`` becomes ``(8,)``). ``fit`` and
-``partial_fit`` call :func:`validate_parameters` before any work.
+``partial_fit`` call :func:`validate_parameters` before any work, and
+:mod:`hvae.file_format` checks saved parameters with it: every limit is
+stated here once, the C core's own (float32 range, ``MAX_BATCH_SIZE``,
+``MAX_SAMPLES``, ``MAX_THREADS``, exported by the extension) included, so
+that no valid setting fails inside the core after training has begun.
 """
 import numbers
 
@@ -16,7 +20,16 @@ import numpy as np
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
 from ._native import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
-                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS)
+                      MAX_BATCH_SIZE, MAX_HIDDEN, MAX_LAYERS, MAX_SAMPLES, MAX_THREADS,
+                      OBJECTIVES, OPTIMIZERS)
+
+#: The largest count (epochs, patience, warm-up) a parameter may hold.
+MAX_COUNT = 2**48
+#: The largest chunk_size: 2**40 rows.
+MAX_CHUNK_SIZE = 2**40
+#: The largest finite float32: settings the core computes with in float32
+#: (learning_rate, beta, weight_decay, free_bits) must stay below it.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _is_int(value):
@@ -24,28 +37,32 @@ def _is_int(value):
 
 
 class Integer:
-    """An int >= ``low``."""
+    """An int in [``low``, ``high``]."""
 
-    def __init__(self, low):
-        self.low = low
+    def __init__(self, low, high):
+        self.low, self.high = low, high
 
     def __call__(self, name, value):
-        if not _is_int(value) or value < self.low:
-            raise ValueError(f"{name} must be an int >= {self.low}; got {value!r}")
+        if not _is_int(value) or not self.low <= value <= self.high:
+            raise ValueError(f"{name} must be an int between {self.low} and {self.high}; "
+                             f"got {value!r:.100}")
         return value
 
 
 class FiniteNumber:
-    """A finite real number >= 0 (> 0 when ``positive``)."""
+    """A real number >= 0 (> 0 when ``positive``) that is finite in float32,
+    where the core computes with it (below 3.4e38)."""
 
     def __init__(self, positive=False):
         self.positive = positive
 
     def __call__(self, name, value):
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+              and np.isfinite(value) and abs(float(value)) <= FLOAT32_MAX)
         if not ok or value < 0 or (self.positive and value == 0):
             bound = "> 0" if self.positive else ">= 0"
-            raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+            raise ValueError(f"{name} must be a number {bound} that is finite in float32 "
+                             f"(at most {FLOAT32_MAX:.4g}); got {value!r:.100}")
         return value
 
 
@@ -151,25 +168,25 @@ PARAMETER_CONSTRAINTS = {
     "decoder_variance": OneOf(DECODER_VARIANCES),
     "inference": OneOf(INFERENCES),
     "markov_kl": OneOf(MARKOV_KLS),
-    "n_epochs": Integer(0),
-    "batch_size": Integer(1),
+    "n_epochs": Integer(0, MAX_COUNT),
+    "batch_size": Integer(1, MAX_BATCH_SIZE),
     "learning_rate": FiniteNumber(positive=True),
     "beta": FiniteNumber(),
     "weight_decay": FiniteNumber(),
-    "verbose": Integer(0),
+    "verbose": Integer(0, 100),
     "optimizer": OneOf(OPTIMIZERS),
-    "n_threads": Optional(Integer(1)),
+    "n_threads": Optional(Integer(1, MAX_THREADS)),
     "validation_fraction": Optional(OpenFraction()),
     "early_stopping": Flag(),
-    "n_iter_no_change": Integer(1),
+    "n_iter_no_change": Integer(1, MAX_COUNT),
     "tol": FiniteNumber(),
     "objective": OneOf(OBJECTIVES),
-    "n_mc_samples": Integer(1),
-    "n_importance_samples": Integer(1),
-    "kl_warmup_epochs": Integer(0),
+    "n_mc_samples": Integer(1, MAX_SAMPLES),
+    "n_importance_samples": Integer(1, MAX_SAMPLES),
+    "kl_warmup_epochs": Integer(0, MAX_COUNT),
     "free_bits": FiniteNumber(),
     "conditional": Flag(),
-    "chunk_size": Optional(Integer(1)),
+    "chunk_size": Optional(Integer(1, MAX_CHUNK_SIZE)),
     "callbacks": Callbacks(),
     "shuffle": Unchecked(),
     "warm_start": Unchecked(),

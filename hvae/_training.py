@@ -29,6 +29,20 @@ VALIDATION_KEYS = ("val_elbo", "val_reconstruction", "val_kl")
 _MEAN_KEYS = ("loss", "objective", "elbo", "reconstruction")
 
 
+def draws_per_row(params):
+    """The draws per row of a training step: n_importance_samples for
+    objective='iwae', n_mc_samples for the ELBO."""
+    if params["objective"] == "iwae":
+        return params["n_importance_samples"]
+    return params["n_mc_samples"]
+
+
+def workspace_rows(params, n_rows):
+    """The workspace rows a fit over blocks of at most n_rows rows needs:
+    a minibatch's rows times its draws per row."""
+    return min(params["batch_size"], n_rows) * draws_per_row(params)
+
+
 def new_history():
     """An empty ``history_``."""
     return {key: [] for key in HISTORY_KEYS}
@@ -63,8 +77,12 @@ def _fitted_attributes(estimator):
 
 def fitted_state(estimator):
     """The estimator's fitted attributes (those ending in ``_``), for
-    :func:`restore_fitted_state`."""
-    return {key: estimator.__dict__[key] for key in _fitted_attributes(estimator)}
+    :func:`restore_fitted_state`; ``history_`` copied (a fit appends to its
+    lists in place)."""
+    state = {key: estimator.__dict__[key] for key in _fitted_attributes(estimator)}
+    if isinstance(state.get("history_"), dict):
+        state["history_"] = {key: list(value) for key, value in state["history_"].items()}
+    return state
 
 
 def restore_fitted_state(estimator, state):
@@ -217,15 +235,20 @@ class Trainer:
     Parameters
     ----------
     estimator : HierarchicalVAE
-        Its parameters say how to train; its ``model_``, ``history_``,
-        ``n_iter_`` and ``best_epoch_`` are updated.
-    callbacks : list of callables
-        Called as ``callback(epoch, history_)`` after every recorded epoch.
+        Its ``model_``, ``history_``, ``n_iter_`` and ``best_epoch_`` are
+        updated.
+    params : dict
+        The estimator's parameters as validated at the start of the call
+        (hvae._params.validate_parameters): the training uses these, so that
+        a callback's ``set_params`` applies to the next call, not halfway
+        through this one. ``params["callbacks"]`` (a list) are called as
+        ``callback(epoch, history_)`` after every recorded epoch.
     """
 
-    def __init__(self, estimator, callbacks):
+    def __init__(self, estimator, params):
         self.estimator = estimator
-        self.callbacks = callbacks
+        self.params = params
+        self.callbacks = params["callbacks"]
 
     @property
     def model(self):
@@ -236,15 +259,15 @@ class Trainer:
     def run_epochs(self, train, val):
         """fit's epochs: a pass over train, the validation terms of val,
         early stopping, progress and callbacks, n_epochs times."""
-        est = self.estimator
+        est, p = self.estimator, self.params
         parallel = getattr(train, "parallel", None)
         session = parallel[0] if parallel is not None else None
-        stopping = (EarlyStopping(self.model, est.tol, est.n_iter_no_change)
-                    if est.early_stopping and val is not None else None)
+        stopping = (EarlyStopping(self.model, p["tol"], p["n_iter_no_change"])
+                    if p["early_stopping"] and val is not None else None)
         bar = None
-        if est.verbose >= 1 and (session is None or session.rank == 0):
-            bar = ProgressBar(est.n_epochs, train.n_rows if session is None else parallel[1],
-                              est.verbose)
+        if p["verbose"] >= 1 and (session is None or session.rank == 0):
+            bar = ProgressBar(p["n_epochs"], train.n_rows if session is None else parallel[1],
+                              p["verbose"])
         record = None  # a pass's record not yet in history_
         first_epoch, stopped_early = est.n_iter_, False
         try:
@@ -252,7 +275,7 @@ class Trainer:
             # passes and may use the model (it serves one call at a time); the
             # optimizer and generator carry over, so on data in memory this
             # trains exactly as one Model.fit call with n_epochs would.
-            for epoch_in_call in range(est.n_epochs):
+            for epoch_in_call in range(p["n_epochs"]):
                 record = self.train_pass(train, bar.update if bar is not None else None)
                 validation = self.validation_terms(val) if val is not None else None
                 self.append_epoch(record, validation)
@@ -301,10 +324,10 @@ class Trainer:
         """The KL weight of an epoch (counted over every fit of the model):
         beta * min(1, epoch / kl_warmup_epochs), so 0 in the first epoch and
         beta from epoch kl_warmup_epochs on; beta without warm-up."""
-        est = self.estimator
-        if est.kl_warmup_epochs == 0:
-            return float(est.beta)
-        return float(est.beta) * min(1.0, epoch / est.kl_warmup_epochs)
+        p = self.params
+        if p["kl_warmup_epochs"] == 0:
+            return float(p["beta"])
+        return float(p["beta"]) * min(1.0, epoch / p["kl_warmup_epochs"])
 
     def train_pass(self, rows, progress=None):
         """One pass of minibatch updates over rows, block by block (one
@@ -317,7 +340,7 @@ class Trainer:
         """
         est = self.estimator
         beta = self.epoch_beta(est.n_iter_)
-        order = chunk_order(rows.n_chunks, self.model.seed, est.n_iter_, est.shuffle)
+        order = chunk_order(rows.n_chunks, self.model.seed, est.n_iter_, self.params["shuffle"])
         chunked = isinstance(rows, ChunkedRows)
         block_records = []  # Model.fit appends each block's record as it is made
         started = time.perf_counter()
@@ -338,18 +361,16 @@ class Trainer:
         conditions C or None); its record is appended to records. With
         parallel = (session, n_global, shard_start), X is this rank's shard
         of a data-parallel pass."""
-        est = self.estimator
-        iwae = est.objective == "iwae"
+        p = self.params
         extra = {}
         if parallel is not None:
             session, n_global, shard_start = parallel
             extra = dict(reduce=session.reduce, n_global=n_global, shard_start=shard_start)
-        self.model.fit(X, n_epochs=1, batch_size=est.batch_size,
-                       learning_rate=est.learning_rate, optimizer=est.optimizer,
-                       beta=beta, weight_decay=est.weight_decay, shuffle=est.shuffle,
-                       history=records, progress=progress, objective=est.objective,
-                       n_samples=est.n_importance_samples if iwae else est.n_mc_samples,
-                       free_bits=est.free_bits, cond=C, **extra)
+        self.model.fit(X, n_epochs=1, batch_size=p["batch_size"],
+                       learning_rate=p["learning_rate"], optimizer=p["optimizer"],
+                       beta=beta, weight_decay=p["weight_decay"], shuffle=p["shuffle"],
+                       history=records, progress=progress, objective=p["objective"],
+                       n_samples=draws_per_row(p), free_bits=p["free_bits"], cond=C, **extra)
 
     # ---- validation and history ------------------------------------------------------
 

@@ -5,6 +5,7 @@ loop is in :mod:`hvae._training`, the parameter checks in :mod:`hvae._params`,
 the conversion of ``y`` to conditions in :mod:`hvae._conditions` and the
 agreements of data-parallel calls in :mod:`hvae.distributed`.
 """
+import copy
 import inspect
 import math
 import numbers
@@ -16,15 +17,16 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from . import distributed as _distributed
-from ._chunks import (ChunkedRows, ChunkError, InMemoryRows, check_array_like,
-                      default_chunk_size, is_out_of_core)
 from ._checks import check_finite
+from ._chunks import (ChunkedRows, InMemoryRows, check_array_like, default_chunk_size,
+                      is_out_of_core)
 from ._collapse import check_posterior_collapse
 from ._conditions import ConditionCode, is_labels
-from ._native import Model
+from ._lock import estimator_lock
+from ._native import MAX_THREADS, DivergenceError, Model
 from ._params import validate_parameters
 from ._training import (HISTORY_KEYS, VALIDATION_KEYS, Trainer, fitted_state, new_history,
-                        restore_fitted_state)
+                        restore_fitted_state, workspace_rows)
 from .file_format import register_estimator
 
 #: The parameters that make the low-level Model, as its attributes name them:
@@ -375,7 +377,16 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         every epoch that ran; an epoch cut short by Ctrl-C or an error is
         recorded with the averages of its minibatches so far and NaN
         validation terms. On data read in chunks, a divergence returns the
-        model to its state at the start of the chunk.
+        model to its state at the start of the chunk. A call that fails on a
+        setting, the data or an allocation (MemoryError), before any epoch,
+        leaves the estimator exactly as it was.
+
+        ``fit``, ``partial_fit``, ``save``, pickling and ``set_params`` of one
+        estimator run one at a time: a call from another thread waits for a
+        running fit; ``fit`` or ``partial_fit`` called from this fit's own
+        callback raises RuntimeError. In a process forked while another
+        thread was fitting the estimator, the estimator refuses these calls
+        (RuntimeError): its model may be mid-update.
         """
         return self._fit(X, y, incremental=False, validation_data=validation_data, comm=comm,
                          comm_timeout=comm_timeout)
@@ -440,7 +451,20 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
              comm_timeout=300.0):
         """fit (``incremental=False``: n_epochs epochs of a new model, or of
         the fitted one with ``warm_start``) and partial_fit
-        (``incremental=True``: one pass that continues the fitted model)."""
+        (``incremental=True``: one pass that continues the fitted model).
+
+        One at a time per estimator (hvae._lock): a call from another thread
+        waits, one from inside this fit (a callback) is refused. Every
+        parameter is validated and everything is allocated (the model, its
+        workspace and optimizer) before the fitted state is touched; a call
+        that fails before it recorded an epoch leaves the estimator exactly
+        as it was, one that fails later keeps the epochs recorded."""
+        with estimator_lock(self).hold("partial_fit" if incremental else "fit"):
+            return self._fit_locked(X, y, incremental=incremental,
+                                    validation_data=validation_data, classes=classes,
+                                    comm=comm, comm_timeout=comm_timeout)
+
+    def _fit_locked(self, X, y, *, incremental, validation_data, classes, comm, comm_timeout):
         params = validate_parameters(self)
         model_options = _model_options(params)
         continuing = self._continues(model_options, incremental)
@@ -459,12 +483,18 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 train, val, code, seed = self._training_rows_parallel(session, *rows_args)
             model = None if continuing else self._new_model(model_options, code.n_conditions,
                                                             seed)
+            # What training allocates, allocated now: a MemoryError leaves
+            # the estimator as it was.
+            parallel = getattr(train, "parallel", None)
+            n_rows = parallel[1] if parallel is not None else train.n_rows
+            (self.model_ if model is None else model).reserve(
+                workspace_rows(params, max(n_rows, 1)), optimizer=params["optimizer"])
         except BaseException:
             restore_fitted_state(self, before)
             raise
-        self._start_training(model, code)
-        epochs_before = self.n_iter_
-        trainer = Trainer(self, params["callbacks"])
+        self._start_training(model, code, params)
+        n_iter = self.n_iter_
+        trainer = Trainer(self, params)
         try:
             if incremental:
                 trainer.run_pass(train)
@@ -472,11 +502,17 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 if val is not None:
                     trainer.add_validation_history()
                 trainer.run_epochs(train, val)
-        except ChunkError:
-            if not continuing and not self.history_["elbo"]:
+        except BaseException as error:
+            # Nothing recorded (an invalid first chunk, Ctrl-C before the
+            # first step, a divergence rolled back in a model being
+            # continued): as it was. A new model that diverged in its first
+            # epoch is kept, initialised and untrained, as DivergenceError
+            # documents.
+            if self.n_iter_ == n_iter and (continuing
+                                           or not isinstance(error, DivergenceError)):
                 restore_fitted_state(self, before)
             raise
-        check_posterior_collapse(self, train, incremental, trained=self.n_iter_ > epochs_before)
+        check_posterior_collapse(self, train, incremental, trained=self.n_iter_ > n_iter)
         return self
 
     def _continues(self, model_options, incremental):
@@ -513,7 +549,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                              f"{self.classes_!r} of the earlier calls")
         return classes
 
-    def _start_training(self, model, code):
+    def _start_training(self, model, code, params):
         """Installs a new model (None: continue the fitted one) and the
         condition code before the first pass."""
         self.classes_ = code.classes
@@ -522,7 +558,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             self.history_ = new_history()
             self.n_iter_ = 0
         self.best_epoch_ = None
-        self.model_.n_threads = self.n_threads or _available_cores()
+        self.model_.n_threads = params["n_threads"] or min(_available_cores(), MAX_THREADS)
 
     def _new_seed(self):
         return int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
@@ -955,7 +991,40 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         """
         from .file_format import save
 
-        save(self, path)
+        with estimator_lock(self).hold("save", reentrant=True):
+            save(self, path)
+
+    def set_params(self, **params):
+        """Set the parameters (scikit-learn's ``set_params``).
+
+        Waits for a fit of another thread to finish; from a callback of this
+        estimator's own fit it applies to the next call (the running fit
+        trains with the parameters it validated when it started).
+
+        Parameters
+        ----------
+        **params : dict
+            Estimator parameters.
+
+        Returns
+        -------
+        self : HierarchicalVAE
+        """
+        with estimator_lock(self).hold("set_params", reentrant=True):
+            return super().set_params(**params)
+
+    def __getstate__(self):
+        # Under the lock, so a fit in another thread cannot run ahead of what
+        # is captured: the model and history_ are copied before it returns
+        # (pickle serialises after). The lock itself is not part of the state.
+        with estimator_lock(self).hold("pickling", reentrant=True):
+            state = dict(super().__getstate__())  # object's may be __dict__ itself
+            state.pop("_estimator_lock", None)
+            if isinstance(state.get("history_"), dict):
+                state["history_"] = copy.deepcopy(state["history_"])
+            if isinstance(state.get("model_"), Model):
+                state["model_"] = copy.copy(state["model_"])
+        return state
 
     def __setstate__(self, state):
         # An estimator pickled before a parameter existed (markov_kl) loads

@@ -228,6 +228,76 @@ static void test_impossible_sizes(void)
     free_model(&f);
 }
 
+/* The workspace's poll hook: a nonzero return stops every long call with
+ * HVAE_ERR_STOPPED (sticky, as hvae.h asks), training applies no step after
+ * it, and without it (NULL) the same calls succeed. */
+static int polls_left;
+static int poll_countdown(void *ctx)
+{
+    (void)ctx;
+    if (polls_left > 0)
+        polls_left--;
+    return polls_left == 0;
+}
+
+static void test_poll_stops_long_calls(void)
+{
+    fixture f;
+    int64_t latent[2] = {3, 2}, hidden[1] = {8};
+    enum { N = 40, D = 5 };
+    CHECK_STATUS(make_model(&f, D, 2, latent, 1, hidden, HVAE_LIKELIHOOD_GAUSSIAN,
+                            HVAE_ACT_TANH, 16, 1), HVAE_OK);
+    float x[N * D], mu0[N * 3], lv0[N * 3], mu1[N * 2], lv1[N * 2], xm[N * D];
+    for (int i = 0; i < N * D; i++)
+        x[i] = (float)((i * 37) % 11) / 11.0f - 0.5f;
+    double elbo[N];
+    float *mu[2] = {mu0, mu1}, *lv[2] = {lv0, lv1};
+    hvae_objective_options o = hvae_objective_options_default();
+    hvae_epoch_stats stats;
+    for (int after = 1; after <= 3; after++) {
+        hvae_workspace_set_poll(f.ws, poll_countdown, NULL);
+        polls_left = after;
+        CHECK_STATUS(hvae_elbo(f.model, f.ws, x, NULL, N, NULL, 0, elbo, NULL, NULL),
+                     HVAE_ERR_STOPPED);
+        polls_left = after;
+        CHECK_STATUS(hvae_loss_and_grad(f.model, f.ws, x, NULL, N, NULL, 0, &o, &stats),
+                     HVAE_ERR_STOPPED);
+        polls_left = after;
+        CHECK_STATUS(hvae_encode(f.model, f.ws, x, NULL, N, mu, lv), HVAE_ERR_STOPPED);
+        polls_left = after;
+        CHECK_STATUS(hvae_decode(f.model, f.ws, mu0, NULL, N, xm, NULL), HVAE_ERR_STOPPED);
+    }
+    /* Training: a poll that stops applies no step; the parameters stay. */
+    int64_t P = hvae_model_n_params(f.model);
+    float *before = malloc((size_t)P * sizeof(float));
+    memcpy(before, hvae_model_params(f.model), (size_t)P * sizeof(float));
+    hvae_optimizer *opt = NULL;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    CHECK_STATUS(hvae_optimizer_create(f.model, &oc, &opt), HVAE_OK);
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 16;
+    to.shuffle = 0;
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 3);
+    polls_left = 2;
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, N, NULL, &to, &stats),
+                 HVAE_ERR_STOPPED);
+    CHECK(stats.n_batches == 0);
+    CHECK(memcmp(before, hvae_model_params(f.model), (size_t)P * sizeof(float)) == 0);
+    /* Without the hook every call runs. */
+    hvae_workspace_set_poll(f.ws, NULL, NULL);
+    CHECK_STATUS(hvae_elbo(f.model, f.ws, x, NULL, N, NULL, 0, elbo, NULL, NULL), HVAE_OK);
+    CHECK_STATUS(hvae_loss_and_grad(f.model, f.ws, x, NULL, N, NULL, 0, &o, &stats),
+                 HVAE_OK);
+    CHECK_STATUS(hvae_encode(f.model, f.ws, x, NULL, N, mu, lv), HVAE_OK);
+    CHECK_STATUS(hvae_train_epoch(f.model, f.ws, opt, &rng, x, NULL, N, NULL, &to, &stats),
+                 HVAE_OK);
+    CHECK(stats.n_batches == 3);
+    hvae_optimizer_free(opt);
+    free(before);
+    free_model(&f);
+}
+
 static void test_layout_and_init(void)
 {
     current_test = "layout_and_init";
@@ -1450,6 +1520,7 @@ int main(void)
     test_many_models();
     test_pool();
     test_thread_counts();
+    test_poll_stops_long_calls();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
