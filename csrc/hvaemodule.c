@@ -736,6 +736,20 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_XDECREF(default_family);
     if (bad)
         return NULL;
+    for (Py_ssize_t i = 0; i < T; i++) {
+        if (families[i] != HVAE_LATENT_CATEGORICAL)
+            continue;
+        if (inf == HVAE_INFERENCE_LADDER) {
+            PyErr_SetString(PyExc_ValueError, "inference='ladder' merges Gaussian "
+                            "posteriors: every latent layer must be 'gaussian'");
+            return NULL;
+        }
+        if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
+            PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
+                         "prior: prior must be 'normal' (the default); got '%s'", prior);
+            return NULL;
+        }
+    }
 
     self = (ModelObject *)type->tp_alloc(type, 0);
     if (!self)
