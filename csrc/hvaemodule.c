@@ -1035,7 +1035,8 @@ static int parse_estimator(const estimator_args *e, hvae_objective_options *out)
                         "ELBO only; got objective='iwae'");
         return -1;
     }
-    if (base == HVAE_BASELINE_LEAVE_ONE_OUT && out->n_samples < 2) {
+    if (est == HVAE_GRADIENT_SCORE_FUNCTION && base == HVAE_BASELINE_LEAVE_ONE_OUT &&
+        out->n_samples < 2) {
         PyErr_SetString(PyExc_ValueError, "score_baseline='leave_one_out' needs "
                         "n_samples >= 2 (the other draws of a row make its baseline)");
         return -1;

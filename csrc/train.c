@@ -34,7 +34,8 @@ static int objective_is_valid(const hvae_objective_options *o)
            hvae_score_baseline_name(o->score_baseline) &&
            (o->gradient_estimator != HVAE_GRADIENT_SCORE_FUNCTION ||
             o->objective == HVAE_OBJECTIVE_ELBO) &&
-           (o->score_baseline != HVAE_BASELINE_LEAVE_ONE_OUT || o->n_samples > 1);
+           (o->gradient_estimator != HVAE_GRADIENT_SCORE_FUNCTION ||
+            o->score_baseline != HVAE_BASELINE_LEAVE_ONE_OUT || o->n_samples > 1);
 }
 
 /* The estimator named must fit the model: reparameterisation has no

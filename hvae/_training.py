@@ -272,7 +272,12 @@ class Trainer:
                        beta=beta, weight_decay=est.weight_decay, shuffle=est.shuffle,
                        history=records, progress=progress, objective=est.objective,
                        n_samples=est.n_importance_samples if iwae else est.n_mc_samples,
-                       free_bits=est.free_bits, cond=C, **extra)
+                       free_bits=est.free_bits, cond=C, temperature=est.temperature,
+                       temperature_min=est.temperature_min,
+                       temperature_decay=est.temperature_decay,
+                       straight_through=bool(est.straight_through),
+                       gradient_estimator=est.gradient_estimator,
+                       score_baseline=est.score_baseline, **extra)
 
     # ---- validation and history ------------------------------------------------------
 

@@ -300,7 +300,8 @@ def test_a_mixed_hierarchy_trains_samples_and_round_trips():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(gradient_estimator="reparameterization"), "cannot pass through a categorical"),
-    (dict(score_baseline="leave_one_out"), "needs n_samples >= 2"),
+    (dict(gradient_estimator="score_function", score_baseline="leave_one_out"),
+     "needs n_samples >= 2"),
     (dict(gradient_estimator="score_function", objective="iwae", n_samples=2),
      "ELBO only"),
     (dict(temperature=0.0), "temperature"),
