@@ -14,6 +14,7 @@
  * B * M * K, with the log-sum-exp of each group in float and the row's sum
  * in double. */
 #include "extension.h"
+#include "fastmath.h"
 
 #include <math.h>
 
@@ -34,7 +35,7 @@ static float group_lse(const float *a, int64_t K)
         mx = a[k] > mx ? a[k] : mx;
     float s = 0.0f;
     for (int64_t k = 0; k < K; k++)
-        s += expf(a[k] - mx);
+        s += hvae_expf(a[k] - mx);
     return mx + logf(s);
 }
 
@@ -68,7 +69,7 @@ static void categorical_sample_forward(float *z, const float *l, const float *un
         }
         float s = 0.0f;
         for (int64_t k = 0; k < K; k++) {
-            zv[k] = expf((lv[k] + gv[k] - mx) * inv_tau);
+            zv[k] = hvae_expf((lv[k] + gv[k] - mx) * inv_tau);
             s += zv[k];
         }
         for (int64_t k = 0; k < K; k++)
@@ -96,11 +97,11 @@ static void categorical_sample_backward(float *dl, float *unused_d, const float 
             mx = lv[k] + gv[k] > mx ? lv[k] + gv[k] : mx;
         float s = 0.0f, dot = 0.0f;
         for (int64_t k = 0; k < K; k++)
-            s += expf((lv[k] + gv[k] - mx) * inv_tau);
+            s += hvae_expf((lv[k] + gv[k] - mx) * inv_tau);
         for (int64_t k = 0; k < K; k++)
-            dot += expf((lv[k] + gv[k] - mx) * inv_tau) / s * dzv[k];
+            dot += hvae_expf((lv[k] + gv[k] - mx) * inv_tau) / s * dzv[k];
         for (int64_t k = 0; k < K; k++) {
-            float y = expf((lv[k] + gv[k] - mx) * inv_tau) / s;
+            float y = hvae_expf((lv[k] + gv[k] - mx) * inv_tau) / s;
             dlv[k] += y * (dzv[k] - dot) * inv_tau;
         }
     }
@@ -121,7 +122,7 @@ static void categorical_score_backward(float *dl, float *unused_d, const float *
         for (int64_t k = 0; k < K; k++)
             total += zv[k];
         for (int64_t k = 0; k < K; k++)
-            dl[v * K + k] += s * (zv[k] - expf(lv[k] - lse) * total);
+            dl[v * K + k] += s * (zv[k] - hvae_expf(lv[k] - lse) * total);
     }
 }
 
@@ -141,7 +142,7 @@ static void categorical_kl_forward(double *kl, const float *l, const float *unus
             float sum = 0.0f;
             for (int64_t k = 0; k < K; k++) {
                 float lq = l[o + k] - lse_q;
-                sum += expf(lq) * (lq - log_p(p ? p + o : NULL, k, lse_p, log_uniform));
+                sum += hvae_expf(lq) * (lq - log_p(p ? p + o : NULL, k, lse_p, log_uniform));
             }
             total += sum;
         }
@@ -168,13 +169,13 @@ static void categorical_kl_backward(float *dl, float *unused_d, float *dp, float
         float klv = 0.0f;
         for (int64_t k = 0; k < K; k++) {
             float lq = l[o + k] - lse_q;
-            klv += expf(lq) * (lq - log_p(pv, k, lse_p, log_uniform));
+            klv += hvae_expf(lq) * (lq - log_p(pv, k, lse_p, log_uniform));
         }
         for (int64_t k = 0; k < K; k++) {
-            float lq = l[o + k] - lse_q, q = expf(lq);
+            float lq = l[o + k] - lse_q, q = hvae_expf(lq);
             dl[o + k] += scale * q * (lq - log_p(pv, k, lse_p, log_uniform) - klv);
             if (pv && dp)
-                dp[o + k] += scale * (expf(pv[k] - lse_p) - q);
+                dp[o + k] += scale * (hvae_expf(pv[k] - lse_p) - q);
         }
     }
 }
@@ -228,9 +229,9 @@ static void categorical_logratio_backward(float *dz, float *dl, float *unused_d,
             float lq = l[o + k] - lse_q;
             dz[o + k] += scale * (lq - log_p(pv, k, lse_p, log_uniform));
             if (dl)
-                dl[o + k] += scale * (z[o + k] - expf(lq) * Z);
+                dl[o + k] += scale * (z[o + k] - hvae_expf(lq) * Z);
             if (pv && dp)
-                dp[o + k] -= scale * (z[o + k] - expf(pv[k] - lse_p) * Z);
+                dp[o + k] -= scale * (z[o + k] - hvae_expf(pv[k] - lse_p) * Z);
         }
     }
 }
@@ -269,7 +270,7 @@ static void categorical_summary(float *prob, float *log_prob, const float *l,
         for (int64_t k = 0; k < K; k++) {
             float lq = l[v * K + k] - lse;
             if (prob)
-                prob[v * K + k] = expf(lq);
+                prob[v * K + k] = hvae_expf(lq);
             if (log_prob)
                 log_prob[v * K + k] = lq;
         }
