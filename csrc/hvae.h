@@ -585,7 +585,9 @@ HVAE_API hvae_status hvae_log_likelihood(hvae_model *model, hvae_workspace *ws,
                                          hvae_batch_hook hook, void *hook_ctx);
 
 /* Posterior means and log-variances of every layer: mu[i] and logvar[i]
- * point to (n, d_{i+1}) outputs (either array or entry may be NULL).
+ * point to (n, d_{i+1}) outputs (either array or entry may be NULL); for a
+ * categorical layer the class probabilities and their logs, (n, M*K), the
+ * probabilities feeding the encoder above.
  * Markov: layers above the first are evaluated at the posterior mean of the
  * layer below. Ladder: top-down, each layer's prior evaluated at the
  * posterior mean of the layer above. */
@@ -600,7 +602,8 @@ HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
                                  const float *z1, const float *cond, int64_t n,
                                  float *x_mean, float *x_logvar);
 
-/* Ancestral sampling: z_T ~ N(0, I), z_{i-1} ~ p(z_{i-1} | z_i), then the
+/* Ancestral sampling: z_T ~ p(z_T) (N(0, I), or uniform categories by
+ * Gumbel-max), z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
