@@ -53,11 +53,16 @@ NAME_FUNCTION(hvae_inference_name, hvae_inference, HVAE_INFERENCE_COUNT,
               "markov", "ladder")
 NAME_FUNCTION(hvae_prior_name, hvae_prior_kind, HVAE_PRIOR_COUNT, "normal")
 NAME_FUNCTION(hvae_latent_family_name, hvae_latent_family,
-              HVAE_LATENT_FAMILY_COUNT, "gaussian")
+              HVAE_LATENT_FAMILY_COUNT, "gaussian", "categorical")
 NAME_FUNCTION(hvae_markov_kl_name, hvae_markov_kl, HVAE_MARKOV_KL_COUNT,
               "sampled", "analytic")
 NAME_FUNCTION(hvae_objective_name, hvae_objective, HVAE_OBJECTIVE_COUNT,
               "elbo", "iwae")
+NAME_FUNCTION(hvae_gradient_estimator_name, hvae_gradient_estimator,
+              HVAE_GRADIENT_ESTIMATOR_COUNT, "auto", "reparameterization",
+              "gumbel_softmax", "score_function")
+NAME_FUNCTION(hvae_score_baseline_name, hvae_score_baseline, HVAE_BASELINE_COUNT,
+              "auto", "none", "running_mean", "leave_one_out")
 NAME_FUNCTION(hvae_optimizer_name, hvae_optimizer_kind, HVAE_OPTIMIZER_COUNT,
               "adam", "sgd")
 

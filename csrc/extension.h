@@ -46,31 +46,61 @@ typedef struct {
     void (*sample)(float *z, const hvae_prior_args *a, hvae_rng *rng);
 } hvae_prior_ops;
 
+/* What a latent family's operations see of one call: B rows of d columns
+ * (a Gaussian's d units; a categorical's M*K, in M groups of K), and the
+ * sampling mode of the pass. */
+typedef struct {
+    int64_t B, d;
+    int64_t K;            /* classes per variable (1 for a Gaussian) */
+    float temperature;    /* relaxed sample's tau; 0: exact (Gumbel-max) */
+    int straight_through; /* hard forward, relaxed backward */
+} hvae_latent_call;
+
 /* A latent layer's distribution: q(z_i | .) from the encoder's heads, p(z_i
  * | z_{i+1}) from the decoder's (below the top). Heads are passed as two
  * pointers (a family with one head, a categorical's M*K logits, leaves the
- * second NULL); p's may be NULL for a standard prior. Backward functions
- * ACCUMULATE. n counts elements (B * d). */
+ * second NULL); p's may be NULL for the family's standard prior (N(0, I),
+ * uniform). Backward functions ACCUMULATE; a NULL gradient is skipped
+ * (dq0/dq1 of the sampled ratio: the score-function path, which keeps only
+ * p's gradient at the fixed sample). */
 typedef struct {
     int32_t n_heads;                      /* encoder heads (Gaussian: mu, logvar) */
-    /* The reparameterised sample z = f(q heads, eps) and its backward. */
+    /* 1: the top layer's p is the prior table's (hvae_prior_ops); 0: the
+     * family's standard prior (p heads NULL) */
+    int top_prior_table;
+    /* The layer's noise, c->B * c->d values (standard normal; Gumbel). */
+    void (*noise)(float *eps, hvae_rng *rng, int64_t n);
+    /* The sample z = f(q heads, eps) (reparameterised, relaxed or exact per
+     * c) and its pathwise backward. */
     void (*sample_forward)(float *z, const float *q0, const float *q1, const float *eps,
-                           int64_t n);
+                           const hvae_latent_call *c);
     void (*sample_backward)(float *dq0, float *dq1, const float *dz, const float *q0,
-                            const float *q1, const float *eps, int64_t n);
-    /* Per-row closed-form KL(q || p) over d units and its gradient. */
+                            const float *q1, const float *eps, const hvae_latent_call *c);
+    /* Accumulates row_scale[r] * d log q(z_r) / d(q heads) at the (exact)
+     * sample: the score function. */
+    void (*score_backward)(float *dq0, float *dq1, const float *row_scale, const float *z,
+                           const float *q0, const float *q1, const hvae_latent_call *c);
+    /* Per-row closed-form KL(q || p) and its gradient. */
     void (*kl_forward)(double *kl, const float *q0, const float *q1, const float *p0,
-                       const float *p1, int64_t B, int64_t d);
+                       const float *p1, const hvae_latent_call *c);
     void (*kl_backward)(float *dq0, float *dq1, float *dp0, float *dp1, float scale,
                         const float *q0, const float *q1, const float *p0, const float *p1,
-                        int64_t B, int64_t d);
+                        const hvae_latent_call *c);
     /* Per-row log q(z) - log p(z) at the sample, and its pathwise gradient
-     * into dz (passed on through sample_backward), dq1 and p's heads. */
-    void (*logratio_forward)(double *kl, const float *z, const float *eps, const float *q1,
-                             const float *p0, const float *p1, int64_t B, int64_t d);
-    void (*logratio_backward)(float *dz, float *dq1, float *dp0, float *dp1, float scale,
-                              const float *z, const float *p0, const float *p1, int64_t B,
-                              int64_t d);
+     * into dz (passed on through sample_backward), q's and p's heads. */
+    void (*logratio_forward)(double *kl, const float *z, const float *eps, const float *q0,
+                             const float *q1, const float *p0, const float *p1,
+                             const hvae_latent_call *c);
+    void (*logratio_backward)(float *dz, float *dq0, float *dq1, float *dp0, float *dp1,
+                              float scale, const float *z, const float *q0, const float *q1,
+                              const float *p0, const float *p1, const hvae_latent_call *c);
+    /* A draw z from p (heads p0, p1; NULL: the standard prior). */
+    void (*prior_sample)(float *z, const float *p0, const float *p1, hvae_rng *rng,
+                         const hvae_latent_call *c);
+    /* What encode reports of q: its mean (Gaussian: mu, logvar; categorical:
+     * the class probabilities and their logs) into out0, out1. */
+    void (*summary)(float *out0, float *out1, const float *q0, const float *q1,
+                    const hvae_latent_call *c);
 } hvae_latent_family_ops;
 
 /* registry.c: the tables by enum value. */
@@ -80,5 +110,6 @@ extern const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_
 /* One file each. */
 extern const hvae_prior_ops hvae_prior_normal;
 extern const hvae_latent_family_ops hvae_latent_gaussian;
+extern const hvae_latent_family_ops hvae_latent_categorical;
 
 #endif

@@ -185,6 +185,12 @@ HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
 /* The distribution family of a latent layer. See "Extension points" below. */
 typedef enum {
     HVAE_LATENT_GAUSSIAN = 0,  /* diagonal Gaussian: heads mu and logvar */
+    /* M independent categorical variables of K classes (hvae_config.
+     * n_categories): one head of M*K logits, z a one-hot (relaxed in
+     * training by Gumbel-softmax) of width M*K; the prior is uniform at the
+     * top and a categorical with logits from the decoder block below it.
+     * See "Discrete latent layers" below. */
+    HVAE_LATENT_CATEGORICAL = 1,
     HVAE_LATENT_FAMILY_COUNT
 } hvae_latent_family;
 HVAE_API const char *hvae_latent_family_name(hvae_latent_family family);
@@ -224,6 +230,14 @@ typedef struct {
     hvae_markov_kl markov_kl;           /* default HVAE_MARKOV_KL_SAMPLED */
     hvae_prior_kind prior;              /* default HVAE_PRIOR_NORMAL */
     hvae_latent_family latent_family;   /* every layer's; default Gaussian */
+    /* Per layer (T entries each; NULL: every layer latent_family). A
+     * categorical layer i has latent_dims[i] = M variables of
+     * n_categories[i] = K >= 2 classes each; its sample z_i has M*K
+     * columns (hvae_model_latent_width), column m*K + k for class k of
+     * variable m. n_categories may be NULL when no layer is categorical;
+     * its entries for other layers are ignored. */
+    const hvae_latent_family *latent_families;
+    const int64_t *n_categories;
 } hvae_config;
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
@@ -391,6 +405,9 @@ HVAE_API const hvae_config *hvae_model_config(const hvae_model *model);
 
 /* Number of float32 parameters (length of the parameter buffer). */
 HVAE_API int64_t hvae_model_n_params(const hvae_model *model);
+/* The columns of layer i's sample z_{i+1}: latent_dims[i], or M*K for a
+ * categorical layer (0 for an invalid i). */
+HVAE_API int64_t hvae_model_latent_width(const hvae_model *model, int32_t layer);
 /* The parameter and gradient buffers, n_params floats each. */
 HVAE_API float *hvae_model_params(hvae_model *model);
 HVAE_API float *hvae_model_grads(hvae_model *model);
@@ -481,6 +498,42 @@ typedef enum {
 } hvae_objective;
 HVAE_API const char *hvae_objective_name(hvae_objective objective);
 
+/* How the gradient passes through the sampled latent variables (see
+ * "Discrete latent layers" below). */
+typedef enum {
+    /* Each layer its family's pathwise estimator: reparameterisation for a
+     * Gaussian layer, Gumbel-softmax for a categorical one. */
+    HVAE_GRADIENT_AUTO = 0,
+    HVAE_GRADIENT_REPARAMETERIZATION = 1, /* AUTO, for models without
+                                             categorical layers */
+    HVAE_GRADIENT_GUMBEL_SOFTMAX = 2,     /* AUTO, for models with some */
+    /* REINFORCE on exact samples (Gumbel-max for categorical layers):
+     * grad E_q[f] = E_q[grad f + (f - b) grad log q(z|x)], f the row's
+     * ELBO estimate (with beta and free bits), b a baseline. ELBO only;
+     * Markov inference only. */
+    HVAE_GRADIENT_SCORE_FUNCTION = 3,
+    HVAE_GRADIENT_ESTIMATOR_COUNT
+} hvae_gradient_estimator;
+HVAE_API const char *hvae_gradient_estimator_name(hvae_gradient_estimator estimator);
+
+/* The score-function estimator's baseline b (variance reduction; every
+ * choice keeps the estimate unbiased, since b never depends on the draw it
+ * centres). */
+typedef enum {
+    HVAE_BASELINE_AUTO = 0,          /* leave-one-out with n_samples > 1,
+                                        else the running mean */
+    HVAE_BASELINE_NONE = 1,          /* b = 0 */
+    /* b = an exponential moving average (weight 0.1 on the newest) of the
+     * minibatch-mean signal of earlier steps; kept in the workspace, it
+     * starts from the first minibatch of each call */
+    HVAE_BASELINE_RUNNING_MEAN = 2,
+    /* n_samples > 1: draw s of a row is centred by the mean signal of that
+     * row's other draws (VIMCO's leave-one-out, for the ELBO) */
+    HVAE_BASELINE_LEAVE_ONE_OUT = 3,
+    HVAE_BASELINE_COUNT
+} hvae_score_baseline;
+HVAE_API const char *hvae_score_baseline_name(hvae_score_baseline baseline);
+
 typedef struct {
     hvae_objective objective;
     int32_t n_samples;  /* draws per data row, >= 1 */
@@ -488,6 +541,16 @@ typedef struct {
     float free_bits;    /* ELBO only, when > 0: each layer's KL term, averaged
                            over the minibatch, counts as at least this many
                            nats; below it the layer gets no KL gradient */
+    /* Categorical layers (ignored without them). Gumbel-softmax temperature
+     * tau > 0; hvae_train_epoch anneals it per optimizer step t as
+     * tau_t = max(temperature_min, temperature * exp(-temperature_decay * t))
+     * (Jang et al. 2017); hvae_loss_and_grad uses `temperature` as is. */
+    float temperature;        /* default 1 */
+    float temperature_min;    /* default 0.5 */
+    float temperature_decay;  /* default 0: no annealing */
+    int straight_through;     /* hard one-hot forward, relaxed backward */
+    hvae_gradient_estimator gradient_estimator;  /* default AUTO */
+    hvae_score_baseline score_baseline;          /* default AUTO */
 } hvae_objective_options;
 
 HVAE_API hvae_objective_options hvae_objective_options_default(void);
@@ -534,7 +597,9 @@ HVAE_API hvae_status hvae_log_likelihood(hvae_model *model, hvae_workspace *ws,
                                          hvae_batch_hook hook, void *hook_ctx);
 
 /* Posterior means and log-variances of every layer: mu[i] and logvar[i]
- * point to (n, d_{i+1}) outputs (either array or entry may be NULL).
+ * point to (n, d_{i+1}) outputs (either array or entry may be NULL); for a
+ * categorical layer the class probabilities and their logs, (n, M*K), the
+ * probabilities feeding the encoder above.
  * Markov: layers above the first are evaluated at the posterior mean of the
  * layer below. Ladder: top-down, each layer's prior evaluated at the
  * posterior mean of the layer above. */
@@ -549,7 +614,8 @@ HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
                                  const float *z1, const float *cond, int64_t n,
                                  float *x_mean, float *x_logvar);
 
-/* Ancestral sampling: z_T ~ N(0, I), z_{i-1} ~ p(z_{i-1} | z_i), then the
+/* Ancestral sampling: z_T ~ p(z_T) (N(0, I), or uniform categories by
+ * Gumbel-max), z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
@@ -748,6 +814,28 @@ HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
 /* its temperature), and the closed-form KL and the sampled log-ratio with  */
 /* their gradients. The diagonal Gaussian, csrc/latent_gaussian.c, goes    */
 /* through this interface.                                                   */
+/*                                                                           */
+/* Discrete latent layers (HVAE_LATENT_CATEGORICAL, latent_categorical.c).   */
+/* A layer of M categorical variables with K classes: q(z_m = k | .) =       */
+/* softmax(l_m)_k from the encoder's logits l, p(z_m | z_above) likewise     */
+/* from the decoder block above (uniform, 1/K, at the top). Evaluation       */
+/* (ELBO, log-likelihood, sampling) draws exact one-hot categories by the    */
+/* Gumbel-max trick, z_m = onehot(argmax_k (l_mk + g_mk)), g ~ Gumbel(0, 1)  */
+/* (the layer's noise: K Gumbel draws per variable). Training with the      */
+/* pathwise estimator relaxes it (Gumbel-softmax, Jang et al. 2017;         */
+/* Maddison et al. 2017): z_m = softmax((l_m + g_m) / tau), or with          */
+/* straight_through the hard one-hot in the forward pass and the relaxed     */
+/* sample's gradient in the backward. A layer's term is the closed-form     */
+/*   KL(q || p) = sum_m sum_k q_mk (log q_mk - log p_mk)                     */
+/* over the unrelaxed q where the Gaussian would take its closed form (the  */
+/* top layer; markov_kl = analytic); a lower Markov layer's sampled term is */
+/* sum_mk z_mk (log q_mk - log p_mk), exactly log q(z) - log p(z) at a      */
+/* one-hot z and its linear interpolation at a relaxed one. The top layer   */
+/* of a categorical layer has its own uniform prior (hvae_config.prior must */
+/* be the normal, which then applies to nothing); the ladder is Gaussian    */
+/* only. With HVAE_GRADIENT_SCORE_FUNCTION every layer (Gaussian too) is    */
+/* sampled exactly and passes no gradient through its sample; each row     */
+/* adds (f - b) grad log q(z | x) instead.                                   */
 /*                                                                           */
 /* An auxiliary network: an hvae_mlp with its own optimizer, stepped from   */
 /* hvae_train_options.aux_step (see hvae_train_epoch).                       */

@@ -56,11 +56,14 @@ NAME_OF(hvae_optimizer_name, hvae_optimizer_kind)
 NAME_OF(hvae_prior_name, hvae_prior_kind)
 NAME_OF(hvae_latent_family_name, hvae_latent_family)
 NAME_OF(hvae_markov_kl_name, hvae_markov_kl)
+NAME_OF(hvae_gradient_estimator_name, hvae_gradient_estimator)
+NAME_OF(hvae_score_baseline_name, hvae_score_baseline)
 
 typedef enum {
     CHOICE_LIKELIHOOD, CHOICE_ACTIVATION, CHOICE_DECODER_VARIANCE,
     CHOICE_INFERENCE, CHOICE_OBJECTIVE, CHOICE_OPTIMIZER, CHOICE_PRIOR,
-    CHOICE_LATENT_FAMILY, CHOICE_MARKOV_KL, N_CHOICES
+    CHOICE_LATENT_FAMILY, CHOICE_MARKOV_KL, CHOICE_GRADIENT_ESTIMATOR,
+    CHOICE_SCORE_BASELINE, N_CHOICES
 } choice_kind;
 
 typedef struct {
@@ -79,6 +82,8 @@ static const choice_list choices[N_CHOICES] = {
     {"PRIORS", hvae_prior_name_int, HVAE_PRIOR_COUNT},
     {"LATENT_FAMILIES", hvae_latent_family_name_int, HVAE_LATENT_FAMILY_COUNT},
     {"MARKOV_KLS", hvae_markov_kl_name_int, HVAE_MARKOV_KL_COUNT},
+    {"GRADIENT_ESTIMATORS", hvae_gradient_estimator_name_int, HVAE_GRADIENT_ESTIMATOR_COUNT},
+    {"SCORE_BASELINES", hvae_score_baseline_name_int, HVAE_BASELINE_COUNT},
 };
 
 /* The name of value v of a choice (values come from a validated config). */
@@ -561,7 +566,7 @@ static int as_noise(ModelObject *self, PyObject *noise, int64_t n,
         char name[32];
         snprintf(name, sizeof name, "noise[%d]", (int)i);
         arrays[i] = as_finite_matrix(PySequence_Fast_GET_ITEM(seq, i),
-                                     c->latent_dims[i], name);
+                                     hvae_model_latent_width(self->model, i), name);
         if (arrays[i] && PyArray_DIM(arrays[i], 0) != n) {
             PyErr_Format(PyExc_ValueError, "%s has %zd rows but X has %lld",
                          name, (Py_ssize_t)PyArray_DIM(arrays[i], 0),
@@ -660,8 +665,7 @@ static int frame_enter(call_frame *f, ModelObject *self, const frame_inputs *in)
     if (model_enter(self) < 0)
         return -1;
     f->entered = 1;
-    const hvae_config *c = hvae_model_config(self->model);
-    f->x = in->latent ? as_finite_matrix(in->X, c->latent_dims[0], "Z")
+    f->x = in->latent ? as_finite_matrix(in->X, hvae_model_latent_width(self->model, 0), "Z")
                       : as_data(self, in->X, "X");
     if (!f->x)
         return -1;
@@ -769,28 +773,84 @@ done:
     return status;
 }
 
+/* Model's latent_family (a name for every layer, or a sequence of T names)
+ * and n_categories (None: 10, the classic choice; an int for every
+ * categorical layer; or a sequence of T ints) into families[] and K[]. */
+static int parse_families(PyObject *family_obj, PyObject *k_obj, Py_ssize_t T,
+                          hvae_latent_family *families, int64_t *K)
+{
+    for (Py_ssize_t i = 0; i < T; i++) {
+        PyObject *item = family_obj;
+        if (!PyUnicode_Check(family_obj)) {
+            if (!PySequence_Check(family_obj) || PySequence_Size(family_obj) != T) {
+                PyErr_Format(PyExc_ValueError, "latent_family must be a name or a sequence "
+                             "of %zd names (one per latent layer)", T);
+                return -1;
+            }
+            item = PySequence_GetItem(family_obj, i);
+        } else {
+            Py_INCREF(item);
+        }
+        if (!item)
+            return -1;
+        const char *name = PyUnicode_Check(item) ? PyUnicode_AsUTF8(item) : NULL;
+        int fam = name ? parse_choice("latent_family", name, CHOICE_LATENT_FAMILY) : -1;
+        if (!name && !PyErr_Occurred())
+            PyErr_Format(PyExc_TypeError, "latent_family entries must be str; got %.100s",
+                         Py_TYPE(item)->tp_name);
+        Py_DECREF(item);
+        if (fam < 0)
+            return -1;
+        families[i] = (hvae_latent_family)fam;
+        long long k = fam == HVAE_LATENT_CATEGORICAL ? 10 : 0; /* the classic K */
+        if (k_obj != Py_None) {
+            PyObject *kv = PyLong_Check(k_obj) ? Py_NewRef(k_obj)
+                           : PySequence_Check(k_obj) && PySequence_Size(k_obj) == T
+                               ? PySequence_GetItem(k_obj, i) : NULL;
+            if (!kv) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "n_categories must be None, an int or a "
+                                 "sequence of %zd ints", T);
+                return -1;
+            }
+            k = PyLong_AsLongLong(kv);
+            Py_DECREF(kv);
+            if (k == -1 && PyErr_Occurred())
+                return -1;
+        }
+        if (fam == HVAE_LATENT_CATEGORICAL && (k < 2 || k > INT_MAX)) {
+            PyErr_Format(PyExc_ValueError, "latent layer %zd is categorical: n_categories "
+                         "must give it 2 to 2**31 - 1 classes; got %lld", i + 1, k);
+            return -1;
+        }
+        K[i] = k;
+    }
+    return 0;
+}
+
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
-                             "prior", "latent_family", NULL};
+                             "prior", "latent_family", "n_categories", NULL};
     long long n_features;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
-    const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
+    const char *markov_kl = "sampled", *prior = "normal";
+    PyObject *family_obj = NULL, *k_obj = Py_None;
     long long n_conditions = 0;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsss:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOO:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
-                                     &prior, &latent_family))
+                                     &prior, &family_obj, &k_obj))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -798,8 +858,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int inf = var < 0 ? -1 : parse_choice("inference", inference, CHOICE_INFERENCE);
     int mkl = inf < 0 ? -1 : parse_choice("markov_kl", markov_kl, CHOICE_MARKOV_KL);
     int pri = mkl < 0 ? -1 : parse_choice("prior", prior, CHOICE_PRIOR);
-    int fam = pri < 0 ? -1 : parse_choice("latent_family", latent_family, CHOICE_LATENT_FAMILY);
-    if (fam < 0)
+    if (pri < 0)
         return NULL;
     if (n_conditions < 0 || n_conditions > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
@@ -811,9 +870,31 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                      "got %lld", n_features);
         return NULL;
     }
-    Py_ssize_t T, H;
+    Py_ssize_t T = 0, H = 0;
     if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
         return NULL;
+    hvae_latent_family families[HVAE_MAX_LAYERS];
+    int64_t n_categories[HVAE_MAX_LAYERS];
+    PyObject *default_family = PyUnicode_FromString("gaussian");
+    int bad = !default_family || parse_families(family_obj ? family_obj : default_family,
+                                                k_obj, T, families, n_categories) < 0;
+    Py_XDECREF(default_family);
+    if (bad)
+        return NULL;
+    for (Py_ssize_t i = 0; i < T; i++) {
+        if (families[i] != HVAE_LATENT_CATEGORICAL)
+            continue;
+        if (inf == HVAE_INFERENCE_LADDER) {
+            PyErr_SetString(PyExc_ValueError, "inference='ladder' merges Gaussian "
+                            "posteriors: every latent layer must be 'gaussian'");
+            return NULL;
+        }
+        if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
+            PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
+                         "prior: prior must be 'normal' (the default); got '%s'", prior);
+            return NULL;
+        }
+    }
 
     self = (ModelObject *)type->tp_alloc(type, 0);
     if (!self)
@@ -832,7 +913,9 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.inference = (hvae_inference)inf;
     cfg.markov_kl = (hvae_markov_kl)mkl;
     cfg.prior = (hvae_prior_kind)pri;
-    cfg.latent_family = (hvae_latent_family)fam;
+    cfg.latent_family = families[0];
+    cfg.latent_families = families;
+    cfg.n_categories = n_categories;
     cfg.n_conditions = n_conditions;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
@@ -943,8 +1026,37 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyUnicode_FromString(choice_name(CHOICE_MARKOV_KL, c->markov_kl));
     if (strcmp(which, "prior") == 0)
         return PyUnicode_FromString(choice_name(CHOICE_PRIOR, c->prior));
-    if (strcmp(which, "latent_family") == 0)
-        return PyUnicode_FromString(choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
+    if (strcmp(which, "latent_family") == 0) {
+        /* One name when every layer shares it, else one per layer. */
+        int same = 1;
+        for (int32_t i = 1; i < c->n_layers; i++)
+            same &= c->latent_families[i] == c->latent_families[0];
+        if (same)
+            return PyUnicode_FromString(choice_name(CHOICE_LATENT_FAMILY, c->latent_families[0]));
+        PyObject *names = PyTuple_New(c->n_layers);
+        for (int32_t i = 0; names && i < c->n_layers; i++) {
+            PyObject *v = PyUnicode_FromString(choice_name(CHOICE_LATENT_FAMILY,
+                                                           c->latent_families[i]));
+            if (!v) {
+                Py_CLEAR(names);
+                break;
+            }
+            PyTuple_SET_ITEM(names, i, v);
+        }
+        return names;
+    }
+    if (strcmp(which, "n_categories") == 0) {
+        int64_t K[HVAE_MAX_LAYERS];
+        for (int32_t i = 0; i < c->n_layers; i++)
+            K[i] = c->latent_families[i] == HVAE_LATENT_CATEGORICAL ? c->n_categories[i] : 0;
+        return dims_tuple(K, c->n_layers);
+    }
+    if (strcmp(which, "latent_widths") == 0) {
+        int64_t w[HVAE_MAX_LAYERS];
+        for (int32_t i = 0; i < c->n_layers; i++)
+            w[i] = hvae_model_latent_width(self->model, i);
+        return dims_tuple(w, c->n_layers);
+    }
     if (strcmp(which, "n_conditions") == 0)
         return PyLong_FromLongLong(c->n_conditions);
     if (strcmp(which, "seed") == 0)
@@ -1043,6 +1155,68 @@ static int check_float32(const char *name, double value, double low, int low_inc
         return -1;
     }
     return 0;
+}
+
+/* The objective's options for categorical layers and the gradient
+ * estimator (loss_and_grad's and fit's keywords of the same names). */
+typedef struct {
+    double temperature, temperature_min, temperature_decay;
+    int straight_through;
+    const char *gradient_estimator, *score_baseline;
+} estimator_args;
+#define ESTIMATOR_ARGS_DEFAULT {1.0, 0.5, 0.0, 0, "auto", "auto"}
+
+static int parse_estimator(const estimator_args *e, hvae_objective_options *out)
+{
+    int est = parse_choice("gradient_estimator", e->gradient_estimator,
+                           CHOICE_GRADIENT_ESTIMATOR);
+    int base = est < 0 ? -1 : parse_choice("score_baseline", e->score_baseline,
+                                           CHOICE_SCORE_BASELINE);
+    if (base < 0 || check_float32("temperature", e->temperature, 0.0, 0) < 0 ||
+        check_float32("temperature_min", e->temperature_min, 0.0, 0) < 0 ||
+        check_float32("temperature_decay", e->temperature_decay, 0.0, 1) < 0)
+        return -1;
+    if (est == HVAE_GRADIENT_SCORE_FUNCTION && out->objective != HVAE_OBJECTIVE_ELBO) {
+        PyErr_SetString(PyExc_ValueError, "gradient_estimator='score_function' trains the "
+                        "ELBO only; got objective='iwae'");
+        return -1;
+    }
+    if (est == HVAE_GRADIENT_SCORE_FUNCTION && base == HVAE_BASELINE_LEAVE_ONE_OUT &&
+        out->n_samples < 2) {
+        PyErr_SetString(PyExc_ValueError, "score_baseline='leave_one_out' needs "
+                        "n_samples >= 2 (the other draws of a row make its baseline)");
+        return -1;
+    }
+    out->temperature = (float)e->temperature;
+    out->temperature_min = (float)e->temperature_min;
+    out->temperature_decay = (float)e->temperature_decay;
+    out->straight_through = e->straight_through;
+    out->gradient_estimator = (hvae_gradient_estimator)est;
+    out->score_baseline = (hvae_score_baseline)base;
+    return 0;
+}
+
+/* The estimator named must fit the model's layers (hvae_loss_and_grad would
+ * refuse it with a bare status). */
+static int check_estimator_fits(ModelObject *self, const hvae_objective_options *o)
+{
+    const hvae_config *c = hvae_model_config(self->model);
+    int categorical = 0;
+    for (int32_t i = 0; i < c->n_layers; i++)
+        categorical |= c->latent_families[i] == HVAE_LATENT_CATEGORICAL;
+    const char *problem =
+        o->gradient_estimator == HVAE_GRADIENT_REPARAMETERIZATION && categorical
+            ? "gradient_estimator='reparameterization' cannot pass through a categorical "
+              "layer: use 'gumbel_softmax' (or 'auto') or 'score_function'"
+        : o->gradient_estimator == HVAE_GRADIENT_GUMBEL_SOFTMAX && !categorical
+            ? "gradient_estimator='gumbel_softmax' needs a categorical latent layer"
+        : o->gradient_estimator == HVAE_GRADIENT_SCORE_FUNCTION &&
+                c->inference != HVAE_INFERENCE_MARKOV
+            ? "gradient_estimator='score_function' needs inference='markov'"
+            : NULL;
+    if (problem)
+        PyErr_SetString(PyExc_ValueError, problem);
+    return problem ? -1 : 0;
 }
 
 static int parse_objective(const char *objective, long long n_samples, double beta,
@@ -1152,19 +1326,25 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
                                      PyObject *kwds)
 {
     static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
-                             "n_samples", "free_bits", "cond", NULL};
+                             "n_samples", "free_bits", "cond", "temperature",
+                             "straight_through", "gradient_estimator", "score_baseline",
+                             NULL};
     frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
     loss_and_grad_call a = {0};
+    estimator_args e = ESTIMATOR_ARGS_DEFAULT;
     double beta = 1.0, free_bits = 0.0;
     const char *objective = "elbo";
     int n_samples = 1;
     call_frame f;
     PyObject *result = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &in.X,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidOdpss", kwlist, &in.X,
                                      &in.noise, u64_converter, &a.seed, &beta, &objective,
-                                     &n_samples, &free_bits, &in.cond))
+                                     &n_samples, &free_bits, &in.cond, &e.temperature,
+                                     &e.straight_through, &e.gradient_estimator,
+                                     &e.score_baseline))
         return NULL;
-    if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0)
+    if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0 ||
+        parse_estimator(&e, &a.objective) < 0 || check_estimator_fits(self, &a.objective) < 0)
         return NULL;
     in.draws = n_samples;
     if (frame_enter(&f, self, &in) < 0)
@@ -1313,7 +1493,7 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
     const hvae_config *c = hvae_model_config(self->model);
     int32_t T = c->n_layers;
     for (int32_t i = 0; i < T; i++) {
-        npy_intp dims[2] = {f.n, c->latent_dims[i]};
+        npy_intp dims[2] = {f.n, hvae_model_latent_width(self->model, i)};
         a.mu[i] = out_data(frame_output(&f, 2, dims, NPY_FLOAT32));
         a.logvar[i] = out_data(frame_output(&f, 2, dims, NPY_FLOAT32));
         if (!a.mu[i] || !a.logvar[i])
@@ -1518,22 +1698,29 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                              "history", "weight_decay", "momentum", "adam_betas",
                              "adam_eps", "progress", "objective", "n_samples",
                              "free_bits", "cond", "reduce", "n_global",
-                             "shard_start", NULL};
+                             "shard_start", "temperature", "temperature_min",
+                             "temperature_decay", "straight_through", "gradient_estimator",
+                             "score_baseline", NULL};
+    estimator_args e = ESTIMATOR_ARGS_DEFAULT;
     const char *objective = "elbo", *optimizer = "adam";
     long long n_samples = 1;
     double beta = 1.0, weight_decay = 0.0, momentum = 0.0, free_bits = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
     *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
                     hvae_objective_options_default(), hvae_optimizer_config_default()};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdddpss:fit", kwlist,
                                      &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
                                      &optimizer, &beta, &a->shuffle, &a->callback,
                                      &PyList_Type, &a->history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
                                      &a->progress, &objective, &n_samples, &free_bits,
-                                     &a->cond, &a->reduce, &a->n_global, &a->shard_start))
+                                     &a->cond, &a->reduce, &a->n_global, &a->shard_start,
+                                     &e.temperature, &e.temperature_min, &e.temperature_decay,
+                                     &e.straight_through, &e.gradient_estimator,
+                                     &e.score_baseline))
         return -1;
-    if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0)
+    if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0 ||
+        parse_estimator(&e, &a->objective) < 0)
         return -1;
     int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
@@ -1693,7 +1880,8 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     int64_t *order = NULL;
     fit_ctx ctx = {NULL, PyThread_get_thread_ident() == main_thread_ident, 0, NULL, NULL,
                    NULL, {NULL, NULL}};
-    if (parse_fit_args(args, kwds, &a) < 0 || model_enter(self) < 0)
+    if (parse_fit_args(args, kwds, &a) < 0 || check_estimator_fits(self, &a.objective) < 0 ||
+        model_enter(self) < 0)
         return NULL;
     int parallel = a.reduce != Py_None;
     x = as_data(self, a.X, "X");
@@ -1965,7 +2153,14 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
     PyObject *state = Model_getstate(self, NULL);
     if (!state)
         return NULL;
-    return Py_BuildValue("(O(LNNsssKsLsss)N)", (PyObject *)Py_TYPE(self),
+    PyObject *family = Model_get_config_value(self, "latent_family");
+    PyObject *K = family ? Model_get_config_value(self, "n_categories") : NULL;
+    if (!K) {
+        Py_XDECREF(family);
+        Py_DECREF(state);
+        return NULL;
+    }
+    return Py_BuildValue("(O(LNNsssKsLssNN)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -1974,8 +2169,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
                          choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
-                         choice_name(CHOICE_PRIOR, c->prior),
-                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family), state);
+                         choice_name(CHOICE_PRIOR, c->prior), family, K, state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -1983,21 +2177,25 @@ static PyObject *Model_repr(ModelObject *self)
     const hvae_config *c = hvae_model_config(self->model);
     PyObject *latent = dims_tuple(c->latent_dims, c->n_layers);
     PyObject *hidden = dims_tuple(c->hidden_dims, c->n_hidden);
+    PyObject *family = Model_get_config_value(self, "latent_family");
+    PyObject *K = Model_get_config_value(self, "n_categories");
     PyObject *r = NULL;
-    if (latent && hidden)
+    if (latent && hidden && family && K)
         r = PyUnicode_FromFormat(
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
             "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
-            "latent_family='%s')",
+            "latent_family=%R%s%R)",
             (long long)c->n_features, latent, hidden,
             choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
             choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
             choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
             choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
-            choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
+            family, ", n_categories=", K);
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
+    Py_XDECREF(family);
+    Py_XDECREF(K);
     return r;
 }
 
@@ -2032,13 +2230,22 @@ static PyMethodDef Model_methods[] = {
     {"loss_and_grad", (PyCFunction)(void (*)(void))Model_loss_and_grad,
      METH_VARARGS | METH_KEYWORDS,
      "loss_and_grad(X, noise=None, seed=0, beta=1.0, objective='elbo',\n"
-     "              n_samples=1, free_bits=0.0, cond=None)\n--\n\n"
+     "              n_samples=1, free_bits=0.0, cond=None, temperature=1.0,\n"
+     "              straight_through=False, gradient_estimator='auto',\n"
+     "              score_baseline='auto')\n--\n\n"
      "(loss, grad): the training loss over X and its gradient as a float32\n"
      "array aligned with ``parameters``. objective='elbo': -mean of\n"
      "(reconstruction - beta * KL) averaged over n_samples draws, each layer's\n"
      "batch-mean KL floored at free_bits when free_bits > 0; objective='iwae':\n"
      "-mean of log (1/k) sum_j p(x, z_j)/q(z_j|x), k = n_samples. With noise,\n"
-     "the T arrays hold (n * n_samples, d_i) draws, row b * n_samples + s."},
+     "the T arrays hold (n * n_samples, d_i) draws, row b * n_samples + s\n"
+     "(a categorical layer: M*K Gumbel draws). temperature and straight_through:\n"
+     "the Gumbel-softmax relaxation of categorical layers (not annealed here).\n"
+     "gradient_estimator (GRADIENT_ESTIMATORS): 'auto' (reparameterisation for\n"
+     "Gaussian layers, Gumbel-softmax for categorical ones) or\n"
+     "'score_function' (REINFORCE on exact samples, centred by score_baseline,\n"
+     "SCORE_BASELINES). Different seeds give independent estimates: see\n"
+     "hvae.gradient_variance."},
     {"log_likelihood", (PyCFunction)(void (*)(void))Model_log_likelihood,
      METH_VARARGS | METH_KEYWORDS,
      "log_likelihood(X, n_samples=1000, seed=0, cond=None)\n--\n\n"
@@ -2070,9 +2277,14 @@ static PyMethodDef Model_methods[] = {
      "    beta=1.0, shuffle=True, callback=None, history=None, weight_decay=0.0,\n"
      "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8, progress=None,\n"
      "    objective='elbo', n_samples=1, free_bits=0.0, cond=None, reduce=None,\n"
-     "    n_global=0, shard_start=0)\n--\n\n"
+     "    n_global=0, shard_start=0, temperature=1.0, temperature_min=0.5,\n"
+     "    temperature_decay=0.0, straight_through=False, gradient_estimator='auto',\n"
+     "    score_baseline='auto')\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
-     "objective, n_samples, beta and free_bits as in loss_and_grad; cond holds\n"
+     "objective, n_samples, beta, free_bits, straight_through, gradient_estimator\n"
+     "and score_baseline as in loss_and_grad; the Gumbel-softmax temperature of\n"
+     "optimizer step t is max(temperature_min, temperature *\n"
+     "exp(-temperature_decay * t)) (Jang et al.'s annealing); cond holds\n"
      "the rows' conditions for a conditional model.\n\n"
      "Returns one record per epoch (dict: loss, objective, elbo, reconstruction, kl per\n"
      "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
@@ -2117,7 +2329,13 @@ static PyGetSetDef Model_getset[] = {
      "markov_kl"},
     {"prior", (getter)Model_get_config_value, NULL, "The top layer's prior (PRIORS)", "prior"},
     {"latent_family", (getter)Model_get_config_value, NULL,
-     "The latent layers' distribution family (LATENT_FAMILIES)", "latent_family"},
+     "The latent layers' distribution family (LATENT_FAMILIES): one name, or a tuple of "
+     "one per layer when they differ", "latent_family"},
+    {"n_categories", (getter)Model_get_config_value, NULL,
+     "Classes per variable of each layer (0 for a Gaussian layer)", "n_categories"},
+    {"latent_widths", (getter)Model_get_config_value, NULL,
+     "Columns of each layer's sample (d_i; M_i * K_i for a categorical layer)",
+     "latent_widths"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
@@ -2138,7 +2356,7 @@ static PyTypeObject ModelType = {
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
-              "prior='normal', latent_family='gaussian')\n--\n\n"
+              "prior='normal', latent_family='gaussian', n_categories=None)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -2152,7 +2370,11 @@ static PyTypeObject ModelType = {
               "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
               "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
               "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
-              "latent layers' family (LATENT_FAMILIES).\n\n"
+              "latent layers' family (LATENT_FAMILIES), one name or one per layer.\n"
+              "A 'categorical' layer i holds latent_dims[i] = M variables of K =\n"
+              "n_categories classes (an int, or one per layer; None: 10); its\n"
+              "samples, noise (Gumbel) and encode outputs (class probabilities and\n"
+              "their logs) have M*K columns (latent_widths), column m*K + k.\n\n"
               "Threads: a model serves one call at a time (others wait; a fit's\n"
               "callback calling back into it gets a RuntimeError). Long calls stop\n"
               "for Ctrl-C within a layer's work. Fork: in a child, a model that\n"

@@ -69,7 +69,8 @@ typedef struct {
 /* One latent layer z_{i+1}: its size and family, and where its sample, its
  * noise and (ladder, below the top) its merged posterior live. */
 typedef struct {
-    int64_t dim;
+    int64_t dim;          /* columns of the sample: d, or M*K (categorical) */
+    int64_t K;            /* classes per variable; 1 for a Gaussian */
     const hvae_latent_family_ops *family;   /* registry.c's table */
     int64_t z_col;        /* the sample among the activations */
     int64_t eps_col;      /* the noise in the noise buffer */
@@ -78,7 +79,13 @@ typedef struct {
 
 struct hvae_model {
     hvae_config config;
-    int64_t latent_dims[HVAE_MAX_LAYERS];   /* config's copies */
+    /* The samples' widths (latent[i].dim: d_i, or M_i * K_i for a
+     * categorical layer), which every pass sizes its buffers by; the
+     * config's latent_dims point to config_latent_dims (M_i). */
+    int64_t latent_dims[HVAE_MAX_LAYERS];
+    int64_t config_latent_dims[HVAE_MAX_LAYERS];
+    hvae_latent_family latent_families[HVAE_MAX_LAYERS];   /* config's copies */
+    int64_t n_categories[HVAE_MAX_LAYERS];
     int64_t hidden_dims[HVAE_MAX_HIDDEN];
     hvae_block enc[HVAE_MAX_LAYERS];        /* enc[i] infers z_{i+1} */
     hvae_block dec[HVAE_MAX_LAYERS];        /* dec[i] generates z_i (x for i = 0) */
@@ -112,6 +119,18 @@ struct hvae_workspace {
     double *kl;              /* (T, max_rows), layer-major */
     hvae_poll_hook poll;     /* hvae_workspace_set_poll, or NULL */
     void *poll_ctx;
+    /* The sampling mode of the passes (train.c sets it for a training step
+     * and restores it; evaluation sees the exact default): the
+     * Gumbel-softmax temperature (0: exact Gumbel-max samples) and
+     * straight-through of categorical layers, and the score-function path
+     * (no gradient through any sample; each row r adds score_weight[r] *
+     * d log q(z_r) instead). */
+    float temperature;
+    int straight_through;
+    int score;
+    float *score_weight;     /* (max_rows) */
+    double baseline;         /* the running-mean baseline, and whether set */
+    int baseline_set;
 };
 
 /* Whether the workspace's poll hook asks the current call to stop. */

@@ -31,6 +31,8 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.markov_kl = HVAE_MARKOV_KL_SAMPLED;
     c.prior = HVAE_PRIOR_NORMAL;
     c.latent_family = HVAE_LATENT_GAUSSIAN;
+    c.latent_families = NULL;
+    c.n_categories = NULL;
     return c;
 }
 
@@ -139,6 +141,22 @@ static hvae_status validate_config(const hvae_config *c)
             return HVAE_ERR_INVALID_ARGUMENT;
     /* Every named option must have a name; a hidden layer may also be the
      * identity (linear), which the C API has always allowed. */
+    for (int32_t i = 0; i < c->n_layers; i++) {
+        hvae_latent_family f = c->latent_families ? c->latent_families[i] : c->latent_family;
+        if (!hvae_latent_family_name(f))
+            return HVAE_ERR_INVALID_ARGUMENT;
+        if (f == HVAE_LATENT_CATEGORICAL) {
+            int64_t K = c->n_categories ? c->n_categories[i] : 0, width;
+            if (K < 2 || K > INT_MAX ||
+                __builtin_mul_overflow(c->latent_dims[i], K, &width) || width > INT_MAX)
+                return HVAE_ERR_INVALID_ARGUMENT;
+            /* The ladder's precision-weighted merge is the Gaussian's; a
+             * categorical top layer has its own uniform prior. */
+            if (c->inference == HVAE_INFERENCE_LADDER ||
+                (i == c->n_layers - 1 && c->prior != HVAE_PRIOR_NORMAL))
+                return HVAE_ERR_INVALID_ARGUMENT;
+        }
+    }
     if (!hvae_likelihood_name(c->likelihood) ||
         !(hvae_activation_name(c->activation) || c->activation == HVAE_ACT_IDENTITY) ||
         !hvae_decoder_variance_name(c->decoder_variance) ||
@@ -166,10 +184,21 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         return HVAE_ERR_OUT_OF_MEMORY;
     m->config = *config;
     int32_t T = config->n_layers, H = config->n_hidden;
-    memcpy(m->latent_dims, config->latent_dims, (size_t)T * sizeof(int64_t));
+    memcpy(m->config_latent_dims, config->latent_dims, (size_t)T * sizeof(int64_t));
+    for (int32_t i = 0; i < T; i++) {
+        m->latent_families[i] =
+            config->latent_families ? config->latent_families[i] : config->latent_family;
+        int categorical = m->latent_families[i] == HVAE_LATENT_CATEGORICAL;
+        m->n_categories[i] = categorical ? config->n_categories[i] : 1;
+        m->latent_dims[i] = config->latent_dims[i] * m->n_categories[i];
+        m->latent[i].K = m->n_categories[i];
+        m->latent[i].family = hvae_latent_family_table[m->latent_families[i]];
+    }
     if (H > 0)
         memcpy(m->hidden_dims, config->hidden_dims, (size_t)H * sizeof(int64_t));
-    m->config.latent_dims = m->latent_dims;
+    m->config.latent_dims = m->config_latent_dims;
+    m->config.latent_families = m->latent_families;
+    m->config.n_categories = m->n_categories;
     m->config.hidden_dims = m->hidden_dims;
     m->prior = hvae_prior_table[config->prior];
     int32_t n_prior_tensors = m->prior->n_tensors(config);
@@ -194,10 +223,11 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     static const char *const logits_head[] = {"logits"};
     for (int32_t i = 0; i < T; i++) {
         snprintf(prefix, sizeof prefix, "enc%d", (int)i + 1);
+        int one_head = m->latent[i].family->n_heads == 1;
         layout_block(&ls, &m->enc[i], prefix, i == 0 ? D : m->latent_dims[i - 1],
-                     m->hidden_dims, H, 2, m->latent_dims[i], gaussian_heads);
+                     m->hidden_dims, H, one_head ? 1 : 2, m->latent_dims[i],
+                     one_head ? logits_head : gaussian_heads);
         m->latent[i].dim = m->latent_dims[i];
-        m->latent[i].family = hvae_latent_family_table[config->latent_family];
         m->latent[i].z_col = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
         m->latent[i].eps_col = m->eps_cols;
         m->eps_cols += m->latent_dims[i];
@@ -210,10 +240,13 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     int unit = config->decoder_variance == HVAE_DECODER_VARIANCE_UNIT;
     for (int32_t i = 0; i < T; i++) {
         snprintf(prefix, sizeof prefix, "dec%d", (int)i + 1);
-        int bern = i == 0 && config->likelihood == HVAE_LIKELIHOOD_BERNOULLI;
+        /* A logits head: the Bernoulli likelihood's, or the prior of a
+         * categorical layer below. */
+        int logits = i == 0 ? config->likelihood == HVAE_LIKELIHOOD_BERNOULLI
+                            : m->latent[i - 1].family->n_heads == 1;
         layout_block(&ls, &m->dec[i], prefix, m->latent_dims[i], reversed, H,
-                     bern || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
-                     bern ? logits_head : gaussian_heads);
+                     logits || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
+                     logits ? logits_head : gaussian_heads);
     }
     layout_prior(&ls, n_prior_tensors);
     m->n_params = ls.n_params;
@@ -243,6 +276,10 @@ void hvae_model_free(hvae_model *m)
 }
 
 const hvae_config *hvae_model_config(const hvae_model *m) { return &m->config; }
+int64_t hvae_model_latent_width(const hvae_model *m, int32_t layer)
+{
+    return m && layer >= 0 && layer < m->config.n_layers ? m->latent_dims[layer] : 0;
+}
 int64_t hvae_model_n_params(const hvae_model *m) { return m->n_params; }
 float *hvae_model_params(hvae_model *m) { return m->params; }
 float *hvae_model_grads(hvae_model *m) { return m->grads; }
@@ -318,7 +355,7 @@ size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
                                m->config.n_features + m->eps_cols,
                                &floats_per_row))
         return 0;
-    if (__builtin_add_overflow(floats_per_row, m->config.n_conditions + 2,
+    if (__builtin_add_overflow(floats_per_row, m->config.n_conditions + 3,
                                &floats_per_row))
         return 0;
     int64_t per_row;
@@ -349,6 +386,7 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     ws->x = malloc(R * (size_t)m->config.n_features * sizeof(float));
     ws->cond = malloc(R * (size_t)(m->config.n_conditions + 1) * sizeof(float));
     ws->row_weight = malloc(R * sizeof(float));
+    ws->score_weight = malloc(R * sizeof(float));
     ws->lse_max = malloc(R * sizeof(double));
     ws->lse_sum = malloc(R * sizeof(double));
     ws->row_rng = malloc(R * sizeof(hvae_rng));
@@ -358,7 +396,7 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     ws->reconstruction = malloc(R * sizeof(double));
     ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
     if (!ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
-        !ws->kl || !ws->cond || !ws->row_weight || !ws->lse_max ||
+        !ws->kl || !ws->cond || !ws->row_weight || !ws->score_weight || !ws->lse_max ||
         !ws->lse_sum || !ws->row_rng) {
         hvae_workspace_free(ws);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -374,6 +412,7 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->x);
     free(ws->cond);
     free(ws->row_weight);
+    free(ws->score_weight);
     free(ws->lse_max);
     free(ws->lse_sum);
     free(ws->row_rng);
@@ -608,19 +647,41 @@ static void backward_start_part(void *ctx, int part, int n_parts)
 /* Layer i's reparameterised sample z_{i+1} = f(q's heads, eps) of B rows,
  * through its family's table, and the backward of it (accumulating into
  * q's head gradients from dz). */
+/* A family call's view of layer i over B rows in the workspace's mode
+ * (ws NULL: exact). */
+static hvae_latent_call latent_call(const hvae_model *m, const hvae_workspace *ws, int32_t i,
+                                    int64_t B)
+{
+    hvae_latent_call c = {B, m->latent_dims[i], m->latent[i].K, 0.0f, 0};
+    if (ws && !ws->score) {
+        c.temperature = ws->temperature;
+        c.straight_through = ws->straight_through;
+    }
+    return c;
+}
+
 static void latent_sample_forward(const hvae_model *m, const hvae_workspace *ws, int32_t i,
                                   const float *eps, int64_t B)
 {
+    hvae_latent_call c = latent_call(m, ws, i, B);
     m->latent[i].family->sample_forward(ws_act(ws, m->latent[i].z_col), post(m, ws, i, 0),
-                                        post(m, ws, i, 1), eps, B * m->latent_dims[i]);
+                                        post(m, ws, i, 1), eps, &c);
 }
 
+/* The pathwise backward of the sample, or on the score-function path each
+ * row's score_weight times the score d log q(z) / d(q's heads). */
 static void latent_sample_backward(const hvae_model *m, const hvae_workspace *ws, int32_t i,
                                    const float *eps, int64_t B)
 {
-    m->latent[i].family->sample_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
-                                         ws_dact(ws, m->latent[i].z_col), post(m, ws, i, 0),
-                                         post(m, ws, i, 1), eps, B * m->latent_dims[i]);
+    hvae_latent_call c = latent_call(m, ws, i, B);
+    if (ws->score)
+        m->latent[i].family->score_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                            ws->score_weight, ws_act(ws, m->latent[i].z_col),
+                                            post(m, ws, i, 0), post(m, ws, i, 1), &c);
+    else
+        m->latent[i].family->sample_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1),
+                                             ws_dact(ws, m->latent[i].z_col),
+                                             post(m, ws, i, 0), post(m, ws, i, 1), eps, &c);
 }
 
 /* The top layer's prior's view of the workspace (gradients when grad). */
@@ -653,17 +714,22 @@ static void layer_terms_forward(const hvae_model *m, const hvae_workspace *ws,
                                 const float *const *eps, int64_t B, int sampled)
 {
     int32_t top = m->config.n_layers - 1;
-    for (int32_t i = 0; i < top; i++) {
+    /* A family without the prior table (categorical) takes its own
+     * standard prior at the top (prior() is NULL there). */
+    int32_t own = m->latent[top].family->top_prior_table ? top : top + 1;
+    for (int32_t i = 0; i < own; i++) {
         double *kl = ws->kl + i * ws->max_rows;
         const hvae_latent_family_ops *f = m->latent[i].family;
+        hvae_latent_call c = latent_call(m, ws, i, B);
         if (closed_form(m, i, sampled))
             f->kl_forward(kl, post(m, ws, i, 0), post(m, ws, i, 1), prior(m, ws, i, 0),
-                          prior(m, ws, i, 1), B, m->latent_dims[i]);
+                          prior(m, ws, i, 1), &c);
         else
-            f->logratio_forward(kl, ws_act(ws, m->latent[i].z_col), eps[i],
-                                post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), B,
-                                m->latent_dims[i]);
+            f->logratio_forward(kl, ws_act(ws, m->latent[i].z_col), eps[i], post(m, ws, i, 0),
+                                post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), &c);
     }
+    if (own > top)
+        return;
     hvae_prior_args a = top_prior_args(m, ws, eps[top], B, 0);
     m->prior->term_forward(ws->kl + top * ws->max_rows, &a, closed_form(m, top, sampled));
 }
@@ -710,23 +776,26 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
                                  float scale, const float *kl_weight, int sampled)
 {
     int32_t top = m->config.n_layers - 1;
-    for (int32_t i = 0; i < top; i++) {
+    int32_t own = m->latent[top].family->top_prior_table ? top : top + 1;
+    for (int32_t i = 0; i < own; i++) {
         const hvae_latent_family_ops *f = m->latent[i].family;
+        hvae_latent_call c = latent_call(m, ws, i, B);
         if (kl_weight[i] == 0.0f)
             continue;
         if (closed_form(m, i, sampled))
             f->kl_backward(dpost(m, ws, i, 0), dpost(m, ws, i, 1), dprior(m, ws, i, 0),
                            dprior(m, ws, i, 1), scale * kl_weight[i], post(m, ws, i, 0),
-                           post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), B,
-                           m->latent_dims[i]);
-        else
-            f->logratio_backward(ws_dact(ws, m->latent[i].z_col), dpost(m, ws, i, 1),
-                                 dprior(m, ws, i, 0), dprior(m, ws, i, 1),
-                                 scale * kl_weight[i], ws_act(ws, m->latent[i].z_col),
-                                 prior(m, ws, i, 0), prior(m, ws, i, 1), B,
-                                 m->latent_dims[i]);
+                           post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), &c);
+        else /* the score-function path keeps only p's gradient at the fixed
+                sample: q's direct gradient, -score, has mean zero */
+            f->logratio_backward(ws_dact(ws, m->latent[i].z_col),
+                                 ws->score ? NULL : dpost(m, ws, i, 0),
+                                 ws->score ? NULL : dpost(m, ws, i, 1), dprior(m, ws, i, 0),
+                                 dprior(m, ws, i, 1), scale * kl_weight[i],
+                                 ws_act(ws, m->latent[i].z_col), post(m, ws, i, 0),
+                                 post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), &c);
     }
-    if (kl_weight[top] != 0.0f) {
+    if (own == top && kl_weight[top] != 0.0f) {
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
         m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
@@ -852,7 +921,8 @@ static void row_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *r
                       int64_t r)
 {
     for (int32_t i = 0; i < m->config.n_layers; i++)
-        hvae_rng_normal(rng, ws_eps(ws, i) + r * m->latent_dims[i], m->latent_dims[i]);
+        m->latent[i].family->noise(ws_eps(ws, i) + r * m->latent_dims[i], rng,
+                                   m->latent_dims[i]);
 }
 
 typedef struct {
@@ -1008,6 +1078,13 @@ hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
         for (int32_t i = 0; i < T; i++) {
             hvae_block_forward(m, ws, &m->enc[i], inp, cb, B, 1);
             inp = block_head(ws, &m->enc[i], 0);
+            if (m->latent[i].family->n_heads == 1) {
+                /* A categorical layer passes up its class probabilities. */
+                hvae_latent_call c = latent_call(m, NULL, i, B);
+                float *probs = ws_act(ws, m->latent[i].z_col);
+                m->latent[i].family->summary(probs, NULL, inp, NULL, &c);
+                inp = probs;
+            }
         }
         if (ladder) {
             /* Top-down at the means: z_T = mu_hat_T, then each layer's
@@ -1029,11 +1106,10 @@ hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
         }
         for (int32_t i = 0; i < T; i++) {
             int64_t d = m->latent_dims[i];
-            if (mu && mu[i])
-                memcpy(mu[i] + r0 * d, post(m, ws, i, 0), (size_t)(B * d) * sizeof(float));
-            if (logvar && logvar[i])
-                memcpy(logvar[i] + r0 * d, post(m, ws, i, 1),
-                       (size_t)(B * d) * sizeof(float));
+            hvae_latent_call c = latent_call(m, NULL, i, B);
+            m->latent[i].family->summary(mu && mu[i] ? mu[i] + r0 * d : NULL,
+                                         logvar && logvar[i] ? logvar[i] + r0 * d : NULL,
+                                         post(m, ws, i, 0), post(m, ws, i, 1), &c);
         }
     }
     return HVAE_OK;
@@ -1094,16 +1170,19 @@ hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
             return HVAE_ERR_STOPPED;
         const float *cb = rows_of(cond, r0, m->config.n_conditions);
         hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
-        m->prior->sample(ws_act(ws, m->latent[T - 1].z_col), &top, rng);
+        hvae_latent_call c = latent_call(m, NULL, T - 1, B);
+        if (m->latent[T - 1].family->top_prior_table)
+            m->prior->sample(ws_act(ws, m->latent[T - 1].z_col), &top, rng);
+        else
+            m->latent[T - 1].family->prior_sample(ws_act(ws, m->latent[T - 1].z_col), NULL,
+                                                  NULL, rng, &c);
         for (int32_t i = T - 1; i >= 1; i--) {
             const hvae_block *dec = &m->dec[i];
-            int64_t count = B * m->latent_dims[i - 1];
-            float *eps = ws_eps(ws, i - 1), *z = ws_act(ws, m->latent[i - 1].z_col);
             hvae_block_forward(m, ws, dec, ws_act(ws, m->latent[i].z_col), cb, B, 1);
-            hvae_rng_normal(rng, eps, count);
-            const float *mu = block_head(ws, dec, 0), *lv = block_head(ws, dec, 1);
-            for (int64_t k = 0; k < count; k++)
-                z[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * eps[k];
+            c = latent_call(m, NULL, i - 1, B);
+            m->latent[i - 1].family->prior_sample(ws_act(ws, m->latent[i - 1].z_col),
+                                                  block_head(ws, dec, 0),
+                                                  block_head(ws, dec, 1), rng, &c);
         }
         hvae_block_forward(m, ws, &m->dec[0], ws_act(ws, m->latent[0].z_col), cb, B, 1);
         float *xb = x + r0 * D;

@@ -8,4 +8,5 @@ const hvae_prior_ops *const hvae_prior_table[HVAE_PRIOR_COUNT] = {
 
 const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_FAMILY_COUNT] = {
     [HVAE_LATENT_GAUSSIAN] = &hvae_latent_gaussian,
+    [HVAE_LATENT_CATEGORICAL] = &hvae_latent_categorical,
 };

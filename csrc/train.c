@@ -13,6 +13,12 @@ hvae_objective_options hvae_objective_options_default(void)
     o.n_samples = 1;
     o.beta = 1.0f;
     o.free_bits = 0.0f;
+    o.temperature = 1.0f;
+    o.temperature_min = 0.5f;
+    o.temperature_decay = 0.0f;
+    o.straight_through = 0;
+    o.gradient_estimator = HVAE_GRADIENT_AUTO;
+    o.score_baseline = HVAE_BASELINE_AUTO;
     return o;
 }
 
@@ -20,7 +26,74 @@ static int objective_is_valid(const hvae_objective_options *o)
 {
     return o && (o->objective == HVAE_OBJECTIVE_ELBO || o->objective == HVAE_OBJECTIVE_IWAE) &&
            o->n_samples >= 1 && isfinite(o->beta) && o->beta >= 0.0f &&
-           isfinite(o->free_bits) && o->free_bits >= 0.0f;
+           isfinite(o->free_bits) && o->free_bits >= 0.0f &&
+           isfinite(o->temperature) && o->temperature > 0.0f &&
+           isfinite(o->temperature_min) && o->temperature_min > 0.0f &&
+           isfinite(o->temperature_decay) && o->temperature_decay >= 0.0f &&
+           hvae_gradient_estimator_name(o->gradient_estimator) &&
+           hvae_score_baseline_name(o->score_baseline) &&
+           (o->gradient_estimator != HVAE_GRADIENT_SCORE_FUNCTION ||
+            o->objective == HVAE_OBJECTIVE_ELBO) &&
+           (o->gradient_estimator != HVAE_GRADIENT_SCORE_FUNCTION ||
+            o->score_baseline != HVAE_BASELINE_LEAVE_ONE_OUT || o->n_samples > 1);
+}
+
+/* The estimator named must fit the model: reparameterisation has no
+ * categorical layer to relax, Gumbel-softmax needs one; the score function
+ * runs on the Markov passes. */
+static int estimator_fits(const hvae_model *m, const hvae_objective_options *o)
+{
+    int categorical = 0;
+    for (int32_t i = 0; i < m->config.n_layers; i++)
+        categorical |= m->latent[i].K > 1;
+    switch (o->gradient_estimator) {
+    case HVAE_GRADIENT_REPARAMETERIZATION: return !categorical;
+    case HVAE_GRADIENT_GUMBEL_SOFTMAX: return categorical;
+    case HVAE_GRADIENT_SCORE_FUNCTION: return m->config.inference == HVAE_INFERENCE_MARKOV;
+    default: return 1;
+    }
+}
+
+/* The score-function path's per-row weights, from the row signals
+ * f_r = reconstruction_r - sum_i kl_weight[i] * term_ri (the row's
+ * objective): score_weight[r] = -scale (f_r - b_r), b_r the baseline (see
+ * hvae_score_baseline), which never uses draw r itself. The running mean
+ * then moves towards this minibatch's mean signal. */
+static void score_weights(hvae_workspace *ws, int64_t B, int64_t S, const float *kl_weight,
+                          const hvae_objective_options *o, float scale)
+{
+    int32_t T = ws->model->config.n_layers;
+    int64_t R = B * S;
+    hvae_score_baseline kind = o->score_baseline;
+    if (kind == HVAE_BASELINE_AUTO)
+        kind = S > 1 ? HVAE_BASELINE_LEAVE_ONE_OUT : HVAE_BASELINE_RUNNING_MEAN;
+    double *f = ws->lse_sum, mean = 0.0; /* lse_sum: free outside IWAE */
+    for (int64_t r = 0; r < R; r++) {
+        f[r] = ws->reconstruction[r];
+        for (int32_t i = 0; i < T; i++)
+            f[r] -= (double)kl_weight[i] * ws->kl[i * ws->max_rows + r];
+        mean += f[r] / (double)(R > 0 ? R : 1);
+    }
+    /* The very first step has no earlier signal: it centres by its own
+     * mean (a bias of one step, order 1/R). */
+    if (kind == HVAE_BASELINE_RUNNING_MEAN && !ws->baseline_set && R > 0) {
+        ws->baseline = mean;
+        ws->baseline_set = 1;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        double total = 0.0;
+        for (int64_t s = 0; s < S; s++)
+            total += f[b * S + s];
+        for (int64_t s = 0; s < S; s++) {
+            int64_t r = b * S + s;
+            double base = kind == HVAE_BASELINE_NONE           ? 0.0
+                          : kind == HVAE_BASELINE_RUNNING_MEAN ? ws->baseline
+                          : (total - f[r]) / (double)(S - 1);
+            ws->score_weight[r] = (float)(-(double)scale * (f[r] - base));
+        }
+    }
+    if (kind == HVAE_BASELINE_RUNNING_MEAN && R > 0)
+        ws->baseline = 0.9 * ws->baseline + 0.1 * mean;
 }
 
 /* Gathers the rows of the minibatch start .. start + B - 1 of `order` (all
@@ -109,7 +182,7 @@ static double iwae_bounds(const hvae_workspace *ws, int64_t B, int64_t S, double
  * bits, the layers' minibatch-mean KL terms are summed over the processes
  * by `red` first, so that every process floors the same layers. Returns
  * nonzero when the reduction stopped the work. */
-static int objective_step(hvae_model *m, const hvae_workspace *ws,
+static int objective_step(hvae_model *m, hvae_workspace *ws,
                           const float *xb, const float *cb,
                           const float *const *noise, int64_t B,
                           const hvae_objective_options *o, double n_total,
@@ -118,6 +191,10 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, R = B * S;
     int iwae = o->objective == HVAE_OBJECTIVE_IWAE;
+    /* The training passes' sampling mode, back to exact on the way out. */
+    ws->temperature = o->temperature;
+    ws->straight_through = o->straight_through;
+    ws->score = o->gradient_estimator == HVAE_GRADIENT_SCORE_FUNCTION;
     if (R > 0)
         hvae_forward(m, ws, xb, cb, noise, R, 0, iwae);
 
@@ -140,8 +217,11 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     for (int32_t i = 0; i < T; i++)
         batch_kl[i] = kl_sum[i];
     batch_kl[T] = (double)R;
-    if (free_bits && red->fn && red->fn(red->ctx, NULL, 0, batch_kl, T + 1))
+    if (free_bits && red->fn && red->fn(red->ctx, NULL, 0, batch_kl, T + 1)) {
+        ws->temperature = 0.0f;
+        ws->straight_through = ws->score = 0;
         return 1;
+    }
 
     float kl_weight[HVAE_MAX_LAYERS];
     double kl_total = 0.0, penalty = 0.0;
@@ -163,9 +243,11 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
+        float scale = (float)(1.0 / (n_total * (double)S));
+        if (ws->score)
+            score_weights(ws, B, S, kl_weight, o, scale);
         if (R > 0)
-            hvae_backward(m, ws, xb, cb, noise, R, (float)(1.0 / (n_total * (double)S)),
-                          NULL, kl_weight, 0);
+            hvae_backward(m, ws, xb, cb, noise, R, scale, NULL, kl_weight, 0);
         /* The penalty is per data row: this process's share of it. */
         sums->loss += -(rec / (double)S - penalty * (double)B);
     }
@@ -175,6 +257,8 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     for (int32_t i = 0; i < T; i++)
         sums->kl[i] += kl_sum[i] / (double)S;
     sums->n_rows += B;
+    ws->temperature = 0.0f;
+    ws->straight_through = ws->score = 0;
     return 0;
 }
 
@@ -225,7 +309,7 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
                                hvae_epoch_stats *stats)
 {
     if (!m || !ws || ws->model != m || !x || n < 1 || !stats || !objective_is_valid(o) ||
-        (m->config.n_conditions > 0 && !cond))
+        !estimator_fits(m, o) || (m->config.n_conditions > 0 && !cond))
         return HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, rows = ws->max_rows / S;
@@ -348,7 +432,8 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
 {
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
-        o->batch_size < 1 || !objective_is_valid(&o->objective))
+        o->batch_size < 1 || !objective_is_valid(&o->objective) ||
+        !estimator_fits(m, &o->objective))
         return HVAE_ERR_INVALID_ARGUMENT;
     /* One process needs rows; a data-parallel one may hold none. */
     if (parallel ? (!o->reduce || n < 0 || o->shard_start < 0 ||
@@ -379,7 +464,14 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         /* Every process draws the whole minibatch's noise, so each row
          * gets the same draws wherever it is held. */
         for (int32_t i = 0; i < T; i++)
-            hvae_rng_normal(rng, ws_eps(ws, i), B * S * m->latent_dims[i]);
+            m->latent[i].family->noise(ws_eps(ws, i), rng, B * S * m->latent_dims[i]);
+        /* The annealed temperature of this step (hvae_objective_options). */
+        hvae_objective_options step_objective = o->objective;
+        double tau = o->objective.temperature *
+                     exp(-(double)o->objective.temperature_decay *
+                         (double)*hvae_optimizer_step_count(opt));
+        step_objective.temperature =
+            (float)(tau > o->objective.temperature_min ? tau : o->objective.temperature_min);
         const float *cb;
         int64_t held;
         const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
@@ -390,7 +482,7 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         }
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
-        if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
+        if (objective_step(m, ws, xb, cb, noise, held, &step_objective, (double)B, &red,
                            &batch)) {
             status = HVAE_ERR_STOPPED;
             break;

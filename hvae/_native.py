@@ -14,6 +14,7 @@ from ._core import (  # noqa: E402
     ACTIVATIONS,
     DECODER_VARIANCES,
     EPOCH_RECORD_KEYS,
+    GRADIENT_ESTIMATORS,
     INFERENCES,
     LATENT_FAMILIES,
     LIKELIHOODS,
@@ -26,6 +27,7 @@ from ._core import (  # noqa: E402
     OBJECTIVES,
     OPTIMIZERS,
     PRIORS,
+    SCORE_BASELINES,
     DivergenceError,
     Model,
     blas_info,
@@ -35,7 +37,8 @@ from ._core import (  # noqa: E402
 
 # Names the C core accepts for each option (hvae.h, "Names") and the keys of
 # Model.fit's per-epoch records.
-__all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "EPOCH_RECORD_KEYS", "INFERENCES",
+__all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "EPOCH_RECORD_KEYS", "GRADIENT_ESTIMATORS",
+           "INFERENCES", "SCORE_BASELINES",
            "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
            "PRIORS", "MAX_BATCH_SIZE", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SAMPLES",
            "MAX_THREADS", "DivergenceError", "Model", "blas_info",

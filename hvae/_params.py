@@ -19,9 +19,10 @@ import numpy as np
 
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
-from ._native import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
-                      MAX_BATCH_SIZE, MAX_HIDDEN, MAX_LAYERS, MAX_SAMPLES, MAX_THREADS,
-                      OBJECTIVES, OPTIMIZERS)
+from ._native import (ACTIVATIONS, DECODER_VARIANCES, GRADIENT_ESTIMATORS, INFERENCES,
+                      LATENT_FAMILIES, LIKELIHOODS, MARKOV_KLS, MAX_BATCH_SIZE, MAX_HIDDEN,
+                      MAX_LAYERS, MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS,
+                      SCORE_BASELINES)
 
 #: The largest count (epochs, patience, warm-up) a parameter may hold.
 MAX_COUNT = 2**48
@@ -121,6 +122,27 @@ class Dims:
         return tuple(int(d) for d in dims)
 
 
+class PerLayer:
+    """One value for every layer, or a sequence of one per layer, each
+    meeting ``constraint``; normalised to a tuple (the layer count is
+    checked against latent_dims in validate_parameters)."""
+
+    def __init__(self, constraint, scalar):
+        self.constraint, self.scalar = constraint, scalar
+
+    def __call__(self, name, value):
+        if isinstance(value, self.scalar) and not isinstance(value, bool):
+            return (self.constraint(name, value),)
+        try:
+            values = tuple(value)
+        except TypeError:
+            raise ValueError(f"{name} must be one value or a sequence of one per layer; "
+                             f"got {value!r}") from None
+        if not values:
+            raise ValueError(f"{name} must not be empty; got {value!r}")
+        return tuple(self.constraint(name, v) for v in values)
+
+
 class Callbacks:
     """None, a callable or a sequence of callables; normalised to a list."""
 
@@ -168,6 +190,8 @@ PARAMETER_CONSTRAINTS = {
     "decoder_variance": OneOf(DECODER_VARIANCES),
     "inference": OneOf(INFERENCES),
     "markov_kl": OneOf(MARKOV_KLS),
+    "latent_types": PerLayer(OneOf(LATENT_FAMILIES), str),
+    "n_categories": PerLayer(Integer(2, 2**31 - 1), numbers.Integral),
     "n_epochs": Integer(0, MAX_COUNT),
     "batch_size": Integer(1, MAX_BATCH_SIZE),
     "learning_rate": FiniteNumber(positive=True),
@@ -185,6 +209,12 @@ PARAMETER_CONSTRAINTS = {
     "n_importance_samples": Integer(1, MAX_SAMPLES),
     "kl_warmup_epochs": Integer(0, MAX_COUNT),
     "free_bits": FiniteNumber(),
+    "temperature": FiniteNumber(positive=True),
+    "temperature_min": FiniteNumber(positive=True),
+    "temperature_decay": FiniteNumber(),
+    "straight_through": Flag(),
+    "gradient_estimator": OneOf(GRADIENT_ESTIMATORS),
+    "score_baseline": OneOf(SCORE_BASELINES),
     "conditional": Flag(),
     "chunk_size": Optional(Integer(1, MAX_CHUNK_SIZE)),
     "callbacks": Callbacks(),
@@ -201,6 +231,45 @@ def _check_iwae_settings(params):
                          "beta must be 1, free_bits 0 and kl_warmup_epochs 0")
 
 
+def latent_layers(params):
+    """(families, n_categories) per layer of validated parameters: the
+    latent types (one for all layers, or one per layer) and each layer's
+    classes (0 for a Gaussian layer), as hvae.Model reports them."""
+    T = len(params["latent_dims"])
+    types, K = params["latent_types"], params["n_categories"]
+    for name, value in (("latent_types", types), ("n_categories", K)):
+        if len(value) not in (1, T):
+            raise ValueError(f"{name} must give one value or one per latent layer "
+                             f"({T}); got {len(value)}")
+    types = types * T if len(types) == 1 else types
+    K = K * T if len(K) == 1 else K
+    return types, tuple(k if t == "categorical" else 0 for t, k in zip(types, K))
+
+
+def _check_latent_settings(params):
+    types, _ = latent_layers(params)
+    categorical = "categorical" in types
+    estimator = params["gradient_estimator"]
+    if categorical and params["inference"] != "markov":
+        raise ValueError("categorical latent layers need inference='markov' (the ladder "
+                         "merges Gaussian posteriors)")
+    if estimator == "reparameterization" and categorical:
+        raise ValueError("gradient_estimator='reparameterization' cannot pass through a "
+                         "categorical layer: use 'gumbel_softmax' (or 'auto') or "
+                         "'score_function'")
+    if estimator == "gumbel_softmax" and not categorical:
+        raise ValueError("gradient_estimator='gumbel_softmax' needs a categorical latent "
+                         "layer (latent_types)")
+    if estimator == "score_function" and (params["objective"] != "elbo"
+                                          or params["inference"] != "markov"):
+        raise ValueError("gradient_estimator='score_function' trains the ELBO "
+                         "(objective='elbo') of a Markov hierarchy (inference='markov')")
+    if (estimator == "score_function" and params["score_baseline"] == "leave_one_out"
+            and params["n_mc_samples"] < 2):
+        raise ValueError("score_baseline='leave_one_out' needs n_mc_samples >= 2 (the "
+                         "other draws of a row make its baseline)")
+
+
 def validate_parameters(estimator):
     """Every parameter of ``estimator`` checked against
     :data:`PARAMETER_CONSTRAINTS` and against each other; returns a dict of
@@ -210,4 +279,5 @@ def validate_parameters(estimator):
     for name, constraint in PARAMETER_CONSTRAINTS.items():
         params[name] = constraint(name, getattr(estimator, name))
     _check_iwae_settings(params)
+    _check_latent_settings(params)
     return params

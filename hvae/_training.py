@@ -370,7 +370,12 @@ class Trainer:
                        learning_rate=p["learning_rate"], optimizer=p["optimizer"],
                        beta=beta, weight_decay=p["weight_decay"], shuffle=p["shuffle"],
                        history=records, progress=progress, objective=p["objective"],
-                       n_samples=draws_per_row(p), free_bits=p["free_bits"], cond=C, **extra)
+                       n_samples=draws_per_row(p), free_bits=p["free_bits"], cond=C,
+                       temperature=p["temperature"], temperature_min=p["temperature_min"],
+                       temperature_decay=p["temperature_decay"],
+                       straight_through=bool(p["straight_through"]),
+                       gradient_estimator=p["gradient_estimator"],
+                       score_baseline=p["score_baseline"], **extra)
 
     # ---- validation and history ------------------------------------------------------
 

@@ -24,7 +24,7 @@ from ._collapse import check_posterior_collapse
 from ._conditions import ConditionCode, is_labels
 from ._lock import estimator_lock
 from ._native import MAX_THREADS, DivergenceError, Model
-from ._params import validate_parameters
+from ._params import latent_layers, validate_parameters
 from ._training import (HISTORY_KEYS, VALIDATION_KEYS, Trainer, fitted_state, new_history,
                         restore_fitted_state, workspace_rows)
 from .file_format import register_estimator
@@ -36,9 +36,17 @@ _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
                   "decoder_variance", "inference", "markov_kl")
 
 
+#: The Model options latent_types and n_categories make, as Model reports them.
+_LATENT_OPTIONS = ("latent_family", "n_categories")
+
+
 def _model_options(params):
     """The Model options of validated parameters (see _MODEL_OPTIONS)."""
-    return {key: params[key] for key in _MODEL_OPTIONS}
+    options = {key: params[key] for key in _MODEL_OPTIONS}
+    families, n_categories = latent_layers(params)
+    options["latent_family"] = families[0] if len(set(families)) == 1 else families
+    options["n_categories"] = n_categories
+    return options
 
 
 def _available_cores():
@@ -216,6 +224,56 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``objective='iwae'`` and ``log_likelihood`` are unaffected. Part of
         the model: with another value, ``fit`` trains a new model even with
         ``warm_start``.
+    latent_types : str or tuple of str, default='gaussian'
+        Each latent layer's distribution, one name for every layer or one
+        per layer (bottom to top): 'gaussian' (diagonal Gaussian) or
+        'categorical': latent_dims[i] = M independent categorical variables
+        of K = ``n_categories`` classes, z_i a one-hot of M*K columns
+        (column m*K + k). A categorical top layer has the uniform prior 1/K;
+        a lower one p(z_i | z_{i+1}) = softmax of logits from the decoder
+        block above. Mixed hierarchies work (Markov inference only).
+        Evaluation (``score``, ``log_likelihood``, ``sample``) draws exact
+        categories by the Gumbel-max trick; ``transform``/``encode`` give
+        the class probabilities (and their logs). Its term of the ELBO is
+        the closed-form KL sum_m sum_k q_mk (log q_mk - log p_mk) of the
+        unrelaxed q where a Gaussian's would be closed-form (the top layer;
+        ``markov_kl='analytic'``), else sum_mk z_mk (log q_mk - log p_mk) at
+        the sample. Part of the model, like ``markov_kl``.
+    n_categories : int or tuple of int, default=10
+        Classes K per variable of the categorical layers (>= 2; one for all
+        layers or one per layer; ignored for Gaussian layers). Part of the
+        model.
+    temperature : float, default=1.0
+        Gumbel-softmax (Jang et al. 2017): training replaces a categorical
+        sample by softmax((logits + g) / tau), g ~ Gumbel(0, 1), annealed
+        per optimizer step t as tau_t = max(temperature_min, temperature *
+        exp(-temperature_decay * t)). Lower tau: less bias, more variance.
+    temperature_min : float, default=0.5
+        The annealing's floor.
+    temperature_decay : float, default=3e-5
+        The annealing's rate per optimizer step (0: constant
+        max(temperature_min, temperature)).
+    straight_through : bool, default=False
+        Straight-through Gumbel-softmax: the exact one-hot in the forward
+        pass, the relaxed sample's gradient in the backward.
+    gradient_estimator : {'auto', 'reparameterization', 'gumbel_softmax', \
+'score_function'}, default='auto'
+        How the gradient passes through the sampled latents. 'auto': each
+        layer its pathwise estimator (reparameterisation for Gaussian
+        layers, Gumbel-softmax for categorical ones); 'reparameterization'
+        and 'gumbel_softmax' are the same, naming the models they fit.
+        'score_function' (REINFORCE): exact samples (Gumbel-max), no
+        gradient through them, and grad log q(z | x) times the centred
+        learning signal (the row's ELBO estimate) instead; unbiased, high
+        variance. Needs ``objective='elbo'``. See ``score_baseline`` and
+        :func:`hvae.gradient_variance`.
+    score_baseline : {'auto', 'none', 'running_mean', 'leave_one_out'}, \
+default='auto'
+        The score function's baseline: 'running_mean', a moving average
+        (weight 0.1) of earlier minibatches' mean signal; 'leave_one_out'
+        (``n_mc_samples >= 2``, as in VIMCO), the mean signal of the row's
+        other draws; 'auto', leave-one-out with several draws, else the
+        running mean; 'none'.
 
     Attributes
     ----------
@@ -279,7 +337,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
                  objective="elbo", n_mc_samples=1, n_importance_samples=5,
                  kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None,
-                 markov_kl="sampled"):
+                 markov_kl="sampled", latent_types="gaussian", n_categories=10,
+                 temperature=1.0, temperature_min=0.5, temperature_decay=3e-5,
+                 straight_through=False, gradient_estimator="auto", score_baseline="auto"):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -310,6 +370,14 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.conditional = conditional
         self.chunk_size = chunk_size
         self.markov_kl = markov_kl
+        self.latent_types = latent_types
+        self.n_categories = n_categories
+        self.temperature = temperature
+        self.temperature_min = temperature_min
+        self.temperature_decay = temperature_decay
+        self.straight_through = straight_through
+        self.gradient_estimator = gradient_estimator
+        self.score_baseline = score_baseline
 
     # ---- fitting -------------------------------------------------------------
 
@@ -527,12 +595,13 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
-                             "markov_kl or conditional); call fit to train a new model")
+                             "markov_kl, latent_types, n_categories or conditional); call "
+                             "fit to train a new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):
         """The fitted model's options, as _model_options(params) gives them."""
-        return {key: getattr(self.model_, key) for key in _MODEL_OPTIONS}
+        return {key: getattr(self.model_, key) for key in _MODEL_OPTIONS + _LATENT_OPTIONS}
 
     def _partial_fit_classes(self, classes, continuing):
         """partial_fit's classes, sorted, checked against classes_ of a model
@@ -760,12 +829,13 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
         Returns
         -------
-        Z : ndarray of shape (n_samples, latent_dims[0]), float32
+        Z : ndarray of shape (n_samples, width of z_1), float32
         """
         return self.fit(X, y, **fit_params).transform(X, y)
 
     def transform(self, X, y=None):
-        """Posterior means of z_1.
+        """Posterior means of z_1 (a categorical z_1: its class
+        probabilities, column m*K + k for class k of variable m).
 
         Parameters
         ----------
@@ -776,7 +846,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
         Returns
         -------
-        Z : ndarray of shape (n_samples, latent_dims[0]), float32
+        Z : ndarray of shape (n_samples, width of z_1), float32
+            The width is latent_dims[0], or latent_dims[0] * K for a
+            categorical layer.
         """
         X, C = self._fitted_X(X, y)
         return self.model_.encode(X, cond=C)[0][0]
@@ -796,7 +868,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         layers : list of T (mu, logvar) pairs, each of shape (n_samples, d_i)
             Markov inference: layers above the first are evaluated at the
             posterior mean of the layer below. Ladder: top-down, each layer's
-            prior evaluated at the posterior mean of the layer above.
+            prior evaluated at the posterior mean of the layer above. A
+            categorical layer gives (class probabilities, their logs), of
+            shape (n_samples, M_i * K_i).
         """
         X, C = self._fitted_X(X, y)
         return self.model_.encode(X, cond=C)
@@ -854,11 +928,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
         Parameters
         ----------
-        Z : array-like of shape (n_samples, latent_dims[0]), or list of pairs
-            Values of z_1, such as ``transform``'s output; or ``encode``'s
-            output, the list of T (mu, logvar) pairs, of which the first
-            layer's means are decoded (``inverse_transform(encode(X))``
-            equals ``reconstruct(X)``).
+        Z : array-like of shape (n_samples, width of z_1), or list of pairs
+            Values of z_1, such as ``transform``'s output: latent_dims[0]
+            columns, or M*K for a categorical z_1 (one-hots or
+            probabilities); or ``encode``'s output, the list of T (mu, logvar)
+            pairs, of which the first layer's means are decoded
+            (``inverse_transform(encode(X))`` equals ``reconstruct(X)``).
         y : array-like or None, default=None
             The rows' conditions, for a model fitted with ``conditional=True``
             (class labels or an (n_samples, n_conditions) array); else ignored.
@@ -881,9 +956,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         with np.errstate(over="ignore"):
             Z = check_array(Z, dtype=np.float32, order="C", ensure_all_finite=False,
                             input_name="Z")
-        if Z.shape[1] != self.model_.latent_dims[0]:
-            raise ValueError(f"Z must have shape (n_samples, {self.model_.latent_dims[0]}); "
-                             f"got {Z.shape}")
+        width = self.model_.latent_widths[0]
+        if Z.shape[1] != width:
+            raise ValueError(f"Z must have shape (n_samples, {width}); got {Z.shape}")
         if not np.all(np.isfinite(Z)):
             raise ValueError("Z contains NaN or infinity (or values beyond float32's range)")
         return self.model_.decode(Z, cond=self._condition_code().all_rows(y, Z.shape[0]))
@@ -1036,7 +1111,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     @property
     def _n_features_out(self):
-        return self.model_.latent_dims[0]
+        return self.model_.latent_widths[0]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -399,6 +399,10 @@ def _check_architecture_size(model_arguments, n_params):
             continue
         values = value if isinstance(value, (tuple, list)) else (value,)
         widths += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    # A categorical layer's sample is M * K wide.
+    K, dims = model_arguments.get("n_categories"), model_arguments.get("latent_dims")
+    if isinstance(K, tuple) and isinstance(dims, tuple) and len(K) == len(dims):
+        widths += [d * k for d, k in zip(dims, K) if _is_int(d) and _is_int(k) and k > 1]
     if any(w < 0 or w > max(n_params, 1) for w in widths):
         raise _Damaged(f"the architecture has widths {widths}, impossible for {n_params} "
                        "parameters")
@@ -467,6 +471,20 @@ def _check_model_arguments(arguments, n_params):
         if key in arguments:
             _require(isinstance(arguments[key], str),
                      f"model {key} must be a string; got {arguments[key]!r:.100}")
+    # Latent families: one name, or one per layer; classes per layer, 0 for
+    # a Gaussian layer and 2.. for a categorical one (Model checks which).
+    n_layers = len(arguments.get("latent_dims") or ())
+    family = arguments.get("latent_family", "gaussian")
+    _require(isinstance(family, str) or (isinstance(family, tuple) and len(family) == n_layers
+                                         and all(isinstance(f, str) for f in family)),
+             f"model latent_family must be a string or a tuple of {n_layers}; "
+             f"got {family!r:.100}")
+    if "n_categories" in arguments:
+        K = arguments["n_categories"]
+        _require(isinstance(K, tuple) and len(K) == n_layers
+                 and all(_is_int(k) and 0 <= k <= max(n_params, 2) for k in K),
+                 f"model n_categories must be a tuple of {n_layers} ints in [0, n_params]; "
+                 f"got {K!r:.100}")
     if "seed" in arguments:
         _check_int(arguments["seed"], "model seed", 0, 2**64 - 1)
 
@@ -631,7 +649,8 @@ def _check_params(estimator, model, spec):
     # parameter), so no training could have used them, and a model saved
     # with them could not train on.
     for key, high in (("learning_rate", 1.0), ("beta", 1e3), ("weight_decay", 1e3),
-                      ("free_bits", 1e3)):
+                      ("free_bits", 1e3), ("temperature", 1e6), ("temperature_min", 1e6),
+                      ("temperature_decay", 1e3)):
         if _is_real(params.get(key)):
             _check_real(params[key], key, high=high)
     random_state = params.get("random_state")

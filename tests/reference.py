@@ -19,6 +19,15 @@ Model (x = z_0 in R^D, latent layers z_1..z_T of sizes d_1..d_T):
   term as the single-sample log-density ratio (its prior depends on z_{i+1},
   drawn given z_i, so a closed-form KL there would be biased).
 
+Categorical layers (``Config.latent_families``): layer i holds M_i =
+latent_dims[i] variables of K_i = n_categories[i] classes, z_i of M_i * K_i
+columns (column m*K + k); encoder block i has one head 'logits' (M_i K_i),
+q = softmax per variable, and decoder block i + 1 a head 'logits' for the
+prior p(z_i | z_{i+1}) (uniform 1/K at the top). Noise g is standard Gumbel;
+z = onehot(argmax(l + g)) (exact: temperature None), softmax((l + g) / tau)
+(relaxed). Terms: sum_k q_k (log q_k - log p_k) (closed form, where the
+Gaussian takes it) or sum_k z_k (log q_k - log p_k) (sampled).
+
 The bottom of the file has small helpers the test modules share (random
 parameters and data, and a comparison that reports its largest difference).
 """
@@ -139,10 +148,21 @@ class Config:
     inference: str = "markov"
     n_conditions: int = 0
     markov_kl: str = "sampled"
+    latent_families: tuple = ()   # per layer; () for every layer Gaussian
+    n_categories: tuple = ()      # per layer, K for categorical layers
 
     @property
     def n_layers(self):
         return len(self.latent_dims)
+
+    def categorical(self, i):
+        """Whether layer i (1-based) is categorical."""
+        return bool(self.latent_families) and self.latent_families[i - 1] == "categorical"
+
+    def width(self, i):
+        """Columns of z_i (1-based): d_i, or M_i * K_i."""
+        d = self.latent_dims[i - 1]
+        return d * self.n_categories[i - 1] if self.categorical(i) else d
 
     def model_kwargs(self):
         """Keyword arguments for hvae.Model."""
@@ -154,7 +174,10 @@ class Config:
                     decoder_variance=self.decoder_variance,
                     inference=self.inference,
                     n_conditions=self.n_conditions,
-                    markov_kl=self.markov_kl)
+                    markov_kl=self.markov_kl,
+                    **(dict(latent_family=tuple(self.latent_families),
+                            n_categories=tuple(self.n_categories))
+                       if self.latent_families else {}))
 
 
 def _block_shapes(prefix, n_in, widths, heads, n_cond=0):
@@ -174,15 +197,18 @@ def _block_shapes(prefix, n_in, widths, heads, n_cond=0):
 
 def parameter_shapes(cfg):
     """The ordered (name, shape) list that tiles the parameter buffer."""
-    dims = [cfg.n_features] + list(cfg.latent_dims)  # dims[i] = size of z_i
+    # dims[i] = columns of z_i
+    dims = [cfg.n_features] + [cfg.width(i) for i in range(1, cfg.n_layers + 1)]
     learned = cfg.decoder_variance == "learned"
     shapes = []
     for i in range(1, cfg.n_layers + 1):
-        shapes += _block_shapes(f"enc{i}", dims[i - 1], cfg.hidden_dims,
-                                [("mu", dims[i]), ("logvar", dims[i])], cfg.n_conditions)
+        heads = ([("logits", dims[i])] if cfg.categorical(i)
+                 else [("mu", dims[i]), ("logvar", dims[i])])
+        shapes += _block_shapes(f"enc{i}", dims[i - 1], cfg.hidden_dims, heads,
+                                cfg.n_conditions)
     for i in range(1, cfg.n_layers + 1):
-        if i == 1 and cfg.likelihood == "bernoulli":
-            heads = [("logits", dims[0])]
+        if (i == 1 and cfg.likelihood == "bernoulli") or (i > 1 and cfg.categorical(i - 1)):
+            heads = [("logits", dims[i - 1])]
         else:
             heads = [("mu", dims[i - 1])]
             if learned:
@@ -239,6 +265,8 @@ def encoder(params, cfg, i, inp, preactivations=None, cond=None):
     pre = [] if preactivations is None else preactivations
     h, used = _mlp(params, f"enc{i}", inp, cfg, pre, cond)
     c = None if used else cond
+    if cfg.categorical(i):
+        return _head(params, f"enc{i}", "logits", h, c), None
     return _head(params, f"enc{i}", "mu", h, c), _head(params, f"enc{i}", "logvar", h, c)
 
 
@@ -249,8 +277,8 @@ def decoder(params, cfg, i, z, preactivations=None, cond=None):
     pre = [] if preactivations is None else preactivations
     h, used = _mlp(params, f"dec{i}", z, cfg, pre, cond)
     c = None if used else cond
-    if i == 1 and cfg.likelihood == "bernoulli":
-        return _head(params, "dec1", "logits", h, c), None
+    if (i == 1 and cfg.likelihood == "bernoulli") or (i > 1 and cfg.categorical(i - 1)):
+        return _head(params, f"dec{i}", "logits", h, c), None
     mu = _head(params, f"dec{i}", "mu", h, c)
     if cfg.decoder_variance == "learned":
         return mu, _head(params, f"dec{i}", "logvar", h, c)
@@ -264,7 +292,39 @@ def precision_merge(mu_hat, logvar_hat, mu_p, logvar_p):
     return var_q * (mu_hat * prec_hat + mu_p * prec_p), np.log(var_q)
 
 
-def forward(params, cfg, x, noise, cond=None, sampled=False):
+def log_softmax_groups(logits, K):
+    """Per-variable log-softmax of (n, M*K) logits, shape kept."""
+    a = logits.reshape(logits.shape[0], -1, K)
+    mx = a.max(axis=2, keepdims=True)
+    out = a - mx - np.log(np.sum(np.exp(a - mx), axis=2, keepdims=True))
+    return out.reshape(logits.shape)
+
+
+def categorical_sample(logits, gumbel, K, temperature=None):
+    """Gumbel-max one-hot (temperature None) or Gumbel-softmax sample."""
+    a = (logits + gumbel).reshape(logits.shape[0], -1, K)
+    if temperature is None:
+        z = (a == a.max(axis=2, keepdims=True)).astype(np.float64)
+    else:
+        z = np.exp(log_softmax_groups((a / temperature).reshape(logits.shape), K))
+    return z.reshape(logits.shape)
+
+
+def categorical_kl(logits_q, logits_p, K):
+    """Per-row sum over variables of KL(q || p); logits_p None: uniform."""
+    lq = log_softmax_groups(logits_q, K)
+    lp = -np.log(K) if logits_p is None else log_softmax_groups(logits_p, K)
+    return np.sum(np.exp(lq) * (lq - lp), axis=1)
+
+
+def categorical_logratio(z, logits_q, logits_p, K):
+    """Per-row sum_k z_k (log q_k - log p_k)."""
+    lq = log_softmax_groups(logits_q, K)
+    lp = -np.log(K) if logits_p is None else log_softmax_groups(logits_p, K)
+    return np.sum(z * (lq - lp), axis=1)
+
+
+def forward(params, cfg, x, noise, cond=None, sampled=False, temperature=None):
     """Per-row ELBO terms for data x (n, D) and noise eps_1..eps_T.
 
     Returns a dict with 'elbo' (n,), 'reconstruction' (n,), 'kl' (n, T)
@@ -274,6 +334,8 @@ def forward(params, cfg, x, noise, cond=None, sampled=False):
     same things (the top layer; every ladder layer) and the sampled
     log-density ratio log q(z) - log p(z) otherwise, or everywhere with
     `sampled` (then elbo is log p(x, z) - log q(z | x), an importance log-weight).
+    Categorical layers draw exact one-hot samples, or Gumbel-softmax ones at
+    `temperature` (Markov inference only).
     """
     x = np.asarray(x, dtype=np.float64)
     T = cfg.n_layers
@@ -285,7 +347,10 @@ def forward(params, cfg, x, noise, cond=None, sampled=False):
         h = x
         for i in range(T):
             mus[i], logvars[i] = encoder(params, cfg, i + 1, h, pre, cond)
-            zs[i] = mus[i] + np.exp(0.5 * logvars[i]) * eps[i]
+            if cfg.categorical(i + 1):
+                zs[i] = categorical_sample(mus[i], eps[i], cfg.n_categories[i], temperature)
+            else:
+                zs[i] = mus[i] + np.exp(0.5 * logvars[i]) * eps[i]
             h = zs[i]
         for i in range(T - 1):
             priors[i] = decoder(params, cfg, i + 2, zs[i + 1], pre, cond)
@@ -309,8 +374,13 @@ def forward(params, cfg, x, noise, cond=None, sampled=False):
         # markov_kl="analytic": the lecture notes' estimator, every lower
         # Markov layer's KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form
         # at the sampled z_{i+1}.
-        if not sampled and (i == T - 1 or cfg.inference == "ladder"
-                            or cfg.markov_kl == "analytic"):
+        closed = not sampled and (i == T - 1 or cfg.inference == "ladder"
+                                  or cfg.markov_kl == "analytic")
+        if cfg.categorical(i + 1):
+            K, lp = cfg.n_categories[i], priors[i][0] if i < T - 1 else None
+            kl[:, i] = (categorical_kl(mus[i], lp, K) if closed
+                        else categorical_logratio(zs[i], mus[i], lp, K))
+        elif closed:
             kl[:, i] = gaussian_kl(mus[i], logvars[i], mu_p, logvar_p)
         else:
             kl[:, i] = (gaussian_loglik(zs[i], mus[i], logvars[i])
@@ -331,7 +401,7 @@ def forward(params, cfg, x, noise, cond=None, sampled=False):
 
 
 def objective_loss(params, cfg, x, noise, n_samples=1, objective="elbo", beta=1.0,
-                   free_bits=0.0, cond=None):
+                   free_bits=0.0, cond=None, temperature=None):
     """The training loss of hvae's objectives, noise rows b * S + s.
 
     elbo: -mean_b [ mean_s reconstruction - beta * sum_i max(free_bits,
@@ -341,7 +411,8 @@ def objective_loss(params, cfg, x, noise, n_samples=1, objective="elbo", beta=1.
     S = n_samples
     x_rep = np.repeat(np.asarray(x, np.float64), S, axis=0)
     c_rep = None if cond is None else np.repeat(np.asarray(cond, np.float64), S, axis=0)
-    out = forward(params, cfg, x_rep, noise, c_rep, sampled=objective == "iwae")
+    out = forward(params, cfg, x_rep, noise, c_rep, sampled=objective == "iwae",
+                  temperature=temperature)
     if objective == "iwae":
         log_w = out["elbo"].reshape(-1, S)
         mx = log_w.max(axis=1, keepdims=True)
@@ -366,6 +437,9 @@ def encode(params, cfg, x, cond=None):
     out = []
     for i in range(1, cfg.n_layers + 1):
         mu, logvar = encoder(params, cfg, i, h, None, cond)
+        if cfg.categorical(i):  # the class probabilities and their logs
+            logvar = log_softmax_groups(mu, cfg.n_categories[i - 1])
+            mu = np.exp(logvar)
         out.append((mu, logvar))
         h = mu
     if cfg.inference == "ladder":
@@ -412,9 +486,11 @@ def random_data(cfg, n, rng):
 
 
 def random_noise(cfg, n, rng):
-    """eps_1..eps_T as float32 arrays (n, d_i)."""
-    return [rng.standard_normal((n, d)).astype(np.float32)
-            for d in cfg.latent_dims]
+    """eps_1..eps_T as float32 arrays (n, d_i): standard normal, or
+    standard Gumbel for a categorical layer (n, M_i K_i)."""
+    return [(rng.gumbel(size=(n, cfg.width(i))) if cfg.categorical(i)
+             else rng.standard_normal((n, cfg.width(i)))).astype(np.float32)
+            for i in range(1, cfg.n_layers + 1)]
 
 
 def assert_close(actual, expected, rtol, atol, what):

@@ -1038,6 +1038,113 @@ static void test_variants(void)
     }
 }
 
+static void test_categorical(void)
+{
+    current_test = "categorical";
+    /* Mixed hierarchies of categorical and Gaussian layers: every entry
+     * point and estimator once, results finite; one-hot samples; invalid
+     * configurations refused. */
+    const int64_t n = 10, D = 5;
+    int64_t latent[2] = {3, 2}, hidden[1] = {6}, K[2] = {4, 3};
+    hvae_latent_family mixes[3][2] = {
+        {HVAE_LATENT_CATEGORICAL, HVAE_LATENT_CATEGORICAL},
+        {HVAE_LATENT_CATEGORICAL, HVAE_LATENT_GAUSSIAN},
+        {HVAE_LATENT_GAUSSIAN, HVAE_LATENT_CATEGORICAL}};
+    for (int mix = 0; mix < 3; mix++) {
+        hvae_config cfg = hvae_config_default(D, 2, latent, 1, hidden);
+        cfg.latent_families = mixes[mix];
+        cfg.n_categories = K;
+        hvae_model *m = NULL;
+        hvae_workspace *ws = NULL;
+        hvae_optimizer *opt = NULL;
+        CHECK_STATUS(hvae_model_create(&cfg, &m), HVAE_OK);
+        if (!m)
+            continue;
+        int64_t w0 = hvae_model_latent_width(m, 0), w1 = hvae_model_latent_width(m, 1);
+        CHECK(w0 == (mix < 2 ? 12 : 3) && w1 == (mix == 1 ? 2 : 6));
+        CHECK(hvae_model_latent_width(m, 2) == 0);
+        hvae_model_init(m, (uint64_t)mix);
+        CHECK_STATUS(hvae_workspace_create(m, 8, &ws), HVAE_OK);
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        CHECK_STATUS(hvae_optimizer_create(m, &oc, &opt), HVAE_OK);
+        float *x = make_data(n, D, 7);
+        double elbo[10], ll[10];
+        CHECK_STATUS(hvae_elbo(m, ws, x, NULL, n, NULL, 1, elbo, NULL, NULL), HVAE_OK);
+        CHECK(all_finite_d(elbo, n));
+        CHECK_STATUS(hvae_log_likelihood(m, ws, x, NULL, n, 5, 1, ll, NULL, NULL), HVAE_OK);
+        CHECK(all_finite_d(ll, n));
+        hvae_epoch_stats stats;
+        hvae_objective_options obj = hvae_objective_options_default();
+        for (int est = 0; est < HVAE_GRADIENT_ESTIMATOR_COUNT; est++) {
+            obj.gradient_estimator = (hvae_gradient_estimator)est;
+            obj.n_samples = est == HVAE_GRADIENT_SCORE_FUNCTION ? 2 : 1;
+            obj.straight_through = est == HVAE_GRADIENT_GUMBEL_SOFTMAX;
+            CHECK_STATUS(hvae_loss_and_grad(m, ws, x, NULL, n, NULL, 2, &obj, &stats),
+                         est == HVAE_GRADIENT_REPARAMETERIZATION ? HVAE_ERR_INVALID_ARGUMENT
+                                                                 : HVAE_OK);
+            CHECK(est == HVAE_GRADIENT_REPARAMETERIZATION ||
+                  (isfinite(stats.loss) &&
+                   all_finite_f(hvae_model_grads(m), hvae_model_n_params(m))));
+        }
+        obj = hvae_objective_options_default();
+        obj.temperature = 0.0f;
+        CHECK_STATUS(hvae_loss_and_grad(m, ws, x, NULL, n, NULL, 2, &obj, &stats),
+                     HVAE_ERR_INVALID_ARGUMENT);
+        obj = hvae_objective_options_default();
+        obj.gradient_estimator = HVAE_GRADIENT_SCORE_FUNCTION;
+        obj.objective = HVAE_OBJECTIVE_IWAE;
+        obj.n_samples = 2;
+        CHECK_STATUS(hvae_loss_and_grad(m, ws, x, NULL, n, NULL, 2, &obj, &stats),
+                     HVAE_ERR_INVALID_ARGUMENT);
+
+        int64_t order[10];
+        hvae_rng rng;
+        hvae_rng_seed(&rng, 3);
+        hvae_train_options to = hvae_train_options_default();
+        to.batch_size = 4;
+        to.objective.temperature_decay = 0.1f;
+        to.objective.gradient_estimator =
+            mix == 2 ? HVAE_GRADIENT_SCORE_FUNCTION : HVAE_GRADIENT_AUTO;
+        hvae_status st = HVAE_OK;
+        for (int e = 0; e < 3 && st == HVAE_OK; e++)
+            st = hvae_train_epoch(m, ws, opt, &rng, x, NULL, n, order, &to, &stats);
+        CHECK(st == HVAE_OK && isfinite(stats.loss) && stats.n_rows == n);
+
+        float mu0[120], mu1[60], lv0[120], lv1[60], xm[50], s[50];
+        float *mu[2] = {mu0, mu1}, *lv[2] = {lv0, lv1};
+        CHECK_STATUS(hvae_encode(m, ws, x, NULL, n, mu, lv), HVAE_OK);
+        CHECK(all_finite_f(mu0, n * w0) && all_finite_f(lv1, n * w1));
+        if (mix < 2) { /* class probabilities: each variable's sum to 1 */
+            double total = 0.0;
+            for (int64_t k = 0; k < n * w0; k++)
+                total += mu0[k];
+            CHECK(fabs(total - (double)(n * latent[0])) < 1e-3);
+        }
+        CHECK_STATUS(hvae_decode(m, ws, mu0, NULL, n, xm, NULL), HVAE_OK);
+        CHECK(all_finite_f(xm, n * D));
+        CHECK_STATUS(hvae_sample(m, ws, &rng, n, NULL, 1, s), HVAE_OK);
+        CHECK(all_finite_f(s, n * D));
+        free(x);
+        hvae_optimizer_free(opt);
+        hvae_workspace_free(ws);
+        hvae_model_free(m);
+    }
+    /* Refused: K < 2, a ladder with a categorical layer, and no classes. */
+    hvae_config cfg = hvae_config_default(D, 2, latent, 1, hidden);
+    hvae_model *m = NULL;
+    int64_t bad_K[2] = {1, 3};
+    cfg.latent_families = mixes[0];
+    cfg.n_categories = bad_K;
+    CHECK_STATUS(hvae_model_create(&cfg, &m), HVAE_ERR_INVALID_ARGUMENT);
+    cfg.n_categories = K;
+    cfg.inference = HVAE_INFERENCE_LADDER;
+    CHECK_STATUS(hvae_model_create(&cfg, &m), HVAE_ERR_INVALID_ARGUMENT);
+    cfg.inference = HVAE_INFERENCE_MARKOV;
+    cfg.n_categories = NULL;
+    CHECK_STATUS(hvae_model_create(&cfg, &m), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL);
+}
+
 static void test_many_models(void)
 {
     current_test = "many_models";
@@ -1517,6 +1624,7 @@ int main(void)
     test_rng();
     test_kernels();
     test_variants();
+    test_categorical();
     test_many_models();
     test_pool();
     test_thread_counts();

@@ -1,0 +1,229 @@
+"""Discrete latents on Fashion-MNIST: a categorical VAE against a Gaussian VAE
+and against its PyTorch peer, and the gradient estimators' variance.
+
+    python bench/discrete.py [--epochs 5] [--ll-rows 500] [--ll-samples 500]
+
+Models (hidden (512, 256), Bernoulli likelihood, Adam 1e-3, batch 128, the
+same epochs):
+
+  categorical   30 variables x 10 classes, Gumbel-softmax with
+                tau = max(0.5, exp(-3e-5 step)) (Jang et al.)
+  gaussian      32 Gaussian units, reparameterisation
+  torch         bench/peer_torch_discrete.py: the categorical model in
+                PyTorch (same relaxation, annealing, optimizer; fused Adam)
+
+Training interleaves the epochs (hvae categorical, torch, hvae Gaussian, then
+the next epoch), so the load of the shared machine falls on all of them
+alike; throughput is training rows per median epoch second. Every model is
+scored on the 10k test images: the mean ELBO with one exact draw per image
+(Gumbel-max for categorical layers, averaged over 3 seeds) and, on the first
+--ll-rows images, the importance-sampled log-likelihood with --ll-samples
+draws. Then the gradient estimators on one minibatch of 128 test images at
+the trained models (hvae.gradient_variance): total variance (trace of the
+covariance of one estimate), |mean|, and for the categorical model the bias
+|mean - reference|, the reference being the mean of many score-function
+estimates with the leave-one-out baseline (unbiased), whose own standard
+error is reported. Writes bench/results/discrete.json.
+
+torch runs with OMP_WAIT_POLICY=PASSIVE (set here before torch loads unless
+the environment says otherwise): on a loaded machine OpenMP's spinning
+threads made it 5-10x slower, and the peer should be at its best.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import hvae  # noqa: E402
+from data import find_fashion_mnist  # noqa: E402
+from hvae.datasets import load_fashion_mnist  # noqa: E402
+
+ANNEAL = dict(temperature=1.0, temperature_min=0.5, temperature_decay=3e-5)
+
+
+def hvae_models(seed):
+    cat = hvae.Model(784, (30,), (512, 256), likelihood="bernoulli",
+                     latent_family="categorical", n_categories=10, seed=seed)
+    gauss = hvae.Model(784, (32,), (512, 256), likelihood="bernoulli", seed=seed)
+    return cat, gauss
+
+
+def hvae_epoch(model, X, **options):
+    start = time.perf_counter()
+    record = model.fit(X, n_epochs=1, batch_size=128, learning_rate=1e-3, **options)[-1]
+    return record["elbo"], time.perf_counter() - start
+
+
+def variance_table(cat, gauss, X, n_draws, reference_draws):
+    """Rows of the estimator table on the minibatch X."""
+    rows = []
+
+    def add(model_name, model, label, **options):
+        start = time.perf_counter()
+        s = hvae.gradient_variance(model, X, n_draws=n_draws, seed=1000, **options)
+        rows.append(dict(model=model_name, estimator=label, options=options,
+                         total_variance=s["total_variance"], mean_norm=s["mean_norm"],
+                         mean=s["mean"], seconds=time.perf_counter() - start))
+        print(f"  {model_name:<12} {label:<34} total variance {s['total_variance']:12.4g}  "
+              f"|mean| {s['mean_norm']:9.4g}", flush=True)
+
+    print(f"gradient estimators on one minibatch of {len(X)} test images, "
+          f"{n_draws} draws each:")
+    for tau in (2.0, 1.0, 0.5, 0.25, 0.1):
+        add("categorical", cat, f"gumbel_softmax tau={tau}", temperature=tau)
+    add("categorical", cat, "gumbel_softmax straight-through tau=0.5", temperature=0.5,
+        straight_through=True)
+    add("categorical", cat, "score_function, no baseline",
+        gradient_estimator="score_function", score_baseline="none")
+    add("categorical", cat, "score_function, running mean",
+        gradient_estimator="score_function", score_baseline="running_mean")
+    add("categorical", cat, "score_function, leave-one-out (S=4)",
+        gradient_estimator="score_function", score_baseline="leave_one_out", n_samples=4)
+    add("gaussian", gauss, "reparameterization")
+    add("gaussian", gauss, "score_function, no baseline",
+        gradient_estimator="score_function", score_baseline="none")
+    add("gaussian", gauss, "score_function, running mean",
+        gradient_estimator="score_function", score_baseline="running_mean")
+    add("gaussian", gauss, "score_function, leave-one-out (S=4)",
+        gradient_estimator="score_function", score_baseline="leave_one_out", n_samples=4)
+
+    # Unbiased references for the bias column: many leave-one-out score-
+    # function draws of 8 samples (categorical), reparameterisation (Gaussian).
+    refs = {}
+    for name, model, options in (
+            ("categorical", cat, dict(gradient_estimator="score_function",
+                                      score_baseline="leave_one_out", n_samples=8)),
+            ("gaussian", gauss, dict(n_samples=8))):
+        s = hvae.gradient_variance(model, X, n_draws=reference_draws, seed=50000, **options)
+        refs[name] = (s["mean"], float(np.sqrt(np.sum(s["variance"]) / reference_draws)))
+    for row in rows:
+        mean = row.pop("mean")
+        ref, ref_se = refs[row["model"]]
+        row["bias"] = float(np.linalg.norm(mean - ref))
+        # |mean - ref| of an unbiased estimator is about sqrt(its variance /
+        # n_draws + the reference's squared standard error).
+        row["bias_noise_floor"] = float(math.sqrt(row["total_variance"] / n_draws
+                                                  + ref_se ** 2))
+        row["reference_standard_error"] = ref_se
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train-rows", type=int, default=60000)
+    parser.add_argument("--ll-rows", type=int, default=500)
+    parser.add_argument("--ll-samples", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--draws", type=int, default=200)
+    parser.add_argument("--reference-draws", type=int, default=300)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="time the interleaved epochs only (no scores, no variance table)")
+    parser.add_argument("--json", default=str(HERE / "results" / "discrete.json"))
+    args = parser.parse_args(argv)
+
+    path = find_fashion_mnist()
+    X_train, _ = load_fashion_mnist("train", path=path)
+    X_test, _ = load_fashion_mnist("test", path=path)
+    X_train = np.ascontiguousarray(X_train[:args.train_rows])
+    cat, gauss = hvae_models(0)
+    cat.n_threads = gauss.n_threads = args.threads
+    seconds = {"hvae categorical": [], "hvae gaussian": [], "torch categorical": []}
+    train_elbo = {key: [] for key in seconds}
+    if not args.no_torch:
+        import torch
+
+        from peer_torch_discrete import Trainer, TorchCategoricalVAE
+        from peer_torch_discrete import log_likelihood as torch_ll
+        from peer_torch_discrete import score_samples as torch_score
+
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        peer = TorchCategoricalVAE(784)
+        trainer = Trainer(peer, torch.from_numpy(X_train), batch_size=128, lr=1e-3,
+                          tau0=1.0, tau_min=0.5, rate=3e-5)
+    print(f"Fashion-MNIST: {len(X_train)} train, {len(X_test)} test; {args.epochs} "
+          f"interleaved epochs; {args.threads} threads; load average {os.getloadavg()}")
+    for epoch in range(args.epochs):
+        for key in seconds:
+            if key == "torch categorical":
+                if args.no_torch:
+                    continue
+                elbo, s = trainer.epoch()
+            else:
+                model = cat if key == "hvae categorical" else gauss
+                elbo, s = hvae_epoch(model, X_train, **(ANNEAL if model is cat else {}))
+            seconds[key].append(s)
+            train_elbo[key].append(elbo)
+            print(f"  epoch {epoch + 1} {key:<18} {s:7.1f} s  train ELBO {elbo:8.2f}",
+                  flush=True)
+
+    results = []
+    for key in seconds:
+        if not seconds[key]:
+            continue
+        start = time.perf_counter()
+        if args.throughput_only:
+            elbo = ll = None
+        elif key == "torch categorical":
+            Xt = torch.from_numpy(X_test)
+            elbo = float(np.mean([torch_score(peer, Xt, seed=s).mean().item()
+                                  for s in range(3)]))
+            ll = float(torch_ll(peer, Xt[:args.ll_rows], n_samples=args.ll_samples).mean())
+        else:
+            model = cat if key == "hvae categorical" else gauss
+            elbo = float(np.mean([model.elbo(X_test, seed=s).mean() for s in range(3)]))
+            ll = float(model.log_likelihood(X_test[:args.ll_rows],
+                                            n_samples=args.ll_samples).mean())
+        median = float(np.median(seconds[key]))
+        results.append(dict(model=key, epoch_seconds=seconds[key], median_epoch_seconds=median,
+                            best_epoch_seconds=float(np.min(seconds[key])),
+                            rows_per_second=len(X_train) / median, train_elbo=train_elbo[key],
+                            test_elbo=elbo, test_log_likelihood=ll,
+                            eval_seconds=time.perf_counter() - start))
+        print(f"{key:<18} median epoch {median:7.1f} s ({len(X_train) / median:8.0f} rows/s)"
+              + ("" if elbo is None else f"  test ELBO {elbo:8.2f}  log p(x) {ll:8.2f}"),
+              flush=True)
+    by = {r["model"]: r for r in results}
+    ratio = None
+    if "torch categorical" in by:
+        ratio = by["hvae categorical"]["rows_per_second"] / by["torch categorical"][
+            "rows_per_second"]
+        per_epoch = [t / h for h, t in zip(seconds["hvae categorical"],
+                                           seconds["torch categorical"])]
+        best_ratio = by["torch categorical"]["best_epoch_seconds"] / by["hvae categorical"][
+            "best_epoch_seconds"]
+        print(f"throughput hvae / torch (categorical): {ratio:.2f} (medians), "
+              f"{best_ratio:.2f} (fastest epochs); per epoch "
+              f"{[round(r, 2) for r in per_epoch]}")
+
+    table = None if args.throughput_only else variance_table(cat, gauss, X_test[:128],
+                                                             args.draws, args.reference_draws)
+    out = dict(epochs=args.epochs, train_rows=len(X_train), threads=args.threads,
+               ll_rows=args.ll_rows, ll_samples=args.ll_samples, blas=hvae.blas_info(),
+               load_average_at_end=os.getloadavg(), annealing=ANNEAL,
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+               throughput_ratio_categorical=ratio,
+               throughput_ratio_categorical_fastest_epochs=(
+                   None if ratio is None else best_ratio), results=results,
+               gradient_variance=dict(rows=128, draws=args.draws,
+                                      reference_draws=args.reference_draws, table=table))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
