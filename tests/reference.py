@@ -18,6 +18,10 @@ Model (x = z_0 in R^D, latent layers z_1..z_T of sizes d_1..d_T):
   at the sampled z's: the top layer's KL in closed form, each lower layer's
   term as the single-sample log-density ratio (its prior depends on z_{i+1},
   drawn given z_i, so a closed-form KL there would be biased).
+* prior="gmm" (VaDE): p(z_T) = sum_c softmax(pi_logits)_c N(mu_c, exp(logvar_c)),
+  tensors prior.pi_logits (K,), prior.mu (K, d_T), prior.logvar (K, d_T);
+  the top layer's term sum_c gamma_c [KL(q || N(mu_c, var_c)) + log gamma_c
+  - log p(c)] with gamma_c = p(c | z_T) at the sampled z_T (see gmm_term).
 
 The bottom of the file has small helpers the test modules share (random
 parameters and data, and a comparison that reports its largest difference).
@@ -139,6 +143,8 @@ class Config:
     inference: str = "markov"
     n_conditions: int = 0
     markov_kl: str = "sampled"
+    prior: str = "standard"
+    n_components: int = 1
 
     @property
     def n_layers(self):
@@ -154,7 +160,9 @@ class Config:
                     decoder_variance=self.decoder_variance,
                     inference=self.inference,
                     n_conditions=self.n_conditions,
-                    markov_kl=self.markov_kl)
+                    markov_kl=self.markov_kl,
+                    prior=self.prior,
+                    n_components=self.n_components)
 
 
 def _block_shapes(prefix, n_in, widths, heads, n_cond=0):
@@ -189,6 +197,9 @@ def parameter_shapes(cfg):
                 heads.append(("logvar", dims[i - 1]))
         shapes += _block_shapes(f"dec{i}", dims[i],
                                 tuple(reversed(cfg.hidden_dims)), heads, cfg.n_conditions)
+    if cfg.prior == "gmm":
+        K, d = cfg.n_components, dims[-1]
+        shapes += [("prior.pi_logits", (K,)), ("prior.mu", (K, d)), ("prior.logvar", (K, d))]
     return shapes
 
 
@@ -264,6 +275,42 @@ def precision_merge(mu_hat, logvar_hat, mu_p, logvar_p):
     return var_q * (mu_hat * prec_hat + mu_p * prec_p), np.log(var_q)
 
 
+def _logsumexp(a, axis):
+    top = np.max(a, axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.sum(np.exp(a - top), axis=axis))
+
+
+def gmm_log_joint(params, z):
+    """l_c = log p(c) + log N(z; mu_c, var_c), shape (n, K)."""
+    logits = params["prior.pi_logits"]
+    log_pi = logits - _logsumexp(logits, 0)
+    mu, logvar = params["prior.mu"], params["prior.logvar"]
+    log_n = -0.5 * np.sum(LOG_2PI + logvar[None] + (z[:, None, :] - mu[None]) ** 2
+                          * np.exp(-logvar[None]), axis=2)
+    return log_pi[None] + log_n, log_pi
+
+
+def gmm_term(params, mu_q, logvar_q, z, eps, sampled=False):
+    """The mixture prior's top-layer term per row: VaDE's
+    sum_c gamma_c [KL(q || N(mu_c, var_c)) + log gamma_c - log p(c)],
+    gamma = softmax_c(l_c) at the sample z; with `sampled`, the log-density
+    ratio log q(z) - log p(z), p(z) the mixture's marginal."""
+    l, log_pi = gmm_log_joint(params, z)
+    lse = _logsumexp(l, 1)
+    if sampled:
+        return gaussian_loglik(z, mu_q, logvar_q) - lse
+    log_gamma = l - lse[:, None]
+    kl = np.stack([gaussian_kl(mu_q, logvar_q, params["prior.mu"][c], params["prior.logvar"][c])
+                   for c in range(l.shape[1])], axis=1)
+    return np.sum(np.exp(log_gamma) * (kl + log_gamma - log_pi[None]), axis=1)
+
+
+def gmm_responsibilities(params, z):
+    """p(c | z), shape (n, K)."""
+    l, _ = gmm_log_joint(params, z)
+    return np.exp(l - _logsumexp(l, 1)[:, None])
+
+
 def forward(params, cfg, x, noise, cond=None, sampled=False):
     """Per-row ELBO terms for data x (n, D) and noise eps_1..eps_T.
 
@@ -306,6 +353,9 @@ def forward(params, cfg, x, noise, cond=None, sampled=False):
     kl = np.empty((x.shape[0], T))
     for i in range(T):
         mu_p, logvar_p = priors[i] if i < T - 1 else (0.0, 0.0)
+        if i == T - 1 and cfg.prior == "gmm":
+            kl[:, i] = gmm_term(params, mus[i], logvars[i], zs[i], eps[i], sampled)
+            continue
         # markov_kl="analytic": the lecture notes' estimator, every lower
         # Markov layer's KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form
         # at the sampled z_{i+1}.
