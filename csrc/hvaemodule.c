@@ -811,7 +811,7 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
     if (strcmp(which, "n_conditions") == 0)
         return PyLong_FromLongLong(c->n_conditions);
     if (strcmp(which, "n_components") == 0)
-        return PyLong_FromLongLong(hvae_model_n_components(self->model));
+        return PyLong_FromLongLong(c->n_components);
     if (strcmp(which, "prior_offset") == 0)
         return PyLong_FromLongLong(hvae_model_prior_offset(self->model));
     if (strcmp(which, "seed") == 0)
@@ -2009,7 +2009,8 @@ static PyGetSetDef Model_getset[] = {
      "markov_kl"},
     {"prior", (getter)Model_get_config_value, NULL, "The top layer's prior (PRIORS)", "prior"},
     {"n_components", (getter)Model_get_config_value, NULL,
-     "Components K of a mixture prior (0 for a prior without components)", "n_components"},
+     "Components K of a mixture prior (the argument; priors without components "
+     "ignore it)", "n_components"},
     {"prior_offset", (getter)Model_get_config_value, NULL,
      "Where the prior's tensors start in ``parameters`` (they run to its end)",
      "prior_offset"},

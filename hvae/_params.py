@@ -16,7 +16,7 @@ import numpy as np
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
 from ._native import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
-                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS)
+                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS, PRIORS)
 
 
 def _is_int(value):
@@ -174,6 +174,9 @@ PARAMETER_CONSTRAINTS = {
     "shuffle": Unchecked(),
     "warm_start": Unchecked(),
     "random_state": Unchecked(),
+    "prior": OneOf(PRIORS),
+    "n_components": Integer(1),
+    "prior_learning_rate": Optional(FiniteNumber(positive=True)),
 }
 
 

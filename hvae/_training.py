@@ -272,7 +272,9 @@ class Trainer:
                        beta=beta, weight_decay=est.weight_decay, shuffle=est.shuffle,
                        history=records, progress=progress, objective=est.objective,
                        n_samples=est.n_importance_samples if iwae else est.n_mc_samples,
-                       free_bits=est.free_bits, cond=C, **extra)
+                       free_bits=est.free_bits, cond=C,
+                       prior_lr_scale=(est.prior_learning_rate or est.learning_rate)
+                       / est.learning_rate, **extra)
 
     # ---- validation and history ------------------------------------------------------
 

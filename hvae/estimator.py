@@ -29,7 +29,7 @@ from .file_format import register_estimator
 #: fit with warm_start, and partial_fit, continue a model only while they
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
-                  "decoder_variance", "inference", "markov_kl")
+                  "decoder_variance", "inference", "markov_kl", "prior", "n_components")
 
 
 def _model_options(params):
@@ -205,6 +205,22 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``objective='iwae'`` and ``log_likelihood`` are unaffected. Part of
         the model: with another value, ``fit`` trains a new model even with
         ``warm_start``.
+    prior : {'standard', 'gmm'}, default='standard'
+        p(z_T), the top layer's prior. 'standard': N(0, I). 'gmm': a mixture
+        of ``n_components`` diagonal Gaussians, p(c) = softmax(pi_logits),
+        p(z_T | c) = N(mu_c, diag(exp(logvar_c))), all learned, with VaDE's
+        ELBO term (Jiang et al. 2017; see csrc/prior_gmm.c): the model
+        embeds, generates and clusters, its tensors ``prior.pi_logits``,
+        ``prior.mu``, ``prior.logvar`` in ``model_.named_parameters()``.
+        Initialised at random here (equal weights, N(0, I) means, unit
+        variances); :class:`hvae.VaDE` pretrains and initialises them from
+        a GaussianMixture as VaDE does. Part of the model.
+    n_components : int, default=1
+        Components K of the 'gmm' prior; ignored by 'standard'. Part of the
+        model.
+    prior_learning_rate : float or None, default=None
+        Step size of the prior's own tensors (the 'gmm' mixture), None for
+        ``learning_rate``: VaDE trains its mixture at its own rate.
 
     Attributes
     ----------
@@ -255,7 +271,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
                  objective="elbo", n_mc_samples=1, n_importance_samples=5,
                  kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None,
-                 markov_kl="sampled"):
+                 markov_kl="sampled", prior="standard", n_components=1,
+                 prior_learning_rate=None):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -286,6 +303,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.conditional = conditional
         self.chunk_size = chunk_size
         self.markov_kl = markov_kl
+        self.prior = prior
+        self.n_components = n_components
+        self.prior_learning_rate = prior_learning_rate
 
     # ---- fitting -------------------------------------------------------------
 
@@ -467,7 +487,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
-                             "markov_kl or conditional); call fit to train a new model")
+                             "markov_kl, prior, n_components or conditional); call fit "
+                             "to train a new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):

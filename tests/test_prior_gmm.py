@@ -215,4 +215,4 @@ def test_bad_component_counts_are_refused():
     for k in (0, -1, 10 ** 6):
         with pytest.raises(ValueError, match="n_components"):
             hvae.Model(5, (3,), (4,), prior="gmm", n_components=k)
-    assert hvae.Model(5, (3,), (4,)).n_components == 0
+    assert hvae.Model(5, (3,), (4,)).n_components == 1  # the argument, unused
