@@ -1,6 +1,7 @@
 """hvae: hierarchical variational autoencoders trained fast on the CPU.
 
-:class:`HierarchicalVAE` is the scikit-learn estimator; :class:`Model` is the
+:class:`HierarchicalVAE` is the scikit-learn estimator, :class:`VaDE` the
+clusterer built on it (a mixture-of-Gaussians prior); :class:`Model` is the
 low-level model whose parameters live in C buffers; :mod:`hvae.datasets`
 loads the bundled and on-disk data sets without downloading anything;
 :func:`load` reads a model written by :meth:`HierarchicalVAE.save`;
@@ -11,11 +12,12 @@ with mpi4py, imported only when a communicator is passed).
 """
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
 from .estimator import HierarchicalVAE
+from .clustering import VaDE
 from .file_format import load
 from . import distributed  # noqa: E402  (cheap: mpi4py is imported when it is used)
 from . import plot  # noqa: E402  (cheap: matplotlib is imported when a plot is drawn)
 
 __version__ = "0.1.0"
 
-__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "blas_info", "get_num_threads",
+__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "VaDE", "blas_info", "get_num_threads",
            "load", "set_num_threads", "__version__"]

@@ -126,6 +126,7 @@ class _EstimatorSpec(NamedTuple):
     validate: Callable
     history_keys: tuple
     validation_keys: tuple
+    attribute_checks: dict = {}
 
 
 # Loadable estimator classes by name. The estimator module registers its
@@ -133,7 +134,8 @@ class _EstimatorSpec(NamedTuple):
 _ESTIMATORS = {}
 
 
-def register_estimator(cls, *, validate, history_keys, validation_keys=()):
+def register_estimator(cls, *, validate, history_keys, validation_keys=(),
+                       attribute_checks=None):
     """Make ``cls`` savable and loadable.
 
     Parameters
@@ -150,9 +152,14 @@ def register_estimator(cls, *, validate, history_keys, validation_keys=()):
         ``likelihood``, ...), each of which must equal the model's.
     history_keys, validation_keys : tuple of str
         The keys every ``history_`` has, and those it has all or none of.
+    attribute_checks : dict or None
+        Fitted attributes of the class beyond those above (``labels_`` of a
+        clusterer), each with ``check(value, model)`` that returns None when
+        the value is valid for the model and otherwise a message.
     """
     _ESTIMATORS[cls.__name__] = _EstimatorSpec(cls, validate, tuple(history_keys),
-                                               tuple(validation_keys))
+                                               tuple(validation_keys),
+                                               dict(attribute_checks or {}))
 
 
 class _Unencodable(TypeError):
@@ -573,12 +580,16 @@ def _check_attributes(attributes, model, spec):
     """The fitted attributes: their set, types, ranges and agreement with
     the model."""
     known = {"n_features_in_", "n_iter_", "history_", "best_epoch_", "classes_",
-             "feature_names_in_"}
+             "feature_names_in_"} | set(spec.attribute_checks)
     missing = [key for key in _REQUIRED_ATTRIBUTES if key not in attributes]
     if missing:
         raise _Damaged(f"the metadata lacks the fitted attributes {missing}")
     unknown = set(attributes) - known
     _require(not unknown, f"unknown fitted attributes {sorted(map(str, unknown))[:10]}")
+    for key, check in spec.attribute_checks.items():
+        if key in attributes:
+            problem = check(attributes[key], model)
+            _require(problem is None, f"{key}: {problem}")
     n_features = attributes["n_features_in_"]
     _require(_is_int(n_features) and n_features == model.n_features,
              f"n_features_in_ ({n_features!r:.100}) differs from the model's "
