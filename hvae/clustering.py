@@ -19,14 +19,15 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._native import DivergenceError
-from ._params import Integer, validate_parameters
+from ._params import FiniteNumber, Integer, validate_parameters
 from ._training import HISTORY_KEYS, VALIDATION_KEYS, fitted_state, restore_fitted_state
 from .estimator import HierarchicalVAE, _model_options
 from .file_format import register_estimator
 
 #: VaDE's own parameters and their constraints (the others are
 #: HierarchicalVAE's, checked by its table).
-_VADE_CONSTRAINTS = {"pretrain_epochs": Integer(0), "n_init": Integer(1)}
+_VADE_CONSTRAINTS = {"pretrain_epochs": Integer(0), "n_init": Integer(1),
+                     "pretrain_beta": FiniteNumber()}
 
 
 class VaDE(ClusterMixin, HierarchicalVAE):
@@ -47,7 +48,10 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     X, as GaussianMixture keeps the best of its ``n_init``:
 
     1. ``pretrain_epochs`` epochs of the same network as a plain VAE
-       (standard normal prior; the authors pretrain a stacked autoencoder);
+       (standard normal prior) whose KL terms weigh ``pretrain_beta``: the
+       authors pretrain a stacked autoencoder, and a VAE with a small KL
+       weight is nearly one, with every latent unit in use (with weight 1
+       many units stay inactive, and their codes carry no clusters);
     2. a diagonal ``sklearn.mixture.GaussianMixture`` of ``n_components``
        fitted to the posterior means of the top layer initialises the
        weights, means and variances of the prior;
@@ -81,6 +85,8 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     pretrain_epochs : int, default=20
         Epochs of the plain-VAE pretraining (per restart); 0 initialises
         the mixture from the codes of the untrained network.
+    pretrain_beta : float, default=0.01
+        Weight of the KL term in pretraining (see above).
     n_init : int, default=1
         Restarts of the whole procedure; the one of the best ELBO on X is
         kept.
@@ -89,10 +95,11 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     learning_rate : float, default=2e-3
         Adam's step size for the networks (VaDE's 0.002), in pretraining and
         after.
-    prior_learning_rate : float or None, default=None
+    prior_learning_rate : float or None, default=2e-4
         Step size of the mixture's tensors after the initialisation; None
-        is ``learning_rate`` (VaDE's choice on MNIST; it uses 100 times less
-        on HHAR).
+        is ``learning_rate``. The authors use ``learning_rate`` on MNIST and
+        a hundredth of it on HHAR; a tenth keeps the initial components
+        from merging here (on the digits, and on scikit-learn's blobs).
     optimizer : {'adam', 'sgd'}, default='adam'
         As in HierarchicalVAE.
     beta : float, default=1.0
@@ -172,8 +179,8 @@ class VaDE(ClusterMixin, HierarchicalVAE):
 
     def __init__(self, n_components=10, *, latent_dims=(10,), hidden_dims=(256, 256),
                  likelihood="gaussian", activation="relu", decoder_variance="learned",
-                 n_epochs=50, pretrain_epochs=20, n_init=1, batch_size=100,
-                 learning_rate=2e-3, prior_learning_rate=None, optimizer="adam", beta=1.0,
+                 n_epochs=50, pretrain_epochs=20, pretrain_beta=0.01, n_init=1,
+                 batch_size=100, learning_rate=2e-3, prior_learning_rate=2e-4, optimizer="adam", beta=1.0,
                  weight_decay=0.0, shuffle=True, warm_start=False, random_state=None,
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
@@ -187,6 +194,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         self.decoder_variance = decoder_variance
         self.n_epochs = n_epochs
         self.pretrain_epochs = pretrain_epochs
+        self.pretrain_beta = pretrain_beta
         self.n_init = n_init
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -285,7 +293,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         quiet = dict(random_state=seed, warm_start=False, validation_fraction=None,
                      early_stopping=False, callbacks=None)
         pre = self._stage(prior="standard", n_epochs=self.pretrain_epochs,
-                          **quiet).fit(X)
+                          beta=self.pretrain_beta, kl_warmup_epochs=0, **quiet).fit(X)
         run = self._stage(n_epochs=0, **quiet).fit(X)
         offset = run.model_.prior_offset
         run.model_.parameters[:offset] = pre.model_.parameters
