@@ -547,7 +547,8 @@ HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
                                  const float *z1, const float *cond, int64_t n,
                                  float *x_mean, float *x_logvar);
 
-/* Ancestral sampling: z_T ~ N(0, I), z_{i-1} ~ p(z_{i-1} | z_i), then the
+/* Ancestral sampling: z_T ~ p(z_T) (the prior's table: N(0, I), or a
+ * component of a mixture then its Gaussian), z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
@@ -768,7 +769,9 @@ HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
 /* encoder on its learned pseudo-inputs (the ops receive the model and      */
 /* workspace, and ask for workspace columns); a prior corrected by a        */
 /* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
-/* csrc/prior_normal.c, goes through this interface.                         */
+/* csrc/prior_normal.c, goes through this interface, and so does VaDE's     */
+/* mixture, csrc/prior_gmm.c (its optional n_components and                 */
+/* responsibilities operations give hvae_responsibilities).                 */
 /*                                                                           */
 /* A latent family (hvae_latent_family): add HVAE_LATENT_<NAME> before       */
 /* HVAE_LATENT_FAMILY_COUNT, write csrc/latent_<name>.c defining an          */

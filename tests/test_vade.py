@@ -68,7 +68,11 @@ def test_recovers_well_separated_clusters():
 def test_beats_kmeans_on_the_digits():
     X, y = load_digits()
     kmeans = KMeans(10, n_init=10, random_state=0).fit_predict(X)
-    vade = VaDE(10, likelihood="bernoulli", random_state=0, n_threads=1).fit(X)
+    # Restarts kept by their ELBO: on the digits a higher ELBO goes with a
+    # better clustering (seen: ELBO -23.75, -23.55, -23.48 with accuracy
+    # 0.77, 0.88, 0.91 for three seeds of bench/clustering.py's settings).
+    vade = VaDE(10, latent_dims=(16,), likelihood="bernoulli", pretrain_epochs=30,
+                n_epochs=30, batch_size=32, n_init=2, random_state=0, n_threads=2).fit(X)
     acc_vade, acc_kmeans = clustering_accuracy(y, vade.labels_), clustering_accuracy(y, kmeans)
     print(f"digits: VaDE {acc_vade:.3f}, KMeans {acc_kmeans:.3f}")
     assert acc_vade > acc_kmeans + 0.03, (acc_vade, acc_kmeans)
