@@ -630,13 +630,15 @@ def _check_params(estimator, model, spec):
     # a step of learning_rate * 10 per parameter): no training could have
     # used them, and a model saved with them could not train on.
     for key, high in (("learning_rate", 1.0), ("beta", 1e3), ("weight_decay", 1e3),
-                      ("free_bits", 1e3), ("tol", _FLOAT32_MAX)):
+                      ("free_bits", 1e3), ("tol", _FLOAT32_MAX), ("prior_learning_rate", 1.0),
+                      ("pretrain_beta", 1e3)):
         if _is_real(params.get(key)):
             _check_real(params[key], key, high=high)
     limits = {"batch_size": 2**30, "n_threads": _MAX_THREADS, "n_epochs": _MAX_COUNT,
               "n_mc_samples": 2**20, "n_importance_samples": 2**20, "chunk_size": 2**40,
               "n_iter_no_change": _MAX_COUNT, "kl_warmup_epochs": _MAX_COUNT,
-              "verbose": 100}
+              "verbose": 100, "n_components": 2**16, "pretrain_epochs": _MAX_COUNT,
+              "n_init": _MAX_COUNT}
     for key, high in limits.items():
         if _is_int(params.get(key)):
             _check_int(params[key], key, 0, high)
