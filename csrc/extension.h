@@ -25,6 +25,11 @@ typedef struct {
     const float *z, *eps;         /* the sample z_T = mu_q + exp(lv_q / 2) eps */
     const float *mu_q, *lv_q;     /* q(z_T | .) */
     float *dz, *dmu_q, *dlv_q;
+    /* Backward with per-row weights (IWAE), else NULL: the model weights
+     * the rows of dz, dmu_q and dlv_q afterwards, but gradients of the
+     * prior's own tensors mix rows, so the prior weights row r's
+     * contribution to them by row_weight[r] itself. */
+    const float *row_weight;
 } hvae_prior_args;
 
 typedef struct {
@@ -44,6 +49,10 @@ typedef struct {
     void (*term_backward)(const hvae_prior_args *a, float scale, int closed_form);
     /* Draws z (B, d) from the prior. */
     void (*sample)(float *z, const hvae_prior_args *a, hvae_rng *rng);
+    /* A mixture prior's components (NULL: none): how many, and p(c | z)
+     * at a->z into gamma (B, K). */
+    int64_t (*n_components)(const hvae_config *config);
+    void (*responsibilities)(double *gamma, const hvae_prior_args *a);
 } hvae_prior_ops;
 
 /* What a latent family's operations see of one call: B rows of d columns
@@ -109,6 +118,7 @@ extern const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_
 
 /* One file each. */
 extern const hvae_prior_ops hvae_prior_normal;
+extern const hvae_prior_ops hvae_prior_gmm;
 extern const hvae_latent_family_ops hvae_latent_gaussian;
 extern const hvae_latent_family_ops hvae_latent_categorical;
 

@@ -177,7 +177,11 @@ HVAE_API const char *hvae_inference_name(hvae_inference inference);
 
 /* The prior of the top layer, p(z_T). See "Extension points" below. */
 typedef enum {
-    HVAE_PRIOR_NORMAL = 0,     /* N(0, I), no parameters */
+    HVAE_PRIOR_NORMAL = 0,     /* "standard": N(0, I), no parameters */
+    /* "gmm": a mixture of hvae_config.n_components diagonal Gaussians with
+     * learned weights, means and variances (VaDE, Jiang et al. 2017); see
+     * csrc/prior_gmm.c for its ELBO term. */
+    HVAE_PRIOR_GMM = 1,
     HVAE_PRIOR_COUNT
 } hvae_prior_kind;
 HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
@@ -238,7 +242,13 @@ typedef struct {
      * its entries for other layers are ignored. */
     const hvae_latent_family *latent_families;
     const int64_t *n_categories;
+    /* Components K of a mixture prior (HVAE_PRIOR_GMM: 1..HVAE_MAX_COMPONENTS);
+     * ignored by the other priors. Default 1. */
+    int64_t n_components;
 } hvae_config;
+
+/* The most components a mixture prior may have. */
+#define HVAE_MAX_COMPONENTS 65536
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
                                          const int64_t *latent_dims,
@@ -614,13 +624,39 @@ HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
                                  const float *z1, const float *cond, int64_t n,
                                  float *x_mean, float *x_logvar);
 
-/* Ancestral sampling: z_T ~ p(z_T) (N(0, I), or uniform categories by
- * Gumbel-max), z_{i-1} ~ p(z_{i-1} | z_i), then the
+/* Ancestral sampling: z_T ~ p(z_T) (the prior's table: N(0, I), or a
+ * component of a mixture then its Gaussian; uniform categories by Gumbel-max
+ * for a categorical top layer), z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
                                  hvae_rng *rng, int64_t n, const float *cond,
                                  int observation_noise, float *x);
+
+/* Ancestral sampling below a given top layer: z_T = z_top (n, d_T), then
+ * as hvae_sample (a mixture prior's component c is sampled by drawing z_top
+ * from N(mu_c, var_c)). */
+HVAE_API hvae_status hvae_sample_top(hvae_model *model, hvae_workspace *ws,
+                                     hvae_rng *rng, int64_t n, const float *z_top,
+                                     const float *cond, int observation_noise,
+                                     float *x);
+
+/* Components of the model's prior: K for a mixture prior, 0 for a prior
+ * without components (the standard normal). */
+HVAE_API int64_t hvae_model_n_components(const hvae_model *model);
+
+/* The posterior over a mixture prior's components, q(c | x) = p(c | z_T)
+ * evaluated at the posterior mean z_T = E[z_T | x] (hvae_encode's top-layer
+ * mean), into gamma (n, K) (rows sum to 1): a deterministic cluster
+ * assignment, as VaDE's predict uses. HVAE_ERR_INVALID_ARGUMENT when the
+ * prior has no components. */
+HVAE_API hvae_status hvae_responsibilities(hvae_model *model, hvae_workspace *ws,
+                                           const float *x, const float *cond,
+                                           int64_t n, double *gamma);
+
+/* Where the prior's own tensors ("prior.*") start in the flat parameter
+ * buffer; they run to its end (hvae_model_n_params). */
+HVAE_API int64_t hvae_model_prior_offset(const hvae_model *model);
 
 /* ------------------------------------------------------------------------ */
 /* Training.                                                                  */
@@ -670,6 +706,14 @@ HVAE_API void hvae_optimizer_step(hvae_optimizer *opt, hvae_model *model);
  * the optimizer was made for). */
 HVAE_API void hvae_optimizer_step_block(hvae_optimizer *opt, float *params,
                                         const float *grads);
+/* A learning-rate multiplier for one group of parameters: the entries
+ * [begin, end) of the optimizer's block take steps of scale * learning_rate
+ * (Adam's step size, SGD's rate), the others learning_rate (VaDE trains its
+ * mixture prior's tensors, hvae_model_prior_offset onwards, at another
+ * rate). begin = end, or scale 1, turns it off (the default). Kept across
+ * hvae_optimizer_configure; not part of the saved state. */
+HVAE_API hvae_status hvae_optimizer_set_lr_scale(hvae_optimizer *opt, int64_t begin,
+                                                 int64_t end, float scale);
 
 
 /* Data-parallel training: sums values across the processes, in place
@@ -803,7 +847,9 @@ HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
 /* encoder on its learned pseudo-inputs (the ops receive the model and      */
 /* workspace, and ask for workspace columns); a prior corrected by a        */
 /* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
-/* csrc/prior_normal.c, goes through this interface.                         */
+/* csrc/prior_normal.c, goes through this interface, and so does VaDE's     */
+/* mixture, csrc/prior_gmm.c (its optional n_components and                 */
+/* responsibilities operations give hvae_responsibilities).                 */
 /*                                                                           */
 /* A latent family (hvae_latent_family): add HVAE_LATENT_<NAME> before       */
 /* HVAE_LATENT_FAMILY_COUNT, write csrc/latent_<name>.c defining an          */

@@ -665,7 +665,9 @@ static int frame_enter(call_frame *f, ModelObject *self, const frame_inputs *in)
     if (model_enter(self) < 0)
         return -1;
     f->entered = 1;
-    f->x = in->latent ? as_finite_matrix(in->X, hvae_model_latent_width(self->model, 0), "Z")
+    int32_t z_layer = in->latent == 2 ? hvae_model_config(self->model)->n_layers - 1 : 0;
+    f->x = in->latent ? as_finite_matrix(in->X, hvae_model_latent_width(self->model, z_layer),
+                                         "Z")
                       : as_data(self, in->X, "X");
     if (!f->x)
         return -1;
@@ -833,24 +835,24 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
-                             "prior", "latent_family", "n_categories", NULL};
-    long long n_features;
+                             "prior", "latent_family", "n_categories", "n_components", NULL};
+    long long n_features, n_components = 1;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
-    const char *markov_kl = "sampled", *prior = "normal";
+    const char *markov_kl = "sampled", *prior = "standard";
     PyObject *family_obj = NULL, *k_obj = Py_None;
     long long n_conditions = 0;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOO:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOL:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
-                                     &prior, &family_obj, &k_obj))
+                                     &prior, &family_obj, &k_obj, &n_components))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -863,6 +865,11 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (n_conditions < 0 || n_conditions > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
                      "got %lld", n_conditions);
+        return NULL;
+    }
+    if (pri == HVAE_PRIOR_GMM && (n_components < 1 || n_components > HVAE_MAX_COMPONENTS)) {
+        PyErr_Format(PyExc_ValueError, "n_components must be between 1 and %d; got %lld",
+                     HVAE_MAX_COMPONENTS, n_components);
         return NULL;
     }
     if (n_features < 1 || n_features > INT_MAX) {
@@ -891,7 +898,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         }
         if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
             PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
-                         "prior: prior must be 'normal' (the default); got '%s'", prior);
+                         "prior: prior must be 'standard' (the default); got '%s'", prior);
             return NULL;
         }
     }
@@ -917,6 +924,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.latent_families = families;
     cfg.n_categories = n_categories;
     cfg.n_conditions = n_conditions;
+    cfg.n_components = n_components;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -1059,6 +1067,10 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
     }
     if (strcmp(which, "n_conditions") == 0)
         return PyLong_FromLongLong(c->n_conditions);
+    if (strcmp(which, "n_components") == 0)
+        return PyLong_FromLongLong(c->n_components);
+    if (strcmp(which, "prior_offset") == 0)
+        return PyLong_FromLongLong(hvae_model_prior_offset(self->model));
     if (strcmp(which, "seed") == 0)
         return PyLong_FromUnsignedLongLong(self->seed);
     if (strcmp(which, "optimizer_steps") == 0)
@@ -1631,6 +1643,89 @@ done:
     return out;
 }
 
+typedef struct {
+    PyObject *gamma;
+} responsibilities_call;
+
+static hvae_status responsibilities_body(call_frame *f, void *args)
+{
+    responsibilities_call *a = args;
+    return hvae_responsibilities(f->self->model, f->self->ws, PyArray_DATA(f->x),
+                                 cond_data(f->cond), f->n, out_data(a->gamma));
+}
+
+static PyObject *Model_responsibilities(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"X", "cond", NULL};
+    frame_inputs in = {NULL, 0, NULL, 1, Py_None, WS_EVAL};
+    responsibilities_call a = {NULL};
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O", kwlist, &in.X, &in.cond))
+        return NULL;
+    if (hvae_model_n_components(self->model) < 1) {
+        PyErr_Format(PyExc_ValueError, "responsibilities need a prior with components "
+                     "(prior='gmm'); this model's prior is '%s'",
+                     choice_name(CHOICE_PRIOR, hvae_model_config(self->model)->prior));
+        return NULL;
+    }
+    if (frame_enter(&f, self, &in) < 0)
+        goto done;
+    npy_intp dims[2] = {f.n, hvae_model_n_components(self->model)};
+    a.gamma = frame_output(&f, 2, dims, NPY_FLOAT64);
+    if (!a.gamma || frame_call(&f, responsibilities_body, &a, "responsibilities failed") < 0 ||
+        check_outputs("responsibilities", doubles_finite(a.gamma)) < 0)
+        goto done;
+    result = Py_NewRef(a.gamma);
+done:
+    frame_leave(&f);
+    return result;
+}
+
+typedef struct {
+    hvae_rng *rng;
+    int observation_noise;
+    PyObject *x;
+} sample_top_call;
+
+static hvae_status sample_top_body(call_frame *f, void *args)
+{
+    sample_top_call *a = args;
+    return hvae_sample_top(f->self->model, f->self->ws, a->rng, f->n, PyArray_DATA(f->x),
+                           cond_data(f->cond), a->observation_noise, out_data(a->x));
+}
+
+static PyObject *Model_sample_top(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", "seed", "observation_noise", "cond", NULL};
+    frame_inputs in = {NULL, 2, NULL, 1, Py_None, WS_EVAL};
+    PyObject *seed_obj = Py_None, *result = NULL;
+    sample_top_call a = {NULL, 0, NULL};
+    call_frame f;
+    hvae_rng local;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OpO", kwlist, &in.X, &seed_obj,
+                                     &a.observation_noise, &in.cond))
+        return NULL;
+    if (seed_obj != Py_None) {
+        unsigned long long seed;
+        if (!u64_converter(seed_obj, &seed))
+            return NULL;
+        hvae_rng_seed(&local, seed);
+    }
+    if (frame_enter(&f, self, &in) < 0)
+        goto done;
+    a.rng = seed_obj != Py_None ? &local : &self->rng;
+    npy_intp dims[2] = {f.n, hvae_model_config(self->model)->n_features};
+    a.x = frame_output(&f, 2, dims, NPY_FLOAT32);
+    if (!a.x || frame_call(&f, sample_top_body, &a, "sample_top failed") < 0 ||
+        check_outputs("sample_top", floats_finite(a.x)) < 0)
+        goto done;
+    result = Py_NewRef(a.x);
+done:
+    frame_leave(&f);
+    return result;
+}
+
 /* ---- fit ----------------------------------------------------------------- */
 
 
@@ -1689,6 +1784,7 @@ typedef struct {
     int shuffle;
     hvae_objective_options objective;
     hvae_optimizer_config optimizer;
+    double prior_lr_scale; /* the prior's tensors' learning rate / learning_rate */
 } fit_args;
 
 static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
@@ -1700,15 +1796,16 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                              "free_bits", "cond", "reduce", "n_global",
                              "shard_start", "temperature", "temperature_min",
                              "temperature_decay", "straight_through", "gradient_estimator",
-                             "score_baseline", NULL};
+                             "score_baseline", "prior_lr_scale", NULL};
     estimator_args e = ESTIMATOR_ARGS_DEFAULT;
     const char *objective = "elbo", *optimizer = "adam";
     long long n_samples = 1;
     double beta = 1.0, weight_decay = 0.0, momentum = 0.0, free_bits = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
     *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
-                    hvae_objective_options_default(), hvae_optimizer_config_default()};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdddpss:fit", kwlist,
+                    hvae_objective_options_default(), hvae_optimizer_config_default(), 1.0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdddpssd:fit",
+                                     kwlist,
                                      &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
                                      &optimizer, &beta, &a->shuffle, &a->callback,
                                      &PyList_Type, &a->history, &weight_decay,
@@ -1717,7 +1814,7 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                                      &a->cond, &a->reduce, &a->n_global, &a->shard_start,
                                      &e.temperature, &e.temperature_min, &e.temperature_decay,
                                      &e.straight_through, &e.gradient_estimator,
-                                     &e.score_baseline))
+                                     &e.score_baseline, &a->prior_lr_scale))
         return -1;
     if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0 ||
         parse_estimator(&e, &a->objective) < 0)
@@ -1733,7 +1830,8 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
     }
     if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
         check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
-        check_float32("adam_eps", adam_eps, 0.0, 1) < 0)
+        check_float32("adam_eps", adam_eps, 0.0, 1) < 0 ||
+        check_float32("prior_lr_scale", a->prior_lr_scale, 0.0, 0) < 0)
         return -1;
     if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
         !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
@@ -1902,6 +2000,10 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
         goto done;
     hvae_status st = self->opt ? hvae_optimizer_configure(self->opt, &a.optimizer)
                                : hvae_optimizer_create(self->model, &a.optimizer, &self->opt);
+    if (st == HVAE_OK)
+        st = hvae_optimizer_set_lr_scale(self->opt, hvae_model_prior_offset(self->model),
+                                         hvae_model_n_params(self->model),
+                                         (float)a.prior_lr_scale);
     if (raise_status(st, "cannot set up the optimizer") < 0)
         goto done;
     order = raw_array(N, sizeof(int64_t), "the row order of the fit", "rows");
@@ -2160,7 +2262,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
         Py_DECREF(state);
         return NULL;
     }
-    return Py_BuildValue("(O(LNNsssKsLssNN)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLssNNL)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -2169,7 +2271,8 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
                          choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
-                         choice_name(CHOICE_PRIOR, c->prior), family, K, state);
+                         choice_name(CHOICE_PRIOR, c->prior), family, K,
+                         (long long)c->n_components, state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -2185,13 +2288,13 @@ static PyObject *Model_repr(ModelObject *self)
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
             "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
-            "latent_family=%R%s%R)",
+            "latent_family=%R%s%R, n_components=%lld)",
             (long long)c->n_features, latent, hidden,
             choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
             choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
             choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
             choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
-            family, ", n_categories=", K);
+            family, ", n_categories=", K, (long long)c->n_components);
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     Py_XDECREF(family);
@@ -2267,6 +2370,15 @@ static PyMethodDef Model_methods[] = {
      "its log-variance (zeros where the variance is fixed to 1). Z may also be\n"
      "encode's output, the list of (mu, logvar) pairs: decode(encode(X))\n"
      "decodes the posterior means of z_1."},
+    {"responsibilities", (PyCFunction)(void (*)(void))Model_responsibilities,
+     METH_VARARGS | METH_KEYWORDS,
+     "responsibilities(X, cond=None)\n--\n\n"
+     "q(c | x) of a mixture prior's components, (n, K) float64 rows summing to 1:\n"
+     "p(c | z_T) at the posterior mean of z_T (deterministic; hvae_responsibilities)."},
+    {"sample_top", (PyCFunction)(void (*)(void))Model_sample_top, METH_VARARGS | METH_KEYWORDS,
+     "sample_top(Z, seed=None, observation_noise=False, cond=None)\n--\n\n"
+     "Ancestral samples (n, D) below given top-layer codes Z (n, d_T): the rest as\n"
+     "sample(). seed None uses (and advances) the model's generator."},
     {"sample", (PyCFunction)(void (*)(void))Model_sample, METH_VARARGS | METH_KEYWORDS,
      "sample(n, seed=None, observation_noise=False, cond=None)\n--\n\n"
      "n draws by ancestral sampling: z_T ~ N(0, I), each z_{i-1} ~ p(z_{i-1}|z_i),\n"
@@ -2279,8 +2391,10 @@ static PyMethodDef Model_methods[] = {
      "    objective='elbo', n_samples=1, free_bits=0.0, cond=None, reduce=None,\n"
      "    n_global=0, shard_start=0, temperature=1.0, temperature_min=0.5,\n"
      "    temperature_decay=0.0, straight_through=False, gradient_estimator='auto',\n"
-     "    score_baseline='auto')\n--\n\n"
+     "    score_baseline='auto', prior_lr_scale=1.0)\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
+     "prior_lr_scale: the prior's own tensors (from ``prior_offset`` on) step at\n"
+     "prior_lr_scale * learning_rate (VaDE trains its mixture at another rate).\n\n"
      "objective, n_samples, beta, free_bits, straight_through, gradient_estimator\n"
      "and score_baseline as in loss_and_grad; the Gumbel-softmax temperature of\n"
      "optimizer step t is max(temperature_min, temperature *\n"
@@ -2328,6 +2442,12 @@ static PyGetSetDef Model_getset[] = {
      "A lower Markov layer's ELBO term: 'sampled' log-density ratio or 'analytic' KL",
      "markov_kl"},
     {"prior", (getter)Model_get_config_value, NULL, "The top layer's prior (PRIORS)", "prior"},
+    {"n_components", (getter)Model_get_config_value, NULL,
+     "Components K of a mixture prior (the argument; priors without components "
+     "ignore it)", "n_components"},
+    {"prior_offset", (getter)Model_get_config_value, NULL,
+     "Where the prior's tensors start in ``parameters`` (they run to its end)",
+     "prior_offset"},
     {"latent_family", (getter)Model_get_config_value, NULL,
      "The latent layers' distribution family (LATENT_FAMILIES): one name, or a tuple of "
      "one per layer when they differ", "latent_family"},
@@ -2356,7 +2476,8 @@ static PyTypeObject ModelType = {
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
-              "prior='normal', latent_family='gaussian', n_categories=None)\n--\n\n"
+              "prior='standard', latent_family='gaussian', n_categories=None,\n"
+              "n_components=1)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -2374,7 +2495,8 @@ static PyTypeObject ModelType = {
               "A 'categorical' layer i holds latent_dims[i] = M variables of K =\n"
               "n_categories classes (an int, or one per layer; None: 10); its\n"
               "samples, noise (Gumbel) and encode outputs (class probabilities and\n"
-              "their logs) have M*K columns (latent_widths), column m*K + k.\n\n"
+              "their logs) have M*K columns (latent_widths), column m*K + k.\n"
+              "n_components: a mixture prior's ('gmm') number of components K.\n\n"
               "Threads: a model serves one call at a time (others wait; a fit's\n"
               "callback calling back into it gets a RuntimeError). Long calls stop\n"
               "for Ctrl-C within a layer's work. Fork: in a child, a model that\n"
@@ -2473,7 +2595,8 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0 ||
         PyModule_AddIntConstant(m, "MAX_THREADS", MAX_MODEL_THREADS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_BATCH_SIZE", MAX_BATCH_SIZE) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_SAMPLES", MAX_SAMPLES) < 0)
+        PyModule_AddIntConstant(m, "MAX_SAMPLES", MAX_SAMPLES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_COMPONENTS", HVAE_MAX_COMPONENTS) < 0)
         goto fail;
     for (int kind = 0; kind < N_CHOICES; kind++)
         if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)

@@ -33,6 +33,7 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.latent_family = HVAE_LATENT_GAUSSIAN;
     c.latent_families = NULL;
     c.n_categories = NULL;
+    c.n_components = 1;
     return c;
 }
 
@@ -168,6 +169,9 @@ static hvae_status validate_config(const hvae_config *c)
         return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
+    if (hvae_prior_table[c->prior]->n_components &&
+        (c->n_components < 1 || c->n_components > HVAE_MAX_COMPONENTS))
+        return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
 }
 
@@ -284,6 +288,12 @@ int64_t hvae_model_n_params(const hvae_model *m) { return m->n_params; }
 float *hvae_model_params(hvae_model *m) { return m->params; }
 float *hvae_model_grads(hvae_model *m) { return m->grads; }
 int32_t hvae_model_n_tensors(const hvae_model *m) { return m->n_tensors; }
+int64_t hvae_model_prior_offset(const hvae_model *m) { return m->prior_offset; }
+
+int64_t hvae_model_n_components(const hvae_model *m)
+{
+    return m->prior->n_components ? m->prior->n_components(&m->config) : 0;
+}
 
 hvae_status hvae_model_tensor(const hvae_model *m, int32_t index,
                               hvae_tensor_info *info)
@@ -690,7 +700,8 @@ static hvae_prior_args top_prior_args(const hvae_model *m, const hvae_workspace 
 {
     int32_t top = m->config.n_layers - 1;
     hvae_prior_args a = {m, ws, m->params, m->grads, m->prior_offset, B,
-                         m->latent_dims[top], NULL, eps_top, NULL, NULL, NULL, NULL, NULL};
+                         m->latent_dims[top], NULL, eps_top, NULL, NULL, NULL, NULL, NULL,
+                         NULL};
     if (ws) {
         a.z = ws_act(ws, m->latent[top].z_col);
         a.mu_q = post(m, ws, top, 0);
@@ -773,7 +784,8 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
 /* Accumulates scale * kl_weight[i] * d(term_i) into the posterior's, the
  * prior's and (sampled ratio) the sample's gradients. */
 static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_t B,
-                                 float scale, const float *kl_weight, int sampled)
+                                 float scale, const float *kl_weight, int sampled,
+                                 const float *row_weight)
 {
     int32_t top = m->config.n_layers - 1;
     int32_t own = m->latent[top].family->top_prior_table ? top : top + 1;
@@ -797,6 +809,7 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
     }
     if (own == top && kl_weight[top] != 0.0f) {
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
+        a.row_weight = row_weight;
         m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
 }
@@ -891,7 +904,7 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
     hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
     if (ws_stop(ws))
         return;
-    layer_terms_backward(m, ws, B, s, kl_weight, sampled);
+    layer_terms_backward(m, ws, B, s, kl_weight, sampled, row_weight);
     if (row_weight && !ws_stop(ws))
         weight_gradient_rows(m, ws, B, row_weight);
     if (ws_stop(ws))
@@ -1155,27 +1168,31 @@ hvae_status hvae_decode(hvae_model *m, hvae_workspace *ws, const float *z1,
     return HVAE_OK;
 }
 
-hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
-                        int64_t n, const float *cond, int observation_noise,
-                        float *x)
+/* Ancestral sampling from z_T: drawn from the prior, or z_top's rows. */
+static hvae_status sample_rows(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
+                               int64_t n, const float *z_top, const float *cond,
+                               int observation_noise, float *x)
 {
     hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK || !rng)
         return st != HVAE_OK ? st : HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
-    int64_t D = m->config.n_features;
+    int64_t D = m->config.n_features, d_top = m->latent_dims[T - 1];
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
         if (ws_stop(ws))
             return HVAE_ERR_STOPPED;
         const float *cb = rows_of(cond, r0, m->config.n_conditions);
-        hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
+        float *z = ws_act(ws, m->latent[T - 1].z_col);
         hvae_latent_call c = latent_call(m, NULL, T - 1, B);
-        if (m->latent[T - 1].family->top_prior_table)
-            m->prior->sample(ws_act(ws, m->latent[T - 1].z_col), &top, rng);
-        else
-            m->latent[T - 1].family->prior_sample(ws_act(ws, m->latent[T - 1].z_col), NULL,
-                                                  NULL, rng, &c);
+        if (z_top) {
+            memcpy(z, z_top + r0 * d_top, (size_t)(B * d_top) * sizeof(float));
+        } else if (m->latent[T - 1].family->top_prior_table) {
+            hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
+            m->prior->sample(z, &top, rng);
+        } else {
+            m->latent[T - 1].family->prior_sample(z, NULL, NULL, rng, &c);
+        }
         for (int32_t i = T - 1; i >= 1; i--) {
             const hvae_block *dec = &m->dec[i];
             hvae_block_forward(m, ws, dec, ws_act(ws, m->latent[i].z_col), cb, B, 1);
@@ -1199,6 +1216,44 @@ hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
             for (int64_t k = 0; k < B * D; k++)
                 xb[k] = mu[k] + (lv ? hvae_expf(0.5f * lv[k]) : 1.0f) * xb[k];
         }
+    }
+    return HVAE_OK;
+}
+
+hvae_status hvae_sample(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
+                        int64_t n, const float *cond, int observation_noise,
+                        float *x)
+{
+    return sample_rows(m, ws, rng, n, NULL, cond, observation_noise, x);
+}
+
+hvae_status hvae_sample_top(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
+                            int64_t n, const float *z_top, const float *cond,
+                            int observation_noise, float *x)
+{
+    if (!z_top)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    return sample_rows(m, ws, rng, n, z_top, cond, observation_noise, x);
+}
+
+hvae_status hvae_responsibilities(hvae_model *m, hvae_workspace *ws, const float *x,
+                                  const float *cond, int64_t n, double *gamma)
+{
+    hvae_status st = check_call(m, ws, n, cond);
+    if (st != HVAE_OK || !gamma || !m->prior->responsibilities)
+        return st != HVAE_OK ? st : HVAE_ERR_INVALID_ARGUMENT;
+    int32_t top = m->config.n_layers - 1;
+    int64_t K = hvae_model_n_components(m);
+    for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
+        int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
+        /* The top layer's posterior mean stays in the workspace. */
+        st = hvae_encode(m, ws, x + r0 * m->config.n_features,
+                         rows_of(cond, r0, m->config.n_conditions), B, NULL, NULL);
+        if (st != HVAE_OK)
+            return st;
+        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 0);
+        a.z = post(m, ws, top, 0);
+        m->prior->responsibilities(gamma + r0 * K, &a);
     }
     return HVAE_OK;
 }

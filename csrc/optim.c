@@ -18,6 +18,8 @@ typedef struct {
     int64_t n;
     float step, inv_sqrt_bc2, beta1, beta2, eps, weight_decay, lr, momentum;
     int zero_grads;
+    int64_t scaled_begin, scaled_end; /* a group stepping at lr_scale times */
+    float lr_scale;
     int n_parts;
     int finite[HVAE_MAX_THREADS]; /* hvae_optimizer_step_if_finite's check */
 } update_args;
@@ -84,6 +86,25 @@ static void sgd_range(const update_args *a, int64_t lo, int64_t hi)
     }
 }
 
+/* [lo, hi) by f, the part inside the scaled group with the step size (and
+ * SGD rate) times lr_scale: both are linear in the learning rate. */
+static void scaled_ranges(const update_args *a, int64_t lo, int64_t hi,
+                          void (*f)(const update_args *, int64_t, int64_t))
+{
+    int64_t b = a->scaled_begin > lo ? a->scaled_begin : lo;
+    int64_t e = a->scaled_end < hi ? a->scaled_end : hi;
+    if (a->lr_scale == 1.0f || b >= e) {
+        f(a, lo, hi);
+        return;
+    }
+    update_args scaled = *a;
+    scaled.step *= a->lr_scale;
+    scaled.lr *= a->lr_scale;
+    f(a, lo, b);
+    f(&scaled, b, e);
+    f(a, e, hi);
+}
+
 /* Parts are whole cache lines; every element is updated alone, so the
  * split does not change any result. */
 #define UPDATE_ALIGN 1024
@@ -94,7 +115,7 @@ static void adam_part(void *ctx, int part, int n_parts)
     update_args *a = ctx;
     int64_t lo, hi;
     hvae_split(a->n, part, n_parts, UPDATE_ALIGN, &lo, &hi);
-    adam_range(a, lo, hi);
+    scaled_ranges(a, lo, hi, adam_range);
 }
 
 static void sgd_part(void *ctx, int part, int n_parts)
@@ -102,7 +123,7 @@ static void sgd_part(void *ctx, int part, int n_parts)
     update_args *a = ctx;
     int64_t lo, hi;
     hvae_split(a->n, part, n_parts, UPDATE_ALIGN, &lo, &hi);
-    sgd_range(a, lo, hi);
+    scaled_ranges(a, lo, hi, sgd_range);
 }
 
 static int parts_for(int64_t n)
@@ -148,6 +169,10 @@ struct hvae_optimizer {
      * optimizer so that training allocates nothing. */
     float *saved;   /* 3 n_params floats: params, m, v */
     int64_t saved_step;
+    /* hvae_optimizer_set_lr_scale's group: [scaled_begin, scaled_end) steps
+     * at lr_scale times the rate. */
+    int64_t scaled_begin, scaled_end;
+    float lr_scale;
 };
 
 hvae_optimizer_config hvae_optimizer_config_default(void)
@@ -189,6 +214,7 @@ hvae_status hvae_optimizer_create_for(int64_t n_params,
         return HVAE_ERR_OUT_OF_MEMORY;
     opt->config = *config;
     opt->n_params = n_params;
+    opt->lr_scale = 1.0f;
     opt->m = calloc((size_t)opt->n_params, sizeof(float));
     opt->v = calloc((size_t)opt->n_params, sizeof(float));
     opt->saved = malloc(3 * (size_t)opt->n_params * sizeof(float));
@@ -290,6 +316,9 @@ static update_args step_args(hvae_optimizer *opt, float *params, float *grads,
     a.momentum = c->momentum;
     a.weight_decay = c->weight_decay;
     a.zero_grads = zero_grads;
+    a.scaled_begin = opt->scaled_begin;
+    a.scaled_end = opt->scaled_end;
+    a.lr_scale = opt->lr_scale;
     return a;
 }
 
@@ -320,10 +349,7 @@ static void checked_step_part(void *ctx, int part, int n_parts)
     for (int k = 0; k < n_parts; k++)
         if (!a->finite[k])
             return;
-    if (a->v)
-        adam_range(a, lo, hi);
-    else
-        sgd_range(a, lo, hi);
+    scaled_ranges(a, lo, hi, a->v ? adam_range : sgd_range);
 }
 
 int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model)
@@ -346,4 +372,16 @@ int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, floa
         }
     }
     return 1;
+}
+
+hvae_status hvae_optimizer_set_lr_scale(hvae_optimizer *opt, int64_t begin, int64_t end,
+                                        float scale)
+{
+    if (!opt || begin < 0 || end < begin || end > opt->n_params || !isfinite(scale) ||
+        !(scale > 0.0f))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    opt->scaled_begin = begin;
+    opt->scaled_end = end;
+    opt->lr_scale = scale;
+    return HVAE_OK;
 }

@@ -1,6 +1,7 @@
 """hvae: hierarchical variational autoencoders trained fast on the CPU.
 
-:class:`HierarchicalVAE` is the scikit-learn estimator; :class:`Model` is the
+:class:`HierarchicalVAE` is the scikit-learn estimator, :class:`VaDE` the
+clusterer built on it (a mixture-of-Gaussians prior); :class:`Model` is the
 low-level model whose parameters live in C buffers; :mod:`hvae.datasets`
 loads the bundled and on-disk data sets without downloading anything;
 :func:`load` reads a model written by :meth:`HierarchicalVAE.save`;
@@ -16,6 +17,7 @@ A fit that leaves a latent layer without active units warns with
 from ._collapse import PosteriorCollapseWarning
 from ._native import DivergenceError, Model, blas_info, get_num_threads, set_num_threads
 from .estimator import HierarchicalVAE
+from .clustering import VaDE
 from .file_format import load
 from .gradients import gradient_draws, gradient_variance
 from . import distributed  # noqa: E402  (cheap: mpi4py is imported when it is used)
@@ -24,6 +26,6 @@ from . import metrics  # noqa: E402  (disentanglement metrics; scikit-learn impo
 
 __version__ = "0.1.0"
 
-__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "PosteriorCollapseWarning",
+__all__ = ["DivergenceError", "HierarchicalVAE", "Model", "PosteriorCollapseWarning", "VaDE",
            "blas_info", "get_num_threads", "gradient_draws", "gradient_variance", "load",
            "set_num_threads", "__version__"]

@@ -20,6 +20,7 @@ from ._core import (  # noqa: E402
     LIKELIHOODS,
     MARKOV_KLS,
     MAX_BATCH_SIZE,
+    MAX_COMPONENTS,
     MAX_HIDDEN,
     MAX_LAYERS,
     MAX_SAMPLES,
@@ -40,6 +41,6 @@ from ._core import (  # noqa: E402
 __all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "EPOCH_RECORD_KEYS", "GRADIENT_ESTIMATORS",
            "INFERENCES", "SCORE_BASELINES",
            "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
-           "PRIORS", "MAX_BATCH_SIZE", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SAMPLES",
+           "PRIORS", "MAX_BATCH_SIZE", "MAX_COMPONENTS", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SAMPLES",
            "MAX_THREADS", "DivergenceError", "Model", "blas_info",
            "get_num_threads", "set_num_threads"]

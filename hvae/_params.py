@@ -20,8 +20,9 @@ import numpy as np
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
 from ._native import (ACTIVATIONS, DECODER_VARIANCES, GRADIENT_ESTIMATORS, INFERENCES,
-                      LATENT_FAMILIES, LIKELIHOODS, MARKOV_KLS, MAX_BATCH_SIZE, MAX_HIDDEN,
-                      MAX_LAYERS, MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS,
+                      LATENT_FAMILIES, LIKELIHOODS, MARKOV_KLS, MAX_BATCH_SIZE, MAX_COMPONENTS,
+                      MAX_HIDDEN,
+                      MAX_LAYERS, MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS, PRIORS,
                       SCORE_BASELINES)
 
 #: The largest count (epochs, patience, warm-up) a parameter may hold.
@@ -221,6 +222,9 @@ PARAMETER_CONSTRAINTS = {
     "shuffle": Unchecked(),
     "warm_start": Unchecked(),
     "random_state": Unchecked(),
+    "prior": OneOf(PRIORS),
+    "n_components": Integer(1, MAX_COMPONENTS),
+    "prior_learning_rate": Optional(FiniteNumber(positive=True)),
 }
 
 

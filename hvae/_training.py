@@ -375,7 +375,9 @@ class Trainer:
                        temperature_decay=p["temperature_decay"],
                        straight_through=bool(p["straight_through"]),
                        gradient_estimator=p["gradient_estimator"],
-                       score_baseline=p["score_baseline"], **extra)
+                       score_baseline=p["score_baseline"],
+                       prior_lr_scale=(p["prior_learning_rate"] or p["learning_rate"])
+                       / p["learning_rate"], **extra)
 
     # ---- validation and history ------------------------------------------------------
 

@@ -33,7 +33,7 @@ from .file_format import register_estimator
 #: fit with warm_start, and partial_fit, continue a model only while they
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
-                  "decoder_variance", "inference", "markov_kl")
+                  "decoder_variance", "inference", "markov_kl", "prior", "n_components")
 
 
 #: The Model options latent_types and n_categories make, as Model reports them.
@@ -274,6 +274,22 @@ default='auto'
         (``n_mc_samples >= 2``, as in VIMCO), the mean signal of the row's
         other draws; 'auto', leave-one-out with several draws, else the
         running mean; 'none'.
+    prior : {'standard', 'gmm'}, default='standard'
+        p(z_T), the top layer's prior. 'standard': N(0, I). 'gmm': a mixture
+        of ``n_components`` diagonal Gaussians, p(c) = softmax(pi_logits),
+        p(z_T | c) = N(mu_c, diag(exp(logvar_c))), all learned, with VaDE's
+        ELBO term (Jiang et al. 2017; see csrc/prior_gmm.c): the model
+        embeds, generates and clusters, its tensors ``prior.pi_logits``,
+        ``prior.mu``, ``prior.logvar`` in ``model_.named_parameters()``.
+        Initialised at random here (equal weights, N(0, I) means, unit
+        variances); :class:`hvae.VaDE` pretrains and initialises them from
+        a GaussianMixture as VaDE does. Part of the model.
+    n_components : int, default=1
+        Components K of the 'gmm' prior; ignored by 'standard'. Part of the
+        model.
+    prior_learning_rate : float or None, default=None
+        Step size of the prior's own tensors (the 'gmm' mixture), None for
+        ``learning_rate``: VaDE trains its mixture at its own rate.
 
     Attributes
     ----------
@@ -339,7 +355,8 @@ default='auto'
                  kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None,
                  markov_kl="sampled", latent_types="gaussian", n_categories=10,
                  temperature=1.0, temperature_min=0.5, temperature_decay=3e-5,
-                 straight_through=False, gradient_estimator="auto", score_baseline="auto"):
+                 straight_through=False, gradient_estimator="auto", score_baseline="auto",
+                 prior="standard", n_components=1, prior_learning_rate=None):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -378,6 +395,9 @@ default='auto'
         self.straight_through = straight_through
         self.gradient_estimator = gradient_estimator
         self.score_baseline = score_baseline
+        self.prior = prior
+        self.n_components = n_components
+        self.prior_learning_rate = prior_learning_rate
 
     # ---- fitting -------------------------------------------------------------
 
@@ -595,8 +615,8 @@ default='auto'
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
-                             "markov_kl, latent_types, n_categories or conditional); call "
-                             "fit to train a new model")
+                             "markov_kl, latent_types, n_categories, prior, n_components or "
+                             "conditional); call fit to train a new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):

@@ -130,6 +130,7 @@ class _EstimatorSpec(NamedTuple):
     validate: Callable
     history_keys: tuple
     validation_keys: tuple
+    attribute_checks: dict = {}
 
 
 # Loadable estimator classes by name. The estimator module registers its
@@ -137,7 +138,8 @@ class _EstimatorSpec(NamedTuple):
 _ESTIMATORS = {}
 
 
-def register_estimator(cls, *, validate, history_keys, validation_keys=()):
+def register_estimator(cls, *, validate, history_keys, validation_keys=(),
+                       attribute_checks=None):
     """Make ``cls`` savable and loadable.
 
     Parameters
@@ -154,9 +156,14 @@ def register_estimator(cls, *, validate, history_keys, validation_keys=()):
         ``likelihood``, ...), each of which must equal the model's.
     history_keys, validation_keys : tuple of str
         The keys every ``history_`` has, and those it has all or none of.
+    attribute_checks : dict or None
+        Fitted attributes of the class beyond those above (``labels_`` of a
+        clusterer), each with ``check(value, model)`` that returns None when
+        the value is valid for the model and otherwise a message.
     """
     _ESTIMATORS[cls.__name__] = _EstimatorSpec(cls, validate, tuple(history_keys),
-                                               tuple(validation_keys))
+                                               tuple(validation_keys),
+                                               dict(attribute_checks or {}))
 
 
 class _Unencodable(TypeError):
@@ -467,7 +474,8 @@ def _check_model_arguments(arguments, n_params):
         value = arguments.get(key)
         _require(isinstance(value, tuple) and all(_is_int(d) and d >= 1 for d in value),
                  f"model {key} must be a tuple of positive ints; got {value!r:.100}")
-    for key in ("likelihood", "activation", "decoder_variance", "inference"):
+    for key in ("likelihood", "activation", "decoder_variance", "inference", "markov_kl",
+                "prior", "latent_family"):
         if key in arguments:
             _require(isinstance(arguments[key], str),
                      f"model {key} must be a string; got {arguments[key]!r:.100}")
@@ -485,6 +493,9 @@ def _check_model_arguments(arguments, n_params):
                  and all(_is_int(k) and 0 <= k <= max(n_params, 2) for k in K),
                  f"model n_categories must be a tuple of {n_layers} ints in [0, n_params]; "
                  f"got {K!r:.100}")
+    if "n_components" in arguments:
+        # A mixture prior holds 1 + 2 d_T floats per component.
+        _check_int(arguments["n_components"], "model n_components", 1, max(n_params, 1))
     if "seed" in arguments:
         _check_int(arguments["seed"], "model seed", 0, 2**64 - 1)
 
@@ -593,12 +604,16 @@ def _check_attributes(attributes, model, spec):
     """The fitted attributes: their set, types, ranges and agreement with
     the model."""
     known = {"n_features_in_", "n_iter_", "history_", "best_epoch_", "classes_",
-             "feature_names_in_", "active_units_"}
+             "feature_names_in_", "active_units_"} | set(spec.attribute_checks)
     missing = [key for key in _REQUIRED_ATTRIBUTES if key not in attributes]
     if missing:
         raise _Damaged(f"the metadata lacks the fitted attributes {missing}")
     unknown = set(attributes) - known
     _require(not unknown, f"unknown fitted attributes {sorted(map(str, unknown))[:10]}")
+    for key, check in spec.attribute_checks.items():
+        if key in attributes:
+            problem = check(attributes[key], model)
+            _require(problem is None, f"{key}: {problem}")
     n_features = attributes["n_features_in_"]
     _require(_is_int(n_features) and n_features == model.n_features,
              f"n_features_in_ ({n_features!r:.100}) differs from the model's "
@@ -650,7 +665,8 @@ def _check_params(estimator, model, spec):
     # with them could not train on.
     for key, high in (("learning_rate", 1.0), ("beta", 1e3), ("weight_decay", 1e3),
                       ("free_bits", 1e3), ("temperature", 1e6), ("temperature_min", 1e6),
-                      ("temperature_decay", 1e3)):
+                      ("temperature_decay", 1e3), ("prior_learning_rate", 1.0),
+                      ("pretrain_beta", 1e3)):
         if _is_real(params.get(key)):
             _check_real(params[key], key, high=high)
     random_state = params.get("random_state")

@@ -18,6 +18,10 @@ Model (x = z_0 in R^D, latent layers z_1..z_T of sizes d_1..d_T):
   at the sampled z's: the top layer's KL in closed form, each lower layer's
   term as the single-sample log-density ratio (its prior depends on z_{i+1},
   drawn given z_i, so a closed-form KL there would be biased).
+* prior="gmm" (VaDE): p(z_T) = sum_c softmax(pi_logits)_c N(mu_c, exp(logvar_c)),
+  tensors prior.pi_logits (K,), prior.mu (K, d_T), prior.logvar (K, d_T);
+  the top layer's term sum_c gamma_c [KL(q || N(mu_c, var_c)) + log gamma_c
+  - log p(c)] with gamma_c = p(c | z_T) at the sampled z_T (see gmm_term).
 
 Categorical layers (``Config.latent_families``): layer i holds M_i =
 latent_dims[i] variables of K_i = n_categories[i] classes, z_i of M_i * K_i
@@ -150,6 +154,8 @@ class Config:
     markov_kl: str = "sampled"
     latent_families: tuple = ()   # per layer; () for every layer Gaussian
     n_categories: tuple = ()      # per layer, K for categorical layers
+    prior: str = "standard"
+    n_components: int = 1
 
     @property
     def n_layers(self):
@@ -175,6 +181,8 @@ class Config:
                     inference=self.inference,
                     n_conditions=self.n_conditions,
                     markov_kl=self.markov_kl,
+                    prior=self.prior,
+                    n_components=self.n_components,
                     **(dict(latent_family=tuple(self.latent_families),
                             n_categories=tuple(self.n_categories))
                        if self.latent_families else {}))
@@ -215,6 +223,9 @@ def parameter_shapes(cfg):
                 heads.append(("logvar", dims[i - 1]))
         shapes += _block_shapes(f"dec{i}", dims[i],
                                 tuple(reversed(cfg.hidden_dims)), heads, cfg.n_conditions)
+    if cfg.prior == "gmm":
+        K, d = cfg.n_components, dims[-1]
+        shapes += [("prior.pi_logits", (K,)), ("prior.mu", (K, d)), ("prior.logvar", (K, d))]
     return shapes
 
 
@@ -324,6 +335,42 @@ def categorical_logratio(z, logits_q, logits_p, K):
     return np.sum(z * (lq - lp), axis=1)
 
 
+def _logsumexp(a, axis):
+    top = np.max(a, axis=axis, keepdims=True)
+    return np.squeeze(top, axis) + np.log(np.sum(np.exp(a - top), axis=axis))
+
+
+def gmm_log_joint(params, z):
+    """l_c = log p(c) + log N(z; mu_c, var_c), shape (n, K)."""
+    logits = params["prior.pi_logits"]
+    log_pi = logits - _logsumexp(logits, 0)
+    mu, logvar = params["prior.mu"], params["prior.logvar"]
+    log_n = -0.5 * np.sum(LOG_2PI + logvar[None] + (z[:, None, :] - mu[None]) ** 2
+                          * np.exp(-logvar[None]), axis=2)
+    return log_pi[None] + log_n, log_pi
+
+
+def gmm_term(params, mu_q, logvar_q, z, eps, sampled=False):
+    """The mixture prior's top-layer term per row: VaDE's
+    sum_c gamma_c [KL(q || N(mu_c, var_c)) + log gamma_c - log p(c)],
+    gamma = softmax_c(l_c) at the sample z; with `sampled`, the log-density
+    ratio log q(z) - log p(z), p(z) the mixture's marginal."""
+    l, log_pi = gmm_log_joint(params, z)
+    lse = _logsumexp(l, 1)
+    if sampled:
+        return gaussian_loglik(z, mu_q, logvar_q) - lse
+    log_gamma = l - lse[:, None]
+    kl = np.stack([gaussian_kl(mu_q, logvar_q, params["prior.mu"][c], params["prior.logvar"][c])
+                   for c in range(l.shape[1])], axis=1)
+    return np.sum(np.exp(log_gamma) * (kl + log_gamma - log_pi[None]), axis=1)
+
+
+def gmm_responsibilities(params, z):
+    """p(c | z), shape (n, K)."""
+    l, _ = gmm_log_joint(params, z)
+    return np.exp(l - _logsumexp(l, 1)[:, None])
+
+
 def forward(params, cfg, x, noise, cond=None, sampled=False, temperature=None):
     """Per-row ELBO terms for data x (n, D) and noise eps_1..eps_T.
 
@@ -371,6 +418,9 @@ def forward(params, cfg, x, noise, cond=None, sampled=False, temperature=None):
     kl = np.empty((x.shape[0], T))
     for i in range(T):
         mu_p, logvar_p = priors[i] if i < T - 1 else (0.0, 0.0)
+        if i == T - 1 and cfg.prior == "gmm":
+            kl[:, i] = gmm_term(params, mus[i], logvars[i], zs[i], eps[i], sampled)
+            continue
         # markov_kl="analytic": the lecture notes' estimator, every lower
         # Markov layer's KL(q(z_i|z_{i-1}) || p(z_i|z_{i+1})) in closed form
         # at the sampled z_{i+1}.

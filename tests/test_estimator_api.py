@@ -27,6 +27,7 @@ CHOICES = {
     "markov_kl": _core.MARKOV_KLS,
     "gradient_estimator": _core.GRADIENT_ESTIMATORS,
     "score_baseline": _core.SCORE_BASELINES,
+    "prior": _core.PRIORS,
 }
 #: The settings a choice needs to be usable at all (Gumbel-softmax relaxes a
 #: categorical layer).

@@ -86,12 +86,22 @@ def execute(path, probe=False):
     notebook = nbformat.read(path, as_version=4)
     if probe:
         notebook.cells.append(nbformat.v4.new_code_cell(PROBE))
-    # This interpreter, whatever 'python' is on PATH.
+    # This interpreter, whatever 'python' is on PATH, importing this
+    # repository's hvae (the kernel runs in notebooks/, where an installed
+    # hvae of another checkout would come first).
     manager = KernelManager(kernel_name="python3")
     manager.kernel_spec.argv[0] = sys.executable
     client = nbclient.NotebookClient(notebook, km=manager, timeout=CELL_TIMEOUT,
                                      resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), saved]))
+    try:
+        client.execute()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
     if not probe:
         return notebook
     probe_cell = notebook.cells.pop()

@@ -181,6 +181,13 @@ static void test_invalid_configs(void)
     c = ok; c.decoder_variance = (hvae_decoder_variance)5;
     CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
     CHECK(m == NULL);
+    c = ok; c.prior = HVAE_PRIOR_GMM; c.n_components = 0;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.prior = HVAE_PRIOR_GMM; c.n_components = HVAE_MAX_COMPONENTS + 1;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.prior = HVAE_PRIOR_COUNT;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL);
 
     /* Destructors accept NULL. */
     hvae_model_free(NULL);
@@ -954,14 +961,17 @@ static void test_kernels(void)
 static void test_variants(void)
 {
     current_test = "variants";
-    /* Ladder inference, a conditional model and the IWAE objective: every
-     * entry point once, results finite, training runs. */
+    /* Ladder inference, a conditional model, the IWAE objective and the
+     * mixture prior (variants 4, 5): every entry point once, results
+     * finite, training runs. */
     const int64_t n = 10, D = 5, C = 2;
     int64_t latent[2] = {3, 2}, hidden[1] = {6};
-    for (int variant = 0; variant < 4; variant++) {
+    for (int variant = 0; variant < 6; variant++) {
         hvae_config cfg = hvae_config_default(D, 2, latent, 1, hidden);
         cfg.inference = variant & 1 ? HVAE_INFERENCE_LADDER : HVAE_INFERENCE_MARKOV;
         cfg.n_conditions = variant & 2 ? C : 0;
+        cfg.prior = variant >= 4 ? HVAE_PRIOR_GMM : HVAE_PRIOR_NORMAL;
+        cfg.n_components = 3;
         hvae_model *m = NULL;
         hvae_workspace *ws = NULL;
         hvae_optimizer *opt = NULL;
@@ -1010,7 +1020,11 @@ static void test_variants(void)
         hvae_rng_seed(&rng, 3);
         hvae_train_options to = hvae_train_options_default();
         to.batch_size = 2;
-        to.objective.objective = variant == 3 ? HVAE_OBJECTIVE_IWAE : HVAE_OBJECTIVE_ELBO;
+        to.objective.objective = variant == 3 || variant == 5 ? HVAE_OBJECTIVE_IWAE
+                                                             : HVAE_OBJECTIVE_ELBO;
+        if (variant >= 4)
+            CHECK_STATUS(hvae_optimizer_set_lr_scale(opt, hvae_model_prior_offset(m),
+                                                     hvae_model_n_params(m), 0.1f), HVAE_OK);
         to.objective.n_samples = 4;
         to.objective.free_bits = variant == 2 ? 0.5f : 0.0f;
         hvae_status st = HVAE_OK;
@@ -1030,6 +1044,19 @@ static void test_variants(void)
         CHECK(all_finite_f(xm, n * D));
         CHECK_STATUS(hvae_sample(m, ws, &rng, n, cond, 1, s), HVAE_OK);
         CHECK(all_finite_f(s, n * D));
+        CHECK_STATUS(hvae_sample_top(m, ws, &rng, n, mu1, cond, 0, s), HVAE_OK);
+        CHECK(all_finite_f(s, n * D));
+        double gamma[30];
+        if (variant >= 4) {
+            CHECK(hvae_model_n_components(m) == 3);
+            CHECK_STATUS(hvae_responsibilities(m, ws, x, cond, n, gamma), HVAE_OK);
+            for (int64_t r = 0; r < n; r++)
+                CHECK(fabs(gamma[3 * r] + gamma[3 * r + 1] + gamma[3 * r + 2] - 1.0) < 1e-9);
+        } else {
+            CHECK(hvae_model_n_components(m) == 0);
+            CHECK_STATUS(hvae_responsibilities(m, ws, x, cond, n, gamma),
+                         HVAE_ERR_INVALID_ARGUMENT);
+        }
         free(cond);
         free(x);
         hvae_optimizer_free(opt);
