@@ -178,6 +178,11 @@ HVAE_API const char *hvae_inference_name(hvae_inference inference);
 /* The prior of the top layer, p(z_T). See "Extension points" below. */
 typedef enum {
     HVAE_PRIOR_NORMAL = 0,     /* N(0, I), no parameters */
+    /* The VampPrior (Tomczak and Welling 2018): the mixture
+     * (1/K) sum_k q(z_T | u_k) of the posteriors of K learned
+     * pseudo-inputs u_k (hvae_config.n_pseudo_inputs); see
+     * csrc/prior_vamp.c. Not with a condition (n_conditions = 0). */
+    HVAE_PRIOR_VAMP = 1,
     HVAE_PRIOR_COUNT
 } hvae_prior_kind;
 HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
@@ -224,7 +229,13 @@ typedef struct {
     hvae_markov_kl markov_kl;           /* default HVAE_MARKOV_KL_SAMPLED */
     hvae_prior_kind prior;              /* default HVAE_PRIOR_NORMAL */
     hvae_latent_family latent_family;   /* every layer's; default Gaussian */
+    /* HVAE_PRIOR_VAMP: the number K >= 1 of pseudo-inputs (the paper's
+     * is HVAE_VAMP_PSEUDO_INPUTS, which bindings may offer as a default);
+     * 0 (hvae_config_default's) for every other prior. */
+    int64_t n_pseudo_inputs;
 } hvae_config;
+
+#define HVAE_VAMP_PSEUDO_INPUTS 500
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
                                          const int64_t *latent_dims,

@@ -629,23 +629,24 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
-                             "prior", "latent_family", NULL};
+                             "prior", "latent_family", "n_pseudo_inputs", NULL};
     long long n_features;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
     const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
-    long long n_conditions = 0;
+    long long n_conditions = 0, n_pseudo_inputs = 0;
+    PyObject *pseudo_obj = Py_None;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsss:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsssO:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
-                                     &prior, &latent_family))
+                                     &prior, &latent_family, &pseudo_obj))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -664,6 +665,26 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (n_features < 1 || n_features > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
                      "got %lld", n_features);
+        return NULL;
+    }
+    /* None: the paper's K for the VampPrior, none for another prior. */
+    if (pseudo_obj == Py_None) {
+        n_pseudo_inputs = pri == HVAE_PRIOR_VAMP ? HVAE_VAMP_PSEUDO_INPUTS : 0;
+    } else {
+        n_pseudo_inputs = PyLong_AsLongLong(pseudo_obj);
+        if (n_pseudo_inputs == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if ((pri == HVAE_PRIOR_VAMP) != (n_pseudo_inputs != 0) || n_pseudo_inputs < 0 ||
+        n_pseudo_inputs > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_pseudo_inputs must be between 1 and 2**31 - 1 "
+                     "with prior='vamp', and 0 with any other prior; got %lld with "
+                     "prior='%s'", n_pseudo_inputs, prior);
+        return NULL;
+    }
+    if (pri == HVAE_PRIOR_VAMP && n_conditions != 0) {
+        PyErr_SetString(PyExc_ValueError, "prior='vamp' takes no condition "
+                        "(n_conditions must be 0): its pseudo-inputs have none");
         return NULL;
     }
     Py_ssize_t T, H;
@@ -689,6 +710,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.prior = (hvae_prior_kind)pri;
     cfg.latent_family = (hvae_latent_family)fam;
     cfg.n_conditions = n_conditions;
+    cfg.n_pseudo_inputs = n_pseudo_inputs;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -802,6 +824,8 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyUnicode_FromString(choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
     if (strcmp(which, "n_conditions") == 0)
         return PyLong_FromLongLong(c->n_conditions);
+    if (strcmp(which, "n_pseudo_inputs") == 0)
+        return PyLong_FromLongLong(c->n_pseudo_inputs);
     if (strcmp(which, "seed") == 0)
         return PyLong_FromUnsignedLongLong(self->seed);
     if (strcmp(which, "optimizer_steps") == 0)
@@ -1752,7 +1776,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
     PyObject *state = Model_getstate(self, NULL);
     if (!state)
         return NULL;
-    return Py_BuildValue("(O(LNNsssKsLsss)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLsssL)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -1762,7 +1786,8 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
                          choice_name(CHOICE_PRIOR, c->prior),
-                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family), state);
+                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family),
+                         (long long)c->n_pseudo_inputs, state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -1776,13 +1801,13 @@ static PyObject *Model_repr(ModelObject *self)
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
             "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
-            "latent_family='%s')",
+            "latent_family='%s', n_pseudo_inputs=%lld)",
             (long long)c->n_features, latent, hidden,
             choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
             choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
             choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
             choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
-            choice_name(CHOICE_LATENT_FAMILY, c->latent_family));
+            choice_name(CHOICE_LATENT_FAMILY, c->latent_family), (long long)c->n_pseudo_inputs);
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     return r;
@@ -1898,6 +1923,8 @@ static PyGetSetDef Model_getset[] = {
      "The latent layers' distribution family (LATENT_FAMILIES)", "latent_family"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
+    {"n_pseudo_inputs", (getter)Model_get_config_value, NULL,
+     "The VampPrior's number of pseudo-inputs K (0 for another prior)", "n_pseudo_inputs"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
      "Optimizer steps taken since the optimizer was created", "optimizer_steps"},
     {"n_threads", (getter)Model_get_n_threads, (setter)Model_set_n_threads,
@@ -1916,7 +1943,7 @@ static PyTypeObject ModelType = {
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
-              "prior='normal', latent_family='gaussian')\n--\n\n"
+              "prior='normal', latent_family='gaussian', n_pseudo_inputs=None)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -1930,7 +1957,11 @@ static PyTypeObject ModelType = {
               "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
               "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
               "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
-              "latent layers' family (LATENT_FAMILIES).",
+              "latent layers' family (LATENT_FAMILIES). n_pseudo_inputs: with\n"
+              "prior='vamp' (the VampPrior, a mixture of the top layer's posteriors\n"
+              "at K learned pseudo-inputs, tensor 'prior.pseudo_inputs' of shape\n"
+              "(K, n_features)), K >= 1, None for the paper's 500; None or 0 with\n"
+              "any other prior.",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,

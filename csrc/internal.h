@@ -110,6 +110,12 @@ struct hvae_workspace {
     float *dacts;
     double *reconstruction;  /* (max_rows) */
     double *kl;              /* (T, max_rows), layer-major */
+    /* A prior's (hvae_prior_ops.workspace_rows; NULL without): its own
+     * workspace of that many rows, whose dx holds the gradient of its x
+     * (rows, D); and one double per row of this workspace. */
+    struct hvae_workspace *prior_ws;
+    float *dx;
+    double *prior_rows;
 };
 
 static inline float *ws_act(const hvae_workspace *ws, int64_t col)
