@@ -177,8 +177,8 @@ HVAE_API const char *hvae_inference_name(hvae_inference inference);
 
 /* The prior of the top layer, p(z_T). See "Extension points" below. */
 typedef enum {
-    HVAE_PRIOR_NORMAL = 0,     /* N(0, I), no parameters */
-    /* The VampPrior (Tomczak and Welling 2018): the mixture
+    HVAE_PRIOR_NORMAL = 0,     /* "standard": N(0, I), no parameters */
+    /* "vamp", the VampPrior (Tomczak and Welling 2018): the mixture
      * (1/K) sum_k q(z_T | u_k) of the posteriors of K learned
      * pseudo-inputs u_k (hvae_config.n_pseudo_inputs); see
      * csrc/prior_vamp.c. Not with a condition (n_conditions = 0). */

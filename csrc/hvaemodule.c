@@ -634,7 +634,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
-    const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
+    const char *markov_kl = "sampled", *prior = "standard", *latent_family = "gaussian";
     long long n_conditions = 0, n_pseudo_inputs = 0;
     PyObject *pseudo_obj = Py_None;
     unsigned long long seed = 0;
@@ -1943,7 +1943,7 @@ static PyTypeObject ModelType = {
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
-              "prior='normal', latent_family='gaussian', n_pseudo_inputs=None)\n--\n\n"
+              "prior='standard', latent_family='gaussian', n_pseudo_inputs=None)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"

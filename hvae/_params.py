@@ -16,7 +16,7 @@ import numpy as np
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
 from ._native import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
-                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS)
+                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS, PRIORS)
 
 
 def _is_int(value):
@@ -174,6 +174,8 @@ PARAMETER_CONSTRAINTS = {
     "shuffle": Unchecked(),
     "warm_start": Unchecked(),
     "random_state": Unchecked(),
+    "prior": OneOf(PRIORS),
+    "n_pseudo_inputs": Integer(1),
 }
 
 
@@ -182,6 +184,12 @@ def _check_iwae_settings(params):
                                           or params["kl_warmup_epochs"] != 0):
         raise ValueError("objective='iwae' trains the importance-weighted bound itself: "
                          "beta must be 1, free_bits 0 and kl_warmup_epochs 0")
+
+
+def _check_prior_settings(params):
+    if params["prior"] == "vamp" and params["conditional"]:
+        raise ValueError("prior='vamp' cannot be conditional: its pseudo-inputs have no "
+                         "condition; use conditional=False or another prior")
 
 
 def validate_parameters(estimator):
@@ -193,4 +201,5 @@ def validate_parameters(estimator):
     for name, constraint in PARAMETER_CONSTRAINTS.items():
         params[name] = constraint(name, getattr(estimator, name))
     _check_iwae_settings(params)
+    _check_prior_settings(params)
     return params

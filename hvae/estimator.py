@@ -23,18 +23,19 @@ from ._native import Model
 from ._params import validate_parameters
 from ._training import (HISTORY_KEYS, VALIDATION_KEYS, Trainer, fitted_state, new_history,
                         restore_fitted_state)
+from ._vamp import init_pseudo_inputs, vamp_model_options
 from .file_format import register_estimator
 
 #: The parameters that make the low-level Model, as its attributes name them:
 #: fit with warm_start, and partial_fit, continue a model only while they
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
-                  "decoder_variance", "inference", "markov_kl")
+                  "decoder_variance", "inference", "markov_kl", "prior", "n_pseudo_inputs")
 
 
 def _model_options(params):
     """The Model options of validated parameters (see _MODEL_OPTIONS)."""
-    return {key: params[key] for key in _MODEL_OPTIONS}
+    return vamp_model_options({key: params[key] for key in _MODEL_OPTIONS})
 
 
 def _available_cores():
@@ -205,6 +206,22 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``objective='iwae'`` and ``log_likelihood`` are unaffected. Part of
         the model: with another value, ``fit`` trains a new model even with
         ``warm_start``.
+    prior : {'standard', 'vamp'}, default='standard'
+        p(z_T), the top layer's prior. 'standard': N(0, I). 'vamp': the
+        VampPrior (Tomczak and Welling 2018), the mixture
+        (1/K) sum_k q(z_T | u_k) of the posteriors of ``n_pseudo_inputs``
+        learned pseudo-inputs u_k (tensor ``prior.pseudo_inputs`` of shape
+        (K, n_features) in ``model_.named_parameters()``; for a Bernoulli
+        likelihood clipped to [0, 1]); for T > 1 the pseudo-inputs' posterior
+        runs through the encoder chain at the means. Its ELBO term is the
+        sampled log q(z_T | .) - log p(z_T), in training and in ``score``.
+        ``fit`` starts the pseudo-inputs at ``n_pseudo_inputs`` random
+        training rows (drawn with replacement when there are fewer rows;
+        data-parallel fits keep the model's seeded initialisation). Not with
+        ``conditional=True``. Part of the model (see csrc/prior_vamp.c).
+    n_pseudo_inputs : int, default=500
+        K, the VampPrior's pseudo-inputs (the paper's 500); ignored by other
+        priors. Part of the model.
 
     Attributes
     ----------
@@ -255,7 +272,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
                  objective="elbo", n_mc_samples=1, n_importance_samples=5,
                  kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None,
-                 markov_kl="sampled"):
+                 markov_kl="sampled", prior="standard", n_pseudo_inputs=500):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -286,6 +303,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.conditional = conditional
         self.chunk_size = chunk_size
         self.markov_kl = markov_kl
+        self.prior = prior
+        self.n_pseudo_inputs = n_pseudo_inputs
 
     # ---- fitting -------------------------------------------------------------
 
@@ -437,6 +456,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                 train, val, code, seed = self._training_rows_parallel(session, *rows_args)
             model = None if continuing else self._new_model(model_options, code.n_conditions,
                                                             seed)
+            if model is not None:
+                init_pseudo_inputs(model, train)
         except BaseException:
             restore_fitted_state(self, before)
             raise
@@ -467,7 +488,8 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
-                             "markov_kl or conditional); call fit to train a new model")
+                             "markov_kl, prior, n_pseudo_inputs or conditional); call fit "
+                             "to train a new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):

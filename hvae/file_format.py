@@ -457,10 +457,14 @@ def _check_model_arguments(arguments, n_params):
         value = arguments.get(key)
         _require(isinstance(value, tuple) and all(_is_int(d) and d >= 1 for d in value),
                  f"model {key} must be a tuple of positive ints; got {value!r:.100}")
-    for key in ("likelihood", "activation", "decoder_variance", "inference"):
+    for key in ("likelihood", "activation", "decoder_variance", "inference", "markov_kl",
+                "prior", "latent_family"):
         if key in arguments:
             _require(isinstance(arguments[key], str),
                      f"model {key} must be a string; got {arguments[key]!r:.100}")
+    if "n_pseudo_inputs" in arguments:
+        # The VampPrior's (K, n_features) pseudo-inputs are among the parameters.
+        _check_int(arguments["n_pseudo_inputs"], "model n_pseudo_inputs", 0, max(n_params, 1))
     if "seed" in arguments:
         _check_int(arguments["seed"], "model seed", 0, 2**64 - 1)
 

@@ -250,10 +250,10 @@ def test_bad_arguments_are_refused():
         with pytest.raises(ValueError, match="n_pseudo_inputs"):
             hvae.Model(**kw, prior="vamp", n_pseudo_inputs=bad)
     with pytest.raises(ValueError, match="n_pseudo_inputs"):
-        hvae.Model(**kw, prior="normal", n_pseudo_inputs=3)
+        hvae.Model(**kw, prior="standard", n_pseudo_inputs=3)
     with pytest.raises(ValueError, match="condition"):
         hvae.Model(**kw, prior="vamp", n_pseudo_inputs=3, n_conditions=2)
-    with pytest.raises(ValueError, match="'normal', 'vamp'"):
+    with pytest.raises(ValueError, match="'vamp'"):
         hvae.Model(**kw, prior="vampire", n_pseudo_inputs=3)
     assert "vamp" in hvae._native.PRIORS
 
