@@ -548,7 +548,9 @@ HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
                                  const float *z1, const float *cond, int64_t n,
                                  float *x_mean, float *x_logvar);
 
-/* Ancestral sampling: z_T ~ N(0, I), z_{i-1} ~ p(z_{i-1} | z_i), then the
+/* Ancestral sampling: z_T ~ p(z_T) (the prior's sampler: N(0, I), or for
+ * the VampPrior a uniformly drawn pseudo-input's q(z_T | u_k)),
+ * z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
@@ -736,7 +738,12 @@ HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
 /* encoder on its learned pseudo-inputs (the ops receive the model and      */
 /* workspace, and ask for workspace columns); a prior corrected by a        */
 /* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
-/* csrc/prior_normal.c, goes through this interface.                         */
+/* csrc/prior_normal.c, goes through this interface. The VampPrior,         */
+/* csrc/prior_vamp.c, shows the optional parts: check_config (its own       */
+/* config fields), workspace_rows (every workspace then carries a second    */
+/* one of that many rows, ws->prior_ws, where it runs the encoder on its    */
+/* pseudo-inputs once per call), and IWAE's per-row weights, which a prior  */
+/* applies to the gradients it accumulates across rows.                     */
 /*                                                                           */
 /* A latent family (hvae_latent_family): add HVAE_LATENT_<NAME> before       */
 /* HVAE_LATENT_FAMILY_COUNT, write csrc/latent_<name>.c defining an          */

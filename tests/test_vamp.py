@@ -272,3 +272,31 @@ def test_pickle_and_training_keep_the_pseudo_inputs():
     np.testing.assert_array_equal(clone.elbo(X), model.elbo(X))
     np.testing.assert_array_equal(clone.sample(5, seed=1), model.sample(5, seed=1))
     assert "n_pseudo_inputs=3" in repr(model)
+
+
+@pytest.mark.parametrize("objective", [dict(), dict(objective="iwae", n_samples=3)],
+                         ids=["elbo", "iwae"])
+def test_data_parallel_shards_train_like_one_process(objective):
+    """The prior's gradients (pseudo-inputs, and the encoder through their
+    pass) are sums over each rank's rows, reduced with the rest: shards give
+    the single process's parameters, a rank with fewer rows than a
+    minibatch included."""
+    from test_distributed import fit_sharded
+    from hvae.datasets import load_digits
+
+    X = np.ascontiguousarray(load_digits()[0][:300])
+
+    def make_model():
+        return hvae.Model(64, (6,), (24,), likelihood="bernoulli", seed=3, prior="vamp",
+                          n_pseudo_inputs=7)
+
+    kwargs = dict(n_epochs=2, batch_size=40, **objective)
+    single = make_model()
+    single.fit(X, **kwargs)
+    models, _, errors, _ = fit_sharded(make_model, X, (0, 17, 180, 300), **kwargs)
+    assert not errors, errors
+    for m in models[1:]:
+        np.testing.assert_array_equal(m.parameters, models[0].parameters)
+    np.testing.assert_allclose(models[0].parameters, single.parameters, rtol=0, atol=2e-5)
+    P = dict(single.named_parameters())["prior.pseudo_inputs"]
+    assert not np.array_equal(P, dict(make_model().named_parameters())["prior.pseudo_inputs"])
