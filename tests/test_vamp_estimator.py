@@ -117,3 +117,32 @@ def test_bad_parameters_raise_before_any_work(params, message):
     with pytest.raises(ValueError, match=message):
         vae.fit(X, np.arange(10) % 2)
     assert not hasattr(vae, "model_")
+
+
+def test_every_crafted_model_or_parameter_field_of_a_vamp_file_is_refused_or_trains(tmp_path):
+    """tests/test_crafted_files.py's judgement on a VampPrior model's file:
+    each field of its model arguments and parameters, replaced by other
+    types, edge values and nonsense (n_pseudo_inputs and prior among them),
+    is refused with a message naming the file, or loads as a model that
+    describes itself and trains."""
+    import test_crafted_files as crafted
+
+    X, y = crafted.make_data()
+    vae = HierarchicalVAE(latent_dims=(3,), hidden_dims=(5,), likelihood="bernoulli",
+                          n_epochs=2, batch_size=16, random_state=0, n_threads=1,
+                          prior="vamp", n_pseudo_inputs=4).fit(X)
+    vae.save(tmp_path / "vamp.hvae")
+    metadata, members = crafted.read((tmp_path / "vamp.hvae").read_bytes())
+    path = tmp_path / "crafted.hvae"
+    outcomes = {"refused": 0, "trains": 0}
+    fields = [w for w in crafted.leaves(metadata) if w and w[0] in ("model", "params")]
+    assert ("model", "n_pseudo_inputs") in fields and ("params", "n_pseudo_inputs") in fields
+    for where in fields:
+        parent, key = crafted.get(metadata, where[:-1]), where[-1]
+        original = parent[key]
+        for value in crafted.replacements(original) + (["standard"] if key == "prior" else []):
+            parent[key] = value
+            crafted.write(path, metadata, members)
+            parent[key] = original
+            outcomes[crafted.judge(path, X, y, False, (where, value))] += 1
+    assert outcomes["refused"] > 50 and outcomes["trains"] > 5, outcomes
