@@ -46,7 +46,7 @@ def make(cfg, K, seed=0, scale=1.2):
     (0.1, 0.9) for a Bernoulli likelihood (away from the clip's kinks) but
     for two entries outside [0, 1] (clipped: no gradient), N(0, 1) else."""
     rng = np.random.default_rng(seed)
-    model = hvae.Model(**cfg.model_kwargs(), seed=seed, prior="vamp", n_pseudo_inputs=K)
+    model = hvae.Model(**{**cfg.model_kwargs(), "prior": "vamp", "n_pseudo_inputs": K}, seed=seed)
     blocks = ref.random_parameters(cfg, rng, scale=scale)
     if cfg.likelihood == "bernoulli":
         P = rng.uniform(0.1, 0.9, size=(K, cfg.n_features))
