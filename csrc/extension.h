@@ -14,7 +14,11 @@
 /* What a prior's operations see of one call: B rows of the top layer z_T
  * (d units each). Backward functions ACCUMULATE into dz, dmu_q, dlv_q (each
  * may be NULL when not wanted) and into the prior's own gradients at
- * grads + offset. */
+ * grads + offset (and, for a prior that runs the model's blocks, into
+ * theirs). row_weight (B, or NULL for none) are IWAE's per-row gradient
+ * weights: the model weights the rows of dz, dmu_q and dlv_q itself after
+ * term_backward, so a prior applies them only to gradients that mix rows
+ * (its parameters'). */
 typedef struct {
     const hvae_model *model;      /* a VampPrior runs the encoder on its pseudo-inputs */
     const hvae_workspace *ws;
@@ -33,6 +37,13 @@ typedef struct {
 } hvae_prior_args;
 
 typedef struct {
+    /* Optional (NULL: any config): HVAE_OK when the config suits the
+     * prior (its own fields in range, no unsupported combination). */
+    hvae_status (*check_config)(const hvae_config *config);
+    /* Optional (NULL: 0): rows of a second workspace, with the model's
+     * layout, that every workspace carries for the prior (ws->prior_ws):
+     * a VampPrior runs the encoder on its K pseudo-inputs there. */
+    int64_t (*workspace_rows)(const hvae_config *config);
     /* The named tensors the prior adds after the blocks' (so that Adam,
      * save/load and named_parameters cover them): how many, and tensor k's
      * name after "prior." and its shape (rows, cols as hvae_tensor_info;
@@ -119,6 +130,7 @@ extern const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_
 /* One file each. */
 extern const hvae_prior_ops hvae_prior_normal;
 extern const hvae_prior_ops hvae_prior_gmm;
+extern const hvae_prior_ops hvae_prior_vamp;
 extern const hvae_latent_family_ops hvae_latent_gaussian;
 extern const hvae_latent_family_ops hvae_latent_categorical;
 

@@ -182,6 +182,11 @@ typedef enum {
      * learned weights, means and variances (VaDE, Jiang et al. 2017); see
      * csrc/prior_gmm.c for its ELBO term. */
     HVAE_PRIOR_GMM = 1,
+    /* "vamp", the VampPrior (Tomczak and Welling 2018): the mixture
+     * (1/K) sum_k q(z_T | u_k) of the posteriors of K learned
+     * pseudo-inputs u_k (hvae_config.n_pseudo_inputs); see
+     * csrc/prior_vamp.c. Not with a condition (n_conditions = 0). */
+    HVAE_PRIOR_VAMP = 2,
     HVAE_PRIOR_COUNT
 } hvae_prior_kind;
 HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
@@ -245,10 +250,15 @@ typedef struct {
     /* Components K of a mixture prior (HVAE_PRIOR_GMM: 1..HVAE_MAX_COMPONENTS);
      * ignored by the other priors. Default 1. */
     int64_t n_components;
+    /* HVAE_PRIOR_VAMP: the number K >= 1 of pseudo-inputs (the paper's
+     * is HVAE_VAMP_PSEUDO_INPUTS, which bindings may offer as a default);
+     * 0 (hvae_config_default's) for every other prior. */
+    int64_t n_pseudo_inputs;
 } hvae_config;
 
 /* The most components a mixture prior may have. */
 #define HVAE_MAX_COMPONENTS 65536
+#define HVAE_VAMP_PSEUDO_INPUTS 500
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
                                          const int64_t *latent_dims,
@@ -624,9 +634,10 @@ HVAE_API hvae_status hvae_decode(hvae_model *model, hvae_workspace *ws,
                                  const float *z1, const float *cond, int64_t n,
                                  float *x_mean, float *x_logvar);
 
-/* Ancestral sampling: z_T ~ p(z_T) (the prior's table: N(0, I), or a
- * component of a mixture then its Gaussian; uniform categories by Gumbel-max
- * for a categorical top layer), z_{i-1} ~ p(z_{i-1} | z_i), then the
+/* Ancestral sampling: z_T ~ p(z_T) (the prior's sampler: N(0, I), a
+ * component of a mixture then its Gaussian, or for the VampPrior a uniformly
+ * drawn pseudo-input's q(z_T | u_k); uniform categories by Gumbel-max for a
+ * categorical top layer), z_{i-1} ~ p(z_{i-1} | z_i), then the
  * mean of p(x | z_1) into x (n, D), or a draw from it when
  * observation_noise is nonzero. */
 HVAE_API hvae_status hvae_sample(hvae_model *model, hvae_workspace *ws,
@@ -849,7 +860,12 @@ HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
 /* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
 /* csrc/prior_normal.c, goes through this interface, and so does VaDE's     */
 /* mixture, csrc/prior_gmm.c (its optional n_components and                 */
-/* responsibilities operations give hvae_responsibilities).                 */
+/* responsibilities operations give hvae_responsibilities). The VampPrior,  */
+/* csrc/prior_vamp.c, shows the other optional parts: check_config (its own */
+/* config fields), workspace_rows (every workspace then carries a second    */
+/* one of that many rows, ws->prior_ws, where it runs the encoder on its    */
+/* pseudo-inputs once per call), and IWAE's per-row weights, which a prior  */
+/* applies to the gradients it accumulates across rows.                     */
 /*                                                                           */
 /* A latent family (hvae_latent_family): add HVAE_LATENT_<NAME> before       */
 /* HVAE_LATENT_FAMILY_COUNT, write csrc/latent_<name>.c defining an          */

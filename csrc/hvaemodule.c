@@ -835,24 +835,27 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
-                             "prior", "latent_family", "n_categories", "n_components", NULL};
+                             "prior", "latent_family", "n_categories", "n_components",
+                             "n_pseudo_inputs", NULL};
     long long n_features, n_components = 1;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
     const char *markov_kl = "sampled", *prior = "standard";
     PyObject *family_obj = NULL, *k_obj = Py_None;
-    long long n_conditions = 0;
+    long long n_conditions = 0, n_pseudo_inputs = 0;
+    PyObject *pseudo_obj = Py_None;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOL:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLO:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
-                                     &prior, &family_obj, &k_obj, &n_components))
+                                     &prior, &family_obj, &k_obj, &n_components,
+                                     &pseudo_obj))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -875,6 +878,26 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (n_features < 1 || n_features > INT_MAX) {
         PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
                      "got %lld", n_features);
+        return NULL;
+    }
+    /* None: the paper's K for the VampPrior, none for another prior. */
+    if (pseudo_obj == Py_None) {
+        n_pseudo_inputs = pri == HVAE_PRIOR_VAMP ? HVAE_VAMP_PSEUDO_INPUTS : 0;
+    } else {
+        n_pseudo_inputs = PyLong_AsLongLong(pseudo_obj);
+        if (n_pseudo_inputs == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if ((pri == HVAE_PRIOR_VAMP) != (n_pseudo_inputs != 0) || n_pseudo_inputs < 0 ||
+        n_pseudo_inputs > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_pseudo_inputs must be between 1 and 2**31 - 1 "
+                     "with prior='vamp', and 0 with any other prior; got %lld with "
+                     "prior='%s'", n_pseudo_inputs, prior);
+        return NULL;
+    }
+    if (pri == HVAE_PRIOR_VAMP && n_conditions != 0) {
+        PyErr_SetString(PyExc_ValueError, "prior='vamp' takes no condition "
+                        "(n_conditions must be 0): its pseudo-inputs have none");
         return NULL;
     }
     Py_ssize_t T = 0, H = 0;
@@ -925,6 +948,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.n_categories = n_categories;
     cfg.n_conditions = n_conditions;
     cfg.n_components = n_components;
+    cfg.n_pseudo_inputs = n_pseudo_inputs;
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -1071,6 +1095,8 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyLong_FromLongLong(c->n_components);
     if (strcmp(which, "prior_offset") == 0)
         return PyLong_FromLongLong(hvae_model_prior_offset(self->model));
+    if (strcmp(which, "n_pseudo_inputs") == 0)
+        return PyLong_FromLongLong(c->n_pseudo_inputs);
     if (strcmp(which, "seed") == 0)
         return PyLong_FromUnsignedLongLong(self->seed);
     if (strcmp(which, "optimizer_steps") == 0)
@@ -2262,7 +2288,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
         Py_DECREF(state);
         return NULL;
     }
-    return Py_BuildValue("(O(LNNsssKsLssNNL)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLssNNLL)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -2272,7 +2298,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
                          choice_name(CHOICE_PRIOR, c->prior), family, K,
-                         (long long)c->n_components, state);
+                         (long long)c->n_components, (long long)c->n_pseudo_inputs, state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -2288,13 +2314,14 @@ static PyObject *Model_repr(ModelObject *self)
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
             "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
-            "latent_family=%R%s%R, n_components=%lld)",
+            "latent_family=%R%s%R, n_components=%lld, n_pseudo_inputs=%lld)",
             (long long)c->n_features, latent, hidden,
             choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
             choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
             choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
             choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
-            family, ", n_categories=", K, (long long)c->n_components);
+            family, ", n_categories=", K, (long long)c->n_components,
+            (long long)c->n_pseudo_inputs);
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     Py_XDECREF(family);
@@ -2458,6 +2485,8 @@ static PyGetSetDef Model_getset[] = {
      "latent_widths"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
+    {"n_pseudo_inputs", (getter)Model_get_config_value, NULL,
+     "The VampPrior's number of pseudo-inputs K (0 for another prior)", "n_pseudo_inputs"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
      "Optimizer steps taken since the optimizer was created", "optimizer_steps"},
     {"n_threads", (getter)Model_get_n_threads, (setter)Model_set_n_threads,
@@ -2477,7 +2506,7 @@ static PyTypeObject ModelType = {
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
               "prior='standard', latent_family='gaussian', n_categories=None,\n"
-              "n_components=1)\n--\n\n"
+              "n_components=1, n_pseudo_inputs=None)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -2496,7 +2525,11 @@ static PyTypeObject ModelType = {
               "n_categories classes (an int, or one per layer; None: 10); its\n"
               "samples, noise (Gumbel) and encode outputs (class probabilities and\n"
               "their logs) have M*K columns (latent_widths), column m*K + k.\n"
-              "n_components: a mixture prior's ('gmm') number of components K.\n\n"
+              "n_components: a mixture prior's ('gmm') number of components K.\n"
+              "n_pseudo_inputs: with prior='vamp' (the VampPrior, a mixture of the top\n"
+              "layer's posteriors at K learned pseudo-inputs, tensor\n"
+              "'prior.pseudo_inputs' of shape (K, n_features)), K >= 1, None for the\n"
+              "paper's 500; None or 0 with any other prior.\n\n"
               "Threads: a model serves one call at a time (others wait; a fit's\n"
               "callback calling back into it gets a RuntimeError). Long calls stop\n"
               "for Ctrl-C within a layer's work. Fork: in a child, a model that\n"

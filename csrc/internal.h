@@ -131,6 +131,12 @@ struct hvae_workspace {
     float *score_weight;     /* (max_rows) */
     double baseline;         /* the running-mean baseline, and whether set */
     int baseline_set;
+    /* A prior's (hvae_prior_ops.workspace_rows; NULL without): its own
+     * workspace of that many rows, whose dx holds the gradient of its x
+     * (rows, D); and one double per row of this workspace. */
+    struct hvae_workspace *prior_ws;
+    float *dx;
+    double *prior_rows;
 };
 
 /* Whether the workspace's poll hook asks the current call to stop. */

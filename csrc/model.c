@@ -34,6 +34,7 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.latent_families = NULL;
     c.n_categories = NULL;
     c.n_components = 1;
+    c.n_pseudo_inputs = 0;
     return c;
 }
 
@@ -167,12 +168,13 @@ static hvae_status validate_config(const hvae_config *c)
     /* The ladder's precision-weighted merge is the Gaussian's. */
     if (c->inference == HVAE_INFERENCE_LADDER && c->latent_family != HVAE_LATENT_GAUSSIAN)
         return HVAE_ERR_INVALID_ARGUMENT;
-    if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
+    if (c->n_conditions < 0 || c->n_conditions > INT_MAX || c->n_pseudo_inputs < 0)
         return HVAE_ERR_INVALID_ARGUMENT;
-    if (hvae_prior_table[c->prior]->n_components &&
+    const hvae_prior_ops *prior = hvae_prior_table[c->prior];
+    if (prior->n_components &&
         (c->n_components < 1 || c->n_components > HVAE_MAX_COMPONENTS))
         return HVAE_ERR_INVALID_ARGUMENT;
-    return HVAE_OK;
+    return prior->check_config ? prior->check_config(c) : HVAE_OK;
 }
 
 hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
@@ -355,7 +357,14 @@ hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
 
 /* ---- workspace ---------------------------------------------------------- */
 
-size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
+/* Rows of the prior's own workspace (see hvae_prior_ops.workspace_rows). */
+static int64_t prior_workspace_rows(const hvae_model *m)
+{
+    return m->prior->workspace_rows ? m->prior->workspace_rows(&m->config) : 0;
+}
+
+/* The bytes of a workspace without the prior's (its own rows only). */
+static size_t workspace_own_bytes(const hvae_model *m, int64_t max_rows)
 {
     if (!m || max_rows < 1 || max_rows > INT_MAX)
         return 0;
@@ -379,6 +388,25 @@ size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
     return (size_t)total;
 }
 
+/* With the prior's workspace: its rows hold the whole layout plus their
+ * input gradient (rows, D), and the caller's rows a double each. */
+size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
+{
+    size_t own = workspace_own_bytes(m, max_rows);
+    int64_t rows = own ? prior_workspace_rows(m) : 0;
+    if (rows == 0)
+        return own;
+    size_t prior = workspace_own_bytes(m, rows);
+    size_t extra = (size_t)rows * (size_t)m->config.n_features * sizeof(float) +
+                   (size_t)max_rows * sizeof(double);
+    if (prior == 0 || prior > SIZE_MAX / 4 - own - extra)
+        return 0;
+    return own + prior + extra;
+}
+
+static hvae_status workspace_create(const hvae_model *m, int64_t max_rows, int with_prior,
+                                    hvae_workspace **out);
+
 hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
                                   hvae_workspace **out)
 {
@@ -387,6 +415,12 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     *out = NULL;
     if (hvae_workspace_bytes(m, max_rows) == 0)
         return HVAE_ERR_SIZE_OVERFLOW;
+    return workspace_create(m, max_rows, 1, out);
+}
+
+static hvae_status workspace_create(const hvae_model *m, int64_t max_rows, int with_prior,
+                                    hvae_workspace **out)
+{
     hvae_workspace *ws = calloc(1, sizeof *ws);
     if (!ws)
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -411,6 +445,21 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
         hvae_workspace_free(ws);
         return HVAE_ERR_OUT_OF_MEMORY;
     }
+    int64_t prior_rows = with_prior ? prior_workspace_rows(m) : 0;
+    if (prior_rows > 0) {
+        hvae_status st = workspace_create(m, prior_rows, 0, &ws->prior_ws);
+        if (st == HVAE_OK) {
+            ws->prior_ws->dx = malloc((size_t)prior_rows * (size_t)m->config.n_features *
+                                      sizeof(float));
+            ws->prior_rows = malloc(R * sizeof(double));
+            if (!ws->prior_ws->dx || !ws->prior_rows)
+                st = HVAE_ERR_OUT_OF_MEMORY;
+        }
+        if (st != HVAE_OK) {
+            hvae_workspace_free(ws);
+            return st;
+        }
+    }
     *out = ws;
     return HVAE_OK;
 }
@@ -431,6 +480,9 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->dacts);
     free(ws->reconstruction);
     free(ws->kl);
+    free(ws->dx);
+    free(ws->prior_rows);
+    hvae_workspace_free(ws->prior_ws);
     free(ws);
 }
 
@@ -696,12 +748,13 @@ static void latent_sample_backward(const hvae_model *m, const hvae_workspace *ws
 
 /* The top layer's prior's view of the workspace (gradients when grad). */
 static hvae_prior_args top_prior_args(const hvae_model *m, const hvae_workspace *ws,
-                                      const float *eps_top, int64_t B, int grad)
+                                      const float *eps_top, int64_t B, int grad,
+                                      const float *row_weight)
 {
     int32_t top = m->config.n_layers - 1;
-    hvae_prior_args a = {m, ws, m->params, m->grads, m->prior_offset, B,
-                         m->latent_dims[top], NULL, eps_top, NULL, NULL, NULL, NULL, NULL,
-                         NULL};
+    hvae_prior_args a = {.model = m, .ws = ws, .params = m->params, .grads = m->grads,
+                         .offset = m->prior_offset, .B = B, .d = m->latent_dims[top],
+                         .eps = eps_top, .row_weight = row_weight};
     if (ws) {
         a.z = ws_act(ws, m->latent[top].z_col);
         a.mu_q = post(m, ws, top, 0);
@@ -741,7 +794,7 @@ static void layer_terms_forward(const hvae_model *m, const hvae_workspace *ws,
     }
     if (own > top)
         return;
-    hvae_prior_args a = top_prior_args(m, ws, eps[top], B, 0);
+    hvae_prior_args a = top_prior_args(m, ws, eps[top], B, 0, NULL);
     m->prior->term_forward(ws->kl + top * ws->max_rows, &a, closed_form(m, top, sampled));
 }
 
@@ -808,8 +861,7 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
                                  post(m, ws, i, 1), prior(m, ws, i, 0), prior(m, ws, i, 1), &c);
     }
     if (own == top && kl_weight[top] != 0.0f) {
-        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
-        a.row_weight = row_weight;
+        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1, row_weight);
         m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
 }
@@ -1188,7 +1240,7 @@ static hvae_status sample_rows(hvae_model *m, hvae_workspace *ws, hvae_rng *rng,
         if (z_top) {
             memcpy(z, z_top + r0 * d_top, (size_t)(B * d_top) * sizeof(float));
         } else if (m->latent[T - 1].family->top_prior_table) {
-            hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0);
+            hvae_prior_args top = top_prior_args(m, ws, NULL, B, 0, NULL);
             m->prior->sample(z, &top, rng);
         } else {
             m->latent[T - 1].family->prior_sample(z, NULL, NULL, rng, &c);
@@ -1251,7 +1303,7 @@ hvae_status hvae_responsibilities(hvae_model *m, hvae_workspace *ws, const float
                          rows_of(cond, r0, m->config.n_conditions), B, NULL, NULL);
         if (st != HVAE_OK)
             return st;
-        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 0);
+        hvae_prior_args a = top_prior_args(m, ws, NULL, B, 0, NULL);
         a.z = post(m, ws, top, 0);
         m->prior->responsibilities(gamma + r0 * K, &a);
     }

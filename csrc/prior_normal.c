@@ -4,6 +4,12 @@
  *   log q(z) - log p(z) = sum_j (z^2 - lv - eps^2) / 2  at z = mu + exp(lv/2) eps. */
 #include "extension.h"
 
+/* n_pseudo_inputs belongs to the VampPrior. */
+static hvae_status normal_check_config(const hvae_config *config)
+{
+    return config->n_pseudo_inputs == 0 ? HVAE_OK : HVAE_ERR_INVALID_ARGUMENT;
+}
+
 static int32_t normal_n_tensors(const hvae_config *config)
 {
     (void)config;
@@ -48,6 +54,7 @@ static void normal_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
 }
 
 const hvae_prior_ops hvae_prior_normal = {
+    .check_config = normal_check_config,
     .n_tensors = normal_n_tensors,
     .tensor = normal_tensor,
     .init = normal_init,

@@ -5,6 +5,7 @@
 const hvae_prior_ops *const hvae_prior_table[HVAE_PRIOR_COUNT] = {
     [HVAE_PRIOR_NORMAL] = &hvae_prior_normal,
     [HVAE_PRIOR_GMM] = &hvae_prior_gmm,
+    [HVAE_PRIOR_VAMP] = &hvae_prior_vamp,
 };
 
 const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_FAMILY_COUNT] = {

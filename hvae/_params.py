@@ -21,9 +21,8 @@ import numpy as np
 # never spelled again here.
 from ._native import (ACTIVATIONS, DECODER_VARIANCES, GRADIENT_ESTIMATORS, INFERENCES,
                       LATENT_FAMILIES, LIKELIHOODS, MARKOV_KLS, MAX_BATCH_SIZE, MAX_COMPONENTS,
-                      MAX_HIDDEN,
-                      MAX_LAYERS, MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS, PRIORS,
-                      SCORE_BASELINES)
+                      MAX_HIDDEN, MAX_LAYERS, MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS,
+                      PRIORS, SCORE_BASELINES)
 
 #: The largest count (epochs, patience, warm-up) a parameter may hold.
 MAX_COUNT = 2**48
@@ -225,6 +224,7 @@ PARAMETER_CONSTRAINTS = {
     "prior": OneOf(PRIORS),
     "n_components": Integer(1, MAX_COMPONENTS),
     "prior_learning_rate": Optional(FiniteNumber(positive=True)),
+    "n_pseudo_inputs": Integer(1, 2**31 - 1),
 }
 
 
@@ -272,6 +272,10 @@ def _check_latent_settings(params):
             and params["n_mc_samples"] < 2):
         raise ValueError("score_baseline='leave_one_out' needs n_mc_samples >= 2 (the "
                          "other draws of a row make its baseline)")
+def _check_prior_settings(params):
+    if params["prior"] == "vamp" and params["conditional"]:
+        raise ValueError("prior='vamp' cannot be conditional: its pseudo-inputs have no "
+                         "condition; use conditional=False or another prior")
 
 
 def validate_parameters(estimator):
@@ -284,4 +288,5 @@ def validate_parameters(estimator):
         params[name] = constraint(name, getattr(estimator, name))
     _check_iwae_settings(params)
     _check_latent_settings(params)
+    _check_prior_settings(params)
     return params

@@ -185,6 +185,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     straight_through = False
     gradient_estimator = "auto"
     score_baseline = "auto"
+    n_pseudo_inputs = 500
 
     def __init__(self, n_components=10, *, latent_dims=(10,), hidden_dims=(256, 256),
                  likelihood="gaussian", activation="relu", decoder_variance="learned",

@@ -27,15 +27,15 @@ from ._native import MAX_THREADS, DivergenceError, Model
 from ._params import latent_layers, validate_parameters
 from ._training import (HISTORY_KEYS, VALIDATION_KEYS, Trainer, fitted_state, new_history,
                         restore_fitted_state, workspace_rows)
+from ._vamp import init_pseudo_inputs, vamp_model_options
 from .file_format import register_estimator
 
 #: The parameters that make the low-level Model, as its attributes name them:
 #: fit with warm_start, and partial_fit, continue a model only while they
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
-                  "decoder_variance", "inference", "markov_kl", "prior", "n_components")
-
-
+                  "decoder_variance", "inference", "markov_kl", "prior", "n_components",
+                  "n_pseudo_inputs")
 #: The Model options latent_types and n_categories make, as Model reports them.
 _LATENT_OPTIONS = ("latent_family", "n_categories")
 
@@ -46,7 +46,7 @@ def _model_options(params):
     families, n_categories = latent_layers(params)
     options["latent_family"] = families[0] if len(set(families)) == 1 else families
     options["n_categories"] = n_categories
-    return options
+    return vamp_model_options(options)
 
 
 def _available_cores():
@@ -274,7 +274,7 @@ default='auto'
         (``n_mc_samples >= 2``, as in VIMCO), the mean signal of the row's
         other draws; 'auto', leave-one-out with several draws, else the
         running mean; 'none'.
-    prior : {'standard', 'gmm'}, default='standard'
+    prior : {'standard', 'gmm', 'vamp'}, default='standard'
         p(z_T), the top layer's prior. 'standard': N(0, I). 'gmm': a mixture
         of ``n_components`` diagonal Gaussians, p(c) = softmax(pi_logits),
         p(z_T | c) = N(mu_c, diag(exp(logvar_c))), all learned, with VaDE's
@@ -283,13 +283,26 @@ default='auto'
         ``prior.mu``, ``prior.logvar`` in ``model_.named_parameters()``.
         Initialised at random here (equal weights, N(0, I) means, unit
         variances); :class:`hvae.VaDE` pretrains and initialises them from
-        a GaussianMixture as VaDE does. Part of the model.
+        a GaussianMixture as VaDE does. Part of the model. 'vamp': the
+        VampPrior (Tomczak and Welling 2018), the mixture (1/K) sum_k q(z_T | u_k) of the posteriors of ``n_pseudo_inputs``
+        learned pseudo-inputs u_k (tensor ``prior.pseudo_inputs`` of shape
+        (K, n_features) in ``model_.named_parameters()``; for a Bernoulli
+        likelihood clipped to [0, 1]); for T > 1 the pseudo-inputs' posterior
+        runs through the encoder chain at the means. Its ELBO term is the
+        sampled log q(z_T | .) - log p(z_T), in training and in ``score``.
+        ``fit`` starts the pseudo-inputs at ``n_pseudo_inputs`` random
+        training rows (drawn with replacement when there are fewer rows;
+        data-parallel fits keep the model's seeded initialisation). Not with
+        ``conditional=True``. Part of the model (see csrc/prior_vamp.c).
     n_components : int, default=1
         Components K of the 'gmm' prior; ignored by 'standard'. Part of the
         model.
     prior_learning_rate : float or None, default=None
         Step size of the prior's own tensors (the 'gmm' mixture), None for
         ``learning_rate``: VaDE trains its mixture at its own rate.
+    n_pseudo_inputs : int, default=500
+        K, the VampPrior's pseudo-inputs (the paper's 500); ignored by other
+        priors. Part of the model.
 
     Attributes
     ----------
@@ -356,7 +369,8 @@ default='auto'
                  markov_kl="sampled", latent_types="gaussian", n_categories=10,
                  temperature=1.0, temperature_min=0.5, temperature_decay=3e-5,
                  straight_through=False, gradient_estimator="auto", score_baseline="auto",
-                 prior="standard", n_components=1, prior_learning_rate=None):
+                 prior="standard", n_components=1, prior_learning_rate=None,
+                 n_pseudo_inputs=500):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -398,6 +412,7 @@ default='auto'
         self.prior = prior
         self.n_components = n_components
         self.prior_learning_rate = prior_learning_rate
+        self.n_pseudo_inputs = n_pseudo_inputs
 
     # ---- fitting -------------------------------------------------------------
 
@@ -571,6 +586,8 @@ default='auto'
                 train, val, code, seed = self._training_rows_parallel(session, *rows_args)
             model = None if continuing else self._new_model(model_options, code.n_conditions,
                                                             seed)
+            if model is not None:
+                init_pseudo_inputs(model, train)
             # What training allocates, allocated now: a MemoryError leaves
             # the estimator as it was.
             parallel = getattr(train, "parallel", None)
@@ -615,8 +632,8 @@ default='auto'
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
-                             "markov_kl, latent_types, n_categories, prior, n_components or "
-                             "conditional); call fit to train a new model")
+                             "markov_kl, latent_types, n_categories, prior, n_components, "
+                             "n_pseudo_inputs or conditional); call fit to train a new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):

@@ -496,6 +496,9 @@ def _check_model_arguments(arguments, n_params):
     if "n_components" in arguments:
         # A mixture prior holds 1 + 2 d_T floats per component.
         _check_int(arguments["n_components"], "model n_components", 1, max(n_params, 1))
+    if "n_pseudo_inputs" in arguments:
+        # The VampPrior's (K, n_features) pseudo-inputs are among the parameters.
+        _check_int(arguments["n_pseudo_inputs"], "model n_pseudo_inputs", 0, max(n_params, 1))
     if "seed" in arguments:
         _check_int(arguments["seed"], "model seed", 0, 2**64 - 1)
 

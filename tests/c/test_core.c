@@ -1631,6 +1631,95 @@ static void test_aux_step(void)
     free_model(&f);
 }
 
+/* The VampPrior (HVAE_PRIOR_VAMP): its config checks, its tensor, its second
+ * workspace, and every call that reaches the prior (training with ELBO and
+ * IWAE, evaluation, log-likelihood, sampling) stays finite. Its formulas
+ * are held to the float64 reference in tests/test_vamp.py. */
+static void test_vampprior(void)
+{
+    current_test = "vampprior";
+    const int64_t n = 40, D = 6, K = 5;
+    int64_t latent[2] = {3, 2}, hidden[1] = {4};
+    hvae_config c = hvae_config_default(D, 2, latent, 1, hidden);
+    hvae_model *m = NULL;
+    c.prior = HVAE_PRIOR_VAMP;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT); /* K = 0 */
+    c.n_pseudo_inputs = K;
+    c.n_conditions = 2;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c.n_conditions = 0;
+    c.prior = HVAE_PRIOR_NORMAL;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL);
+    CHECK(strcmp(hvae_prior_name(HVAE_PRIOR_VAMP), "vamp") == 0);
+
+    c.prior = HVAE_PRIOR_VAMP;
+    c.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_OK);
+    hvae_tensor_info last;
+    CHECK_STATUS(hvae_model_tensor(m, hvae_model_n_tensors(m) - 1, &last), HVAE_OK);
+    CHECK(strcmp(last.name, "prior.pseudo_inputs") == 0 && last.rows == K && last.cols == D);
+    CHECK(last.offset + K * D == hvae_model_n_params(m));
+    hvae_model_init(m, 3);
+    const float *P = hvae_model_params(m) + last.offset;
+    int in_range = 1;
+    for (int64_t k = 0; k < K * D; k++)
+        in_range &= P[k] > 0.0f && P[k] < 1.0f;
+    CHECK(in_range);
+    /* The second workspace of K rows is counted and made with the first. */
+    hvae_model *plain = NULL;
+    c.prior = HVAE_PRIOR_NORMAL;
+    c.n_pseudo_inputs = 0;
+    CHECK_STATUS(hvae_model_create(&c, &plain), HVAE_OK);
+    CHECK(hvae_workspace_bytes(m, 16) > hvae_workspace_bytes(plain, 16));
+    hvae_model_free(plain);
+
+    hvae_workspace *ws = NULL;
+    CHECK_STATUS(hvae_workspace_create(m, 16, &ws), HVAE_OK);
+    float *x = make_data(n, D, 7);
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = 1e-2f;
+    hvae_optimizer *opt = NULL;
+    CHECK_STATUS(hvae_optimizer_create(m, &oc, &opt), HVAE_OK);
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 1);
+    int64_t order[40];
+    hvae_train_options to = hvae_train_options_default();
+    to.batch_size = 8;
+    hvae_epoch_stats first, stats;
+    float before = P[0];
+    CHECK_STATUS(hvae_train_epoch(m, ws, opt, &rng, x, NULL, n, order, &to, &first), HVAE_OK);
+    for (int e = 0; e < 5; e++)
+        CHECK_STATUS(hvae_train_epoch(m, ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                     HVAE_OK);
+    CHECK(isfinite(stats.loss) && stats.loss < first.loss);
+    CHECK(P[0] != before);
+    to.batch_size = 4;
+    to.objective.objective = HVAE_OBJECTIVE_IWAE;
+    to.objective.n_samples = 4;
+    CHECK_STATUS(hvae_train_epoch(m, ws, opt, &rng, x, NULL, n, order, &to, &stats), HVAE_OK);
+    CHECK(isfinite(stats.loss));
+    CHECK(hvae_all_finite(hvae_model_params(m), hvae_model_n_params(m)));
+
+    double elbo[40], ll[40];
+    CHECK_STATUS(hvae_elbo(m, ws, x, NULL, n, NULL, 0, elbo, NULL, NULL), HVAE_OK);
+    CHECK_STATUS(hvae_log_likelihood(m, ws, x, NULL, n, 50, 0, ll, NULL, NULL), HVAE_OK);
+    CHECK(all_finite_d(elbo, n) && all_finite_d(ll, n));
+    double mean_elbo = 0.0, mean_ll = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        mean_elbo += elbo[i] / n;
+        mean_ll += ll[i] / n;
+    }
+    CHECK(mean_ll > mean_elbo);
+    float samples[20 * 6];
+    CHECK_STATUS(hvae_sample(m, ws, &rng, 20, NULL, 0, samples), HVAE_OK);
+    CHECK(all_finite_f(samples, 20 * D));
+    hvae_optimizer_free(opt);
+    hvae_workspace_free(ws);
+    hvae_model_free(m);
+    free(x);
+}
+
 int main(void)
 {
     test_status_strings();
@@ -1656,6 +1745,7 @@ int main(void)
     test_pool();
     test_thread_counts();
     test_poll_stops_long_calls();
+    test_vampprior();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
