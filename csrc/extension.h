@@ -79,6 +79,7 @@ extern const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_
 
 /* One file each. */
 extern const hvae_prior_ops hvae_prior_normal;
+extern const hvae_prior_ops hvae_prior_density_ratio;
 extern const hvae_latent_family_ops hvae_latent_gaussian;
 
 #endif

@@ -177,7 +177,13 @@ HVAE_API const char *hvae_inference_name(hvae_inference inference);
 
 /* The prior of the top layer, p(z_T). See "Extension points" below. */
 typedef enum {
-    HVAE_PRIOR_NORMAL = 0,     /* N(0, I), no parameters */
+    HVAE_PRIOR_NORMAL = 0,     /* "standard": N(0, I), no parameters */
+    /* "density_ratio": the aggregate posterior q(z_T) as the prior, through
+     * the model's discriminator (hvae_config.discriminator, required):
+     * p(z_T) = N(z_T; 0, I) exp(T(z_T)), T the discriminator's logit, trained
+     * to tell q's samples from N(0, I)'s (T* = log q/N at balance). See
+     * csrc/prior_density_ratio.c. */
+    HVAE_PRIOR_DENSITY_RATIO = 1,
     HVAE_PRIOR_COUNT
 } hvae_prior_kind;
 HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
@@ -224,6 +230,15 @@ typedef struct {
     hvae_markov_kl markov_kl;           /* default HVAE_MARKOV_KL_SAMPLED */
     hvae_prior_kind prior;              /* default HVAE_PRIOR_NORMAL */
     hvae_latent_family latent_family;   /* every layer's; default Gaussian */
+    /* A discriminator over the top layer's samples z_T (csrc/discriminator.c),
+     * 0 for none: an MLP of discriminator_n_hidden leaky-ReLU layers of the
+     * given widths and one linear output T(z), whose tensors
+     * ("discriminator.*") close the parameter buffer. Its role: the
+     * density-ratio prior's T (HVAE_PRIOR_DENSITY_RATIO), or otherwise
+     * FactorVAE's total-correlation estimate (hvae_objective_options.tc_weight). */
+    int32_t discriminator;
+    int32_t discriminator_n_hidden;     /* 0..HVAE_MAX_HIDDEN */
+    int64_t discriminator_hidden[HVAE_MAX_HIDDEN];
 } hvae_config;
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
@@ -476,6 +491,10 @@ typedef struct {
     float free_bits;    /* ELBO only, when > 0: each layer's KL term, averaged
                            over the minibatch, counts as at least this many
                            nats; below it the layer gets no KL gradient */
+    float tc_weight;    /* ELBO only, FactorVAE's gamma (Kim and Mnih 2018):
+                           the loss gains tc_weight * mean_r T(z_T,r), T the
+                           model's discriminator (needs one, and a prior other
+                           than density_ratio); 0 for none */
 } hvae_objective_options;
 
 HVAE_API hvae_objective_options hvae_objective_options_default(void);
@@ -706,6 +725,55 @@ HVAE_API hvae_status hvae_mlp_backward(hvae_mlp *mlp, const float *x,
  * pass (the rows of the minibatch being trained, inside aux_step). */
 HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
                                              int32_t layer);
+
+/* ------------------------------------------------------------------------ */
+/* The model's discriminator (hvae_config.discriminator; csrc/discriminator.c) */
+/* T(z) over top-layer samples, a logit: D(z) = sigmoid(T(z)) is its belief  */
+/* that z came from the "real" side, q(z_T) (the minibatch's samples), not   */
+/* the other: FactorVAE: the same rows with each dimension independently     */
+/* permuted across rows (samples of prod_j q(z_j)); density-ratio prior:     */
+/* N(0, I) draws. With balanced classes the optimum is T* = log q/other:     */
+/* FactorVAE's E_q[T] estimates the total correlation KL(q(z)||prod q(z_j)). */
+/* Its parameters live in the model's buffer (saved and loaded with it; the  */
+/* model's optimizer sees a zero gradient for them), trained by their own    */
+/* optimizer (hvae_optimizer_create_for(hvae_discriminator_n_params(model))) */
+
+/* The discriminator's parameter count and offset in hvae_model_params (0, 0
+ * without one). */
+HVAE_API int64_t hvae_discriminator_n_params(const hvae_model *model);
+HVAE_API int64_t hvae_discriminator_offset(const hvae_model *model);
+
+/* T(z) for n rows z (n, d_T) into out (n). */
+HVAE_API hvae_status hvae_discriminator_log_ratio(hvae_model *model, const float *z,
+                                                  int64_t n, float *out);
+
+/* Running means of the discriminator's steps (reset by the caller). */
+typedef struct {
+    double log_ratio;   /* sum over steps of mean_r T(z_r) on the real rows */
+    double accuracy;    /* sum over steps of the fraction classified right
+                           (T > 0 real, T < 0 other), both classes */
+    int64_t n_steps;
+} hvae_discriminator_stats;
+
+/* One step of the discriminator's optimizer on B real rows z (B, d_T)
+ * against B rows of `other` (B, d_T), or, when other is NULL, the model's
+ * own counterpart drawn from rng: the rows of z with each dimension
+ * permuted independently (FactorVAE), or N(0, I) draws (density-ratio
+ * prior). Loss (disentanglement_lib's FactorVAE, probabilities clipped to
+ * [1e-6, 1 - 1e-6], where the clip passes no gradient):
+ *   -(1/2B) sum_r [log D(z_r) + log(1 - D(other_r))].
+ * Rows go through the MLP in chunks; a step with a nonfinite gradient is
+ * skipped. stats (may be NULL) accumulates. Allocates nothing. */
+HVAE_API hvae_status hvae_discriminator_step(hvae_model *model, hvae_optimizer *opt,
+                                             hvae_rng *rng, const float *z,
+                                             const float *other, int64_t B,
+                                             hvae_discriminator_stats *stats);
+
+/* out (B, d): column j of z (B, d) under its own uniformly random
+ * permutation of the rows (Fisher-Yates from rng), so each column keeps
+ * exactly its values; perm is scratch for B indices. */
+HVAE_API void hvae_permute_dims(float *out, const float *z, int64_t B, int64_t d,
+                                hvae_rng *rng, int64_t *perm);
 
 /* ------------------------------------------------------------------------ */
 /* Extension points. How to add ...                                          */

@@ -158,6 +158,8 @@ typedef struct {
     unsigned long owner; /* the thread holding lock, 0 when free */
     int n_threads;       /* 0: leave the BLAS thread count alone */
     unsigned long long seed;
+    hvae_optimizer *disc_opt; /* the discriminator's, NULL until needed */
+    hvae_discriminator_stats disc_stats; /* since the last epoch record */
 } ModelObject;
 
 static PyTypeObject ModelType;
@@ -629,23 +631,24 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
-                             "prior", "latent_family", NULL};
+                             "prior", "latent_family", "discriminator_hidden", NULL};
     long long n_features;
+    PyObject *disc_obj = Py_None;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
-    const char *markov_kl = "sampled", *prior = "normal", *latent_family = "gaussian";
+    const char *markov_kl = "sampled", *prior = "standard", *latent_family = "gaussian";
     long long n_conditions = 0;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsss:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLsssO:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
-                                     &prior, &latent_family))
+                                     &prior, &latent_family, &disc_obj))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -666,8 +669,14 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                      "got %lld", n_features);
         return NULL;
     }
-    Py_ssize_t T, H;
+    Py_ssize_t T, H, DH = 0;
     if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
+        return NULL;
+    /* discriminator_hidden: None for no discriminator, else its hidden
+     * widths (parsed as parse_dims parses hidden_dims). */
+    int64_t disc_hidden[HVAE_MAX_HIDDEN];
+    if (disc_obj != Py_None &&
+        parse_dims(latent_obj, disc_obj, latent, &T, disc_hidden, &DH) < 0)
         return NULL;
 
     self = (ModelObject *)type->tp_alloc(type, 0);
@@ -689,6 +698,15 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.prior = (hvae_prior_kind)pri;
     cfg.latent_family = (hvae_latent_family)fam;
     cfg.n_conditions = n_conditions;
+    cfg.discriminator = disc_obj != Py_None;
+    cfg.discriminator_n_hidden = (int32_t)DH;
+    memcpy(cfg.discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
+    if (cfg.prior == HVAE_PRIOR_DENSITY_RATIO && !cfg.discriminator) {
+        PyErr_SetString(PyExc_ValueError, "prior 'density_ratio' needs a discriminator: "
+                        "pass discriminator_hidden (a tuple of widths, () for a linear one)");
+        Py_CLEAR(self);
+        goto done;
+    }
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -707,6 +725,7 @@ done:
 static void Model_dealloc(ModelObject *self)
 {
     hvae_optimizer_free(self->opt);
+    hvae_optimizer_free(self->disc_opt);
     hvae_workspace_free(self->ws);
     hvae_model_free(self->model);
     if (self->lock)
@@ -804,6 +823,11 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyLong_FromLongLong(c->n_conditions);
     if (strcmp(which, "seed") == 0)
         return PyLong_FromUnsignedLongLong(self->seed);
+    if (strcmp(which, "discriminator_hidden") == 0) {
+        if (!c->discriminator)
+            Py_RETURN_NONE;
+        return dims_tuple(c->discriminator_hidden, c->discriminator_n_hidden);
+    }
     if (strcmp(which, "optimizer_steps") == 0)
         return PyLong_FromLongLong(self->opt ? *hvae_optimizer_step_count(self->opt) : 0);
     PyErr_SetString(PyExc_AttributeError, which);
@@ -1006,20 +1030,22 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
                                      PyObject *kwds)
 {
     static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
-                             "n_samples", "free_bits", "cond", NULL};
+                             "n_samples", "free_bits", "cond", "tc_weight", NULL};
     frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
     loss_and_grad_call a = {0};
-    double beta = 1.0, free_bits = 0.0;
+    double beta = 1.0, free_bits = 0.0, tc_weight = 0.0;
     const char *objective = "elbo";
     int n_samples = 1;
     call_frame f;
     PyObject *result = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidO", kwlist, &in.X,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidOd", kwlist, &in.X,
                                      &in.noise, u64_converter, &a.seed, &beta, &objective,
-                                     &n_samples, &free_bits, &in.cond))
+                                     &n_samples, &free_bits, &in.cond, &tc_weight))
         return NULL;
-    if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0)
+    if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0 ||
+        check_float32("tc_weight", tc_weight, 0.0, 1) < 0)
         return NULL;
+    a.objective.tc_weight = (float)tc_weight;
     in.draws = n_samples;
     if (frame_enter(&f, self, &in) < 0)
         goto done;
@@ -1286,15 +1312,21 @@ done:
 enum {
     RECORD_LOSS, RECORD_OBJECTIVE, RECORD_ELBO, RECORD_RECONSTRUCTION,
     RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
-    RECORD_COMPLETE, N_RECORD_KEYS
+    RECORD_COMPLETE, RECORD_DISC_LOG_RATIO, RECORD_DISC_ACCURACY, N_RECORD_KEYS
 };
+/* discriminator_log_ratio: the epoch's mean of T over the real rows
+ * (FactorVAE: the total-correlation estimate; density-ratio prior: of
+ * KL(q(z_T) || N(0, I))); discriminator_accuracy: its mean accuracy; NaN
+ * without discriminator steps. */
 static const char *const epoch_record_keys[N_RECORD_KEYS] = {
     "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
-    "n_batches", "n_rows", "complete"};
+    "n_batches", "n_rows", "complete", "discriminator_log_ratio",
+    "discriminator_accuracy"};
 
 /* One epoch's record: a dict of epoch_record_keys; kl a list of T floats. */
 static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
-                              double seconds, int complete)
+                              double seconds, int complete,
+                              const hvae_discriminator_stats *ds)
 {
     PyObject *values[N_RECORD_KEYS] = {NULL};
     PyObject *record = NULL;
@@ -1315,6 +1347,9 @@ static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
     values[RECORD_N_BATCHES] = PyLong_FromLongLong((long long)s->n_batches);
     values[RECORD_N_ROWS] = PyLong_FromLongLong((long long)s->n_rows);
     values[RECORD_COMPLETE] = Py_NewRef(complete ? Py_True : Py_False);
+    double steps = ds->n_steps > 0 ? (double)ds->n_steps : NAN;
+    values[RECORD_DISC_LOG_RATIO] = PyFloat_FromDouble(ds->log_ratio / steps);
+    values[RECORD_DISC_ACCURACY] = PyFloat_FromDouble(ds->accuracy / steps);
     for (int k = 0; k < N_RECORD_KEYS; k++)
         if (!values[k])
             goto done;
@@ -1336,6 +1371,7 @@ typedef struct {
     int shuffle;
     hvae_objective_options objective;
     hvae_optimizer_config optimizer;
+    hvae_optimizer_config disc_optimizer; /* the discriminator's Adam */
 } fit_args;
 
 static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
@@ -1345,23 +1381,39 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                              "history", "weight_decay", "momentum", "adam_betas",
                              "adam_eps", "progress", "objective", "n_samples",
                              "free_bits", "cond", "reduce", "n_global",
-                             "shard_start", NULL};
+                             "shard_start", "tc_weight", "discriminator_learning_rate",
+                             "discriminator_betas", NULL};
     const char *objective = "elbo", *optimizer = "adam";
+    double tc_weight = 0.0, disc_lr = 1e-4, disc_beta1 = 0.5, disc_beta2 = 0.9;
     long long n_samples = 1;
     double beta = 1.0, weight_decay = 0.0, momentum = 0.0, free_bits = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
     *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
-                    hvae_objective_options_default(), hvae_optimizer_config_default()};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLL:fit", kwlist,
+                    hvae_objective_options_default(), hvae_optimizer_config_default(),
+                    hvae_optimizer_config_default()};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdd(dd):fit", kwlist,
                                      &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
                                      &optimizer, &beta, &a->shuffle, &a->callback,
                                      &PyList_Type, &a->history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
                                      &a->progress, &objective, &n_samples, &free_bits,
-                                     &a->cond, &a->reduce, &a->n_global, &a->shard_start))
+                                     &a->cond, &a->reduce, &a->n_global, &a->shard_start,
+                                     &tc_weight, &disc_lr, &disc_beta1, &disc_beta2))
         return -1;
     if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0)
         return -1;
+    if (check_float32("tc_weight", tc_weight, 0.0, 1) < 0 ||
+        check_float32("discriminator_learning_rate", disc_lr, 0.0, 0) < 0)
+        return -1;
+    if (!(disc_beta1 >= 0.0 && (float)disc_beta1 < 1.0f) ||
+        !(disc_beta2 >= 0.0 && (float)disc_beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "discriminator_betas must lie in [0, 1)");
+        return -1;
+    }
+    a->objective.tc_weight = (float)tc_weight;
+    a->disc_optimizer.learning_rate = (float)disc_lr;
+    a->disc_optimizer.beta1 = (float)disc_beta1;
+    a->disc_optimizer.beta2 = (float)disc_beta2;
     int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
         return -1;
@@ -1428,14 +1480,78 @@ static int fit_setup_parallel(ModelObject *self, const fit_args *a, fit_ctx *ctx
     return 0;
 }
 
+/* The discriminator's step after each of the model's (hvae_train_options.
+ * aux_step): on the minibatch's top-layer samples against their
+ * counterpart (hvae_discriminator_step), its stats into the model's. */
+static int fit_aux_step(void *ctx, hvae_model *model, const hvae_workspace *ws,
+                        const float *x, const float *cond, int64_t B)
+{
+    (void)x;
+    (void)cond;
+    ModelObject *self = ctx;
+    int32_t top = hvae_model_config(model)->n_layers - 1;
+    return hvae_discriminator_step(model, self->disc_opt, &self->rng,
+                                   hvae_workspace_samples(ws, top), NULL, B,
+                                   &self->disc_stats) != HVAE_OK;
+}
+
+/* A fit of a model with a discriminator: refuses what it cannot do, and
+ * readies the discriminator's optimizer (its moments kept across fits). */
+static int fit_setup_discriminator(ModelObject *self, const fit_args *a,
+                                   hvae_train_options *to)
+{
+    const hvae_config *c = hvae_model_config(self->model);
+    if (!c->discriminator) {
+        if (a->objective.tc_weight != 0.0f) {
+            PyErr_SetString(PyExc_ValueError, "tc_weight > 0 needs a discriminator: create "
+                            "the Model with discriminator_hidden");
+            return -1;
+        }
+        return 0;
+    }
+    if (a->objective.tc_weight != 0.0f &&
+        (c->prior == HVAE_PRIOR_DENSITY_RATIO || a->objective.objective != HVAE_OBJECTIVE_ELBO)) {
+        PyErr_SetString(PyExc_ValueError, "tc_weight > 0 (FactorVAE) needs the ELBO objective "
+                        "and a prior other than 'density_ratio', whose discriminator "
+                        "estimates another ratio");
+        return -1;
+    }
+    if (a->reduce != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "data-parallel training of a model with a "
+                        "discriminator is not supported (its gradient is not reduced "
+                        "across processes)");
+        return -1;
+    }
+    if (a->optimizer.weight_decay != 0.0f) {
+        PyErr_SetString(PyExc_ValueError, "weight_decay must be 0 for a model with a "
+                        "discriminator: the model's optimizer would shrink the "
+                        "discriminator's weights, which share its buffer");
+        return -1;
+    }
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = a->disc_optimizer.learning_rate;
+    oc.beta1 = a->disc_optimizer.beta1;
+    oc.beta2 = a->disc_optimizer.beta2;
+    hvae_status st = self->disc_opt
+        ? hvae_optimizer_configure(self->disc_opt, &oc)
+        : hvae_optimizer_create_for(hvae_discriminator_n_params(self->model), &oc,
+                                    &self->disc_opt);
+    if (raise_status(st, "cannot set up the discriminator's optimizer") < 0)
+        return -1;
+    to->aux_step = fit_aux_step;
+    to->aux_ctx = self;
+    return 0;
+}
+
 /* After an epoch that applied steps (or completed): its record into the
  * returned list and history, then the callback (complete epochs only).
  * Returns 0 to go on, 1 when the callback returned False, -1 on error. */
 static int fit_record_epoch(const fit_args *a, PyObject *records, long long epoch,
                             const hvae_epoch_stats *stats, int32_t T, double seconds,
-                            int complete)
+                            int complete, hvae_discriminator_stats *ds)
 {
-    PyObject *rec = epoch_record(stats, T, seconds, complete);
+    PyObject *rec = epoch_record(stats, T, seconds, complete, ds);
+    memset(ds, 0, sizeof *ds);
     if (!rec || PyList_Append(records, rec) < 0 ||
         (a->history && PyList_Append(a->history, rec) < 0)) {
         Py_XDECREF(rec);
@@ -1487,6 +1603,7 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
         ctx->saved = PyEval_SaveThread();
         /* On divergence the C loop returns the model, the optimizer and the
          * generator to their state at the start of the epoch. */
+        memset(&self->disc_stats, 0, sizeof self->disc_stats);
         hvae_status st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
                                           PyArray_DATA(x), cond_data(cond), n, order, to,
                                           &stats);
@@ -1495,7 +1612,7 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
         double seconds = now_seconds() - t0;
         if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
             int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,
-                                           st == HVAE_OK);
+                                           st == HVAE_OK, &self->disc_stats);
             if (outcome != 0)
                 return outcome < 0 ? -1 : 0;
         }
@@ -1549,7 +1666,8 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     to.hook_ctx = &ctx;
     ctx.progress = a.progress == Py_None ? NULL : a.progress;
     records = PyList_New(0);
-    if (!records || (parallel && fit_setup_parallel(self, &a, &ctx, &to) < 0) ||
+    if (!records || fit_setup_discriminator(self, &a, &to) < 0 ||
+        (parallel && fit_setup_parallel(self, &a, &ctx, &to) < 0) ||
         fit_epochs(self, &a, x, cond, order, &to, &ctx, records) < 0)
         Py_CLEAR(records);
 done:
@@ -1570,6 +1688,8 @@ static PyObject *Model_reset_optimizer(ModelObject *self, PyObject *noargs)
         return NULL;
     hvae_optimizer_free(self->opt);
     self->opt = NULL;
+    hvae_optimizer_free(self->disc_opt);
+    self->disc_opt = NULL;
     model_leave(self);
     Py_RETURN_NONE;
 }
@@ -1588,6 +1708,8 @@ static PyObject *Model_init_parameters(ModelObject *self, PyObject *args,
     hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
     hvae_optimizer_free(self->opt);
     self->opt = NULL;
+    hvae_optimizer_free(self->disc_opt);
+    self->disc_opt = NULL;
     model_leave(self);
     Py_RETURN_NONE;
 }
@@ -1752,7 +1874,13 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
     PyObject *state = Model_getstate(self, NULL);
     if (!state)
         return NULL;
-    return Py_BuildValue("(O(LNNsssKsLsss)N)", (PyObject *)Py_TYPE(self),
+    PyObject *disc = c->discriminator
+        ? dims_tuple(c->discriminator_hidden, c->discriminator_n_hidden) : Py_NewRef(Py_None);
+    if (!disc) {
+        Py_DECREF(state);
+        return NULL;
+    }
+    return Py_BuildValue("(O(LNNsssKsLsssN)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -1762,7 +1890,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
                          choice_name(CHOICE_PRIOR, c->prior),
-                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family), state);
+                         choice_name(CHOICE_LATENT_FAMILY, c->latent_family), disc, state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -1788,7 +1916,116 @@ static PyObject *Model_repr(ModelObject *self)
     return r;
 }
 
+/* ---- the discriminator ---------------------------------------------------- */
+
+static int model_has_discriminator(ModelObject *self)
+{
+    if (hvae_model_config(self->model)->discriminator)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, "this Model has no discriminator (create it with "
+                    "discriminator_hidden)");
+    return 0;
+}
+
+static PyObject *Model_discriminator_log_ratio(ModelObject *self, PyObject *args,
+                                               PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", NULL};
+    PyObject *z_obj, *out = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:discriminator_log_ratio", kwlist, &z_obj) ||
+        !model_has_discriminator(self))
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    PyArrayObject *z = as_finite_matrix(z_obj, c->latent_dims[c->n_layers - 1], "Z");
+    if (!z)
+        return NULL;
+    npy_intp n = PyArray_DIM(z, 0);
+    out = new_array(1, &n, NPY_FLOAT32);
+    if (out && model_enter(self) == 0) {
+        hvae_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = hvae_discriminator_log_ratio(self->model, PyArray_DATA(z), n, out_data(out));
+        Py_END_ALLOW_THREADS
+        model_leave(self);
+        if (raise_status(st, "discriminator_log_ratio failed") < 0)
+            Py_CLEAR(out);
+    } else {
+        Py_CLEAR(out);
+    }
+    Py_DECREF(z);
+    return out;
+}
+
+static PyObject *Model_discriminator_step(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", "other", "learning_rate", "adam_betas", NULL};
+    PyObject *z_obj, *other_obj = Py_None, *result = NULL;
+    double lr = 1e-4, b1 = 0.5, b2 = 0.9;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|Od(dd):discriminator_step", kwlist,
+                                     &z_obj, &other_obj, &lr, &b1, &b2) ||
+        !model_has_discriminator(self) || check_float32("learning_rate", lr, 0.0, 0) < 0)
+        return NULL;
+    if (!(b1 >= 0.0 && (float)b1 < 1.0f) || !(b2 >= 0.0 && (float)b2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "adam_betas must lie in [0, 1)");
+        return NULL;
+    }
+    const hvae_config *c = hvae_model_config(self->model);
+    int64_t d = c->latent_dims[c->n_layers - 1];
+    PyArrayObject *z = as_finite_matrix(z_obj, d, "Z"), *other = NULL;
+    if (!z)
+        return NULL;
+    if (other_obj != Py_None) {
+        other = as_finite_matrix(other_obj, d, "other");
+        if (!other)
+            goto done;
+        if (PyArray_DIM(other, 0) != PyArray_DIM(z, 0)) {
+            PyErr_SetString(PyExc_ValueError, "other must have as many rows as Z");
+            goto done;
+        }
+    }
+    if (PyArray_DIM(z, 0) < 1) {
+        PyErr_SetString(PyExc_ValueError, "Z must have at least one row");
+        goto done;
+    }
+    if (model_enter(self) < 0)
+        goto done;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = (float)lr;
+    oc.beta1 = (float)b1;
+    oc.beta2 = (float)b2;
+    hvae_status st = self->disc_opt
+        ? hvae_optimizer_configure(self->disc_opt, &oc)
+        : hvae_optimizer_create_for(hvae_discriminator_n_params(self->model), &oc,
+                                    &self->disc_opt);
+    hvae_discriminator_stats ds = {0.0, 0.0, 0};
+    if (st == HVAE_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        st = hvae_discriminator_step(self->model, self->disc_opt, &self->rng, PyArray_DATA(z),
+                                     other ? PyArray_DATA(other) : NULL, PyArray_DIM(z, 0),
+                                     &ds);
+        Py_END_ALLOW_THREADS
+    }
+    model_leave(self);
+    if (raise_status(st, "discriminator_step failed") == 0)
+        result = Py_BuildValue("{sdsd}", "log_ratio", ds.log_ratio, "accuracy", ds.accuracy);
+done:
+    Py_DECREF(z);
+    Py_XDECREF(other);
+    return result;
+}
+
 static PyMethodDef Model_methods[] = {
+    {"discriminator_log_ratio", (PyCFunction)(void (*)(void))Model_discriminator_log_ratio,
+     METH_VARARGS | METH_KEYWORDS,
+     "discriminator_log_ratio(Z) -> (n,) float32: T(z) for top-layer rows Z (n, d_T), the\n"
+     "discriminator's logit, an estimate of log q(z)/other(z)."},
+    {"discriminator_step", (PyCFunction)(void (*)(void))Model_discriminator_step,
+     METH_VARARGS | METH_KEYWORDS,
+     "discriminator_step(Z, other=None, learning_rate=1e-4, adam_betas=(0.5, 0.9)) -> dict\n"
+     "One Adam step of the discriminator: real rows Z (B, d_T) against other (B, d_T),\n"
+     "or with other=None the model's counterpart (FactorVAE: Z with each dimension\n"
+     "permuted across rows; density-ratio prior: N(0, I) draws). Returns the step's\n"
+     "mean T over Z ('log_ratio') and its accuracy."},
     {"named_parameters", (PyCFunction)Model_named_parameters, METH_NOARGS,
      "named_parameters()\n--\n\n"
      "Ordered list of (name, view) pairs that tile ``parameters``.\n\n"
@@ -1896,6 +2133,8 @@ static PyGetSetDef Model_getset[] = {
     {"prior", (getter)Model_get_config_value, NULL, "The top layer's prior (PRIORS)", "prior"},
     {"latent_family", (getter)Model_get_config_value, NULL,
      "The latent layers' distribution family (LATENT_FAMILIES)", "latent_family"},
+    {"discriminator_hidden", (getter)Model_get_config_value, NULL,
+     "The discriminator's hidden widths, None without one", "discriminator_hidden"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
     {"optimizer_steps", (getter)Model_get_config_value, NULL,
@@ -1916,7 +2155,7 @@ static PyTypeObject ModelType = {
     .tp_doc = "Model(n_features, latent_dims, hidden_dims, likelihood='gaussian', "
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
-              "prior='normal', latent_family='gaussian')\n--\n\n"
+              "prior='standard', latent_family='gaussian', discriminator_hidden=None)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -1966,7 +2205,45 @@ static PyObject *mod_blas_info(PyObject *mod, PyObject *noargs)
     return PyUnicode_FromString(hvae_blas_info());
 }
 
+static PyObject *mod_permute_dims(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    (void)mod;
+    static char *kwlist[] = {"Z", "seed", NULL};
+    PyObject *z_obj, *out = NULL;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O&:permute_dims", kwlist, &z_obj,
+                                     u64_converter, &seed))
+        return NULL;
+    PyArrayObject *z = (PyArrayObject *)PyArray_FROM_OTF(z_obj, NPY_FLOAT32,
+                                                         NPY_ARRAY_IN_ARRAY);
+    if (!z)
+        return NULL;
+    if (PyArray_NDIM(z) != 2) {
+        PyErr_SetString(PyExc_ValueError, "Z must be a 2-D array");
+        Py_DECREF(z);
+        return NULL;
+    }
+    npy_intp B = PyArray_DIM(z, 0), d = PyArray_DIM(z, 1), dims[2] = {B, d};
+    int64_t *perm = PyMem_RawMalloc((size_t)(B > 0 ? B : 1) * sizeof(int64_t));
+    out = new_array(2, dims, NPY_FLOAT32);
+    if (!perm || !out) {
+        Py_CLEAR(out);
+        if (!perm)
+            PyErr_NoMemory();
+    } else {
+        hvae_rng rng;
+        hvae_rng_seed(&rng, seed);
+        hvae_permute_dims(out_data(out), PyArray_DATA(z), B, d, &rng, perm);
+    }
+    PyMem_RawFree(perm);
+    Py_DECREF(z);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"permute_dims", (PyCFunction)(void (*)(void))mod_permute_dims, METH_VARARGS | METH_KEYWORDS,
+     "permute_dims(Z, seed=0) -> (B, d) float32: each column of Z (B, d) under its own\n"
+     "random permutation of the rows (FactorVAE's samples of prod_j q(z_j))."},
     {"set_num_threads", mod_set_num_threads, METH_O,
      "set_num_threads(n)\n--\n\nThreads of hvae's pool (which splits its matrix "
      "products, each part on OpenBLAS with one thread, and its elementwise work) for "

@@ -93,6 +93,13 @@ struct hvae_model {
     float *grads;
     int32_t n_tensors;
     hvae_tensor_info *tensors;
+    /* The discriminator (discriminator.c), NULL without one: an MLP bound
+     * to the buffer at disc_offset, and its scratch for 2 HVAE_DISC_CHUNK
+     * rows. */
+    hvae_mlp *disc;
+    int64_t disc_offset;
+    float *disc_rows, *disc_dout;
+    int64_t *disc_perm;
 };
 
 /* Activations and their gradients share one layout: a B-row matrix of
@@ -209,6 +216,23 @@ int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, floa
 void hvae_optimizer_save(hvae_optimizer *opt, const float *params);
 void hvae_optimizer_restore(hvae_optimizer *opt, float *params);
 
+/* mlp.c: the MLP's parameters at external memory of hvae_mlp_n_params
+ * floats (its own are freed); its input width. */
+void hvae_mlp_bind(hvae_mlp *mlp, float *params);
+int64_t hvae_mlp_n_in(const hvae_mlp *mlp);
+
+/* discriminator.c: real rows per MLP pass of a discriminator step. */
+#define HVAE_DISC_CHUNK 256
+hvae_status hvae_discriminator_attach(hvae_model *m);
+void hvae_discriminator_detach(hvae_model *m);
+void hvae_discriminator_init(hvae_model *m, uint64_t seed);
+/* term[r] += coeff * T(z_r) (term may be NULL); returns sum_r T(z_r). */
+double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int64_t B,
+                                       double coeff, double *term);
+/* dz += coeff * dT/dz over B rows. */
+void hvae_discriminator_term_backward(const hvae_model *m, const float *z, int64_t B,
+                                      float coeff, float *dz);
+
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
 float hvae_rng_uniform_float(hvae_rng *rng);
@@ -227,11 +251,12 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                   const float *x, const float *cond, const float *const *eps,
                   int64_t B, int rowwise, int sampled);
 /* Gradient of sum_r row_weight[r] * (-reconstruction_r
- * + sum_i kl_weight[i] * kl_ri); row_weight NULL means `scale` for every row. */
+ * + sum_i kl_weight[i] * kl_ri + tc_weight * T(z_T,r)); row_weight NULL means
+ * `scale` for every row; tc_weight FactorVAE's penalty (0 for none). */
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
-                   int sampled);
+                   int sampled, float tc_weight);
 /* Row r's log-weight log p(x|z_1) - sum_i term_i after hvae_forward (the
  * one place the objectives assemble it; see model.c), its layer terms into
  * kl (T, or NULL) and its ELBO into *elbo (or NULL). */

@@ -31,6 +31,10 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.markov_kl = HVAE_MARKOV_KL_SAMPLED;
     c.prior = HVAE_PRIOR_NORMAL;
     c.latent_family = HVAE_LATENT_GAUSSIAN;
+    c.discriminator = 0;
+    c.discriminator_n_hidden = 0;
+    for (int32_t j = 0; j < HVAE_MAX_HIDDEN; j++)
+        c.discriminator_hidden[j] = 0;
     return c;
 }
 
@@ -122,6 +126,34 @@ static void layout_prior(layout_state *st, int32_t n_prior_tensors)
     }
 }
 
+/* The discriminator's tensors, if any, after the prior's
+ * ("discriminator.hidden1.W", ..., "discriminator.out.b"), in hvae_mlp's
+ * layout. */
+static void layout_discriminator(layout_state *st)
+{
+    hvae_model *m = st->m;
+    const hvae_config *c = &m->config;
+    m->disc_offset = st->n_params;
+    if (!c->discriminator)
+        return;
+    int64_t in = m->latent_dims[c->n_layers - 1];
+    for (int32_t l = 0; l <= c->discriminator_n_hidden; l++) {
+        int last = l == c->discriminator_n_hidden;
+        int64_t out = last ? 1 : c->discriminator_hidden[l];
+        char name[48];
+        if (last)
+            snprintf(name, sizeof name, "discriminator.out");
+        else
+            snprintf(name, sizeof name, "discriminator.hidden%d", (int)l + 1);
+        size_t len = strlen(name);
+        snprintf(name + len, sizeof name - len, ".W");
+        add_tensor(st, name, checked_add(st, &st->n_params, in, out), in, out);
+        snprintf(name + len, sizeof name - len, ".b");
+        add_tensor(st, name, checked_add(st, &st->n_params, out, 1), out, 0);
+        in = out;
+    }
+}
+
 static hvae_status validate_config(const hvae_config *c)
 {
     if (c->n_features < 1 || c->n_features > INT_MAX)
@@ -150,6 +182,13 @@ static hvae_status validate_config(const hvae_config *c)
         return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX)
         return HVAE_ERR_INVALID_ARGUMENT;
+    if ((c->discriminator != 0 && c->discriminator != 1) ||
+        c->discriminator_n_hidden < 0 || c->discriminator_n_hidden > HVAE_MAX_HIDDEN ||
+        (c->prior == HVAE_PRIOR_DENSITY_RATIO && !c->discriminator))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    for (int32_t j = 0; c->discriminator && j < c->discriminator_n_hidden; j++)
+        if (c->discriminator_hidden[j] < 1 || c->discriminator_hidden[j] > INT_MAX)
+            return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
 }
 
@@ -173,7 +212,8 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     m->config.hidden_dims = m->hidden_dims;
     m->prior = hvae_prior_table[config->prior];
     int32_t n_prior_tensors = m->prior->n_tensors(config);
-    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors), sizeof *m->tensors);
+    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors +
+                                 2 * (HVAE_MAX_HIDDEN + 1)), sizeof *m->tensors);
     if (!m->tensors) {
         free(m);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -210,6 +250,7 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
                      bern ? logits_head : gaussian_heads);
     }
     layout_prior(&ls, n_prior_tensors);
+    layout_discriminator(&ls);
     m->n_params = ls.n_params;
     m->act_cols = ls.act_cols;
     if (ls.overflow || m->n_params > (int64_t)(SIZE_MAX / 4 / sizeof(float))) {
@@ -222,6 +263,10 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         hvae_model_free(m);
         return HVAE_ERR_OUT_OF_MEMORY;
     }
+    if (config->discriminator && (st = hvae_discriminator_attach(m)) != HVAE_OK) {
+        hvae_model_free(m);
+        return st;
+    }
     *out = m;
     return HVAE_OK;
 }
@@ -230,6 +275,7 @@ void hvae_model_free(hvae_model *m)
 {
     if (!m)
         return;
+    hvae_discriminator_detach(m);
     free(m->params);
     free(m->grads);
     free(m->tensors);
@@ -268,6 +314,7 @@ void hvae_model_init(hvae_model *m, uint64_t seed)
             p[k] = bound * (2.0f * hvae_rng_uniform_float(&rng) - 1.0f);
     }
     m->prior->init(&m->config, m->params + m->prior_offset, &rng);
+    hvae_discriminator_init(m, seed);
 }
 
 hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
@@ -683,7 +730,8 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
 /* Accumulates scale * kl_weight[i] * d(term_i) into the posterior's, the
  * prior's and (sampled ratio) the sample's gradients. */
 static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_t B,
-                                 float scale, const float *kl_weight, int sampled)
+                                 float scale, const float *kl_weight, int sampled,
+                                 float tc_weight)
 {
     int32_t top = m->config.n_layers - 1;
     for (int32_t i = 0; i < top; i++) {
@@ -706,6 +754,10 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
         m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
+    /* FactorVAE's penalty tc_weight * T(z_T) at the current discriminator. */
+    if (tc_weight != 0.0f)
+        hvae_discriminator_term_backward(m, ws_act(ws, m->latent[top].z_col), B,
+                                         scale * tc_weight, ws_dact(ws, m->latent[top].z_col));
 }
 
 /* Multiplies row r of every activation gradient by row_weight[r]: every
@@ -787,14 +839,14 @@ static void ladder_backward(hvae_model *m, const hvae_workspace *ws, const float
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
-                   int sampled)
+                   int sampled, float tc_weight)
 {
     /* With per-row weights the terms are differentiated at unit scale and
      * every gradient row is weighted once, before anything mixes rows. */
     float s = row_weight ? 1.0f : scale;
     likelihood_args la = {m, ws, x, B, -s};
     hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
-    layer_terms_backward(m, ws, B, s, kl_weight, sampled);
+    layer_terms_backward(m, ws, B, s, kl_weight, sampled, tc_weight);
     if (row_weight)
         weight_gradient_rows(m, ws, B, row_weight);
     if (m->config.inference == HVAE_INFERENCE_LADDER)

@@ -13,6 +13,7 @@ hvae_objective_options hvae_objective_options_default(void)
     o.n_samples = 1;
     o.beta = 1.0f;
     o.free_bits = 0.0f;
+    o.tc_weight = 0.0f;
     return o;
 }
 
@@ -20,7 +21,17 @@ static int objective_is_valid(const hvae_objective_options *o)
 {
     return o && (o->objective == HVAE_OBJECTIVE_ELBO || o->objective == HVAE_OBJECTIVE_IWAE) &&
            o->n_samples >= 1 && isfinite(o->beta) && o->beta >= 0.0f &&
-           isfinite(o->free_bits) && o->free_bits >= 0.0f;
+           isfinite(o->free_bits) && o->free_bits >= 0.0f && isfinite(o->tc_weight) &&
+           o->tc_weight >= 0.0f;
+}
+
+/* FactorVAE's penalty needs a discriminator that is not the prior's, and
+ * the ELBO. */
+static int objective_fits_model(const hvae_model *m, const hvae_objective_options *o)
+{
+    return o->tc_weight == 0.0f ||
+           (m->disc && m->config.prior != HVAE_PRIOR_DENSITY_RATIO &&
+            o->objective == HVAE_OBJECTIVE_ELBO);
 }
 
 /* Gathers the rows of the minibatch start .. start + B - 1 of `order` (all
@@ -159,15 +170,24 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
     if (iwae) {
         objective = iwae_bounds(ws, B, S, n_total);
         if (R > 0)
-            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
+            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1, 0.0f);
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
+        /* FactorVAE: + tc_weight * T(z_T) per draw, at the discriminator
+         * as it stands (it steps after the model's gradient). */
+        double tc = 0.0;
+        if (o->tc_weight != 0.0f && R > 0) {
+            int32_t top = T - 1;
+            tc = hvae_discriminator_term_forward(m, ws_act(ws, m->latent[top].z_col), R, 0.0,
+                                                 NULL);
+        }
         if (R > 0)
             hvae_backward(m, ws, xb, cb, noise, R, (float)(1.0 / (n_total * (double)S)),
-                          NULL, kl_weight, 0);
+                          NULL, kl_weight, 0, o->tc_weight);
         /* The penalty is per data row: this process's share of it. */
-        sums->loss += -(rec / (double)S - penalty * (double)B);
+        sums->loss += -(rec / (double)S - penalty * (double)B) +
+                      (double)o->tc_weight * tc / (double)S;
     }
     sums->objective += objective;
     sums->elbo += (rec - kl_total) / (double)S;
@@ -225,7 +245,7 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
                                hvae_epoch_stats *stats)
 {
     if (!m || !ws || ws->model != m || !x || n < 1 || !stats || !objective_is_valid(o) ||
-        (m->config.n_conditions > 0 && !cond))
+        !objective_fits_model(m, o) || (m->config.n_conditions > 0 && !cond))
         return HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, rows = ws->max_rows / S;
@@ -342,7 +362,8 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
 {
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
-        o->batch_size < 1 || !objective_is_valid(&o->objective))
+        o->batch_size < 1 || !objective_is_valid(&o->objective) ||
+        !objective_fits_model(m, &o->objective))
         return HVAE_ERR_INVALID_ARGUMENT;
     /* One process needs rows; a data-parallel one may hold none. */
     if (parallel ? (!o->reduce || n < 0 || o->shard_start < 0 ||
