@@ -698,15 +698,15 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.prior = (hvae_prior_kind)pri;
     cfg.latent_family = (hvae_latent_family)fam;
     cfg.n_conditions = n_conditions;
-    cfg.discriminator = disc_obj != Py_None;
+    /* The density-ratio prior always has one: without discriminator_hidden,
+     * two hidden layers of 256. */
+    cfg.discriminator = disc_obj != Py_None || cfg.prior == HVAE_PRIOR_DENSITY_RATIO;
+    if (disc_obj == Py_None && cfg.discriminator) {
+        DH = 2;
+        disc_hidden[0] = disc_hidden[1] = 256;
+    }
     cfg.discriminator_n_hidden = (int32_t)DH;
     memcpy(cfg.discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
-    if (cfg.prior == HVAE_PRIOR_DENSITY_RATIO && !cfg.discriminator) {
-        PyErr_SetString(PyExc_ValueError, "prior 'density_ratio' needs a discriminator: "
-                        "pass discriminator_hidden (a tuple of widths, () for a linear one)");
-        Py_CLEAR(self);
-        goto done;
-    }
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -1314,10 +1314,12 @@ enum {
     RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
     RECORD_COMPLETE, RECORD_DISC_LOG_RATIO, RECORD_DISC_ACCURACY, N_RECORD_KEYS
 };
-/* discriminator_log_ratio: the epoch's mean of T over the real rows
- * (FactorVAE: the total-correlation estimate; density-ratio prior: of
- * KL(q(z_T) || N(0, I))); discriminator_accuracy: its mean accuracy; NaN
- * without discriminator steps. */
+/* The records of a model with a discriminator also have the last
+ * N_DISC_RECORD_KEYS keys (exported as DISCRIMINATOR_RECORD_KEYS):
+ * discriminator_log_ratio, the epoch's mean over its steps of T on the real
+ * rows (FactorVAE: the total-correlation estimate; density-ratio prior: of
+ * KL(q(z_T) || N(0, I))), and discriminator_accuracy, its mean accuracy. */
+#define N_DISC_RECORD_KEYS 2
 static const char *const epoch_record_keys[N_RECORD_KEYS] = {
     "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
     "n_batches", "n_rows", "complete", "discriminator_log_ratio",
@@ -1347,14 +1349,15 @@ static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
     values[RECORD_N_BATCHES] = PyLong_FromLongLong((long long)s->n_batches);
     values[RECORD_N_ROWS] = PyLong_FromLongLong((long long)s->n_rows);
     values[RECORD_COMPLETE] = Py_NewRef(complete ? Py_True : Py_False);
-    double steps = ds->n_steps > 0 ? (double)ds->n_steps : NAN;
-    values[RECORD_DISC_LOG_RATIO] = PyFloat_FromDouble(ds->log_ratio / steps);
-    values[RECORD_DISC_ACCURACY] = PyFloat_FromDouble(ds->accuracy / steps);
+    double steps = ds && ds->n_steps > 0 ? (double)ds->n_steps : NAN;
+    values[RECORD_DISC_LOG_RATIO] = PyFloat_FromDouble(ds ? ds->log_ratio / steps : NAN);
+    values[RECORD_DISC_ACCURACY] = PyFloat_FromDouble(ds ? ds->accuracy / steps : NAN);
     for (int k = 0; k < N_RECORD_KEYS; k++)
         if (!values[k])
             goto done;
     record = PyDict_New();
-    for (int k = 0; record && k < N_RECORD_KEYS; k++)
+    int n_keys = ds ? N_RECORD_KEYS : N_RECORD_KEYS - N_DISC_RECORD_KEYS;
+    for (int k = 0; record && k < n_keys; k++)
         if (PyDict_SetItemString(record, epoch_record_keys[k], values[k]) < 0)
             Py_CLEAR(record);
 done:
@@ -1548,9 +1551,9 @@ static int fit_setup_discriminator(ModelObject *self, const fit_args *a,
  * Returns 0 to go on, 1 when the callback returned False, -1 on error. */
 static int fit_record_epoch(const fit_args *a, PyObject *records, long long epoch,
                             const hvae_epoch_stats *stats, int32_t T, double seconds,
-                            int complete, hvae_discriminator_stats *ds)
+                            int complete, hvae_discriminator_stats *ds, int has_disc)
 {
-    PyObject *rec = epoch_record(stats, T, seconds, complete, ds);
+    PyObject *rec = epoch_record(stats, T, seconds, complete, has_disc ? ds : NULL);
     memset(ds, 0, sizeof *ds);
     if (!rec || PyList_Append(records, rec) < 0 ||
         (a->history && PyList_Append(a->history, rec) < 0)) {
@@ -1612,7 +1615,8 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
         double seconds = now_seconds() - t0;
         if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
             int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,
-                                           st == HVAE_OK, &self->disc_stats);
+                                           st == HVAE_OK, &self->disc_stats,
+                                           hvae_model_config(self->model)->discriminator);
             if (outcome != 0)
                 return outcome < 0 ? -1 : 0;
         }
@@ -2169,7 +2173,12 @@ static PyTypeObject ModelType = {
               "or 'analytic' (the closed-form KL at the sampled z_{i+1}; a different,\n"
               "not unbiased, estimate; IWAE and log_likelihood keep the sampled\n"
               "ratio). prior: the top layer's prior (PRIORS); latent_family: the\n"
-              "latent layers' family (LATENT_FAMILIES).",
+              "latent layers' family (LATENT_FAMILIES). discriminator_hidden: None,\n"
+              "or the hidden widths of a discriminator T(z_T) (leaky-ReLU MLP, one\n"
+              "linear output; its tensors 'discriminator.*' close the parameter\n"
+              "buffer), trained beside the model by fit: FactorVAE's total-correlation\n"
+              "estimate (fit's tc_weight), or the 'density_ratio' prior's\n"
+              "log q(z_T)/N(z_T; 0, I) (that prior always has one: (256, 256) by default).",
     .tp_methods = Model_methods,
     .tp_getset = Model_getset,
     .tp_new = Model_new,
@@ -2302,16 +2311,21 @@ PyMODINIT_FUNC PyInit__core(void)
     for (int kind = 0; kind < N_CHOICES; kind++)
         if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)
             goto fail;
-    PyObject *keys = PyTuple_New(N_RECORD_KEYS);
-    for (int k = 0; keys && k < N_RECORD_KEYS; k++) {
-        PyObject *key = PyUnicode_FromString(epoch_record_keys[k]);
-        if (!key)
-            Py_CLEAR(keys);
-        else
-            PyTuple_SET_ITEM(keys, k, key);
+    int first[2] = {0, N_RECORD_KEYS - N_DISC_RECORD_KEYS};
+    int count[2] = {N_RECORD_KEYS - N_DISC_RECORD_KEYS, N_DISC_RECORD_KEYS};
+    const char *names[2] = {"EPOCH_RECORD_KEYS", "DISCRIMINATOR_RECORD_KEYS"};
+    for (int g = 0; g < 2; g++) {
+        PyObject *keys = PyTuple_New(count[g]);
+        for (int k = 0; keys && k < count[g]; k++) {
+            PyObject *key = PyUnicode_FromString(epoch_record_keys[first[g] + k]);
+            if (!key)
+                Py_CLEAR(keys);
+            else
+                PyTuple_SET_ITEM(keys, k, key);
+        }
+        if (module_add_new(m, names[g], keys) < 0)
+            goto fail;
     }
-    if (module_add_new(m, "EPOCH_RECORD_KEYS", keys) < 0)
-        goto fail;
     return m;
 fail:
     Py_DECREF(m);
