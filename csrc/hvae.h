@@ -495,6 +495,17 @@ typedef struct {
                            the loss gains tc_weight * mean_r T(z_T,r), T the
                            model's discriminator (needs one, and a prior other
                            than density_ratio); 0 for none */
+    /* ELBO only, nonzero: beta-TCVAE (Chen et al. 2018; csrc/tcvae.c): the
+     * top layer's training term is alpha MI + beta TC + gamma DW, the
+     * decomposition of its KL into index-code mutual information, total
+     * correlation and dimension-wise KL by minibatch-weighted sampling, with
+     * tcvae_weights = (alpha, beta, gamma) (N(0, I) prior, Gaussian layers,
+     * no free bits). `beta` still weights the layers below. */
+    int32_t tcvae;
+    float tcvae_weights[3];
+    /* The data set's size N in minibatch-weighted sampling; 0: the rows of
+     * the call (hvae_train_epoch: of the epoch, n_global when parallel). */
+    double n_data;
 } hvae_objective_options;
 
 HVAE_API hvae_objective_options hvae_objective_options_default(void);
@@ -768,6 +779,16 @@ HVAE_API hvae_status hvae_discriminator_step(hvae_model *model, hvae_optimizer *
                                              hvae_rng *rng, const float *z,
                                              const float *other, int64_t B,
                                              hvae_discriminator_stats *stats);
+
+/* beta-TCVAE's three terms per row of one minibatch of n rows (at most the
+ * workspace's max_rows), at the same samples as hvae_elbo (eps or hashed
+ * noise): mi, tc, dw (n each; see hvae_objective_options.tcvae), from a
+ * data set of n_data rows. mi + tc + dw is the sampled KL estimate
+ * log q(z_T|.) - log N(z_T; 0, I) of each row. */
+HVAE_API hvae_status hvae_tcvae_terms(hvae_model *model, hvae_workspace *ws,
+                                      const float *x, const float *cond, int64_t n,
+                                      const float *const *eps, uint64_t noise_seed,
+                                      double n_data, double *mi, double *tc, double *dw);
 
 /* out (B, d): column j of z (B, d) under its own uniformly random
  * permutation of the rows (Fisher-Yates from rng), so each column keeps

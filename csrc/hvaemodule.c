@@ -923,6 +923,34 @@ static int check_float32(const char *name, double value, double low, int low_inc
     return 0;
 }
 
+/* beta-TCVAE's settings: tcvae_weights None (off) or (alpha, beta, gamma),
+ * each >= 0; n_data >= 0 (0: the rows of the call). */
+static int parse_tcvae(PyObject *weights, double n_data, hvae_objective_options *o)
+{
+    if (weights != Py_None) {
+        double w[3];
+        if (!PyArg_ParseTuple(weights, "ddd;tcvae_weights must be None or (alpha, beta, gamma)",
+                              &w[0], &w[1], &w[2]))
+            return -1;
+        for (int k = 0; k < 3; k++)
+            if (check_float32("each of tcvae_weights", w[k], 0.0, 1) < 0)
+                return -1;
+        o->tcvae = 1;
+        for (int k = 0; k < 3; k++)
+            o->tcvae_weights[k] = (float)w[k];
+        if (o->objective != HVAE_OBJECTIVE_ELBO || o->free_bits != 0.0f ||
+            o->tc_weight != 0.0f) {
+            PyErr_SetString(PyExc_ValueError, "tcvae_weights (beta-TCVAE) needs the ELBO "
+                            "objective, free_bits=0 and tc_weight=0");
+            return -1;
+        }
+    }
+    if (check_float32("n_data", n_data, 0.0, 1) < 0)
+        return -1;
+    o->n_data = n_data;
+    return 0;
+}
+
 static int parse_objective(const char *objective, long long n_samples, double beta,
                            double free_bits, hvae_objective_options *out)
 {
@@ -995,6 +1023,50 @@ done:
     return result;
 }
 
+typedef struct {
+    unsigned long long seed;
+    double n_data;
+    PyObject *mi, *tc, *dw;
+} tcvae_call;
+
+static hvae_status tcvae_body(call_frame *f, void *args)
+{
+    tcvae_call *a = args;
+    return hvae_tcvae_terms(f->self->model, f->self->ws, PyArray_DATA(f->x),
+                            cond_data(f->cond), f->n, f->have_noise ? f->noise : NULL,
+                            a->seed, a->n_data, out_data(a->mi), out_data(a->tc),
+                            out_data(a->dw));
+}
+
+/* tcvae_terms(X, n_data, noise=None, seed=0, cond=None): X one minibatch. */
+static PyObject *Model_tcvae_terms(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"X", "n_data", "noise", "seed", "cond", NULL};
+    frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
+    tcvae_call a = {0, 0.0, NULL, NULL, NULL};
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Od|OO&O:tcvae_terms", kwlist, &in.X,
+                                     &a.n_data, &in.noise, u64_converter, &a.seed, &in.cond))
+        return NULL;
+    if (!(a.n_data >= 1.0) || !isfinite(a.n_data)) {
+        PyErr_SetString(PyExc_ValueError, "n_data must be a finite number >= 1");
+        return NULL;
+    }
+    if (frame_enter(&f, self, &in) < 0)
+        goto done;
+    a.mi = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+    a.tc = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+    a.dw = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+    if (!a.mi || !a.tc || !a.dw || frame_call(&f, tcvae_body, &a, "tcvae_terms failed") < 0)
+        goto done;
+    result = Py_BuildValue("{sOsOsO}", "mutual_information", a.mi, "total_correlation", a.tc,
+                           "dimension_wise_kl", a.dw);
+done:
+    frame_leave(&f);
+    return result;
+}
+
 static PyObject *Model_elbo(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     return elbo_impl(self, args, kwds, 0);
@@ -1030,22 +1102,27 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
                                      PyObject *kwds)
 {
     static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
-                             "n_samples", "free_bits", "cond", "tc_weight", NULL};
+                             "n_samples", "free_bits", "cond", "tc_weight", "tcvae_weights",
+                             "n_data", NULL};
     frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
     loss_and_grad_call a = {0};
-    double beta = 1.0, free_bits = 0.0, tc_weight = 0.0;
+    double beta = 1.0, free_bits = 0.0, tc_weight = 0.0, n_data = 0.0;
+    PyObject *tcvae = Py_None;
     const char *objective = "elbo";
     int n_samples = 1;
     call_frame f;
     PyObject *result = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidOd", kwlist, &in.X,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidOdOd", kwlist, &in.X,
                                      &in.noise, u64_converter, &a.seed, &beta, &objective,
-                                     &n_samples, &free_bits, &in.cond, &tc_weight))
+                                     &n_samples, &free_bits, &in.cond, &tc_weight, &tcvae,
+                                     &n_data))
         return NULL;
     if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0 ||
         check_float32("tc_weight", tc_weight, 0.0, 1) < 0)
         return NULL;
     a.objective.tc_weight = (float)tc_weight;
+    if (parse_tcvae(tcvae, n_data, &a.objective) < 0)
+        return NULL;
     in.draws = n_samples;
     if (frame_enter(&f, self, &in) < 0)
         goto done;
@@ -1385,7 +1462,9 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                              "adam_eps", "progress", "objective", "n_samples",
                              "free_bits", "cond", "reduce", "n_global",
                              "shard_start", "tc_weight", "discriminator_learning_rate",
-                             "discriminator_betas", NULL};
+                             "discriminator_betas", "tcvae_weights", "n_data", NULL};
+    PyObject *tcvae = Py_None;
+    double n_data = 0.0;
     const char *objective = "elbo", *optimizer = "adam";
     double tc_weight = 0.0, disc_lr = 1e-4, disc_beta1 = 0.5, disc_beta2 = 0.9;
     long long n_samples = 1;
@@ -1394,14 +1473,15 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
     *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
                     hvae_objective_options_default(), hvae_optimizer_config_default(),
                     hvae_optimizer_config_default()};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdd(dd):fit", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdd(dd)Od:fit", kwlist,
                                      &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
                                      &optimizer, &beta, &a->shuffle, &a->callback,
                                      &PyList_Type, &a->history, &weight_decay,
                                      &momentum, &beta1, &beta2, &adam_eps,
                                      &a->progress, &objective, &n_samples, &free_bits,
                                      &a->cond, &a->reduce, &a->n_global, &a->shard_start,
-                                     &tc_weight, &disc_lr, &disc_beta1, &disc_beta2))
+                                     &tc_weight, &disc_lr, &disc_beta1, &disc_beta2,
+                                     &tcvae, &n_data))
         return -1;
     if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0)
         return -1;
@@ -1414,6 +1494,14 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
         return -1;
     }
     a->objective.tc_weight = (float)tc_weight;
+    if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
+        return -1;
+    if (a->objective.tcvae && a->reduce != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
+                        "data-parallel training: its minibatch-weighted sampling needs every "
+                        "row of the minibatch on one process");
+        return -1;
+    }
     a->disc_optimizer.learning_rate = (float)disc_lr;
     a->disc_optimizer.beta1 = (float)disc_beta1;
     a->disc_optimizer.beta2 = (float)disc_beta2;
@@ -2019,6 +2107,12 @@ done:
 }
 
 static PyMethodDef Model_methods[] = {
+    {"tcvae_terms", (PyCFunction)(void (*)(void))Model_tcvae_terms, METH_VARARGS | METH_KEYWORDS,
+     "tcvae_terms(X, n_data, noise=None, seed=0, cond=None) -> dict of (n,) float64\n"
+     "beta-TCVAE's decomposition of each row's sampled top-layer KL estimate, with X\n"
+     "one minibatch from a data set of n_data rows (minibatch-weighted sampling):\n"
+     "'mutual_information', 'total_correlation', 'dimension_wise_kl'; they sum to\n"
+     "log q(z_T|x) - log N(z_T; 0, I) at the same samples."},
     {"discriminator_log_ratio", (PyCFunction)(void (*)(void))Model_discriminator_log_ratio,
      METH_VARARGS | METH_KEYWORDS,
      "discriminator_log_ratio(Z) -> (n,) float32: T(z) for top-layer rows Z (n, d_T), the\n"

@@ -117,6 +117,7 @@ struct hvae_workspace {
     float *dacts;
     double *reconstruction;  /* (max_rows) */
     double *kl;              /* (T, max_rows), layer-major */
+    double *tc_scratch;      /* (max_rows, 2 d_T + 3): beta-TCVAE's (tcvae.c) */
 };
 
 static inline float *ws_act(const hvae_workspace *ws, int64_t col)
@@ -233,6 +234,28 @@ double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int6
 void hvae_discriminator_term_backward(const hvae_model *m, const float *z, int64_t B,
                                       float coeff, float *dz);
 
+/* tcvae.c: beta-TCVAE's terms over B rows of the top layer (z, its noise,
+ * q's mu and lv, all (B, d)) from a data set of n_data rows, into mi, tc,
+ * dw (B each); lse_joint (B) and lse_dim (2 B d) keep what the backward
+ * needs. The backward accumulates scale * the gradient of
+ * weights[0] MI + weights[1] TC + weights[2] DW into dz, dmu, dlv. */
+void hvae_tcvae_forward(double *mi, double *tc, double *dw, double *lse_joint,
+                        double *lse_dim, const float *z, const float *eps, const float *mu,
+                        const float *lv, int64_t B, int64_t d, double n_data);
+void hvae_tcvae_backward(float *dz, float *dmu, float *dlv, const double *lse_joint,
+                         const double *lse_dim, const float *z, const float *mu,
+                         const float *lv, int64_t B, int64_t d, double n_data,
+                         const float *weights, float scale);
+
+/* The training terms beyond the layers' (FactorVAE's, beta-TCVAE's) that
+ * hvae_backward differentiates into the top layer. */
+typedef struct {
+    float tc_weight;          /* FactorVAE's gamma, 0 for none */
+    int tcvae;                /* beta-TCVAE (then the top layer's kl_weight is 0) */
+    const float *tcvae_weights;
+    double n_data;
+} hvae_top_terms;
+
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
 float hvae_rng_uniform_float(hvae_rng *rng);
@@ -251,12 +274,13 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                   const float *x, const float *cond, const float *const *eps,
                   int64_t B, int rowwise, int sampled);
 /* Gradient of sum_r row_weight[r] * (-reconstruction_r
- * + sum_i kl_weight[i] * kl_ri + tc_weight * T(z_T,r)); row_weight NULL means
- * `scale` for every row; tc_weight FactorVAE's penalty (0 for none). */
+ * + sum_i kl_weight[i] * kl_ri + the top terms' (FactorVAE's tc_weight *
+ * T(z_T,r), beta-TCVAE's weighted terms, after their forward); row_weight
+ * NULL means `scale` for every row; top_terms may be NULL. */
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
-                   int sampled, float tc_weight);
+                   int sampled, const hvae_top_terms *top_terms);
 /* Row r's log-weight log p(x|z_1) - sum_i term_i after hvae_forward (the
  * one place the objectives assemble it; see model.c), its layer terms into
  * kl (T, or NULL) and its ELBO into *elbo (or NULL). */

@@ -353,7 +353,9 @@ size_t hvae_workspace_bytes(const hvae_model *m, int64_t max_rows)
 {
     if (!m || max_rows < 1 || max_rows > INT_MAX)
         return 0;
-    int64_t floats_per_row, doubles_per_row = 1 + m->config.n_layers, total;
+    int64_t floats_per_row, total;
+    int64_t doubles_per_row = 1 + m->config.n_layers + 3 +
+                              2 * m->latent_dims[m->config.n_layers - 1];
     if (__builtin_mul_overflow(m->act_cols, 2, &floats_per_row) ||
         __builtin_add_overflow(floats_per_row,
                                m->config.n_features + m->eps_cols,
@@ -396,7 +398,9 @@ hvae_status hvae_workspace_create(const hvae_model *m, int64_t max_rows,
     ws->dacts = calloc(R * (size_t)m->act_cols, sizeof(float));
     ws->reconstruction = malloc(R * sizeof(double));
     ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
-    if (!ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
+    ws->tc_scratch = malloc(R * (size_t)(3 + 2 * m->latent_dims[m->config.n_layers - 1]) *
+                            sizeof(double));
+    if (!ws->tc_scratch || !ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
         !ws->kl || !ws->cond || !ws->row_weight || !ws->lse_max ||
         !ws->lse_sum || !ws->row_rng) {
         hvae_workspace_free(ws);
@@ -413,6 +417,7 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->x);
     free(ws->cond);
     free(ws->row_weight);
+    free(ws->tc_scratch);
     free(ws->lse_max);
     free(ws->lse_sum);
     free(ws->row_rng);
@@ -731,7 +736,7 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
  * prior's and (sampled ratio) the sample's gradients. */
 static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_t B,
                                  float scale, const float *kl_weight, int sampled,
-                                 float tc_weight)
+                                 const hvae_top_terms *tt)
 {
     int32_t top = m->config.n_layers - 1;
     for (int32_t i = 0; i < top; i++) {
@@ -754,10 +759,19 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1);
         m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
+    if (!tt)
+        return;
     /* FactorVAE's penalty tc_weight * T(z_T) at the current discriminator. */
-    if (tc_weight != 0.0f)
+    if (tt->tc_weight != 0.0f)
         hvae_discriminator_term_backward(m, ws_act(ws, m->latent[top].z_col), B,
-                                         scale * tc_weight, ws_dact(ws, m->latent[top].z_col));
+                                         scale * tt->tc_weight,
+                                         ws_dact(ws, m->latent[top].z_col));
+    if (tt->tcvae)
+        hvae_tcvae_backward(ws_dact(ws, m->latent[top].z_col), dpost(m, ws, top, 0),
+                            dpost(m, ws, top, 1), ws->lse_max, ws->tc_scratch + 3 * ws->max_rows,
+                            ws_act(ws, m->latent[top].z_col), post(m, ws, top, 0),
+                            post(m, ws, top, 1), B, m->latent_dims[top], tt->n_data,
+                            tt->tcvae_weights, scale);
 }
 
 /* Multiplies row r of every activation gradient by row_weight[r]: every
@@ -839,14 +853,14 @@ static void ladder_backward(hvae_model *m, const hvae_workspace *ws, const float
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
-                   int sampled, float tc_weight)
+                   int sampled, const hvae_top_terms *top_terms)
 {
     /* With per-row weights the terms are differentiated at unit scale and
      * every gradient row is weighted once, before anything mixes rows. */
     float s = row_weight ? 1.0f : scale;
     likelihood_args la = {m, ws, x, B, -s};
     hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
-    layer_terms_backward(m, ws, B, s, kl_weight, sampled, tc_weight);
+    layer_terms_backward(m, ws, B, s, kl_weight, sampled, top_terms);
     if (row_weight)
         weight_gradient_rows(m, ws, B, row_weight);
     if (m->config.inference == HVAE_INFERENCE_LADDER)

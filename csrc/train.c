@@ -14,6 +14,9 @@ hvae_objective_options hvae_objective_options_default(void)
     o.beta = 1.0f;
     o.free_bits = 0.0f;
     o.tc_weight = 0.0f;
+    o.tcvae = 0;
+    o.tcvae_weights[0] = o.tcvae_weights[1] = o.tcvae_weights[2] = 1.0f;
+    o.n_data = 0.0;
     return o;
 }
 
@@ -22,16 +25,67 @@ static int objective_is_valid(const hvae_objective_options *o)
     return o && (o->objective == HVAE_OBJECTIVE_ELBO || o->objective == HVAE_OBJECTIVE_IWAE) &&
            o->n_samples >= 1 && isfinite(o->beta) && o->beta >= 0.0f &&
            isfinite(o->free_bits) && o->free_bits >= 0.0f && isfinite(o->tc_weight) &&
-           o->tc_weight >= 0.0f;
+           o->tc_weight >= 0.0f && (o->tcvae == 0 || o->tcvae == 1) &&
+           isfinite(o->tcvae_weights[0]) && o->tcvae_weights[0] >= 0.0f &&
+           isfinite(o->tcvae_weights[1]) && o->tcvae_weights[1] >= 0.0f &&
+           isfinite(o->tcvae_weights[2]) && o->tcvae_weights[2] >= 0.0f &&
+           isfinite(o->n_data) && o->n_data >= 0.0 &&
+           (!o->tcvae || (o->objective == HVAE_OBJECTIVE_ELBO && o->free_bits == 0.0f &&
+                          o->tc_weight == 0.0f));
 }
 
 /* FactorVAE's penalty needs a discriminator that is not the prior's, and
  * the ELBO. */
 static int objective_fits_model(const hvae_model *m, const hvae_objective_options *o)
 {
+    /* beta-TCVAE's formulas are the diagonal Gaussian's against N(0, I). */
+    if (o->tcvae && (m->config.prior != HVAE_PRIOR_NORMAL ||
+                     m->config.latent_family != HVAE_LATENT_GAUSSIAN))
+        return 0;
     return o->tc_weight == 0.0f ||
            (m->disc && m->config.prior != HVAE_PRIOR_DENSITY_RATIO &&
             o->objective == HVAE_OBJECTIVE_ELBO);
+}
+
+/* beta-TCVAE's terms of the R rows of the last forward pass, into the
+ * workspace's scratch (mi, tc, dw: R each, then what the backward needs). */
+static void tcvae_terms_forward(const hvae_model *m, const hvae_workspace *ws,
+                                const float *eps_top, int64_t R, double n_data)
+{
+    int32_t top = m->config.n_layers - 1;
+    const hvae_block *enc = &m->enc[top];
+    double *s = ws->tc_scratch;
+    int64_t M = ws->max_rows;
+    hvae_tcvae_forward(s, s + M, s + 2 * M, ws->lse_max, s + 3 * M,
+                       ws_act(ws, m->latent[top].z_col), eps_top, block_head(ws, enc, 0),
+                       block_head(ws, enc, 1), R, m->latent_dims[top], n_data);
+}
+
+hvae_status hvae_tcvae_terms(hvae_model *m, hvae_workspace *ws, const float *x,
+                             const float *cond, int64_t n, const float *const *eps,
+                             uint64_t noise_seed, double n_data, double *mi, double *tc,
+                             double *dw)
+{
+    if (!m || !ws || ws->model != m || !x || n < 1 || !mi || !tc || !dw ||
+        !(n_data >= 1.0) || !isfinite(n_data) || (m->config.n_conditions > 0 && !cond) ||
+        m->config.prior != HVAE_PRIOR_NORMAL || m->config.latent_family != HVAE_LATENT_GAUSSIAN)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (n > ws->max_rows)
+        return HVAE_ERR_BATCH_TOO_LARGE;
+    int32_t T = m->config.n_layers;
+    const float *noise[HVAE_MAX_LAYERS];
+    for (int32_t i = 0; i < T; i++)
+        noise[i] = eps ? eps[i] : ws_eps(ws, i);
+    if (!eps)
+        hvae_hashed_noise(m, ws, x, n, 1, noise_seed);
+    hvae_forward(m, ws, x, cond, noise, n, 0, 0);
+    tcvae_terms_forward(m, ws, noise[T - 1], n, n_data);
+    for (int64_t r = 0; r < n; r++) {
+        mi[r] = ws->tc_scratch[r];
+        tc[r] = ws->tc_scratch[ws->max_rows + r];
+        dw[r] = ws->tc_scratch[2 * ws->max_rows + r];
+    }
+    return HVAE_OK;
 }
 
 /* Gathers the rows of the minibatch start .. start + B - 1 of `order` (all
@@ -124,7 +178,7 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
                           const float *xb, const float *cb,
                           const float *const *noise, int64_t B,
                           const hvae_objective_options *o, double n_total,
-                          const reducer *red, hvae_epoch_stats *sums)
+                          double n_data, const reducer *red, hvae_epoch_stats *sums)
 {
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, R = B * S;
@@ -165,12 +219,29 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
         penalty += (iwae ? 1.0 : (double)o->beta) * (floored ? o->free_bits : mean);
         kl_total += kl_sum[i];
     }
+    /* beta-TCVAE: the top layer's weighted decomposition replaces beta KL
+     * in the loss (its rows' terms, this process's share per data row). */
+    if (o->tcvae) {
+        int32_t top = T - 1;
+        kl_weight[top] = 0.0f;
+        penalty -= (double)o->beta * (batch_kl[T] > 0.0 ? batch_kl[top] / batch_kl[T] : 0.0);
+        double weighted = 0.0;
+        if (R > 0) {
+            tcvae_terms_forward(m, ws, noise[top], R, n_data);
+            for (int64_t r = 0; r < R; r++)
+                for (int k = 0; k < 3; k++)
+                    weighted += (double)o->tcvae_weights[k] *
+                                ws->tc_scratch[k * ws->max_rows + r];
+        }
+        penalty += B > 0 ? weighted / (double)R : 0.0;
+    }
+    hvae_top_terms top_terms = {o->tc_weight, o->tcvae, o->tcvae_weights, n_data};
 
     double objective = 0.0;
     if (iwae) {
         objective = iwae_bounds(ws, B, S, n_total);
         if (R > 0)
-            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1, 0.0f);
+            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1, NULL);
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
@@ -184,7 +255,7 @@ static int objective_step(hvae_model *m, const hvae_workspace *ws,
         }
         if (R > 0)
             hvae_backward(m, ws, xb, cb, noise, R, (float)(1.0 / (n_total * (double)S)),
-                          NULL, kl_weight, 0, o->tc_weight);
+                          NULL, kl_weight, 0, &top_terms);
         /* The penalty is per data row: this process's share of it. */
         sums->loss += -(rec / (double)S - penalty * (double)B) +
                       (double)o->tc_weight * tc / (double)S;
@@ -263,7 +334,8 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
         if (!eps)
             hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, S, noise_seed);
         static const reducer none = {NULL, NULL};
-        objective_step(m, ws, xb, cb, noise, B, o, (double)n, &none, stats);
+        objective_step(m, ws, xb, cb, noise, B, o, (double)n,
+                       o->n_data > 0.0 ? o->n_data : (double)n, &none, stats);
         stats->n_batches++;
     }
     scale_sums(stats, 1.0 / (double)n, T);
@@ -401,7 +473,8 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
                                      o, &cb, &held);
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
-        if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B, &red,
+        if (objective_step(m, ws, xb, cb, noise, held, &o->objective, (double)B,
+                           o->objective.n_data > 0.0 ? o->objective.n_data : (double)N, &red,
                            &batch)) {
             status = HVAE_ERR_STOPPED;
             break;
