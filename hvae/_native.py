@@ -13,6 +13,7 @@ except ImportError:
 from ._core import (  # noqa: E402
     ACTIVATIONS,
     DECODER_VARIANCES,
+    DISCRIMINATOR_RECORD_KEYS,
     EPOCH_RECORD_KEYS,
     INFERENCES,
     LATENT_FAMILIES,
@@ -32,7 +33,7 @@ from ._core import (  # noqa: E402
 
 # Names the C core accepts for each option (hvae.h, "Names") and the keys of
 # Model.fit's per-epoch records.
-__all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "EPOCH_RECORD_KEYS", "INFERENCES",
+__all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "DISCRIMINATOR_RECORD_KEYS", "EPOCH_RECORD_KEYS", "INFERENCES",
            "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
            "PRIORS", "MAX_HIDDEN", "MAX_LAYERS", "DivergenceError", "Model", "blas_info",
            "get_num_threads", "set_num_threads"]

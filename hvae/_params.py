@@ -16,7 +16,7 @@ import numpy as np
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
 from ._native import (ACTIVATIONS, DECODER_VARIANCES, INFERENCES, LIKELIHOODS, MARKOV_KLS,
-                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS)
+                      MAX_HIDDEN, MAX_LAYERS, OBJECTIVES, OPTIMIZERS, PRIORS)
 
 
 def _is_int(value):
@@ -104,6 +104,27 @@ class Dims:
         return tuple(int(d) for d in dims)
 
 
+class Weights:
+    """A tuple of ``n`` finite numbers, each >= 0 (< 1 with ``below_one``)."""
+
+    def __init__(self, n, below_one=False):
+        self.n, self.below_one = n, below_one
+
+    def __call__(self, name, value):
+        try:
+            items = tuple(value)
+        except TypeError:
+            items = ()
+        ok = len(items) == self.n and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+            and v >= 0 and (not self.below_one or v < 1) for v in items)
+        if not ok:
+            bound = "in [0, 1)" if self.below_one else ">= 0"
+            raise ValueError(f"{name} must be a tuple of {self.n} finite numbers {bound}; "
+                             f"got {value!r}")
+        return tuple(float(v) for v in items)
+
+
 class Callbacks:
     """None, a callable or a sequence of callables; normalised to a list."""
 
@@ -171,6 +192,12 @@ PARAMETER_CONSTRAINTS = {
     "conditional": Flag(),
     "chunk_size": Optional(Integer(1)),
     "callbacks": Callbacks(),
+    "prior": OneOf(PRIORS),
+    "tc_weight": FiniteNumber(),
+    "tcvae_weights": Optional(Weights(3)),
+    "discriminator_hidden": Dims(allow_empty=True, max_entries=MAX_HIDDEN, unit="entries"),
+    "discriminator_learning_rate": FiniteNumber(positive=True),
+    "discriminator_betas": Weights(2, below_one=True),
     "shuffle": Unchecked(),
     "warm_start": Unchecked(),
     "random_state": Unchecked(),
@@ -184,6 +211,22 @@ def _check_iwae_settings(params):
                          "beta must be 1, free_bits 0 and kl_warmup_epochs 0")
 
 
+def _check_discriminator_settings(params):
+    if params["tc_weight"] > 0 and (params["objective"] != "elbo"
+                                    or params["prior"] != "standard"):
+        raise ValueError("tc_weight > 0 (FactorVAE) needs objective='elbo' and "
+                         "prior='standard'")
+    if params["tcvae_weights"] is not None and (
+            params["objective"] != "elbo" or params["prior"] != "standard"
+            or params["free_bits"] != 0.0 or params["tc_weight"] != 0.0):
+        raise ValueError("tcvae_weights (beta-TCVAE) needs objective='elbo', "
+                         "prior='standard', free_bits=0 and tc_weight=0")
+    if (params["tc_weight"] > 0 or params["prior"] == "density_ratio") and \
+            params["weight_decay"] != 0.0:
+        raise ValueError("weight_decay must be 0 for a model with a discriminator "
+                         "(tc_weight > 0 or prior='density_ratio')")
+
+
 def validate_parameters(estimator):
     """Every parameter of ``estimator`` checked against
     :data:`PARAMETER_CONSTRAINTS` and against each other; returns a dict of
@@ -193,4 +236,5 @@ def validate_parameters(estimator):
     for name, constraint in PARAMETER_CONSTRAINTS.items():
         params[name] = constraint(name, getattr(estimator, name))
     _check_iwae_settings(params)
+    _check_discriminator_settings(params)
     return params

@@ -29,12 +29,18 @@ from .file_format import register_estimator
 #: fit with warm_start, and partial_fit, continue a model only while they
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
-                  "decoder_variance", "inference", "markov_kl")
+                  "decoder_variance", "inference", "markov_kl", "prior",
+                  "discriminator_hidden")
 
 
 def _model_options(params):
-    """The Model options of validated parameters (see _MODEL_OPTIONS)."""
-    return {key: params[key] for key in _MODEL_OPTIONS}
+    """The Model options of validated parameters (see _MODEL_OPTIONS). The
+    model has a discriminator for FactorVAE (tc_weight > 0) and for the
+    density-ratio prior only (discriminator_hidden None otherwise)."""
+    options = {key: params[key] for key in _MODEL_OPTIONS}
+    if params["tc_weight"] == 0 and params["prior"] != "density_ratio":
+        options["discriminator_hidden"] = None
+    return options
 
 
 def _available_cores():
@@ -205,6 +211,55 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         ``objective='iwae'`` and ``log_likelihood`` are unaffected. Part of
         the model: with another value, ``fit`` trains a new model even with
         ``warm_start``.
+    prior : {'standard', 'density_ratio'}, default='standard'
+        p(z_T), the top layer's prior. 'standard': N(0, I). 'density_ratio'
+        (the "prior ELBO"): the aggregate posterior q(z_T), written as
+        N(z_T; 0, I) exp(T(z_T)) with T a discriminator trained beside the
+        model to tell the encoder's samples from N(0, I) draws (at its
+        optimum T = log q(z_T) / N(z_T; 0, I)). The top layer's term becomes
+        KL(q(z_T|.) || N(0, I)) - T(z_T) = KL(q(z_T|.) || q(z_T)) for an
+        exact T. ``score``, ``score_samples`` and ``log_likelihood`` then
+        estimate the ELBO and log p(x) under the prior N(0, I) exp(T), which
+        is normalised only as far as T is exact (its normaliser
+        E_N(0,I)[exp T] is 1 at the optimum); ``sample`` draws from it by
+        sampling-importance-resampling (256 N(0, I) draws per sample, one
+        kept with probability proportional to exp(T)). Part of the model.
+    tc_weight : float, default=0.0
+        FactorVAE's gamma (Kim and Mnih 2018): the training loss is
+        -ELBO + tc_weight * mean T(z_T), T a discriminator between the
+        minibatch's samples z_T and the same rows with each dimension
+        permuted independently (samples of prod_j q(z_j)), whose mean over
+        q's samples estimates the total correlation KL(q(z) || prod_j q(z_j)).
+        > 0 gives the model a discriminator (``discriminator_hidden``), whose
+        training steps alternate with the model's inside the C loop: each
+        step the model's gradient is taken at the current discriminator,
+        then the discriminator takes one Adam step on the same minibatch's
+        samples (disentanglement_lib's arrangement) with probabilities
+        clipped to [1e-6, 1 - 1e-6]. ``history_`` then also records
+        'discriminator_log_ratio' (the epoch's mean T on q's samples: the
+        total-correlation estimate) and 'discriminator_accuracy'. Needs
+        ``objective='elbo'`` and ``prior='standard'``. Not for MPI training.
+    tcvae_weights : tuple of 3 floats or None, default=None
+        beta-TCVAE (Chen et al. 2018): (alpha, beta, gamma) weights of the
+        top layer's KL split into index-code mutual information, total
+        correlation and dimension-wise KL, estimated per minibatch by
+        minibatch-weighted sampling over the training set's rows; they
+        replace ``beta`` for the top layer (which still weights the layers
+        below). Their paper's setting is (1, beta, 1). Needs
+        ``objective='elbo'``, ``prior='standard'``, ``free_bits=0`` and
+        ``tc_weight=0``. Not for MPI training. None turns it off.
+    discriminator_hidden : tuple of int, default=(256, 256)
+        Hidden widths of the discriminator (leaky-ReLU layers, one linear
+        output; the FactorVAE paper uses six layers of 1000) of a model with
+        ``tc_weight > 0`` or ``prior='density_ratio'``; ignored otherwise.
+        Its weights are the tensors ``discriminator.*`` at the end of the
+        model's parameters (saved, loaded and pickled with them).
+    discriminator_learning_rate : float, default=1e-4
+        The discriminator's Adam step size (FactorVAE's reference: 1e-4).
+    discriminator_betas : tuple of 2 floats, default=(0.5, 0.9)
+        The discriminator's Adam betas (FactorVAE's reference). Its Adam
+        moments live with the fitted model in memory and restart from zero
+        after ``hvae.load`` or unpickling (its weights do not).
 
     Attributes
     ----------
@@ -255,7 +310,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
                  n_iter_no_change=10, tol=1e-4, callbacks=None, inference="markov",
                  objective="elbo", n_mc_samples=1, n_importance_samples=5,
                  kl_warmup_epochs=0, free_bits=0.0, conditional=False, chunk_size=None,
-                 markov_kl="sampled"):
+                 markov_kl="sampled", prior="standard", tc_weight=0.0, tcvae_weights=None,
+                 discriminator_hidden=(256, 256), discriminator_learning_rate=1e-4,
+                 discriminator_betas=(0.5, 0.9)):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -286,6 +343,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.conditional = conditional
         self.chunk_size = chunk_size
         self.markov_kl = markov_kl
+        self.prior = prior
+        self.tc_weight = tc_weight
+        self.tcvae_weights = tcvae_weights
+        self.discriminator_hidden = discriminator_hidden
+        self.discriminator_learning_rate = discriminator_learning_rate
+        self.discriminator_betas = discriminator_betas
 
     # ---- fitting -------------------------------------------------------------
 
@@ -467,7 +530,9 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
             raise ValueError("partial_fit continues the fitted model, whose architecture "
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
-                             "markov_kl or conditional); call fit to train a new model")
+                             "markov_kl, prior, the discriminator (tc_weight > 0 or not, "
+                             "discriminator_hidden) or conditional); call fit to train a "
+                             "new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):
@@ -495,7 +560,7 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         self.classes_ = code.classes
         if model is not None:
             self.model_ = model
-            self.history_ = new_history()
+            self.history_ = new_history(model)
             self.n_iter_ = 0
         self.best_epoch_ = None
         self.model_.n_threads = self.n_threads or _available_cores()

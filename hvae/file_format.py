@@ -457,7 +457,12 @@ def _check_model_arguments(arguments, n_params):
         value = arguments.get(key)
         _require(isinstance(value, tuple) and all(_is_int(d) and d >= 1 for d in value),
                  f"model {key} must be a tuple of positive ints; got {value!r:.100}")
-    for key in ("likelihood", "activation", "decoder_variance", "inference"):
+    value = arguments.get("discriminator_hidden")
+    _require(value is None or (isinstance(value, tuple)
+                               and all(_is_int(d) and d >= 1 for d in value)),
+             f"model discriminator_hidden must be None or a tuple of positive ints; "
+             f"got {value!r:.100}")
+    for key in ("likelihood", "activation", "decoder_variance", "inference", "prior"):
         if key in arguments:
             _require(isinstance(arguments[key], str),
                      f"model {key} must be a string; got {arguments[key]!r:.100}")
@@ -581,8 +586,12 @@ def _check_attributes(attributes, model, spec):
              f"{model.n_features} features")
     n_iter = attributes["n_iter_"]
     _check_int(n_iter, "n_iter_", 0)
+    # A model with a discriminator also records its steps.
+    from ._native import DISCRIMINATOR_RECORD_KEYS
+    history_keys = spec.history_keys + (DISCRIMINATOR_RECORD_KEYS
+                                        if model.discriminator_hidden is not None else ())
     _check_history(attributes["history_"], n_iter, len(model.latent_dims),
-                   spec.history_keys, spec.validation_keys)
+                   history_keys, spec.validation_keys)
     best = attributes.get("best_epoch_")
     _require(best is None or (_is_int(best) and 0 <= best < n_iter),
              f"best_epoch_ must be None or an epoch index in [0, {n_iter}); got {best!r:.100}")
