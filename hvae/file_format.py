@@ -624,9 +624,12 @@ def _check_params(estimator, model, spec):
     # a step of learning_rate * 10 per parameter): no training could have
     # used them, and a model saved with them could not train on.
     for key, high in (("learning_rate", 1.0), ("beta", 1e3), ("weight_decay", 1e3),
-                      ("free_bits", 1e3), ("tol", _FLOAT32_MAX)):
+                      ("free_bits", 1e3), ("tol", _FLOAT32_MAX),
+                      ("discriminator_learning_rate", 1.0), ("tc_weight", 1e3)):
         if _is_real(params.get(key)):
             _check_real(params[key], key, high=high)
+    for weight in params.get("tcvae_weights") or ():
+        _check_real(weight, "each of tcvae_weights", high=1e3)
     limits = {"batch_size": 2**30, "n_threads": _MAX_THREADS, "n_epochs": _MAX_COUNT,
               "n_mc_samples": 2**20, "n_importance_samples": 2**20, "chunk_size": 2**40,
               "n_iter_no_change": _MAX_COUNT, "kl_warmup_epochs": _MAX_COUNT,

@@ -25,6 +25,7 @@ CHOICES = {
     "objective": _core.OBJECTIVES,
     "optimizer": _core.OPTIMIZERS,
     "markov_kl": _core.MARKOV_KLS,
+    "prior": _core.PRIORS,
 }
 
 
