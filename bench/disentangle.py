@@ -49,11 +49,13 @@ from hvae.datasets import Sprites, load_fashion_mnist, make_sprites  # noqa: E40
 from hvae.metrics import factor_vae_score, mutual_info_gap, sample_codes  # noqa: E402
 
 
-def sprite_models(gamma, tcvae_beta):
+def sprite_models(gamma, tcvae_beta, discriminator_lr):
+    lr = "" if discriminator_lr == 1e-4 else f", D lr {discriminator_lr:g}"
     return [
         ("VAE", dict()),
         ("beta-VAE (beta=4)", dict(beta=4.0)),
-        (f"FactorVAE (gamma={gamma:g})", dict(tc_weight=gamma)),
+        (f"FactorVAE (gamma={gamma:g}{lr})",
+         dict(tc_weight=gamma, discriminator_learning_rate=discriminator_lr)),
         (f"beta-TCVAE (1, {tcvae_beta:g}, 1)", dict(tcvae_weights=(1.0, tcvae_beta, 1.0))),
     ]
 
@@ -66,7 +68,10 @@ def run_sprites(args):
     print(f"sprites 32x32: {len(X)} train images, {args.epochs} epochs per model")
     print(f"{'model':<26} {'train s':>8} {'FVAE':>6} {'MIG':>6} {'rec':>8} {'ELBO':>8} "
           f"{'active':>6} {'TC est':>7}")
-    for name, params in sprite_models(args.gamma, args.tcvae_beta):
+    models = sprite_models(args.gamma, args.tcvae_beta, args.discriminator_lr)
+    if args.models:
+        models = [models[int(k)] for k in args.models.split(",")]
+    for name, params in models:
         vae = hvae.HierarchicalVAE(latent_dims=(10,), hidden_dims=(256,),
                                    likelihood="bernoulli", n_epochs=args.epochs,
                                    batch_size=64, learning_rate=1e-3, random_state=0,
@@ -98,7 +103,7 @@ def run_sprites(args):
                                                   n_variance_estimate=5000, batch_size=64),
                             mig=dict(n_samples=10000, n_bins=20)),
                results=rows)
-    path = HERE / "results" / "disentangle.json"
+    path = Path(args.json) if args.json else HERE / "results" / "disentangle.json"
     path.write_text(json.dumps(out, indent=2))
     print(f"wrote {path}")
 
@@ -167,6 +172,10 @@ def main(argv=None):
     parser.add_argument("--prior-epochs", type=int, default=5)
     parser.add_argument("--gamma", type=float, default=30.0)
     parser.add_argument("--tcvae-beta", type=float, default=6.0)
+    parser.add_argument("--discriminator-lr", type=float, default=1e-4)
+    parser.add_argument("--models", default="",
+                        help="indices into the four sprite models, e.g. 2 (default: all)")
+    parser.add_argument("--json", default="", help="the sprites part's output file")
     parser.add_argument("--ll-rows", type=int, default=1000)
     parser.add_argument("--ll-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)

@@ -26,7 +26,9 @@
  * Files: model.c (layout, passes, evaluation), train.c (objectives, the
  * training loop, rollback), gaussian.c (the Gaussian KL, log-ratio and
  * likelihood kernels), optim.c (Adam, SGD), mlp.c (auxiliary networks),
- * prior_*.c and latent_*.c (the extension points' tables, registry.c).
+ * discriminator.c (the model's discriminator: FactorVAE, the density-ratio
+ * prior), tcvae.c (beta-TCVAE's terms), prior_*.c and latent_*.c (the
+ * extension points' tables, registry.c).
  * Every block is an MLP of dense layers y = act(x @ W + b), W of shape
  * (in, out), row-major.
  *
