@@ -2147,13 +2147,19 @@ static PyMethodDef Model_methods[] = {
     {"loss_and_grad", (PyCFunction)(void (*)(void))Model_loss_and_grad,
      METH_VARARGS | METH_KEYWORDS,
      "loss_and_grad(X, noise=None, seed=0, beta=1.0, objective='elbo',\n"
-     "              n_samples=1, free_bits=0.0, cond=None)\n--\n\n"
+     "              n_samples=1, free_bits=0.0, cond=None, tc_weight=0.0,\n"
+     "              tcvae_weights=None, n_data=0.0)\n--\n\n"
      "(loss, grad): the training loss over X and its gradient as a float32\n"
      "array aligned with ``parameters``. objective='elbo': -mean of\n"
      "(reconstruction - beta * KL) averaged over n_samples draws, each layer's\n"
      "batch-mean KL floored at free_bits when free_bits > 0; objective='iwae':\n"
      "-mean of log (1/k) sum_j p(x, z_j)/q(z_j|x), k = n_samples. With noise,\n"
-     "the T arrays hold (n * n_samples, d_i) draws, row b * n_samples + s."},
+     "the T arrays hold (n * n_samples, d_i) draws, row b * n_samples + s.\n"
+     "tc_weight: FactorVAE's + tc_weight * mean T(z_T) at the discriminator as it\n"
+     "stands (which gets no gradient). tcvae_weights (alpha, beta, gamma):\n"
+     "beta-TCVAE's weighted MI, TC and dimension-wise KL replace beta * KL for\n"
+     "the top layer, by minibatch-weighted sampling over a data set of n_data\n"
+     "rows (0: the rows of X); see tcvae_terms."},
     {"log_likelihood", (PyCFunction)(void (*)(void))Model_log_likelihood,
      METH_VARARGS | METH_KEYWORDS,
      "log_likelihood(X, n_samples=1000, seed=0, cond=None)\n--\n\n"
@@ -2183,10 +2189,15 @@ static PyMethodDef Model_methods[] = {
      "    beta=1.0, shuffle=True, callback=None, history=None, weight_decay=0.0,\n"
      "    momentum=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-8, progress=None,\n"
      "    objective='elbo', n_samples=1, free_bits=0.0, cond=None, reduce=None,\n"
-     "    n_global=0, shard_start=0)\n--\n\n"
+     "    n_global=0, shard_start=0, tc_weight=0.0, discriminator_learning_rate=1e-4,\n"
+     "    discriminator_betas=(0.5, 0.9), tcvae_weights=None, n_data=0.0)\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
-     "objective, n_samples, beta and free_bits as in loss_and_grad; cond holds\n"
-     "the rows' conditions for a conditional model.\n\n"
+     "objective, n_samples, beta, free_bits, tc_weight, tcvae_weights and n_data\n"
+     "as in loss_and_grad (n_data 0: the rows of X); cond holds the rows'\n"
+     "conditions for a conditional model. A model with a discriminator also\n"
+     "trains it, one Adam step (discriminator_learning_rate, discriminator_betas)\n"
+     "after each of the model's, on that minibatch's top-layer samples; its\n"
+     "records then also hold DISCRIMINATOR_RECORD_KEYS.\n\n"
      "Returns one record per epoch (dict: loss, objective, elbo, reconstruction, kl per\n"
      "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
      "to ``history`` (a list) as they are made, so they survive an exception.\n"

@@ -483,6 +483,12 @@ class HierarchicalVAE(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
         the fitted one with ``warm_start``) and partial_fit
         (``incremental=True``: one pass that continues the fitted model)."""
         params = validate_parameters(self)
+        if comm is not None and (params["tc_weight"] > 0 or params["prior"] == "density_ratio"
+                                 or params["tcvae_weights"] is not None):
+            raise ValueError("MPI training (comm=) does not support tc_weight > 0, "
+                             "prior='density_ratio' or tcvae_weights: the discriminator's "
+                             "gradient is not reduced across processes, and beta-TCVAE's "
+                             "minibatch-weighted sampling needs each minibatch on one process")
         model_options = _model_options(params)
         continuing = self._continues(model_options, incremental)
         session = None if comm is None else _distributed.Session(comm, comm_timeout)

@@ -233,6 +233,8 @@ def test_discriminator_settings_are_refused_clearly():
         hvae.HierarchicalVAE(tc_weight=1.0, weight_decay=1e-4).fit(X)
     with pytest.raises(ValueError, match="discriminator_betas"):
         hvae.HierarchicalVAE(tc_weight=1.0, discriminator_betas=(0.5, 1.0)).fit(X)
+    with pytest.raises(ValueError, match="MPI"):
+        hvae.HierarchicalVAE(tc_weight=1.0).fit(X, comm=object())
     model = hvae.Model(64, [3], [8], likelihood="bernoulli")
     with pytest.raises(ValueError, match="discriminator"):
         model.fit(X, n_epochs=1, tc_weight=1.0)
