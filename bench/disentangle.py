@@ -5,7 +5,7 @@
 Part "sprites": four models at an equal budget on ``make_sprites(n_train,
 image_size=32)`` (a dSprites imitation with known factors): the same
 architecture (latent (10,), hidden (256,), Bernoulli likelihood), the same
-epochs, batch 64, Adam 1e-3, random_state 0:
+epochs, batch 64, Adam 1e-3, random_state --seed (default 0):
 
   VAE            beta = 1
   beta-VAE       beta = 4
@@ -74,8 +74,8 @@ def run_sprites(args):
     for name, params in models:
         vae = hvae.HierarchicalVAE(latent_dims=(10,), hidden_dims=(256,),
                                    likelihood="bernoulli", n_epochs=args.epochs,
-                                   batch_size=64, learning_rate=1e-3, random_state=0,
-                                   n_threads=args.threads, **params)
+                                   batch_size=64, learning_rate=1e-3,
+                                   random_state=args.seed, n_threads=args.threads, **params)
         start = time.perf_counter()
         vae.fit(X)
         seconds = time.perf_counter() - start
@@ -98,7 +98,7 @@ def run_sprites(args):
               f"{row['active_units']:6d} {tc:7.3f}", flush=True)
     out = dict(data="make_sprites(image_size=32)", n_train=len(X), n_test=len(X_test),
                epochs=args.epochs, batch_size=64, latent_dims=[10], hidden_dims=[256],
-               threads=args.threads,
+               threads=args.threads, seed=args.seed,
                metrics=dict(factor_vae_score=dict(n_train=2000, n_eval=1000,
                                                   n_variance_estimate=5000, batch_size=64),
                             mig=dict(n_samples=10000, n_bins=20)),
@@ -176,6 +176,7 @@ def main(argv=None):
     parser.add_argument("--models", default="",
                         help="indices into the four sprite models, e.g. 2 (default: all)")
     parser.add_argument("--json", default="", help="the sprites part's output file")
+    parser.add_argument("--seed", type=int, default=0, help="the sprites models' random_state")
     parser.add_argument("--ll-rows", type=int, default=1000)
     parser.add_argument("--ll-samples", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
