@@ -131,6 +131,7 @@ extern const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_
 extern const hvae_prior_ops hvae_prior_normal;
 extern const hvae_prior_ops hvae_prior_gmm;
 extern const hvae_prior_ops hvae_prior_vamp;
+extern const hvae_prior_ops hvae_prior_density_ratio;
 extern const hvae_latent_family_ops hvae_latent_gaussian;
 extern const hvae_latent_family_ops hvae_latent_categorical;
 

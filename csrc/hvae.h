@@ -26,7 +26,9 @@
  * Files: model.c (layout, passes, evaluation), train.c (objectives, the
  * training loop, rollback), gaussian.c (the Gaussian KL, log-ratio and
  * likelihood kernels), optim.c (Adam, SGD), mlp.c (auxiliary networks),
- * prior_*.c and latent_*.c (the extension points' tables, registry.c).
+ * discriminator.c (the model's discriminator: FactorVAE, the density-ratio
+ * prior), tcvae.c (beta-TCVAE's terms), prior_*.c and latent_*.c (the
+ * extension points' tables, registry.c).
  * Every block is an MLP of dense layers y = act(x @ W + b), W of shape
  * (in, out), row-major.
  *
@@ -187,6 +189,12 @@ typedef enum {
      * pseudo-inputs u_k (hvae_config.n_pseudo_inputs); see
      * csrc/prior_vamp.c. Not with a condition (n_conditions = 0). */
     HVAE_PRIOR_VAMP = 2,
+    /* "density_ratio": the aggregate posterior q(z_T) as the prior, through
+     * the model's discriminator (hvae_config.discriminator, required):
+     * p(z_T) = N(z_T; 0, I) exp(T(z_T)), T the discriminator's logit, trained
+     * to tell q's samples from N(0, I)'s (T* = log q/N at balance). See
+     * csrc/prior_density_ratio.c. */
+    HVAE_PRIOR_DENSITY_RATIO = 3,
     HVAE_PRIOR_COUNT
 } hvae_prior_kind;
 HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
@@ -254,6 +262,15 @@ typedef struct {
      * is HVAE_VAMP_PSEUDO_INPUTS, which bindings may offer as a default);
      * 0 (hvae_config_default's) for every other prior. */
     int64_t n_pseudo_inputs;
+    /* A discriminator over the top layer's samples z_T (csrc/discriminator.c),
+     * 0 for none: an MLP of discriminator_n_hidden leaky-ReLU layers of the
+     * given widths and one linear output T(z), whose tensors
+     * ("discriminator.*") close the parameter buffer. Its role: the
+     * density-ratio prior's T (HVAE_PRIOR_DENSITY_RATIO), or otherwise
+     * FactorVAE's total-correlation estimate (hvae_objective_options.tc_weight). */
+    int32_t discriminator;
+    int32_t discriminator_n_hidden;     /* 0..HVAE_MAX_HIDDEN */
+    int64_t discriminator_hidden[HVAE_MAX_HIDDEN];
 } hvae_config;
 
 /* The most components a mixture prior may have. */
@@ -571,6 +588,21 @@ typedef struct {
     int straight_through;     /* hard one-hot forward, relaxed backward */
     hvae_gradient_estimator gradient_estimator;  /* default AUTO */
     hvae_score_baseline score_baseline;          /* default AUTO */
+    float tc_weight;    /* ELBO only, FactorVAE's gamma (Kim and Mnih 2018):
+                           the loss gains tc_weight * mean_r T(z_T,r), T the
+                           model's discriminator (needs one, and a prior other
+                           than density_ratio); 0 for none */
+    /* ELBO only, nonzero: beta-TCVAE (Chen et al. 2018; csrc/tcvae.c): the
+     * top layer's training term is alpha MI + beta TC + gamma DW, the
+     * decomposition of its KL into index-code mutual information, total
+     * correlation and dimension-wise KL by minibatch-weighted sampling, with
+     * tcvae_weights = (alpha, beta, gamma) (N(0, I) prior, Gaussian layers,
+     * no free bits). `beta` still weights the layers below. */
+    int32_t tcvae;
+    float tcvae_weights[3];
+    /* The data set's size N in minibatch-weighted sampling; 0: the rows of
+     * the call (hvae_train_epoch: of the epoch, n_global when parallel). */
+    double n_data;
 } hvae_objective_options;
 
 HVAE_API hvae_objective_options hvae_objective_options_default(void);
@@ -839,6 +871,65 @@ HVAE_API hvae_status hvae_mlp_backward(hvae_mlp *mlp, const float *x,
  * pass (the rows of the minibatch being trained, inside aux_step). */
 HVAE_API const float *hvae_workspace_samples(const hvae_workspace *ws,
                                              int32_t layer);
+
+/* ------------------------------------------------------------------------ */
+/* The model's discriminator (hvae_config.discriminator; csrc/discriminator.c) */
+/* T(z) over top-layer samples, a logit: D(z) = sigmoid(T(z)) is its belief  */
+/* that z came from the "real" side, q(z_T) (the minibatch's samples), not   */
+/* the other: FactorVAE: the same rows with each dimension independently     */
+/* permuted across rows (samples of prod_j q(z_j)); density-ratio prior:     */
+/* N(0, I) draws. With balanced classes the optimum is T* = log q/other:     */
+/* FactorVAE's E_q[T] estimates the total correlation KL(q(z)||prod q(z_j)). */
+/* Its parameters live in the model's buffer (saved and loaded with it; the  */
+/* model's optimizer sees a zero gradient for them), trained by their own    */
+/* optimizer (hvae_optimizer_create_for(hvae_discriminator_n_params(model))) */
+
+/* The discriminator's parameter count and offset in hvae_model_params (0, 0
+ * without one). */
+HVAE_API int64_t hvae_discriminator_n_params(const hvae_model *model);
+HVAE_API int64_t hvae_discriminator_offset(const hvae_model *model);
+
+/* T(z) for n rows z (n, d_T) into out (n). */
+HVAE_API hvae_status hvae_discriminator_log_ratio(hvae_model *model, const float *z,
+                                                  int64_t n, float *out);
+
+/* Running means of the discriminator's steps (reset by the caller). */
+typedef struct {
+    double log_ratio;   /* sum over steps of mean_r T(z_r) on the real rows */
+    double accuracy;    /* sum over steps of the fraction classified right
+                           (T > 0 real, T < 0 other), both classes */
+    int64_t n_steps;
+} hvae_discriminator_stats;
+
+/* One step of the discriminator's optimizer on B real rows z (B, d_T)
+ * against B rows of `other` (B, d_T), or, when other is NULL, the model's
+ * own counterpart drawn from rng: the rows of z with each dimension
+ * permuted independently (FactorVAE), or N(0, I) draws (density-ratio
+ * prior). Loss (disentanglement_lib's FactorVAE, probabilities clipped to
+ * [1e-6, 1 - 1e-6], where the clip passes no gradient):
+ *   -(1/2B) sum_r [log D(z_r) + log(1 - D(other_r))].
+ * Rows go through the MLP in chunks; a step with a nonfinite gradient is
+ * skipped. stats (may be NULL) accumulates. Allocates nothing. */
+HVAE_API hvae_status hvae_discriminator_step(hvae_model *model, hvae_optimizer *opt,
+                                             hvae_rng *rng, const float *z,
+                                             const float *other, int64_t B,
+                                             hvae_discriminator_stats *stats);
+
+/* beta-TCVAE's three terms per row of one minibatch of n rows (at most the
+ * workspace's max_rows), at the same samples as hvae_elbo (eps or hashed
+ * noise): mi, tc, dw (n each; see hvae_objective_options.tcvae), from a
+ * data set of n_data rows. mi + tc + dw is the sampled KL estimate
+ * log q(z_T|.) - log N(z_T; 0, I) of each row. */
+HVAE_API hvae_status hvae_tcvae_terms(hvae_model *model, hvae_workspace *ws,
+                                      const float *x, const float *cond, int64_t n,
+                                      const float *const *eps, uint64_t noise_seed,
+                                      double n_data, double *mi, double *tc, double *dw);
+
+/* out (B, d): column j of z (B, d) under its own uniformly random
+ * permutation of the rows (Fisher-Yates from rng), so each column keeps
+ * exactly its values; perm is scratch for B indices. */
+HVAE_API void hvae_permute_dims(float *out, const float *z, int64_t B, int64_t d,
+                                hvae_rng *rng, int64_t *perm);
 
 /* ------------------------------------------------------------------------ */
 /* Extension points. How to add ...                                          */

@@ -173,6 +173,8 @@ typedef struct {
     long lock_pid;       /* the process whose thread holds lock, 0 when free */
     int n_threads;       /* 0: leave the BLAS thread count alone */
     unsigned long long seed;
+    hvae_optimizer *disc_opt; /* the discriminator's, NULL until needed */
+    hvae_discriminator_stats disc_stats; /* since the last epoch record */
 } ModelObject;
 
 static PyTypeObject ModelType;
@@ -836,7 +838,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
                              "prior", "latent_family", "n_categories", "n_components",
-                             "n_pseudo_inputs", NULL};
+                             "n_pseudo_inputs", "discriminator_hidden", NULL};
     long long n_features, n_components = 1;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
@@ -844,18 +846,18 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     const char *markov_kl = "sampled", *prior = "standard";
     PyObject *family_obj = NULL, *k_obj = Py_None;
     long long n_conditions = 0, n_pseudo_inputs = 0;
-    PyObject *pseudo_obj = Py_None;
+    PyObject *pseudo_obj = Py_None, *disc_obj = Py_None;
     unsigned long long seed = 0;
     ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLO:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLOO:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
                                      &prior, &family_obj, &k_obj, &n_components,
-                                     &pseudo_obj))
+                                     &pseudo_obj, &disc_obj))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -900,8 +902,14 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                         "(n_conditions must be 0): its pseudo-inputs have none");
         return NULL;
     }
-    Py_ssize_t T = 0, H = 0;
+    Py_ssize_t T = 0, H = 0, DH = 0;
     if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
+        return NULL;
+    /* discriminator_hidden: None for no discriminator, else its hidden
+     * widths (parsed as parse_dims parses hidden_dims). */
+    int64_t disc_hidden[HVAE_MAX_HIDDEN];
+    if (disc_obj != Py_None &&
+        parse_dims(latent_obj, disc_obj, latent, &T, disc_hidden, &DH) < 0)
         return NULL;
     hvae_latent_family families[HVAE_MAX_LAYERS];
     int64_t n_categories[HVAE_MAX_LAYERS];
@@ -949,6 +957,15 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.n_conditions = n_conditions;
     cfg.n_components = n_components;
     cfg.n_pseudo_inputs = n_pseudo_inputs;
+    /* The density-ratio prior always has one: without discriminator_hidden,
+     * two hidden layers of 256. */
+    cfg.discriminator = disc_obj != Py_None || cfg.prior == HVAE_PRIOR_DENSITY_RATIO;
+    if (disc_obj == Py_None && cfg.discriminator) {
+        DH = 2;
+        disc_hidden[0] = disc_hidden[1] = 256;
+    }
+    cfg.discriminator_n_hidden = (int32_t)DH;
+    memcpy(cfg.discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
@@ -967,6 +984,7 @@ done:
 static void Model_dealloc(ModelObject *self)
 {
     hvae_optimizer_free(self->opt);
+    hvae_optimizer_free(self->disc_opt);
     hvae_workspace_free(self->ws);
     hvae_model_free(self->model);
     if (self->lock)
@@ -1099,6 +1117,11 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyLong_FromLongLong(c->n_pseudo_inputs);
     if (strcmp(which, "seed") == 0)
         return PyLong_FromUnsignedLongLong(self->seed);
+    if (strcmp(which, "discriminator_hidden") == 0) {
+        if (!c->discriminator)
+            Py_RETURN_NONE;
+        return dims_tuple(c->discriminator_hidden, c->discriminator_n_hidden);
+    }
     if (strcmp(which, "optimizer_steps") == 0)
         return PyLong_FromLongLong(self->opt ? *hvae_optimizer_step_count(self->opt) : 0);
     PyErr_SetString(PyExc_AttributeError, which);
@@ -1257,6 +1280,34 @@ static int check_estimator_fits(ModelObject *self, const hvae_objective_options 
     return problem ? -1 : 0;
 }
 
+/* beta-TCVAE's settings: tcvae_weights None (off) or (alpha, beta, gamma),
+ * each >= 0; n_data >= 0 (0: the rows of the call). */
+static int parse_tcvae(PyObject *weights, double n_data, hvae_objective_options *o)
+{
+    if (weights != Py_None) {
+        double w[3];
+        if (!PyArg_ParseTuple(weights, "ddd;tcvae_weights must be None or (alpha, beta, gamma)",
+                              &w[0], &w[1], &w[2]))
+            return -1;
+        for (int k = 0; k < 3; k++)
+            if (check_float32("each of tcvae_weights", w[k], 0.0, 1) < 0)
+                return -1;
+        o->tcvae = 1;
+        for (int k = 0; k < 3; k++)
+            o->tcvae_weights[k] = (float)w[k];
+        if (o->objective != HVAE_OBJECTIVE_ELBO || o->free_bits != 0.0f ||
+            o->tc_weight != 0.0f) {
+            PyErr_SetString(PyExc_ValueError, "tcvae_weights (beta-TCVAE) needs the ELBO "
+                            "objective, free_bits=0 and tc_weight=0");
+            return -1;
+        }
+    }
+    if (check_float32("n_data", n_data, 0.0, 1) < 0)
+        return -1;
+    o->n_data = n_data;
+    return 0;
+}
+
 static int parse_objective(const char *objective, long long n_samples, double beta,
                            double free_bits, hvae_objective_options *out)
 {
@@ -1329,6 +1380,50 @@ done:
     return result;
 }
 
+typedef struct {
+    unsigned long long seed;
+    double n_data;
+    PyObject *mi, *tc, *dw;
+} tcvae_call;
+
+static hvae_status tcvae_body(call_frame *f, void *args)
+{
+    tcvae_call *a = args;
+    return hvae_tcvae_terms(f->self->model, f->self->ws, PyArray_DATA(f->x),
+                            cond_data(f->cond), f->n, f->have_noise ? f->noise : NULL,
+                            a->seed, a->n_data, out_data(a->mi), out_data(a->tc),
+                            out_data(a->dw));
+}
+
+/* tcvae_terms(X, n_data, noise=None, seed=0, cond=None): X one minibatch. */
+static PyObject *Model_tcvae_terms(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"X", "n_data", "noise", "seed", "cond", NULL};
+    frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
+    tcvae_call a = {0, 0.0, NULL, NULL, NULL};
+    call_frame f;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Od|OO&O:tcvae_terms", kwlist, &in.X,
+                                     &a.n_data, &in.noise, u64_converter, &a.seed, &in.cond))
+        return NULL;
+    if (!(a.n_data >= 1.0) || !isfinite(a.n_data)) {
+        PyErr_SetString(PyExc_ValueError, "n_data must be a finite number >= 1");
+        return NULL;
+    }
+    if (frame_enter(&f, self, &in) < 0)
+        goto done;
+    a.mi = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+    a.tc = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+    a.dw = frame_output(&f, 1, &f.n, NPY_FLOAT64);
+    if (!a.mi || !a.tc || !a.dw || frame_call(&f, tcvae_body, &a, "tcvae_terms failed") < 0)
+        goto done;
+    result = Py_BuildValue("{sOsOsO}", "mutual_information", a.mi, "total_correlation", a.tc,
+                           "dimension_wise_kl", a.dw);
+done:
+    frame_leave(&f);
+    return result;
+}
+
 static PyObject *Model_elbo(ModelObject *self, PyObject *args, PyObject *kwds)
 {
     return elbo_impl(self, args, kwds, 0);
@@ -1366,23 +1461,28 @@ static PyObject *Model_loss_and_grad(ModelObject *self, PyObject *args,
     static char *kwlist[] = {"X", "noise", "seed", "beta", "objective",
                              "n_samples", "free_bits", "cond", "temperature",
                              "straight_through", "gradient_estimator", "score_baseline",
-                             NULL};
+                             "tc_weight", "tcvae_weights", "n_data", NULL};
     frame_inputs in = {NULL, 0, Py_None, 1, Py_None, WS_SAMPLED};
     loss_and_grad_call a = {0};
     estimator_args e = ESTIMATOR_ARGS_DEFAULT;
-    double beta = 1.0, free_bits = 0.0;
+    double beta = 1.0, free_bits = 0.0, tc_weight = 0.0, n_data = 0.0;
+    PyObject *tcvae = Py_None;
     const char *objective = "elbo";
     int n_samples = 1;
     call_frame f;
     PyObject *result = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidOdpss", kwlist, &in.X,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO&dsidOdpssdOd", kwlist, &in.X,
                                      &in.noise, u64_converter, &a.seed, &beta, &objective,
                                      &n_samples, &free_bits, &in.cond, &e.temperature,
                                      &e.straight_through, &e.gradient_estimator,
-                                     &e.score_baseline))
+                                     &e.score_baseline, &tc_weight, &tcvae, &n_data))
         return NULL;
     if (parse_objective(objective, n_samples, beta, free_bits, &a.objective) < 0 ||
-        parse_estimator(&e, &a.objective) < 0 || check_estimator_fits(self, &a.objective) < 0)
+        parse_estimator(&e, &a.objective) < 0 || check_estimator_fits(self, &a.objective) < 0 ||
+        check_float32("tc_weight", tc_weight, 0.0, 1) < 0)
+        return NULL;
+    a.objective.tc_weight = (float)tc_weight;
+    if (parse_tcvae(tcvae, n_data, &a.objective) < 0)
         return NULL;
     in.draws = n_samples;
     if (frame_enter(&f, self, &in) < 0)
@@ -1760,15 +1860,23 @@ done:
 enum {
     RECORD_LOSS, RECORD_OBJECTIVE, RECORD_ELBO, RECORD_RECONSTRUCTION,
     RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
-    RECORD_COMPLETE, N_RECORD_KEYS
+    RECORD_COMPLETE, RECORD_DISC_LOG_RATIO, RECORD_DISC_ACCURACY, N_RECORD_KEYS
 };
+/* The records of a model with a discriminator also have the last
+ * N_DISC_RECORD_KEYS keys (exported as DISCRIMINATOR_RECORD_KEYS):
+ * discriminator_log_ratio, the epoch's mean over its steps of T on the real
+ * rows (FactorVAE: the total-correlation estimate; density-ratio prior: of
+ * KL(q(z_T) || N(0, I))), and discriminator_accuracy, its mean accuracy. */
+#define N_DISC_RECORD_KEYS 2
 static const char *const epoch_record_keys[N_RECORD_KEYS] = {
     "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
-    "n_batches", "n_rows", "complete"};
+    "n_batches", "n_rows", "complete", "discriminator_log_ratio",
+    "discriminator_accuracy"};
 
 /* One epoch's record: a dict of epoch_record_keys; kl a list of T floats. */
 static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
-                              double seconds, int complete)
+                              double seconds, int complete,
+                              const hvae_discriminator_stats *ds)
 {
     PyObject *values[N_RECORD_KEYS] = {NULL};
     PyObject *record = NULL;
@@ -1789,11 +1897,15 @@ static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
     values[RECORD_N_BATCHES] = PyLong_FromLongLong((long long)s->n_batches);
     values[RECORD_N_ROWS] = PyLong_FromLongLong((long long)s->n_rows);
     values[RECORD_COMPLETE] = Py_NewRef(complete ? Py_True : Py_False);
+    double steps = ds && ds->n_steps > 0 ? (double)ds->n_steps : NAN;
+    values[RECORD_DISC_LOG_RATIO] = PyFloat_FromDouble(ds ? ds->log_ratio / steps : NAN);
+    values[RECORD_DISC_ACCURACY] = PyFloat_FromDouble(ds ? ds->accuracy / steps : NAN);
     for (int k = 0; k < N_RECORD_KEYS; k++)
         if (!values[k])
             goto done;
     record = PyDict_New();
-    for (int k = 0; record && k < N_RECORD_KEYS; k++)
+    int n_keys = ds ? N_RECORD_KEYS : N_RECORD_KEYS - N_DISC_RECORD_KEYS;
+    for (int k = 0; record && k < n_keys; k++)
         if (PyDict_SetItemString(record, epoch_record_keys[k], values[k]) < 0)
             Py_CLEAR(record);
 done:
@@ -1811,6 +1923,7 @@ typedef struct {
     hvae_objective_options objective;
     hvae_optimizer_config optimizer;
     double prior_lr_scale; /* the prior's tensors' learning rate / learning_rate */
+    hvae_optimizer_config disc_optimizer; /* the discriminator's Adam */
 } fit_args;
 
 static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
@@ -1822,15 +1935,21 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                              "free_bits", "cond", "reduce", "n_global",
                              "shard_start", "temperature", "temperature_min",
                              "temperature_decay", "straight_through", "gradient_estimator",
-                             "score_baseline", "prior_lr_scale", NULL};
+                             "score_baseline", "prior_lr_scale", "tc_weight",
+                             "discriminator_learning_rate", "discriminator_betas",
+                             "tcvae_weights", "n_data", NULL};
     estimator_args e = ESTIMATOR_ARGS_DEFAULT;
+    PyObject *tcvae = Py_None;
+    double n_data = 0.0;
     const char *objective = "elbo", *optimizer = "adam";
+    double tc_weight = 0.0, disc_lr = 1e-4, disc_beta1 = 0.5, disc_beta2 = 0.9;
     long long n_samples = 1;
     double beta = 1.0, weight_decay = 0.0, momentum = 0.0, free_bits = 0.0;
     double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
     *a = (fit_args){NULL, Py_None, NULL, Py_None, Py_None, Py_None, 1, 128, 0, 0, 1e-3, 1,
-                    hvae_objective_options_default(), hvae_optimizer_config_default(), 1.0};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdddpssd:fit",
+                    hvae_objective_options_default(), hvae_optimizer_config_default(), 1.0,
+                    hvae_optimizer_config_default()};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|LLdsdpOO!dd(dd)dOsLdOOLLdddpssddd(dd)Od:fit",
                                      kwlist,
                                      &a->X, &a->n_epochs, &a->batch_size, &a->learning_rate,
                                      &optimizer, &beta, &a->shuffle, &a->callback,
@@ -1840,11 +1959,32 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
                                      &a->cond, &a->reduce, &a->n_global, &a->shard_start,
                                      &e.temperature, &e.temperature_min, &e.temperature_decay,
                                      &e.straight_through, &e.gradient_estimator,
-                                     &e.score_baseline, &a->prior_lr_scale))
+                                     &e.score_baseline, &a->prior_lr_scale, &tc_weight,
+                                     &disc_lr, &disc_beta1, &disc_beta2, &tcvae, &n_data))
         return -1;
     if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0 ||
         parse_estimator(&e, &a->objective) < 0)
         return -1;
+    if (check_float32("tc_weight", tc_weight, 0.0, 1) < 0 ||
+        check_float32("discriminator_learning_rate", disc_lr, 0.0, 0) < 0)
+        return -1;
+    if (!(disc_beta1 >= 0.0 && (float)disc_beta1 < 1.0f) ||
+        !(disc_beta2 >= 0.0 && (float)disc_beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "discriminator_betas must lie in [0, 1)");
+        return -1;
+    }
+    a->objective.tc_weight = (float)tc_weight;
+    if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
+        return -1;
+    if (a->objective.tcvae && a->reduce != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
+                        "data-parallel training: its minibatch-weighted sampling needs every "
+                        "row of the minibatch on one process");
+        return -1;
+    }
+    a->disc_optimizer.learning_rate = (float)disc_lr;
+    a->disc_optimizer.beta1 = (float)disc_beta1;
+    a->disc_optimizer.beta2 = (float)disc_beta2;
     int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
     if (kind < 0)
         return -1;
@@ -1912,14 +2052,78 @@ static int fit_setup_parallel(ModelObject *self, const fit_args *a, fit_ctx *ctx
     return 0;
 }
 
+/* The discriminator's step after each of the model's (hvae_train_options.
+ * aux_step): on the minibatch's top-layer samples against their
+ * counterpart (hvae_discriminator_step), its stats into the model's. */
+static int fit_aux_step(void *ctx, hvae_model *model, const hvae_workspace *ws,
+                        const float *x, const float *cond, int64_t B)
+{
+    (void)x;
+    (void)cond;
+    ModelObject *self = ctx;
+    int32_t top = hvae_model_config(model)->n_layers - 1;
+    return hvae_discriminator_step(model, self->disc_opt, &self->rng,
+                                   hvae_workspace_samples(ws, top), NULL, B,
+                                   &self->disc_stats) != HVAE_OK;
+}
+
+/* A fit of a model with a discriminator: refuses what it cannot do, and
+ * readies the discriminator's optimizer (its moments kept across fits). */
+static int fit_setup_discriminator(ModelObject *self, const fit_args *a,
+                                   hvae_train_options *to)
+{
+    const hvae_config *c = hvae_model_config(self->model);
+    if (!c->discriminator) {
+        if (a->objective.tc_weight != 0.0f) {
+            PyErr_SetString(PyExc_ValueError, "tc_weight > 0 needs a discriminator: create "
+                            "the Model with discriminator_hidden");
+            return -1;
+        }
+        return 0;
+    }
+    if (a->objective.tc_weight != 0.0f &&
+        (c->prior == HVAE_PRIOR_DENSITY_RATIO || a->objective.objective != HVAE_OBJECTIVE_ELBO)) {
+        PyErr_SetString(PyExc_ValueError, "tc_weight > 0 (FactorVAE) needs the ELBO objective "
+                        "and a prior other than 'density_ratio', whose discriminator "
+                        "estimates another ratio");
+        return -1;
+    }
+    if (a->reduce != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "data-parallel training of a model with a "
+                        "discriminator is not supported (its gradient is not reduced "
+                        "across processes)");
+        return -1;
+    }
+    if (a->optimizer.weight_decay != 0.0f) {
+        PyErr_SetString(PyExc_ValueError, "weight_decay must be 0 for a model with a "
+                        "discriminator: the model's optimizer would shrink the "
+                        "discriminator's weights, which share its buffer");
+        return -1;
+    }
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = a->disc_optimizer.learning_rate;
+    oc.beta1 = a->disc_optimizer.beta1;
+    oc.beta2 = a->disc_optimizer.beta2;
+    hvae_status st = self->disc_opt
+        ? hvae_optimizer_configure(self->disc_opt, &oc)
+        : hvae_optimizer_create_for(hvae_discriminator_n_params(self->model), &oc,
+                                    &self->disc_opt);
+    if (raise_status(st, "cannot set up the discriminator's optimizer") < 0)
+        return -1;
+    to->aux_step = fit_aux_step;
+    to->aux_ctx = self;
+    return 0;
+}
+
 /* After an epoch that applied steps (or completed): its record into the
  * returned list and history, then the callback (complete epochs only).
  * Returns 0 to go on, 1 when the callback returned False, -1 on error. */
 static int fit_record_epoch(const fit_args *a, PyObject *records, long long epoch,
                             const hvae_epoch_stats *stats, int32_t T, double seconds,
-                            int complete)
+                            int complete, hvae_discriminator_stats *ds, int has_disc)
 {
-    PyObject *rec = epoch_record(stats, T, seconds, complete);
+    PyObject *rec = epoch_record(stats, T, seconds, complete, has_disc ? ds : NULL);
+    memset(ds, 0, sizeof *ds);
     if (!rec || PyList_Append(records, rec) < 0 ||
         (a->history && PyList_Append(a->history, rec) < 0)) {
         Py_XDECREF(rec);
@@ -1975,6 +2179,7 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
         ctx->saved = PyEval_SaveThread();
         /* On divergence the C loop returns the model, the optimizer and the
          * generator to their state at the start of the epoch. */
+        memset(&self->disc_stats, 0, sizeof self->disc_stats);
         hvae_status st = hvae_train_epoch(self->model, self->ws, self->opt, &self->rng,
                                           PyArray_DATA(x), cond_data(cond), n, order, to,
                                           &stats);
@@ -1986,7 +2191,8 @@ static int fit_epochs(ModelObject *self, const fit_args *a, PyArrayObject *x,
         double seconds = now_seconds() - t0;
         if (st != HVAE_ERR_NONFINITE_LOSS && (stats.n_batches > 0 || st == HVAE_OK)) {
             int outcome = fit_record_epoch(a, records, epoch, &stats, T, seconds,
-                                           st == HVAE_OK);
+                                           st == HVAE_OK, &self->disc_stats,
+                                           hvae_model_config(self->model)->discriminator);
             if (outcome != 0)
                 return outcome < 0 ? -1 : 0;
         }
@@ -2043,7 +2249,8 @@ static PyObject *Model_fit(ModelObject *self, PyObject *args, PyObject *kwds)
     to.hook_ctx = &ctx;
     ctx.progress = a.progress == Py_None ? NULL : a.progress;
     records = PyList_New(0);
-    if (!records || (parallel && fit_setup_parallel(self, &a, &ctx, &to) < 0) ||
+    if (!records || fit_setup_discriminator(self, &a, &to) < 0 ||
+        (parallel && fit_setup_parallel(self, &a, &ctx, &to) < 0) ||
         fit_epochs(self, &a, x, cond, order, &to, &ctx, records) < 0)
         Py_CLEAR(records);
 done:
@@ -2101,6 +2308,8 @@ static PyObject *Model_reset_optimizer(ModelObject *self, PyObject *noargs)
         return NULL;
     hvae_optimizer_free(self->opt);
     self->opt = NULL;
+    hvae_optimizer_free(self->disc_opt);
+    self->disc_opt = NULL;
     model_leave(self);
     Py_RETURN_NONE;
 }
@@ -2119,6 +2328,8 @@ static PyObject *Model_init_parameters(ModelObject *self, PyObject *args,
     hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
     hvae_optimizer_free(self->opt);
     self->opt = NULL;
+    hvae_optimizer_free(self->disc_opt);
+    self->disc_opt = NULL;
     model_leave(self);
     Py_RETURN_NONE;
 }
@@ -2283,12 +2494,17 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
         return NULL;
     PyObject *family = Model_get_config_value(self, "latent_family");
     PyObject *K = family ? Model_get_config_value(self, "n_categories") : NULL;
-    if (!K) {
+    PyObject *disc = !K ? NULL
+                     : c->discriminator
+                         ? dims_tuple(c->discriminator_hidden, c->discriminator_n_hidden)
+                         : Py_NewRef(Py_None);
+    if (!disc) {
         Py_XDECREF(family);
+        Py_XDECREF(K);
         Py_DECREF(state);
         return NULL;
     }
-    return Py_BuildValue("(O(LNNsssKsLssNNLL)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLssNNLLN)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -2298,7 +2514,8 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
                          choice_name(CHOICE_PRIOR, c->prior), family, K,
-                         (long long)c->n_components, (long long)c->n_pseudo_inputs, state);
+                         (long long)c->n_components, (long long)c->n_pseudo_inputs, disc,
+                         state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -2329,7 +2546,122 @@ static PyObject *Model_repr(ModelObject *self)
     return r;
 }
 
+/* ---- the discriminator ---------------------------------------------------- */
+
+static int model_has_discriminator(ModelObject *self)
+{
+    if (hvae_model_config(self->model)->discriminator)
+        return 1;
+    PyErr_SetString(PyExc_ValueError, "this Model has no discriminator (create it with "
+                    "discriminator_hidden)");
+    return 0;
+}
+
+static PyObject *Model_discriminator_log_ratio(ModelObject *self, PyObject *args,
+                                               PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", NULL};
+    PyObject *z_obj, *out = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:discriminator_log_ratio", kwlist, &z_obj) ||
+        !model_has_discriminator(self))
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    PyArrayObject *z = as_finite_matrix(z_obj, c->latent_dims[c->n_layers - 1], "Z");
+    if (!z)
+        return NULL;
+    npy_intp n = PyArray_DIM(z, 0);
+    out = new_array(1, &n, NPY_FLOAT32);
+    if (out && model_enter(self) == 0) {
+        hvae_status st;
+        Py_BEGIN_ALLOW_THREADS
+        st = hvae_discriminator_log_ratio(self->model, PyArray_DATA(z), n, out_data(out));
+        Py_END_ALLOW_THREADS
+        model_leave(self);
+        if (raise_status(st, "discriminator_log_ratio failed") < 0)
+            Py_CLEAR(out);
+    } else {
+        Py_CLEAR(out);
+    }
+    Py_DECREF(z);
+    return out;
+}
+
+static PyObject *Model_discriminator_step(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", "other", "learning_rate", "adam_betas", NULL};
+    PyObject *z_obj, *other_obj = Py_None, *result = NULL;
+    double lr = 1e-4, b1 = 0.5, b2 = 0.9;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|Od(dd):discriminator_step", kwlist,
+                                     &z_obj, &other_obj, &lr, &b1, &b2) ||
+        !model_has_discriminator(self) || check_float32("learning_rate", lr, 0.0, 0) < 0)
+        return NULL;
+    if (!(b1 >= 0.0 && (float)b1 < 1.0f) || !(b2 >= 0.0 && (float)b2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "adam_betas must lie in [0, 1)");
+        return NULL;
+    }
+    const hvae_config *c = hvae_model_config(self->model);
+    int64_t d = c->latent_dims[c->n_layers - 1];
+    PyArrayObject *z = as_finite_matrix(z_obj, d, "Z"), *other = NULL;
+    if (!z)
+        return NULL;
+    if (other_obj != Py_None) {
+        other = as_finite_matrix(other_obj, d, "other");
+        if (!other)
+            goto done;
+        if (PyArray_DIM(other, 0) != PyArray_DIM(z, 0)) {
+            PyErr_SetString(PyExc_ValueError, "other must have as many rows as Z");
+            goto done;
+        }
+    }
+    if (PyArray_DIM(z, 0) < 1) {
+        PyErr_SetString(PyExc_ValueError, "Z must have at least one row");
+        goto done;
+    }
+    if (model_enter(self) < 0)
+        goto done;
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    oc.learning_rate = (float)lr;
+    oc.beta1 = (float)b1;
+    oc.beta2 = (float)b2;
+    hvae_status st = self->disc_opt
+        ? hvae_optimizer_configure(self->disc_opt, &oc)
+        : hvae_optimizer_create_for(hvae_discriminator_n_params(self->model), &oc,
+                                    &self->disc_opt);
+    hvae_discriminator_stats ds = {0.0, 0.0, 0};
+    if (st == HVAE_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        st = hvae_discriminator_step(self->model, self->disc_opt, &self->rng, PyArray_DATA(z),
+                                     other ? PyArray_DATA(other) : NULL, PyArray_DIM(z, 0),
+                                     &ds);
+        Py_END_ALLOW_THREADS
+    }
+    model_leave(self);
+    if (raise_status(st, "discriminator_step failed") == 0)
+        result = Py_BuildValue("{sdsd}", "log_ratio", ds.log_ratio, "accuracy", ds.accuracy);
+done:
+    Py_DECREF(z);
+    Py_XDECREF(other);
+    return result;
+}
+
 static PyMethodDef Model_methods[] = {
+    {"tcvae_terms", (PyCFunction)(void (*)(void))Model_tcvae_terms, METH_VARARGS | METH_KEYWORDS,
+     "tcvae_terms(X, n_data, noise=None, seed=0, cond=None) -> dict of (n,) float64\n"
+     "beta-TCVAE's decomposition of each row's sampled top-layer KL estimate, with X\n"
+     "one minibatch from a data set of n_data rows (minibatch-weighted sampling):\n"
+     "'mutual_information', 'total_correlation', 'dimension_wise_kl'; they sum to\n"
+     "log q(z_T|x) - log N(z_T; 0, I) at the same samples."},
+    {"discriminator_log_ratio", (PyCFunction)(void (*)(void))Model_discriminator_log_ratio,
+     METH_VARARGS | METH_KEYWORDS,
+     "discriminator_log_ratio(Z) -> (n,) float32: T(z) for top-layer rows Z (n, d_T), the\n"
+     "discriminator's logit, an estimate of log q(z)/other(z)."},
+    {"discriminator_step", (PyCFunction)(void (*)(void))Model_discriminator_step,
+     METH_VARARGS | METH_KEYWORDS,
+     "discriminator_step(Z, other=None, learning_rate=1e-4, adam_betas=(0.5, 0.9)) -> dict\n"
+     "One Adam step of the discriminator: real rows Z (B, d_T) against other (B, d_T),\n"
+     "or with other=None the model's counterpart (FactorVAE: Z with each dimension\n"
+     "permuted across rows; density-ratio prior: N(0, I) draws). Returns the step's\n"
+     "mean T over Z ('log_ratio') and its accuracy."},
     {"named_parameters", (PyCFunction)Model_named_parameters, METH_NOARGS,
      "named_parameters()\n--\n\n"
      "Ordered list of (name, view) pairs that tile ``parameters``.\n\n"
@@ -2362,7 +2694,8 @@ static PyMethodDef Model_methods[] = {
      "loss_and_grad(X, noise=None, seed=0, beta=1.0, objective='elbo',\n"
      "              n_samples=1, free_bits=0.0, cond=None, temperature=1.0,\n"
      "              straight_through=False, gradient_estimator='auto',\n"
-     "              score_baseline='auto')\n--\n\n"
+     "              score_baseline='auto', tc_weight=0.0, tcvae_weights=None,\n"
+     "              n_data=0.0)\n--\n\n"
      "(loss, grad): the training loss over X and its gradient as a float32\n"
      "array aligned with ``parameters``. objective='elbo': -mean of\n"
      "(reconstruction - beta * KL) averaged over n_samples draws, each layer's\n"
@@ -2375,7 +2708,12 @@ static PyMethodDef Model_methods[] = {
      "Gaussian layers, Gumbel-softmax for categorical ones) or\n"
      "'score_function' (REINFORCE on exact samples, centred by score_baseline,\n"
      "SCORE_BASELINES). Different seeds give independent estimates: see\n"
-     "hvae.gradient_variance."},
+     "hvae.gradient_variance.\n"
+     "tc_weight: FactorVAE's + tc_weight * mean T(z_T) at the discriminator as it\n"
+     "stands (which gets no gradient). tcvae_weights (alpha, beta, gamma):\n"
+     "beta-TCVAE's weighted MI, TC and dimension-wise KL replace beta * KL for\n"
+     "the top layer, by minibatch-weighted sampling over a data set of n_data\n"
+     "rows (0: the rows of X); see tcvae_terms."},
     {"log_likelihood", (PyCFunction)(void (*)(void))Model_log_likelihood,
      METH_VARARGS | METH_KEYWORDS,
      "log_likelihood(X, n_samples=1000, seed=0, cond=None)\n--\n\n"
@@ -2418,15 +2756,21 @@ static PyMethodDef Model_methods[] = {
      "    objective='elbo', n_samples=1, free_bits=0.0, cond=None, reduce=None,\n"
      "    n_global=0, shard_start=0, temperature=1.0, temperature_min=0.5,\n"
      "    temperature_decay=0.0, straight_through=False, gradient_estimator='auto',\n"
-     "    score_baseline='auto', prior_lr_scale=1.0)\n--\n\n"
+     "    score_baseline='auto', prior_lr_scale=1.0, tc_weight=0.0,\n"
+     "    discriminator_learning_rate=1e-4, discriminator_betas=(0.5, 0.9),\n"
+     "    tcvae_weights=None, n_data=0.0)\n--\n\n"
      "Minibatch training; the optimizer state persists across calls.\n\n"
      "prior_lr_scale: the prior's own tensors (from ``prior_offset`` on) step at\n"
      "prior_lr_scale * learning_rate (VaDE trains its mixture at another rate).\n\n"
-     "objective, n_samples, beta, free_bits, straight_through, gradient_estimator\n"
-     "and score_baseline as in loss_and_grad; the Gumbel-softmax temperature of\n"
+     "objective, n_samples, beta, free_bits, straight_through, gradient_estimator,\n"
+     "score_baseline, tc_weight, tcvae_weights and n_data as in loss_and_grad\n"
+     "(n_data 0: the rows of X); the Gumbel-softmax temperature of\n"
      "optimizer step t is max(temperature_min, temperature *\n"
      "exp(-temperature_decay * t)) (Jang et al.'s annealing); cond holds\n"
-     "the rows' conditions for a conditional model.\n\n"
+     "the rows' conditions for a conditional model. A model with a discriminator\n"
+     "also trains it, one Adam step (discriminator_learning_rate,\n"
+     "discriminator_betas) after each of the model's, on that minibatch's\n"
+     "top-layer samples; its records then also hold DISCRIMINATOR_RECORD_KEYS.\n\n"
      "Returns one record per epoch (dict: loss, objective, elbo, reconstruction, kl per\n"
      "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
      "to ``history`` (a list) as they are made, so they survive an exception.\n"
@@ -2483,6 +2827,8 @@ static PyGetSetDef Model_getset[] = {
     {"latent_widths", (getter)Model_get_config_value, NULL,
      "Columns of each layer's sample (d_i; M_i * K_i for a categorical layer)",
      "latent_widths"},
+    {"discriminator_hidden", (getter)Model_get_config_value, NULL,
+     "The discriminator's hidden widths, None without one", "discriminator_hidden"},
     {"n_conditions", (getter)Model_get_config_value, NULL,
      "Width of the condition (0: not conditional)", "n_conditions"},
     {"n_pseudo_inputs", (getter)Model_get_config_value, NULL,
@@ -2506,7 +2852,7 @@ static PyTypeObject ModelType = {
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
               "prior='standard', latent_family='gaussian', n_categories=None,\n"
-              "n_components=1, n_pseudo_inputs=None)\n--\n\n"
+              "n_components=1, n_pseudo_inputs=None, discriminator_hidden=None)\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -2529,7 +2875,13 @@ static PyTypeObject ModelType = {
               "n_pseudo_inputs: with prior='vamp' (the VampPrior, a mixture of the top\n"
               "layer's posteriors at K learned pseudo-inputs, tensor\n"
               "'prior.pseudo_inputs' of shape (K, n_features)), K >= 1, None for the\n"
-              "paper's 500; None or 0 with any other prior.\n\n"
+              "paper's 500; None or 0 with any other prior. discriminator_hidden: None,\n"
+              "or the hidden widths of a discriminator T(z_T) (leaky-ReLU MLP, one\n"
+              "linear output; its tensors 'discriminator.*' close the parameter\n"
+              "buffer), trained beside the model by fit: FactorVAE's total-correlation\n"
+              "estimate (fit's tc_weight), or the 'density_ratio' prior's\n"
+              "log q(z_T)/N(z_T; 0, I) (that prior always has one: (256, 256) by\n"
+              "default).\n\n"
               "Threads: a model serves one call at a time (others wait; a fit's\n"
               "callback calling back into it gets a RuntimeError). Long calls stop\n"
               "for Ctrl-C within a layer's work. Fork: in a child, a model that\n"
@@ -2571,7 +2923,45 @@ static PyObject *mod_blas_info(PyObject *mod, PyObject *noargs)
     return PyUnicode_FromString(hvae_blas_info());
 }
 
+static PyObject *mod_permute_dims(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    (void)mod;
+    static char *kwlist[] = {"Z", "seed", NULL};
+    PyObject *z_obj, *out = NULL;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O&:permute_dims", kwlist, &z_obj,
+                                     u64_converter, &seed))
+        return NULL;
+    PyArrayObject *z = (PyArrayObject *)PyArray_FROM_OTF(z_obj, NPY_FLOAT32,
+                                                         NPY_ARRAY_IN_ARRAY);
+    if (!z)
+        return NULL;
+    if (PyArray_NDIM(z) != 2) {
+        PyErr_SetString(PyExc_ValueError, "Z must be a 2-D array");
+        Py_DECREF(z);
+        return NULL;
+    }
+    npy_intp B = PyArray_DIM(z, 0), d = PyArray_DIM(z, 1), dims[2] = {B, d};
+    int64_t *perm = PyMem_RawMalloc((size_t)(B > 0 ? B : 1) * sizeof(int64_t));
+    out = new_array(2, dims, NPY_FLOAT32);
+    if (!perm || !out) {
+        Py_CLEAR(out);
+        if (!perm)
+            PyErr_NoMemory();
+    } else {
+        hvae_rng rng;
+        hvae_rng_seed(&rng, seed);
+        hvae_permute_dims(out_data(out), PyArray_DATA(z), B, d, &rng, perm);
+    }
+    PyMem_RawFree(perm);
+    Py_DECREF(z);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"permute_dims", (PyCFunction)(void (*)(void))mod_permute_dims, METH_VARARGS | METH_KEYWORDS,
+     "permute_dims(Z, seed=0) -> (B, d) float32: each column of Z (B, d) under its own\n"
+     "random permutation of the rows (FactorVAE's samples of prod_j q(z_j))."},
     {"set_num_threads", mod_set_num_threads, METH_O,
      "set_num_threads(n)\n--\n\nThreads of hvae's pool (which splits its matrix "
      "products, each part on OpenBLAS with one thread, and its elementwise work) for "
@@ -2634,16 +3024,21 @@ PyMODINIT_FUNC PyInit__core(void)
     for (int kind = 0; kind < N_CHOICES; kind++)
         if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)
             goto fail;
-    PyObject *keys = PyTuple_New(N_RECORD_KEYS);
-    for (int k = 0; keys && k < N_RECORD_KEYS; k++) {
-        PyObject *key = PyUnicode_FromString(epoch_record_keys[k]);
-        if (!key)
-            Py_CLEAR(keys);
-        else
-            PyTuple_SET_ITEM(keys, k, key);
+    int first[2] = {0, N_RECORD_KEYS - N_DISC_RECORD_KEYS};
+    int count[2] = {N_RECORD_KEYS - N_DISC_RECORD_KEYS, N_DISC_RECORD_KEYS};
+    const char *names[2] = {"EPOCH_RECORD_KEYS", "DISCRIMINATOR_RECORD_KEYS"};
+    for (int g = 0; g < 2; g++) {
+        PyObject *keys = PyTuple_New(count[g]);
+        for (int k = 0; keys && k < count[g]; k++) {
+            PyObject *key = PyUnicode_FromString(epoch_record_keys[first[g] + k]);
+            if (!key)
+                Py_CLEAR(keys);
+            else
+                PyTuple_SET_ITEM(keys, k, key);
+        }
+        if (module_add_new(m, names[g], keys) < 0)
+            goto fail;
     }
-    if (module_add_new(m, "EPOCH_RECORD_KEYS", keys) < 0)
-        goto fail;
     return m;
 fail:
     Py_DECREF(m);

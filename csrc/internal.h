@@ -100,6 +100,13 @@ struct hvae_model {
     float *grads;
     int32_t n_tensors;
     hvae_tensor_info *tensors;
+    /* The discriminator (discriminator.c), NULL without one: an MLP bound
+     * to the buffer at disc_offset, and its scratch for 2 HVAE_DISC_CHUNK
+     * rows. */
+    hvae_mlp *disc;
+    int64_t disc_offset;
+    float *disc_rows, *disc_dout;
+    int64_t *disc_perm;
 };
 
 /* Activations and their gradients share one layout: a B-row matrix of
@@ -137,6 +144,7 @@ struct hvae_workspace {
     struct hvae_workspace *prior_ws;
     float *dx;
     double *prior_rows;
+    double *tc_scratch;      /* (max_rows, 2 d_T + 3): beta-TCVAE's (tcvae.c) */
 };
 
 /* Whether the workspace's poll hook asks the current call to stop. */
@@ -242,6 +250,45 @@ int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, floa
 void hvae_optimizer_save(hvae_optimizer *opt, const float *params);
 void hvae_optimizer_restore(hvae_optimizer *opt, float *params);
 
+/* mlp.c: the MLP's parameters at external memory of hvae_mlp_n_params
+ * floats (its own are freed); its input width. */
+void hvae_mlp_bind(hvae_mlp *mlp, float *params);
+int64_t hvae_mlp_n_in(const hvae_mlp *mlp);
+
+/* discriminator.c: real rows per MLP pass of a discriminator step. */
+#define HVAE_DISC_CHUNK 256
+hvae_status hvae_discriminator_attach(hvae_model *m);
+void hvae_discriminator_detach(hvae_model *m);
+void hvae_discriminator_init(hvae_model *m, uint64_t seed);
+/* term[r] += coeff * T(z_r) (term may be NULL); returns sum_r T(z_r). */
+double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int64_t B,
+                                       double coeff, double *term);
+/* dz += coeff * dT/dz over B rows. */
+void hvae_discriminator_term_backward(const hvae_model *m, const float *z, int64_t B,
+                                      float coeff, float *dz);
+
+/* tcvae.c: beta-TCVAE's terms over B rows of the top layer (z, its noise,
+ * q's mu and lv, all (B, d)) from a data set of n_data rows, into mi, tc,
+ * dw (B each); lse_joint (B) and lse_dim (2 B d) keep what the backward
+ * needs. The backward accumulates scale * the gradient of
+ * weights[0] MI + weights[1] TC + weights[2] DW into dz, dmu, dlv. */
+void hvae_tcvae_forward(double *mi, double *tc, double *dw, double *lse_joint,
+                        double *lse_dim, const float *z, const float *eps, const float *mu,
+                        const float *lv, int64_t B, int64_t d, double n_data);
+void hvae_tcvae_backward(float *dz, float *dmu, float *dlv, const double *lse_joint,
+                         const double *lse_dim, const float *z, const float *mu,
+                         const float *lv, int64_t B, int64_t d, double n_data,
+                         const float *weights, float scale);
+
+/* The training terms beyond the layers' (FactorVAE's, beta-TCVAE's) that
+ * hvae_backward differentiates into the top layer. */
+typedef struct {
+    float tc_weight;          /* FactorVAE's gamma, 0 for none */
+    int tcvae;                /* beta-TCVAE (then the top layer's kl_weight is 0) */
+    const float *tcvae_weights;
+    double n_data;
+} hvae_top_terms;
+
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);
 float hvae_rng_uniform_float(hvae_rng *rng);
@@ -260,11 +307,13 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
                   const float *x, const float *cond, const float *const *eps,
                   int64_t B, int rowwise, int sampled);
 /* Gradient of sum_r row_weight[r] * (-reconstruction_r
- * + sum_i kl_weight[i] * kl_ri); row_weight NULL means `scale` for every row. */
+ * + sum_i kl_weight[i] * kl_ri + the top terms' (FactorVAE's tc_weight *
+ * T(z_T,r), beta-TCVAE's weighted terms, after their forward); row_weight
+ * NULL means `scale` for every row; top_terms may be NULL. */
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
-                   int sampled);
+                   int sampled, const hvae_top_terms *top_terms);
 /* Row r's log-weight log p(x|z_1) - sum_i term_i after hvae_forward (the
  * one place the objectives assemble it; see model.c), its layer terms into
  * kl (T, or NULL) and its ELBO into *elbo (or NULL). */

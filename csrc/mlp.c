@@ -21,6 +21,7 @@ struct hvae_mlp {
     int64_t n_params;
     float *params, *grads;
     float *acts, *dacts;                    /* (max_rows, act_cols) each */
+    int owns_params;                        /* 0 after hvae_mlp_bind */
 };
 
 hvae_status hvae_mlp_create(int64_t n_in, int32_t n_layers, const int64_t *widths,
@@ -66,6 +67,7 @@ hvae_status hvae_mlp_create(int64_t n_in, int32_t n_layers, const int64_t *width
         free(mlp);
         return HVAE_ERR_SIZE_OVERFLOW;
     }
+    mlp->owns_params = 1;
     mlp->params = calloc((size_t)mlp->n_params, sizeof(float));
     mlp->grads = calloc((size_t)mlp->n_params, sizeof(float));
     mlp->acts = calloc((size_t)act_floats, sizeof(float));
@@ -82,7 +84,8 @@ void hvae_mlp_free(hvae_mlp *mlp)
 {
     if (!mlp)
         return;
-    free(mlp->params);
+    if (mlp->owns_params)
+        free(mlp->params);
     free(mlp->grads);
     free(mlp->acts);
     free(mlp->dacts);
@@ -90,6 +93,15 @@ void hvae_mlp_free(hvae_mlp *mlp)
 }
 
 int64_t hvae_mlp_n_params(const hvae_mlp *mlp) { return mlp->n_params; }
+int64_t hvae_mlp_n_in(const hvae_mlp *mlp) { return mlp->n_in; }
+
+void hvae_mlp_bind(hvae_mlp *mlp, float *params)
+{
+    if (mlp->owns_params)
+        free(mlp->params);
+    mlp->params = params;
+    mlp->owns_params = 0;
+}
 float *hvae_mlp_params(hvae_mlp *mlp) { return mlp->params; }
 float *hvae_mlp_grads(hvae_mlp *mlp) { return mlp->grads; }
 int64_t hvae_mlp_n_out(const hvae_mlp *mlp) { return mlp->layer[mlp->n_layers - 1].n_out; }

@@ -35,6 +35,10 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.n_categories = NULL;
     c.n_components = 1;
     c.n_pseudo_inputs = 0;
+    c.discriminator = 0;
+    c.discriminator_n_hidden = 0;
+    for (int32_t j = 0; j < HVAE_MAX_HIDDEN; j++)
+        c.discriminator_hidden[j] = 0;
     return c;
 }
 
@@ -126,6 +130,34 @@ static void layout_prior(layout_state *st, int32_t n_prior_tensors)
     }
 }
 
+/* The discriminator's tensors, if any, after the prior's
+ * ("discriminator.hidden1.W", ..., "discriminator.out.b"), in hvae_mlp's
+ * layout. */
+static void layout_discriminator(layout_state *st)
+{
+    hvae_model *m = st->m;
+    const hvae_config *c = &m->config;
+    m->disc_offset = st->n_params;
+    if (!c->discriminator)
+        return;
+    int64_t in = m->latent_dims[c->n_layers - 1];
+    for (int32_t l = 0; l <= c->discriminator_n_hidden; l++) {
+        int last = l == c->discriminator_n_hidden;
+        int64_t out = last ? 1 : c->discriminator_hidden[l];
+        char name[48];
+        if (last)
+            snprintf(name, sizeof name, "discriminator.out");
+        else
+            snprintf(name, sizeof name, "discriminator.hidden%d", (int)l + 1);
+        size_t len = strlen(name);
+        snprintf(name + len, sizeof name - len, ".W");
+        add_tensor(st, name, checked_add(st, &st->n_params, in, out), in, out);
+        snprintf(name + len, sizeof name - len, ".b");
+        add_tensor(st, name, checked_add(st, &st->n_params, out, 1), out, 0);
+        in = out;
+    }
+}
+
 static hvae_status validate_config(const hvae_config *c)
 {
     if (c->n_features < 1 || c->n_features > INT_MAX)
@@ -170,6 +202,13 @@ static hvae_status validate_config(const hvae_config *c)
         return HVAE_ERR_INVALID_ARGUMENT;
     if (c->n_conditions < 0 || c->n_conditions > INT_MAX || c->n_pseudo_inputs < 0)
         return HVAE_ERR_INVALID_ARGUMENT;
+    if ((c->discriminator != 0 && c->discriminator != 1) ||
+        c->discriminator_n_hidden < 0 || c->discriminator_n_hidden > HVAE_MAX_HIDDEN ||
+        (c->prior == HVAE_PRIOR_DENSITY_RATIO && !c->discriminator))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    for (int32_t j = 0; c->discriminator && j < c->discriminator_n_hidden; j++)
+        if (c->discriminator_hidden[j] < 1 || c->discriminator_hidden[j] > INT_MAX)
+            return HVAE_ERR_INVALID_ARGUMENT;
     const hvae_prior_ops *prior = hvae_prior_table[c->prior];
     if (prior->n_components &&
         (c->n_components < 1 || c->n_components > HVAE_MAX_COMPONENTS))
@@ -209,12 +248,14 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     m->prior = hvae_prior_table[config->prior];
     int32_t n_prior_tensors = m->prior->n_tensors(config);
     /* 2 * T blocks of at most H hidden layers and 2 heads, W and b each;
-     * a prior's own tensors are few (a table of names, not of sizes). */
+     * a prior's own tensors are few (a table of names, not of sizes); the
+     * discriminator's, W and b of at most HVAE_MAX_HIDDEN + 1 layers. */
     if (n_prior_tensors < 0 || n_prior_tensors > 4096) {
         free(m);
         return HVAE_ERR_INVALID_ARGUMENT;
     }
-    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors), sizeof *m->tensors);
+    m->tensors = calloc((size_t)(2 * T * (H + 2) * 2 + n_prior_tensors +
+                                 2 * (HVAE_MAX_HIDDEN + 1)), sizeof *m->tensors);
     if (!m->tensors) {
         free(m);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -255,6 +296,7 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
                      logits ? logits_head : gaussian_heads);
     }
     layout_prior(&ls, n_prior_tensors);
+    layout_discriminator(&ls);
     m->n_params = ls.n_params;
     m->act_cols = ls.act_cols;
     if (ls.overflow || m->n_params > (int64_t)(SIZE_MAX / 4 / sizeof(float))) {
@@ -267,6 +309,10 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         hvae_model_free(m);
         return HVAE_ERR_OUT_OF_MEMORY;
     }
+    if (config->discriminator && (st = hvae_discriminator_attach(m)) != HVAE_OK) {
+        hvae_model_free(m);
+        return st;
+    }
     *out = m;
     return HVAE_OK;
 }
@@ -275,6 +321,7 @@ void hvae_model_free(hvae_model *m)
 {
     if (!m)
         return;
+    hvae_discriminator_detach(m);
     free(m->params);
     free(m->grads);
     free(m->tensors);
@@ -323,6 +370,7 @@ void hvae_model_init(hvae_model *m, uint64_t seed)
             p[k] = bound * (2.0f * hvae_rng_uniform_float(&rng) - 1.0f);
     }
     m->prior->init(&m->config, m->params + m->prior_offset, &rng);
+    hvae_discriminator_init(m, seed);
 }
 
 hvae_status hvae_model_check_data(const hvae_model *m, const float *x,
@@ -368,7 +416,9 @@ static size_t workspace_own_bytes(const hvae_model *m, int64_t max_rows)
 {
     if (!m || max_rows < 1 || max_rows > INT_MAX)
         return 0;
-    int64_t floats_per_row, doubles_per_row = 1 + m->config.n_layers, total;
+    int64_t floats_per_row, total;
+    int64_t doubles_per_row = 1 + m->config.n_layers + 3 +
+                              2 * m->latent_dims[m->config.n_layers - 1];
     if (__builtin_mul_overflow(m->act_cols, 2, &floats_per_row) ||
         __builtin_add_overflow(floats_per_row,
                                m->config.n_features + m->eps_cols,
@@ -439,8 +489,11 @@ static hvae_status workspace_create(const hvae_model *m, int64_t max_rows, int w
     ws->dacts = calloc(R * (size_t)m->act_cols, sizeof(float));
     ws->reconstruction = malloc(R * sizeof(double));
     ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
-    if (!ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
-        !ws->kl || !ws->cond || !ws->row_weight || !ws->score_weight || !ws->lse_max ||
+    ws->tc_scratch = malloc(R * (size_t)(3 + 2 * m->latent_dims[m->config.n_layers - 1]) *
+                            sizeof(double));
+    if (!ws->tc_scratch || !ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
+        !ws->kl || !ws->cond || !ws->row_weight || !ws->score_weight ||
+        !ws->lse_max ||
         !ws->lse_sum || !ws->row_rng) {
         hvae_workspace_free(ws);
         return HVAE_ERR_OUT_OF_MEMORY;
@@ -472,6 +525,7 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->cond);
     free(ws->row_weight);
     free(ws->score_weight);
+    free(ws->tc_scratch);
     free(ws->lse_max);
     free(ws->lse_sum);
     free(ws->row_rng);
@@ -838,7 +892,7 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
  * prior's and (sampled ratio) the sample's gradients. */
 static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_t B,
                                  float scale, const float *kl_weight, int sampled,
-                                 const float *row_weight)
+                                 const float *row_weight, const hvae_top_terms *tt)
 {
     int32_t top = m->config.n_layers - 1;
     int32_t own = m->latent[top].family->top_prior_table ? top : top + 1;
@@ -864,6 +918,19 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 1, row_weight);
         m->prior->term_backward(&a, scale * kl_weight[top], closed_form(m, top, sampled));
     }
+    if (!tt)
+        return;
+    /* FactorVAE's penalty tc_weight * T(z_T) at the current discriminator. */
+    if (tt->tc_weight != 0.0f)
+        hvae_discriminator_term_backward(m, ws_act(ws, m->latent[top].z_col), B,
+                                         scale * tt->tc_weight,
+                                         ws_dact(ws, m->latent[top].z_col));
+    if (tt->tcvae)
+        hvae_tcvae_backward(ws_dact(ws, m->latent[top].z_col), dpost(m, ws, top, 0),
+                            dpost(m, ws, top, 1), ws->lse_max, ws->tc_scratch + 3 * ws->max_rows,
+                            ws_act(ws, m->latent[top].z_col), post(m, ws, top, 0),
+                            post(m, ws, top, 1), B, m->latent_dims[top], tt->n_data,
+                            tt->tcvae_weights, scale);
 }
 
 /* Multiplies row r of every activation gradient by row_weight[r]: every
@@ -945,7 +1012,7 @@ static void ladder_backward(hvae_model *m, const hvae_workspace *ws, const float
 void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
                    const float *cond, const float *const *eps, int64_t B,
                    float scale, const float *row_weight, const float *kl_weight,
-                   int sampled)
+                   int sampled, const hvae_top_terms *top_terms)
 {
     /* With per-row weights the terms are differentiated at unit scale and
      * every gradient row is weighted once, before anything mixes rows. */
@@ -956,7 +1023,7 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
     hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
     if (ws_stop(ws))
         return;
-    layer_terms_backward(m, ws, B, s, kl_weight, sampled, row_weight);
+    layer_terms_backward(m, ws, B, s, kl_weight, sampled, row_weight, top_terms);
     if (row_weight && !ws_stop(ws))
         weight_gradient_rows(m, ws, B, row_weight);
     if (ws_stop(ws))

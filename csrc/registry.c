@@ -6,6 +6,7 @@ const hvae_prior_ops *const hvae_prior_table[HVAE_PRIOR_COUNT] = {
     [HVAE_PRIOR_NORMAL] = &hvae_prior_normal,
     [HVAE_PRIOR_GMM] = &hvae_prior_gmm,
     [HVAE_PRIOR_VAMP] = &hvae_prior_vamp,
+    [HVAE_PRIOR_DENSITY_RATIO] = &hvae_prior_density_ratio,
 };
 
 const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_FAMILY_COUNT] = {

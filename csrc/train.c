@@ -19,6 +19,10 @@ hvae_objective_options hvae_objective_options_default(void)
     o.straight_through = 0;
     o.gradient_estimator = HVAE_GRADIENT_AUTO;
     o.score_baseline = HVAE_BASELINE_AUTO;
+    o.tc_weight = 0.0f;
+    o.tcvae = 0;
+    o.tcvae_weights[0] = o.tcvae_weights[1] = o.tcvae_weights[2] = 1.0f;
+    o.n_data = 0.0;
     return o;
 }
 
@@ -35,7 +39,15 @@ static int objective_is_valid(const hvae_objective_options *o)
            (o->gradient_estimator != HVAE_GRADIENT_SCORE_FUNCTION ||
             o->objective == HVAE_OBJECTIVE_ELBO) &&
            (o->gradient_estimator != HVAE_GRADIENT_SCORE_FUNCTION ||
-            o->score_baseline != HVAE_BASELINE_LEAVE_ONE_OUT || o->n_samples > 1);
+            o->score_baseline != HVAE_BASELINE_LEAVE_ONE_OUT || o->n_samples > 1) &&
+           isfinite(o->tc_weight) &&
+           o->tc_weight >= 0.0f && (o->tcvae == 0 || o->tcvae == 1) &&
+           isfinite(o->tcvae_weights[0]) && o->tcvae_weights[0] >= 0.0f &&
+           isfinite(o->tcvae_weights[1]) && o->tcvae_weights[1] >= 0.0f &&
+           isfinite(o->tcvae_weights[2]) && o->tcvae_weights[2] >= 0.0f &&
+           isfinite(o->n_data) && o->n_data >= 0.0 &&
+           (!o->tcvae || (o->objective == HVAE_OBJECTIVE_ELBO && o->free_bits == 0.0f &&
+                          o->tc_weight == 0.0f));
 }
 
 /* The estimator named must fit the model: reparameterisation has no
@@ -94,6 +106,65 @@ static void score_weights(hvae_workspace *ws, int64_t B, int64_t S, const float 
     }
     if (kind == HVAE_BASELINE_RUNNING_MEAN && R > 0)
         ws->baseline = 0.9 * ws->baseline + 0.1 * mean;
+}
+
+/* beta-TCVAE's formulas are the diagonal Gaussian's against N(0, I). */
+static int tcvae_fits(const hvae_model *m)
+{
+    return m->config.prior == HVAE_PRIOR_NORMAL &&
+           m->latent[m->config.n_layers - 1].K <= 1;
+}
+
+/* FactorVAE's penalty needs a discriminator that is not the prior's, and
+ * the ELBO. */
+static int objective_fits_model(const hvae_model *m, const hvae_objective_options *o)
+{
+    if (o->tcvae && !tcvae_fits(m))
+        return 0;
+    return o->tc_weight == 0.0f ||
+           (m->disc && m->config.prior != HVAE_PRIOR_DENSITY_RATIO &&
+            o->objective == HVAE_OBJECTIVE_ELBO);
+}
+
+/* beta-TCVAE's terms of the R rows of the last forward pass, into the
+ * workspace's scratch (mi, tc, dw: R each, then what the backward needs). */
+static void tcvae_terms_forward(const hvae_model *m, const hvae_workspace *ws,
+                                const float *eps_top, int64_t R, double n_data)
+{
+    int32_t top = m->config.n_layers - 1;
+    const hvae_block *enc = &m->enc[top];
+    double *s = ws->tc_scratch;
+    int64_t M = ws->max_rows;
+    hvae_tcvae_forward(s, s + M, s + 2 * M, ws->lse_max, s + 3 * M,
+                       ws_act(ws, m->latent[top].z_col), eps_top, block_head(ws, enc, 0),
+                       block_head(ws, enc, 1), R, m->latent_dims[top], n_data);
+}
+
+hvae_status hvae_tcvae_terms(hvae_model *m, hvae_workspace *ws, const float *x,
+                             const float *cond, int64_t n, const float *const *eps,
+                             uint64_t noise_seed, double n_data, double *mi, double *tc,
+                             double *dw)
+{
+    if (!m || !ws || ws->model != m || !x || n < 1 || !mi || !tc || !dw ||
+        !(n_data >= 1.0) || !isfinite(n_data) || (m->config.n_conditions > 0 && !cond) ||
+        !tcvae_fits(m))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    if (n > ws->max_rows)
+        return HVAE_ERR_BATCH_TOO_LARGE;
+    int32_t T = m->config.n_layers;
+    const float *noise[HVAE_MAX_LAYERS];
+    for (int32_t i = 0; i < T; i++)
+        noise[i] = eps ? eps[i] : ws_eps(ws, i);
+    if (!eps)
+        hvae_hashed_noise(m, ws, x, n, 1, noise_seed);
+    hvae_forward(m, ws, x, cond, noise, n, 0, 0);
+    tcvae_terms_forward(m, ws, noise[T - 1], n, n_data);
+    for (int64_t r = 0; r < n; r++) {
+        mi[r] = ws->tc_scratch[r];
+        tc[r] = ws->tc_scratch[ws->max_rows + r];
+        dw[r] = ws->tc_scratch[2 * ws->max_rows + r];
+    }
+    return HVAE_OK;
 }
 
 /* Gathers the rows of the minibatch start .. start + B - 1 of `order` (all
@@ -186,7 +257,7 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
                           const float *xb, const float *cb,
                           const float *const *noise, int64_t B,
                           const hvae_objective_options *o, double n_total,
-                          const reducer *red, hvae_epoch_stats *sums)
+                          double n_data, const reducer *red, hvae_epoch_stats *sums)
 {
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, R = B * S;
@@ -234,22 +305,48 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
         penalty += (iwae ? 1.0 : (double)o->beta) * (floored ? o->free_bits : mean);
         kl_total += kl_sum[i];
     }
+    /* beta-TCVAE: the top layer's weighted decomposition replaces beta KL
+     * in the loss (its rows' terms, this process's share per data row). */
+    if (o->tcvae) {
+        int32_t top = T - 1;
+        kl_weight[top] = 0.0f;
+        penalty -= (double)o->beta * (batch_kl[T] > 0.0 ? batch_kl[top] / batch_kl[T] : 0.0);
+        double weighted = 0.0;
+        if (R > 0) {
+            tcvae_terms_forward(m, ws, noise[top], R, n_data);
+            for (int64_t r = 0; r < R; r++)
+                for (int k = 0; k < 3; k++)
+                    weighted += (double)o->tcvae_weights[k] *
+                                ws->tc_scratch[k * ws->max_rows + r];
+        }
+        penalty += B > 0 ? weighted / (double)R : 0.0;
+    }
+    hvae_top_terms top_terms = {o->tc_weight, o->tcvae, o->tcvae_weights, n_data};
 
     double objective = 0.0;
     if (iwae) {
         objective = iwae_bounds(ws, B, S, n_total);
         if (R > 0)
-            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1);
+            hvae_backward(m, ws, xb, cb, noise, R, 0.0f, ws->row_weight, kl_weight, 1, NULL);
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
         float scale = (float)(1.0 / (n_total * (double)S));
+        /* FactorVAE: + tc_weight * T(z_T) per draw, at the discriminator
+         * as it stands (it steps after the model's gradient). */
+        double tc = 0.0;
+        if (o->tc_weight != 0.0f && R > 0) {
+            int32_t top = T - 1;
+            tc = hvae_discriminator_term_forward(m, ws_act(ws, m->latent[top].z_col), R, 0.0,
+                                                 NULL);
+        }
         if (ws->score)
             score_weights(ws, B, S, kl_weight, o, scale);
         if (R > 0)
-            hvae_backward(m, ws, xb, cb, noise, R, scale, NULL, kl_weight, 0);
+            hvae_backward(m, ws, xb, cb, noise, R, scale, NULL, kl_weight, 0, &top_terms);
         /* The penalty is per data row: this process's share of it. */
-        sums->loss += -(rec / (double)S - penalty * (double)B);
+        sums->loss += -(rec / (double)S - penalty * (double)B) +
+                      (double)o->tc_weight * tc / (double)S;
     }
     sums->objective += objective;
     sums->elbo += (rec - kl_total) / (double)S;
@@ -309,7 +406,8 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
                                hvae_epoch_stats *stats)
 {
     if (!m || !ws || ws->model != m || !x || n < 1 || !stats || !objective_is_valid(o) ||
-        !estimator_fits(m, o) || (m->config.n_conditions > 0 && !cond))
+        !estimator_fits(m, o) || !objective_fits_model(m, o) ||
+        (m->config.n_conditions > 0 && !cond))
         return HVAE_ERR_INVALID_ARGUMENT;
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, rows = ws->max_rows / S;
@@ -331,7 +429,8 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
         static const reducer none = {NULL, NULL};
         if (ws_stop(ws))
             return HVAE_ERR_STOPPED;
-        objective_step(m, ws, xb, cb, noise, B, o, (double)n, &none, stats);
+        objective_step(m, ws, xb, cb, noise, B, o, (double)n,
+                       o->n_data > 0.0 ? o->n_data : (double)n, &none, stats);
         if (ws_stop(ws))
             return HVAE_ERR_STOPPED;
         stats->n_batches++;
@@ -433,7 +532,7 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
         o->batch_size < 1 || !objective_is_valid(&o->objective) ||
-        !estimator_fits(m, &o->objective))
+        !estimator_fits(m, &o->objective) || !objective_fits_model(m, &o->objective))
         return HVAE_ERR_INVALID_ARGUMENT;
     /* One process needs rows; a data-parallel one may hold none. */
     if (parallel ? (!o->reduce || n < 0 || o->shard_start < 0 ||
@@ -482,7 +581,8 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         }
         hvae_epoch_stats batch;
         memset(&batch, 0, sizeof batch);
-        if (objective_step(m, ws, xb, cb, noise, held, &step_objective, (double)B, &red,
+        if (objective_step(m, ws, xb, cb, noise, held, &step_objective, (double)B,
+                           o->objective.n_data > 0.0 ? o->objective.n_data : (double)N, &red,
                            &batch)) {
             status = HVAE_ERR_STOPPED;
             break;

@@ -143,6 +143,27 @@ class PerLayer:
         return tuple(self.constraint(name, v) for v in values)
 
 
+class Weights:
+    """A tuple of ``n`` finite numbers, each >= 0 (< 1 with ``below_one``)."""
+
+    def __init__(self, n, below_one=False):
+        self.n, self.below_one = n, below_one
+
+    def __call__(self, name, value):
+        try:
+            items = tuple(value)
+        except TypeError:
+            items = ()
+        ok = len(items) == self.n and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and np.isfinite(v)
+            and v >= 0 and (not self.below_one or v < 1) for v in items)
+        if not ok:
+            bound = "in [0, 1)" if self.below_one else ">= 0"
+            raise ValueError(f"{name} must be a tuple of {self.n} finite numbers {bound}; "
+                             f"got {value!r}")
+        return tuple(float(v) for v in items)
+
+
 class Callbacks:
     """None, a callable or a sequence of callables; normalised to a list."""
 
@@ -218,6 +239,12 @@ PARAMETER_CONSTRAINTS = {
     "conditional": Flag(),
     "chunk_size": Optional(Integer(1, MAX_CHUNK_SIZE)),
     "callbacks": Callbacks(),
+    "prior": OneOf(PRIORS),
+    "tc_weight": FiniteNumber(),
+    "tcvae_weights": Optional(Weights(3)),
+    "discriminator_hidden": Dims(allow_empty=True, max_entries=MAX_HIDDEN, unit="entries"),
+    "discriminator_learning_rate": FiniteNumber(positive=True),
+    "discriminator_betas": Weights(2, below_one=True),
     "shuffle": Unchecked(),
     "warm_start": Unchecked(),
     "random_state": Unchecked(),
@@ -272,10 +299,28 @@ def _check_latent_settings(params):
             and params["n_mc_samples"] < 2):
         raise ValueError("score_baseline='leave_one_out' needs n_mc_samples >= 2 (the "
                          "other draws of a row make its baseline)")
+
+
 def _check_prior_settings(params):
     if params["prior"] == "vamp" and params["conditional"]:
         raise ValueError("prior='vamp' cannot be conditional: its pseudo-inputs have no "
                          "condition; use conditional=False or another prior")
+
+
+def _check_discriminator_settings(params):
+    if params["tc_weight"] > 0 and (params["objective"] != "elbo"
+                                    or params["prior"] != "standard"):
+        raise ValueError("tc_weight > 0 (FactorVAE) needs objective='elbo' and "
+                         "prior='standard'")
+    if params["tcvae_weights"] is not None and (
+            params["objective"] != "elbo" or params["prior"] != "standard"
+            or params["free_bits"] != 0.0 or params["tc_weight"] != 0.0):
+        raise ValueError("tcvae_weights (beta-TCVAE) needs objective='elbo', "
+                         "prior='standard', free_bits=0 and tc_weight=0")
+    if (params["tc_weight"] > 0 or params["prior"] == "density_ratio") and \
+            params["weight_decay"] != 0.0:
+        raise ValueError("weight_decay must be 0 for a model with a discriminator "
+                         "(tc_weight > 0 or prior='density_ratio')")
 
 
 def validate_parameters(estimator):
@@ -289,4 +334,5 @@ def validate_parameters(estimator):
     _check_iwae_settings(params)
     _check_latent_settings(params)
     _check_prior_settings(params)
+    _check_discriminator_settings(params)
     return params

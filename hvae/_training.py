@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ._chunks import ChunkedRows, chunk_order
-from ._native import EPOCH_RECORD_KEYS
+from ._native import DISCRIMINATOR_RECORD_KEYS, EPOCH_RECORD_KEYS
 
 #: Keys of Model.fit's records that only combine the blocks of a pass.
 _BLOCK_KEYS = ("n_rows", "complete")
@@ -43,9 +43,13 @@ def workspace_rows(params, n_rows):
     return min(params["batch_size"], n_rows) * draws_per_row(params)
 
 
-def new_history():
-    """An empty ``history_``."""
-    return {key: [] for key in HISTORY_KEYS}
+def new_history(model=None):
+    """An empty ``history_`` (with the DISCRIMINATOR_RECORD_KEYS, declared
+    by the C core, for a model with a discriminator)."""
+    history = {key: [] for key in HISTORY_KEYS}
+    if model is not None and model.discriminator_hidden is not None:
+        history.update({key: [] for key in DISCRIMINATOR_RECORD_KEYS})
+    return history
 
 
 def pass_record(block_records, beta, seconds=None):
@@ -57,8 +61,10 @@ def pass_record(block_records, beta, seconds=None):
     else:
         n_rows = sum(r["n_rows"] for r in block_records)
         weights = [r["n_rows"] / n_rows for r in block_records]
+        mean_keys = _MEAN_KEYS + tuple(k for k in DISCRIMINATOR_RECORD_KEYS
+                                       if k in block_records[0])
         record = {key: math.fsum(w * r[key] for w, r in zip(weights, block_records))
-                  for key in _MEAN_KEYS}
+                  for key in mean_keys}
         record["kl"] = [math.fsum(w * r["kl"][i] for w, r in zip(weights, block_records))
                         for i in range(len(block_records[0]["kl"]))]
         record["n_batches"] = sum(r["n_batches"] for r in block_records)
@@ -343,6 +349,7 @@ class Trainer:
         order = chunk_order(rows.n_chunks, self.model.seed, est.n_iter_, self.params["shuffle"])
         chunked = isinstance(rows, ChunkedRows)
         block_records = []  # Model.fit appends each block's record as it is made
+        self.n_data = float(rows.n_rows)  # beta-TCVAE's data set size
         started = time.perf_counter()
         try:
             for _, _, X_block, C_block in rows.blocks(order):
@@ -377,7 +384,11 @@ class Trainer:
                        gradient_estimator=p["gradient_estimator"],
                        score_baseline=p["score_baseline"],
                        prior_lr_scale=(p["prior_learning_rate"] or p["learning_rate"])
-                       / p["learning_rate"], **extra)
+                       / p["learning_rate"], tc_weight=p["tc_weight"],
+                       tcvae_weights=p["tcvae_weights"],
+                       n_data=self.n_data if p["tcvae_weights"] is not None else 0.0,
+                       discriminator_learning_rate=p["discriminator_learning_rate"],
+                       discriminator_betas=tuple(p["discriminator_betas"]), **extra)
 
     # ---- validation and history ------------------------------------------------------
 
@@ -417,6 +428,9 @@ class Trainer:
         history = self.estimator.history_
         for key in HISTORY_KEYS:
             history[key].append(record[key])
+        for key in DISCRIMINATOR_RECORD_KEYS:
+            if key in history:
+                history[key].append(record[key])
         if "val_elbo" in history:
             if validation is None:
                 n_layers = len(self.model.latent_dims)

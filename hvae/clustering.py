@@ -186,6 +186,11 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     gradient_estimator = "auto"
     score_baseline = "auto"
     n_pseudo_inputs = 500
+    tc_weight = 0.0
+    tcvae_weights = None
+    discriminator_hidden = (256, 256)
+    discriminator_learning_rate = 1e-4
+    discriminator_betas = (0.5, 0.9)
 
     def __init__(self, n_components=10, *, latent_dims=(10,), hidden_dims=(256, 256),
                  likelihood="gaussian", activation="relu", decoder_variance="learned",

@@ -35,17 +35,21 @@ from .file_format import register_estimator
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
                   "decoder_variance", "inference", "markov_kl", "prior", "n_components",
-                  "n_pseudo_inputs")
+                  "n_pseudo_inputs", "discriminator_hidden")
 #: The Model options latent_types and n_categories make, as Model reports them.
 _LATENT_OPTIONS = ("latent_family", "n_categories")
 
 
 def _model_options(params):
-    """The Model options of validated parameters (see _MODEL_OPTIONS)."""
+    """The Model options of validated parameters (see _MODEL_OPTIONS). The
+    model has a discriminator for FactorVAE (tc_weight > 0) and for the
+    density-ratio prior only (discriminator_hidden None otherwise)."""
     options = {key: params[key] for key in _MODEL_OPTIONS}
     families, n_categories = latent_layers(params)
     options["latent_family"] = families[0] if len(set(families)) == 1 else families
     options["n_categories"] = n_categories
+    if params["tc_weight"] == 0 and params["prior"] != "density_ratio":
+        options["discriminator_hidden"] = None
     return vamp_model_options(options)
 
 
@@ -274,7 +278,7 @@ default='auto'
         (``n_mc_samples >= 2``, as in VIMCO), the mean signal of the row's
         other draws; 'auto', leave-one-out with several draws, else the
         running mean; 'none'.
-    prior : {'standard', 'gmm', 'vamp'}, default='standard'
+    prior : {'standard', 'gmm', 'vamp', 'density_ratio'}, default='standard'
         p(z_T), the top layer's prior. 'standard': N(0, I). 'gmm': a mixture
         of ``n_components`` diagonal Gaussians, p(c) = softmax(pi_logits),
         p(z_T | c) = N(mu_c, diag(exp(logvar_c))), all learned, with VaDE's
@@ -284,7 +288,8 @@ default='auto'
         Initialised at random here (equal weights, N(0, I) means, unit
         variances); :class:`hvae.VaDE` pretrains and initialises them from
         a GaussianMixture as VaDE does. Part of the model. 'vamp': the
-        VampPrior (Tomczak and Welling 2018), the mixture (1/K) sum_k q(z_T | u_k) of the posteriors of ``n_pseudo_inputs``
+        VampPrior (Tomczak and Welling 2018), the mixture (1/K) sum_k
+        q(z_T | u_k) of the posteriors of ``n_pseudo_inputs``
         learned pseudo-inputs u_k (tensor ``prior.pseudo_inputs`` of shape
         (K, n_features) in ``model_.named_parameters()``; for a Bernoulli
         likelihood clipped to [0, 1]); for T > 1 the pseudo-inputs' posterior
@@ -294,6 +299,17 @@ default='auto'
         training rows (drawn with replacement when there are fewer rows;
         data-parallel fits keep the model's seeded initialisation). Not with
         ``conditional=True``. Part of the model (see csrc/prior_vamp.c).
+        'density_ratio' (the "prior ELBO"): the aggregate posterior q(z_T), written as
+        N(z_T; 0, I) exp(T(z_T)) with T a discriminator trained beside the
+        model to tell the encoder's samples from N(0, I) draws (at its
+        optimum T = log q(z_T) / N(z_T; 0, I)). The top layer's term becomes
+        KL(q(z_T|.) || N(0, I)) - T(z_T) = KL(q(z_T|.) || q(z_T)) for an
+        exact T. ``score``, ``score_samples`` and ``log_likelihood`` then
+        estimate the ELBO and log p(x) under the prior N(0, I) exp(T), which
+        is normalised only as far as T is exact (its normaliser
+        E_N(0,I)[exp T] is 1 at the optimum); ``sample`` draws from it by
+        sampling-importance-resampling (256 N(0, I) draws per sample, one
+        kept with probability proportional to exp(T)). Part of the model.
     n_components : int, default=1
         Components K of the 'gmm' prior; ignored by 'standard'. Part of the
         model.
@@ -303,6 +319,42 @@ default='auto'
     n_pseudo_inputs : int, default=500
         K, the VampPrior's pseudo-inputs (the paper's 500); ignored by other
         priors. Part of the model.
+    tc_weight : float, default=0.0
+        FactorVAE's gamma (Kim and Mnih 2018): the training loss is
+        -ELBO + tc_weight * mean T(z_T), T a discriminator between the
+        minibatch's samples z_T and the same rows with each dimension
+        permuted independently (samples of prod_j q(z_j)), whose mean over
+        q's samples estimates the total correlation KL(q(z) || prod_j q(z_j)).
+        > 0 gives the model a discriminator (``discriminator_hidden``), whose
+        training steps alternate with the model's inside the C loop: each
+        step the model's gradient is taken at the current discriminator,
+        then the discriminator takes one Adam step on the same minibatch's
+        samples (disentanglement_lib's arrangement) with probabilities
+        clipped to [1e-6, 1 - 1e-6]. ``history_`` then also records
+        'discriminator_log_ratio' (the epoch's mean T on q's samples: the
+        total-correlation estimate) and 'discriminator_accuracy'. Needs
+        ``objective='elbo'`` and ``prior='standard'``. Not for MPI training.
+    tcvae_weights : tuple of 3 floats or None, default=None
+        beta-TCVAE (Chen et al. 2018): (alpha, beta, gamma) weights of the
+        top layer's KL split into index-code mutual information, total
+        correlation and dimension-wise KL, estimated per minibatch by
+        minibatch-weighted sampling over the training set's rows; they
+        replace ``beta`` for the top layer (which still weights the layers
+        below). Their paper's setting is (1, beta, 1). Needs
+        ``objective='elbo'``, ``prior='standard'``, ``free_bits=0`` and
+        ``tc_weight=0``. Not for MPI training. None turns it off.
+    discriminator_hidden : tuple of int, default=(256, 256)
+        Hidden widths of the discriminator (leaky-ReLU layers, one linear
+        output; the FactorVAE paper uses six layers of 1000) of a model with
+        ``tc_weight > 0`` or ``prior='density_ratio'``; ignored otherwise.
+        Its weights are the tensors ``discriminator.*`` at the end of the
+        model's parameters (saved, loaded and pickled with them).
+    discriminator_learning_rate : float, default=1e-4
+        The discriminator's Adam step size (FactorVAE's reference: 1e-4).
+    discriminator_betas : tuple of 2 floats, default=(0.5, 0.9)
+        The discriminator's Adam betas (FactorVAE's reference). Its Adam
+        moments live with the fitted model in memory and restart from zero
+        after ``hvae.load`` or unpickling (its weights do not).
 
     Attributes
     ----------
@@ -370,7 +422,9 @@ default='auto'
                  temperature=1.0, temperature_min=0.5, temperature_decay=3e-5,
                  straight_through=False, gradient_estimator="auto", score_baseline="auto",
                  prior="standard", n_components=1, prior_learning_rate=None,
-                 n_pseudo_inputs=500):
+                 n_pseudo_inputs=500, tc_weight=0.0, tcvae_weights=None,
+                 discriminator_hidden=(256, 256), discriminator_learning_rate=1e-4,
+                 discriminator_betas=(0.5, 0.9)):
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
         self.likelihood = likelihood
@@ -413,6 +467,11 @@ default='auto'
         self.n_components = n_components
         self.prior_learning_rate = prior_learning_rate
         self.n_pseudo_inputs = n_pseudo_inputs
+        self.tc_weight = tc_weight
+        self.tcvae_weights = tcvae_weights
+        self.discriminator_hidden = discriminator_hidden
+        self.discriminator_learning_rate = discriminator_learning_rate
+        self.discriminator_betas = discriminator_betas
 
     # ---- fitting -------------------------------------------------------------
 
@@ -569,6 +628,12 @@ default='auto'
 
     def _fit_locked(self, X, y, *, incremental, validation_data, classes, comm, comm_timeout):
         params = validate_parameters(self)
+        if comm is not None and (params["tc_weight"] > 0 or params["prior"] == "density_ratio"
+                                 or params["tcvae_weights"] is not None):
+            raise ValueError("MPI training (comm=) does not support tc_weight > 0, "
+                             "prior='density_ratio' or tcvae_weights: the discriminator's "
+                             "gradient is not reduced across processes, and beta-TCVAE's "
+                             "minibatch-weighted sampling needs each minibatch on one process")
         model_options = _model_options(params)
         continuing = self._continues(model_options, incremental)
         session = None if comm is None else _distributed.Session(comm, comm_timeout)
@@ -633,7 +698,9 @@ default='auto'
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
                              "markov_kl, latent_types, n_categories, prior, n_components, "
-                             "n_pseudo_inputs or conditional); call fit to train a new model")
+                             "n_pseudo_inputs, the discriminator (tc_weight > 0 or not, "
+                             "discriminator_hidden) or conditional); call fit to train a "
+                             "new model")
         return same and (incremental or bool(self.warm_start))
 
     def _model_options(self):
@@ -661,7 +728,7 @@ default='auto'
         self.classes_ = code.classes
         if model is not None:
             self.model_ = model
-            self.history_ = new_history()
+            self.history_ = new_history(model)
             self.n_iter_ = 0
         self.best_epoch_ = None
         self.model_.n_threads = params["n_threads"] or min(_available_cores(), MAX_THREADS)

@@ -474,8 +474,13 @@ def _check_model_arguments(arguments, n_params):
         value = arguments.get(key)
         _require(isinstance(value, tuple) and all(_is_int(d) and d >= 1 for d in value),
                  f"model {key} must be a tuple of positive ints; got {value!r:.100}")
+    value = arguments.get("discriminator_hidden")
+    _require(value is None or (isinstance(value, tuple)
+                               and all(_is_int(d) and d >= 1 for d in value)),
+             f"model discriminator_hidden must be None or a tuple of positive ints; "
+             f"got {value!r:.100}")
     for key in ("likelihood", "activation", "decoder_variance", "inference", "markov_kl",
-                "prior", "latent_family"):
+                "prior"):
         if key in arguments:
             _require(isinstance(arguments[key], str),
                      f"model {key} must be a string; got {arguments[key]!r:.100}")
@@ -623,8 +628,12 @@ def _check_attributes(attributes, model, spec):
              f"{model.n_features} features")
     n_iter = attributes["n_iter_"]
     _check_int(n_iter, "n_iter_", 0)
+    # A model with a discriminator also records its steps.
+    from ._native import DISCRIMINATOR_RECORD_KEYS
+    history_keys = spec.history_keys + (DISCRIMINATOR_RECORD_KEYS
+                                        if model.discriminator_hidden is not None else ())
     _check_history(attributes["history_"], n_iter, len(model.latent_dims),
-                   spec.history_keys, spec.validation_keys)
+                   history_keys, spec.validation_keys)
     best = attributes.get("best_epoch_")
     _require(best is None or (_is_int(best) and 0 <= best < n_iter),
              f"best_epoch_ must be None or an epoch index in [0, {n_iter}); got {best!r:.100}")
@@ -669,9 +678,12 @@ def _check_params(estimator, model, spec):
     for key, high in (("learning_rate", 1.0), ("beta", 1e3), ("weight_decay", 1e3),
                       ("free_bits", 1e3), ("temperature", 1e6), ("temperature_min", 1e6),
                       ("temperature_decay", 1e3), ("prior_learning_rate", 1.0),
-                      ("pretrain_beta", 1e3)):
+                      ("pretrain_beta", 1e3), ("discriminator_learning_rate", 1.0),
+                      ("tc_weight", 1e3)):
         if _is_real(params.get(key)):
             _check_real(params[key], key, high=high)
+    for weight in params.get("tcvae_weights") or ():
+        _check_real(weight, "each of tcvae_weights", high=1e3)
     random_state = params.get("random_state")
     _require(random_state is None or (_is_int(random_state) and 0 <= random_state < 2**32),
              f"random_state must be None or an int in [0, 2**32); got {random_state!r:.100}")

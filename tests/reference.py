@@ -447,6 +447,8 @@ def forward(params, cfg, x, noise, cond=None, sampled=False, temperature=None):
             "reconstruction": reconstruction,
             "kl": kl,
             "z": zs,
+            "mu": mus,
+            "logvar": logvars,
             "preactivations": pre}
 
 
@@ -477,6 +479,95 @@ def objective_loss(params, cfg, x, noise, n_samples=1, objective="elbo", beta=1.
 def loss(params, cfg, x, noise):
     """-mean ELBO, the training loss."""
     return -np.mean(forward(params, cfg, x, noise)["elbo"])
+
+
+# --------------------------------------------------------------------------
+# The discriminator T(z_T) and the objectives that use it (FactorVAE, the
+# density-ratio prior), and beta-TCVAE's decomposition of the top layer's KL.
+
+
+def discriminator_shapes(d, hidden):
+    """The (name, shape) list of a discriminator over d units with hidden
+    widths `hidden`: leaky-ReLU layers, then one linear output. It follows
+    the model's tensors in the parameter buffer."""
+    shapes, n_in = [], d
+    for j, width in enumerate(hidden, start=1):
+        shapes += [(f"discriminator.hidden{j}.W", (n_in, width)),
+                   (f"discriminator.hidden{j}.b", (width,))]
+        n_in = width
+    return shapes + [("discriminator.out.W", (n_in, 1)), ("discriminator.out.b", (1,))]
+
+
+def unflatten_all(flat, cfg, hidden):
+    """unflatten for a model followed by a discriminator of widths hidden."""
+    shapes = parameter_shapes(cfg) + discriminator_shapes(cfg.latent_dims[-1], hidden)
+    params, offset = {}, 0
+    for name, shape in shapes:
+        size = int(np.prod(shape))
+        params[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    if offset != flat.size:
+        raise ValueError(f"flat vector has {flat.size} entries, the model {offset}")
+    return params
+
+
+def discriminator(params, z, preactivations=None):
+    """T(z) (n,) for rows z (n, d): the logit of 'z came from q'."""
+    h, j = np.asarray(z, np.float64), 1
+    while f"discriminator.hidden{j}.W" in params:
+        pre = h @ params[f"discriminator.hidden{j}.W"] + params[f"discriminator.hidden{j}.b"]
+        if preactivations is not None:
+            preactivations.append(pre)
+        h = activation("leaky_relu", pre)
+        j += 1
+    return (h @ params["discriminator.out.W"] + params["discriminator.out.b"])[:, 0]
+
+
+def tcvae_terms(z, eps, mu, logvar, n_data):
+    """beta-TCVAE's (MI, TC, DW) per row of one minibatch (Chen et al. 2018,
+    minibatch-weighted sampling from a data set of n_data rows):
+    log q(z_i) ~ logsumexp_j log q(z_i|x_j) - log(N B), likewise per unit;
+    MI = log q(z|x) - log q(z), TC = log q(z) - sum_k log q_k(z_k),
+    DW = sum_k log q_k(z_k) - log N(z; 0, I)."""
+    B = z.shape[0]
+    # a[i, j, k] = log N(z_ik; mu_jk, exp(logvar_jk))
+    a = -0.5 * (LOG_2PI + logvar[None] + (z[:, None] - mu[None]) ** 2 * np.exp(-logvar[None]))
+    log_nb = np.log(n_data * B)
+
+    def lse(v, axis):
+        m = v.max(axis=axis)
+        return m + np.log(np.sum(np.exp(v - np.expand_dims(m, axis)), axis=axis))
+
+    log_qz = lse(a.sum(axis=2), 1) - log_nb
+    log_marginals = (lse(a, 1) - log_nb).sum(axis=1)
+    log_q_given = np.sum(-0.5 * (LOG_2PI + logvar + eps ** 2), axis=1)
+    log_p = np.sum(-0.5 * (LOG_2PI + z ** 2), axis=1)
+    return log_q_given - log_qz, log_qz - log_marginals, log_marginals - log_p
+
+
+def extended_loss(params, cfg, x, noise, beta=1.0, tc_weight=0.0, density_ratio=False,
+                  tcvae_weights=None, n_data=None):
+    """The training loss with the discriminator's and beta-TCVAE's terms:
+    -mean_r [reconstruction - beta sum_{i<T} kl_i - top_r] where top_r is
+    beta (KL_T - T(z_T) for the density-ratio prior, else KL_T), or with
+    tcvae_weights (a, b, g) a MI + b TC + g DW; plus tc_weight mean_r T(z_T)
+    (FactorVAE)."""
+    out = forward(params, cfg, x, noise)
+    z_top = out["z"][-1]
+    kl = out["kl"].copy()
+    if density_ratio:
+        kl[:, -1] -= discriminator(params, z_top)
+    rows = -out["reconstruction"] + beta * kl[:, :-1].sum(axis=1)
+    if tcvae_weights is not None:
+        mi, tc, dw = tcvae_terms(z_top, np.asarray(noise[-1], np.float64), out["mu"][-1],
+                                 out["logvar"][-1], n_data)
+        a, b, g = tcvae_weights
+        rows = rows + a * mi + b * tc + g * dw
+    else:
+        rows = rows + beta * kl[:, -1]
+    if tc_weight:
+        rows = rows + tc_weight * discriminator(params, z_top)
+    return float(np.mean(rows))
 
 
 def encode(params, cfg, x, cond=None):

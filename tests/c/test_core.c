@@ -1720,6 +1720,160 @@ static void test_vampprior(void)
     free(x);
 }
 
+/* The discriminator (FactorVAE, density-ratio prior) and beta-TCVAE through
+ * the public API: training with the discriminator's step as the aux step,
+ * its stats, the permutation's marginals, SIR sampling and the
+ * log-likelihood under the learned prior, beta-TCVAE's terms summing to the
+ * sampled KL. Finite results and no leaks (valgrind). */
+typedef struct {
+    hvae_optimizer *opt;
+    hvae_rng rng;
+    hvae_discriminator_stats stats;
+} disc_ctx;
+
+static int disc_aux(void *ctx, hvae_model *model, const hvae_workspace *ws, const float *x,
+                    const float *cond, int64_t B)
+{
+    (void)x;
+    (void)cond;
+    disc_ctx *c = ctx;
+    int32_t top = hvae_model_config(model)->n_layers - 1;
+    return hvae_discriminator_step(model, c->opt, &c->rng, hvae_workspace_samples(ws, top),
+                                   NULL, B, &c->stats) != HVAE_OK;
+}
+
+static void test_discriminator(void)
+{
+    current_test = "discriminator";
+    int64_t D = 12, n = 60, latent[] = {3}, hidden[] = {8}, order[60];
+    float *x = make_data(n, D, 5);
+    for (int kind = 0; kind < 2; kind++) {
+        hvae_config cfg = hvae_config_default(D, 1, latent, 1, hidden);
+        cfg.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
+        cfg.discriminator = 1;
+        cfg.discriminator_n_hidden = 2;
+        cfg.discriminator_hidden[0] = cfg.discriminator_hidden[1] = 6;
+        cfg.prior = kind ? HVAE_PRIOR_DENSITY_RATIO : HVAE_PRIOR_NORMAL;
+        hvae_model *m = NULL;
+        hvae_workspace *ws = NULL;
+        CHECK_STATUS(hvae_model_create(&cfg, &m), HVAE_OK);
+        hvae_model_init(m, 1);
+        CHECK_STATUS(hvae_workspace_create(m, 20, &ws), HVAE_OK);
+        int64_t P = hvae_model_n_params(m), Pd = hvae_discriminator_n_params(m);
+        CHECK(Pd == (3 * 6 + 6) + (6 * 6 + 6) + (6 + 1));
+        CHECK(hvae_discriminator_offset(m) == P - Pd);
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        hvae_optimizer *opt = NULL;
+        disc_ctx dc = {NULL, {{0}}, {0.0, 0.0, 0}};
+        hvae_rng rng;
+        hvae_rng_seed(&rng, 3);
+        hvae_rng_seed(&dc.rng, 4);
+        oc.beta1 = 0.5f;
+        oc.beta2 = 0.9f;
+        CHECK_STATUS(hvae_optimizer_create_for(Pd, &oc, &dc.opt), HVAE_OK);
+        hvae_optimizer_config model_oc = hvae_optimizer_config_default();
+        CHECK_STATUS(hvae_optimizer_create(m, &model_oc, &opt), HVAE_OK);
+        hvae_train_options to = hvae_train_options_default();
+        to.batch_size = 20;
+        to.objective.tc_weight = kind ? 0.0f : 2.0f;
+        to.aux_step = disc_aux;
+        to.aux_ctx = &dc;
+        hvae_epoch_stats stats;
+        float before = hvae_model_params(m)[P - 1];
+        for (int e = 0; e < 3; e++)
+            CHECK_STATUS(hvae_train_epoch(m, ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                         HVAE_OK);
+        CHECK(isfinite(stats.loss) && dc.stats.n_steps == 9);
+        CHECK(dc.stats.accuracy >= 0.0 && dc.stats.accuracy <= 9.0);
+        CHECK(hvae_model_params(m)[P - 1] != before); /* the discriminator learned */
+        CHECK(all_finite_f(hvae_model_params(m), P));
+        /* The density-ratio prior's FactorVAE penalty is refused. */
+        to.objective.tc_weight = 1.0f;
+        if (kind)
+            CHECK_STATUS(hvae_train_epoch(m, ws, opt, &rng, x, NULL, n, order, &to, &stats),
+                         HVAE_ERR_INVALID_ARGUMENT);
+        float z[3 * 7], t[7];
+        hvae_rng_normal(&rng, z, 21);
+        CHECK_STATUS(hvae_discriminator_log_ratio(m, z, 7, t), HVAE_OK);
+        CHECK(all_finite_f(t, 7));
+        float samples[5 * 12];
+        CHECK_STATUS(hvae_sample(m, ws, &rng, 5, NULL, 0, samples), HVAE_OK);
+        CHECK(all_finite_f(samples, 60));
+        double ll[4];
+        CHECK_STATUS(hvae_log_likelihood(m, ws, x, NULL, 4, 30, 0, ll, NULL, NULL), HVAE_OK);
+        CHECK(all_finite_d(ll, 4));
+        hvae_optimizer_free(opt);
+        hvae_optimizer_free(dc.opt);
+        hvae_workspace_free(ws);
+        hvae_model_free(m);
+    }
+    /* Without a discriminator: none of its calls, no penalty. */
+    fixture f;
+    CHECK_STATUS(make_model(&f, D, 1, latent, 1, hidden, HVAE_LIKELIHOOD_BERNOULLI,
+                            HVAE_ACT_TANH, 20, 2), HVAE_OK);
+    CHECK(hvae_discriminator_n_params(f.model) == 0);
+    float z1[3], t1[1];
+    CHECK_STATUS(hvae_discriminator_log_ratio(f.model, z1, 1, t1), HVAE_ERR_INVALID_ARGUMENT);
+    hvae_objective_options o = hvae_objective_options_default();
+    hvae_epoch_stats st;
+    o.tc_weight = 1.0f;
+    CHECK_STATUS(hvae_loss_and_grad(f.model, f.ws, x, NULL, 20, NULL, 0, &o, &st),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    /* beta-TCVAE: the three terms sum to the sampled KL, and it trains. */
+    double mi[20], tc[20], dw[20];
+    float eps[20 * 3];
+    hvae_rng r2;
+    hvae_rng_seed(&r2, 9);
+    hvae_rng_normal(&r2, eps, 60);
+    const float *noise[1] = {eps};
+    CHECK_STATUS(hvae_tcvae_terms(f.model, f.ws, x, NULL, 20, noise, 0, 100.0, mi, tc, dw),
+                 HVAE_OK);
+    float *mu[1], *lv[1], mub[60], lvb[60];
+    mu[0] = mub;
+    lv[0] = lvb;
+    CHECK_STATUS(hvae_encode(f.model, f.ws, x, NULL, 20, mu, lv), HVAE_OK);
+    double worst = 0.0;
+    for (int64_t r = 0; r < 20; r++) {
+        double kl = 0.0;
+        for (int64_t k = 0; k < 3; k++) {
+            double e = eps[r * 3 + k], z = mub[r * 3 + k] + exp(0.5 * lvb[r * 3 + k]) * e;
+            kl += 0.5 * (z * z - lvb[r * 3 + k] - e * e);
+        }
+        double diff = fabs(mi[r] + tc[r] + dw[r] - kl);
+        worst = diff > worst ? diff : worst;
+    }
+    CHECK(worst < 1e-3);
+    CHECK_STATUS(hvae_tcvae_terms(f.model, f.ws, x, NULL, 21, noise, 0, 100.0, mi, tc, dw),
+                 HVAE_ERR_BATCH_TOO_LARGE);
+    o.tc_weight = 0.0f;
+    o.tcvae = 1;
+    o.tcvae_weights[1] = 6.0f;
+    CHECK_STATUS(hvae_loss_and_grad(f.model, f.ws, x, NULL, n, NULL, 0, &o, &st), HVAE_OK);
+    CHECK(isfinite(st.loss) && all_finite_f(hvae_model_grads(f.model), hvae_model_n_params(f.model)));
+    o.free_bits = 0.5f; /* not with beta-TCVAE */
+    CHECK_STATUS(hvae_loss_and_grad(f.model, f.ws, x, NULL, n, NULL, 0, &o, &st),
+                 HVAE_ERR_INVALID_ARGUMENT);
+    free_model(&f);
+    /* The permutation keeps each column's values. */
+    float zin[50 * 2], zout[50 * 2];
+    int64_t perm[50];
+    for (int i = 0; i < 100; i++)
+        zin[i] = (float)i;
+    hvae_permute_dims(zout, zin, 50, 2, &r2, perm);
+    int kept = 1;
+    for (int j = 0; j < 2; j++) {
+        double sum_in = 0.0, sum_out = 0.0;
+        for (int i = 0; i < 50; i++) {
+            sum_in += zin[i * 2 + j];
+            sum_out += zout[i * 2 + j];
+            kept &= ((int)zout[i * 2 + j] % 2) == j; /* stays in its column */
+        }
+        kept &= sum_in == sum_out;
+    }
+    CHECK(kept);
+    free(x);
+}
+
 int main(void)
 {
     test_status_strings();
@@ -1735,6 +1889,7 @@ int main(void)
     test_rollback();
     test_mlp();
     test_aux_step();
+    test_discriminator();
     test_data_parallel();
     test_optimizer_formulas();
     test_rng();
