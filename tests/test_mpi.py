@@ -5,13 +5,15 @@ rank's result with the same fit in this single process. Skipped where
 mpirun or mpi4py is missing (CI installs Open MPI and mpi4py).
 """
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mpi_probe import mpi_missing  # noqa: E402
 
 from hvae import HierarchicalVAE
 from hvae.datasets import load_digits
@@ -22,17 +24,7 @@ SETTINGS = dict(latent_dims=(8, 4), hidden_dims=(32,), likelihood="bernoulli", n
                 batch_size=100, random_state=0, n_threads=1, free_bits=0.05)
 
 
-def _mpi_available():
-    if shutil.which("mpirun") is None:
-        return "mpirun not found (apt-get install openmpi-bin)"
-    probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"mpi4py cannot load an MPI library: {probe.stderr.strip()[-200:]}"
-    return None
-
-
-_SKIP = _mpi_available()
+_SKIP = mpi_missing()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 

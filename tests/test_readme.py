@@ -21,13 +21,15 @@ Shell blocks are not run: ``python -m hvae`` has its own test
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mpi_probe import mpi_missing  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _DIRECTIVE = re.compile(r"<!--\s*readme-test:\s*(.*?)\s*-->")
@@ -71,14 +73,6 @@ def block_id(block):
     return f"line{block[0]}"
 
 
-def _mpi_missing():
-    if shutil.which("mpirun") is None:
-        return "mpirun not found (apt-get install openmpi-bin)"
-    probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"mpi4py cannot load an MPI library: {probe.stderr.strip()[-200:]}"
-    return None
 
 
 @pytest.fixture
@@ -120,7 +114,7 @@ def test_readme_block_runs(block, workdir):
     if "skip" in directives:
         pytest.skip(f"README.md line {line}: {directives['skip']}")
     if "mpirun" in directives:
-        missing = _mpi_missing()
+        missing = mpi_missing()
         if missing:
             pytest.skip(f"README.md line {line} needs MPI: {missing}")
         (workdir / "train.py").write_text(code)
