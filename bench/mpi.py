@@ -24,7 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's hvae before any installed one (as bench/run.py does): an
+# installed hvae from another tree fails to import against this extension.
+for _path in (str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import data  # noqa: E402
 

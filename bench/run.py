@@ -10,21 +10,27 @@ Prints a table and writes every number to JSON (default
 bench/results/latest.json). What is measured, and how:
 
 training
-    For each workload, an ``hvae.Model`` and a ``TorchHVAE`` with the same
-    initial parameters (hvae's, copied by name), trained in this one process
-    with Adam (lr 1e-3, PyTorch's other defaults, which hvae shares), float32,
-    the workload's batch size and the same thread count (``model.n_threads``
-    for hvae's OpenBLAS, ``torch.set_num_threads`` for the peer). Epochs
-    alternate: a warm-up epoch of each, then hvae, peer, hvae, peer, ...
-    Each hvae epoch is one ``Model.fit(X, n_epochs=1, ...)`` call (its
-    optimizer state persists across calls), each peer epoch one
-    ``peer_torch.train_epoch`` call, timed with ``time.perf_counter`` around
-    the call. samples/s = training rows / median epoch seconds; ratio =
-    hvae samples/s / peer samples/s (> 1: hvae faster). Test ELBO after the
-    same epochs: hvae ``Model.elbo(X_test).mean()``, the peer
-    ``score_samples(X_test).mean()`` (no_grad); both are single-sample
-    estimates with their own noise. W1 (digits) has no test split: its
-    "test" ELBO is on the training data.
+    For each workload, an ``hvae.Model`` and two ``TorchHVAE`` peers with
+    the same initial parameters (hvae's, copied by name), trained in this
+    one process with Adam (lr 1e-3, PyTorch's other defaults, which hvae
+    shares), float32, the workload's batch size and the same thread count
+    (``model.n_threads`` for hvae, ``torch.set_num_threads`` for the peer).
+    The peer is PyTorch at its fastest honest form (``peer_torch.Trainer``:
+    fused heads, fused Adam, buffers filled in place), once eager and once
+    with its loss through ``torch.compile`` (default mode; compiled for
+    both batch shapes before any epoch, in an empty on-disk compile cache,
+    and the seconds reported apart). Epochs alternate: a warm-up epoch of
+    each, then hvae, eager, compiled, hvae, eager, compiled, ... Each hvae
+    epoch is one ``Model.fit(X, n_epochs=1, ...)`` call (its optimizer state
+    persists across calls), each peer epoch one ``Trainer.epoch`` call,
+    timed with ``time.perf_counter`` around the call. samples/s = training
+    rows / median epoch seconds; "the peer" is the faster of eager and
+    compiled on that workload, and ratio = hvae samples/s / the peer's
+    samples/s (> 1: hvae faster). Test ELBO after the same epochs: hvae
+    ``Model.elbo(X_test).mean()``, the peer ``score_samples(X_test).mean()``;
+    both are single-sample estimates with their own noise. W1 (digits) has
+    no test split: its "test" ELBO is on the training data. ``--no-compile``
+    trains the eager peer only.
 GEMM limit
     The FLOPs of a training step's matrix products (forward 2*B*in*out per
     dense layer, heads included; backward 2*B*in*out for every dW and for
@@ -40,17 +46,21 @@ GEMM limit
     gathering, thread wake-ups). The peer's rate uses the same FLOP count.
 inference
     Rows/s of hvae's ``Model.encode`` and ``Model.elbo`` against the peer's
-    ``transform`` and ``score_samples`` (both under no_grad, the peer's
-    default 1024-row chunks) on W2's 10000 test rows; medians of 3
-    interleaved repeats after a warm-up on 1000 rows. Each rate is also
+    ``transform`` and ``score_samples`` (under inference_mode, the peer's
+    default 1024-row chunks), eager and through
+    ``peer_torch.compile_inference`` (compiled before timing), on W2's
+    10000 test rows; medians of 3 interleaved repeats after a warm-up on
+    1000 rows; the faster peer variant per call is the peer. Each rate is also
     given in GFLOP/s (the matrix-product FLOPs of a row: the encoder's
     dense layers for transform, every dense layer for score) and as a
     percentage of the machine's peak, with what 3x the peer would need.
 machine peak
-    The single-precision GEMM rate of this machine: a large square
-    ``scipy_cblas_sgemm`` (n = 4096; 2048 with --quick) through hvae's
-    OpenBLAS on 1 and on K threads, best of 5; the ceiling for any float32
-    matrix-product code here, hvae's or the peer's.
+    The single-precision GEMM rate of this machine: a large square product
+    (n = 4096; 2048 with --quick) through hvae's OpenBLAS
+    (``scipy_cblas_sgemm``) and through the peer's BLAS (``torch.mm``, MKL)
+    on 1 and on K threads, best of 5 each; the faster of the two is the
+    peak, the ceiling for any float32 matrix-product code here, hvae's or
+    the peer's.
 memory
     A fresh subprocess per library loads W2's training X from a .npy file
     (no transient copy), then fits one epoch. Reported: X bytes, RSS after
@@ -121,6 +131,10 @@ QUICK_JSON = BENCH_DIR / "results" / "quick.json"  # keeps smoke runs off the re
 LEARNING_RATE = 1e-3
 SEED = 0
 SCALING_LATENT_DIMS = ((32,), (32, 16), (32, 16, 8), (32, 16, 8, 4))
+# The peer's forms: eager PyTorch, and its loss through torch.compile (see
+# peer_torch.Trainer); the faster one per workload is "the peer".
+PEER_VARIANTS = ("eager", "compiled")
+PEER_COMPILE_MODE = None  # torch.compile's default mode
 
 # Sizes of the --quick smoke run: tiny subsets, one timed epoch.
 QUICK = dict(n_train=256, n_test=128, scaling_rows=(256, 512), thread_rows=256,
@@ -539,9 +553,35 @@ def machine_peak(n_threads, n=4096, repeats=5):
     finally:
         lib.scipy_openblas_set_num_threads(previous)
     flops = 2.0 * n ** 3
-    return {"n": n, "library": path, "seconds": seconds,
-            "gflops": {k: flops / t / 1e9 for k, t in seconds.items()},
-            "foreign_cpu": meter.foreign_share()}
+    result = {"n": n, "library": path, "seconds": seconds,
+              "gflops": {k: flops / t / 1e9 for k, t in seconds.items()}}
+    # The peer's BLAS (MKL in PyTorch's CPU wheels) may run the same product
+    # faster than OpenBLAS: the machine's peak is the faster of the two.
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        A_t, B_t, C_t = torch.from_numpy(A), torch.from_numpy(B), torch.from_numpy(C)
+        torch_seconds = {}
+        previous = torch.get_num_threads()
+        try:
+            for k in sorted({1, n_threads}):
+                torch.set_num_threads(k)
+                times = []
+                for _ in range(repeats + 1):
+                    start = time.perf_counter()
+                    torch.mm(A_t, B_t, out=C_t)
+                    times.append(time.perf_counter() - start)
+                torch_seconds[k] = min(times[1:])
+        finally:
+            torch.set_num_threads(previous)
+        result["torch_seconds"] = torch_seconds
+        result["torch_gflops"] = {k: flops / t / 1e9 for k, t in torch_seconds.items()}
+    result["peak_gflops"] = {k: max(g, result.get("torch_gflops", {}).get(k, 0.0))
+                             for k, g in result["gflops"].items()}
+    result["foreign_cpu"] = meter.foreign_share()
+    return result
 
 
 def inference_flops(model):
@@ -578,21 +618,35 @@ def hvae_epoch(model, X, batch_size):
     return time.perf_counter() - start, float(records[-1]["elbo"])
 
 
-def peer_epoch(twin, optimizer, X_tensor, batch_size, generator):
+def make_peer_trainer(twin, batch_size, compiled=False, seed=SEED):
+    """The peer's fastest training setup: fused Adam, buffers allocated once,
+    the loss torch.compile'd when ``compiled`` (see peer_torch.Trainer)."""
+    import torch
+
     import peer_torch as peer
 
+    return peer.Trainer(twin, peer.make_optimizer(twin, LEARNING_RATE), batch_size,
+                        torch.Generator().manual_seed(seed), compile=compiled,
+                        compile_mode=PEER_COMPILE_MODE)
+
+
+def peer_epoch(trainer, X_tensor):
     start = time.perf_counter()
-    elbo = peer.train_epoch(twin, optimizer, X_tensor, batch_size, generator)
+    elbo = trainer.epoch(X_tensor)
     return time.perf_counter() - start, float(elbo)
 
 
 def compare_training(workload, n_epochs, n_warmup, n_threads, n_train=None, n_test=None,
-                     noise=ACCEPT_ALL):
+                     noise=ACCEPT_ALL, peer_variants=PEER_VARIANTS):
     """Interleaved hvae and peer epochs on one workload; see the module docs.
 
-    An epoch pair (hvae then peer) that other processes disturbed is repeated
-    as ``noise`` says; both models always train for the same number of
-    epochs, so their test ELBOs stay comparable.
+    Each peer variant (eager, compiled) trains its own copy of the same
+    initial parameters with its own generator seeded alike, so all of them
+    see the same row orders and noise draws. A round of epochs (hvae, then
+    each variant) that other processes disturbed is repeated as ``noise``
+    says; every learner always trains for the same number of epochs, so
+    their test ELBOs stay comparable. "The peer" is the faster variant (by
+    median epoch time); its figures fill the ``peer_*`` fields.
     """
     import torch
 
@@ -604,28 +658,54 @@ def compare_training(workload, n_epochs, n_warmup, n_threads, n_train=None, n_te
     model, twin = make_pair(workload, X.shape[1])
     model.n_threads = n_threads
     X_tensor = torch.from_numpy(X)
-    generator = torch.Generator().manual_seed(SEED)
+    twins = {}
+    for variant in peer_variants:
+        if twins:  # a further copy of the same initial parameters
+            twin = peer.TorchHVAE(X.shape[1], workload["latent_dims"], workload["hidden_dims"],
+                                  likelihood=workload["likelihood"], activation="relu")
+            twin.load_named_parameters(model.named_parameters())
+        twins[variant] = twin
     with peer.torch_threads(n_threads):
-        optimizer = torch.optim.Adam(twin.parameters(), lr=LEARNING_RATE)
+        trainers = {variant: make_peer_trainer(twin, B, compiled=(variant == "compiled"))
+                    for variant, twin in twins.items()}
+        compile_meter = LoadMeter()
+        compile_seconds = {variant: trainer.warm_up(X_tensor)
+                           for variant, trainer in trainers.items() if trainer.compiled}
+        compile_foreign = compile_meter.foreign_share()
         for _ in range(n_warmup):
             hvae_epoch(model, X, B)
-            peer_epoch(twin, optimizer, X_tensor, B, generator)
+            for trainer in trainers.values():
+                peer_epoch(trainer, X_tensor)
 
-        def epoch_pair():
+        def epoch_round():
             return (hvae_epoch(model, X, B),
-                    peer_epoch(twin, optimizer, X_tensor, B, generator))
+                    {variant: peer_epoch(trainer, X_tensor)
+                     for variant, trainer in trainers.items()})
 
-        pairs, summary = noise.measure(epoch_pair, n_epochs)
-        hvae_seconds = [h[0] for h, _ in pairs]
-        hvae_train = [h[1] for h, _ in pairs]
-        peer_seconds = [p[0] for _, p in pairs]
-        peer_train = [p[1] for _, p in pairs]
+        rounds, summary = noise.measure(epoch_round, n_epochs)
+        hvae_seconds = [h[0] for h, _ in rounds]
+        hvae_train = [h[1] for h, _ in rounds]
         hvae_scores = model.elbo(X_test)
-        peer_scores = peer.score_samples(twin, X_test)
+        variants = {}
+        for variant, twin in twins.items():
+            seconds = [p[variant][0] for _, p in rounds]
+            scores = peer.score_samples(twin, X_test)
+            variants[variant] = {
+                "epoch_seconds": seconds,
+                "samples_per_s": X.shape[0] / median(seconds),
+                "train_elbo": [p[variant][1] for _, p in rounds],
+                "test_elbo": float(scores.mean()),
+                "test_elbo_sem": float(scores.std() / math.sqrt(len(scores))),
+                "compile_seconds": compile_seconds.get(variant),
+            }
+    best = max(variants, key=lambda v: variants[v]["samples_per_s"])
     n = X.shape[0]
     hvae_rate = n / median(hvae_seconds)
-    peer_rate = n / median(peer_seconds)
+    peer_rate = variants[best]["samples_per_s"]
     flops_per_row = step_flops(model, 1)
+    for v in variants.values():
+        v["gflops"] = flops_per_row * v["samples_per_s"] / 1e9
+        v["hvae_ratio"] = hvae_rate / v["samples_per_s"]
     return {
         "name": workload["name"],
         "n_train": n,
@@ -641,63 +721,92 @@ def compare_training(workload, n_epochs, n_warmup, n_threads, n_train=None, n_te
         "n_timed_epochs": n_epochs,
         "n_epochs_trained": n_warmup + summary["n_measured"],
         "hvae_epoch_seconds": hvae_seconds,
-        "peer_epoch_seconds": peer_seconds,
         "hvae_samples_per_s": hvae_rate,
+        "hvae_train_elbo": hvae_train,
+        "hvae_test_elbo": float(hvae_scores.mean()),
+        "hvae_test_elbo_sem": float(hvae_scores.std() / math.sqrt(len(hvae_scores))),
+        # "The peer": the faster of the variants.
+        "peer_variant": best,
+        "peer_epoch_seconds": variants[best]["epoch_seconds"],
         "peer_samples_per_s": peer_rate,
         "ratio": hvae_rate / peer_rate,
-        "hvae_train_elbo": hvae_train,
-        "peer_train_elbo": peer_train,
-        "hvae_test_elbo": float(hvae_scores.mean()),
-        "peer_test_elbo": float(peer_scores.mean()),
-        "hvae_test_elbo_sem": float(hvae_scores.std() / math.sqrt(len(hvae_scores))),
-        "peer_test_elbo_sem": float(peer_scores.std() / math.sqrt(len(peer_scores))),
+        "peer_train_elbo": variants[best]["train_elbo"],
+        "peer_test_elbo": variants[best]["test_elbo"],
+        "peer_test_elbo_sem": variants[best]["test_elbo_sem"],
+        "peer_variants": variants,
+        "peer_compile_mode": PEER_COMPILE_MODE,
+        "peer_compile_foreign_cpu": compile_foreign,
         "flops_per_row": flops_per_row,
         "hvae_gflops": flops_per_row * hvae_rate / 1e9,
         "peer_gflops": flops_per_row * peer_rate / 1e9,
         "foreign_cpu": summary["foreign_cpu_used"],
         "noise": summary,
-        "models": (model, twin),  # dropped before writing JSON
+        "models": (model, twins[best]),  # dropped before writing JSON
     }
 
 
 # -- inference throughput ----------------------------------------------------
 
 
-def compare_inference(model, twin, X_test, n_threads, repeats, noise=ACCEPT_ALL):
-    """Rows/s of encode/transform and elbo/score_samples, interleaved."""
+def compare_inference(model, twin, X_test, n_threads, repeats, noise=ACCEPT_ALL,
+                      peer_variants=PEER_VARIANTS):
+    """Rows/s of encode/transform and elbo/score_samples, interleaved.
+
+    The peer runs eager and, with "compiled" among ``peer_variants``, through
+    ``peer_torch.compile_inference`` (compiled for both chunk shapes before
+    any timing; the seconds are recorded); the faster variant per task is
+    the peer.
+    """
     import peer_torch as peer
 
     X_test = np.ascontiguousarray(X_test, dtype=np.float32)
     model.n_threads = n_threads
-    tasks = {
-        "transform": (lambda: model.encode(X_test), lambda: peer.transform(twin, X_test)),
-        "score": (lambda: model.elbo(X_test), lambda: peer.score_samples(twin, X_test)),
-    }
     result = {"n_rows": X_test.shape[0], "n_threads": n_threads, "repeats": repeats}
     with peer.torch_threads(n_threads):
+        functions = {"eager": {"encode": None, "elbo": None}}
+        if "compiled" in peer_variants:
+            start = time.perf_counter()
+            functions["compiled"] = peer.compile_inference(twin, PEER_COMPILE_MODE)
+            peer.transform(twin, X_test, encode=functions["compiled"]["encode"])
+            peer.score_samples(twin, X_test, elbo=functions["compiled"]["elbo"])
+            result["peer_compile_seconds"] = time.perf_counter() - start
+        tasks = {
+            "transform": (lambda: model.encode(X_test), {
+                v: (lambda f=f: peer.transform(twin, X_test, encode=f["encode"]))
+                for v, f in functions.items()}),
+            "score": (lambda: model.elbo(X_test), {
+                v: (lambda f=f: peer.score_samples(twin, X_test, elbo=f["elbo"]))
+                for v, f in functions.items()}),
+        }
         warm_up = X_test[:1000]
         model.encode(warm_up), model.elbo(warm_up)
         peer.transform(twin, warm_up), peer.score_samples(twin, warm_up)
-        for name, (hvae_call, peer_call) in tasks.items():
+        for name, (hvae_call, peer_calls) in tasks.items():
 
-            def timed_pair():
+            def timed_round():
                 start = time.perf_counter()
                 hvae_call()
-                middle = time.perf_counter()
-                peer_call()
-                return middle - start, time.perf_counter() - middle
+                times = {"hvae": time.perf_counter() - start}
+                for variant, call in peer_calls.items():
+                    start = time.perf_counter()
+                    call()
+                    times[variant] = time.perf_counter() - start
+                return times
 
-            pairs, summary = noise.measure(timed_pair, repeats)
-            hvae_times = [h for h, _ in pairs]
-            peer_times = [p for _, p in pairs]
-            hvae_rate = X_test.shape[0] / median(hvae_times)
-            peer_rate = X_test.shape[0] / median(peer_times)
+            rounds, summary = noise.measure(timed_round, repeats)
             flops = inference_flops(model)[name]
-            result[name] = {"hvae_rows_per_s": hvae_rate, "peer_rows_per_s": peer_rate,
-                            "ratio": hvae_rate / peer_rate, "noise": summary,
+            rates = {key: X_test.shape[0] / median([r[key] for r in rounds])
+                     for key in rounds[0]}
+            best = max(peer_calls, key=lambda v: rates[v])
+            result[name] = {"hvae_rows_per_s": rates["hvae"], "peer_rows_per_s": rates[best],
+                            "peer_variant": best,
+                            "peer_variants": {v: {"rows_per_s": rates[v],
+                                                  "gflops": rates[v] * flops / 1e9}
+                                              for v in peer_calls},
+                            "ratio": rates["hvae"] / rates[best], "noise": summary,
                             "flops_per_row": flops,
-                            "hvae_gflops": hvae_rate * flops / 1e9,
-                            "peer_gflops": peer_rate * flops / 1e9}
+                            "hvae_gflops": rates["hvae"] * flops / 1e9,
+                            "peer_gflops": rates[best] * flops / 1e9}
     result["foreign_cpu"] = max((result[name]["noise"]["foreign_cpu_used"] or 0.0)
                                 for name in tasks)
     return result
@@ -761,8 +870,7 @@ def memory_child(config):
         torch.set_num_threads(k)
         torch.manual_seed(SEED)
         twin = peer.TorchHVAE(X.shape[1], config["latent_dims"], config["hidden_dims"])
-        optimizer = torch.optim.Adam(twin.parameters(), lr=LEARNING_RATE)
-        peer.train_epoch(twin, optimizer, torch.from_numpy(X), B,
+        peer.train_epoch(twin, peer.make_optimizer(twin, LEARNING_RATE), torch.from_numpy(X), B,
                          torch.Generator().manual_seed(SEED))
     result["fit_seconds"] = time.perf_counter() - start
     # The peak is VmHWM, the high-water mark of this interpreter's own address
@@ -865,8 +973,7 @@ def thread_speedup(workload, n_rows, n_epochs, n_warmup, thread_counts=(1, 2),
     B = workload["batch_size"]
     model, twin = make_pair(workload, X.shape[1])
     X_tensor = torch.from_numpy(X)
-    generator = torch.Generator().manual_seed(SEED)
-    optimizer = torch.optim.Adam(twin.parameters(), lr=LEARNING_RATE)
+    trainer = make_peer_trainer(twin, B)  # eager: its speedup with threads
 
     def one_round():
         times = {}
@@ -874,7 +981,7 @@ def thread_speedup(workload, n_rows, n_epochs, n_warmup, thread_counts=(1, 2),
             model.n_threads = k
             times[("hvae", k)] = hvae_epoch(model, X, B)[0]
             with peer.torch_threads(k):
-                times[("peer", k)] = peer_epoch(twin, optimizer, X_tensor, B, generator)[0]
+                times[("peer", k)] = peer_epoch(trainer, X_tensor)[0]
         return times
 
     for _ in range(n_warmup):
@@ -955,18 +1062,28 @@ def format_report(results):
                  f"{settings['n_warmup']} warm-up + {settings['n_epochs']} timed epochs "
                  f"(medians){', QUICK' if settings['quick'] else ''}")
     lines.append("")
-    header = (f"{'workload':<9}{'hvae samples/s':>16}{'peer samples/s':>16}{'ratio':>7}"
-              f"{'% GEMM limit':>14}{'hvae test ELBO':>16}{'peer test ELBO':>16}{'other CPU':>11}")
+    header = (f"{'workload':<9}{'hvae samples/s':>16}{'peer eager':>12}{'peer compiled':>15}"
+              f"{'ratio':>8}{' vs':<10}{'% GEMM limit':>14}{'hvae test ELBO':>16}"
+              f"{'peer test ELBO':>16}{'other CPU':>11}")
     lines.append(header)
     lines.append("-" * len(header))
     for w in results["workloads"]:
         gemm = w["gemm_limit"]
         note = " (train)" if w["test_is_train"] else ""
         foreign = "" if w["foreign_cpu"] is None else f"{100 * w['foreign_cpu']:.0f}%"
+        rates = {v: _fmt_rate(r["samples_per_s"]) for v, r in w["peer_variants"].items()}
         lines.append(f"{w['name'] + note:<9}{_fmt_rate(w['hvae_samples_per_s']):>16}"
-                     f"{_fmt_rate(w['peer_samples_per_s']):>16}{w['ratio']:>7.2f}"
+                     f"{rates.get('eager', '-'):>12}{rates.get('compiled', '-'):>15}"
+                     f"{w['ratio']:>8.2f}{' ' + w['peer_variant']:<10}"
                      f"{gemm['hvae_percent_of_limit']:>13.0f}%{w['hvae_test_elbo']:>16.2f}"
                      f"{w['peer_test_elbo']:>16.2f}{foreign:>11}")
+    compiled = [w for w in results["workloads"] if "compiled" in w["peer_variants"]]
+    if compiled:
+        lines.append("peer compile seconds (torch.compile mode "
+                     f"{compiled[0]['peer_compile_mode'] or 'default'}, excluded from "
+                     "samples/s): " + ", ".join(
+                         f"{w['name']} {w['peer_variants']['compiled']['compile_seconds']:.1f}"
+                         for w in compiled))
     if any(w["test_is_train"] for w in results["workloads"]):
         lines.append("(train): W1 has no test split; its ELBO is on the training data.")
     lines.append("")
@@ -980,8 +1097,9 @@ def format_report(results):
                      f"({1e3 * gemm['gemm_step_seconds']:.2f} ms/step); "
                      f"hvae {w['hvae_gflops']:.1f} GFLOP/s "
                      f"({1e3 * gemm['hvae_step_seconds']:.2f} ms/step, "
-                     f"{gemm['hvae_percent_of_limit']:.0f}%); peer {w['peer_gflops']:.1f} "
-                     f"GFLOP/s ({gemm['peer_percent_of_limit']:.0f}%)")
+                     f"{gemm['hvae_percent_of_limit']:.0f}%); peer "
+                     + ", ".join(f"{v} {r['gflops']:.1f} GFLOP/s ({r['percent_of_limit']:.0f}%)"
+                                 for v, r in w["peer_variants"].items()))
     inference = results.get("inference")
     if inference:
         lines.append("")
@@ -990,7 +1108,10 @@ def format_report(results):
         for name, label in (("transform", "transform (encode)"), ("score", "score (elbo)")):
             r = inference[name]
             line = (f"  {label:<20} hvae {_fmt_rate(r['hvae_rows_per_s']):>10}   "
-                    f"peer {_fmt_rate(r['peer_rows_per_s']):>10}   ratio {r['ratio']:.2f}")
+                    f"peer {_fmt_rate(r['peer_rows_per_s']):>10} ({r['peer_variant']}; "
+                    + ", ".join(f"{v} {_fmt_rate(x['rows_per_s'])}"
+                                for v, x in r["peer_variants"].items())
+                    + f")   ratio {r['ratio']:.2f}")
             if "hvae_percent_of_peak" in r:
                 line += (f"   ({r['flops_per_row'] / 1e6:.2f} MFLOP/row: hvae "
                          f"{r['hvae_gflops']:.0f} GFLOP/s = {r['hvae_percent_of_peak']:.0f}%, "
@@ -998,11 +1119,18 @@ def format_report(results):
                          f"{r['peer_percent_of_peak']:.0f}% of peak; 3x the peer would need "
                          f"{r['three_times_peer_percent_of_peak']:.0f}%)")
             lines.append(line)
+    if inference and inference.get("peer_compile_seconds") is not None:
+        lines.append(f"  peer torch.compile of encode and elbo (both chunk shapes): "
+                     f"{inference['peer_compile_seconds']:.1f} s, excluded")
     peak = results.get("machine_peak")
     if peak:
-        lines.append("  machine peak (square sgemm n = {}, OpenBLAS): ".format(peak["n"])
+        lines.append("  machine peak (square sgemm n = {}, the faster of OpenBLAS and torch.mm): "
+                     .format(peak["n"])
                      + ", ".join(f"{k} thread{'s' if int(k) > 1 else ''} "
-                                 f"{g:.0f} GFLOP/s" for k, g in peak["gflops"].items()))
+                                 f"{g:.0f} GFLOP/s" for k, g in peak["peak_gflops"].items())
+                     + " (OpenBLAS " + ", ".join(f"{g:.0f}" for g in peak["gflops"].values())
+                     + "; torch.mm " + ", ".join(f"{g:.0f}" for g in
+                                                 peak.get("torch_gflops", {}).values()) + ")")
     memory = results.get("memory")
     if memory:
         lines.append("")
@@ -1075,8 +1203,14 @@ def format_report(results):
 
 def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_threads=2,
         json_path=DEFAULT_JSON, verbose=True, wait_quiet=0, retry_noisy=0,
-        noise_threshold=0.15):
+        noise_threshold=0.15, peer_variants=PEER_VARIANTS):
     """Run the suite; return the results dict (also written to json_path)."""
+    # Compile times as a user's first run sees them: an empty on-disk cache
+    # for torch.compile (unless the caller chose a cache directory).
+    compile_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if compile_cache is None and "compiled" in peer_variants:
+        compile_cache = tempfile.mkdtemp(prefix="hvae-bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache
     import torch
 
     sizes = QUICK if quick else FULL
@@ -1096,7 +1230,10 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
                      "n_warmup": n_warmup, "learning_rate": LEARNING_RATE, "dtype": "float32",
                      "optimizer": "adam", "seed": SEED, "workloads": names,
                      "wait_quiet": wait_quiet, "retry_noisy": retry_noisy,
-                     "noise_threshold": noise.threshold},
+                     "noise_threshold": noise.threshold,
+                     "peer_variants": list(peer_variants),
+                     "peer_compile_mode": PEER_COMPILE_MODE,
+                     "peer_compile_cache": compile_cache},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code": code_state(),
         "loadavg_start": os.getloadavg(),
@@ -1110,7 +1247,8 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
             say(f"other CPU use before {workload['name']}: {wait_for_quiet(wait_quiet)}")
         say(f"training {workload['name']} ...")
         w = compare_training(workload, n_epochs, n_warmup, n_threads,
-                             n_train=sizes["n_train"], n_test=sizes["n_test"], noise=noise)
+                             n_train=sizes["n_train"], n_test=sizes["n_test"], noise=noise,
+                             peer_variants=peer_variants)
         model = w["models"][0]
         gemms, gemm_noise = noise.measure(
             lambda: gemm_limit(model, w["batch_size"], n_threads, n_steps=sizes["gemm_steps"],
@@ -1121,11 +1259,14 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
         gemm["peer_gflops"] = w["peer_gflops"]
         gemm["hvae_percent_of_limit"] = 100 * w["hvae_gflops"] / gemm["gemm_gflops"]
         gemm["peer_percent_of_limit"] = 100 * w["peer_gflops"] / gemm["gemm_gflops"]
+        for v in w["peer_variants"].values():
+            v["percent_of_limit"] = 100 * v["gflops"] / gemm["gemm_gflops"]
         gemm["hvae_step_seconds"] = gemm["step_flops"] / (w["hvae_gflops"] * 1e9)
         w["gemm_limit"] = gemm
         by_name[workload["name"]] = (workload, w)
         results["workloads"].append(w)
-        say(f"  hvae {w['hvae_samples_per_s']:,.0f}/s, peer {w['peer_samples_per_s']:,.0f}/s, "
+        say(f"  hvae {w['hvae_samples_per_s']:,.0f}/s, peer ({w['peer_variant']}) "
+            f"{w['peer_samples_per_s']:,.0f}/s, "
             f"ratio {w['ratio']:.2f}, {gemm['hvae_percent_of_limit']:.0f}% of GEMM limit")
 
     if any(name != "W1" for name in names):
@@ -1139,17 +1280,19 @@ def run(quick=False, workload_names=None, n_epochs=None, n_warmup=None, n_thread
         say("inference ...")
         results["inference"] = compare_inference(
             model, twin, _subset(w2["X_test"], sizes["n_test"]), n_threads,
-            sizes["inference_repeats"], noise=noise)
+            sizes["inference_repeats"], noise=noise, peer_variants=peer_variants)
         results["inference"]["workload"] = "W2"
         say("machine peak ...")
         peak = machine_peak(n_threads, n=2048 if quick else 4096)
         results["machine_peak"] = peak
-        peak_gflops = peak["gflops"][n_threads]
+        peak_gflops = peak["peak_gflops"][n_threads]
         for name in ("transform", "score"):
             r = results["inference"][name]
             r["machine_peak_gflops"] = peak_gflops
             r["hvae_percent_of_peak"] = 100 * r["hvae_gflops"] / peak_gflops
             r["peer_percent_of_peak"] = 100 * r["peer_gflops"] / peak_gflops
+            for v in r["peer_variants"].values():
+                v["percent_of_peak"] = 100 * v["gflops"] / peak_gflops
             # What 3x the peer's rows/s would take, at the same FLOPs per row.
             r["three_times_peer_percent_of_peak"] = 300 * r["peer_gflops"] / peak_gflops
         say("memory ...")
@@ -1204,6 +1347,8 @@ def main(argv=None):
     parser.add_argument("--retry-noisy", type=int, default=0, metavar="N",
                         help="up to N extra measurements per cell to replace ones during "
                              "which other processes used >= 15%% of the CPUs (default 0)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="train only the eager peer (no torch.compile variant)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -1212,7 +1357,8 @@ def main(argv=None):
     json_path = args.json or (QUICK_JSON if args.quick else DEFAULT_JSON)
     results = run(quick=args.quick, workload_names=args.workloads, n_epochs=args.epochs,
                   n_warmup=args.warmup, n_threads=args.threads, json_path=json_path,
-                  wait_quiet=args.wait_quiet, retry_noisy=args.retry_noisy)
+                  wait_quiet=args.wait_quiet, retry_noisy=args.retry_noisy,
+                  peer_variants=("eager",) if args.no_compile else PEER_VARIANTS)
     print(format_report(results))
     print(f"\nwrote {json_path} ({results['total_seconds']:.0f} s)")
 

@@ -11,8 +11,9 @@ import os
 
 import pytest
 
-# The run trains every workload briefly with hvae and PyTorch: about three
-# minutes here, more than the rest of the suite, so it is opt-in.
+# The run trains every workload briefly with hvae and PyTorch (eager and
+# torch.compile'd, whose compilation takes most of it): several minutes here,
+# more than the rest of the suite, so it is opt-in.
 pytestmark = pytest.mark.skipif(not os.environ.get("HVAE_BENCH_SMOKE"),
                                 reason="slow benchmark smoke run: set HVAE_BENCH_SMOKE=1")
 pytest.importorskip("torch")
@@ -28,7 +29,10 @@ WORKLOAD_FIELDS = [
     "hvae_epoch_seconds", "peer_epoch_seconds", "hvae_samples_per_s", "peer_samples_per_s",
     "ratio", "hvae_test_elbo", "peer_test_elbo", "hvae_train_elbo", "peer_train_elbo",
     "flops_per_row", "hvae_gflops", "peer_gflops", "foreign_cpu", "gemm_limit",
+    "peer_variant", "peer_variants",
 ]
+VARIANT_FIELDS = ["epoch_seconds", "samples_per_s", "train_elbo", "test_elbo", "gflops",
+                  "hvae_ratio", "percent_of_limit", "compile_seconds"]
 GEMM_FIELDS = ["step_flops", "n_calls", "gemm_step_seconds", "gemm_gflops", "hvae_gflops",
                "peer_gflops", "hvae_percent_of_limit", "peer_percent_of_limit",
                "library_is_mapped"]
@@ -48,7 +52,7 @@ def report(tmp_path_factory):
         pytest.skip(str(error))
     path = tmp_path_factory.mktemp("bench") / "quick.json"
     completed = subprocess.run([sys.executable, str(RUN), "--quick", "--json", str(path)],
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=1500)
     assert completed.returncode == 0, completed.stderr
     assert "hvae samples/s" in completed.stdout
     return json.loads(path.read_text())
@@ -74,6 +78,15 @@ def test_every_workload_has_every_field(report):
         for field in GEMM_FIELDS:
             assert field in w["gemm_limit"], (w["name"], field)
         assert w["gemm_limit"]["library_is_mapped"]
+        assert set(w["peer_variants"]) == {"eager", "compiled"}
+        for variant, fields in w["peer_variants"].items():
+            for field in VARIANT_FIELDS:
+                assert field in fields, (w["name"], variant, field)
+            assert finite_positive(fields["samples_per_s"]), (w["name"], variant)
+        assert finite_positive(w["peer_variants"]["compiled"]["compile_seconds"])
+        # The peer is the faster variant.
+        assert w["peer_samples_per_s"] == max(
+            v["samples_per_s"] for v in w["peer_variants"].values())
         assert finite_positive(w["gemm_limit"]["hvae_percent_of_limit"])
     assert report["workloads"][0]["test_is_train"]
     # W2's step: (784*512 + 512*256 + 2*256*32) * 2 flops per row forward, three

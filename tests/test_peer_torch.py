@@ -4,6 +4,7 @@ formula on hvae's parameter layout, and its hvae-named weight copy."""
 
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -388,10 +389,7 @@ def test_loss_gradient_matches_hvae(likelihood, latent_dims):
     loss, grad = model.loss_and_grad(x, noise=noise, beta=0.7)
     twin_loss = twin.loss(x, [eps.astype(np.float64) for eps in noise], beta=0.7)
     twin_loss.backward()
-    twin_grad = np.concatenate([
-        np.concatenate([linear.weight.grad.numpy().T.ravel(), linear.bias.grad.numpy()])
-        for _, linear in twin.hvae_linears()
-    ])
+    twin_grad = np.concatenate([g.ravel() for _, g in twin.named_gradients_numpy()])
     assert twin_grad.shape == grad.shape
     largest = np.abs(twin_grad - grad).max()
     print(f"largest gradient difference {largest:.2e} (largest entry {np.abs(twin_grad).max():.2f})")
@@ -419,3 +417,98 @@ def test_clipped_log_variances_match_hvae(latent_dims):
     np.testing.assert_allclose(reconstruction.numpy(), terms["reconstruction"], rtol=1e-5)
     np.testing.assert_allclose(kl.numpy(), terms["kl"], rtol=1e-5,
                                atol=1e-5 * np.abs(terms["kl"]).max())
+
+
+# -- the fast training path ------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder_variance", ["learned", "unit"])
+@pytest.mark.parametrize("latent_dims", [(3,), (3, 2), (4, 3, 2)])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_training_loss_is_the_loss(likelihood, latent_dims, decoder_variance):
+    # training_loss sums straight to scalars; it must be `loss` and minus the
+    # summed ELBO, values and gradients (float64).
+    model = tiny_model(likelihood, latent_dims, decoder_variance=decoder_variance)
+    x = torch.as_tensor(tiny_data(likelihood))
+    noise = fixed_noise(model, x.shape[0])
+    for beta in (1.0, 0.3):
+        model.zero_grad()
+        expected = model.loss(x, noise, beta=beta)
+        expected.backward()
+        expected_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss, negative_elbo_sum = model.training_loss(x, noise, beta=beta)
+        loss.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(negative_elbo_sum, -model.elbo(x, noise).sum(),
+                                       rtol=1e-12, atol=1e-12)
+        for name, (p, g) in zip([n for n, _ in model.named_parameters()],
+                                zip(model.parameters(), expected_grads)):
+            torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("latent_dims", [(5,), (5, 3)])
+def test_training_loss_gradient_matches_hvae(latent_dims):
+    model, twin, x, noise = hvae_and_peer("bernoulli", latent_dims, dtype=torch.float64)
+    loss, grad = model.loss_and_grad(x, noise=noise, beta=0.7)
+    twin_loss, _ = twin.training_loss(torch.as_tensor(x, dtype=torch.float64),
+                                      [torch.as_tensor(e, dtype=torch.float64) for e in noise],
+                                      beta=0.7)
+    twin_loss.backward()
+    twin_grad = np.concatenate([g.ravel() for _, g in twin.named_gradients_numpy()])
+    assert abs(loss - twin_loss.item()) < 1e-5 * max(1.0, abs(loss))
+    assert np.abs(twin_grad - grad).max() < 1e-5 * max(1.0, np.abs(twin_grad).max())
+
+
+def test_fused_heads_keep_nn_linear_init():
+    # The fused head layer draws from nn.Linear's own init for the heads'
+    # fan-in: every entry uniform in +-1/sqrt(fan_in), as two separate heads.
+    torch.manual_seed(0)
+    model = peer.TorchHVAE(784, (200,), (300,))
+    head = model.encoders[0].heads
+    assert head.weight.shape == (400, 300)
+    bound = 1.0 / math.sqrt(300)
+    for rows in model.encoders[0].head_rows().values():
+        for tensor in (head.weight[rows], head.bias[rows]):
+            assert tensor.abs().max() <= bound
+        weight = head.weight[rows].detach().numpy().ravel()
+        # Uniform(-b, b): mean 0, variance b^2 / 3 (60,000 draws per head).
+        assert abs(weight.mean()) < 0.01 * bound
+        assert abs(weight.var() / (bound ** 2 / 3) - 1) < 0.02
+    separate = torch.nn.Linear(300, 200)
+    assert separate.weight.abs().max() <= bound
+
+
+def train_three_epochs(compile):
+    rng = np.random.default_rng(0)
+    X = (rng.uniform(size=(100, 12)) > 0.5).astype(np.float32)
+    torch.manual_seed(0)
+    model = peer.TorchHVAE(12, (3, 2), (16,))
+    trainer = peer.Trainer(model, peer.make_optimizer(model, 1e-2), 32,
+                           torch.Generator().manual_seed(0), compile=compile)
+    trainer.warm_up(X)  # must not change the model or the generator
+    return [trainer.epoch(X) for _ in range(3)], model, X
+
+
+def test_trainer_is_train_epoch_with_fused_adam():
+    eager_history, _, X = train_three_epochs(False)
+    torch.manual_seed(0)
+    model = peer.TorchHVAE(12, (3, 2), (16,))
+    optimizer = peer.make_optimizer(model, 1e-2)
+    generator = torch.Generator().manual_seed(0)
+    history = [peer.train_epoch(model, optimizer, X, 32, generator) for _ in range(3)]
+    assert history == eager_history
+    assert optimizer.defaults.get("fused")
+
+
+@pytest.mark.skipif(not os.environ.get("HVAE_TEST_COMPILE"),
+                    reason="torch.compile takes about a minute here: set HVAE_TEST_COMPILE=1")
+def test_compiled_trainer_matches_eager():
+    # The benchmark's compiled peer trains the same model: same noise, same
+    # trajectory up to float rounding.
+    eager_history, eager, _ = train_three_epochs(False)
+    compiled_history, compiled, _ = train_three_epochs(True)
+    np.testing.assert_allclose(compiled_history, eager_history, rtol=1e-4)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
