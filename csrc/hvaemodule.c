@@ -832,6 +832,109 @@ static int parse_families(PyObject *family_obj, PyObject *k_obj, Py_ssize_t T,
     return 0;
 }
 
+/* Model's n_conditions, n_components (with prior='gmm') and n_features,
+ * checked in that order. */
+static int check_model_sizes(int pri, long long n_conditions, long long n_components,
+                             long long n_features)
+{
+    if (n_conditions < 0 || n_conditions > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
+                     "got %lld", n_conditions);
+        return -1;
+    }
+    if (pri == HVAE_PRIOR_GMM && (n_components < 1 || n_components > HVAE_MAX_COMPONENTS)) {
+        PyErr_Format(PyExc_ValueError, "n_components must be between 1 and %d; got %lld",
+                     HVAE_MAX_COMPONENTS, n_components);
+        return -1;
+    }
+    if (n_features < 1 || n_features > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
+                     "got %lld", n_features);
+        return -1;
+    }
+    return 0;
+}
+
+/* Model's n_pseudo_inputs (None: the paper's K for the VampPrior, none for
+ * another prior) into *n_pseudo_inputs; the VampPrior takes no condition. */
+static int parse_pseudo_inputs(int pri, const char *prior, long long n_conditions,
+                               PyObject *pseudo_obj, long long *n_pseudo_inputs)
+{
+    long long n = 0;
+    if (pseudo_obj == Py_None) {
+        n = pri == HVAE_PRIOR_VAMP ? HVAE_VAMP_PSEUDO_INPUTS : 0;
+    } else {
+        n = PyLong_AsLongLong(pseudo_obj);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if ((pri == HVAE_PRIOR_VAMP) != (n != 0) || n < 0 || n > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_pseudo_inputs must be between 1 and 2**31 - 1 "
+                     "with prior='vamp', and 0 with any other prior; got %lld with "
+                     "prior='%s'", n, prior);
+        return -1;
+    }
+    if (pri == HVAE_PRIOR_VAMP && n_conditions != 0) {
+        PyErr_SetString(PyExc_ValueError, "prior='vamp' takes no condition "
+                        "(n_conditions must be 0): its pseudo-inputs have none");
+        return -1;
+    }
+    *n_pseudo_inputs = n;
+    return 0;
+}
+
+/* Model's discriminator_hidden into cfg: None for no discriminator, else
+ * its hidden widths (parsed as parse_dims parses hidden_dims). The
+ * density-ratio prior always has one: without discriminator_hidden, two
+ * hidden layers of 256. */
+static int parse_discriminator(PyObject *latent_obj, PyObject *disc_obj, int64_t *latent,
+                               hvae_config *cfg)
+{
+    Py_ssize_t T = 0, DH = 0;
+    int64_t disc_hidden[HVAE_MAX_HIDDEN];
+    if (disc_obj != Py_None &&
+        parse_dims(latent_obj, disc_obj, latent, &T, disc_hidden, &DH) < 0)
+        return -1;
+    cfg->discriminator = disc_obj != Py_None || cfg->prior == HVAE_PRIOR_DENSITY_RATIO;
+    if (disc_obj == Py_None && cfg->discriminator) {
+        DH = 2;
+        disc_hidden[0] = disc_hidden[1] = 256;
+    }
+    cfg->discriminator_n_hidden = (int32_t)DH;
+    memcpy(cfg->discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
+    return 0;
+}
+
+/* Model's latent_family and n_categories (parse_families; default
+ * 'gaussian') into families[] and K[], then the checks a categorical layer
+ * needs: Markov inference, and the standard prior on top. */
+static int parse_layer_families(PyObject *family_obj, PyObject *k_obj, Py_ssize_t T,
+                                int inf, int pri, const char *prior,
+                                hvae_latent_family *families, int64_t *K)
+{
+    PyObject *default_family = PyUnicode_FromString("gaussian");
+    int bad = !default_family || parse_families(family_obj ? family_obj : default_family,
+                                                k_obj, T, families, K) < 0;
+    Py_XDECREF(default_family);
+    if (bad)
+        return -1;
+    for (Py_ssize_t i = 0; i < T; i++) {
+        if (families[i] != HVAE_LATENT_CATEGORICAL)
+            continue;
+        if (inf == HVAE_INFERENCE_LADDER) {
+            PyErr_SetString(PyExc_ValueError, "inference='ladder' merges Gaussian "
+                            "posteriors: every latent layer must be 'gaussian'");
+            return -1;
+        }
+        if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
+            PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
+                         "prior: prior must be 'standard' (the default); got '%s'", prior);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
@@ -865,74 +968,22 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int inf = var < 0 ? -1 : parse_choice("inference", inference, CHOICE_INFERENCE);
     int mkl = inf < 0 ? -1 : parse_choice("markov_kl", markov_kl, CHOICE_MARKOV_KL);
     int pri = mkl < 0 ? -1 : parse_choice("prior", prior, CHOICE_PRIOR);
-    if (pri < 0)
+    if (pri < 0 || check_model_sizes(pri, n_conditions, n_components, n_features) < 0 ||
+        parse_pseudo_inputs(pri, prior, n_conditions, pseudo_obj, &n_pseudo_inputs) < 0)
         return NULL;
-    if (n_conditions < 0 || n_conditions > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
-                     "got %lld", n_conditions);
-        return NULL;
-    }
-    if (pri == HVAE_PRIOR_GMM && (n_components < 1 || n_components > HVAE_MAX_COMPONENTS)) {
-        PyErr_Format(PyExc_ValueError, "n_components must be between 1 and %d; got %lld",
-                     HVAE_MAX_COMPONENTS, n_components);
-        return NULL;
-    }
-    if (n_features < 1 || n_features > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
-                     "got %lld", n_features);
-        return NULL;
-    }
-    /* None: the paper's K for the VampPrior, none for another prior. */
-    if (pseudo_obj == Py_None) {
-        n_pseudo_inputs = pri == HVAE_PRIOR_VAMP ? HVAE_VAMP_PSEUDO_INPUTS : 0;
-    } else {
-        n_pseudo_inputs = PyLong_AsLongLong(pseudo_obj);
-        if (n_pseudo_inputs == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    if ((pri == HVAE_PRIOR_VAMP) != (n_pseudo_inputs != 0) || n_pseudo_inputs < 0 ||
-        n_pseudo_inputs > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_pseudo_inputs must be between 1 and 2**31 - 1 "
-                     "with prior='vamp', and 0 with any other prior; got %lld with "
-                     "prior='%s'", n_pseudo_inputs, prior);
-        return NULL;
-    }
-    if (pri == HVAE_PRIOR_VAMP && n_conditions != 0) {
-        PyErr_SetString(PyExc_ValueError, "prior='vamp' takes no condition "
-                        "(n_conditions must be 0): its pseudo-inputs have none");
-        return NULL;
-    }
-    Py_ssize_t T = 0, H = 0, DH = 0;
+    Py_ssize_t T = 0, H = 0;
     if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
         return NULL;
-    /* discriminator_hidden: None for no discriminator, else its hidden
-     * widths (parsed as parse_dims parses hidden_dims). */
-    int64_t disc_hidden[HVAE_MAX_HIDDEN];
-    if (disc_obj != Py_None &&
-        parse_dims(latent_obj, disc_obj, latent, &T, disc_hidden, &DH) < 0)
+    hvae_config cfg = hvae_config_default(n_features, (int32_t)T, latent,
+                                          (int32_t)H, hidden);
+    cfg.prior = (hvae_prior_kind)pri;
+    if (parse_discriminator(latent_obj, disc_obj, latent, &cfg) < 0)
         return NULL;
     hvae_latent_family families[HVAE_MAX_LAYERS];
     int64_t n_categories[HVAE_MAX_LAYERS];
-    PyObject *default_family = PyUnicode_FromString("gaussian");
-    int bad = !default_family || parse_families(family_obj ? family_obj : default_family,
-                                                k_obj, T, families, n_categories) < 0;
-    Py_XDECREF(default_family);
-    if (bad)
+    if (parse_layer_families(family_obj, k_obj, T, inf, pri, prior, families,
+                             n_categories) < 0)
         return NULL;
-    for (Py_ssize_t i = 0; i < T; i++) {
-        if (families[i] != HVAE_LATENT_CATEGORICAL)
-            continue;
-        if (inf == HVAE_INFERENCE_LADDER) {
-            PyErr_SetString(PyExc_ValueError, "inference='ladder' merges Gaussian "
-                            "posteriors: every latent layer must be 'gaussian'");
-            return NULL;
-        }
-        if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
-            PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
-                         "prior: prior must be 'standard' (the default); got '%s'", prior);
-            return NULL;
-        }
-    }
 
     self = (ModelObject *)type->tp_alloc(type, 0);
     if (!self)
@@ -943,29 +994,17 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_CLEAR(self);
         goto done;
     }
-    hvae_config cfg = hvae_config_default(n_features, (int32_t)T, latent,
-                                          (int32_t)H, hidden);
     cfg.likelihood = (hvae_likelihood)lik;
     cfg.activation = (hvae_activation)act;
     cfg.decoder_variance = (hvae_decoder_variance)var;
     cfg.inference = (hvae_inference)inf;
     cfg.markov_kl = (hvae_markov_kl)mkl;
-    cfg.prior = (hvae_prior_kind)pri;
     cfg.latent_family = families[0];
     cfg.latent_families = families;
     cfg.n_categories = n_categories;
     cfg.n_conditions = n_conditions;
     cfg.n_components = n_components;
     cfg.n_pseudo_inputs = n_pseudo_inputs;
-    /* The density-ratio prior always has one: without discriminator_hidden,
-     * two hidden layers of 256. */
-    cfg.discriminator = disc_obj != Py_None || cfg.prior == HVAE_PRIOR_DENSITY_RATIO;
-    if (disc_obj == Py_None && cfg.discriminator) {
-        DH = 2;
-        disc_hidden[0] = disc_hidden[1] = 256;
-    }
-    cfg.discriminator_n_hidden = (int32_t)DH;
-    memcpy(cfg.discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
     hvae_status st = hvae_model_create(&cfg, &self->model);
     if (st != HVAE_OK) {
         raise_status(st, "cannot create the model (its parameters, gradients "
