@@ -1965,6 +1965,93 @@ typedef struct {
     hvae_optimizer_config disc_optimizer; /* the discriminator's Adam */
 } fit_args;
 
+/* fit's tc_weight, discriminator_learning_rate, discriminator_betas and
+ * tcvae_weights (with n_data) into a->objective and a->disc_optimizer. */
+static int parse_fit_discriminator(double tc_weight, double disc_lr, double disc_beta1,
+                                   double disc_beta2, PyObject *tcvae, double n_data,
+                                   fit_args *a)
+{
+    if (check_float32("tc_weight", tc_weight, 0.0, 1) < 0 ||
+        check_float32("discriminator_learning_rate", disc_lr, 0.0, 0) < 0)
+        return -1;
+    if (!(disc_beta1 >= 0.0 && (float)disc_beta1 < 1.0f) ||
+        !(disc_beta2 >= 0.0 && (float)disc_beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "discriminator_betas must lie in [0, 1)");
+        return -1;
+    }
+    a->objective.tc_weight = (float)tc_weight;
+    if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
+        return -1;
+    if (a->objective.tcvae && a->reduce != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
+                        "data-parallel training: its minibatch-weighted sampling needs every "
+                        "row of the minibatch on one process");
+        return -1;
+    }
+    a->disc_optimizer.learning_rate = (float)disc_lr;
+    a->disc_optimizer.beta1 = (float)disc_beta1;
+    a->disc_optimizer.beta2 = (float)disc_beta2;
+    return 0;
+}
+
+/* fit's optimizer and its settings, n_epochs and batch_size, checked, into
+ * a->optimizer. */
+static int parse_fit_optimizer(const char *optimizer, double weight_decay, double momentum,
+                               double beta1, double beta2, double adam_eps, fit_args *a)
+{
+    int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
+    if (kind < 0)
+        return -1;
+    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > MAX_BATCH_SIZE) {
+        PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
+                     "between 1 and 2**30; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
+                     a->batch_size);
+        return -1;
+    }
+    if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
+        check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
+        check_float32("adam_eps", adam_eps, 0.0, 1) < 0 ||
+        check_float32("prior_lr_scale", a->prior_lr_scale, 0.0, 0) < 0)
+        return -1;
+    if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
+        !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
+                        "(in float32: 1 - 1e-8 rounds to 1)");
+        return -1;
+    }
+    hvae_optimizer_config *oc = &a->optimizer;
+    oc->kind = (hvae_optimizer_kind)kind;
+    oc->learning_rate = (float)a->learning_rate;
+    oc->weight_decay = (float)weight_decay;
+    oc->momentum = (float)momentum;
+    oc->beta1 = (float)beta1;
+    oc->beta2 = (float)beta2;
+    oc->eps = (float)adam_eps;
+    return 0;
+}
+
+/* fit's callback, progress and reduce (callables or None), and the shard
+ * of a data-parallel fit (n_global, shard_start with reduce). */
+static int check_fit_hooks(const fit_args *a)
+{
+    if ((a->callback != Py_None && !PyCallable_Check(a->callback)) ||
+        (a->progress != Py_None && !PyCallable_Check(a->progress)) ||
+        (a->reduce != Py_None && !PyCallable_Check(a->reduce))) {
+        PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
+                        "callable or None");
+        return -1;
+    }
+    int parallel = a->reduce != Py_None;
+    if (parallel ? a->n_global < 1 || a->shard_start < 0
+                 : a->n_global != 0 || a->shard_start != 0) {
+        PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
+                     ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
+                     "shard_start=%lld", a->n_global, a->shard_start);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
 {
     static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
@@ -2004,69 +2091,12 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
     if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0 ||
         parse_estimator(&e, &a->objective) < 0)
         return -1;
-    if (check_float32("tc_weight", tc_weight, 0.0, 1) < 0 ||
-        check_float32("discriminator_learning_rate", disc_lr, 0.0, 0) < 0)
+    if (parse_fit_discriminator(tc_weight, disc_lr, disc_beta1, disc_beta2, tcvae, n_data,
+                                a) < 0 ||
+        parse_fit_optimizer(optimizer, weight_decay, momentum, beta1, beta2, adam_eps,
+                            a) < 0 ||
+        check_fit_hooks(a) < 0)
         return -1;
-    if (!(disc_beta1 >= 0.0 && (float)disc_beta1 < 1.0f) ||
-        !(disc_beta2 >= 0.0 && (float)disc_beta2 < 1.0f)) {
-        PyErr_SetString(PyExc_ValueError, "discriminator_betas must lie in [0, 1)");
-        return -1;
-    }
-    a->objective.tc_weight = (float)tc_weight;
-    if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
-        return -1;
-    if (a->objective.tcvae && a->reduce != Py_None) {
-        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
-                        "data-parallel training: its minibatch-weighted sampling needs every "
-                        "row of the minibatch on one process");
-        return -1;
-    }
-    a->disc_optimizer.learning_rate = (float)disc_lr;
-    a->disc_optimizer.beta1 = (float)disc_beta1;
-    a->disc_optimizer.beta2 = (float)disc_beta2;
-    int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
-    if (kind < 0)
-        return -1;
-    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > MAX_BATCH_SIZE) {
-        PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
-                     "between 1 and 2**30; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
-                     a->batch_size);
-        return -1;
-    }
-    if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
-        check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
-        check_float32("adam_eps", adam_eps, 0.0, 1) < 0 ||
-        check_float32("prior_lr_scale", a->prior_lr_scale, 0.0, 0) < 0)
-        return -1;
-    if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
-        !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
-        PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
-                        "(in float32: 1 - 1e-8 rounds to 1)");
-        return -1;
-    }
-    if ((a->callback != Py_None && !PyCallable_Check(a->callback)) ||
-        (a->progress != Py_None && !PyCallable_Check(a->progress)) ||
-        (a->reduce != Py_None && !PyCallable_Check(a->reduce))) {
-        PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
-                        "callable or None");
-        return -1;
-    }
-    int parallel = a->reduce != Py_None;
-    if (parallel ? a->n_global < 1 || a->shard_start < 0
-                 : a->n_global != 0 || a->shard_start != 0) {
-        PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
-                     ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
-                     "shard_start=%lld", a->n_global, a->shard_start);
-        return -1;
-    }
-    hvae_optimizer_config *oc = &a->optimizer;
-    oc->kind = (hvae_optimizer_kind)kind;
-    oc->learning_rate = (float)a->learning_rate;
-    oc->weight_decay = (float)weight_decay;
-    oc->momentum = (float)momentum;
-    oc->beta1 = (float)beta1;
-    oc->beta2 = (float)beta2;
-    oc->eps = (float)adam_eps;
     return 0;
 }
 
