@@ -564,12 +564,12 @@ static int reduce_step(hvae_model *m, const hvae_train_options *o, hvae_epoch_st
     return 0;
 }
 
-/* The minibatch steps of one epoch (hvae_train_epoch without the
- * rollback). */
-static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
-                               hvae_rng *rng, const float *x, const float *cond,
-                               int64_t n, int64_t *order, const hvae_train_options *o,
-                               hvae_epoch_stats *stats)
+/* train_steps' arguments: HVAE_OK, or the status it returns for them. */
+static hvae_status check_train_args(const hvae_model *m, const hvae_workspace *ws,
+                                    const hvae_optimizer *opt, const hvae_rng *rng,
+                                    const float *x, const float *cond, int64_t n,
+                                    const int64_t *order, const hvae_train_options *o,
+                                    const hvae_epoch_stats *stats)
 {
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
@@ -583,11 +583,40 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         return HVAE_ERR_INVALID_ARGUMENT;
     if ((n > 0 && (!x || (m->config.n_conditions > 0 && !cond))) || (o->shuffle && !order))
         return HVAE_ERR_INVALID_ARGUMENT;
-    int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
+    int64_t S = o->objective.n_samples;
     if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
     if (hvae_optimizer_n_params(opt) != m->n_params)
         return HVAE_ERR_INVALID_ARGUMENT;
+    return HVAE_OK;
+}
+
+/* The objective of the next step: the annealed temperature
+ * (hvae_objective_options) at the optimizer's step count. */
+static hvae_objective_options annealed_objective(const hvae_objective_options *objective,
+                                                 hvae_optimizer *opt)
+{
+    hvae_objective_options step_objective = *objective;
+    double tau = objective->temperature *
+                 exp(-(double)objective->temperature_decay *
+                     (double)*hvae_optimizer_step_count(opt));
+    step_objective.temperature =
+        (float)(tau > objective->temperature_min ? tau : objective->temperature_min);
+    return step_objective;
+}
+
+/* The minibatch steps of one epoch (hvae_train_epoch without the
+ * rollback). */
+static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
+                               hvae_rng *rng, const float *x, const float *cond,
+                               int64_t n, int64_t *order, const hvae_train_options *o,
+                               hvae_epoch_stats *stats)
+{
+    hvae_status checked = check_train_args(m, ws, opt, rng, x, cond, n, order, o, stats);
+    if (checked != HVAE_OK)
+        return checked;
+    int parallel = o->n_global > 0;
+    int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
     int32_t T = m->config.n_layers;
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
@@ -607,12 +636,7 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         for (int32_t i = 0; i < T; i++)
             m->latent[i].family->noise(ws_eps(ws, i), rng, B * S * m->latent_dims[i]);
         /* The annealed temperature of this step (hvae_objective_options). */
-        hvae_objective_options step_objective = o->objective;
-        double tau = o->objective.temperature *
-                     exp(-(double)o->objective.temperature_decay *
-                         (double)*hvae_optimizer_step_count(opt));
-        step_objective.temperature =
-            (float)(tau > o->objective.temperature_min ? tau : o->objective.temperature_min);
+        hvae_objective_options step_objective = annealed_objective(&o->objective, opt);
         const float *cb;
         int64_t held;
         const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
