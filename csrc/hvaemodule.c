@@ -935,6 +935,34 @@ static int parse_layer_families(PyObject *family_obj, PyObject *k_obj, Py_ssize_
     return 0;
 }
 
+/* A new Model of the config cfg: its lock, its C model, the parameters
+ * initialised from seed. NULL with an exception set on failure. */
+static ModelObject *model_alloc(PyTypeObject *type, const hvae_config *cfg,
+                                unsigned long long seed)
+{
+    ModelObject *self = (ModelObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->lock = PyThread_allocate_lock();
+    if (!self->lock) {
+        PyErr_NoMemory();
+        Py_CLEAR(self);
+        return NULL;
+    }
+    hvae_status st = hvae_model_create(cfg, &self->model);
+    if (st != HVAE_OK) {
+        raise_status(st, "cannot create the model (its parameters, gradients "
+                         "and optimizer moments need 16 bytes per parameter)");
+        Py_CLEAR(self);
+        return NULL;
+    }
+    self->seed = seed;
+    hvae_model_init(self->model, seed);
+    /* The training stream is decorrelated from the initialisation stream. */
+    hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
+    return self;
+}
+
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
@@ -951,7 +979,6 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     long long n_conditions = 0, n_pseudo_inputs = 0;
     PyObject *pseudo_obj = Py_None, *disc_obj = Py_None;
     unsigned long long seed = 0;
-    ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLOO:Model", kwlist,
@@ -985,15 +1012,6 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                              n_categories) < 0)
         return NULL;
 
-    self = (ModelObject *)type->tp_alloc(type, 0);
-    if (!self)
-        goto done;
-    self->lock = PyThread_allocate_lock();
-    if (!self->lock) {
-        PyErr_NoMemory();
-        Py_CLEAR(self);
-        goto done;
-    }
     cfg.likelihood = (hvae_likelihood)lik;
     cfg.activation = (hvae_activation)act;
     cfg.decoder_variance = (hvae_decoder_variance)var;
@@ -1005,19 +1023,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.n_conditions = n_conditions;
     cfg.n_components = n_components;
     cfg.n_pseudo_inputs = n_pseudo_inputs;
-    hvae_status st = hvae_model_create(&cfg, &self->model);
-    if (st != HVAE_OK) {
-        raise_status(st, "cannot create the model (its parameters, gradients "
-                         "and optimizer moments need 16 bytes per parameter)");
-        Py_CLEAR(self);
-        goto done;
-    }
-    self->seed = seed;
-    hvae_model_init(self->model, seed);
-    /* The training stream is decorrelated from the initialisation stream. */
-    hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
-done:
-    return (PyObject *)self;
+    return (PyObject *)model_alloc(type, &cfg, seed);
 }
 
 static void Model_dealloc(ModelObject *self)
