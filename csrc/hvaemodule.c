@@ -832,6 +832,137 @@ static int parse_families(PyObject *family_obj, PyObject *k_obj, Py_ssize_t T,
     return 0;
 }
 
+/* Model's n_conditions, n_components (with prior='gmm') and n_features,
+ * checked in that order. */
+static int check_model_sizes(int pri, long long n_conditions, long long n_components,
+                             long long n_features)
+{
+    if (n_conditions < 0 || n_conditions > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
+                     "got %lld", n_conditions);
+        return -1;
+    }
+    if (pri == HVAE_PRIOR_GMM && (n_components < 1 || n_components > HVAE_MAX_COMPONENTS)) {
+        PyErr_Format(PyExc_ValueError, "n_components must be between 1 and %d; got %lld",
+                     HVAE_MAX_COMPONENTS, n_components);
+        return -1;
+    }
+    if (n_features < 1 || n_features > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
+                     "got %lld", n_features);
+        return -1;
+    }
+    return 0;
+}
+
+/* Model's n_pseudo_inputs (None: the paper's K for the VampPrior, none for
+ * another prior) into *n_pseudo_inputs; the VampPrior takes no condition. */
+static int parse_pseudo_inputs(int pri, const char *prior, long long n_conditions,
+                               PyObject *pseudo_obj, long long *n_pseudo_inputs)
+{
+    long long n = 0;
+    if (pseudo_obj == Py_None) {
+        n = pri == HVAE_PRIOR_VAMP ? HVAE_VAMP_PSEUDO_INPUTS : 0;
+    } else {
+        n = PyLong_AsLongLong(pseudo_obj);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+    }
+    if ((pri == HVAE_PRIOR_VAMP) != (n != 0) || n < 0 || n > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "n_pseudo_inputs must be between 1 and 2**31 - 1 "
+                     "with prior='vamp', and 0 with any other prior; got %lld with "
+                     "prior='%s'", n, prior);
+        return -1;
+    }
+    if (pri == HVAE_PRIOR_VAMP && n_conditions != 0) {
+        PyErr_SetString(PyExc_ValueError, "prior='vamp' takes no condition "
+                        "(n_conditions must be 0): its pseudo-inputs have none");
+        return -1;
+    }
+    *n_pseudo_inputs = n;
+    return 0;
+}
+
+/* Model's discriminator_hidden into cfg: None for no discriminator, else
+ * its hidden widths (parsed as parse_dims parses hidden_dims). The
+ * density-ratio prior always has one: without discriminator_hidden, two
+ * hidden layers of 256. */
+static int parse_discriminator(PyObject *latent_obj, PyObject *disc_obj, int64_t *latent,
+                               hvae_config *cfg)
+{
+    Py_ssize_t T = 0, DH = 0;
+    int64_t disc_hidden[HVAE_MAX_HIDDEN];
+    if (disc_obj != Py_None &&
+        parse_dims(latent_obj, disc_obj, latent, &T, disc_hidden, &DH) < 0)
+        return -1;
+    cfg->discriminator = disc_obj != Py_None || cfg->prior == HVAE_PRIOR_DENSITY_RATIO;
+    if (disc_obj == Py_None && cfg->discriminator) {
+        DH = 2;
+        disc_hidden[0] = disc_hidden[1] = 256;
+    }
+    cfg->discriminator_n_hidden = (int32_t)DH;
+    memcpy(cfg->discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
+    return 0;
+}
+
+/* Model's latent_family and n_categories (parse_families; default
+ * 'gaussian') into families[] and K[], then the checks a categorical layer
+ * needs: Markov inference, and the standard prior on top. */
+static int parse_layer_families(PyObject *family_obj, PyObject *k_obj, Py_ssize_t T,
+                                int inf, int pri, const char *prior,
+                                hvae_latent_family *families, int64_t *K)
+{
+    PyObject *default_family = PyUnicode_FromString("gaussian");
+    int bad = !default_family || parse_families(family_obj ? family_obj : default_family,
+                                                k_obj, T, families, K) < 0;
+    Py_XDECREF(default_family);
+    if (bad)
+        return -1;
+    for (Py_ssize_t i = 0; i < T; i++) {
+        if (families[i] != HVAE_LATENT_CATEGORICAL)
+            continue;
+        if (inf == HVAE_INFERENCE_LADDER) {
+            PyErr_SetString(PyExc_ValueError, "inference='ladder' merges Gaussian "
+                            "posteriors: every latent layer must be 'gaussian'");
+            return -1;
+        }
+        if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
+            PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
+                         "prior: prior must be 'standard' (the default); got '%s'", prior);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* A new Model of the config cfg: its lock, its C model, the parameters
+ * initialised from seed. NULL with an exception set on failure. */
+static ModelObject *model_alloc(PyTypeObject *type, const hvae_config *cfg,
+                                unsigned long long seed)
+{
+    ModelObject *self = (ModelObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    self->lock = PyThread_allocate_lock();
+    if (!self->lock) {
+        PyErr_NoMemory();
+        Py_CLEAR(self);
+        return NULL;
+    }
+    hvae_status st = hvae_model_create(cfg, &self->model);
+    if (st != HVAE_OK) {
+        raise_status(st, "cannot create the model (its parameters, gradients "
+                         "and optimizer moments need 16 bytes per parameter)");
+        Py_CLEAR(self);
+        return NULL;
+    }
+    self->seed = seed;
+    hvae_model_init(self->model, seed);
+    /* The training stream is decorrelated from the initialisation stream. */
+    hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
+    return self;
+}
+
 static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"n_features", "latent_dims", "hidden_dims",
@@ -848,7 +979,6 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     long long n_conditions = 0, n_pseudo_inputs = 0;
     PyObject *pseudo_obj = Py_None, *disc_obj = Py_None;
     unsigned long long seed = 0;
-    ModelObject *self = NULL;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLOO:Model", kwlist,
@@ -865,120 +995,35 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int inf = var < 0 ? -1 : parse_choice("inference", inference, CHOICE_INFERENCE);
     int mkl = inf < 0 ? -1 : parse_choice("markov_kl", markov_kl, CHOICE_MARKOV_KL);
     int pri = mkl < 0 ? -1 : parse_choice("prior", prior, CHOICE_PRIOR);
-    if (pri < 0)
+    if (pri < 0 || check_model_sizes(pri, n_conditions, n_components, n_features) < 0 ||
+        parse_pseudo_inputs(pri, prior, n_conditions, pseudo_obj, &n_pseudo_inputs) < 0)
         return NULL;
-    if (n_conditions < 0 || n_conditions > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_conditions must be between 0 and 2**31 - 1; "
-                     "got %lld", n_conditions);
-        return NULL;
-    }
-    if (pri == HVAE_PRIOR_GMM && (n_components < 1 || n_components > HVAE_MAX_COMPONENTS)) {
-        PyErr_Format(PyExc_ValueError, "n_components must be between 1 and %d; got %lld",
-                     HVAE_MAX_COMPONENTS, n_components);
-        return NULL;
-    }
-    if (n_features < 1 || n_features > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_features must be between 1 and 2**31 - 1; "
-                     "got %lld", n_features);
-        return NULL;
-    }
-    /* None: the paper's K for the VampPrior, none for another prior. */
-    if (pseudo_obj == Py_None) {
-        n_pseudo_inputs = pri == HVAE_PRIOR_VAMP ? HVAE_VAMP_PSEUDO_INPUTS : 0;
-    } else {
-        n_pseudo_inputs = PyLong_AsLongLong(pseudo_obj);
-        if (n_pseudo_inputs == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    if ((pri == HVAE_PRIOR_VAMP) != (n_pseudo_inputs != 0) || n_pseudo_inputs < 0 ||
-        n_pseudo_inputs > INT_MAX) {
-        PyErr_Format(PyExc_ValueError, "n_pseudo_inputs must be between 1 and 2**31 - 1 "
-                     "with prior='vamp', and 0 with any other prior; got %lld with "
-                     "prior='%s'", n_pseudo_inputs, prior);
-        return NULL;
-    }
-    if (pri == HVAE_PRIOR_VAMP && n_conditions != 0) {
-        PyErr_SetString(PyExc_ValueError, "prior='vamp' takes no condition "
-                        "(n_conditions must be 0): its pseudo-inputs have none");
-        return NULL;
-    }
-    Py_ssize_t T = 0, H = 0, DH = 0;
+    Py_ssize_t T = 0, H = 0;
     if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
         return NULL;
-    /* discriminator_hidden: None for no discriminator, else its hidden
-     * widths (parsed as parse_dims parses hidden_dims). */
-    int64_t disc_hidden[HVAE_MAX_HIDDEN];
-    if (disc_obj != Py_None &&
-        parse_dims(latent_obj, disc_obj, latent, &T, disc_hidden, &DH) < 0)
+    hvae_config cfg = hvae_config_default(n_features, (int32_t)T, latent,
+                                          (int32_t)H, hidden);
+    cfg.prior = (hvae_prior_kind)pri;
+    if (parse_discriminator(latent_obj, disc_obj, latent, &cfg) < 0)
         return NULL;
     hvae_latent_family families[HVAE_MAX_LAYERS];
     int64_t n_categories[HVAE_MAX_LAYERS];
-    PyObject *default_family = PyUnicode_FromString("gaussian");
-    int bad = !default_family || parse_families(family_obj ? family_obj : default_family,
-                                                k_obj, T, families, n_categories) < 0;
-    Py_XDECREF(default_family);
-    if (bad)
+    if (parse_layer_families(family_obj, k_obj, T, inf, pri, prior, families,
+                             n_categories) < 0)
         return NULL;
-    for (Py_ssize_t i = 0; i < T; i++) {
-        if (families[i] != HVAE_LATENT_CATEGORICAL)
-            continue;
-        if (inf == HVAE_INFERENCE_LADDER) {
-            PyErr_SetString(PyExc_ValueError, "inference='ladder' merges Gaussian "
-                            "posteriors: every latent layer must be 'gaussian'");
-            return NULL;
-        }
-        if (i == T - 1 && pri != HVAE_PRIOR_NORMAL) {
-            PyErr_Format(PyExc_ValueError, "a categorical top layer has its own uniform "
-                         "prior: prior must be 'standard' (the default); got '%s'", prior);
-            return NULL;
-        }
-    }
 
-    self = (ModelObject *)type->tp_alloc(type, 0);
-    if (!self)
-        goto done;
-    self->lock = PyThread_allocate_lock();
-    if (!self->lock) {
-        PyErr_NoMemory();
-        Py_CLEAR(self);
-        goto done;
-    }
-    hvae_config cfg = hvae_config_default(n_features, (int32_t)T, latent,
-                                          (int32_t)H, hidden);
     cfg.likelihood = (hvae_likelihood)lik;
     cfg.activation = (hvae_activation)act;
     cfg.decoder_variance = (hvae_decoder_variance)var;
     cfg.inference = (hvae_inference)inf;
     cfg.markov_kl = (hvae_markov_kl)mkl;
-    cfg.prior = (hvae_prior_kind)pri;
     cfg.latent_family = families[0];
     cfg.latent_families = families;
     cfg.n_categories = n_categories;
     cfg.n_conditions = n_conditions;
     cfg.n_components = n_components;
     cfg.n_pseudo_inputs = n_pseudo_inputs;
-    /* The density-ratio prior always has one: without discriminator_hidden,
-     * two hidden layers of 256. */
-    cfg.discriminator = disc_obj != Py_None || cfg.prior == HVAE_PRIOR_DENSITY_RATIO;
-    if (disc_obj == Py_None && cfg.discriminator) {
-        DH = 2;
-        disc_hidden[0] = disc_hidden[1] = 256;
-    }
-    cfg.discriminator_n_hidden = (int32_t)DH;
-    memcpy(cfg.discriminator_hidden, disc_hidden, (size_t)DH * sizeof(int64_t));
-    hvae_status st = hvae_model_create(&cfg, &self->model);
-    if (st != HVAE_OK) {
-        raise_status(st, "cannot create the model (its parameters, gradients "
-                         "and optimizer moments need 16 bytes per parameter)");
-        Py_CLEAR(self);
-        goto done;
-    }
-    self->seed = seed;
-    hvae_model_init(self->model, seed);
-    /* The training stream is decorrelated from the initialisation stream. */
-    hvae_rng_seed(&self->rng, seed ^ 0x9e3779b97f4a7c15ULL);
-done:
-    return (PyObject *)self;
+    return (PyObject *)model_alloc(type, &cfg, seed);
 }
 
 static void Model_dealloc(ModelObject *self)
@@ -1926,6 +1971,93 @@ typedef struct {
     hvae_optimizer_config disc_optimizer; /* the discriminator's Adam */
 } fit_args;
 
+/* fit's tc_weight, discriminator_learning_rate, discriminator_betas and
+ * tcvae_weights (with n_data) into a->objective and a->disc_optimizer. */
+static int parse_fit_discriminator(double tc_weight, double disc_lr, double disc_beta1,
+                                   double disc_beta2, PyObject *tcvae, double n_data,
+                                   fit_args *a)
+{
+    if (check_float32("tc_weight", tc_weight, 0.0, 1) < 0 ||
+        check_float32("discriminator_learning_rate", disc_lr, 0.0, 0) < 0)
+        return -1;
+    if (!(disc_beta1 >= 0.0 && (float)disc_beta1 < 1.0f) ||
+        !(disc_beta2 >= 0.0 && (float)disc_beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "discriminator_betas must lie in [0, 1)");
+        return -1;
+    }
+    a->objective.tc_weight = (float)tc_weight;
+    if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
+        return -1;
+    if (a->objective.tcvae && a->reduce != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
+                        "data-parallel training: its minibatch-weighted sampling needs every "
+                        "row of the minibatch on one process");
+        return -1;
+    }
+    a->disc_optimizer.learning_rate = (float)disc_lr;
+    a->disc_optimizer.beta1 = (float)disc_beta1;
+    a->disc_optimizer.beta2 = (float)disc_beta2;
+    return 0;
+}
+
+/* fit's optimizer and its settings, n_epochs and batch_size, checked, into
+ * a->optimizer. */
+static int parse_fit_optimizer(const char *optimizer, double weight_decay, double momentum,
+                               double beta1, double beta2, double adam_eps, fit_args *a)
+{
+    int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
+    if (kind < 0)
+        return -1;
+    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > MAX_BATCH_SIZE) {
+        PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
+                     "between 1 and 2**30; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
+                     a->batch_size);
+        return -1;
+    }
+    if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
+        check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
+        check_float32("adam_eps", adam_eps, 0.0, 1) < 0 ||
+        check_float32("prior_lr_scale", a->prior_lr_scale, 0.0, 0) < 0)
+        return -1;
+    if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
+        !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
+        PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
+                        "(in float32: 1 - 1e-8 rounds to 1)");
+        return -1;
+    }
+    hvae_optimizer_config *oc = &a->optimizer;
+    oc->kind = (hvae_optimizer_kind)kind;
+    oc->learning_rate = (float)a->learning_rate;
+    oc->weight_decay = (float)weight_decay;
+    oc->momentum = (float)momentum;
+    oc->beta1 = (float)beta1;
+    oc->beta2 = (float)beta2;
+    oc->eps = (float)adam_eps;
+    return 0;
+}
+
+/* fit's callback, progress and reduce (callables or None), and the shard
+ * of a data-parallel fit (n_global, shard_start with reduce). */
+static int check_fit_hooks(const fit_args *a)
+{
+    if ((a->callback != Py_None && !PyCallable_Check(a->callback)) ||
+        (a->progress != Py_None && !PyCallable_Check(a->progress)) ||
+        (a->reduce != Py_None && !PyCallable_Check(a->reduce))) {
+        PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
+                        "callable or None");
+        return -1;
+    }
+    int parallel = a->reduce != Py_None;
+    if (parallel ? a->n_global < 1 || a->shard_start < 0
+                 : a->n_global != 0 || a->shard_start != 0) {
+        PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
+                     ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
+                     "shard_start=%lld", a->n_global, a->shard_start);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
 {
     static char *kwlist[] = {"X", "n_epochs", "batch_size", "learning_rate",
@@ -1965,69 +2097,12 @@ static int parse_fit_args(PyObject *args, PyObject *kwds, fit_args *a)
     if (parse_objective(objective, n_samples, beta, free_bits, &a->objective) < 0 ||
         parse_estimator(&e, &a->objective) < 0)
         return -1;
-    if (check_float32("tc_weight", tc_weight, 0.0, 1) < 0 ||
-        check_float32("discriminator_learning_rate", disc_lr, 0.0, 0) < 0)
+    if (parse_fit_discriminator(tc_weight, disc_lr, disc_beta1, disc_beta2, tcvae, n_data,
+                                a) < 0 ||
+        parse_fit_optimizer(optimizer, weight_decay, momentum, beta1, beta2, adam_eps,
+                            a) < 0 ||
+        check_fit_hooks(a) < 0)
         return -1;
-    if (!(disc_beta1 >= 0.0 && (float)disc_beta1 < 1.0f) ||
-        !(disc_beta2 >= 0.0 && (float)disc_beta2 < 1.0f)) {
-        PyErr_SetString(PyExc_ValueError, "discriminator_betas must lie in [0, 1)");
-        return -1;
-    }
-    a->objective.tc_weight = (float)tc_weight;
-    if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
-        return -1;
-    if (a->objective.tcvae && a->reduce != Py_None) {
-        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
-                        "data-parallel training: its minibatch-weighted sampling needs every "
-                        "row of the minibatch on one process");
-        return -1;
-    }
-    a->disc_optimizer.learning_rate = (float)disc_lr;
-    a->disc_optimizer.beta1 = (float)disc_beta1;
-    a->disc_optimizer.beta2 = (float)disc_beta2;
-    int kind = parse_choice("optimizer", optimizer, CHOICE_OPTIMIZER);
-    if (kind < 0)
-        return -1;
-    if (a->n_epochs < 0 || a->batch_size < 1 || a->batch_size > MAX_BATCH_SIZE) {
-        PyErr_Format(PyExc_ValueError, "n_epochs must be >= 0 and batch_size "
-                     "between 1 and 2**30; got n_epochs=%lld, batch_size=%lld", a->n_epochs,
-                     a->batch_size);
-        return -1;
-    }
-    if (check_float32("learning_rate", a->learning_rate, 0.0, 0) < 0 ||
-        check_float32("weight_decay", weight_decay, 0.0, 1) < 0 ||
-        check_float32("adam_eps", adam_eps, 0.0, 1) < 0 ||
-        check_float32("prior_lr_scale", a->prior_lr_scale, 0.0, 0) < 0)
-        return -1;
-    if (!(momentum >= 0.0 && (float)momentum < 1.0f) ||
-        !(beta1 >= 0.0 && (float)beta1 < 1.0f) || !(beta2 >= 0.0 && (float)beta2 < 1.0f)) {
-        PyErr_SetString(PyExc_ValueError, "momentum and adam_betas must lie in [0, 1) "
-                        "(in float32: 1 - 1e-8 rounds to 1)");
-        return -1;
-    }
-    if ((a->callback != Py_None && !PyCallable_Check(a->callback)) ||
-        (a->progress != Py_None && !PyCallable_Check(a->progress)) ||
-        (a->reduce != Py_None && !PyCallable_Check(a->reduce))) {
-        PyErr_SetString(PyExc_TypeError, "callback, progress and reduce must be "
-                        "callable or None");
-        return -1;
-    }
-    int parallel = a->reduce != Py_None;
-    if (parallel ? a->n_global < 1 || a->shard_start < 0
-                 : a->n_global != 0 || a->shard_start != 0) {
-        PyErr_Format(PyExc_ValueError, "data-parallel fit: pass reduce with n_global "
-                     ">= 1 and shard_start >= 0, or none of the three; got n_global=%lld, "
-                     "shard_start=%lld", a->n_global, a->shard_start);
-        return -1;
-    }
-    hvae_optimizer_config *oc = &a->optimizer;
-    oc->kind = (hvae_optimizer_kind)kind;
-    oc->learning_rate = (float)a->learning_rate;
-    oc->weight_decay = (float)weight_decay;
-    oc->momentum = (float)momentum;
-    oc->beta1 = (float)beta1;
-    oc->beta2 = (float)beta2;
-    oc->eps = (float)adam_eps;
     return 0;
 }
 

@@ -216,17 +216,11 @@ static hvae_status validate_config(const hvae_config *c)
     return prior->check_config ? prior->check_config(c) : HVAE_OK;
 }
 
-hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
+/* The model's own copy of the config: its latent and hidden sizes, each
+ * layer's family and categories (latent_dims count a categorical layer's
+ * one-hot columns). */
+static void copy_config(hvae_model *m, const hvae_config *config)
 {
-    if (!config || !out)
-        return HVAE_ERR_INVALID_ARGUMENT;
-    *out = NULL;
-    hvae_status st = validate_config(config);
-    if (st != HVAE_OK)
-        return st;
-    hvae_model *m = calloc(1, sizeof *m);
-    if (!m)
-        return HVAE_ERR_OUT_OF_MEMORY;
     m->config = *config;
     int32_t T = config->n_layers, H = config->n_hidden;
     memcpy(m->config_latent_dims, config->latent_dims, (size_t)T * sizeof(int64_t));
@@ -245,6 +239,74 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
     m->config.latent_families = m->latent_families;
     m->config.n_categories = m->n_categories;
     m->config.hidden_dims = m->hidden_dims;
+}
+
+static const char *const gaussian_heads[] = {"mu", "logvar"};
+static const char *const logits_head[] = {"logits"};
+
+/* The encoder blocks enc1..encT, each layer's z (and the ladder's merged
+ * posterior below the top) and its noise columns. */
+static void layout_encoders(layout_state *ls)
+{
+    hvae_model *m = ls->m;
+    const hvae_config *config = &m->config;
+    int32_t T = config->n_layers, H = config->n_hidden;
+    int64_t D = config->n_features;
+    char prefix[16];
+    for (int32_t i = 0; i < T; i++) {
+        snprintf(prefix, sizeof prefix, "enc%d", (int)i + 1);
+        int one_head = m->latent[i].family->n_heads == 1;
+        layout_block(ls, &m->enc[i], prefix, i == 0 ? D : m->latent_dims[i - 1],
+                     m->hidden_dims, H, one_head ? 1 : 2, m->latent_dims[i],
+                     one_head ? logits_head : gaussian_heads);
+        m->latent[i].dim = m->latent_dims[i];
+        m->latent[i].z_col = checked_add(ls, &ls->act_cols, 1, m->latent_dims[i]);
+        m->latent[i].eps_col = m->eps_cols;
+        m->eps_cols += m->latent_dims[i];
+        /* The ladder's merged posterior of every layer below the top. */
+        if (config->inference == HVAE_INFERENCE_LADDER && i < T - 1) {
+            m->latent[i].q_col[0] = checked_add(ls, &ls->act_cols, 1, m->latent_dims[i]);
+            m->latent[i].q_col[1] = checked_add(ls, &ls->act_cols, 1, m->latent_dims[i]);
+        }
+    }
+}
+
+/* The decoder blocks dec1..decT, their hidden widths reversed. */
+static void layout_decoders(layout_state *ls)
+{
+    hvae_model *m = ls->m;
+    const hvae_config *config = &m->config;
+    int32_t T = config->n_layers, H = config->n_hidden;
+    int64_t D = config->n_features, reversed[HVAE_MAX_HIDDEN];
+    for (int32_t j = 0; j < H; j++)
+        reversed[j] = m->hidden_dims[H - 1 - j];
+    char prefix[16];
+    int unit = config->decoder_variance == HVAE_DECODER_VARIANCE_UNIT;
+    for (int32_t i = 0; i < T; i++) {
+        snprintf(prefix, sizeof prefix, "dec%d", (int)i + 1);
+        /* A logits head: the Bernoulli likelihood's, or the prior of a
+         * categorical layer below. */
+        int logits = i == 0 ? config->likelihood == HVAE_LIKELIHOOD_BERNOULLI
+                            : m->latent[i - 1].family->n_heads == 1;
+        layout_block(ls, &m->dec[i], prefix, m->latent_dims[i], reversed, H,
+                     logits || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
+                     logits ? logits_head : gaussian_heads);
+    }
+}
+
+hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
+{
+    if (!config || !out)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    *out = NULL;
+    hvae_status st = validate_config(config);
+    if (st != HVAE_OK)
+        return st;
+    hvae_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return HVAE_ERR_OUT_OF_MEMORY;
+    copy_config(m, config);
+    int32_t T = config->n_layers, H = config->n_hidden;
     m->prior = hvae_prior_table[config->prior];
     int32_t n_prior_tensors = m->prior->n_tensors(config);
     /* 2 * T blocks of at most H hidden layers and 2 heads, W and b each;
@@ -261,40 +323,9 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         return HVAE_ERR_OUT_OF_MEMORY;
     }
 
-    int64_t D = config->n_features, reversed[HVAE_MAX_HIDDEN];
-    for (int32_t j = 0; j < H; j++)
-        reversed[j] = m->hidden_dims[H - 1 - j];
     layout_state ls = {m, 0, 0, 0};
-    char prefix[16];
-    static const char *const gaussian_heads[] = {"mu", "logvar"};
-    static const char *const logits_head[] = {"logits"};
-    for (int32_t i = 0; i < T; i++) {
-        snprintf(prefix, sizeof prefix, "enc%d", (int)i + 1);
-        int one_head = m->latent[i].family->n_heads == 1;
-        layout_block(&ls, &m->enc[i], prefix, i == 0 ? D : m->latent_dims[i - 1],
-                     m->hidden_dims, H, one_head ? 1 : 2, m->latent_dims[i],
-                     one_head ? logits_head : gaussian_heads);
-        m->latent[i].dim = m->latent_dims[i];
-        m->latent[i].z_col = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
-        m->latent[i].eps_col = m->eps_cols;
-        m->eps_cols += m->latent_dims[i];
-        /* The ladder's merged posterior of every layer below the top. */
-        if (config->inference == HVAE_INFERENCE_LADDER && i < T - 1) {
-            m->latent[i].q_col[0] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
-            m->latent[i].q_col[1] = checked_add(&ls, &ls.act_cols, 1, m->latent_dims[i]);
-        }
-    }
-    int unit = config->decoder_variance == HVAE_DECODER_VARIANCE_UNIT;
-    for (int32_t i = 0; i < T; i++) {
-        snprintf(prefix, sizeof prefix, "dec%d", (int)i + 1);
-        /* A logits head: the Bernoulli likelihood's, or the prior of a
-         * categorical layer below. */
-        int logits = i == 0 ? config->likelihood == HVAE_LIKELIHOOD_BERNOULLI
-                            : m->latent[i - 1].family->n_heads == 1;
-        layout_block(&ls, &m->dec[i], prefix, m->latent_dims[i], reversed, H,
-                     logits || unit ? 1 : 2, i == 0 ? D : m->latent_dims[i - 1],
-                     logits ? logits_head : gaussian_heads);
-    }
+    layout_encoders(&ls);
+    layout_decoders(&ls);
     layout_prior(&ls, n_prior_tensors);
     layout_discriminator(&ls);
     m->n_params = ls.n_params;

@@ -246,6 +246,86 @@ static double iwae_bounds(const hvae_workspace *ws, int64_t B, int64_t S, double
     return bounds;
 }
 
+/* The training passes' sampling mode back to exact. */
+static void end_sampling(hvae_workspace *ws)
+{
+    ws->temperature = 0.0f;
+    ws->straight_through = ws->score = 0;
+}
+
+/* The layers' KL gradient weights (beta, 0 for a layer floored by free
+ * bits, 1 for IWAE) into kl_weight[], and their sum over the layers into
+ * *kl_total; returns the loss's KL penalty per data row. batch_kl holds
+ * the layers' KL sums over every process's rows, then their count. */
+static double kl_weights(const hvae_objective_options *o, int32_t T, int iwae,
+                         int free_bits, const double *batch_kl, const double *kl_sum,
+                         float *kl_weight, double *kl_total)
+{
+    double penalty = 0.0;
+    for (int32_t i = 0; i < T; i++) {
+        double mean = batch_kl[T] > 0.0 ? batch_kl[i] / batch_kl[T] : 0.0;
+        /* Free bits: a layer whose batch-mean KL is under the floor counts
+         * as the floor and receives no KL gradient. */
+        int floored = free_bits && mean < (double)o->free_bits;
+        kl_weight[i] = iwae ? 1.0f : floored ? 0.0f : o->beta;
+        penalty += (iwae ? 1.0 : (double)o->beta) * (floored ? o->free_bits : mean);
+        *kl_total += kl_sum[i];
+    }
+    return penalty;
+}
+
+/* beta-TCVAE: the top layer's weighted decomposition replaces beta KL in
+ * the loss (its rows' terms, this process's share per data row): updates
+ * *penalty and the top layer's kl_weight. */
+static void tcvae_penalty(hvae_model *m, hvae_workspace *ws, const float *const *noise,
+                          int64_t B, int64_t R, const hvae_objective_options *o,
+                          double n_data, const double *batch_kl, float *kl_weight,
+                          double *penalty)
+{
+    int32_t T = m->config.n_layers, top = T - 1;
+    kl_weight[top] = 0.0f;
+    *penalty -= (double)o->beta * (batch_kl[T] > 0.0 ? batch_kl[top] / batch_kl[T] : 0.0);
+    double weighted = 0.0;
+    if (R > 0) {
+        tcvae_terms_forward(m, ws, noise[top], R, n_data);
+        for (int64_t r = 0; r < R; r++)
+            for (int k = 0; k < 3; k++)
+                weighted += (double)o->tcvae_weights[k] *
+                            ws->tc_scratch[k * ws->max_rows + r];
+    }
+    *penalty += B > 0 ? weighted / (double)R : 0.0;
+}
+
+/* The (multi-sample) ELBO's backward pass, with free bits, FactorVAE's
+ * tc_weight * T(z_T) and beta-TCVAE's top terms; adds the rows' loss to
+ * sums->loss. */
+static void elbo_backward(hvae_model *m, hvae_workspace *ws, const float *xb,
+                          const float *cb, const float *const *noise, int64_t B,
+                          const hvae_objective_options *o, double n_total, double n_data,
+                          double rec, double penalty, const float *kl_weight,
+                          hvae_epoch_stats *sums)
+{
+    int32_t T = m->config.n_layers;
+    int64_t S = o->n_samples, R = B * S;
+    hvae_top_terms top_terms = {o->tc_weight, o->tcvae, o->tcvae_weights, n_data};
+    float scale = (float)(1.0 / (n_total * (double)S));
+    /* FactorVAE: + tc_weight * T(z_T) per draw, at the discriminator
+     * as it stands (it steps after the model's gradient). */
+    double tc = 0.0;
+    if (o->tc_weight != 0.0f && R > 0) {
+        int32_t top = T - 1;
+        tc = hvae_discriminator_term_forward(m, ws_act(ws, m->latent[top].z_col), R, 0.0,
+                                             NULL);
+    }
+    if (ws->score)
+        score_weights(ws, B, S, kl_weight, o, scale);
+    if (R > 0)
+        hvae_backward(m, ws, xb, cb, noise, R, scale, NULL, kl_weight, 0, &top_terms);
+    /* The penalty is per data row: this process's share of it. */
+    sums->loss += -(rec / (double)S - penalty * (double)B) +
+                  (double)o->tc_weight * tc / (double)S;
+}
+
 /* Forward and backward over B data rows times S draws staged at xb, with
  * gradients scaled so that a full loss over n_total data rows accumulates.
  * Adds the rows' sums (per data row, draws averaged) to `sums`. B may be 0
@@ -289,39 +369,16 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
         batch_kl[i] = kl_sum[i];
     batch_kl[T] = (double)R;
     if (free_bits && red->fn && red->fn(red->ctx, NULL, 0, batch_kl, T + 1)) {
-        ws->temperature = 0.0f;
-        ws->straight_through = ws->score = 0;
+        end_sampling(ws);
         return 1;
     }
 
     float kl_weight[HVAE_MAX_LAYERS];
-    double kl_total = 0.0, penalty = 0.0;
-    for (int32_t i = 0; i < T; i++) {
-        double mean = batch_kl[T] > 0.0 ? batch_kl[i] / batch_kl[T] : 0.0;
-        /* Free bits: a layer whose batch-mean KL is under the floor counts
-         * as the floor and receives no KL gradient. */
-        int floored = free_bits && mean < (double)o->free_bits;
-        kl_weight[i] = iwae ? 1.0f : floored ? 0.0f : o->beta;
-        penalty += (iwae ? 1.0 : (double)o->beta) * (floored ? o->free_bits : mean);
-        kl_total += kl_sum[i];
-    }
-    /* beta-TCVAE: the top layer's weighted decomposition replaces beta KL
-     * in the loss (its rows' terms, this process's share per data row). */
-    if (o->tcvae) {
-        int32_t top = T - 1;
-        kl_weight[top] = 0.0f;
-        penalty -= (double)o->beta * (batch_kl[T] > 0.0 ? batch_kl[top] / batch_kl[T] : 0.0);
-        double weighted = 0.0;
-        if (R > 0) {
-            tcvae_terms_forward(m, ws, noise[top], R, n_data);
-            for (int64_t r = 0; r < R; r++)
-                for (int k = 0; k < 3; k++)
-                    weighted += (double)o->tcvae_weights[k] *
-                                ws->tc_scratch[k * ws->max_rows + r];
-        }
-        penalty += B > 0 ? weighted / (double)R : 0.0;
-    }
-    hvae_top_terms top_terms = {o->tc_weight, o->tcvae, o->tcvae_weights, n_data};
+    double kl_total = 0.0;
+    double penalty = kl_weights(o, T, iwae, free_bits, batch_kl, kl_sum, kl_weight,
+                                &kl_total);
+    if (o->tcvae)
+        tcvae_penalty(m, ws, noise, B, R, o, n_data, batch_kl, kl_weight, &penalty);
 
     double objective = 0.0;
     if (iwae) {
@@ -331,22 +388,8 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
-        float scale = (float)(1.0 / (n_total * (double)S));
-        /* FactorVAE: + tc_weight * T(z_T) per draw, at the discriminator
-         * as it stands (it steps after the model's gradient). */
-        double tc = 0.0;
-        if (o->tc_weight != 0.0f && R > 0) {
-            int32_t top = T - 1;
-            tc = hvae_discriminator_term_forward(m, ws_act(ws, m->latent[top].z_col), R, 0.0,
-                                                 NULL);
-        }
-        if (ws->score)
-            score_weights(ws, B, S, kl_weight, o, scale);
-        if (R > 0)
-            hvae_backward(m, ws, xb, cb, noise, R, scale, NULL, kl_weight, 0, &top_terms);
-        /* The penalty is per data row: this process's share of it. */
-        sums->loss += -(rec / (double)S - penalty * (double)B) +
-                      (double)o->tc_weight * tc / (double)S;
+        elbo_backward(m, ws, xb, cb, noise, B, o, n_total, n_data, rec, penalty, kl_weight,
+                      sums);
     }
     sums->objective += objective;
     sums->elbo += (rec - kl_total) / (double)S;
@@ -354,8 +397,7 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
     for (int32_t i = 0; i < T; i++)
         sums->kl[i] += kl_sum[i] / (double)S;
     sums->n_rows += B;
-    ws->temperature = 0.0f;
-    ws->straight_through = ws->score = 0;
+    end_sampling(ws);
     return 0;
 }
 
@@ -522,12 +564,12 @@ static int reduce_step(hvae_model *m, const hvae_train_options *o, hvae_epoch_st
     return 0;
 }
 
-/* The minibatch steps of one epoch (hvae_train_epoch without the
- * rollback). */
-static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
-                               hvae_rng *rng, const float *x, const float *cond,
-                               int64_t n, int64_t *order, const hvae_train_options *o,
-                               hvae_epoch_stats *stats)
+/* train_steps' arguments: HVAE_OK, or the status it returns for them. */
+static hvae_status check_train_args(const hvae_model *m, const hvae_workspace *ws,
+                                    const hvae_optimizer *opt, const hvae_rng *rng,
+                                    const float *x, const float *cond, int64_t n,
+                                    const int64_t *order, const hvae_train_options *o,
+                                    const hvae_epoch_stats *stats)
 {
     int parallel = o && o->n_global > 0;
     if (!m || !ws || ws->model != m || !opt || !rng || !o || !stats ||
@@ -541,11 +583,40 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         return HVAE_ERR_INVALID_ARGUMENT;
     if ((n > 0 && (!x || (m->config.n_conditions > 0 && !cond))) || (o->shuffle && !order))
         return HVAE_ERR_INVALID_ARGUMENT;
-    int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
+    int64_t S = o->objective.n_samples;
     if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
     if (hvae_optimizer_n_params(opt) != m->n_params)
         return HVAE_ERR_INVALID_ARGUMENT;
+    return HVAE_OK;
+}
+
+/* The objective of the next step: the annealed temperature
+ * (hvae_objective_options) at the optimizer's step count. */
+static hvae_objective_options annealed_objective(const hvae_objective_options *objective,
+                                                 hvae_optimizer *opt)
+{
+    hvae_objective_options step_objective = *objective;
+    double tau = objective->temperature *
+                 exp(-(double)objective->temperature_decay *
+                     (double)*hvae_optimizer_step_count(opt));
+    step_objective.temperature =
+        (float)(tau > objective->temperature_min ? tau : objective->temperature_min);
+    return step_objective;
+}
+
+/* The minibatch steps of one epoch (hvae_train_epoch without the
+ * rollback). */
+static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
+                               hvae_rng *rng, const float *x, const float *cond,
+                               int64_t n, int64_t *order, const hvae_train_options *o,
+                               hvae_epoch_stats *stats)
+{
+    hvae_status checked = check_train_args(m, ws, opt, rng, x, cond, n, order, o, stats);
+    if (checked != HVAE_OK)
+        return checked;
+    int parallel = o->n_global > 0;
+    int64_t S = o->objective.n_samples, N = parallel ? o->n_global : n;
     int32_t T = m->config.n_layers;
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
@@ -565,12 +636,7 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         for (int32_t i = 0; i < T; i++)
             m->latent[i].family->noise(ws_eps(ws, i), rng, B * S * m->latent_dims[i]);
         /* The annealed temperature of this step (hvae_objective_options). */
-        hvae_objective_options step_objective = o->objective;
-        double tau = o->objective.temperature *
-                     exp(-(double)o->objective.temperature_decay *
-                         (double)*hvae_optimizer_step_count(opt));
-        step_objective.temperature =
-            (float)(tau > o->objective.temperature_min ? tau : o->objective.temperature_min);
+        hvae_objective_options step_objective = annealed_objective(&o->objective, opt);
         const float *cb;
         int64_t held;
         const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,

@@ -739,67 +739,89 @@ def _argument_names(constructor):
     return frozenset(inspect.signature(constructor).parameters)
 
 
-def _load(file, archive_size):
+def _read_metadata(archive, infos, archive_size):
+    """The archive's metadata member, parsed and checked: format, version,
+    keys, estimator and hvae_version. Returns ``(metadata, spec)``."""
     from . import __version__
-    from ._native import Model
 
+    if _METADATA not in infos:
+        raise _Damaged("no metadata member: not an hvae model file")
+    text = _read_member(archive, infos[_METADATA], archive_size, "|u1")
+    try:
+        metadata = json.loads(text.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _Damaged(f"the metadata is not JSON ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise _Damaged("the metadata does not name the format 'hvae': not an hvae "
+                       "model file")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION or not _is_int(version):
+        raise ValueError(
+            f"written in hvae file format version {version!r:.100} (by hvae "
+            f"{str(metadata.get('hvae_version'))[:100]}); this hvae ({__version__}) reads "
+            f"version {FORMAT_VERSION}" + (": upgrade hvae to load it" if _is_int(version)
+                                           and version > FORMAT_VERSION else ""))
+    missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise _Damaged(f"the metadata lacks {missing}")
+    unknown = set(metadata) - set(_REQUIRED_KEYS) - {"unsaved_params", _DIGEST}
+    _require(not unknown, f"unknown metadata keys {sorted(unknown)[:10]}")
+    spec = _ESTIMATORS.get(metadata["estimator"]) if isinstance(
+        metadata["estimator"], str) else None
+    if spec is None:
+        raise _Damaged(f"holds a {metadata['estimator']!r:.100}, not a "
+                       f"{' or '.join(_ESTIMATORS)}")
+    _require(isinstance(metadata["hvae_version"], str) and len(metadata["hvae_version"])
+             < 100, "hvae_version must be a short string")
+    return metadata, spec
+
+
+def _read_arrays(archive, infos, metadata, archive_size):
+    """The arrays the metadata declares, each read and checked against its
+    dtype, shape and SHA-256. Returns a dict of name to array."""
+    declared = metadata["arrays"]
+    if not isinstance(declared, dict) or "parameters" not in declared:
+        raise _Damaged("the metadata declares no 'parameters' array")
+    members = set(infos) - {_METADATA}
+    if members != set(declared):
+        raise _Damaged(f"members {sorted(members)} differ from the metadata's arrays "
+                       f"{sorted(declared)}")
+    arrays = {}
+    for name, spec_ in declared.items():
+        try:
+            dtype, shape, digest = spec_["dtype"], spec_["shape"], spec_["sha256"]
+            if not all(_is_int(s) and s >= 0 for s in shape) or set(spec_) != {
+                    "dtype", "shape", "sha256"}:
+                raise TypeError
+        except (TypeError, KeyError):
+            raise _Damaged(f"the metadata's entry for array {name!r} is malformed") from None
+        array = _read_member(archive, infos[name], archive_size, dtype, shape)
+        if hashlib.sha256(array.tobytes()).hexdigest() != digest:
+            raise _Damaged(f"array {name!r} does not match its SHA-256 checksum: the file "
+                           "was altered")
+        arrays[name] = array
+    return arrays
+
+
+def _read_archive(file, archive_size):
+    """Step 1 of _load: the archive's metadata and arrays, read and checked.
+    Returns ``(metadata, spec, arrays)``."""
     with zipfile.ZipFile(file) as archive:
         infos = {}
         for info in archive.infolist():
             if not info.filename.endswith(".npy"):
                 raise _Damaged(f"unexpected member {info.filename!r}")
             infos[info.filename[:-4]] = info
-        if _METADATA not in infos:
-            raise _Damaged("no metadata member: not an hvae model file")
-        text = _read_member(archive, infos[_METADATA], archive_size, "|u1")
-        try:
-            metadata = json.loads(text.tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise _Damaged(f"the metadata is not JSON ({error})") from None
-        if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
-            raise _Damaged("the metadata does not name the format 'hvae': not an hvae "
-                           "model file")
-        version = metadata.get("format_version")
-        if version != FORMAT_VERSION or not _is_int(version):
-            raise ValueError(
-                f"written in hvae file format version {version!r:.100} (by hvae "
-                f"{str(metadata.get('hvae_version'))[:100]}); this hvae ({__version__}) reads "
-                f"version {FORMAT_VERSION}" + (": upgrade hvae to load it" if _is_int(version)
-                                               and version > FORMAT_VERSION else ""))
-        missing = [key for key in _REQUIRED_KEYS if key not in metadata]
-        if missing:
-            raise _Damaged(f"the metadata lacks {missing}")
-        unknown = set(metadata) - set(_REQUIRED_KEYS) - {"unsaved_params", _DIGEST}
-        _require(not unknown, f"unknown metadata keys {sorted(unknown)[:10]}")
-        spec = _ESTIMATORS.get(metadata["estimator"]) if isinstance(
-            metadata["estimator"], str) else None
-        if spec is None:
-            raise _Damaged(f"holds a {metadata['estimator']!r:.100}, not a "
-                           f"{' or '.join(_ESTIMATORS)}")
-        _require(isinstance(metadata["hvae_version"], str) and len(metadata["hvae_version"])
-                 < 100, "hvae_version must be a short string")
+        metadata, spec = _read_metadata(archive, infos, archive_size)
+        arrays = _read_arrays(archive, infos, metadata, archive_size)
+    return metadata, spec, arrays
 
-        declared = metadata["arrays"]
-        if not isinstance(declared, dict) or "parameters" not in declared:
-            raise _Damaged("the metadata declares no 'parameters' array")
-        members = set(infos) - {_METADATA}
-        if members != set(declared):
-            raise _Damaged(f"members {sorted(members)} differ from the metadata's arrays "
-                           f"{sorted(declared)}")
-        arrays = {}
-        for name, spec_ in declared.items():
-            try:
-                dtype, shape, digest = spec_["dtype"], spec_["shape"], spec_["sha256"]
-                if not all(_is_int(s) and s >= 0 for s in shape) or set(spec_) != {
-                        "dtype", "shape", "sha256"}:
-                    raise TypeError
-            except (TypeError, KeyError):
-                raise _Damaged(f"the metadata's entry for array {name!r} is malformed") from None
-            array = _read_member(archive, infos[name], archive_size, dtype, shape)
-            if hashlib.sha256(array.tobytes()).hexdigest() != digest:
-                raise _Damaged(f"array {name!r} does not match its SHA-256 checksum: the file "
-                               "was altered")
-            arrays[name] = array
+
+def _build_model(metadata, arrays):
+    """Step 2 of _load: the model of the file's architecture, its layout
+    checked against the file's, every float array checked finite."""
+    from . import __version__
+    from ._native import Model
 
     parameters = arrays["parameters"]
     if parameters.dtype != np.float32 or parameters.ndim != 1:
@@ -826,6 +848,13 @@ def _load(file, archive_size):
     for name, array in arrays.items():
         if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
             raise _Damaged(f"array {name!r} holds NaN or infinite values")
+    return model
+
+
+def _read_estimator_fields(metadata, arrays, model, spec):
+    """Step 3 of _load: the estimator's params and fitted attributes,
+    checked. Returns ``(params, attributes)``."""
+    from . import __version__
 
     params = _decode(metadata["params"], arrays)
     attributes = _decode(metadata["attributes"], arrays)
@@ -841,7 +870,12 @@ def _load(file, archive_size):
         isinstance(key, str) and key in params and params[key] is None for key in unsaved),
         "unsaved_params must list parameters saved as null")
     _check_attributes(attributes, model, spec)
+    return params, attributes
 
+
+def _restore_state(metadata, arrays, model, history):
+    """Step 4 of _load: the model's state (parameters, optimizer, generator),
+    checked, then restored into ``model``."""
     state = _decode(metadata["state"], arrays)
     if isinstance(state, dict) and "rng_state" in state:
         rng_state = state.get("rng_state")
@@ -853,11 +887,18 @@ def _load(file, archive_size):
             state["optimizer"].get("kind") not in ("adam", "sgd"):
         raise _Damaged(f"invalid model state (optimizer kind "
                        f"{state['optimizer'].get('kind')!r:.100})")
-    _check_state(state, model, attributes["history_"])
+    _check_state(state, model, history)
     try:
         model.__setstate__(state)
     except (TypeError, ValueError, OverflowError, KeyError) as error:
         raise _Damaged(f"invalid model state ({error})") from None
+
+
+def _load(file, archive_size):
+    metadata, spec, arrays = _read_archive(file, archive_size)
+    model = _build_model(metadata, arrays)
+    params, attributes = _read_estimator_fields(metadata, arrays, model, spec)
+    _restore_state(metadata, arrays, model, attributes["history_"])
 
     estimator = spec.cls(**params)
     _check_params(estimator, model, spec)
