@@ -63,6 +63,21 @@ KINKED_ACTIVATIONS = ("relu", "leaky_relu")
 # Elementwise functions
 
 
+def central_differences(loss, params, h=1e-6):
+    """The gradient of loss (a function of a flat float64 vector) at params
+    by central differences, one coordinate at a time."""
+    params = np.asarray(params, dtype=np.float64)
+    grad, flat = np.empty_like(params), params.copy()
+    for k in range(flat.size):
+        flat[k] = params[k] + h
+        plus = loss(flat)
+        flat[k] = params[k] - h
+        minus = loss(flat)
+        flat[k] = params[k]
+        grad[k] = (plus - minus) / (2 * h)
+    return grad
+
+
 def softplus(a):
     """log(1 + exp(a)) without overflow."""
     return np.logaddexp(0.0, a)
