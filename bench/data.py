@@ -30,9 +30,12 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
+
 from hvae.datasets import load_digits, load_fashion_mnist
 
-__all__ = ["WORKLOAD_NAMES", "workloads", "find_fashion_mnist"]
+__all__ = ["WORKLOAD_NAMES", "workloads", "find_fashion_mnist", "fashion_mnist_split",
+           "quality_arguments"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,3 +141,26 @@ def workloads(names=None):
             }
         )
     return result
+
+
+def quality_arguments(parser, json_name, epochs=10, ll_rows=1000, ll_samples=1000):
+    """The options the Fashion-MNIST quality scripts share (bench/quality.py,
+    vamp.py, discrete.py): epochs, training rows, the log-likelihood's rows
+    and draws, threads and where the JSON goes."""
+    results = Path(__file__).resolve().parent / "results"
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--train-rows", type=int, default=60000)
+    parser.add_argument("--ll-rows", type=int, default=ll_rows)
+    parser.add_argument("--ll-samples", type=int, default=ll_samples)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=str(results / json_name))
+    return parser
+
+
+def fashion_mnist_split(train_rows):
+    """Fashion-MNIST's first ``train_rows`` training images and its 10,000
+    test images, float32 C-contiguous in [0, 1] (labels dropped)."""
+    path = find_fashion_mnist()
+    X_train, _ = load_fashion_mnist("train", path=path)
+    X_test, _ = load_fashion_mnist("test", path=path)
+    return np.ascontiguousarray(X_train[:train_rows]), X_test

@@ -46,8 +46,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import hvae  # noqa: E402
-from data import find_fashion_mnist  # noqa: E402
-from hvae.datasets import load_fashion_mnist  # noqa: E402
+from data import fashion_mnist_split, quality_arguments  # noqa: E402
 
 ANNEAL = dict(temperature=1.0, temperature_min=0.5, temperature_decay=3e-5)
 
@@ -120,24 +119,16 @@ def variance_table(cat, gauss, X, n_draws, reference_draws):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--train-rows", type=int, default=60000)
-    parser.add_argument("--ll-rows", type=int, default=500)
-    parser.add_argument("--ll-samples", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = quality_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                               "discrete.json", epochs=5, ll_rows=500, ll_samples=500)
     parser.add_argument("--draws", type=int, default=200)
     parser.add_argument("--reference-draws", type=int, default=300)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--throughput-only", action="store_true",
                         help="time the interleaved epochs only (no scores, no variance table)")
-    parser.add_argument("--json", default=str(HERE / "results" / "discrete.json"))
     args = parser.parse_args(argv)
 
-    path = find_fashion_mnist()
-    X_train, _ = load_fashion_mnist("train", path=path)
-    X_test, _ = load_fashion_mnist("test", path=path)
-    X_train = np.ascontiguousarray(X_train[:args.train_rows])
+    X_train, X_test = fashion_mnist_split(args.train_rows)
     cat, gauss = hvae_models(0)
     cat.n_threads = gauss.n_threads = args.threads
     seconds = {"hvae categorical": [], "hvae gaussian": [], "torch categorical": []}

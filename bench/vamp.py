@@ -29,25 +29,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import hvae  # noqa: E402
-from data import find_fashion_mnist  # noqa: E402
-from hvae.datasets import load_fashion_mnist  # noqa: E402
+from data import fashion_mnist_split, quality_arguments  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = quality_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]),
+                               "vamp.json")
     parser.add_argument("--pseudo-inputs", type=int, nargs="+", default=[500])
-    parser.add_argument("--ll-rows", type=int, default=1000)
-    parser.add_argument("--ll-samples", type=int, default=1000)
-    parser.add_argument("--train-rows", type=int, default=60000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=str(HERE / "results" / "vamp.json"))
     args = parser.parse_args(argv)
 
-    path = find_fashion_mnist()
-    X_train, _ = load_fashion_mnist("train", path=path)
-    X_test, _ = load_fashion_mnist("test", path=path)
-    X_train = X_train[:args.train_rows]
+    X_train, X_test = fashion_mnist_split(args.train_rows)
     models = [("standard", dict(prior="standard"))]
     models += [(f"vamp K={K}", dict(prior="vamp", n_pseudo_inputs=K))
                for K in args.pseudo_inputs]
