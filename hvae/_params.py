@@ -239,7 +239,6 @@ PARAMETER_CONSTRAINTS = {
     "conditional": Flag(),
     "chunk_size": Optional(Integer(1, MAX_CHUNK_SIZE)),
     "callbacks": Callbacks(),
-    "prior": OneOf(PRIORS),
     "tc_weight": FiniteNumber(),
     "tcvae_weights": Optional(Weights(3)),
     "discriminator_hidden": Dims(allow_empty=True, max_entries=MAX_HIDDEN, unit="entries"),

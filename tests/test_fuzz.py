@@ -72,7 +72,7 @@ def assert_same(a, b):
 @st.composite
 def architectures(draw):
     """Valid, small model arguments (a wide model now and then)."""
-    return dict(
+    arch = dict(
         n_features=draw(st.sampled_from([1, 1, 2, 3, 5, 8, 1500])),
         latent_dims=tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))),
         hidden_dims=tuple(draw(st.lists(st.integers(1, 6), max_size=2))),
@@ -82,6 +82,32 @@ def architectures(draw):
         inference=draw(st.sampled_from(["markov", "ladder"])),
         seed=draw(st.integers(0, 2**64 - 1)),
     )
+    arch.update(draw(model_families(len(arch["latent_dims"]))))
+    return arch
+
+
+@st.composite
+def model_families(draw, n_layers):
+    """The prior and latent-family options (mostly the defaults): a mixture,
+    VampPrior or density-ratio prior on a Gaussian top layer, or categorical
+    layers (Markov inference) under the uniform prior."""
+    kind = draw(st.sampled_from(["default"] * 4 + ["gmm", "vamp", "density_ratio",
+                                                   "categorical", "factor"]))
+    if kind == "gmm":
+        return dict(prior="gmm", n_components=draw(st.integers(1, 3)))
+    if kind == "vamp":
+        return dict(prior="vamp", n_pseudo_inputs=draw(st.integers(1, 3)))
+    if kind == "density_ratio":
+        return dict(prior="density_ratio", discriminator_hidden=(draw(st.integers(1, 3)),))
+    if kind == "factor":
+        return dict(discriminator_hidden=tuple(draw(st.lists(st.integers(1, 3), max_size=2))))
+    if kind == "categorical":
+        families = draw(st.lists(st.sampled_from(["categorical", "gaussian"]),
+                                 min_size=n_layers, max_size=n_layers))
+        # (ladder inference merges Gaussian posteriors: Markov only)
+        return dict(latent_family=tuple(families), n_categories=draw(st.integers(2, 3)),
+                    inference="markov")
+    return {}
 
 
 def make_model(arch):
@@ -229,7 +255,7 @@ def test_model_data_entry_points(arch, data):
         elif name == "elbo_terms":
             assert result["kl"].shape == (n, T)
         elif name == "encode":
-            assert [mu.shape for mu, _ in result] == [(n, d) for d in arch["latent_dims"]]
+            assert [mu.shape for mu, _ in result] == [(n, w) for w in model.latent_widths]
         elif name == "loss_and_grad":
             assert result[1].shape == (model.n_params,)
     assert np.array_equal(model.parameters, before)
@@ -253,12 +279,12 @@ def test_model_data_entry_points(arch, data):
 @given(arch=architectures(), data=st.data())
 def test_model_decode(arch, data):
     """decode on fuzzed finite Z: the canonical result, finite, shaped (n, D)."""
-    d1 = arch["latent_dims"][0]
+    model = make_model(arch)
+    d1 = model.latent_widths[0]
     Z = data.draw(arrays_for(d1, specials=False))
     return_logvar = data.draw(st.booleans())
     ref = canonical(Z)
     problem = data_problem(ref, d1)
-    model = make_model(arch)
     result, error = outcome(model.decode, Z, return_logvar=return_logvar)
     if problem:
         assert_clear(error, ValueError)
@@ -454,7 +480,7 @@ def test_model_state_setters(arch, data):
 def test_model_noise_argument(arch, data):
     """Caller-provided noise: fuzzed count, shapes, dtypes and layouts."""
     model = make_model(arch)
-    D, dims = arch["n_features"], arch["latent_dims"]
+    D, dims = arch["n_features"], model.latent_widths
     n = data.draw(st.integers(1, 3))
     X = np.full((n, D), 0.5, np.float32)
     count = len(dims) if data.draw(st.integers(0, 4)) else data.draw(st.integers(0, 4))
@@ -499,9 +525,46 @@ def estimator_params(draw):
         random_state=draw(st.integers(0, 2**32 - 1)),
         n_threads=1,
     )
+    n_layers = 1 if isinstance(params["latent_dims"], int) else len(params["latent_dims"])
+    params.update(draw(estimator_families(n_layers)))
     if params["objective"] == "iwae":  # it trains the bound itself
         params.update(beta=1.0, free_bits=0.0, kl_warmup_epochs=0)
     return params
+
+
+@st.composite
+def estimator_families(draw, n_layers):
+    """The model-family parameters (mostly the defaults), each with the
+    settings it needs: the objective 'elbo' for the discriminator models,
+    beta-TCVAE and the score function, Markov inference for categorical
+    layers."""
+    kind = draw(st.sampled_from(["default"] * 4 + ["gmm", "vamp", "density_ratio", "factor",
+                                                   "tcvae", "categorical"]))
+    elbo = dict(objective="elbo")
+    if kind == "gmm":
+        return dict(prior="gmm", n_components=draw(st.integers(1, 3)),
+                    prior_learning_rate=draw(st.sampled_from([None, 1e-2])))
+    if kind == "vamp":
+        return dict(prior="vamp", n_pseudo_inputs=draw(st.integers(1, 3)))
+    if kind == "density_ratio":
+        return dict(elbo, prior="density_ratio", discriminator_hidden=(2,))
+    if kind == "factor":
+        return dict(elbo, tc_weight=draw(st.floats(0.1, 10)), discriminator_hidden=(3, 2),
+                    discriminator_learning_rate=draw(st.floats(1e-4, 1e-2)))
+    if kind == "tcvae":
+        return dict(elbo, free_bits=0.0,
+                    tcvae_weights=tuple(draw(st.lists(st.floats(0, 4), min_size=3,
+                                                      max_size=3))))
+    if kind == "categorical":
+        families = draw(st.lists(st.sampled_from(["categorical", "gaussian"]),
+                                 min_size=n_layers, max_size=n_layers))
+        estimator = draw(st.sampled_from(["auto", "score_function"]))
+        return dict(elbo if estimator == "score_function" else {},
+                    latent_types=tuple(families), n_categories=draw(st.integers(2, 3)),
+                    inference="markov", gradient_estimator=estimator,
+                    straight_through=draw(st.booleans()),
+                    temperature=draw(st.floats(0.5, 2.0)))
+    return {}
 
 
 @given(params=estimator_params(), data=st.data())
@@ -584,6 +647,20 @@ def test_estimator_fit_and_inference(params, data):
            ("validation_fraction", [-0.1, 0.0, 1.0, 2.0, np.nan]),
            ("n_iter_no_change", [0, -1]),
            ("tol", [np.nan, -np.inf]),
+           ("prior", ["mixture", None]),
+           ("n_components", [0, -1, 1.5]),
+           ("n_pseudo_inputs", [0, 2.5]),
+           ("prior_learning_rate", [0.0, -1.0, np.nan]),
+           ("latent_types", ["bernoulli", (None,), 3]),
+           ("n_categories", [1, 0, 2.5]),
+           ("temperature", [0.0, -1.0, np.nan]),
+           ("temperature_min", [0.0, np.inf]),
+           ("gradient_estimator", ["reinforce", None]),
+           ("score_baseline", ["mean", None]),
+           ("tc_weight", [-1.0, np.nan]),
+           ("tcvae_weights", [(1.0, 1.0), (1.0, np.nan, 1.0), "abc"]),
+           ("discriminator_learning_rate", [0.0, np.inf]),
+           ("discriminator_betas", [(1.0, 0.9), (0.5,)]),
        ]), data=st.data())
 def test_estimator_bad_parameters(param, data):
     """Invalid constructor parameters: a ValueError (or TypeError) naming the
