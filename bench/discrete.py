@@ -10,11 +10,17 @@ same epochs):
                 tau = max(0.5, exp(-3e-5 step)) (Jang et al.)
   gaussian      32 Gaussian units, reparameterisation
   torch         bench/peer_torch_discrete.py: the categorical model in
-                PyTorch (same relaxation, annealing, optimizer; fused Adam)
+                PyTorch (same relaxation, annealing, optimizer; fused Adam),
+                eager and with its loss through torch.compile (compiled
+                before the first epoch; the compile time is reported apart)
 
-Training interleaves the epochs (hvae categorical, torch, hvae Gaussian, then
-the next epoch), so the load of the shared machine falls on all of them
-alike; throughput is training rows per median epoch second. Every model is
+Training interleaves the epochs (hvae categorical, torch eager, torch
+compiled, hvae Gaussian, then the next epoch), so the load of the shared
+machine falls on all of them alike; throughput is training rows per median
+epoch second, and "the peer" is the faster of its eager and compiled forms
+(as bench/run.py takes it, issue 17). Each epoch records the share of the
+machine's CPU time other processes used meanwhile (bench/run.py's
+LoadMeter), so that a noisy run says so. Every model is
 scored on the 10k test images: the mean ELBO with one exact draw per image
 (Gumbel-max for categorical layers, averaged over 3 seeds) and, on the first
 --ll-rows images, the importance-sampled log-likelihood with --ll-samples
@@ -47,6 +53,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import hvae  # noqa: E402
 from data import fashion_mnist_split, quality_arguments  # noqa: E402
+from run import LoadMeter  # noqa: E402
 
 ANNEAL = dict(temperature=1.0, temperature_min=0.5, temperature_decay=3e-5)
 
@@ -131,9 +138,18 @@ def main(argv=None):
     X_train, X_test = fashion_mnist_split(args.train_rows)
     cat, gauss = hvae_models(0)
     cat.n_threads = gauss.n_threads = args.threads
-    seconds = {"hvae categorical": [], "hvae gaussian": [], "torch categorical": []}
-    train_elbo = {key: [] for key in seconds}
+    keys = ["hvae categorical", "torch categorical", "torch categorical compiled",
+            "hvae gaussian"]
+    if args.no_torch:
+        keys = [k for k in keys if not k.startswith("torch")]
+    seconds = {key: [] for key in keys}
+    train_elbo = {key: [] for key in keys}
+    foreign = {key: [] for key in keys}  # other processes' CPU share per epoch
+    cpu = {key: [] for key in keys}  # this process's CPU seconds per epoch
+    trainers, compile_seconds, compile_foreign = {}, None, None
     if not args.no_torch:
+        import copy
+
         import torch
 
         from peer_torch_discrete import Trainer, TorchCategoricalVAE
@@ -143,36 +159,51 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
         peer = TorchCategoricalVAE(784)
-        trainer = Trainer(peer, torch.from_numpy(X_train), batch_size=128, lr=1e-3,
-                          tau0=1.0, tau_min=0.5, rate=3e-5)
+        Xt_train = torch.from_numpy(X_train)
+        for key, compiled in (("torch categorical", False),
+                              ("torch categorical compiled", True)):
+            trainers[key] = Trainer(peer if not compiled else copy.deepcopy(peer), Xt_train,
+                                    batch_size=128, lr=1e-3, tau0=1.0, tau_min=0.5,
+                                    rate=3e-5, compile=compiled)
+        meter = LoadMeter()
+        compile_seconds = trainers["torch categorical compiled"].warm_up()
+        compile_foreign = meter.foreign_share()
+        print(f"torch.compile of the peer's loss: {compile_seconds:.1f} s "
+              f"(other processes' CPU share {compile_foreign})", flush=True)
     print(f"Fashion-MNIST: {len(X_train)} train, {len(X_test)} test; {args.epochs} "
           f"interleaved epochs; {args.threads} threads; load average {os.getloadavg()}")
+    load_before = os.getloadavg()
     for epoch in range(args.epochs):
-        for key in seconds:
-            if key == "torch categorical":
-                if args.no_torch:
-                    continue
-                elbo, s = trainer.epoch()
+        for key in keys:
+            meter, times = LoadMeter(), os.times()
+            if key in trainers:
+                elbo, s = trainers[key].epoch()
             else:
                 model = cat if key == "hvae categorical" else gauss
                 elbo, s = hvae_epoch(model, X_train, **(ANNEAL if model is cat else {}))
             seconds[key].append(s)
             train_elbo[key].append(elbo)
-            print(f"  epoch {epoch + 1} {key:<18} {s:7.1f} s  train ELBO {elbo:8.2f}",
-                  flush=True)
+            foreign[key].append(meter.foreign_share())
+            after = os.times()
+            cpu[key].append(after.user + after.system - times.user - times.system)
+            print(f"  epoch {epoch + 1} {key:<27} {s:7.1f} s  train ELBO {elbo:8.2f}  "
+                  f"others' CPU {foreign[key][-1]}", flush=True)
+    load_after = os.getloadavg()
 
+    # The peer: the faster of its two forms (median epochs); only it is scored.
+    peer_key = None
+    if trainers:
+        peer_key = min(trainers, key=lambda k: float(np.median(seconds[k])))
     results = []
-    for key in seconds:
-        if not seconds[key]:
-            continue
+    for key in keys:
         start = time.perf_counter()
-        if args.throughput_only:
+        if args.throughput_only or (key in trainers and key != peer_key):
             elbo = ll = None
-        elif key == "torch categorical":
-            Xt = torch.from_numpy(X_test)
-            elbo = float(np.mean([torch_score(peer, Xt, seed=s).mean().item()
+        elif key in trainers:
+            Xt, model = torch.from_numpy(X_test), trainers[key].model
+            elbo = float(np.mean([torch_score(model, Xt, seed=s).mean().item()
                                   for s in range(3)]))
-            ll = float(torch_ll(peer, Xt[:args.ll_rows], n_samples=args.ll_samples).mean())
+            ll = float(torch_ll(model, Xt[:args.ll_rows], n_samples=args.ll_samples).mean())
         else:
             model = cat if key == "hvae categorical" else gauss
             elbo = float(np.mean([model.elbo(X_test, seed=s).mean() for s in range(3)]))
@@ -183,22 +214,36 @@ def main(argv=None):
                             best_epoch_seconds=float(np.min(seconds[key])),
                             rows_per_second=len(X_train) / median, train_elbo=train_elbo[key],
                             test_elbo=elbo, test_log_likelihood=ll,
+                            foreign_cpu_share=foreign[key], cpu_seconds=cpu[key],
+                            rows_per_cpu_second=len(X_train) / float(np.median(cpu[key])),
                             eval_seconds=time.perf_counter() - start))
-        print(f"{key:<18} median epoch {median:7.1f} s ({len(X_train) / median:8.0f} rows/s)"
+        print(f"{key:<27} median epoch {median:7.1f} s ({len(X_train) / median:8.0f} rows/s)"
               + ("" if elbo is None else f"  test ELBO {elbo:8.2f}  log p(x) {ll:8.2f}"),
               flush=True)
     by = {r["model"]: r for r in results}
-    ratio = None
-    if "torch categorical" in by:
-        ratio = by["hvae categorical"]["rows_per_second"] / by["torch categorical"][
-            "rows_per_second"]
-        per_epoch = [t / h for h, t in zip(seconds["hvae categorical"],
-                                           seconds["torch categorical"])]
-        best_ratio = by["torch categorical"]["best_epoch_seconds"] / by["hvae categorical"][
+    ratio = best_ratio = None
+    ratios = {}
+    if peer_key:
+        for key in trainers:
+            ratios[key] = by["hvae categorical"]["rows_per_second"] / by[key]["rows_per_second"]
+        ratio = ratios[peer_key]
+        per_epoch = [t / h for h, t in zip(seconds["hvae categorical"], seconds[peer_key])]
+        best_ratio = by[peer_key]["best_epoch_seconds"] / by["hvae categorical"][
             "best_epoch_seconds"]
-        print(f"throughput hvae / torch (categorical): {ratio:.2f} (medians), "
+        print(f"throughput hvae / the peer ({peer_key}): {ratio:.2f} (medians), "
               f"{best_ratio:.2f} (fastest epochs); per epoch "
-              f"{[round(r, 2) for r in per_epoch]}")
+              f"{[round(r, 2) for r in per_epoch]}; against each form "
+              f"{ {k: round(v, 2) for k, v in ratios.items()} }")
+    if peer_key:
+        # A second view, less sensitive to the other processes' load: rows
+        # per CPU second of this process (the peer's threads wait passively).
+        cpu_ratio = (by["hvae categorical"]["rows_per_cpu_second"]
+                     / by[peer_key]["rows_per_cpu_second"])
+        print(f"rows per CPU second, hvae / the peer: {cpu_ratio:.2f}")
+    shares = [v for key in keys for v in foreign[key] if v is not None]
+    print(f"load average before {load_before}, after {load_after}; other processes' CPU "
+          f"share per epoch: median {np.median(shares) if shares else None}, "
+          f"max {max(shares) if shares else None}")
 
     table = None if args.throughput_only else variance_table(cat, gauss, X_test[:128],
                                                              args.draws, args.reference_draws)
@@ -206,9 +251,15 @@ def main(argv=None):
                ll_rows=args.ll_rows, ll_samples=args.ll_samples, blas=hvae.blas_info(),
                load_average_at_end=os.getloadavg(), annealing=ANNEAL,
                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+               load_average_before=load_before, load_average_after_training=load_after,
+               foreign_cpu_share_median=float(np.median(shares)) if shares else None,
+               foreign_cpu_share_max=max(shares) if shares else None,
+               peer=peer_key, peer_compile_seconds=compile_seconds,
+               peer_compile_foreign_cpu=compile_foreign,
                throughput_ratio_categorical=ratio,
-               throughput_ratio_categorical_fastest_epochs=(
-                   None if ratio is None else best_ratio), results=results,
+               throughput_ratio_categorical_per_peer_form=ratios,
+               cpu_throughput_ratio_categorical=cpu_ratio if peer_key else None,
+               throughput_ratio_categorical_fastest_epochs=best_ratio, results=results,
                gradient_variance=dict(rows=128, draws=args.draws,
                                       reference_draws=args.reference_draws, table=table))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

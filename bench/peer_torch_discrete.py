@@ -14,7 +14,12 @@ temperature_decay=rate)``:
   Bernoulli logits;
 - loss: -(log p(x | z) - KL(q || uniform)) averaged over the minibatch, the
   KL in closed form sum_mk q_mk (log q_mk + log K);
-- Adam (fused), PyTorch's default Linear initialisation.
+- Adam (fused), PyTorch's default Linear initialisation;
+- eager, or (``Trainer(compile=True)``) with the loss, forward and backward,
+  through ``torch.compile`` (default mode, one static graph per batch shape,
+  compiled by ``Trainer.warm_up`` before any timed epoch; the temperature
+  enters the graph as a tensor, so that annealing recompiles nothing). The
+  optimizer step stays eager (fused Adam), as in bench/peer_torch.py.
 
 The training step allocates no buffers of its own: the minibatch, its
 Gumbel noise and the permutation live in tensors made once, filled in place
@@ -68,10 +73,16 @@ class TorchCategoricalVAE(nn.Module):
 
 class Trainer:
     """Epochs of minibatch Adam over X (a float32 tensor), with the
-    temperature annealed per step as in hvae."""
+    temperature annealed per step as in hvae.
+
+    With ``compile=True`` the loss (forward and, through AOTAutograd,
+    backward) runs as ``torch.compile(model.loss, mode=compile_mode,
+    dynamic=False)``; call `warm_up` before timing. ``compile_seconds`` is
+    the wall time `warm_up` spent compiling (0 when eager).
+    """
 
     def __init__(self, model, X, batch_size=128, lr=1e-3, tau0=1.0, tau_min=0.5,
-                 rate=3e-5, seed=0):
+                 rate=3e-5, seed=0, compile=False, compile_mode=None):
         self.model, self.X, self.batch_size = model, X, batch_size
         self.tau0, self.tau_min, self.rate = tau0, tau_min, rate
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
@@ -81,6 +92,31 @@ class Trainer:
         self.order = torch.empty(n, dtype=torch.int64)
         self.batch = torch.empty(batch_size, D)
         self.gumbel = torch.empty(batch_size, model.M, model.K)
+        self.compiled = bool(compile)
+        self.compile_seconds = 0.0
+        self.loss_fn = model.loss
+        if self.compiled:
+            self.loss_fn = torch.compile(model.loss, mode=compile_mode, dynamic=False)
+        self.tau = torch.empty(())  # the step's temperature, filled in place
+
+    def warm_up(self):
+        """Compile (when compiling) the loss and its backward for every batch
+        shape an epoch has, leaving the model, the optimizer and the
+        generator as they were; returns the seconds it took."""
+        if not self.compiled:
+            return 0.0
+        n = self.X.shape[0]
+        sizes = {min(self.batch_size, n)} | ({n % self.batch_size} if n % self.batch_size
+                                              else set())
+        start = time.perf_counter()
+        self.tau.fill_(self.tau0)
+        for B in sorted(sizes, reverse=True):
+            self.batch[:B].copy_(self.X[:B])
+            self.gumbel[:B].zero_()
+            self.loss_fn(self.batch[:B], self.gumbel[:B], self.tau).backward()
+        self.optimizer.zero_grad(set_to_none=False)
+        self.compile_seconds += time.perf_counter() - start
+        return time.perf_counter() - start
 
     def epoch(self):
         """One pass; returns (mean training ELBO, seconds)."""
@@ -94,8 +130,8 @@ class Trainer:
             x = torch.index_select(self.X, 0, idx, out=self.batch[:B])
             g = self.gumbel[:B]
             g.exponential_(generator=self.generator).log_().neg_()  # -log Exp(1): Gumbel
-            tau = max(self.tau_min, self.tau0 * math.exp(-self.rate * self.step))
-            loss = self.model.loss(x, g, tau)
+            self.tau.fill_(max(self.tau_min, self.tau0 * math.exp(-self.rate * self.step)))
+            loss = self.loss_fn(x, g, self.tau)
             self.optimizer.zero_grad(set_to_none=False)
             loss.backward()
             self.optimizer.step()

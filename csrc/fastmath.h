@@ -1,6 +1,6 @@
 /*
- * fastmath.h -- internal: branch-free float exp and log1p that the compiler
- * can vectorise. libm's expf/log1pf are scalar calls, and the likelihood
+ * fastmath.h -- internal: branch-free float exp, log and log1p that the compiler
+ * can vectorise. libm's expf/log1pf/logf are scalar calls, and the likelihood
  * terms evaluate one per pixel per step, so they would dominate the
  * elementwise work. Cephes polynomials (Moshier), relative error about
  * 2 ulp over the ranges used here. NaN propagates; exp overflows to +inf
@@ -45,15 +45,10 @@ static inline float hvae_expf(float x)
     return y;
 }
 
-/* log(1 + t) for t in [0, 1]; accurate for tiny t as well. */
-static inline float hvae_log1p_unit(float t)
+/* log(m) + e log 2 for m = 1 + f in [sqrt(1/2), sqrt(2)): Cephes' logf
+ * polynomial, ln 2 split in two as in hvae_expf. */
+static inline float hvae_log_reduced(float f, float e)
 {
-    /* Reduce 1 + t to m * 2^e with m in [sqrt(1/2), sqrt(2)). For t below
-     * sqrt(2) - 1, f = m - 1 = t exactly; above it, f = (t - 1) / 2 and e = 1,
-     * both exact in float. */
-    int big = t > 0.41421356f;
-    float f = big ? (t - 1.0f) * 0.5f : t;
-    float e = big ? 1.0f : 0.0f;
     float z = f * f;
     float p = 7.0376836292e-2f;
     p = p * f - 1.1514610310e-1f;
@@ -68,6 +63,35 @@ static inline float hvae_log1p_unit(float t)
     y += -2.12194440e-4f * e;
     y += -0.5f * z;
     return f + y + 0.693359375f * e;
+}
+
+/* log(1 + t) for t in [0, 1]; accurate for tiny t as well. */
+static inline float hvae_log1p_unit(float t)
+{
+    /* Reduce 1 + t to m * 2^e with m in [sqrt(1/2), sqrt(2)). For t below
+     * sqrt(2) - 1, f = m - 1 = t exactly; above it, f = (t - 1) / 2 and e = 1,
+     * both exact in float. */
+    int big = t > 0.41421356f;
+    float f = big ? (t - 1.0f) * 0.5f : t;
+    float e = big ? 1.0f : 0.0f;
+    return hvae_log_reduced(f, e);
+}
+
+/* log(x) for x a positive normal float (the Gumbel noise's logs: no zero,
+ * subnormal, infinity or NaN comes in), branch-free like hvae_expf. The
+ * exponent and mantissa come from the bits: x = m 2^e, m in [1/2, 1), then
+ * m below sqrt(1/2) is doubled, so f = m - 1 is exact (Sterbenz) and
+ * log(x) near 1 keeps its relative accuracy. */
+static inline float hvae_logf(float x)
+{
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int32_t ex = ((bits >> 23) & 0xff) - 126;
+    float m = hvae_bits_to_float((bits & 0x007fffff) | 0x3f000000);
+    int small = m < 0.70710678f;
+    float f = small ? m + m - 1.0f : m - 1.0f;
+    float e = (float)(small ? ex - 1 : ex);
+    return hvae_log_reduced(f, e);
 }
 
 /* softplus(x) = log(1 + exp(x)), stable for any x. */

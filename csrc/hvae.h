@@ -561,8 +561,9 @@ typedef enum {
                                         else the running mean */
     HVAE_BASELINE_NONE = 1,          /* b = 0 */
     /* b = an exponential moving average (weight 0.1 on the newest) of the
-     * minibatch-mean signal of earlier steps; kept in the workspace, it
-     * starts from the first minibatch of each call */
+     * minibatch-mean signal (over every process's rows) of earlier steps;
+     * kept in the workspace, it starts from the first minibatch of each
+     * training epoch, and carries over from one loss_and_grad to the next */
     HVAE_BASELINE_RUNNING_MEAN = 2,
     /* n_samples > 1: draw s of a row is centred by the mean signal of that
      * row's other draws (VIMCO's leave-one-out, for the ELBO) */
@@ -823,8 +824,10 @@ HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
 
 /* Data-parallel training: how many doubles the reduce hook receives in its
  * two kinds of call for this model (values of which == 0: the layers'
- * minibatch KL sums and the row count, for free bits; which == 1: the
- * minibatch's loss terms). 0 for another `which`. */
+ * minibatch KL sums and the row count, for free bits, or the learning
+ * signal's sum and the row count, for the score function's running-mean
+ * baseline; which == 1: the minibatch's loss terms). 0 for another
+ * `which`. */
 HVAE_API int64_t hvae_train_reduce_values(const hvae_model *model, int which);
 
 /* 1 when all n values are finite. */

@@ -66,29 +66,48 @@ static int estimator_fits(const hvae_model *m, const hvae_objective_options *o)
     }
 }
 
+/* Data-parallel training's sums over the processes (hvae_train_options'
+ * reduce hook). */
+typedef struct {
+    hvae_reduce_hook fn; /* NULL: one process */
+    void *ctx;
+} reducer;
+
 /* The score-function path's per-row weights, from the row signals
  * f_r = reconstruction_r - sum_i kl_weight[i] * term_ri (the row's
  * objective): score_weight[r] = -scale (f_r - b_r), b_r the baseline (see
  * hvae_score_baseline), which never uses draw r itself. The running mean
- * then moves towards this minibatch's mean signal. */
-static void score_weights(hvae_workspace *ws, int64_t B, int64_t S, const float *kl_weight,
-                          const hvae_objective_options *o, float scale)
+ * then moves towards this minibatch's mean signal: over every process's
+ * rows (summed by `red`), so that all processes keep the one baseline a
+ * single process would. Returns nonzero when the reduction stopped the
+ * work. */
+static int score_weights(hvae_workspace *ws, int64_t B, int64_t S, const float *kl_weight,
+                         const hvae_objective_options *o, float scale, const reducer *red)
 {
     int32_t T = ws->model->config.n_layers;
     int64_t R = B * S;
     hvae_score_baseline kind = o->score_baseline;
     if (kind == HVAE_BASELINE_AUTO)
         kind = S > 1 ? HVAE_BASELINE_LEAVE_ONE_OUT : HVAE_BASELINE_RUNNING_MEAN;
-    double *f = ws->lse_sum, mean = 0.0; /* lse_sum: free outside IWAE */
+    double *f = ws->lse_sum; /* lse_sum: free outside IWAE */
+    /* The signals' sum and the row count, in the reduction's T + 1 values
+     * (hvae_train_reduce_values, which 0) as free bits sends them. */
+    double signal[HVAE_MAX_LAYERS + 1] = {0.0};
+    signal[T] = (double)R;
     for (int64_t r = 0; r < R; r++) {
         f[r] = ws->reconstruction[r];
         for (int32_t i = 0; i < T; i++)
             f[r] -= (double)kl_weight[i] * ws->kl[i * ws->max_rows + r];
-        mean += f[r] / (double)(R > 0 ? R : 1);
+        signal[0] += f[r];
     }
+    int running = kind == HVAE_BASELINE_RUNNING_MEAN;
+    if (running && red->fn && red->fn(red->ctx, NULL, 0, signal, T + 1))
+        return 1;
+    R = (int64_t)signal[T]; /* from here on, every process's rows */
+    double mean = R > 0 ? signal[0] / (double)R : 0.0;
     /* The very first step has no earlier signal: it centres by its own
      * mean (a bias of one step, order 1/R). */
-    if (kind == HVAE_BASELINE_RUNNING_MEAN && !ws->baseline_set && R > 0) {
+    if (running && !ws->baseline_set && R > 0) {
         ws->baseline = mean;
         ws->baseline_set = 1;
     }
@@ -104,8 +123,9 @@ static void score_weights(hvae_workspace *ws, int64_t B, int64_t S, const float 
             ws->score_weight[r] = (float)(-(double)scale * (f[r] - base));
         }
     }
-    if (kind == HVAE_BASELINE_RUNNING_MEAN && R > 0)
+    if (running && R > 0)
         ws->baseline = 0.9 * ws->baseline + 0.1 * mean;
+    return 0;
 }
 
 /* beta-TCVAE's formulas are the diagonal Gaussian's against N(0, I). */
@@ -218,11 +238,6 @@ static const float *stage_rows(const hvae_model *m, const hvae_workspace *ws,
     return ws->x;
 }
 
-typedef struct {
-    hvae_reduce_hook fn; /* NULL: one process */
-    void *ctx;
-} reducer;
-
 /* IWAE over B data rows of S draws whose log-weights log w are in
  * ws->lse_sum: returns the sum over rows of log (1/S) sum_s w_s, and writes
  * each draw's gradient weight softmax_s(log w) / n_total to ws->row_weight. */
@@ -299,11 +314,11 @@ static void tcvae_penalty(hvae_model *m, hvae_workspace *ws, const float *const 
 /* The (multi-sample) ELBO's backward pass, with free bits, FactorVAE's
  * tc_weight * T(z_T) and beta-TCVAE's top terms; adds the rows' loss to
  * sums->loss. */
-static void elbo_backward(hvae_model *m, hvae_workspace *ws, const float *xb,
-                          const float *cb, const float *const *noise, int64_t B,
-                          const hvae_objective_options *o, double n_total, double n_data,
-                          double rec, double penalty, const float *kl_weight,
-                          hvae_epoch_stats *sums)
+static int elbo_backward(hvae_model *m, hvae_workspace *ws, const float *xb,
+                         const float *cb, const float *const *noise, int64_t B,
+                         const hvae_objective_options *o, double n_total, double n_data,
+                         double rec, double penalty, const float *kl_weight,
+                         const reducer *red, hvae_epoch_stats *sums)
 {
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, R = B * S;
@@ -317,13 +332,14 @@ static void elbo_backward(hvae_model *m, hvae_workspace *ws, const float *xb,
         tc = hvae_discriminator_term_forward(m, ws_act(ws, m->latent[top].z_col), R, 0.0,
                                              NULL);
     }
-    if (ws->score)
-        score_weights(ws, B, S, kl_weight, o, scale);
+    if (ws->score && score_weights(ws, B, S, kl_weight, o, scale, red))
+        return 1;
     if (R > 0)
         hvae_backward(m, ws, xb, cb, noise, R, scale, NULL, kl_weight, 0, &top_terms);
     /* The penalty is per data row: this process's share of it. */
     sums->loss += -(rec / (double)S - penalty * (double)B) +
                   (double)o->tc_weight * tc / (double)S;
+    return 0;
 }
 
 /* Forward and backward over B data rows times S draws staged at xb, with
@@ -388,8 +404,11 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
         sums->loss += -objective;
     } else {
         objective = (rec - kl_total) / (double)S;
-        elbo_backward(m, ws, xb, cb, noise, B, o, n_total, n_data, rec, penalty, kl_weight,
-                      sums);
+        if (elbo_backward(m, ws, xb, cb, noise, B, o, n_total, n_data, rec, penalty,
+                          kl_weight, red, sums)) {
+            end_sampling(ws);
+            return 1;
+        }
     }
     sums->objective += objective;
     sums->elbo += (rec - kl_total) / (double)S;
@@ -499,7 +518,9 @@ hvae_train_options hvae_train_options_default(void)
 }
 
 /* The reduction's two kinds of call: the free bits' layer sums and row
- * count (T + 1 doubles), and a minibatch's loss terms (PACKED_SUMS + T). */
+ * count (T + 1 doubles; the score function's running-mean baseline sends
+ * its signal sum and row count in the same T + 1), and a minibatch's loss
+ * terms (PACKED_SUMS + T). */
 #define PACKED_SUMS 5
 
 int64_t hvae_train_reduce_values(const hvae_model *m, int which)
@@ -623,6 +644,11 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         noise[i] = ws_eps(ws, i);
     reducer red = {parallel ? o->reduce : NULL, o->reduce_ctx};
     memset(stats, 0, sizeof *stats);
+    /* The running-mean baseline starts afresh each epoch: were it carried
+     * in the workspace from whatever ran there last, a workspace made anew
+     * (grown for a larger evaluation, say) would restart it, and a fit's
+     * result would depend on that. */
+    ws->baseline_set = 0;
     if (o->shuffle)
         hvae_rng_permutation(rng, order, N);
 

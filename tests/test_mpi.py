@@ -29,8 +29,11 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 
 
 def mpirun(scenario, tmp_path, n=2, timeout=120):
+    # PYTHONPATH: the workers import this checkout's hvae, not an installed one.
+    root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONUNBUFFERED="1")
+               OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     return subprocess.run(["mpirun", "-n", str(n), sys.executable, str(WORKER), scenario,
                            str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=timeout)
