@@ -228,7 +228,7 @@ int main(int argc, char **argv)
         hvae_pool_wait_seconds = 0.0;
         gemm_seconds = 0.0;
         hvae_backward(m, ws, ws->x, NULL, noise, batch, 1.0f / (float)batch, NULL,
-                      kl_weight, 0);
+                      kl_weight, 0, NULL);
         if (recording)
             hvae_set_num_threads(threads);
         recording = 0;
