@@ -122,6 +122,44 @@ static void rowwise_tail(float *out, int64_t n_out, const float *x, int64_t n_in
             out[r * n_out + j] = tile[r * RW_COLS + j];
 }
 
+/* A tail of at most 8 columns: one vector per row, so 12-row tiles
+ * (panel rows of 8). */
+#define RW_NARROW_ROWS 12
+__attribute__((target("avx,fma")))
+static void rowwise_tail8(float *out, int64_t n_out, const float *x, int64_t n_in,
+                          const float *panel8, int64_t kc, int load_out, int64_t rows,
+                          int64_t tail)
+{
+    float tile[RW_NARROW_ROWS * 8] __attribute__((aligned(32))) = {0};
+    if (load_out)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < tail; j++)
+                tile[r * 8 + j] = out[r * n_out + j];
+    if (rows == RW_NARROW_ROWS) {
+        __m256 acc[RW_NARROW_ROWS];
+        for (int r = 0; r < RW_NARROW_ROWS; r++)
+            acc[r] = _mm256_load_ps(tile + 8 * r);
+        for (int64_t k = 0; k < kc; k++) {
+            __m256 w = _mm256_load_ps(panel8 + 8 * k);
+            for (int r = 0; r < RW_NARROW_ROWS; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * n_in + k), w, acc[r]);
+        }
+        for (int r = 0; r < RW_NARROW_ROWS; r++)
+            _mm256_store_ps(tile + 8 * r, acc[r]);
+    } else {
+        for (int64_t r = 0; r < rows; r++) {
+            __m256 acc = _mm256_load_ps(tile + 8 * r);
+            for (int64_t k = 0; k < kc; k++)
+                acc = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * n_in + k),
+                                      _mm256_load_ps(panel8 + 8 * k), acc);
+            _mm256_store_ps(tile + 8 * r, acc);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < tail; j++)
+            out[r * n_out + j] = tile[r * 8 + j];
+}
+
 __attribute__((target("avx,fma")))
 static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                              int64_t B, int64_t n_in, int64_t n_out, int accumulate)
@@ -156,6 +194,16 @@ static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
             if (tail == 0)
                 continue;
             const float *w = weight + k0 * n_out + full_cols;
+            if (tail <= 8) {
+                for (int64_t k = 0; k < kc; k++)
+                    for (int64_t j = 0; j < 8; j++)
+                        panel[8 * k + j] = j < tail ? w[k * n_out + j] : 0.0f;
+                for (int64_t b = b0; b < b1; b += RW_NARROW_ROWS)
+                    rowwise_tail8(out + b * n_out + full_cols, n_out, inp + b * n_in + k0,
+                                  n_in, panel, kc, load_out,
+                                  b1 - b < RW_NARROW_ROWS ? b1 - b : RW_NARROW_ROWS, tail);
+                continue;
+            }
             for (int64_t k = 0; k < kc; k++)
                 for (int64_t j = 0; j < RW_COLS; j++)
                     panel[16 * k + j] = j < tail ? w[k * n_out + j] : 0.0f;
