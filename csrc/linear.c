@@ -42,6 +42,7 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
 #define RW_KC 256
 #define RW_MC 96
 #define RW_TILE_ROWS 6
+#define RW_NARROW_ROWS 12
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(HVAE_NO_CLONES)
 #include <immintrin.h>
@@ -124,7 +125,6 @@ static void rowwise_tail(float *out, int64_t n_out, const float *x, int64_t n_in
 
 /* A tail of at most 8 columns: one vector per row, so 12-row tiles
  * (panel rows of 8). */
-#define RW_NARROW_ROWS 12
 __attribute__((target("avx,fma")))
 static void rowwise_tail8(float *out, int64_t n_out, const float *x, int64_t n_in,
                           const float *panel8, int64_t kc, int load_out, int64_t rows,
@@ -319,7 +319,8 @@ static void dense_forward_part(void *ctx, int part, int n_parts)
     const dense_args *a = ctx;
     int64_t n_out = a->n_out, lo, hi;
     if (a->rowwise) {
-        hvae_split(a->B, part, n_parts, RW_TILE_ROWS, &lo, &hi);
+        /* Whole 12-row tiles (two 6-row tiles, one narrow tile) per part. */
+        hvae_split(a->B, part, n_parts, RW_NARROW_ROWS, &lo, &hi);
         if (hi <= lo)
             return;
         float *out = a->out + lo * n_out;
