@@ -5,7 +5,7 @@
 
 /* log p(x | l) = x log sigmoid(l) + (1 - x) log(1 - sigmoid(l))
  *             = x l - softplus(l), which is stable for any logit. */
-HVAE_AVX2_CLONES
+HVAE_AVX512_CLONES
 void hvae_bernoulli_loglik_forward(double *ll, const float *x,
                                    const float *logits, int64_t B, int64_t D)
 {

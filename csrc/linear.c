@@ -42,6 +42,7 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
 #define RW_KC 256
 #define RW_MC 96
 #define RW_TILE_ROWS 6
+#define RW_NARROW_ROWS 12
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(HVAE_NO_CLONES)
 #include <immintrin.h>
@@ -56,7 +57,8 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
  * loaded back, which is exact, so each output element is still one chain of
  * FMAs over k = 0..n_in-1 in order, started from zero (or from out when
  * accumulating); vector and scalar FMAs round identically, so the row tail
- * (one row at a time) and the column tail (scalar) agree with the tiles. */
+ * (one row at a time) and the column tail (tiles on a copy) agree with the
+ * tiles and with the scalar fallback. */
 
 __attribute__((target("avx,fma")))
 static inline void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
@@ -97,12 +99,74 @@ static inline void rowwise_tile1(float *out, const float *x, const float *panel,
     _mm256_storeu_ps(out + 8, a1);
 }
 
+/* The last n_out % 16 columns of up to 6 rows: the same tile run on a
+ * 16-column copy of them (the panel's unused columns zero), copied back.
+ * Copies are exact, so each real column is still one chain of FMAs over k
+ * in order, and the results are those of the scalar form. */
+__attribute__((target("avx,fma")))
+static void rowwise_tail(float *out, int64_t n_out, const float *x, int64_t n_in,
+                         const float *panel, int64_t kc, int load_out, int64_t rows,
+                         int64_t tail)
+{
+    float tile[RW_TILE_ROWS * RW_COLS] __attribute__((aligned(32))) = {0};
+    if (load_out)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < tail; j++)
+                tile[r * RW_COLS + j] = out[r * n_out + j];
+    if (rows == RW_TILE_ROWS)
+        rowwise_tile6(tile, RW_COLS, x, n_in, panel, kc, load_out);
+    else
+        for (int64_t r = 0; r < rows; r++)
+            rowwise_tile1(tile + r * RW_COLS, x + r * n_in, panel, kc, load_out);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < tail; j++)
+            out[r * n_out + j] = tile[r * RW_COLS + j];
+}
+
+/* A tail of at most 8 columns: one vector per row, so 12-row tiles
+ * (panel rows of 8). */
+__attribute__((target("avx,fma")))
+static void rowwise_tail8(float *out, int64_t n_out, const float *x, int64_t n_in,
+                          const float *panel8, int64_t kc, int load_out, int64_t rows,
+                          int64_t tail)
+{
+    float tile[RW_NARROW_ROWS * 8] __attribute__((aligned(32))) = {0};
+    if (load_out)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < tail; j++)
+                tile[r * 8 + j] = out[r * n_out + j];
+    if (rows == RW_NARROW_ROWS) {
+        __m256 acc[RW_NARROW_ROWS];
+        for (int r = 0; r < RW_NARROW_ROWS; r++)
+            acc[r] = _mm256_load_ps(tile + 8 * r);
+        for (int64_t k = 0; k < kc; k++) {
+            __m256 w = _mm256_load_ps(panel8 + 8 * k);
+            for (int r = 0; r < RW_NARROW_ROWS; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * n_in + k), w, acc[r]);
+        }
+        for (int r = 0; r < RW_NARROW_ROWS; r++)
+            _mm256_store_ps(tile + 8 * r, acc[r]);
+    } else {
+        for (int64_t r = 0; r < rows; r++) {
+            __m256 acc = _mm256_load_ps(tile + 8 * r);
+            for (int64_t k = 0; k < kc; k++)
+                acc = _mm256_fmadd_ps(_mm256_broadcast_ss(x + r * n_in + k),
+                                      _mm256_load_ps(panel8 + 8 * k), acc);
+            _mm256_store_ps(tile + 8 * r, acc);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < tail; j++)
+            out[r * n_out + j] = tile[r * 8 + j];
+}
+
 __attribute__((target("avx,fma")))
 static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                              int64_t B, int64_t n_in, int64_t n_out, int accumulate)
 {
     float panel[RW_KC * RW_COLS] __attribute__((aligned(32)));
     int64_t full_cols = n_out - n_out % RW_COLS;
+    int64_t tail = n_out - full_cols;
     if (n_in == 0 && !accumulate) {
         for (int64_t i = 0; i < B * n_out; i++)
             out[i] = 0.0f;
@@ -127,15 +191,26 @@ static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                     rowwise_tile1(out + b * n_out + j0, inp + b * n_in + k0, panel, kc,
                                   load_out);
             }
-            for (int64_t b = b0; b < b1; b++) {
-                for (int64_t j = full_cols; j < n_out; j++) {
-                    __m128 acc = _mm_set_ss(load_out ? out[b * n_out + j] : 0.0f);
-                    for (int64_t k = k0; k < k0 + kc; k++)
-                        acc = _mm_fmadd_ss(_mm_set_ss(inp[b * n_in + k]),
-                                           _mm_set_ss(weight[k * n_out + j]), acc);
-                    out[b * n_out + j] = _mm_cvtss_f32(acc);
-                }
+            if (tail == 0)
+                continue;
+            const float *w = weight + k0 * n_out + full_cols;
+            if (tail <= 8) {
+                for (int64_t k = 0; k < kc; k++)
+                    for (int64_t j = 0; j < 8; j++)
+                        panel[8 * k + j] = j < tail ? w[k * n_out + j] : 0.0f;
+                for (int64_t b = b0; b < b1; b += RW_NARROW_ROWS)
+                    rowwise_tail8(out + b * n_out + full_cols, n_out, inp + b * n_in + k0,
+                                  n_in, panel, kc, load_out,
+                                  b1 - b < RW_NARROW_ROWS ? b1 - b : RW_NARROW_ROWS, tail);
+                continue;
             }
+            for (int64_t k = 0; k < kc; k++)
+                for (int64_t j = 0; j < RW_COLS; j++)
+                    panel[16 * k + j] = j < tail ? w[k * n_out + j] : 0.0f;
+            for (int64_t b = b0; b < b1; b += RW_TILE_ROWS)
+                rowwise_tail(out + b * n_out + full_cols, n_out, inp + b * n_in + k0, n_in,
+                             panel, kc, load_out,
+                             b1 - b < RW_TILE_ROWS ? b1 - b : RW_TILE_ROWS, tail);
         }
     }
 }
@@ -244,7 +319,8 @@ static void dense_forward_part(void *ctx, int part, int n_parts)
     const dense_args *a = ctx;
     int64_t n_out = a->n_out, lo, hi;
     if (a->rowwise) {
-        hvae_split(a->B, part, n_parts, RW_TILE_ROWS, &lo, &hi);
+        /* Whole 12-row tiles (two 6-row tiles, one narrow tile) per part. */
+        hvae_split(a->B, part, n_parts, RW_NARROW_ROWS, &lo, &hi);
         if (hi <= lo)
             return;
         float *out = a->out + lo * n_out;

@@ -958,6 +958,51 @@ static void test_kernels(void)
     CHECK(fabs(ll - 3.0 * log(0.5)) < 1e-5);
 }
 
+/* The evaluation product (rowwise) is, for every element, the chain
+ * acc = fmaf(x[k], w[k][j], acc) over k in order, then + bias: checked bit
+ * for bit on shapes with column tails (n_out % 16 != 0, n_out < 16), row
+ * tails, several k blocks (n_in > 256) and a condition block. */
+static void test_rowwise_bits(void)
+{
+    current_test = "rowwise_bits";
+    static const int64_t shapes[][4] = {/* B, n_in, n_cond, n_out */
+        {13, 5, 0, 1}, {7, 9, 0, 8}, {1, 3, 0, 15}, {6, 20, 0, 16}, {11, 300, 3, 21},
+        {100, 33, 2, 40}, {9, 257, 0, 47}, {4, 0, 2, 5}};
+    hvae_rng rng;
+    hvae_rng_seed(&rng, 11);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int64_t B = shapes[s][0], I = shapes[s][1], C = shapes[s][2], O = shapes[s][3];
+        float *inp = malloc((size_t)(B * I + 1) * sizeof(float));
+        float *cond = malloc((size_t)(B * C + 1) * sizeof(float));
+        float *w = malloc((size_t)((I + C) * O) * sizeof(float));
+        float *bias = malloc((size_t)O * sizeof(float));
+        float *out = malloc((size_t)(B * O) * sizeof(float));
+        hvae_rng_normal(&rng, inp, B * I + 1);
+        hvae_rng_normal(&rng, cond, B * C + 1);
+        hvae_rng_normal(&rng, w, (I + C) * O);
+        hvae_rng_normal(&rng, bias, O);
+        hvae_dense_cond_forward(out, inp, C ? cond : NULL, w, bias, HVAE_ACT_IDENTITY, B, I,
+                                C, O, 1);
+        int64_t differ = 0;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t j = 0; j < O; j++) {
+                float acc = 0.0f;
+                for (int64_t k = 0; k < I; k++)
+                    acc = fmaf(inp[b * I + k], w[k * O + j], acc);
+                for (int64_t k = 0; k < C; k++)
+                    acc = fmaf(cond[b * C + k], w[(I + k) * O + j], acc);
+                acc += bias[j];
+                differ += memcmp(&acc, &out[b * O + j], sizeof acc) != 0;
+            }
+        CHECK(differ == 0);
+        free(inp);
+        free(cond);
+        free(w);
+        free(bias);
+        free(out);
+    }
+}
+
 static void test_variants(void)
 {
     current_test = "variants";
@@ -1894,6 +1939,7 @@ int main(void)
     test_optimizer_formulas();
     test_rng();
     test_kernels();
+    test_rowwise_bits();
     test_variants();
     test_categorical();
     test_many_models();
