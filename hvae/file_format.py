@@ -585,11 +585,15 @@ def _check_state(state, model, history):
 def _check_history(history, n_iter, n_layers, keys, validation_keys):
     _require(isinstance(history, dict), f"history_ must be a dict; got "
              f"{type(history).__name__}")
-    required, optional = set(keys), set(validation_keys)
-    present = set(history)
-    _require(required <= present and (present - required) in (set(), optional),
-             f"history_ must have the keys {sorted(required)} (and all or none of "
-             f"{sorted(optional)}); got {sorted(map(str, present))[:20]}")
+    # Optional groups, each all or none: the validation terms, beta-TCVAE's.
+    from ._native import TCVAE_RECORD_KEYS
+    groups = [set(validation_keys), set(TCVAE_RECORD_KEYS)]
+    required, present = set(keys), set(history)
+    extra = present - required
+    _require(required <= present and
+             extra == set().union(*[g for g in groups if g & extra]),
+             f"history_ must have the keys {sorted(required)} (and all or none of each of "
+             f"{[sorted(g) for g in groups]}); got {sorted(map(str, present))[:20]}")
     for key, values in history.items():
         _require(isinstance(values, list) and len(values) == n_iter,
                  f"history_[{key!r}] must be a list of n_iter_ = {n_iter} entries")
