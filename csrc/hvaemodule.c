@@ -2429,6 +2429,22 @@ static PyObject *copy_floats(const float *p, npy_intp n)
 
 static PyObject *Model_getstate_locked(ModelObject *self);
 
+/* The discriminator's Adam (its settings, step count and moments, over
+ * hvae_discriminator_n_params floats), or None before its first step. */
+static PyObject *disc_optimizer_state(ModelObject *self)
+{
+    if (!self->disc_opt)
+        return Py_NewRef(Py_None);
+    npy_intp P = hvae_discriminator_n_params(self->model);
+    const hvae_optimizer_config *oc = hvae_optimizer_get_config(self->disc_opt);
+    return Py_BuildValue("{sdsdsdsdsLsNsN}", "learning_rate", (double)oc->learning_rate,
+                         "beta1", (double)oc->beta1, "beta2", (double)oc->beta2, "eps",
+                         (double)oc->eps, "step",
+                         (long long)*hvae_optimizer_step_count(self->disc_opt), "m",
+                         copy_floats(hvae_optimizer_state(self->disc_opt, 0), P), "v",
+                         copy_floats(hvae_optimizer_state(self->disc_opt, 1), P));
+}
+
 /* A consistent snapshot needs the model idle: it waits for a fit to end. */
 static PyObject *Model_getstate(ModelObject *self, PyObject *noargs)
 {
@@ -2460,12 +2476,17 @@ static PyObject *Model_getstate_locked(ModelObject *self)
         if (!opt_state)
             return NULL;
     }
+    PyObject *disc_state = disc_optimizer_state(self);
+    if (!disc_state) {
+        Py_DECREF(opt_state);
+        return NULL;
+    }
     PyObject *rng = rng_tuple(&self->rng);
     PyObject *threads = Model_get_n_threads(self, NULL);
-    return Py_BuildValue("{sNsNsNsN}", "parameters",
+    return Py_BuildValue("{sNsNsNsNsN}", "parameters",
                          copy_floats(hvae_model_params(self->model), P),
                          "optimizer", opt_state, "rng_state", rng, "n_threads",
-                         threads);
+                         threads, "discriminator_optimizer", disc_state);
 }
 
 /* Copies a float sequence of exactly n values into dst. */
@@ -2494,6 +2515,51 @@ static PyObject *dict_item(PyObject *d, const char *key)
     return v;
 }
 
+/* The discriminator's Adam from disc_optimizer_state's dict into a new
+ * optimizer *out (NULL for None); -1 with an exception. */
+static int disc_optimizer_from_state(ModelObject *self, PyObject *o, hvae_optimizer **out)
+{
+    *out = NULL;
+    if (o == Py_None)
+        return 0;
+    if (!PyDict_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "Model state's 'discriminator_optimizer' must be None "
+                     "or a dict; got %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (!hvae_model_config(self->model)->discriminator) {
+        PyErr_SetString(PyExc_ValueError, "Model state has a discriminator optimizer but the "
+                        "model has no discriminator");
+        return -1;
+    }
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    long long step;
+    PyObject *m_obj, *v_obj;
+    static char *keys[] = {"learning_rate", "beta1", "beta2", "eps", "step", "m", "v", NULL};
+    PyObject *empty = PyTuple_New(0);
+    int ok = empty && PyArg_ParseTupleAndKeywords(empty, o, "ffffLOO", keys, &oc.learning_rate,
+                                                  &oc.beta1, &oc.beta2, &oc.eps, &step,
+                                                  &m_obj, &v_obj);
+    Py_XDECREF(empty);
+    if (!ok)
+        return -1;
+    if (step < 0) {
+        PyErr_SetString(PyExc_ValueError, "the discriminator optimizer's step must be >= 0");
+        return -1;
+    }
+    npy_intp P = hvae_discriminator_n_params(self->model);
+    if (raise_status(hvae_optimizer_create_for(P, &oc, out),
+                     "invalid discriminator optimizer state") < 0 ||
+        load_floats(m_obj, hvae_optimizer_state(*out, 0), P, "discriminator optimizer m") < 0 ||
+        load_floats(v_obj, hvae_optimizer_state(*out, 1), P, "discriminator optimizer v") < 0) {
+        hvae_optimizer_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    *hvae_optimizer_step_count(*out) = step;
+    return 0;
+}
+
 static PyObject *Model_setstate(ModelObject *self, PyObject *state)
 {
     if (!PyDict_Check(state)) {
@@ -2504,7 +2570,7 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
         return NULL;
     PyObject *result = NULL;
     npy_intp P = hvae_model_n_params(self->model);
-    hvae_optimizer *opt = NULL;
+    hvae_optimizer *opt = NULL, *disc_opt = NULL;
     float *params = raw_array(P, sizeof(float), "a copy of the parameters", "floats");
     PyObject *p = dict_item(state, "parameters"), *o, *rng, *threads;
     if (!params)
@@ -2552,6 +2618,10 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
             goto done;
         *hvae_optimizer_step_count(opt) = step;
     }
+    /* Absent from states written before it existed: None. */
+    PyObject *d = PyDict_GetItemString(state, "discriminator_optimizer"); /* borrowed */
+    if (disc_optimizer_from_state(self, d ? d : Py_None, &disc_opt) < 0)
+        goto done;
     if (set_rng_state(self, rng) < 0 ||
         Model_set_n_threads(self, threads, NULL) < 0)
         goto done;
@@ -2560,9 +2630,13 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
     hvae_optimizer_free(self->opt);
     self->opt = opt;
     opt = NULL;
+    hvae_optimizer_free(self->disc_opt);
+    self->disc_opt = disc_opt;
+    disc_opt = NULL;
     result = Py_NewRef(Py_None);
 done:
     hvae_optimizer_free(opt);
+    hvae_optimizer_free(disc_opt);
     PyMem_RawFree(params);
     model_leave(self);
     return result;

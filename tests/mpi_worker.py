@@ -19,6 +19,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hvae import HierarchicalVAE
+from hvae._native import DISCRIMINATOR_RECORD_KEYS, TCVAE_RECORD_KEYS
 from hvae.datasets import load_digits
 from hvae.distributed import shard_rows
 
@@ -45,8 +46,6 @@ VARIANTS = {
                           discriminator_learning_rate=1e-3),
     "tcvae": dict(tcvae_weights=(1.0, 4.0, 1.0), free_bits=0.0),
 }
-EXTRA_KEYS = ("discriminator_log_ratio", "discriminator_accuracy", "index_code_mi",
-              "total_correlation", "dimensionwise_kl")
 
 
 def report(text):
@@ -77,7 +76,8 @@ elif scenario == "partial_fit":
     save(vae, n_watchdogs=sum(t.name == "hvae-mpi-watchdog" for t in threading.enumerate()))
 elif scenario in VARIANTS:
     vae = HierarchicalVAE(**dict(SETTINGS, **VARIANTS[scenario])).fit(local, comm=comm)
-    save(vae, **{key: np.array(vae.history_[key]) for key in EXTRA_KEYS
+    save(vae, **{key: np.array(vae.history_[key])
+                 for key in DISCRIMINATOR_RECORD_KEYS + TCVAE_RECORD_KEYS
                  if key in vae.history_})
 elif scenario == "bad_input":
     data = local.copy()
