@@ -4,7 +4,7 @@
 
 Part "sprites": four models at an equal budget on ``make_sprites(n_train,
 image_size=32)`` (a dSprites imitation with known factors): the same
-architecture (latent (10,), hidden (256,), Bernoulli likelihood), the same
+architecture (latent (10,), hidden (256,) or --hidden, Bernoulli likelihood), the same
 epochs, batch 64, Adam 1e-3, random_state --seed (default 0):
 
   VAE            beta = 1
@@ -88,6 +88,7 @@ def run_sprites(args):
     X_test, _ = make_sprites(2000, image_size=32, random_state=1)
     dataset = Sprites(image_size=32)
     checkpoints = sorted({int(e) for e in args.checkpoints.split(",") if e} | {args.epochs})
+    hidden = tuple(int(h) for h in args.hidden.split(","))
     rows = []
     path = Path(args.json) if args.json else HERE / "results" / "disentangle.json"
     print(f"sprites 32x32: {len(X)} train images, {args.epochs} epochs per model "
@@ -98,7 +99,7 @@ def run_sprites(args):
     if args.models:
         models = [models[int(k)] for k in args.models.split(",")]
     for name, params in models:
-        vae = hvae.HierarchicalVAE(latent_dims=(10,), hidden_dims=(256,),
+        vae = hvae.HierarchicalVAE(latent_dims=(10,), hidden_dims=hidden,
                                    likelihood="bernoulli", batch_size=64, learning_rate=1e-3,
                                    random_state=args.seed, n_threads=args.threads,
                                    warm_start=True, **params)
@@ -118,7 +119,7 @@ def run_sprites(args):
                                        for k, v in params.items()}, **trend[-1], trend=trend)
         rows.append(row)
         out = dict(data="make_sprites(image_size=32)", n_train=len(X), n_test=len(X_test),
-                   epochs=args.epochs, batch_size=64, latent_dims=[10], hidden_dims=[256],
+                   epochs=args.epochs, batch_size=64, latent_dims=[10], hidden_dims=list(hidden),
                    learning_rate=1e-3, threads=args.threads, seed=args.seed,
                    metrics=dict(factor_vae_score=dict(n_train=2000, n_eval=1000,
                                                       n_variance_estimate=5000, batch_size=64),
@@ -190,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--prior-epochs", type=int, default=5)
+    parser.add_argument("--hidden", default="256",
+                        help="the encoder's and decoder's hidden widths, e.g. 512,512")
     parser.add_argument("--checkpoints", default="",
                         help="epochs after which to measure too, e.g. 3,10 (a trend)")
     parser.add_argument("--gamma", type=float, default=35.0)
