@@ -5,9 +5,10 @@
  * pickling and the epoch's rollback carry it), with leaky-ReLU hidden layers
  * and one linear output, trained by its own optimizer.
  *
- * Which rows each network sees per step (train.c then the aux step): the
- * VAE's step uses the minibatch's samples z_T through T at the current
- * discriminator (FactorVAE: loss += gamma mean T(z); density-ratio prior:
+ * Which rows each network sees per step (train.c, with
+ * hvae_train_options.disc_opt): the VAE's step uses the minibatch's
+ * samples z_T through T at the current discriminator (FactorVAE:
+ * loss += gamma mean T(z); density-ratio prior:
  * the top term -= T(z)); then the discriminator steps on the same
  * minibatch's z_T (no gradient to the VAE) against their counterpart, as
  * disentanglement_lib's FactorVAE does (one batch; the PyTorch reference
