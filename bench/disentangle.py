@@ -4,16 +4,17 @@
 
 Part "sprites": four models at an equal budget on ``make_sprites(n_train,
 image_size=32)`` (a dSprites imitation with known factors): the same
-architecture (latent (10,), hidden (256,), Bernoulli likelihood), the same
+architecture (latent (10,), hidden (256,) or --hidden, Bernoulli likelihood), the same
 epochs, batch 64, Adam 1e-3, random_state --seed (default 0):
 
   VAE            beta = 1
   beta-VAE       beta = 4
-  FactorVAE      tc_weight = gamma (--gamma, default 30), discriminator (256, 256),
-                 Adam 1e-4, betas (0.5, 0.9)
+  FactorVAE      tc_weight = gamma (--gamma, default 35, the FactorVAE paper's
+                 dSprites value), discriminator (256, 256), Adam 1e-4, betas (0.5, 0.9)
   beta-TCVAE     tcvae_weights = (1, --tcvae-beta (default 6), 1)
 
-and reports per model: the FactorVAE metric (hvae.metrics.factor_vae_score on
+With --checkpoints E1,E2 the same fits are also measured after E1, E2
+epochs (the trend over steps; the JSON's "trend"). Reports per model: the FactorVAE metric (hvae.metrics.factor_vae_score on
 posterior means; 2000 train / 1000 eval votes of batch 64, variances from
 5000 images: smaller than disentanglement_lib's 10000 / 5000 / 10000 for the
 time), MIG (10000 images, 20 bins), the held-out reconstruction log p(x|z)
@@ -42,7 +43,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# This checkout's hvae before any installed one (as bench/mpi.py does).
+for _path in (str(HERE.parent), str(HERE)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 import hvae  # noqa: E402
 from hvae.datasets import Sprites, load_fashion_mnist, make_sprites  # noqa: E402
@@ -60,51 +64,68 @@ def sprite_models(gamma, tcvae_beta, discriminator_lr):
     ]
 
 
+def evaluate_sprites(vae, X_test, dataset):
+    """The metrics of one fitted model (see the module docstring)."""
+    terms = vae.model_.elbo_terms(X_test)
+    fvae = factor_vae_score(vae.transform, dataset, n_train=2000, n_eval=1000,
+                            n_variance_estimate=5000, random_state=0)
+    codes, factors = sample_codes(vae.transform, dataset, 10000, random_state=0)
+    mig, details = mutual_info_gap(codes, factors, return_details=True)
+    tc = vae.history_.get("discriminator_log_ratio", [float("nan")])[-1]
+    return dict(epochs=len(vae.history_["elbo"]),
+                steps=int(sum(vae.history_["n_batches"])),
+                factor_vae_score=float(fvae), mig=float(mig),
+                mig_gap_per_factor=[round(float(g), 4) for g in details["gap_per_factor"]],
+                mig_best_code=[int(c) for c in details["best_code"]],
+                test_reconstruction=float(np.mean(terms["reconstruction"])),
+                test_elbo=float(np.mean(terms["elbo"])),
+                active_units=vae.active_units(X_test)[0], tc_estimate_last_epoch=tc,
+                train_elbo_last_epoch=vae.history_["elbo"][-1])
+
+
 def run_sprites(args):
     X, _ = make_sprites(args.n_train, image_size=32, random_state=0)
     X_test, _ = make_sprites(2000, image_size=32, random_state=1)
     dataset = Sprites(image_size=32)
+    checkpoints = sorted({int(e) for e in args.checkpoints.split(",") if e} | {args.epochs})
+    hidden = tuple(int(h) for h in args.hidden.split(","))
     rows = []
-    print(f"sprites 32x32: {len(X)} train images, {args.epochs} epochs per model")
-    print(f"{'model':<26} {'train s':>8} {'FVAE':>6} {'MIG':>6} {'rec':>8} {'ELBO':>8} "
-          f"{'active':>6} {'TC est':>7}")
+    path = Path(args.json) if args.json else HERE / "results" / "disentangle.json"
+    print(f"sprites 32x32: {len(X)} train images, {args.epochs} epochs per model "
+          f"(metrics after epochs {checkpoints})")
+    print(f"{'model':<26} {'epochs':>6} {'train s':>8} {'FVAE':>6} {'MIG':>6} {'rec':>8} "
+          f"{'ELBO':>8} {'active':>6} {'TC est':>7}")
     models = sprite_models(args.gamma, args.tcvae_beta, args.discriminator_lr)
     if args.models:
         models = [models[int(k)] for k in args.models.split(",")]
     for name, params in models:
-        vae = hvae.HierarchicalVAE(latent_dims=(10,), hidden_dims=(256,),
-                                   likelihood="bernoulli", n_epochs=args.epochs,
-                                   batch_size=64, learning_rate=1e-3,
-                                   random_state=args.seed, n_threads=args.threads, **params)
-        start = time.perf_counter()
-        vae.fit(X)
-        seconds = time.perf_counter() - start
-        terms = vae.model_.elbo_terms(X_test)
-        fvae = factor_vae_score(vae.transform, dataset, n_train=2000, n_eval=1000,
-                                n_variance_estimate=5000, random_state=0)
-        codes, factors = sample_codes(vae.transform, dataset, 10000, random_state=0)
-        mig = mutual_info_gap(codes, factors)
-        tc = vae.history_.get("discriminator_log_ratio", [float("nan")])[-1]
+        vae = hvae.HierarchicalVAE(latent_dims=(10,), hidden_dims=hidden,
+                                   likelihood="bernoulli", batch_size=64, learning_rate=1e-3,
+                                   random_state=args.seed, n_threads=args.threads,
+                                   warm_start=True, **params)
+        seconds, done, trend = 0.0, 0, []
+        for epochs in checkpoints:
+            start = time.perf_counter()
+            vae.set_params(n_epochs=epochs - done).fit(X)
+            seconds += time.perf_counter() - start
+            done = epochs
+            point = dict(evaluate_sprites(vae, X_test, dataset), train_seconds=seconds)
+            trend.append(point)
+            print(f"{name:<26} {epochs:6d} {seconds:8.1f} {point['factor_vae_score']:6.3f} "
+                  f"{point['mig']:6.3f} {point['test_reconstruction']:8.2f} "
+                  f"{point['test_elbo']:8.2f} {point['active_units']:6d} "
+                  f"{point['tc_estimate_last_epoch']:7.3f}", flush=True)
         row = dict(model=name, params={k: list(v) if isinstance(v, tuple) else v
-                                       for k, v in params.items()},
-                   train_seconds=seconds, factor_vae_score=float(fvae), mig=float(mig),
-                   test_reconstruction=float(np.mean(terms["reconstruction"])),
-                   test_elbo=float(np.mean(terms["elbo"])),
-                   active_units=vae.active_units(X_test)[0], tc_estimate_last_epoch=tc,
-                   train_elbo_last_epoch=vae.history_["elbo"][-1])
+                                       for k, v in params.items()}, **trend[-1], trend=trend)
         rows.append(row)
-        print(f"{name:<26} {seconds:8.1f} {fvae:6.3f} {mig:6.3f} "
-              f"{row['test_reconstruction']:8.2f} {row['test_elbo']:8.2f} "
-              f"{row['active_units']:6d} {tc:7.3f}", flush=True)
-    out = dict(data="make_sprites(image_size=32)", n_train=len(X), n_test=len(X_test),
-               epochs=args.epochs, batch_size=64, latent_dims=[10], hidden_dims=[256],
-               threads=args.threads, seed=args.seed,
-               metrics=dict(factor_vae_score=dict(n_train=2000, n_eval=1000,
-                                                  n_variance_estimate=5000, batch_size=64),
-                            mig=dict(n_samples=10000, n_bins=20)),
-               results=rows)
-    path = Path(args.json) if args.json else HERE / "results" / "disentangle.json"
-    path.write_text(json.dumps(out, indent=2))
+        out = dict(data="make_sprites(image_size=32)", n_train=len(X), n_test=len(X_test),
+                   epochs=args.epochs, batch_size=64, latent_dims=[10], hidden_dims=list(hidden),
+                   learning_rate=1e-3, threads=args.threads, seed=args.seed,
+                   metrics=dict(factor_vae_score=dict(n_train=2000, n_eval=1000,
+                                                      n_variance_estimate=5000, batch_size=64),
+                                mig=dict(n_samples=10000, n_bins=20)),
+                   results=rows)
+        path.write_text(json.dumps(out, indent=2))  # after every model: partial results
     print(f"wrote {path}")
 
 
@@ -170,7 +191,11 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--prior-epochs", type=int, default=5)
-    parser.add_argument("--gamma", type=float, default=30.0)
+    parser.add_argument("--hidden", default="256",
+                        help="the encoder's and decoder's hidden widths, e.g. 512,512")
+    parser.add_argument("--checkpoints", default="",
+                        help="epochs after which to measure too, e.g. 3,10 (a trend)")
+    parser.add_argument("--gamma", type=float, default=35.0)
     parser.add_argument("--tcvae-beta", type=float, default=6.0)
     parser.add_argument("--discriminator-lr", type=float, default=1e-4)
     parser.add_argument("--models", default="",

@@ -5,16 +5,20 @@
  * pickling and the epoch's rollback carry it), with leaky-ReLU hidden layers
  * and one linear output, trained by its own optimizer.
  *
- * Which rows each network sees per step (train.c then the aux step): the
- * VAE's step uses the minibatch's samples z_T through T at the current
- * discriminator (FactorVAE: loss += gamma mean T(z); density-ratio prior:
+ * Which rows each network sees per step (train.c, with
+ * hvae_train_options.disc_opt): the VAE's step uses the minibatch's
+ * samples z_T through T at the current discriminator (FactorVAE:
+ * loss += gamma mean T(z); density-ratio prior:
  * the top term -= T(z)); then the discriminator steps on the same
  * minibatch's z_T (no gradient to the VAE) against their counterpart, as
  * disentanglement_lib's FactorVAE does (one batch; the PyTorch reference
  * 1Konny/FactorVAE permutes a second batch). Rows pass the MLP in chunks of
  * HVAE_DISC_CHUNK real rows with as many counterpart rows; FactorVAE's
  * permutation runs within a chunk, i.e. over the whole minibatch up to 256
- * rows. */
+ * rows. In a data-parallel fit every process gathers the minibatch's
+ * samples, draws the same counterparts, differentiates its own rows' terms,
+ * and the gradient is summed over the processes before the step
+ * (hvae_discriminator_step_shared): the discriminators stay identical. */
 #include "hvae.h"
 #include "internal.h"
 
@@ -138,9 +142,27 @@ static double clipped_xent(float t, int y, float *g)
     return -log(q);
 }
 
-hvae_status hvae_discriminator_step(hvae_model *m, hvae_optimizer *opt, hvae_rng *rng,
-                                    const float *z, const float *other, int64_t B,
-                                    hvae_discriminator_stats *stats)
+/* Of the chunk's n real rows (rows, n d) and their n counterparts (from
+ * rows + n d), those with mine[r] set moved to the front of each half:
+ * real to rows, counterparts to rows + k d, k their count (returned). Both
+ * moves go to lower addresses in row order, so nothing is overwritten
+ * before it is read. */
+static int64_t keep_own_rows(float *rows, int64_t n, int64_t d, const unsigned char *mine)
+{
+    int64_t k = 0;
+    for (int64_t r = 0; r < n; r++)
+        if (mine[r])
+            memmove(rows + k++ * d, rows + r * d, (size_t)d * sizeof(float));
+    for (int64_t r = 0, i = 0; r < n; r++)
+        if (mine[r])
+            memmove(rows + (k + i++) * d, rows + (n + r) * d, (size_t)d * sizeof(float));
+    return k;
+}
+
+hvae_status hvae_discriminator_step_shared(hvae_model *m, hvae_optimizer *opt, hvae_rng *rng,
+                                           const float *z, const float *other, int64_t B,
+                                           const unsigned char *mine, hvae_reduce_hook reduce,
+                                           void *reduce_ctx, hvae_discriminator_stats *stats)
 {
     if (!m || !m->disc || !opt || !z || B < 1 || (!other && !rng) ||
         hvae_optimizer_n_params(opt) != hvae_mlp_n_params(m->disc))
@@ -150,34 +172,47 @@ hvae_status hvae_discriminator_step(hvae_model *m, hvae_optimizer *opt, hvae_rng
     float *grads = hvae_mlp_grads(mlp);
     memset(grads, 0, (size_t)P * sizeof(float));
     int density = m->config.prior == HVAE_PRIOR_DENSITY_RATIO;
-    double t_real = 0.0, right = 0.0;
+    double sums[2] = {0.0, 0.0}; /* T on the real rows; rows classified right */
     for (int64_t r0 = 0; r0 < B; r0 += HVAE_DISC_CHUNK) {
         int64_t n = B - r0 < HVAE_DISC_CHUNK ? B - r0 : HVAE_DISC_CHUNK;
         float *rows = m->disc_rows;
         memcpy(rows, z + r0 * d, (size_t)(n * d) * sizeof(float));
+        /* Every row's counterpart, on every process: the same draws. */
         if (other)
             memcpy(rows + n * d, other + r0 * d, (size_t)(n * d) * sizeof(float));
         else if (density)
             hvae_rng_normal(rng, rows + n * d, n * d);
         else
             hvae_permute_dims(rows + n * d, z + r0 * d, n, d, rng, m->disc_perm);
-        hvae_mlp_forward(mlp, rows, 2 * n, NULL);
+        int64_t k = mine ? keep_own_rows(rows, n, d, mine + r0) : n;
+        if (k == 0)
+            continue;
+        hvae_mlp_forward(mlp, rows, 2 * k, NULL);
         const float *t = hvae_mlp_output(mlp);
-        for (int64_t r = 0; r < 2 * n; r++) {
-            int real = r < n;
+        for (int64_t r = 0; r < 2 * k; r++) {
+            int real = r < k;
             clipped_xent(t[r], real, &m->disc_dout[r]);
             m->disc_dout[r] /= (float)(2 * B);
             if (real)
-                t_real += t[r];
-            right += real ? t[r] > 0.0f : t[r] < 0.0f;
+                sums[0] += t[r];
+            sums[1] += real ? t[r] > 0.0f : t[r] < 0.0f;
         }
-        hvae_mlp_backward(mlp, rows, m->disc_dout, 2 * n, NULL);
+        hvae_mlp_backward(mlp, rows, m->disc_dout, 2 * k, NULL);
     }
+    if (reduce && reduce(reduce_ctx, grads, P, sums, 2))
+        return HVAE_ERR_STOPPED;
     hvae_optimizer_block_step_if_finite(opt, hvae_mlp_params(mlp), grads);
     if (stats) {
-        stats->log_ratio += t_real / (double)B;
-        stats->accuracy += right / (double)(2 * B);
+        stats->log_ratio += sums[0] / (double)B;
+        stats->accuracy += sums[1] / (double)(2 * B);
         stats->n_steps++;
     }
     return HVAE_OK;
+}
+
+hvae_status hvae_discriminator_step(hvae_model *m, hvae_optimizer *opt, hvae_rng *rng,
+                                    const float *z, const float *other, int64_t B,
+                                    hvae_discriminator_stats *stats)
+{
+    return hvae_discriminator_step_shared(m, opt, rng, z, other, B, NULL, NULL, NULL, stats);
 }

@@ -618,7 +618,21 @@ typedef struct {
     double kl[HVAE_MAX_LAYERS]; /* KL term per layer */
     int64_t n_rows;
     int64_t n_batches;
+    /* beta-TCVAE (hvae_objective_options.tcvae; 0 otherwise): the top
+     * layer's index-code mutual information, total correlation and
+     * dimension-wise KL as estimated in training (minibatch-weighted
+     * sampling); they sum to the sampled estimate of kl[top]. */
+    double tcvae[3];
 } hvae_epoch_stats;
+
+/* Running means of the discriminator's steps (reset by the caller). */
+typedef struct {
+    double log_ratio;   /* sum over steps of mean_r T(z_r) on the real rows */
+    double accuracy;    /* sum over steps of the fraction classified right
+                           (T > 0 real, T < 0 other), both classes */
+    int64_t n_steps;
+} hvae_discriminator_stats;
+
 
 /* Called after every minibatch (training: with that batch's stats) or every
  * pass of draws (log-likelihood: batch NULL); a nonzero return stops the
@@ -762,9 +776,12 @@ HVAE_API hvae_status hvae_optimizer_set_lr_scale(hvae_optimizer *opt, int64_t be
 
 /* Data-parallel training: sums values across the processes, in place
  * (an MPI Allreduce with MPI_SUM, say). grads (n_grads floats) may be NULL
- * with n_grads = 0; values holds n_values doubles. Every process makes the
- * same sequence of calls with the same sizes. A nonzero return stops the
- * work, which then returns HVAE_ERR_STOPPED. */
+ * with n_grads = 0; values holds n_values doubles (n_values may be 0).
+ * grads is the model's gradient buffer (hvae_model_grads), the
+ * discriminator's (hvae_discriminator_step_shared), or a gather of the
+ * minibatch's rows (each process fills its rows, zeros elsewhere). Every
+ * process makes the same sequence of calls with the same sizes. A nonzero
+ * return stops the work, which then returns HVAE_ERR_STOPPED. */
 typedef int (*hvae_reduce_hook)(void *ctx, float *grads, int64_t n_grads,
                                 double *values, int64_t n_values);
 
@@ -801,6 +818,20 @@ typedef struct {
      * the work with HVAE_ERR_STOPPED. */
     hvae_aux_step aux_step;
     void *aux_ctx;
+    /* The model's discriminator (hvae_config.discriminator), trained here
+     * when disc_opt is not NULL (hvae_optimizer_create_for(
+     * hvae_discriminator_n_params(model))): in every step, after the
+     * model's gradient is complete (and reduced) and before the model's
+     * optimizer step, one step of disc_opt on the minibatch's top-layer
+     * samples (hvae_discriminator_step), its stats into disc_stats (may be
+     * NULL). Data-parallel: every process gathers the whole minibatch's
+     * samples (through `reduce`), differentiates the discriminator's loss
+     * on its own rows and their counterparts, and the gradient is summed
+     * (hvae_discriminator_step_shared): every process takes the step one
+     * process holding all rows would take, so the discriminators stay
+     * identical. */
+    hvae_optimizer *disc_opt;
+    hvae_discriminator_stats *disc_stats;
 } hvae_train_options;
 
 HVAE_API hvae_train_options hvae_train_options_default(void);
@@ -826,8 +857,9 @@ HVAE_API hvae_status hvae_train_epoch(hvae_model *model, hvae_workspace *ws,
  * two kinds of call for this model (values of which == 0: the layers'
  * minibatch KL sums and the row count, for free bits, or the learning
  * signal's sum and the row count, for the score function's running-mean
- * baseline; which == 1: the minibatch's loss terms). 0 for another
- * `which`. */
+ * baseline; which == 1: the minibatch's loss terms, 3 more with
+ * beta-TCVAE). 0 for another `which`. Its gathers and the discriminator's
+ * step add calls of other sizes. */
 HVAE_API int64_t hvae_train_reduce_values(const hvae_model *model, int which);
 
 /* 1 when all n values are finite. */
@@ -896,14 +928,6 @@ HVAE_API int64_t hvae_discriminator_offset(const hvae_model *model);
 HVAE_API hvae_status hvae_discriminator_log_ratio(hvae_model *model, const float *z,
                                                   int64_t n, float *out);
 
-/* Running means of the discriminator's steps (reset by the caller). */
-typedef struct {
-    double log_ratio;   /* sum over steps of mean_r T(z_r) on the real rows */
-    double accuracy;    /* sum over steps of the fraction classified right
-                           (T > 0 real, T < 0 other), both classes */
-    int64_t n_steps;
-} hvae_discriminator_stats;
-
 /* One step of the discriminator's optimizer on B real rows z (B, d_T)
  * against B rows of `other` (B, d_T), or, when other is NULL, the model's
  * own counterpart drawn from rng: the rows of z with each dimension
@@ -917,6 +941,22 @@ HVAE_API hvae_status hvae_discriminator_step(hvae_model *model, hvae_optimizer *
                                              hvae_rng *rng, const float *z,
                                              const float *other, int64_t B,
                                              hvae_discriminator_stats *stats);
+
+/* The same step shared by the processes of a data-parallel fit: every
+ * process passes the whole minibatch z (B, d_T) and draws every row's
+ * counterpart (so that the generators stay equal), differentiates the loss
+ * terms of the rows r with mine[r] != 0 (its own) and their counterparts,
+ * and reduce (hvae_reduce_hook; called once, with the discriminator's
+ * gradient and the stats' two sums) sums the gradient over the processes
+ * before the optimizer step. mine NULL and reduce NULL: all rows, one
+ * process (hvae_discriminator_step). HVAE_ERR_STOPPED when reduce
+ * stopped. */
+HVAE_API hvae_status hvae_discriminator_step_shared(hvae_model *model, hvae_optimizer *opt,
+                                                    hvae_rng *rng, const float *z,
+                                                    const float *other, int64_t B,
+                                                    const unsigned char *mine,
+                                                    hvae_reduce_hook reduce, void *reduce_ctx,
+                                                    hvae_discriminator_stats *stats);
 
 /* beta-TCVAE's three terms per row of one minibatch of n rows (at most the
  * workspace's max_rows), at the same samples as hvae_elbo (eps or hashed

@@ -1425,6 +1425,36 @@ done:
     return result;
 }
 
+/* The keys of fit's per-epoch records, in record order; exported as
+ * EPOCH_RECORD_KEYS (every record), DISCRIMINATOR_RECORD_KEYS and
+ * TCVAE_RECORD_KEYS (the groups below). */
+enum {
+    RECORD_LOSS, RECORD_OBJECTIVE, RECORD_ELBO, RECORD_RECONSTRUCTION,
+    RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
+    RECORD_COMPLETE, RECORD_DISC_LOG_RATIO, RECORD_DISC_ACCURACY,
+    RECORD_TCVAE_MI, RECORD_TCVAE_TC, RECORD_TCVAE_DW, N_RECORD_KEYS
+};
+/* The records of a model with a discriminator also have the keys from
+ * RECORD_DISC_LOG_RATIO (DISCRIMINATOR_RECORD_KEYS): discriminator_log_ratio,
+ * the epoch's mean over its steps of T on the real rows (FactorVAE: the
+ * total-correlation estimate; density-ratio prior: of KL(q(z_T) || N(0, I))),
+ * and discriminator_accuracy, its mean accuracy. Those of a beta-TCVAE fit
+ * have the keys from RECORD_TCVAE_MI (TCVAE_RECORD_KEYS): the epoch's means
+ * of the top layer's index-code mutual information, total correlation and
+ * dimension-wise KL as trained (minibatch-weighted sampling), whose sum is
+ * the sampled estimate of the top layer's KL term (also Model.tcvae_terms'
+ * keys). */
+enum { RECORD_GROUP_ALL, RECORD_GROUP_DISC, RECORD_GROUP_TCVAE, N_RECORD_GROUPS };
+static const int record_group_start[N_RECORD_GROUPS + 1] = {
+    0, RECORD_DISC_LOG_RATIO, RECORD_TCVAE_MI, N_RECORD_KEYS};
+static const char *const record_group_names[N_RECORD_GROUPS] = {
+    "EPOCH_RECORD_KEYS", "DISCRIMINATOR_RECORD_KEYS", "TCVAE_RECORD_KEYS"};
+static const char *const epoch_record_keys[N_RECORD_KEYS] = {
+    "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
+    "n_batches", "n_rows", "complete", "discriminator_log_ratio",
+    "discriminator_accuracy", "mutual_information", "total_correlation",
+    "dimension_wise_kl"};
+
 typedef struct {
     unsigned long long seed;
     double n_data;
@@ -1462,8 +1492,9 @@ static PyObject *Model_tcvae_terms(ModelObject *self, PyObject *args, PyObject *
     a.dw = frame_output(&f, 1, &f.n, NPY_FLOAT64);
     if (!a.mi || !a.tc || !a.dw || frame_call(&f, tcvae_body, &a, "tcvae_terms failed") < 0)
         goto done;
-    result = Py_BuildValue("{sOsOsO}", "mutual_information", a.mi, "total_correlation", a.tc,
-                           "dimension_wise_kl", a.dw);
+    result = Py_BuildValue("{sOsOsO}", epoch_record_keys[RECORD_TCVAE_MI], a.mi,
+                           epoch_record_keys[RECORD_TCVAE_TC], a.tc,
+                           epoch_record_keys[RECORD_TCVAE_DW], a.dw);
 done:
     frame_leave(&f);
     return result;
@@ -1584,27 +1615,41 @@ static int fit_batch_hook(void *ctx_ptr, int64_t batch_index,
 }
 
 /* Data-parallel fit: hands the C buffers to the Python reduction (which
- * reads and writes them in place, zero-copy for the gradient). */
+ * reads and writes them in place, zero-copy): the model's gradient through
+ * its cached view, any other float buffer (the discriminator's gradient, a
+ * gather of the minibatch's rows) through a view made for the call; the
+ * values through the cached array of their size or a new one. */
 static int fit_reduce_hook(void *ctx_ptr, float *grads, int64_t n_grads,
                            double *values, int64_t n_values)
 {
-    (void)n_grads;
     fit_ctx *ctx = ctx_ptr;
     PyEval_RestoreThread(ctx->saved);
-    PyArrayObject *v = (PyArrayObject *)ctx->values[grads != NULL];
-    int stop = PyArray_DIM(v, 0) != n_values; /* cannot happen: sized by fit */
-    if (stop)
-        PyErr_SetString(PyExc_SystemError, "reduce: unexpected number of values");
-    PyObject *r = NULL;
+    PyObject *g = NULL, *v = ctx->values[grads != NULL], *r = NULL;
+    npy_intp nv = (npy_intp)n_values, ng = (npy_intp)n_grads;
+    int stop = 0;
+    if (PyArray_DIM((PyArrayObject *)v, 0) != nv)
+        v = new_array(1, &nv, NPY_FLOAT64);
+    else
+        Py_INCREF(v);
+    if (!grads)
+        g = Py_NewRef(Py_None);
+    else if (grads == PyArray_DATA((PyArrayObject *)ctx->grads) &&
+             ng == PyArray_DIM((PyArrayObject *)ctx->grads, 0))
+        g = Py_NewRef(ctx->grads);
+    else
+        g = PyArray_SimpleNewFromData(1, &ng, NPY_FLOAT32, grads);
+    stop = !v || !g;
     if (!stop) {
-        memcpy(PyArray_DATA(v), values, (size_t)n_values * sizeof(double));
-        r = PyObject_CallFunctionObjArgs(ctx->reduce, grads ? ctx->grads : Py_None,
-                                         (PyObject *)v, NULL);
+        if (nv > 0)
+            memcpy(PyArray_DATA((PyArrayObject *)v), values, (size_t)nv * sizeof(double));
+        r = PyObject_CallFunctionObjArgs(ctx->reduce, g, v, NULL);
         stop = r == NULL;
     }
-    if (!stop)
-        memcpy(values, PyArray_DATA(v), (size_t)n_values * sizeof(double));
+    if (!stop && nv > 0)
+        memcpy(values, PyArray_DATA((PyArrayObject *)v), (size_t)nv * sizeof(double));
     Py_XDECREF(r);
+    Py_XDECREF(g);
+    Py_XDECREF(v);
     ctx->interrupted = stop;
     ctx->saved = PyEval_SaveThread();
     return stop;
@@ -1900,28 +1945,11 @@ done:
 /* ---- fit ----------------------------------------------------------------- */
 
 
-/* The keys of fit's per-epoch records, in record order; exported as
- * EPOCH_RECORD_KEYS. */
-enum {
-    RECORD_LOSS, RECORD_OBJECTIVE, RECORD_ELBO, RECORD_RECONSTRUCTION,
-    RECORD_KL, RECORD_SECONDS, RECORD_N_BATCHES, RECORD_N_ROWS,
-    RECORD_COMPLETE, RECORD_DISC_LOG_RATIO, RECORD_DISC_ACCURACY, N_RECORD_KEYS
-};
-/* The records of a model with a discriminator also have the last
- * N_DISC_RECORD_KEYS keys (exported as DISCRIMINATOR_RECORD_KEYS):
- * discriminator_log_ratio, the epoch's mean over its steps of T on the real
- * rows (FactorVAE: the total-correlation estimate; density-ratio prior: of
- * KL(q(z_T) || N(0, I))), and discriminator_accuracy, its mean accuracy. */
-#define N_DISC_RECORD_KEYS 2
-static const char *const epoch_record_keys[N_RECORD_KEYS] = {
-    "loss", "objective", "elbo", "reconstruction", "kl", "seconds",
-    "n_batches", "n_rows", "complete", "discriminator_log_ratio",
-    "discriminator_accuracy"};
-
-/* One epoch's record: a dict of epoch_record_keys; kl a list of T floats. */
+/* One epoch's record: a dict of epoch_record_keys (the discriminator's
+ * with ds, beta-TCVAE's with tcvae); kl a list of T floats. */
 static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
                               double seconds, int complete,
-                              const hvae_discriminator_stats *ds)
+                              const hvae_discriminator_stats *ds, int tcvae)
 {
     PyObject *values[N_RECORD_KEYS] = {NULL};
     PyObject *record = NULL;
@@ -1945,14 +1973,18 @@ static PyObject *epoch_record(const hvae_epoch_stats *s, int32_t T,
     double steps = ds && ds->n_steps > 0 ? (double)ds->n_steps : NAN;
     values[RECORD_DISC_LOG_RATIO] = PyFloat_FromDouble(ds ? ds->log_ratio / steps : NAN);
     values[RECORD_DISC_ACCURACY] = PyFloat_FromDouble(ds ? ds->accuracy / steps : NAN);
+    for (int k = 0; k < 3; k++)
+        values[RECORD_TCVAE_MI + k] = PyFloat_FromDouble(s->tcvae[k]);
     for (int k = 0; k < N_RECORD_KEYS; k++)
         if (!values[k])
             goto done;
     record = PyDict_New();
-    int n_keys = ds ? N_RECORD_KEYS : N_RECORD_KEYS - N_DISC_RECORD_KEYS;
-    for (int k = 0; record && k < n_keys; k++)
-        if (PyDict_SetItemString(record, epoch_record_keys[k], values[k]) < 0)
-            Py_CLEAR(record);
+    int wanted[N_RECORD_GROUPS] = {1, ds != NULL, tcvae};
+    for (int g = 0; record && g < N_RECORD_GROUPS; g++)
+        for (int k = record_group_start[g]; wanted[g] && record && k < record_group_start[g + 1];
+             k++)
+            if (PyDict_SetItemString(record, epoch_record_keys[k], values[k]) < 0)
+                Py_CLEAR(record);
 done:
     for (int k = 0; k < N_RECORD_KEYS; k++)
         Py_XDECREF(values[k]);
@@ -1988,12 +2020,6 @@ static int parse_fit_discriminator(double tc_weight, double disc_lr, double disc
     a->objective.tc_weight = (float)tc_weight;
     if (parse_tcvae(tcvae, n_data, &a->objective) < 0)
         return -1;
-    if (a->objective.tcvae && a->reduce != Py_None) {
-        PyErr_SetString(PyExc_ValueError, "beta-TCVAE (tcvae_weights) is not supported in "
-                        "data-parallel training: its minibatch-weighted sampling needs every "
-                        "row of the minibatch on one process");
-        return -1;
-    }
     a->disc_optimizer.learning_rate = (float)disc_lr;
     a->disc_optimizer.beta1 = (float)disc_beta1;
     a->disc_optimizer.beta2 = (float)disc_beta2;
@@ -2127,21 +2153,6 @@ static int fit_setup_parallel(ModelObject *self, const fit_args *a, fit_ctx *ctx
     return 0;
 }
 
-/* The discriminator's step after each of the model's (hvae_train_options.
- * aux_step): on the minibatch's top-layer samples against their
- * counterpart (hvae_discriminator_step), its stats into the model's. */
-static int fit_aux_step(void *ctx, hvae_model *model, const hvae_workspace *ws,
-                        const float *x, const float *cond, int64_t B)
-{
-    (void)x;
-    (void)cond;
-    ModelObject *self = ctx;
-    int32_t top = hvae_model_config(model)->n_layers - 1;
-    return hvae_discriminator_step(model, self->disc_opt, &self->rng,
-                                   hvae_workspace_samples(ws, top), NULL, B,
-                                   &self->disc_stats) != HVAE_OK;
-}
-
 /* A fit of a model with a discriminator: refuses what it cannot do, and
  * readies the discriminator's optimizer (its moments kept across fits). */
 static int fit_setup_discriminator(ModelObject *self, const fit_args *a,
@@ -2163,12 +2174,6 @@ static int fit_setup_discriminator(ModelObject *self, const fit_args *a,
                         "estimates another ratio");
         return -1;
     }
-    if (a->reduce != Py_None) {
-        PyErr_SetString(PyExc_ValueError, "data-parallel training of a model with a "
-                        "discriminator is not supported (its gradient is not reduced "
-                        "across processes)");
-        return -1;
-    }
     if (a->optimizer.weight_decay != 0.0f) {
         PyErr_SetString(PyExc_ValueError, "weight_decay must be 0 for a model with a "
                         "discriminator: the model's optimizer would shrink the "
@@ -2185,8 +2190,10 @@ static int fit_setup_discriminator(ModelObject *self, const fit_args *a,
                                     &self->disc_opt);
     if (raise_status(st, "cannot set up the discriminator's optimizer") < 0)
         return -1;
-    to->aux_step = fit_aux_step;
-    to->aux_ctx = self;
+    /* The C loop steps it after each of the model's steps (also across
+     * processes); its stats go into the model's. */
+    to->disc_opt = self->disc_opt;
+    to->disc_stats = &self->disc_stats;
     return 0;
 }
 
@@ -2197,7 +2204,8 @@ static int fit_record_epoch(const fit_args *a, PyObject *records, long long epoc
                             const hvae_epoch_stats *stats, int32_t T, double seconds,
                             int complete, hvae_discriminator_stats *ds, int has_disc)
 {
-    PyObject *rec = epoch_record(stats, T, seconds, complete, has_disc ? ds : NULL);
+    PyObject *rec = epoch_record(stats, T, seconds, complete, has_disc ? ds : NULL,
+                                 a->objective.tcvae);
     memset(ds, 0, sizeof *ds);
     if (!rec || PyList_Append(records, rec) < 0 ||
         (a->history && PyList_Append(a->history, rec) < 0)) {
@@ -2421,6 +2429,22 @@ static PyObject *copy_floats(const float *p, npy_intp n)
 
 static PyObject *Model_getstate_locked(ModelObject *self);
 
+/* The discriminator's Adam (its settings, step count and moments, over
+ * hvae_discriminator_n_params floats), or None before its first step. */
+static PyObject *disc_optimizer_state(ModelObject *self)
+{
+    if (!self->disc_opt)
+        return Py_NewRef(Py_None);
+    npy_intp P = hvae_discriminator_n_params(self->model);
+    const hvae_optimizer_config *oc = hvae_optimizer_get_config(self->disc_opt);
+    return Py_BuildValue("{sdsdsdsdsLsNsN}", "learning_rate", (double)oc->learning_rate,
+                         "beta1", (double)oc->beta1, "beta2", (double)oc->beta2, "eps",
+                         (double)oc->eps, "step",
+                         (long long)*hvae_optimizer_step_count(self->disc_opt), "m",
+                         copy_floats(hvae_optimizer_state(self->disc_opt, 0), P), "v",
+                         copy_floats(hvae_optimizer_state(self->disc_opt, 1), P));
+}
+
 /* A consistent snapshot needs the model idle: it waits for a fit to end. */
 static PyObject *Model_getstate(ModelObject *self, PyObject *noargs)
 {
@@ -2452,12 +2476,17 @@ static PyObject *Model_getstate_locked(ModelObject *self)
         if (!opt_state)
             return NULL;
     }
+    PyObject *disc_state = disc_optimizer_state(self);
+    if (!disc_state) {
+        Py_DECREF(opt_state);
+        return NULL;
+    }
     PyObject *rng = rng_tuple(&self->rng);
     PyObject *threads = Model_get_n_threads(self, NULL);
-    return Py_BuildValue("{sNsNsNsN}", "parameters",
+    return Py_BuildValue("{sNsNsNsNsN}", "parameters",
                          copy_floats(hvae_model_params(self->model), P),
                          "optimizer", opt_state, "rng_state", rng, "n_threads",
-                         threads);
+                         threads, "discriminator_optimizer", disc_state);
 }
 
 /* Copies a float sequence of exactly n values into dst. */
@@ -2486,6 +2515,51 @@ static PyObject *dict_item(PyObject *d, const char *key)
     return v;
 }
 
+/* The discriminator's Adam from disc_optimizer_state's dict into a new
+ * optimizer *out (NULL for None); -1 with an exception. */
+static int disc_optimizer_from_state(ModelObject *self, PyObject *o, hvae_optimizer **out)
+{
+    *out = NULL;
+    if (o == Py_None)
+        return 0;
+    if (!PyDict_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "Model state's 'discriminator_optimizer' must be None "
+                     "or a dict; got %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (!hvae_model_config(self->model)->discriminator) {
+        PyErr_SetString(PyExc_ValueError, "Model state has a discriminator optimizer but the "
+                        "model has no discriminator");
+        return -1;
+    }
+    hvae_optimizer_config oc = hvae_optimizer_config_default();
+    long long step;
+    PyObject *m_obj, *v_obj;
+    static char *keys[] = {"learning_rate", "beta1", "beta2", "eps", "step", "m", "v", NULL};
+    PyObject *empty = PyTuple_New(0);
+    int ok = empty && PyArg_ParseTupleAndKeywords(empty, o, "ffffLOO", keys, &oc.learning_rate,
+                                                  &oc.beta1, &oc.beta2, &oc.eps, &step,
+                                                  &m_obj, &v_obj);
+    Py_XDECREF(empty);
+    if (!ok)
+        return -1;
+    if (step < 0) {
+        PyErr_SetString(PyExc_ValueError, "the discriminator optimizer's step must be >= 0");
+        return -1;
+    }
+    npy_intp P = hvae_discriminator_n_params(self->model);
+    if (raise_status(hvae_optimizer_create_for(P, &oc, out),
+                     "invalid discriminator optimizer state") < 0 ||
+        load_floats(m_obj, hvae_optimizer_state(*out, 0), P, "discriminator optimizer m") < 0 ||
+        load_floats(v_obj, hvae_optimizer_state(*out, 1), P, "discriminator optimizer v") < 0) {
+        hvae_optimizer_free(*out);
+        *out = NULL;
+        return -1;
+    }
+    *hvae_optimizer_step_count(*out) = step;
+    return 0;
+}
+
 static PyObject *Model_setstate(ModelObject *self, PyObject *state)
 {
     if (!PyDict_Check(state)) {
@@ -2496,7 +2570,7 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
         return NULL;
     PyObject *result = NULL;
     npy_intp P = hvae_model_n_params(self->model);
-    hvae_optimizer *opt = NULL;
+    hvae_optimizer *opt = NULL, *disc_opt = NULL;
     float *params = raw_array(P, sizeof(float), "a copy of the parameters", "floats");
     PyObject *p = dict_item(state, "parameters"), *o, *rng, *threads;
     if (!params)
@@ -2544,6 +2618,10 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
             goto done;
         *hvae_optimizer_step_count(opt) = step;
     }
+    /* Absent from states written before it existed: None. */
+    PyObject *d = PyDict_GetItemString(state, "discriminator_optimizer"); /* borrowed */
+    if (disc_optimizer_from_state(self, d ? d : Py_None, &disc_opt) < 0)
+        goto done;
     if (set_rng_state(self, rng) < 0 ||
         Model_set_n_threads(self, threads, NULL) < 0)
         goto done;
@@ -2552,9 +2630,13 @@ static PyObject *Model_setstate(ModelObject *self, PyObject *state)
     hvae_optimizer_free(self->opt);
     self->opt = opt;
     opt = NULL;
+    hvae_optimizer_free(self->disc_opt);
+    self->disc_opt = disc_opt;
+    disc_opt = NULL;
     result = Py_NewRef(Py_None);
 done:
     hvae_optimizer_free(opt);
+    hvae_optimizer_free(disc_opt);
     PyMem_RawFree(params);
     model_leave(self);
     return result;
@@ -2845,7 +2927,11 @@ static PyMethodDef Model_methods[] = {
      "the rows' conditions for a conditional model. A model with a discriminator\n"
      "also trains it, one Adam step (discriminator_learning_rate,\n"
      "discriminator_betas) after each of the model's, on that minibatch's\n"
-     "top-layer samples; its records then also hold DISCRIMINATOR_RECORD_KEYS.\n\n"
+     "top-layer samples; its records then also hold DISCRIMINATOR_RECORD_KEYS.\n"
+     "A beta-TCVAE fit's records also hold TCVAE_RECORD_KEYS (the top layer's\n"
+     "index-code MI, total correlation and dimension-wise KL as trained).\n"
+     "With reduce (data-parallel), the discriminator's gradient and\n"
+     "beta-TCVAE's gathers of the minibatch go through reduce too.\n\n"
      "Returns one record per epoch (dict: loss, objective, elbo, reconstruction, kl per\n"
      "layer, seconds, n_batches, n_rows, complete). Records are also appended\n"
      "to ``history`` (a list) as they are made, so they survive an exception.\n"
@@ -3099,19 +3185,17 @@ PyMODINIT_FUNC PyInit__core(void)
     for (int kind = 0; kind < N_CHOICES; kind++)
         if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)
             goto fail;
-    int first[2] = {0, N_RECORD_KEYS - N_DISC_RECORD_KEYS};
-    int count[2] = {N_RECORD_KEYS - N_DISC_RECORD_KEYS, N_DISC_RECORD_KEYS};
-    const char *names[2] = {"EPOCH_RECORD_KEYS", "DISCRIMINATOR_RECORD_KEYS"};
-    for (int g = 0; g < 2; g++) {
-        PyObject *keys = PyTuple_New(count[g]);
-        for (int k = 0; keys && k < count[g]; k++) {
-            PyObject *key = PyUnicode_FromString(epoch_record_keys[first[g] + k]);
+    for (int g = 0; g < N_RECORD_GROUPS; g++) {
+        int first = record_group_start[g], count = record_group_start[g + 1] - first;
+        PyObject *keys = PyTuple_New(count);
+        for (int k = 0; keys && k < count; k++) {
+            PyObject *key = PyUnicode_FromString(epoch_record_keys[first + k]);
             if (!key)
                 Py_CLEAR(keys);
             else
                 PyTuple_SET_ITEM(keys, k, key);
         }
-        if (module_add_new(m, names[g], keys) < 0)
+        if (module_add_new(m, record_group_names[g], keys) < 0)
             goto fail;
     }
     return m;

@@ -150,6 +150,11 @@ struct hvae_workspace {
     float *dx;
     double *prior_rows;
     double *tc_scratch;      /* (max_rows, 2 d_T + 3): beta-TCVAE's (tcvae.c) */
+    /* (max_rows, HVAE_GATHER_COLS d_T): beta-TCVAE's gradients of the rows
+     * (dz, dmu, dlv), and a data-parallel step's gathers of the whole
+     * minibatch (train.c: mu and lv, their gradients, z_T) */
+    float *gathered;
+    unsigned char *mine;     /* (max_rows): a data-parallel step's rows held here */
 };
 
 /* Whether the workspace's poll hook asks the current call to stop. */
@@ -272,27 +277,34 @@ double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int6
 void hvae_discriminator_term_backward(const hvae_model *m, const float *z, int64_t B,
                                       float coeff, float *dz);
 
-/* tcvae.c: beta-TCVAE's terms over B rows of the top layer (z, its noise,
- * q's mu and lv, all (B, d)) from a data set of n_data rows, into mi, tc,
- * dw (B each); lse_joint (B) and lse_dim (2 B d) keep what the backward
- * needs. The backward accumulates scale * the gradient of
- * weights[0] MI + weights[1] TC + weights[2] DW into dz, dmu, dlv. */
+/* tcvae.c: beta-TCVAE's terms of Bi rows i of the top layer (z, its noise
+ * and q's lv_self, (Bi, d) each) against the B rows j of the minibatch (q's
+ * mu and lv, (B, d) each; the same rows when one process holds them all)
+ * from a data set of n_data rows, into mi, tc, dw (Bi each); lse_joint (Bi)
+ * and lse_dim (2 Bi d) keep what the backward needs. The backward
+ * accumulates scale * the gradient of the rows' weights[0] MI + weights[1]
+ * TC + weights[2] DW into dz, dlv_self (Bi, d) and dmu, dlv (B, d). */
 void hvae_tcvae_forward(double *mi, double *tc, double *dw, double *lse_joint,
-                        double *lse_dim, const float *z, const float *eps, const float *mu,
-                        const float *lv, int64_t B, int64_t d, double n_data);
-void hvae_tcvae_backward(float *dz, float *dmu, float *dlv, const double *lse_joint,
-                         const double *lse_dim, const float *z, const float *mu,
-                         const float *lv, int64_t B, int64_t d, double n_data,
-                         const float *weights, float scale);
+                        double *lse_dim, const float *z, const float *eps,
+                        const float *lv_self, int64_t Bi, const float *mu, const float *lv,
+                        int64_t B, int64_t d, double n_data);
+void hvae_tcvae_backward(float *dz, float *dlv_self, float *dmu, float *dlv,
+                         const double *lse_joint, const double *lse_dim, const float *z,
+                         int64_t Bi, const float *mu, const float *lv, int64_t B, int64_t d,
+                         double n_data, const float *weights, float scale);
 
 /* The training terms beyond the layers' (FactorVAE's, beta-TCVAE's) that
  * hvae_backward differentiates into the top layer. */
 typedef struct {
     float tc_weight;          /* FactorVAE's gamma, 0 for none */
-    int tcvae;                /* beta-TCVAE (then the top layer's kl_weight is 0) */
-    const float *tcvae_weights;
-    double n_data;
+    /* beta-TCVAE (then the top layer's kl_weight is 0): the gradients of
+     * its terms, computed ahead (train.c), added to the top layer's dz,
+     * dmu and dlv (B, d_T each); NULL for none. */
+    const float *tcvae_dz, *tcvae_dmu, *tcvae_dlv;
 } hvae_top_terms;
+
+/* Columns (times d_T) of hvae_workspace.gathered. */
+#define HVAE_GATHER_COLS 8
 
 /* rng.c */
 uint64_t hvae_splitmix64(uint64_t *state);

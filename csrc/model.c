@@ -455,7 +455,9 @@ static size_t workspace_own_bytes(const hvae_model *m, int64_t max_rows)
                                m->config.n_features + m->eps_cols,
                                &floats_per_row))
         return 0;
-    if (__builtin_add_overflow(floats_per_row, m->config.n_conditions + 3,
+    if (__builtin_add_overflow(floats_per_row, m->config.n_conditions + 4 +
+                                                   HVAE_GATHER_COLS *
+                                                       m->latent_dims[m->config.n_layers - 1],
                                &floats_per_row))
         return 0;
     int64_t per_row;
@@ -522,7 +524,10 @@ static hvae_status workspace_create(const hvae_model *m, int64_t max_rows, int w
     ws->kl = malloc(R * (size_t)m->config.n_layers * sizeof(double));
     ws->tc_scratch = malloc(R * (size_t)(3 + 2 * m->latent_dims[m->config.n_layers - 1]) *
                             sizeof(double));
-    if (!ws->tc_scratch || !ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
+    ws->gathered = malloc(R * HVAE_GATHER_COLS *
+                          (size_t)m->latent_dims[m->config.n_layers - 1] * sizeof(float));
+    ws->mine = malloc(R);
+    if (!ws->tc_scratch || !ws->gathered || !ws->mine || !ws->x || !ws->eps || !ws->acts || !ws->dacts || !ws->reconstruction ||
         !ws->kl || !ws->cond || !ws->row_weight || !ws->score_weight ||
         !ws->lse_max ||
         !ws->lse_sum || !ws->row_rng) {
@@ -557,6 +562,8 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->row_weight);
     free(ws->score_weight);
     free(ws->tc_scratch);
+    free(ws->gathered);
+    free(ws->mine);
     free(ws->lse_max);
     free(ws->lse_sum);
     free(ws->row_rng);
@@ -956,12 +963,14 @@ static void layer_terms_backward(hvae_model *m, const hvae_workspace *ws, int64_
         hvae_discriminator_term_backward(m, ws_act(ws, m->latent[top].z_col), B,
                                          scale * tt->tc_weight,
                                          ws_dact(ws, m->latent[top].z_col));
-    if (tt->tcvae)
-        hvae_tcvae_backward(ws_dact(ws, m->latent[top].z_col), dpost(m, ws, top, 0),
-                            dpost(m, ws, top, 1), ws->lse_max, ws->tc_scratch + 3 * ws->max_rows,
-                            ws_act(ws, m->latent[top].z_col), post(m, ws, top, 0),
-                            post(m, ws, top, 1), B, m->latent_dims[top], tt->n_data,
-                            tt->tcvae_weights, scale);
+    if (tt->tcvae_dz) {
+        float *to[3] = {ws_dact(ws, m->latent[top].z_col), dpost(m, ws, top, 0),
+                        dpost(m, ws, top, 1)};
+        const float *from[3] = {tt->tcvae_dz, tt->tcvae_dmu, tt->tcvae_dlv};
+        for (int k = 0; k < 3; k++)
+            for (int64_t j = 0; j < B * m->latent_dims[top]; j++)
+                to[k][j] += from[k][j];
+    }
 }
 
 /* Multiplies row r of every activation gradient by row_weight[r]: every

@@ -13,7 +13,13 @@
  * (-(log 2 pi + lv + eps^2)/2 per unit: its derivative flows through lv
  * only); every other density's derivative flows to z_i and to the (mu_j,
  * lv_j) of every row j. Cost B^2 d exponentials; memory 2 B d + B doubles
- * of the workspace. */
+ * of the workspace.
+ *
+ * The rows i whose terms are computed and the rows j of the minibatch they
+ * are estimated against are passed apart: one process passes its B rows as
+ * both; a data-parallel process (train.c) its own rows i against the whole
+ * minibatch's (mu_j, lv_j), gathered from every process, and the gradients
+ * of the gathered rows are then summed over the processes. */
 #include "internal.h"
 
 #include <math.h>
@@ -28,12 +34,13 @@ static inline double log_normal(double z, double mu, double lv, double *prec)
 }
 
 void hvae_tcvae_forward(double *mi, double *tc, double *dw, double *lse_joint,
-                        double *lse_dim, const float *z, const float *eps, const float *mu,
-                        const float *lv, int64_t B, int64_t d, double n_data)
+                        double *lse_dim, const float *z, const float *eps,
+                        const float *lv_self, int64_t Bi, const float *mu, const float *lv,
+                        int64_t B, int64_t d, double n_data)
 {
     double log_nb = log(n_data * (double)B);
-    double *sum_dim = lse_dim + B * d; /* the running sums */
-    for (int64_t i = 0; i < B; i++) {
+    double *sum_dim = lse_dim + Bi * d; /* the running sums */
+    for (int64_t i = 0; i < Bi; i++) {
         double *mx = lse_dim + i * d, *sm = sum_dim + i * d;
         double joint_max = -INFINITY, joint_sum = 0.0;
         for (int64_t k = 0; k < d; k++) {
@@ -66,7 +73,7 @@ void hvae_tcvae_forward(double *mi, double *tc, double *dw, double *lse_joint,
             mx[k] = mx[k] + log(sm[k]) - log_nb; /* log q_k(z_ik) from here on */
             log_marg += mx[k];
             double e = eps[i * d + k], zz = z[i * d + k];
-            log_q_given += -0.5 * (LOG_2PI + lv[i * d + k] + e * e);
+            log_q_given += -0.5 * (LOG_2PI + lv_self[i * d + k] + e * e);
             log_p += -0.5 * (LOG_2PI + zz * zz);
         }
         lse_joint[i] = log_qz;
@@ -76,19 +83,19 @@ void hvae_tcvae_forward(double *mi, double *tc, double *dw, double *lse_joint,
     }
 }
 
-void hvae_tcvae_backward(float *dz, float *dmu, float *dlv, const double *lse_joint,
-                         const double *lse_dim, const float *z, const float *mu,
-                         const float *lv, int64_t B, int64_t d, double n_data,
-                         const float *weights, float scale)
+void hvae_tcvae_backward(float *dz, float *dlv_self, float *dmu, float *dlv,
+                         const double *lse_joint, const double *lse_dim, const float *z,
+                         int64_t Bi, const float *mu, const float *lv, int64_t B, int64_t d,
+                         double n_data, const float *weights, float scale)
 {
     /* alpha MI + beta TC + gamma DW = alpha log q(z|x) + (beta - alpha) log q(z)
      *   + (gamma - beta) sum_k log q_k(z_k) - gamma log p(z). */
     double log_nb = log(n_data * (double)B);
     double a = weights[0], b = weights[1], g = weights[2];
     double c_joint = scale * (b - a), c_dim = scale * (g - b);
-    for (int64_t i = 0; i < B; i++) {
+    for (int64_t i = 0; i < Bi; i++) {
         for (int64_t k = 0; k < d; k++) {
-            dlv[i * d + k] += (float)(scale * a * -0.5);
+            dlv_self[i * d + k] += (float)(scale * a * -0.5);
             dz[i * d + k] += (float)(scale * g * z[i * d + k]);
         }
         for (int64_t j = 0; j < B; j++) {

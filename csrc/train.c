@@ -146,18 +146,115 @@ static int objective_fits_model(const hvae_model *m, const hvae_objective_option
             o->objective == HVAE_OBJECTIVE_ELBO);
 }
 
+/* A step's reduction over the processes of a data-parallel fit (fn NULL:
+ * one process), and which of the minibatch's R_full rows (data rows times
+ * draws, in minibatch order) this process holds: mine[r] (its own rows are
+ * those, in that order). */
+typedef struct {
+    hvae_reduce_hook fn;
+    void *ctx;
+    const unsigned char *mine;
+    int64_t R_full;
+} reducer;
+
+/* Data-parallel: n_mats matrices of this process's rows (R, d) each into
+ * full (n_mats, R_full, d) at their places in the minibatch, zeros
+ * elsewhere, summed over the processes: every process then holds the whole
+ * minibatch's rows, in the order one process holding them all would see.
+ * (Adding zeros is exact.) Nonzero when the reduction stopped the work. */
+static int gather_rows(const reducer *red, float *full, const float *const *local,
+                       int n_mats, int64_t d)
+{
+    int64_t R = red->R_full;
+    double none = 0.0;
+    memset(full, 0, (size_t)(n_mats * R * d) * sizeof(float));
+    for (int k = 0; k < n_mats; k++)
+        for (int64_t r = 0, i = 0; r < R; r++)
+            if (red->mine[r])
+                memcpy(full + (k * R + r) * d, local[k] + d * i++, (size_t)d * sizeof(float));
+    return red->fn(red->ctx, full, n_mats * R * d, &none, 0);
+}
+
+/* Data-parallel: this process's rows of full (R_full, d) added to local
+ * (R, d), in order. */
+static void add_own_rows(float *local, const float *full, const reducer *red, int64_t d)
+{
+    for (int64_t r = 0, i = 0; r < red->R_full; r++)
+        if (red->mine[r]) {
+            for (int64_t k = 0; k < d; k++)
+                local[i * d + k] += full[r * d + k];
+            i++;
+        }
+}
+
 /* beta-TCVAE's terms of the R rows of the last forward pass, into the
- * workspace's scratch (mi, tc, dw: R each, then what the backward needs). */
-static void tcvae_terms_forward(const hvae_model *m, const hvae_workspace *ws,
-                                const float *eps_top, int64_t R, double n_data)
+ * workspace's scratch (mi, tc, dw: R each, then what the backward needs),
+ * estimated against the whole minibatch: these rows, or (data-parallel)
+ * every process's (mu, lv), gathered into the workspace. Nonzero when the
+ * reduction stopped the work. */
+static int tcvae_terms_forward(const hvae_model *m, const hvae_workspace *ws,
+                               const float *eps_top, int64_t R, double n_data,
+                               const reducer *red)
 {
     int32_t top = m->config.n_layers - 1;
     const hvae_block *enc = &m->enc[top];
     double *s = ws->tc_scratch;
-    int64_t M = ws->max_rows;
+    int64_t M = ws->max_rows, d = m->latent_dims[top], Rj = R;
+    const float *mu = block_head(ws, enc, 0), *lv = block_head(ws, enc, 1);
+    const float *mu_j = mu, *lv_j = lv;
+    if (red && red->fn) {
+        const float *local[2] = {mu, lv};
+        float *full = ws->gathered + 3 * M * d;
+        if (gather_rows(red, full, local, 2, d))
+            return 1;
+        Rj = red->R_full;
+        mu_j = full;
+        lv_j = full + Rj * d;
+    }
     hvae_tcvae_forward(s, s + M, s + 2 * M, ws->lse_max, s + 3 * M,
-                       ws_act(ws, m->latent[top].z_col), eps_top, block_head(ws, enc, 0),
-                       block_head(ws, enc, 1), R, m->latent_dims[top], n_data);
+                       ws_act(ws, m->latent[top].z_col), eps_top, lv, R, mu_j, lv_j, Rj, d,
+                       n_data);
+    return 0;
+}
+
+/* beta-TCVAE's gradients of the R rows (scale * d(alpha MI + beta TC +
+ * gamma DW), after tcvae_terms_forward) into the workspace's dz, dmu, dlv
+ * (R, d_T each, returned in *grads); data-parallel, the gradients of the
+ * gathered rows (mu_j, lv_j) are summed over the processes and each takes
+ * its own. Nonzero when the reduction stopped the work. */
+static int tcvae_gradients(const hvae_model *m, const hvae_workspace *ws, int64_t R,
+                           const hvae_objective_options *o, double n_data, float scale,
+                           const reducer *red, float **grads)
+{
+    int32_t top = m->config.n_layers - 1;
+    const hvae_block *enc = &m->enc[top];
+    int64_t M = ws->max_rows, d = m->latent_dims[top];
+    float *dz = ws->gathered, *dmu = dz + M * d, *dlv = dz + 2 * M * d;
+    const float *z = ws_act(ws, m->latent[top].z_col);
+    const double *lse_dim = ws->tc_scratch + 3 * M;
+    grads[0] = dz;
+    grads[1] = dmu;
+    grads[2] = dlv;
+    for (int k = 0; k < 3; k++)
+        memset(grads[k], 0, (size_t)(R * d) * sizeof(float));
+    if (!red || !red->fn) {
+        hvae_tcvae_backward(dz, dlv, dmu, dlv, ws->lse_max, lse_dim, z, R,
+                            block_head(ws, enc, 0), block_head(ws, enc, 1), R, d, n_data,
+                            o->tcvae_weights, scale);
+        return 0;
+    }
+    int64_t Rf = red->R_full;
+    const float *mu_j = ws->gathered + 3 * M * d, *lv_j = mu_j + Rf * d;
+    float *full = ws->gathered + 5 * M * d;
+    memset(full, 0, (size_t)(2 * Rf * d) * sizeof(float));
+    hvae_tcvae_backward(dz, dlv, full, full + Rf * d, ws->lse_max, lse_dim, z, R, mu_j, lv_j,
+                        Rf, d, n_data, o->tcvae_weights, scale);
+    double none = 0.0;
+    if (red->fn(red->ctx, full, 2 * Rf * d, &none, 0))
+        return 1;
+    add_own_rows(dmu, full, red, d);
+    add_own_rows(dlv, full + Rf * d, red, d);
+    return 0;
 }
 
 hvae_status hvae_tcvae_terms(hvae_model *m, hvae_workspace *ws, const float *x,
@@ -178,7 +275,7 @@ hvae_status hvae_tcvae_terms(hvae_model *m, hvae_workspace *ws, const float *x,
     if (!eps)
         hvae_hashed_noise(m, ws, x, n, 1, noise_seed);
     hvae_forward(m, ws, x, cond, noise, n, 0, 0);
-    tcvae_terms_forward(m, ws, noise[T - 1], n, n_data);
+    tcvae_terms_forward(m, ws, noise[T - 1], n, n_data, NULL);
     for (int64_t r = 0; r < n; r++) {
         mi[r] = ws->tc_scratch[r];
         tc[r] = ws->tc_scratch[ws->max_rows + r];
@@ -291,29 +388,33 @@ static double kl_weights(const hvae_objective_options *o, int32_t T, int iwae,
 
 /* beta-TCVAE: the top layer's weighted decomposition replaces beta KL in
  * the loss (its rows' terms, this process's share per data row): updates
- * *penalty and the top layer's kl_weight. */
-static void tcvae_penalty(hvae_model *m, hvae_workspace *ws, const float *const *noise,
-                          int64_t B, int64_t R, const hvae_objective_options *o,
-                          double n_data, const double *batch_kl, float *kl_weight,
-                          double *penalty)
+ * *penalty, the top layer's kl_weight and the sums of the three terms.
+ * Nonzero when the reduction stopped the work. */
+static int tcvae_penalty(hvae_model *m, hvae_workspace *ws, const float *const *noise,
+                         int64_t B, int64_t R, const hvae_objective_options *o,
+                         double n_data, const double *batch_kl, float *kl_weight,
+                         double *penalty, const reducer *red, hvae_epoch_stats *sums)
 {
     int32_t T = m->config.n_layers, top = T - 1;
     kl_weight[top] = 0.0f;
     *penalty -= (double)o->beta * (batch_kl[T] > 0.0 ? batch_kl[top] / batch_kl[T] : 0.0);
+    if (tcvae_terms_forward(m, ws, noise[top], R, n_data, red))
+        return 1;
     double weighted = 0.0;
-    if (R > 0) {
-        tcvae_terms_forward(m, ws, noise[top], R, n_data);
+    for (int k = 0; k < 3; k++) {
+        double sum = 0.0;
         for (int64_t r = 0; r < R; r++)
-            for (int k = 0; k < 3; k++)
-                weighted += (double)o->tcvae_weights[k] *
-                            ws->tc_scratch[k * ws->max_rows + r];
+            sum += ws->tc_scratch[k * ws->max_rows + r];
+        weighted += (double)o->tcvae_weights[k] * sum;
+        sums->tcvae[k] += sum / (double)o->n_samples;
     }
     *penalty += B > 0 ? weighted / (double)R : 0.0;
+    return 0;
 }
 
 /* The (multi-sample) ELBO's backward pass, with free bits, FactorVAE's
  * tc_weight * T(z_T) and beta-TCVAE's top terms; adds the rows' loss to
- * sums->loss. */
+ * sums->loss. Nonzero when the reduction stopped the work. */
 static int elbo_backward(hvae_model *m, hvae_workspace *ws, const float *xb,
                          const float *cb, const float *const *noise, int64_t B,
                          const hvae_objective_options *o, double n_total, double n_data,
@@ -322,8 +423,16 @@ static int elbo_backward(hvae_model *m, hvae_workspace *ws, const float *xb,
 {
     int32_t T = m->config.n_layers;
     int64_t S = o->n_samples, R = B * S;
-    hvae_top_terms top_terms = {o->tc_weight, o->tcvae, o->tcvae_weights, n_data};
     float scale = (float)(1.0 / (n_total * (double)S));
+    hvae_top_terms top_terms = {o->tc_weight, NULL, NULL, NULL};
+    if (o->tcvae) {
+        float *g[3];
+        if (tcvae_gradients(m, ws, R, o, n_data, scale, red, g))
+            return 1;
+        top_terms.tcvae_dz = g[0];
+        top_terms.tcvae_dmu = g[1];
+        top_terms.tcvae_dlv = g[2];
+    }
     /* FactorVAE: + tc_weight * T(z_T) per draw, at the discriminator
      * as it stands (it steps after the model's gradient). */
     double tc = 0.0;
@@ -393,8 +502,11 @@ static int objective_step(hvae_model *m, hvae_workspace *ws,
     double kl_total = 0.0;
     double penalty = kl_weights(o, T, iwae, free_bits, batch_kl, kl_sum, kl_weight,
                                 &kl_total);
-    if (o->tcvae)
-        tcvae_penalty(m, ws, noise, B, R, o, n_data, batch_kl, kl_weight, &penalty);
+    if (o->tcvae &&
+        tcvae_penalty(m, ws, noise, B, R, o, n_data, batch_kl, kl_weight, &penalty, red, sums)) {
+        end_sampling(ws);
+        return 1;
+    }
 
     double objective = 0.0;
     if (iwae) {
@@ -428,6 +540,8 @@ static void scale_sums(hvae_epoch_stats *s, double factor, int32_t T)
     s->reconstruction *= factor;
     for (int32_t i = 0; i < T; i++)
         s->kl[i] *= factor;
+    for (int k = 0; k < 3; k++)
+        s->tcvae[k] *= factor;
 }
 
 static void add_sums(hvae_epoch_stats *into, const hvae_epoch_stats *from, int32_t T)
@@ -438,6 +552,8 @@ static void add_sums(hvae_epoch_stats *into, const hvae_epoch_stats *from, int32
     into->reconstruction += from->reconstruction;
     for (int32_t i = 0; i < T; i++)
         into->kl[i] += from->kl[i];
+    for (int k = 0; k < 3; k++)
+        into->tcvae[k] += from->tcvae[k];
     into->n_rows += from->n_rows;
     into->n_batches += from->n_batches;
 }
@@ -487,7 +603,7 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
             return HVAE_ERR_STOPPED;
         if (!eps)
             hvae_hashed_noise(m, ws, x + r0 * m->config.n_features, B, S, noise_seed);
-        static const reducer none = {NULL, NULL};
+        static const reducer none = {NULL, NULL, NULL, 0};
         if (ws_stop(ws))
             return HVAE_ERR_STOPPED;
         objective_step(m, ws, xb, cb, noise, B, o, (double)n,
@@ -513,6 +629,8 @@ hvae_train_options hvae_train_options_default(void)
     o.reduce = NULL;
     o.reduce_ctx = NULL;
     o.aux_step = NULL;
+    o.disc_opt = NULL;
+    o.disc_stats = NULL;
     o.aux_ctx = NULL;
     return o;
 }
@@ -520,7 +638,7 @@ hvae_train_options hvae_train_options_default(void)
 /* The reduction's two kinds of call: the free bits' layer sums and row
  * count (T + 1 doubles; the score function's running-mean baseline sends
  * its signal sum and row count in the same T + 1), and a minibatch's loss
- * terms (PACKED_SUMS + T). */
+ * terms (PACKED_SUMS + T, then beta-TCVAE's three terms when it trains). */
 #define PACKED_SUMS 5
 
 int64_t hvae_train_reduce_values(const hvae_model *m, int which)
@@ -530,7 +648,7 @@ int64_t hvae_train_reduce_values(const hvae_model *m, int which)
 }
 
 /* The loss terms of a minibatch as the doubles a reduction sums. */
-static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, double *v)
+static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, int tcvae, double *v)
 {
     v[0] = s->loss;
     v[1] = s->objective;
@@ -539,10 +657,12 @@ static int64_t pack_sums(const hvae_epoch_stats *s, int32_t T, double *v)
     v[4] = (double)s->n_rows;
     for (int32_t i = 0; i < T; i++)
         v[PACKED_SUMS + i] = s->kl[i];
-    return PACKED_SUMS + T;
+    for (int k = 0; tcvae && k < 3; k++)
+        v[PACKED_SUMS + T + k] = s->tcvae[k];
+    return PACKED_SUMS + T + (tcvae ? 3 : 0);
 }
 
-static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
+static void unpack_sums(const double *v, int32_t T, int tcvae, hvae_epoch_stats *s)
 {
     s->loss = v[0];
     s->objective = v[1];
@@ -551,6 +671,8 @@ static void unpack_sums(const double *v, int32_t T, hvae_epoch_stats *s)
     s->n_rows = (int64_t)v[4];
     for (int32_t i = 0; i < T; i++)
         s->kl[i] = v[PACKED_SUMS + i];
+    for (int k = 0; tcvae && k < 3; k++)
+        s->tcvae[k] = v[PACKED_SUMS + T + k];
 }
 
 /* The rows of the minibatch start .. start + B - 1 of `order` this process
@@ -577,11 +699,11 @@ static const float *stage_step(const hvae_model *m, const hvae_workspace *ws,
 static int reduce_step(hvae_model *m, const hvae_train_options *o, hvae_epoch_stats *batch)
 {
     int32_t T = m->config.n_layers;
-    double v[PACKED_SUMS + HVAE_MAX_LAYERS];
-    int64_t nv = pack_sums(batch, T, v);
+    double v[PACKED_SUMS + HVAE_MAX_LAYERS + 3];
+    int64_t nv = pack_sums(batch, T, o->objective.tcvae, v);
     if (o->reduce(o->reduce_ctx, m->grads, m->n_params, v, nv))
         return 1;
-    unpack_sums(v, T, batch);
+    unpack_sums(v, T, o->objective.tcvae, batch);
     return 0;
 }
 
@@ -607,7 +729,9 @@ static hvae_status check_train_args(const hvae_model *m, const hvae_workspace *w
     int64_t S = o->objective.n_samples;
     if (o->batch_size > ws->max_rows / S)
         return HVAE_ERR_BATCH_TOO_LARGE;
-    if (hvae_optimizer_n_params(opt) != m->n_params)
+    if (hvae_optimizer_n_params(opt) != m->n_params ||
+        (o->disc_opt && (!m->disc || hvae_optimizer_n_params(o->disc_opt) !=
+                                         hvae_discriminator_n_params(m))))
         return HVAE_ERR_INVALID_ARGUMENT;
     return HVAE_OK;
 }
@@ -626,6 +750,41 @@ static hvae_objective_options annealed_objective(const hvae_objective_options *o
     return step_objective;
 }
 
+/* Data-parallel: which rows of the minibatch start .. start + B - 1 of
+ * `order` (all rows when NULL) this process holds, each repeated S times
+ * (as stage_shard_rows stages them), into ws->mine. */
+static void mark_own_rows(const hvae_workspace *ws, const int64_t *order, int64_t start,
+                          int64_t B, int64_t S, int64_t first, int64_t n)
+{
+    for (int64_t j = 0; j < B; j++) {
+        int64_t g = order ? order[start + j] : start + j;
+        for (int64_t s = 0; s < S; s++)
+            ws->mine[j * S + s] = g >= first && g < first + n;
+    }
+}
+
+/* The model's discriminator's step (hvae_train_options.disc_opt) on the R
+ * top-layer samples of the last forward pass: on one process those; in a
+ * data-parallel fit every process's, gathered in minibatch order, of which
+ * each process differentiates its own and the gradient is summed
+ * (hvae_discriminator_step_shared), so that every process takes the same
+ * step, the one a single process would take. */
+static hvae_status discriminator_step(hvae_model *m, const hvae_workspace *ws,
+                                      const hvae_train_options *o, hvae_rng *rng,
+                                      const reducer *red, int64_t R)
+{
+    int32_t top = m->config.n_layers - 1;
+    const float *z = ws_act(ws, m->latent[top].z_col);
+    if (!red->fn)
+        return hvae_discriminator_step(m, o->disc_opt, rng, z, NULL, R, o->disc_stats);
+    int64_t d = m->latent_dims[top];
+    float *full = ws->gathered + 7 * ws->max_rows * d;
+    if (gather_rows(red, full, &z, 1, d))
+        return HVAE_ERR_STOPPED;
+    return hvae_discriminator_step_shared(m, o->disc_opt, rng, full, NULL, red->R_full,
+                                          red->mine, red->fn, red->ctx, o->disc_stats);
+}
+
 /* The minibatch steps of one epoch (hvae_train_epoch without the
  * rollback). */
 static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer *opt,
@@ -642,7 +801,7 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
     const float *noise[HVAE_MAX_LAYERS];
     for (int32_t i = 0; i < T; i++)
         noise[i] = ws_eps(ws, i);
-    reducer red = {parallel ? o->reduce : NULL, o->reduce_ctx};
+    reducer red = {parallel ? o->reduce : NULL, o->reduce_ctx, ws->mine, 0};
     memset(stats, 0, sizeof *stats);
     /* The running-mean baseline starts afresh each epoch: were it carried
      * in the workspace from whatever ran there last, a workspace made anew
@@ -667,6 +826,10 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         int64_t held;
         const float *xb = stage_step(m, ws, x, cond, n, o->shuffle ? order : NULL, start, B,
                                      o, &cb, &held);
+        if (parallel) {
+            mark_own_rows(ws, o->shuffle ? order : NULL, start, B, S, o->shard_start, n);
+            red.R_full = B * S;
+        }
         if (ws_stop(ws)) {
             status = HVAE_ERR_STOPPED;
             break;
@@ -682,6 +845,13 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
         if (parallel && reduce_step(m, o, &batch)) {
             status = HVAE_ERR_STOPPED;
             break;
+        }
+        if (o->disc_opt) {
+            hvae_status disc = discriminator_step(m, ws, o, rng, &red, held * S);
+            if (disc != HVAE_OK) {
+                status = disc;
+                break;
+            }
         }
         if (o->aux_step && o->aux_step(o->aux_ctx, m, ws, xb, cb, held * S)) {
             status = HVAE_ERR_STOPPED;

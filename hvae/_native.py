@@ -30,6 +30,7 @@ from ._core import (  # noqa: E402
     OPTIMIZERS,
     PRIORS,
     SCORE_BASELINES,
+    TCVAE_RECORD_KEYS,
     DivergenceError,
     Model,
     blas_info,
@@ -40,7 +41,7 @@ from ._core import (  # noqa: E402
 # Names the C core accepts for each option (hvae.h, "Names") and the keys of
 # Model.fit's per-epoch records.
 __all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "DISCRIMINATOR_RECORD_KEYS", "EPOCH_RECORD_KEYS",
-           "GRADIENT_ESTIMATORS", "INFERENCES", "SCORE_BASELINES",
+           "TCVAE_RECORD_KEYS", "GRADIENT_ESTIMATORS", "INFERENCES", "SCORE_BASELINES",
            "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
            "PRIORS", "MAX_BATCH_SIZE", "MAX_COMPONENTS", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SAMPLES",
            "MAX_THREADS", "DivergenceError", "Model", "blas_info",

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ._chunks import ChunkedRows, chunk_order
-from ._native import DISCRIMINATOR_RECORD_KEYS, EPOCH_RECORD_KEYS
+from ._native import DISCRIMINATOR_RECORD_KEYS, EPOCH_RECORD_KEYS, TCVAE_RECORD_KEYS
 
 #: Keys of Model.fit's records that only combine the blocks of a pass.
 _BLOCK_KEYS = ("n_rows", "complete")
@@ -61,7 +61,7 @@ def pass_record(block_records, beta, seconds=None):
     else:
         n_rows = sum(r["n_rows"] for r in block_records)
         weights = [r["n_rows"] / n_rows for r in block_records]
-        mean_keys = _MEAN_KEYS + tuple(k for k in DISCRIMINATOR_RECORD_KEYS
+        mean_keys = _MEAN_KEYS + tuple(k for k in DISCRIMINATOR_RECORD_KEYS + TCVAE_RECORD_KEYS
                                        if k in block_records[0])
         record = {key: math.fsum(w * r[key] for w, r in zip(weights, block_records))
                   for key in mean_keys}
@@ -349,7 +349,10 @@ class Trainer:
         order = chunk_order(rows.n_chunks, self.model.seed, est.n_iter_, self.params["shuffle"])
         chunked = isinstance(rows, ChunkedRows)
         block_records = []  # Model.fit appends each block's record as it is made
-        self.n_data = float(rows.n_rows)  # beta-TCVAE's data set size
+        # beta-TCVAE's data set size: all the rows of the pass (over every
+        # rank in a data-parallel fit, whose shard holds only some).
+        parallel = getattr(rows, "parallel", None)
+        self.n_data = float(rows.n_rows if parallel is None else parallel[1])
         started = time.perf_counter()
         try:
             for _, _, X_block, C_block in rows.blocks(order):
@@ -431,6 +434,13 @@ class Trainer:
         for key in DISCRIMINATOR_RECORD_KEYS:
             if key in history:
                 history[key].append(record[key])
+        # beta-TCVAE's terms (TCVAE_RECORD_KEYS, declared by the C core):
+        # added by its first pass, NaN for the passes without them.
+        for key in TCVAE_RECORD_KEYS:
+            if key in record and key not in history:
+                history[key] = [math.nan] * (len(history["elbo"]) - 1)
+            if key in history:
+                history[key].append(record.get(key, math.nan))
         if "val_elbo" in history:
             if validation is None:
                 n_layers = len(self.model.latent_dims)

@@ -9,6 +9,16 @@ gradient buffer (straight from the C buffer, no copy) sums them, so every
 rank applies the same Adam step. The result equals one process holding
 all the rows with the same ``batch_size`` and seed, up to float rounding.
 
+A model with a discriminator (FactorVAE's ``tc_weight``, the density-ratio
+prior) trains it the same way: every rank gathers the minibatch's top-layer
+samples (an Allreduce of each rank's rows at their places, zeros elsewhere),
+draws the same counterparts (permuted or N(0, I) rows), differentiates the
+discriminator's loss on its own rows, and the discriminator's gradient is
+summed over the ranks, so every rank takes the same step. beta-TCVAE gathers
+the minibatch's (mu, logvar) likewise, so that every row's terms are
+estimated against the whole minibatch, with N the rows of all ranks, and
+sums the gradients of the gathered rows before each rank takes its own.
+
 A typical script, run with ``mpirun -n 4 python train.py``::
 
     from mpi4py import MPI
@@ -151,11 +161,13 @@ class Session:
             _watchdog.disarm()
 
     def reduce(self, grads, values):
-        """The C core's reduction: sums ``values`` (float64) and ``grads``
-        (float32, the model's gradient buffer itself, or None) over all
+        """The C core's reduction: sums ``values`` (float64, maybe empty)
+        and ``grads`` (float32: the model's gradient buffer itself, the
+        discriminator's, a gather of the minibatch's rows, or None) over all
         ranks, in place."""
         t0 = time.perf_counter()
-        self._allreduce(values, "the Allreduce of a step's loss terms")
+        if values.size:
+            self._allreduce(values, "the Allreduce of a step's loss terms")
         if grads is not None:
             self._allreduce(grads, "the Allreduce of a step's gradient")
         self.n_reductions += 1

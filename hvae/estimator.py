@@ -333,7 +333,11 @@ default='auto'
         clipped to [1e-6, 1 - 1e-6]. ``history_`` then also records
         'discriminator_log_ratio' (the epoch's mean T on q's samples: the
         total-correlation estimate) and 'discriminator_accuracy'. Needs
-        ``objective='elbo'`` and ``prior='standard'``. Not for MPI training.
+        ``objective='elbo'`` and ``prior='standard'``. In MPI training
+        (``fit(comm=...)``) every rank gathers the minibatch's samples, takes
+        the discriminator's loss on its own rows, and the discriminator's
+        gradient is summed over the ranks like the model's, so every rank
+        holds the same discriminator (the one a single process would train).
     tcvae_weights : tuple of 3 floats or None, default=None
         beta-TCVAE (Chen et al. 2018): (alpha, beta, gamma) weights of the
         top layer's KL split into index-code mutual information, total
@@ -342,7 +346,16 @@ default='auto'
         replace ``beta`` for the top layer (which still weights the layers
         below). Their paper's setting is (1, beta, 1). Needs
         ``objective='elbo'``, ``prior='standard'``, ``free_bits=0`` and
-        ``tc_weight=0``. Not for MPI training. None turns it off.
+        ``tc_weight=0``. ``history_`` then also records the epoch's
+        'mutual_information' (index-code), 'total_correlation' and
+        'dimension_wise_kl' (means per row as trained; they sum to the
+        sampled estimate of the top layer's KL, whose closed form is
+        ``history_['kl']``; NaN for epochs trained without beta-TCVAE). The data
+        set's size N is the rows of the pass (``fit``: the training rows;
+        ``partial_fit``: the call's rows; MPI: the total over the ranks); in
+        MPI training every rank gathers the minibatch's (mu, logvar) so that
+        each row's terms are estimated against the whole minibatch, as one
+        process would. None turns it off.
     discriminator_hidden : tuple of int, default=(256, 256)
         Hidden widths of the discriminator (leaky-ReLU layers, one linear
         output; the FactorVAE paper uses six layers of 1000) of a model with
@@ -628,12 +641,6 @@ default='auto'
 
     def _fit_locked(self, X, y, *, incremental, validation_data, classes, comm, comm_timeout):
         params = validate_parameters(self)
-        if comm is not None and (params["tc_weight"] > 0 or params["prior"] == "density_ratio"
-                                 or params["tcvae_weights"] is not None):
-            raise ValueError("MPI training (comm=) does not support tc_weight > 0, "
-                             "prior='density_ratio' or tcvae_weights: the discriminator's "
-                             "gradient is not reduced across processes, and beta-TCVAE's "
-                             "minibatch-weighted sampling needs each minibatch on one process")
         model_options = _model_options(params)
         continuing = self._continues(model_options, incremental)
         session = None if comm is None else _distributed.Session(comm, comm_timeout)

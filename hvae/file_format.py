@@ -85,6 +85,11 @@ is the model its metadata describes, and one that trains:
   ``|m| <= (1 - b1) / sqrt((1 - b2) (1 - b1**2 / b2)) sqrt(v)`` (7.27 for
   b1 = 0.9, b2 = 0.999; plus eps), so that no Adam step can overflow; an SGD
   state has no second moments and, without momentum, zero first ones;
+* the discriminator's optimizer state, when the model has one
+  (``state.discriminator_optimizer``, moments ``discriminator_optimizer.m``
+  and ``.v``; absent from older files): its learning rate, betas in
+  [0, 1), eps, a step count, finite moments over the discriminator's parameters, second ones >= 0 and
+  first ones within the same bound for its betas and steps;
 * the generator's state is four 64-bit words, not all zero;
 * the parameters give a finite loss and gradient on the model's own samples
   and on data of the kind its likelihood expects, the own-sample loss at most
@@ -512,9 +517,13 @@ def _check_state(state, model, history):
     """The model's state (Model.__getstate__) field by field: what the C
     optimizer and generator need to train, and agreement with history_."""
     expected = {"parameters", "optimizer", "rng_state", "n_threads"}
-    _require(isinstance(state, dict) and set(state) == expected,
-             f"the model state must have the keys {sorted(expected)}; got "
+    # The discriminator's optimizer: absent from files written before it
+    # was saved (such a model's discriminator restarts its Adam moments).
+    _require(isinstance(state, dict) and set(state) - {"discriminator_optimizer"} == expected,
+             f"the model state must have the keys {sorted(expected)} (and "
+             f"'discriminator_optimizer'); got "
              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    _check_discriminator_optimizer(state.get("discriminator_optimizer"), model)
     n_params = model.n_params
     parameters = state["parameters"]
     _require(isinstance(parameters, np.ndarray) and parameters.dtype == np.float32
@@ -582,14 +591,80 @@ def _check_state(state, model, history):
                  "the optimizer has taken no step but holds nonzero moments")
 
 
+def _adam_moment_bound(beta1, beta2, steps):
+    """K with |m| <= K sqrt(v) for Adam's moments after ``steps`` steps
+    from zero (Cauchy-Schwarz over the two exponential averages):
+    K = (1 - b1) / sqrt(1 - b2) * sqrt(sum_{k < steps} (b1^2 / b2)^k)."""
+    if steps == 0:
+        return 0.0
+    ratio = beta1 * beta1 / beta2 if beta2 > 0 else math.inf
+    if ratio < 1:
+        total = (1 - ratio ** steps) / (1 - ratio)
+    elif ratio == 1:
+        total = float(steps)
+    else:
+        total = math.inf if steps * math.log(ratio) > 700 else (ratio ** steps - 1) / (ratio - 1)
+    return (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(total)
+
+
+def _check_discriminator_optimizer(optimizer, model):
+    """The discriminator's Adam state (Model.__getstate__()
+    ['discriminator_optimizer']): None, or its settings, a step count, and
+    finite moments over the discriminator's parameters within the bound
+    Adam's averages obey for its betas and steps."""
+    if optimizer is None:
+        return
+    _require(model.discriminator_hidden is not None,
+             "the model state has a discriminator optimizer but the model has no discriminator")
+    keys = {"learning_rate", "beta1", "beta2", "eps", "step", "m", "v"}
+    _require(isinstance(optimizer, dict) and set(optimizer) == keys,
+             f"invalid model state (the discriminator optimizer state must have the keys "
+             f"{sorted(keys)})")
+    _check_real(optimizer["learning_rate"], "the discriminator optimizer's learning_rate", 0.0,
+                _FLOAT32_MAX)
+    _require(optimizer["learning_rate"] > 0,
+             "the discriminator optimizer's learning_rate must be > 0")
+    for key in ("beta1", "beta2"):
+        value = optimizer[key]
+        _require(_is_real(value) and 0 <= value < 1,
+                 f"the discriminator optimizer's {key} ({value!r:.100}) must lie in [0, 1)")
+    _require(_is_real(optimizer["eps"]) and optimizer["eps"] == _ADAM_EPS,
+             f"the discriminator optimizer's eps is {optimizer['eps']!r:.100}; HierarchicalVAE "
+             f"trains with {_ADAM_EPS!r}")
+    # Not bounded by history_'s minibatches: an epoch that diverged is
+    # rolled back and not recorded, but the discriminator's steps in it stay.
+    step = optimizer["step"]
+    _check_int(step, "the discriminator optimizer's step count", 0, _MAX_COUNT)
+    n_disc = sum(view.size for name, view in model.named_parameters()
+                 if name.startswith("discriminator."))
+    m, v = optimizer["m"], optimizer["v"]
+    for name, array in (("m", m), ("v", v)):
+        _require(isinstance(array, np.ndarray) and array.dtype == np.float32
+                 and array.shape == (n_disc,),
+                 f"the discriminator optimizer's {name} must be a float32 array of "
+                 f"{n_disc} values")
+        _require(bool(np.all(np.isfinite(array))),
+                 f"the discriminator optimizer's {name} holds NaN or infinite values")
+    _require(bool(np.all(v >= 0)), "the discriminator optimizer's second moments 'v' must be >= 0")
+    bound = (_adam_moment_bound(optimizer["beta1"], optimizer["beta2"], step) * 1.001
+             * np.sqrt(v.astype(np.float64)) + _ADAM_EPS)
+    _require(bool(np.all(np.abs(m.astype(np.float64)) <= bound)),
+             "the discriminator optimizer's first moments 'm' exceed what its second moments "
+             "'v' allow for its betas and steps: an Adam step from this state could overflow")
+
+
 def _check_history(history, n_iter, n_layers, keys, validation_keys):
     _require(isinstance(history, dict), f"history_ must be a dict; got "
              f"{type(history).__name__}")
-    required, optional = set(keys), set(validation_keys)
-    present = set(history)
-    _require(required <= present and (present - required) in (set(), optional),
-             f"history_ must have the keys {sorted(required)} (and all or none of "
-             f"{sorted(optional)}); got {sorted(map(str, present))[:20]}")
+    # Optional groups, each all or none: the validation terms, beta-TCVAE's.
+    from ._native import TCVAE_RECORD_KEYS
+    groups = [set(validation_keys), set(TCVAE_RECORD_KEYS)]
+    required, present = set(keys), set(history)
+    extra = present - required
+    _require(required <= present and
+             extra == set().union(*[g for g in groups if g & extra]),
+             f"history_ must have the keys {sorted(required)} (and all or none of each of "
+             f"{[sorted(g) for g in groups]}); got {sorted(map(str, present))[:20]}")
     for key, values in history.items():
         _require(isinstance(values, list) and len(values) == n_iter,
                  f"history_[{key!r}] must be a list of n_iter_ = {n_iter} entries")

@@ -14,7 +14,12 @@ import time
 import numpy as np
 from mpi4py import MPI
 
+# This checkout's hvae before any installed one (python puts tests/, not
+# the checkout, first on sys.path), as bench/mpi.py does.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from hvae import HierarchicalVAE
+from hvae._native import DISCRIMINATOR_RECORD_KEYS, TCVAE_RECORD_KEYS
 from hvae.datasets import load_digits
 from hvae.distributed import shard_rows
 
@@ -30,6 +35,17 @@ local_val = X_val[shard_rows(len(X_val), comm)]
 # Must match SETTINGS in tests/test_mpi.py.
 SETTINGS = dict(latent_dims=(8, 4), hidden_dims=(32,), likelihood="bernoulli", n_epochs=3,
                 batch_size=100, random_state=0, n_threads=1, free_bits=0.05)
+
+
+# Must match VARIANTS in tests/test_mpi.py: the models with a discriminator
+# or beta-TCVAE's terms, trained data-parallel.
+VARIANTS = {
+    "factorvae": dict(tc_weight=4.0, discriminator_hidden=(16, 16),
+                      discriminator_learning_rate=1e-3),
+    "density_ratio": dict(prior="density_ratio", discriminator_hidden=(16, 16),
+                          discriminator_learning_rate=1e-3),
+    "tcvae": dict(tcvae_weights=(1.0, 4.0, 1.0), free_bits=0.0),
+}
 
 
 def report(text):
@@ -58,6 +74,11 @@ elif scenario == "partial_fit":
         vae.partial_fit(chunk, comm=comm)
     # Every call makes a Session; one watchdog thread serves them all.
     save(vae, n_watchdogs=sum(t.name == "hvae-mpi-watchdog" for t in threading.enumerate()))
+elif scenario in VARIANTS:
+    vae = HierarchicalVAE(**dict(SETTINGS, **VARIANTS[scenario])).fit(local, comm=comm)
+    save(vae, **{key: np.array(vae.history_[key])
+                 for key in DISCRIMINATOR_RECORD_KEYS + TCVAE_RECORD_KEYS
+                 if key in vae.history_})
 elif scenario == "bad_input":
     data = local.copy()
     if rank == 1:

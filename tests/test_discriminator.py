@@ -233,7 +233,9 @@ def test_discriminator_settings_are_refused_clearly():
         hvae.HierarchicalVAE(tc_weight=1.0, weight_decay=1e-4).fit(X)
     with pytest.raises(ValueError, match="discriminator_betas"):
         hvae.HierarchicalVAE(tc_weight=1.0, discriminator_betas=(0.5, 1.0)).fit(X)
-    with pytest.raises(ValueError, match="MPI"):
+    # MPI training of a discriminator works now (tests/test_mpi.py); a
+    # non-communicator is still refused before any work.
+    with pytest.raises(TypeError, match="communicator"):
         hvae.HierarchicalVAE(tc_weight=1.0).fit(X, comm=object())
     model = hvae.Model(64, [3], [8], likelihood="bernoulli")
     with pytest.raises(ValueError, match="discriminator"):

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mpi_probe import mpi_missing  # noqa: E402
 
 from hvae import HierarchicalVAE
+from hvae._native import DISCRIMINATOR_RECORD_KEYS, TCVAE_RECORD_KEYS
 from hvae.datasets import load_digits
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
@@ -96,6 +97,42 @@ def test_partial_fit_streams_together(tmp_path, data):
     results = ranks(tmp_path)
     assert_matches(results, single)
     assert [int(r["n_watchdogs"]) for r in results] == [1, 1]
+
+
+# Must match VARIANTS in tests/mpi_worker.py.
+VARIANTS = {
+    "factorvae": dict(tc_weight=4.0, discriminator_hidden=(16, 16),
+                      discriminator_learning_rate=1e-3),
+    "density_ratio": dict(prior="density_ratio", discriminator_hidden=(16, 16),
+                          discriminator_learning_rate=1e-3),
+    "tcvae": dict(tcvae_weights=(1.0, 4.0, 1.0), free_bits=0.0),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_two_processes_train_a_discriminator_or_tcvae_like_one(tmp_path, data, variant):
+    """FactorVAE, the density-ratio prior (the discriminator's gradient
+    summed over the ranks) and beta-TCVAE (the minibatch gathered, N the
+    rows of both ranks) train on two ranks as on one process: the same
+    parameters on every rank, the discriminator's included (they close the
+    parameter buffer), equal to the single process's up to rounding, and
+    the same recorded terms."""
+    X, _ = data
+    run = mpirun(variant, tmp_path)
+    assert run.returncode == 0, run.stderr
+    single = HierarchicalVAE(**dict(SETTINGS, **VARIANTS[variant])).fit(X)
+    results = ranks(tmp_path)
+    assert_matches(results, single)
+    n_disc = sum(v.size for name, v in single.model_.named_parameters()
+                 if name.startswith("discriminator."))
+    assert n_disc > 0 or variant == "tcvae"
+    extra = [key for key in single.history_
+             if key in DISCRIMINATOR_RECORD_KEYS + TCVAE_RECORD_KEYS]
+    assert len(extra) == (3 if variant == "tcvae" else 2)
+    for key in extra:
+        for r in results:
+            np.testing.assert_allclose(r[key], single.history_[key], rtol=1e-4, atol=1e-5,
+                                       err_msg=key)
 
 
 def reports(tmp_path, n=2):

@@ -1787,6 +1787,93 @@ static int disc_aux(void *ctx, hvae_model *model, const hvae_workspace *ws, cons
                                    NULL, B, &c->stats) != HVAE_OK;
 }
 
+/* hvae_discriminator_step_shared by two "processes" run one after the
+ * other: A differentiates its rows and its reduction keeps its sums and
+ * stops before the step; B's reduction adds them, so B steps on the sum.
+ * B must take the one-process step (mine = NULL) on the same rows, and
+ * every copy draws the same counterparts (equal generators after). */
+typedef struct {
+    float grads[64];
+    double values[2];
+    int keep; /* 1: keep and stop (A); 0: add (B) */
+} shared_sums;
+
+static int shared_reduce(void *ctx, float *grads, int64_t n_grads, double *values,
+                         int64_t n_values)
+{
+    shared_sums *s = ctx;
+    if (n_grads > 64 || n_values != 2)
+        return 1;
+    for (int64_t k = 0; k < n_grads; k++)
+        if (s->keep)
+            s->grads[k] = grads[k];
+        else
+            grads[k] += s->grads[k];
+    for (int k = 0; k < 2; k++)
+        if (s->keep)
+            s->values[k] = values[k];
+        else
+            values[k] += s->values[k];
+    return s->keep;
+}
+
+static void test_discriminator_shared_step(void)
+{
+    current_test = "discriminator_shared_step";
+    int64_t latent[] = {2}, hidden[] = {4}, B = 9;
+    for (int kind = 0; kind < 2; kind++) {
+        hvae_config cfg = hvae_config_default(6, 1, latent, 1, hidden);
+        cfg.discriminator = 1;
+        cfg.discriminator_n_hidden = 1;
+        cfg.discriminator_hidden[0] = 5; /* (2*5+5) + (5+1) = 21 parameters */
+        cfg.prior = kind ? HVAE_PRIOR_DENSITY_RATIO : HVAE_PRIOR_NORMAL;
+        hvae_model *m[3] = {NULL, NULL, NULL};
+        hvae_optimizer *opt[3] = {NULL, NULL, NULL};
+        hvae_rng rng[3];
+        hvae_discriminator_stats st[3] = {{0.0, 0.0, 0}, {0.0, 0.0, 0}, {0.0, 0.0, 0}};
+        hvae_optimizer_config oc = hvae_optimizer_config_default();
+        for (int k = 0; k < 3; k++) {
+            CHECK_STATUS(hvae_model_create(&cfg, &m[k]), HVAE_OK);
+            hvae_model_init(m[k], 7);
+            CHECK_STATUS(hvae_optimizer_create_for(hvae_discriminator_n_params(m[k]), &oc,
+                                                   &opt[k]), HVAE_OK);
+            hvae_rng_seed(&rng[k], 11);
+        }
+        int64_t P = hvae_model_n_params(m[0]), Pd = hvae_discriminator_n_params(m[0]);
+        CHECK(Pd == 21);
+        float z[9 * 2];
+        hvae_rng_normal(&rng[0], z, 18);
+        hvae_rng_normal(&rng[1], z, 18);
+        hvae_rng_normal(&rng[2], z, 18);
+        unsigned char mine_a[9] = {1, 0, 0, 1, 1, 0, 1, 0, 0}, mine_b[9];
+        for (int r = 0; r < 9; r++)
+            mine_b[r] = !mine_a[r];
+        shared_sums sums = {{0}, {0.0, 0.0}, 1};
+        CHECK_STATUS(hvae_discriminator_step(m[0], opt[0], &rng[0], z, NULL, B, &st[0]),
+                     HVAE_OK);
+        CHECK_STATUS(hvae_discriminator_step_shared(m[1], opt[1], &rng[1], z, NULL, B, mine_a,
+                                                    shared_reduce, &sums, &st[1]),
+                     HVAE_ERR_STOPPED);
+        sums.keep = 0;
+        CHECK_STATUS(hvae_discriminator_step_shared(m[2], opt[2], &rng[2], z, NULL, B, mine_b,
+                                                    shared_reduce, &sums, &st[2]),
+                     HVAE_OK);
+        double worst = 0.0;
+        const float *one = hvae_model_params(m[0]), *two = hvae_model_params(m[2]);
+        for (int64_t k = P - Pd; k < P; k++)
+            worst = fmax(worst, fabs((double)one[k] - (double)two[k]));
+        CHECK(worst < 1e-6 && memcmp(one, hvae_model_params(m[1]), (size_t)P * 4) != 0);
+        CHECK(fabs(st[0].log_ratio - st[2].log_ratio) < 1e-6 &&
+              st[0].accuracy == st[2].accuracy && st[2].n_steps == 1 && st[1].n_steps == 0);
+        CHECK(memcmp(&rng[0], &rng[1], sizeof rng[0]) == 0 &&
+              memcmp(&rng[0], &rng[2], sizeof rng[0]) == 0);
+        for (int k = 0; k < 3; k++) {
+            hvae_optimizer_free(opt[k]);
+            hvae_model_free(m[k]);
+        }
+    }
+}
+
 static void test_discriminator(void)
 {
     current_test = "discriminator";
@@ -1935,6 +2022,7 @@ int main(void)
     test_mlp();
     test_aux_step();
     test_discriminator();
+    test_discriminator_shared_step();
     test_data_parallel();
     test_optimizer_formulas();
     test_rng();
