@@ -66,11 +66,15 @@ static int estimator_fits(const hvae_model *m, const hvae_objective_options *o)
     }
 }
 
-/* Data-parallel training's sums over the processes (hvae_train_options'
- * reduce hook). */
+/* A step's reduction over the processes of a data-parallel fit (fn NULL:
+ * one process), and which of the minibatch's R_full rows (data rows times
+ * draws, in minibatch order) this process holds: mine[r] (its own rows are
+ * those, in that order). */
 typedef struct {
-    hvae_reduce_hook fn; /* NULL: one process */
+    hvae_reduce_hook fn;
     void *ctx;
+    const unsigned char *mine;
+    int64_t R_full;
 } reducer;
 
 /* The score-function path's per-row weights, from the row signals
@@ -145,17 +149,6 @@ static int objective_fits_model(const hvae_model *m, const hvae_objective_option
            (m->disc && m->config.prior != HVAE_PRIOR_DENSITY_RATIO &&
             o->objective == HVAE_OBJECTIVE_ELBO);
 }
-
-/* A step's reduction over the processes of a data-parallel fit (fn NULL:
- * one process), and which of the minibatch's R_full rows (data rows times
- * draws, in minibatch order) this process holds: mine[r] (its own rows are
- * those, in that order). */
-typedef struct {
-    hvae_reduce_hook fn;
-    void *ctx;
-    const unsigned char *mine;
-    int64_t R_full;
-} reducer;
 
 /* Data-parallel: n_mats matrices of this process's rows (R, d) each into
  * full (n_mats, R_full, d) at their places in the minibatch, zeros
