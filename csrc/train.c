@@ -890,12 +890,23 @@ hvae_status hvae_train_epoch(hvae_model *m, hvae_workspace *ws,
     int64_t n_params = m->n_params;
     if (hvae_optimizer_n_params(opt) == n_params)
         hvae_optimizer_save(opt, m->params);
+    /* The discriminator's optimizer goes back with the model (its
+     * parameters are the model's last tensors, restored above too). */
+    float *disc_params = o && o->disc_opt && m->disc &&
+                                 hvae_optimizer_n_params(o->disc_opt) ==
+                                     hvae_discriminator_n_params(m)
+                             ? m->params + m->disc_offset
+                             : NULL;
+    if (disc_params)
+        hvae_optimizer_save(o->disc_opt, disc_params);
     hvae_rng saved_rng = *rng;
     hvae_status st = train_steps(m, ws, opt, rng, x, cond, n, order, o, stats);
     if ((st == HVAE_OK || st == HVAE_ERR_STOPPED) && !hvae_all_finite(m->params, n_params))
         st = HVAE_ERR_NONFINITE_LOSS;
     if (st == HVAE_ERR_NONFINITE_LOSS) {
         hvae_optimizer_restore(opt, m->params);
+        if (disc_params)
+            hvae_optimizer_restore(o->disc_opt, disc_params);
         *rng = saved_rng;
     }
     return st;

@@ -53,3 +53,29 @@ def test_reduce_sizes_come_from_c():
     model.fit(X, n_epochs=1, batch_size=8, free_bits=0.1, reduce=reduce, n_global=16,
               shard_start=0)
     assert sizes == {3 + 1, 5 + 3}
+
+
+def test_a_diverging_epoch_returns_the_discriminators_optimizer_too():
+    """FactorVAE's discriminator steps inside the epoch; its Adam moments and
+    step count go back with the model's (its weights are the model's last
+    tensors)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 5)).astype(np.float32)
+    model = Model(5, [3], [8], seed=1, discriminator_hidden=(4,))
+    model.fit(X, n_epochs=2, batch_size=16, tc_weight=1.0)
+
+    def disc_state():
+        d = model.__getstate__()["discriminator_optimizer"]
+        return np.array(d["m"]), np.array(d["v"]), d["step"]
+
+    for _ in range(50):
+        before, disc_before = _state_arrays(model), disc_state()
+        try:
+            model.fit(X * 1e4, n_epochs=1, batch_size=16, learning_rate=1e6, tc_weight=1.0)
+        except hvae.DivergenceError:
+            break
+    else:
+        pytest.fail("no divergence in 50 epochs")
+    for a, b in zip(before + disc_before, _state_arrays(model) + disc_state()):
+        np.testing.assert_array_equal(a, b)
+    assert disc_before[2] > 0
