@@ -6,9 +6,18 @@ Hypothesis profiles for the property-based tests (tests/test_fuzz.py):
   database, so every run explores the same cases and a failure reproduces.
 * ``explore``: 1000 random examples per test, for a longer local hunt:
   ``HVAE_HYPOTHESIS_PROFILE=explore pytest tests/test_fuzz.py``.
+
+Ctrl-C: several tests send the process SIGINT and expect KeyboardInterrupt.
+A shell starts a background job with SIGINT ignored, and Python then
+installs no handler, so those tests would wait forever; the suite restores
+Python's own handler.
 """
 import os
+import signal
 import tempfile
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 try:
     from hypothesis import HealthCheck, Phase, settings
