@@ -37,6 +37,7 @@ from sklearn.mixture import GaussianMixture
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # this checkout's hvae, not an installed one
 
 import hvae  # noqa: E402
 from hvae.datasets import load_digits, load_fashion_mnist, load_mnist  # noqa: E402
