@@ -19,7 +19,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._native import DivergenceError
-from ._params import MAX_COUNT, FiniteNumber, Integer, validate_parameters
+from ._params import MAX_COUNT, FiniteNumber, Integer, OneOf, validate_parameters
 from ._training import HISTORY_KEYS, VALIDATION_KEYS, fitted_state, restore_fitted_state
 from .estimator import HierarchicalVAE, _model_options
 from .file_format import register_estimator
@@ -27,7 +27,8 @@ from .file_format import register_estimator
 #: VaDE's own parameters and their constraints (the others are
 #: HierarchicalVAE's, checked by its table).
 _VADE_CONSTRAINTS = {"pretrain_epochs": Integer(0, MAX_COUNT), "n_init": Integer(1, MAX_COUNT),
-                     "pretrain_beta": FiniteNumber()}
+                     "pretrain_beta": FiniteNumber(),
+                     "init_covariance_type": OneOf(("full", "diag"))}
 
 
 class VaDE(ClusterMixin, HierarchicalVAE):
@@ -52,9 +53,11 @@ class VaDE(ClusterMixin, HierarchicalVAE):
        authors pretrain a stacked autoencoder, and a VAE with a small KL
        weight is nearly one, with every latent unit in use (with weight 1
        many units stay inactive, and their codes carry no clusters);
-    2. a diagonal ``sklearn.mixture.GaussianMixture`` of ``n_components``
-       fitted to the posterior means of the top layer initialises the
-       weights, means and variances of the prior;
+    2. a ``sklearn.mixture.GaussianMixture`` of ``n_components`` (of
+       ``init_covariance_type``) clusters the posterior means of the top
+       layer, and each cluster's codes initialise the weight, mean and
+       (diagonal) variance of one component of the prior (moment
+       matching, see ``_mixture_init``);
     3. ``n_epochs`` epochs of the whole model, the prior's tensors at
        ``prior_learning_rate`` (None: ``learning_rate``).
 
@@ -87,6 +90,12 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         the mixture from the codes of the untrained network.
     pretrain_beta : float, default=0.01
         Weight of the KL term in pretraining (see above).
+    init_covariance_type : {'full', 'diag'}, default='full'
+        Covariance of the GaussianMixture that finds the initial clusters
+        (the prior's components stay diagonal). The authors fit 'diag';
+        'full' follows the codes' correlated units, and the clusters VaDE
+        starts from decide most of its result (its training moves few rows
+        between clusters). Measured in the README's clustering section.
     n_init : int, default=1
         Restarts of the whole procedure; the one of the best ELBO on X is
         kept.
@@ -194,7 +203,8 @@ class VaDE(ClusterMixin, HierarchicalVAE):
 
     def __init__(self, n_components=10, *, latent_dims=(10,), hidden_dims=(256, 256),
                  likelihood="gaussian", activation="relu", decoder_variance="learned",
-                 n_epochs=50, pretrain_epochs=20, pretrain_beta=0.01, n_init=1,
+                 n_epochs=50, pretrain_epochs=20, pretrain_beta=0.01,
+                 init_covariance_type="full", n_init=1,
                  batch_size=100, learning_rate=2e-3, prior_learning_rate=2e-4, optimizer="adam", beta=1.0,
                  weight_decay=0.0, shuffle=True, warm_start=False, random_state=None,
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
@@ -210,6 +220,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         self.n_epochs = n_epochs
         self.pretrain_epochs = pretrain_epochs
         self.pretrain_beta = pretrain_beta
+        self.init_covariance_type = init_covariance_type
         self.n_init = n_init
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -313,19 +324,12 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         offset = run.model_.prior_offset
         run.model_.parameters[:offset] = pre.model_.parameters
         mu, logvar = (a.astype(np.float64) for a in pre.model_.encode(X)[-1])
-        mixture = GaussianMixture(self.n_components, covariance_type="diag",
-                                  n_init=5, random_state=seed).fit(mu)
-        # The mixture is fitted to the posterior means; a component's
-        # aggregate posterior also spreads by the posteriors' own variances
-        # (moment matching: Var = Var(means) + E[variance]), which keeps
-        # the components as wide as the codes they hold (for an inactive
-        # unit, about N(0, 1)) rather than the near-zero spread of its means.
-        resp = mixture.predict_proba(mu)
-        spread = resp.T @ np.exp(logvar) / np.maximum(resp.sum(axis=0), 1e-12)[:, None]
+        pi_logits, means, log_variances = _mixture_init(mu, logvar, self.n_components,
+                                                        self.init_covariance_type, seed)
         tensors = dict(run.model_.named_parameters())
-        tensors["prior.pi_logits"][...] = np.log(mixture.weights_)
-        tensors["prior.mu"][...] = mixture.means_
-        tensors["prior.logvar"][...] = np.log(mixture.covariances_ + spread)
+        tensors["prior.pi_logits"][...] = pi_logits
+        tensors["prior.mu"][...] = means
+        tensors["prior.logvar"][...] = log_variances
         run.set_params(n_epochs=self.n_epochs, warm_start=True,
                        validation_fraction=self.validation_fraction,
                        early_stopping=self.early_stopping, callbacks=self.callbacks)
@@ -443,6 +447,40 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     @property
     def covariances_(self):
         return np.exp(self._prior_tensor("prior.logvar"))
+
+
+def _mixture_init(mu, logvar, n_components, covariance_type, seed):
+    """The mixture prior's initial tensors from the pretrained codes.
+
+    A GaussianMixture (5 initialisations, ``covariance_type`` 'full' or
+    'diag') clusters the
+    posterior means mu, shape (n, d); each component's diagonal Gaussian is
+    then matched to the codes it holds, weighted by the responsibilities r:
+    weight sum_n r_nc / n, mean the weighted mean of mu, variance the
+    weighted variance of mu plus the weighted mean of the posteriors'
+    variances exp(logvar) (moment matching: Var = Var(means) + E[variance],
+    which keeps a component as wide as the codes it holds, about N(0, 1)
+    on an inactive unit, rather than the near-zero spread of its means).
+
+    With 'full' the mixture only finds the clusters: the codes' units are
+    correlated, and a diagonal mixture fitted to them splits elongated
+    clusters more often (on the digits, 8 seeds, 16-dimensional codes:
+    81.0% accuracy after VaDE's training from the full mixture's clusters,
+    78.3% from the diagonal one's, worst seeds 76.7% and 68.7%).
+
+    Returns
+    -------
+    pi_logits : ndarray of shape (n_components,)
+    means, log_variances : ndarrays of shape (n_components, d)
+    """
+    mixture = GaussianMixture(n_components, covariance_type=covariance_type, n_init=5,
+                              random_state=seed).fit(mu)
+    resp = mixture.predict_proba(mu)
+    counts = np.maximum(resp.sum(axis=0), 1e-12)
+    means = resp.T @ mu / counts[:, None]
+    spread = resp.T @ (mu ** 2 + np.exp(logvar)) / counts[:, None] - means ** 2
+    # GaussianMixture's reg_covar keeps a variance positive in a tight component.
+    return np.log(counts / counts.sum()), means, np.log(np.maximum(spread, 0.0) + 1e-6)
 
 
 def _check_labels(labels, model):

@@ -66,24 +66,27 @@ def test_recovers_well_separated_clusters():
 
 
 def test_against_kmeans_on_the_digits():
-    """On the 1797 digits, at a short budget (30 + 30 epochs, one run):
-    VaDE's clusters carry clearly more information about the digits than
-    KMeans' (NMI 0.796 against 0.742 here) at about the same accuracy
-    (0.778 against 0.792). The issue's aim, an accuracy clearly above
-    KMeans, is not reached reliably: bench/clustering.py's longer runs give
-    0.77 to 0.91 depending on the seed, and the restarts' ELBO does not
-    always pick the best of them (see the README's clustering section)."""
+    """The issue's test: on the 1797 digits, VaDE's clustering accuracy
+    against KMeans' on the same rows (0.792), at a short budget (30 + 20
+    epochs, one run, a few seconds on a quiet machine). Here VaDE scores
+    0.803 (NMI 0.825 against 0.742). Over 14 runs of this recipe
+    (8-dimensional codes, the full-covariance mixture's clusters as the
+    start; random_state 0..5 here and 8 seeds of the same pipeline) it
+    scored 0.78 to 0.92, mean 0.83, below KMeans once: not the several
+    points on every seed the issue asks (see the README's clustering
+    section), so the margin asserted on accuracy is small and NMI carries
+    the clear one."""
     X, y = load_digits()
     kmeans = KMeans(10, n_init=10, random_state=0).fit_predict(X)
-    vade = VaDE(10, latent_dims=(16,), likelihood="bernoulli", pretrain_epochs=30,
-                n_epochs=30, batch_size=32, n_init=1, random_state=0, n_threads=2).fit(X)
+    vade = VaDE(10, latent_dims=(8,), likelihood="bernoulli", pretrain_epochs=30,
+                n_epochs=20, batch_size=32, n_init=1, random_state=0, n_threads=2).fit(X)
     acc_vade, acc_kmeans = clustering_accuracy(y, vade.labels_), clustering_accuracy(y, kmeans)
     nmi_vade = normalized_mutual_info_score(y, vade.labels_)
     nmi_kmeans = normalized_mutual_info_score(y, kmeans)
     print(f"digits: VaDE accuracy {acc_vade:.3f} NMI {nmi_vade:.3f}; "
           f"KMeans accuracy {acc_kmeans:.3f} NMI {nmi_kmeans:.3f}")
-    assert nmi_vade > nmi_kmeans + 0.03, (nmi_vade, nmi_kmeans)
-    assert acc_vade > acc_kmeans - 0.03, (acc_vade, acc_kmeans)
+    assert acc_vade > acc_kmeans + 0.005, (acc_vade, acc_kmeans)
+    assert nmi_vade > nmi_kmeans + 0.05, (nmi_vade, nmi_kmeans)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +218,7 @@ def test_hierarchical_vae_with_the_mixture_prior_is_the_same_model(fitted):
     (dict(n_components=2.5), "n_components must be an int between 1 and"),
     (dict(n_init=0), "n_init must be an int between 1 and"),
     (dict(pretrain_epochs=-1), "pretrain_epochs must be an int between 0 and"),
+    (dict(init_covariance_type="spherical"), "init_covariance_type must be one of"),
     (dict(prior_learning_rate=0.0), "prior_learning_rate must be"),
     (dict(n_components=50), "n_components=50 must be at most the number of rows, 40"),
 ])
