@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hvae import HierarchicalVAE
 from hvae._native import DISCRIMINATOR_RECORD_KEYS, TCVAE_RECORD_KEYS
 from hvae.datasets import load_digits
+from mpi_settings import SETTINGS, VARIANTS  # noqa: E402 - tests/, the script's folder
 from hvae.distributed import shard_rows
 
 comm = MPI.COMM_WORLD
@@ -32,20 +33,8 @@ X_val = load_digits()[0][1000:1300]
 local = X[shard_rows(len(X), comm)]
 local_val = X_val[shard_rows(len(X_val), comm)]
 
-# Must match SETTINGS in tests/test_mpi.py.
-SETTINGS = dict(latent_dims=(8, 4), hidden_dims=(32,), likelihood="bernoulli", n_epochs=3,
-                batch_size=100, random_state=0, n_threads=1, free_bits=0.05)
 
 
-# Must match VARIANTS in tests/test_mpi.py: the models with a discriminator
-# or beta-TCVAE's terms, trained data-parallel.
-VARIANTS = {
-    "factorvae": dict(tc_weight=4.0, discriminator_hidden=(16, 16),
-                      discriminator_learning_rate=1e-3),
-    "density_ratio": dict(prior="density_ratio", discriminator_hidden=(16, 16),
-                          discriminator_learning_rate=1e-3),
-    "tcvae": dict(tcvae_weights=(1.0, 4.0, 1.0), free_bits=0.0),
-}
 
 
 def report(text):

@@ -18,11 +18,9 @@ from mpi_probe import mpi_missing  # noqa: E402
 from hvae import HierarchicalVAE
 from hvae._native import DISCRIMINATOR_RECORD_KEYS, TCVAE_RECORD_KEYS
 from hvae.datasets import load_digits
+from mpi_settings import SETTINGS, VARIANTS  # noqa: E402
 
 WORKER = Path(__file__).with_name("mpi_worker.py")
-# Must match SETTINGS in tests/mpi_worker.py.
-SETTINGS = dict(latent_dims=(8, 4), hidden_dims=(32,), likelihood="bernoulli", n_epochs=3,
-                batch_size=100, random_state=0, n_threads=1, free_bits=0.05)
 
 
 _SKIP = mpi_missing()
@@ -99,14 +97,6 @@ def test_partial_fit_streams_together(tmp_path, data):
     assert [int(r["n_watchdogs"]) for r in results] == [1, 1]
 
 
-# Must match VARIANTS in tests/mpi_worker.py.
-VARIANTS = {
-    "factorvae": dict(tc_weight=4.0, discriminator_hidden=(16, 16),
-                      discriminator_learning_rate=1e-3),
-    "density_ratio": dict(prior="density_ratio", discriminator_hidden=(16, 16),
-                          discriminator_learning_rate=1e-3),
-    "tcvae": dict(tcvae_weights=(1.0, 4.0, 1.0), free_bits=0.0),
-}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
