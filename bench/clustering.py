@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -41,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))  # this checkout's hvae, not an installed o
 
 import hvae  # noqa: E402
 from hvae.datasets import load_digits, load_fashion_mnist, load_mnist  # noqa: E402
+from hvae.metrics import clustering_accuracy  # noqa: E402
 
 PUBLISHED_VADE_MNIST = 0.9446  # Jiang et al. 2017, all 70k MNIST images
 
@@ -55,14 +55,6 @@ CONFIGS = {
 }
 N_PCA = {"digits": 20, "mnist": 50, "fashion": 50}
 
-
-def clustering_accuracy(y, labels):
-    """Accuracy of the best one-to-one matching of clusters to classes."""
-    K = int(max(y.max(), labels.max())) + 1
-    counts = np.zeros((K, K))
-    np.add.at(counts, (labels, y), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return float(counts[rows, cols].sum() / len(y))
 
 
 def scores(y, labels, seconds):

@@ -18,18 +18,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hvae.clustering import VaDE, _mixture_init  # noqa: E402
 from hvae.datasets import load_mnist  # noqa: E402
+from hvae.metrics import clustering_accuracy as accuracy  # noqa: E402
 
-
-def accuracy(y, labels):
-    counts = np.zeros((10, 10), int)
-    np.add.at(counts, (labels, y), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return counts[rows, cols].sum() / len(y)
 
 
 def main():

@@ -32,18 +32,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from sklearn.mixture import GaussianMixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hvae.datasets import load_mnist  # noqa: E402
+from hvae.metrics import clustering_accuracy as accuracy  # noqa: E402
 
-
-def accuracy(y, labels):
-    counts = np.zeros((10, 10), int)
-    np.add.at(counts, (labels, y), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return counts[rows, cols].sum() / len(y)
 
 
 def mlp(dims):

@@ -1,4 +1,6 @@
-"""Disentanglement metrics: FactorVAE score, MIG, DCI and SAP.
+"""Disentanglement metrics: FactorVAE score, MIG, DCI and SAP; and the
+clustering accuracy (:func:`clustering_accuracy`) that deep-clustering papers
+report beside scikit-learn's NMI and ARI.
 
 Each metric compares a representation (a code per observation, for example
 ``HierarchicalVAE.transform``, the posterior means of z_1) with the known
@@ -46,8 +48,8 @@ import numpy as np
 
 from ._factor_dataset import FactorDataset, _as_generator
 
-__all__ = ["FactorDataset", "dci", "factor_vae_score", "mutual_info_gap", "sample_codes",
-           "sap_score"]
+__all__ = ["FactorDataset", "clustering_accuracy", "dci", "factor_vae_score",
+           "mutual_info_gap", "sample_codes", "sap_score"]
 
 # Rows passed to `encode` (and rendered) at once: bounds the memory of the
 # images in flight (4096 64x64 float32 images are 64 MB).
@@ -534,3 +536,38 @@ def sap_score(codes, factors, codes_test=None, factors_test=None, *, continuous_
     if return_details:
         return sap, {"score_matrix": score}
     return sap
+
+
+def clustering_accuracy(labels_true, labels_pred):
+    """Clustering accuracy: the share of rows whose cluster maps to their
+    class under the best one-to-one matching of clusters to classes (the
+    Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``), as VaDE
+    (Jiang et al. 2017) and most deep-clustering papers report it. Clusters
+    left unmatched (more clusters than classes) count as wrong.
+
+    Parameters
+    ----------
+    labels_true : array-like of int, shape (n_samples,)
+        The classes, non-negative integers.
+    labels_pred : array-like of int, shape (n_samples,)
+        The clusters, non-negative integers (e.g. ``VaDE.predict(X)``).
+
+    Returns
+    -------
+    accuracy : float in [0, 1]
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    y = np.asarray(labels_true)
+    c = np.asarray(labels_pred)
+    for name, a in (("labels_true", y), ("labels_pred", c)):
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D array; got shape {a.shape}")
+        if a.dtype.kind not in "iu" or a.min() < 0:
+            raise ValueError(f"{name} must hold non-negative integers")
+    if len(y) != len(c):
+        raise ValueError(f"labels_true has {len(y)} rows, labels_pred {len(c)}")
+    counts = np.zeros((int(c.max()) + 1, int(y.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (c, y), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / len(y))

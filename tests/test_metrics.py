@@ -307,3 +307,23 @@ def test_sap_discrete_binary_factors():
     perfect = metrics.sap_score(codes, factors)
     rotated = metrics.sap_score(codes @ ortho_group.rvs(5, random_state=2), factors)
     assert 0.4 <= perfect <= 0.6 and rotated < perfect - 0.2, (perfect, rotated)
+
+
+def test_clustering_accuracy_is_the_best_matching():
+    """Against brute force over every matching of 4 clusters to 4 classes;
+    relabelled clusters score 1; bad input is named."""
+    import itertools
+
+    from hvae.metrics import clustering_accuracy
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    c = np.where(rng.random(200) < 0.7, (y + 1) % 4, rng.integers(0, 4, 200))
+    best = max(np.mean(np.array(perm)[c] == y) for perm in itertools.permutations(range(4)))
+    assert clustering_accuracy(y, c) == pytest.approx(best)
+    assert clustering_accuracy(y, (y + 2) % 4) == 1.0
+    assert clustering_accuracy(y, np.zeros(200, int)) == pytest.approx(np.mean(y == np.bincount(y).argmax()))
+    with pytest.raises(ValueError, match="labels_pred"):
+        clustering_accuracy(y, c[:-1].astype(float))
+    with pytest.raises(ValueError, match="rows"):
+        clustering_accuracy(y, c[:-1])

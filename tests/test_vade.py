@@ -5,7 +5,6 @@ import pickle
 
 import numpy as np
 import pytest
-from scipy.optimize import linear_sum_assignment
 from sklearn.base import clone
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, make_scorer, normalized_mutual_info_score
@@ -15,6 +14,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import hvae
 from hvae import HierarchicalVAE, VaDE
 from hvae.datasets import load_digits
+from hvae.metrics import clustering_accuracy
 
 
 def small_vade(**params):
@@ -32,14 +32,6 @@ def small_vade(**params):
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
-
-def clustering_accuracy(y, labels):
-    """The best one-to-one matching of clusters to classes (Hungarian)."""
-    K = int(max(y.max(), labels.max())) + 1
-    counts = np.zeros((K, K))
-    np.add.at(counts, (labels, y), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    return counts[rows, cols].sum() / len(y)
 
 
 def synthetic_clusters(n=600, K=4, seed=0):
