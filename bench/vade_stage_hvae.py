@@ -7,8 +7,10 @@ companion of bench/vade_stage_torch.py, on hvae's own pipeline.
 On the 10,000 MNIST test images: VaDE's recipe of bench/clustering.py
 (latent (10,), hidden (500, 500), Bernoulli, 20 epochs of pretraining with
 KL weight 0.01, batch 100, one thread), its initialisation
-(hvae.clustering._mixture_init: the full-covariance GaussianMixture's
-clusters, moment-matched diagonal components) or, with --label-start, each
+(hvae.clustering._initial_clusters with init_params='codes': the
+full-covariance GaussianMixture's clusters of the codes, as measured in
+bench/results/vade_stage_diagnosis.json; then _mixture_init's
+moment-matched diagonal components) or, with --label-start, each
 class's codes as one component (a start at the labels' clustering). Prints
 the clustering accuracy of argmax q(c | x) at the start and every 5 epochs
 of the final stage, with the training ELBO.
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hvae.clustering import VaDE, _mixture_init  # noqa: E402
+from hvae.clustering import VaDE, _initial_clusters, _mixture_init  # noqa: E402
 from hvae.datasets import load_mnist  # noqa: E402
 from hvae.metrics import clustering_accuracy as accuracy  # noqa: E402
 
@@ -37,7 +39,7 @@ def main():
     X, y = np.ascontiguousarray(X, np.float32), np.asarray(y)
     vade = VaDE(10, latent_dims=(10,), hidden_dims=(500, 500), likelihood="bernoulli",
                 pretrain_epochs=20, n_epochs=args.epochs, batch_size=100, n_threads=1,
-                prior_learning_rate=args.prior_lr)
+                prior_learning_rate=args.prior_lr, init_params="codes")
     # VaDE._one_run, step by step, to score the start.
     quiet = dict(random_state=args.seed, warm_start=False, validation_fraction=None,
                  early_stopping=False, callbacks=None)
@@ -46,8 +48,9 @@ def main():
     run = vade._stage(n_epochs=0, **quiet).fit(X)
     run.model_.parameters[:run.model_.prior_offset] = pre.model_.parameters
     mu, logvar = (a.astype(np.float64) for a in pre.model_.encode(X)[-1])
-    pi_logits, means, log_variances = _mixture_init(mu, logvar, 10, vade.init_covariance_type,
-                                                    args.seed)
+    rows, resp = _initial_clusters(mu, 10, vade.init_params, vade.init_covariance_type,
+                                   args.seed, vade.n_threads)
+    pi_logits, means, log_variances = _mixture_init(mu[rows], logvar[rows], resp)
     if args.label_start:
         pi_logits = np.log([np.mean(y == k) for k in range(10)])
         means = np.stack([mu[y == k].mean(0) for k in range(10)])

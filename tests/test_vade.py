@@ -18,8 +18,11 @@ from hvae.metrics import clustering_accuracy
 
 
 def small_vade(**params):
+    # The clusters from the codes themselves: the t-SNE map (the default,
+    # tested below) would add seconds to every fit of these small checks.
     defaults = dict(n_components=3, latent_dims=(2,), hidden_dims=(16,), n_epochs=20,
-                    pretrain_epochs=20, batch_size=32, random_state=0, n_threads=1)
+                    pretrain_epochs=20, batch_size=32, random_state=0, n_threads=1,
+                    init_params="codes")
     defaults.update(params)
     return VaDE(**defaults)
 
@@ -79,6 +82,36 @@ def test_against_kmeans_on_the_digits():
           f"KMeans accuracy {acc_kmeans:.3f} NMI {nmi_kmeans:.3f}")
     assert acc_vade > acc_kmeans + 0.005, (acc_vade, acc_kmeans)
     assert nmi_vade > nmi_kmeans + 0.05, (nmi_vade, nmi_kmeans)
+
+
+def test_tsne_initialisation():
+    """init_params='tsne' (the default): the initial clusters from a t-SNE
+    map of the codes recover well-separated clusters; beyond TSNE_MAX_ROWS
+    a seeded random subset of rows is mapped, and its codes alone
+    initialise the prior."""
+    X, y = synthetic_clusters(n=400, K=4, seed=4)
+    vade = small_vade(n_components=4, latent_dims=(2,), hidden_dims=(32,), n_epochs=20,
+                      pretrain_epochs=30, init_params="tsne").fit(X)
+    assert adjusted_rand_score(y, vade.labels_) > 0.9
+    mu = vade.model_.encode(X)[-1][0].astype(np.float64)
+    rows, resp = hvae.clustering._initial_clusters(mu, 4, "tsne", "full", 7, 1)
+    np.testing.assert_array_equal(rows, np.arange(len(X)))
+    assert adjusted_rand_score(y, resp.argmax(1)) > 0.9
+    np.testing.assert_allclose(resp.sum(1), 1.0)
+
+
+def test_tsne_initialisation_maps_a_subset_of_large_data(monkeypatch):
+    X, y = synthetic_clusters(n=300, K=3, seed=5)
+    monkeypatch.setattr(hvae.clustering, "TSNE_MAX_ROWS", 120)
+    mu = np.random.default_rng(0).standard_normal((300, 2)) + 8.0 * np.eye(3, 2)[y]
+    rows, resp = hvae.clustering._initial_clusters(mu, 3, "tsne", "full", 3, 1)
+    assert rows.shape == (120,) and np.all(np.diff(rows) > 0)
+    assert resp.shape == (120, 3)
+    again, _ = hvae.clustering._initial_clusters(mu, 3, "tsne", "full", 3, 1)
+    np.testing.assert_array_equal(rows, again)  # seeded
+    assert adjusted_rand_score(y[rows], resp.argmax(1)) > 0.9
+    vade = small_vade(init_params="tsne", n_epochs=2, pretrain_epochs=2).fit(X)
+    assert vade.labels_.shape == (300,)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +244,7 @@ def test_hierarchical_vae_with_the_mixture_prior_is_the_same_model(fitted):
     (dict(n_init=0), "n_init must be an int between 1 and"),
     (dict(pretrain_epochs=-1), "pretrain_epochs must be an int between 0 and"),
     (dict(init_covariance_type="spherical"), "init_covariance_type must be one of"),
+    (dict(init_params="umap"), "init_params must be one of"),
     (dict(prior_learning_rate=0.0), "prior_learning_rate must be"),
     (dict(n_components=50), "n_components=50 must be at most the number of rows, 40"),
 ])
