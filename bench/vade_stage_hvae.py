@@ -36,6 +36,7 @@ def main():
     X, y = load_mnist("test")
     X, y = np.ascontiguousarray(X, np.float32), np.asarray(y)
     vade = VaDE(10, latent_dims=(10,), hidden_dims=(500, 500), likelihood="bernoulli",
+                covariance_type="diag",
                 pretrain_epochs=20, n_epochs=args.epochs, batch_size=100, n_threads=1,
                 prior_learning_rate=args.prior_lr)
     # VaDE._one_run, step by step, to score the start.
@@ -46,8 +47,9 @@ def main():
     run = vade._stage(n_epochs=0, **quiet).fit(X)
     run.model_.parameters[:run.model_.prior_offset] = pre.model_.parameters
     mu, logvar = (a.astype(np.float64) for a in pre.model_.encode(X)[-1])
-    pi_logits, means, log_variances = _mixture_init(mu, logvar, 10, vade.init_covariance_type,
-                                                    args.seed)
+    init = _mixture_init(mu, logvar, 10, vade.init_covariance_type, args.seed)
+    pi_logits, means, log_variances = (init[f"prior.{name}"] for name in ("pi_logits", "mu",
+                                                                          "logvar"))
     if args.label_start:
         pi_logits = np.log([np.mean(y == k) for k in range(10)])
         means = np.stack([mu[y == k].mean(0) for k in range(10)])
