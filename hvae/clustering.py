@@ -91,7 +91,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         the mixture from the codes of the untrained network.
     pretrain_beta : float, default=0.01
         Weight of the KL term in pretraining (see above).
-    covariance_type : {'full', 'diag'}, default='diag'
+    covariance_type : {'full', 'diag'}, default='full'
         Covariance of the prior's components (GaussianMixture's name):
         'full', N(mu_c, Sigma_c) with a learned precision Cholesky factor
         (HierarchicalVAE's ``prior_covariance_type='full'``); 'diag', the
@@ -218,7 +218,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     def __init__(self, n_components=10, *, latent_dims=(10,), hidden_dims=(256, 256),
                  likelihood="gaussian", activation="relu", decoder_variance="learned",
                  n_epochs=50, pretrain_epochs=20, pretrain_beta=0.01,
-                 covariance_type="diag", init_covariance_type="full", n_init=1,
+                 covariance_type="full", init_covariance_type="full", n_init=1,
                  batch_size=100, learning_rate=2e-3, prior_learning_rate=2e-4, optimizer="adam", beta=1.0,
                  weight_decay=0.0, shuffle=True, warm_start=False, random_state=None,
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,

@@ -280,6 +280,20 @@ def test_moment_matching_is_the_law_of_total_covariance():
     np.testing.assert_allclose(np.exp(tensors["prior.pi_logits"]), resp.mean(axis=0))
 
 
+def test_the_prior_learning_rate_reaches_every_factor_entry():
+    """prior_lr_scale covers the full prior's tensors (they close the
+    buffer): Adam's first step is lr * scale on each of them."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 5)).astype(np.float32)
+    model = hvae.Model(5, (3,), (4,), n_components=2, seed=1, **FULL)
+    before = np.array(model.parameters)
+    model.fit(x, n_epochs=1, batch_size=16, learning_rate=1e-2, shuffle=False,
+              prior_lr_scale=0.25)
+    step = np.abs(np.array(model.parameters) - before)[model.prior_offset:]
+    assert step.size == 2 * (1 + 3 + 3 + 3)
+    np.testing.assert_allclose(step, 0.25e-2, rtol=1e-3)
+
+
 # ---- the estimators ------------------------------------------------------------------
 
 
