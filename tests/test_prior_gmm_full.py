@@ -26,6 +26,7 @@ from test_gradients import (test_gradient_matches_float64_reference,  # noqa: E4
 from test_vade import small_vade, synthetic_clusters  # noqa: E402
 
 import hvae  # noqa: E402
+import hvae.datasets  # noqa: E402
 from hvae import _native, file_format  # noqa: E402
 from hvae.clustering import _full_moments, precision_factor  # noqa: E402
 
@@ -292,6 +293,29 @@ def test_the_prior_learning_rate_reaches_every_factor_entry():
     step = np.abs(np.array(model.parameters) - before)[model.prior_offset:]
     assert step.size == 2 * (1 + 3 + 3 + 3)
     np.testing.assert_allclose(step, 0.25e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_data_parallel_shards_train_like_one_process(objective):
+    """The prior's tensors are reduced with the rest (test_distributed.py's
+    thread-backed stand-in for MPI_Allreduce): two shards give one process's
+    parameters up to float rounding, every rank the same."""
+    from test_distributed import fit_sharded, make
+    X = hvae.datasets.load_digits()[0][:200]
+
+    def model():
+        return make(n_components=3, **FULL)
+
+    kwargs = dict(n_epochs=2, batch_size=50, objective=objective,
+                  n_samples=3 if objective == "iwae" else 1, prior_lr_scale=0.5)
+    single = model()
+    single.fit(X, **kwargs)
+    models, _, errors, _ = fit_sharded(model, X, (0, 77, 200), **kwargs)
+    assert not errors, errors
+    np.testing.assert_array_equal(models[1].parameters, models[0].parameters)
+    np.testing.assert_allclose(models[0].parameters, single.parameters, rtol=0, atol=2e-5)
+    assert np.any(models[0].parameters[single.prior_offset:]
+                  != model().parameters[single.prior_offset:])
 
 
 # ---- the estimators ------------------------------------------------------------------
