@@ -38,6 +38,7 @@ def main():
     X, y = load_mnist("test")
     X, y = np.ascontiguousarray(X, np.float32), np.asarray(y)
     vade = VaDE(10, latent_dims=(10,), hidden_dims=(500, 500), likelihood="bernoulli",
+                covariance_type="diag",
                 pretrain_epochs=20, n_epochs=args.epochs, batch_size=100, n_threads=1,
                 prior_learning_rate=args.prior_lr, init_params="codes")
     # VaDE._one_run, step by step, to score the start.
@@ -50,7 +51,9 @@ def main():
     mu, logvar = (a.astype(np.float64) for a in pre.model_.encode(X)[-1])
     rows, resp = _initial_clusters(mu, 10, vade.init_params, vade.init_covariance_type,
                                    args.seed, vade.n_threads)
-    pi_logits, means, log_variances = _mixture_init(mu[rows], logvar[rows], resp)
+    init = _mixture_init(mu[rows], logvar[rows], resp)
+    pi_logits, means, log_variances = (init[f"prior.{name}"] for name in ("pi_logits", "mu",
+                                                                          "logvar"))
     if args.label_start:
         pi_logits = np.log([np.mean(y == k) for k in range(10)])
         means = np.stack([mu[y == k].mean(0) for k in range(10)])

@@ -53,6 +53,8 @@ NAME_FUNCTION(hvae_inference_name, hvae_inference, HVAE_INFERENCE_COUNT,
               "markov", "ladder")
 NAME_FUNCTION(hvae_prior_name, hvae_prior_kind, HVAE_PRIOR_COUNT, "standard", "gmm",
               "vamp", "density_ratio")
+NAME_FUNCTION(hvae_covariance_type_name, hvae_covariance_type, HVAE_COVARIANCE_COUNT,
+              "diag", "full")
 NAME_FUNCTION(hvae_latent_family_name, hvae_latent_family,
               HVAE_LATENT_FAMILY_COUNT, "gaussian", "categorical")
 NAME_FUNCTION(hvae_markov_kl_name, hvae_markov_kl, HVAE_MARKOV_KL_COUNT,

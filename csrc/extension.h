@@ -127,9 +127,14 @@ typedef struct {
 extern const hvae_prior_ops *const hvae_prior_table[HVAE_PRIOR_COUNT];
 extern const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_FAMILY_COUNT];
 
-/* One file each. */
+/* The table of config's prior: hvae_prior_table's, except that the
+ * mixture's full-covariance components (prior_covariance) have their own. */
+const hvae_prior_ops *hvae_prior_ops_for(const hvae_config *config);
+
+/* One file each (the mixture's two component kinds share prior_mixture.c). */
 extern const hvae_prior_ops hvae_prior_normal;
 extern const hvae_prior_ops hvae_prior_gmm;
+extern const hvae_prior_ops hvae_prior_gmm_full;
 extern const hvae_prior_ops hvae_prior_vamp;
 extern const hvae_prior_ops hvae_prior_density_ratio;
 extern const hvae_latent_family_ops hvae_latent_gaussian;

@@ -199,6 +199,20 @@ typedef enum {
 } hvae_prior_kind;
 HVAE_API const char *hvae_prior_name(hvae_prior_kind prior);
 
+/* The covariance of a mixture prior's components (hvae_config.
+ * prior_covariance; only HVAE_PRIOR_GMM has components). */
+typedef enum {
+    /* "diag": diag(exp(logvar_c)), csrc/prior_gmm.c */
+    HVAE_COVARIANCE_DIAG = 0,
+    /* "full": Sigma_c = (P_c P_c^T)^{-1}, P_c the precision's lower-triangular
+     * Cholesky factor (scikit-learn's precisions_cholesky_), learned; top
+     * layer of at most HVAE_MAX_FULL_COVARIANCE_DIM units;
+     * csrc/prior_gmm_full.c */
+    HVAE_COVARIANCE_FULL = 1,
+    HVAE_COVARIANCE_COUNT
+} hvae_covariance_type;
+HVAE_API const char *hvae_covariance_type_name(hvae_covariance_type covariance);
+
 /* The distribution family of a latent layer. See "Extension points" below. */
 typedef enum {
     HVAE_LATENT_GAUSSIAN = 0,  /* diagonal Gaussian: heads mu and logvar */
@@ -271,11 +285,17 @@ typedef struct {
     int32_t discriminator;
     int32_t discriminator_n_hidden;     /* 0..HVAE_MAX_HIDDEN */
     int64_t discriminator_hidden[HVAE_MAX_HIDDEN];
+    /* HVAE_PRIOR_GMM's component covariance; default HVAE_COVARIANCE_DIAG,
+     * which every other prior requires. */
+    hvae_covariance_type prior_covariance;
 } hvae_config;
 
 /* The most components a mixture prior may have. */
 #define HVAE_MAX_COMPONENTS 65536
 #define HVAE_VAMP_PSEUDO_INPUTS 500
+/* The widest top layer of a full-covariance mixture prior (its formulas
+ * work on stack vectors of this many doubles). */
+#define HVAE_MAX_FULL_COVARIANCE_DIM 512
 
 HVAE_API hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
                                          const int64_t *latent_dims,
@@ -994,7 +1014,10 @@ HVAE_API void hvae_permute_dims(float *out, const float *z, int64_t B, int64_t d
 /* learned density ratio keeps an hvae_mlp (above) in its state. N(0, I),   */
 /* csrc/prior_normal.c, goes through this interface, and so does VaDE's     */
 /* mixture, csrc/prior_gmm.c (its optional n_components and                 */
-/* responsibilities operations give hvae_responsibilities). The VampPrior,  */
+/* responsibilities operations give hvae_responsibilities); its full-      */
+/* covariance components (hvae_config.prior_covariance) are a second table, */
+/* csrc/prior_gmm_full.c, picked by hvae_prior_ops_for (registry.c), both   */
+/* sharing the mixture's chain in csrc/prior_mixture.c. The VampPrior,      */
 /* csrc/prior_vamp.c, shows the other optional parts: check_config (its own */
 /* config fields), workspace_rows (every workspace then carries a second    */
 /* one of that many rows, ws->prior_ws, where it runs the encoder on its    */

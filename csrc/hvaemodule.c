@@ -58,12 +58,13 @@ NAME_OF(hvae_latent_family_name, hvae_latent_family)
 NAME_OF(hvae_markov_kl_name, hvae_markov_kl)
 NAME_OF(hvae_gradient_estimator_name, hvae_gradient_estimator)
 NAME_OF(hvae_score_baseline_name, hvae_score_baseline)
+NAME_OF(hvae_covariance_type_name, hvae_covariance_type)
 
 typedef enum {
     CHOICE_LIKELIHOOD, CHOICE_ACTIVATION, CHOICE_DECODER_VARIANCE,
     CHOICE_INFERENCE, CHOICE_OBJECTIVE, CHOICE_OPTIMIZER, CHOICE_PRIOR,
     CHOICE_LATENT_FAMILY, CHOICE_MARKOV_KL, CHOICE_GRADIENT_ESTIMATOR,
-    CHOICE_SCORE_BASELINE, N_CHOICES
+    CHOICE_SCORE_BASELINE, CHOICE_COVARIANCE_TYPE, N_CHOICES
 } choice_kind;
 
 typedef struct {
@@ -84,6 +85,7 @@ static const choice_list choices[N_CHOICES] = {
     {"MARKOV_KLS", hvae_markov_kl_name_int, HVAE_MARKOV_KL_COUNT},
     {"GRADIENT_ESTIMATORS", hvae_gradient_estimator_name_int, HVAE_GRADIENT_ESTIMATOR_COUNT},
     {"SCORE_BASELINES", hvae_score_baseline_name_int, HVAE_BASELINE_COUNT},
+    {"COVARIANCE_TYPES", hvae_covariance_type_name_int, HVAE_COVARIANCE_COUNT},
 };
 
 /* The name of value v of a choice (values come from a validated config). */
@@ -855,6 +857,27 @@ static int check_model_sizes(int pri, long long n_conditions, long long n_compon
     return 0;
 }
 
+/* Model's prior_covariance_type: 'full' needs the mixture prior and a top
+ * layer of at most HVAE_MAX_FULL_COVARIANCE_DIM units. */
+static int check_covariance(int cov, int pri, const char *prior, int64_t top_dim)
+{
+    if (cov == HVAE_COVARIANCE_DIAG)
+        return 0;
+    if (pri != HVAE_PRIOR_GMM) {
+        PyErr_Format(PyExc_ValueError, "prior_covariance_type='%s' is the mixture prior's: "
+                     "it needs prior='gmm'; got prior='%s'",
+                     choice_name(CHOICE_COVARIANCE_TYPE, cov), prior);
+        return -1;
+    }
+    if (top_dim > HVAE_MAX_FULL_COVARIANCE_DIM) {
+        PyErr_Format(PyExc_ValueError, "prior_covariance_type='full' takes a top latent layer "
+                     "of at most %d units; got %lld", HVAE_MAX_FULL_COVARIANCE_DIM,
+                     (long long)top_dim);
+        return -1;
+    }
+    return 0;
+}
+
 /* Model's n_pseudo_inputs (None: the paper's K for the VampPrior, none for
  * another prior) into *n_pseudo_inputs; the VampPrior takes no condition. */
 static int parse_pseudo_inputs(int pri, const char *prior, long long n_conditions,
@@ -969,25 +992,26 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                              "likelihood", "activation", "decoder_variance",
                              "seed", "inference", "n_conditions", "markov_kl",
                              "prior", "latent_family", "n_categories", "n_components",
-                             "n_pseudo_inputs", "discriminator_hidden", NULL};
+                             "n_pseudo_inputs", "discriminator_hidden",
+                             "prior_covariance_type", NULL};
     long long n_features, n_components = 1;
     PyObject *latent_obj, *hidden_obj;
     const char *likelihood = "gaussian", *activation = "relu",
                *variance = "learned", *inference = "markov";
-    const char *markov_kl = "sampled", *prior = "standard";
+    const char *markov_kl = "sampled", *prior = "standard", *covariance = "diag";
     PyObject *family_obj = NULL, *k_obj = Py_None;
     long long n_conditions = 0, n_pseudo_inputs = 0;
     PyObject *pseudo_obj = Py_None, *disc_obj = Py_None;
     unsigned long long seed = 0;
     int64_t latent[HVAE_MAX_LAYERS], hidden[HVAE_MAX_HIDDEN];
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLOO:Model", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "LOO|sssO&sLssOOLOOs:Model", kwlist,
                                      &n_features, &latent_obj, &hidden_obj,
                                      &likelihood, &activation, &variance,
                                      u64_converter, &seed,
                                      &inference, &n_conditions, &markov_kl,
                                      &prior, &family_obj, &k_obj, &n_components,
-                                     &pseudo_obj, &disc_obj))
+                                     &pseudo_obj, &disc_obj, &covariance))
         return NULL;
     int lik = parse_choice("likelihood", likelihood, CHOICE_LIKELIHOOD);
     int act = lik < 0 ? -1 : parse_choice("activation", activation, CHOICE_ACTIVATION);
@@ -995,11 +1019,14 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     int inf = var < 0 ? -1 : parse_choice("inference", inference, CHOICE_INFERENCE);
     int mkl = inf < 0 ? -1 : parse_choice("markov_kl", markov_kl, CHOICE_MARKOV_KL);
     int pri = mkl < 0 ? -1 : parse_choice("prior", prior, CHOICE_PRIOR);
-    if (pri < 0 || check_model_sizes(pri, n_conditions, n_components, n_features) < 0 ||
+    int cov = pri < 0 ? -1 : parse_choice("prior_covariance_type", covariance,
+                                          CHOICE_COVARIANCE_TYPE);
+    if (cov < 0 || check_model_sizes(pri, n_conditions, n_components, n_features) < 0 ||
         parse_pseudo_inputs(pri, prior, n_conditions, pseudo_obj, &n_pseudo_inputs) < 0)
         return NULL;
     Py_ssize_t T = 0, H = 0;
-    if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0)
+    if (parse_dims(latent_obj, hidden_obj, latent, &T, hidden, &H) < 0 ||
+        check_covariance(cov, pri, prior, latent[T - 1]) < 0)
         return NULL;
     hvae_config cfg = hvae_config_default(n_features, (int32_t)T, latent,
                                           (int32_t)H, hidden);
@@ -1023,6 +1050,7 @@ static PyObject *Model_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     cfg.n_conditions = n_conditions;
     cfg.n_components = n_components;
     cfg.n_pseudo_inputs = n_pseudo_inputs;
+    cfg.prior_covariance = (hvae_covariance_type)cov;
     return (PyObject *)model_alloc(type, &cfg, seed);
 }
 
@@ -1121,6 +1149,8 @@ static PyObject *Model_get_config_value(ModelObject *self, void *closure)
         return PyUnicode_FromString(choice_name(CHOICE_MARKOV_KL, c->markov_kl));
     if (strcmp(which, "prior") == 0)
         return PyUnicode_FromString(choice_name(CHOICE_PRIOR, c->prior));
+    if (strcmp(which, "prior_covariance_type") == 0)
+        return PyUnicode_FromString(choice_name(CHOICE_COVARIANCE_TYPE, c->prior_covariance));
     if (strcmp(which, "latent_family") == 0) {
         /* One name when every layer shares it, else one per layer. */
         int same = 1;
@@ -2661,7 +2691,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
         Py_DECREF(state);
         return NULL;
     }
-    return Py_BuildValue("(O(LNNsssKsLssNNLLN)N)", (PyObject *)Py_TYPE(self),
+    return Py_BuildValue("(O(LNNsssKsLssNNLLNs)N)", (PyObject *)Py_TYPE(self),
                          (long long)c->n_features,
                          dims_tuple(c->latent_dims, c->n_layers),
                          dims_tuple(c->hidden_dims, c->n_hidden),
@@ -2672,7 +2702,7 @@ static PyObject *Model_reduce(ModelObject *self, PyObject *noargs)
                          choice_name(CHOICE_MARKOV_KL, c->markov_kl),
                          choice_name(CHOICE_PRIOR, c->prior), family, K,
                          (long long)c->n_components, (long long)c->n_pseudo_inputs, disc,
-                         state);
+                         choice_name(CHOICE_COVARIANCE_TYPE, c->prior_covariance), state);
 }
 
 static PyObject *Model_repr(ModelObject *self)
@@ -2688,14 +2718,16 @@ static PyObject *Model_repr(ModelObject *self)
             "Model(n_features=%lld, latent_dims=%R, hidden_dims=%R, "
             "likelihood='%s', activation='%s', decoder_variance='%s', seed=%llu, "
             "inference='%s', n_conditions=%lld, markov_kl='%s', prior='%s', "
-            "latent_family=%R%s%R, n_components=%lld, n_pseudo_inputs=%lld)",
+            "latent_family=%R%s%R, n_components=%lld, n_pseudo_inputs=%lld, "
+            "prior_covariance_type='%s')",
             (long long)c->n_features, latent, hidden,
             choice_name(CHOICE_LIKELIHOOD, c->likelihood), choice_name(CHOICE_ACTIVATION, c->activation),
             choice_name(CHOICE_DECODER_VARIANCE, c->decoder_variance), self->seed,
             choice_name(CHOICE_INFERENCE, c->inference), (long long)c->n_conditions,
             choice_name(CHOICE_MARKOV_KL, c->markov_kl), choice_name(CHOICE_PRIOR, c->prior),
             family, ", n_categories=", K, (long long)c->n_components,
-            (long long)c->n_pseudo_inputs);
+            (long long)c->n_pseudo_inputs,
+            choice_name(CHOICE_COVARIANCE_TYPE, c->prior_covariance));
     Py_XDECREF(latent);
     Py_XDECREF(hidden);
     Py_XDECREF(family);
@@ -2977,6 +3009,9 @@ static PyGetSetDef Model_getset[] = {
     {"n_components", (getter)Model_get_config_value, NULL,
      "Components K of a mixture prior (the argument; priors without components "
      "ignore it)", "n_components"},
+    {"prior_covariance_type", (getter)Model_get_config_value, NULL,
+     "The mixture prior's component covariance (COVARIANCE_TYPES; 'diag' for the other "
+     "priors)", "prior_covariance_type"},
     {"prior_offset", (getter)Model_get_config_value, NULL,
      "Where the prior's tensors start in ``parameters`` (they run to its end)",
      "prior_offset"},
@@ -3013,7 +3048,8 @@ static PyTypeObject ModelType = {
               "activation='relu', decoder_variance='learned', seed=0, "
               "inference='markov', n_conditions=0, markov_kl='sampled', "
               "prior='standard', latent_family='gaussian', n_categories=None,\n"
-              "n_components=1, n_pseudo_inputs=None, discriminator_hidden=None)\n--\n\n"
+              "n_components=1, n_pseudo_inputs=None, discriminator_hidden=None,\n"
+              "prior_covariance_type='diag')\n--\n\n"
               "A Markov hierarchical VAE held in C buffers.\n\n"
               "latent_dims: sizes (d_1, ..., d_T) of the latent layers; hidden_dims:\n"
               "widths of every encoder block's MLP (decoders use them reversed; may\n"
@@ -3033,6 +3069,11 @@ static PyTypeObject ModelType = {
               "samples, noise (Gumbel) and encode outputs (class probabilities and\n"
               "their logs) have M*K columns (latent_widths), column m*K + k.\n"
               "n_components: a mixture prior's ('gmm') number of components K.\n"
+              "prior_covariance_type: its components' covariance (COVARIANCE_TYPES):\n"
+              "'diag' (tensor 'prior.logvar' (K, d_T)) or 'full' (the precision's\n"
+              "Cholesky factor: 'prior.prec_log_diag' (K, d_T), the log of its\n"
+              "diagonal, and 'prior.prec_lower' (K, d_T(d_T-1)/2), its strictly-lower\n"
+              "entries packed row by row; d_T <= MAX_FULL_COVARIANCE_DIM).\n"
               "n_pseudo_inputs: with prior='vamp' (the VampPrior, a mixture of the top\n"
               "layer's posteriors at K learned pseudo-inputs, tensor\n"
               "'prior.pseudo_inputs' of shape (K, n_features)), K >= 1, None for the\n"
@@ -3180,7 +3221,8 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "MAX_THREADS", MAX_MODEL_THREADS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_BATCH_SIZE", MAX_BATCH_SIZE) < 0 ||
         PyModule_AddIntConstant(m, "MAX_SAMPLES", MAX_SAMPLES) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_COMPONENTS", HVAE_MAX_COMPONENTS) < 0)
+        PyModule_AddIntConstant(m, "MAX_COMPONENTS", HVAE_MAX_COMPONENTS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_FULL_COVARIANCE_DIM", HVAE_MAX_FULL_COVARIANCE_DIM) < 0)
         goto fail;
     for (int kind = 0; kind < N_CHOICES; kind++)
         if (module_add_new(m, choices[kind].attribute, choice_tuple((choice_kind)kind)) < 0)

@@ -37,6 +37,7 @@ hvae_config hvae_config_default(int64_t n_features, int32_t n_layers,
     c.n_pseudo_inputs = 0;
     c.discriminator = 0;
     c.discriminator_n_hidden = 0;
+    c.prior_covariance = HVAE_COVARIANCE_DIAG;
     for (int32_t j = 0; j < HVAE_MAX_HIDDEN; j++)
         c.discriminator_hidden[j] = 0;
     return c;
@@ -209,7 +210,10 @@ static hvae_status validate_config(const hvae_config *c)
     for (int32_t j = 0; c->discriminator && j < c->discriminator_n_hidden; j++)
         if (c->discriminator_hidden[j] < 1 || c->discriminator_hidden[j] > INT_MAX)
             return HVAE_ERR_INVALID_ARGUMENT;
-    const hvae_prior_ops *prior = hvae_prior_table[c->prior];
+    if (!hvae_covariance_type_name(c->prior_covariance) ||
+        (c->prior_covariance != HVAE_COVARIANCE_DIAG && c->prior != HVAE_PRIOR_GMM))
+        return HVAE_ERR_INVALID_ARGUMENT;
+    const hvae_prior_ops *prior = hvae_prior_ops_for(c);
     if (prior->n_components &&
         (c->n_components < 1 || c->n_components > HVAE_MAX_COMPONENTS))
         return HVAE_ERR_INVALID_ARGUMENT;
@@ -307,7 +311,7 @@ hvae_status hvae_model_create(const hvae_config *config, hvae_model **out)
         return HVAE_ERR_OUT_OF_MEMORY;
     copy_config(m, config);
     int32_t T = config->n_layers, H = config->n_hidden;
-    m->prior = hvae_prior_table[config->prior];
+    m->prior = hvae_prior_ops_for(config);
     int32_t n_prior_tensors = m->prior->n_tensors(config);
     /* 2 * T blocks of at most H hidden layers and 2 heads, W and b each;
      * a prior's own tensors are few (a table of names, not of sizes); the

@@ -39,110 +39,98 @@
  * with the marginal p(z) = sum_c p(c) N(z; mu_c, var_c):
  *   log q(z) - log p(z) = -sum_j (log 2pi + lv_q + eps^2) / 2 - logsumexp_c l_c.
  *
- * Rows are independent; nothing is stored between forward and backward:
- * the backward recomputes the row's log-sum-exp and term (three passes of
- * K d work over a row, small beside the networks), so no scratch is
- * needed for any K.
+ * The mixture's part (responsibilities, log-sum-exp, the chain through
+ * gamma, sampling the component) is prior_mixture.c's, shared with the
+ * full-covariance components of prior_gmm_full.c; this file gives the
+ * diagonal component's density, KL, their gradients and its draw.
  */
-#include "internal.h"
+#include "prior_mixture.h"
 #include "fastmath.h"
 
 #include <math.h>
 #include <stdio.h>
 
-#define LOG_2PI 1.83787706640934548356
-
-typedef struct {
-    int64_t K, d;
-    const float *pi_logits, *mu, *lv; /* (K), (K, d), (K, d) */
-    float *dpi_logits, *dmu, *dlv;    /* NULL when not differentiating */
-    double log_norm;                  /* logsumexp of pi_logits */
-    double row_weight;                /* multiplies the prior's gradients */
-} gmm_view;
-
-static gmm_view view_of(const hvae_prior_args *a, int grad)
+/* The components' log-variances (K, d), after mu. */
+static const float *logvar_of(const hvae_mixture *g, int64_t c)
 {
-    gmm_view g;
-    g.K = a->model ? hvae_model_n_components(a->model) : 0;
-    g.d = a->d;
-    g.pi_logits = a->params + a->offset;
-    g.mu = g.pi_logits + g.K;
-    g.lv = g.mu + g.K * g.d;
-    g.dpi_logits = grad && a->grads ? a->grads + a->offset : NULL;
-    g.dmu = g.dpi_logits ? g.dpi_logits + g.K : NULL;
-    g.dlv = g.dmu ? g.dmu + g.K * g.d : NULL;
-    double top = -INFINITY, sum = 0.0;
-    for (int64_t c = 0; c < g.K; c++)
-        top = g.pi_logits[c] > top ? g.pi_logits[c] : top;
-    for (int64_t c = 0; c < g.K; c++)
-        sum += exp(g.pi_logits[c] - top);
-    g.log_norm = top + log(sum);
-    g.row_weight = 1.0;
-    return g;
-}
-
-static double log_weight(const gmm_view *g, int64_t c)
-{
-    return g->pi_logits[c] - g->log_norm;
+    return g->shape + c * g->d;
 }
 
 /* log N(z; mu_c, exp(lv_c)) over d units. */
-static double log_normal(const gmm_view *g, const float *z, int64_t c)
+static double log_normal(const hvae_mixture *g, const float *z, int64_t c)
 {
-    const float *mu = g->mu + c * g->d, *lv = g->lv + c * g->d;
+    const float *mu = g->mu + c * g->d, *lv = logvar_of(g, c);
     double sum = 0.0;
     for (int64_t j = 0; j < g->d; j++) {
         double diff = (double)z[j] - mu[j];
-        sum += LOG_2PI + lv[j] + diff * diff * exp(-(double)lv[j]);
+        sum += HVAE_LOG_2PI + lv[j] + diff * diff * exp(-(double)lv[j]);
     }
     return -0.5 * sum;
-}
-
-/* logsumexp_c l_c at z: log p(z). */
-static double log_marginal(const gmm_view *g, const float *z)
-{
-    double top = -INFINITY, sum = 0.0;
-    for (int64_t c = 0; c < g->K; c++) {
-        double l = log_weight(g, c) + log_normal(g, z, c);
-        if (l > top) {
-            sum = sum * exp(top - l) + 1.0;
-            top = l;
-        } else {
-            sum += exp(l - top);
-        }
-    }
-    return top + log(sum);
 }
 
 /* KL(q || N(mu_c, var_c)) of one row: gaussian.c's kernel, so that K = 1 at
  * N(0, I) reproduces the standard prior exactly. */
-static double kl_to(const gmm_view *g, const float *mu_q, const float *lv_q, int64_t c)
+static double kl_to(const hvae_mixture *g, const float *mu_q, const float *lv_q, int64_t c)
 {
     double kl;
-    hvae_gaussian_kl_forward(&kl, mu_q, lv_q, g->mu + c * g->d, g->lv + c * g->d, 1, g->d);
+    hvae_gaussian_kl_forward(&kl, mu_q, lv_q, g->mu + c * g->d, logvar_of(g, c), 1, g->d);
     return kl;
 }
 
-/* One row's closed-form term; log_gamma_c = l_c - lse. */
-static double row_term(const gmm_view *g, const float *z, const float *mu_q,
-                       const float *lv_q, double lse)
+/* Accumulates s * d log N(z; mu_c, var_c) into dz and (mu_c, lv_c)'s
+ * gradients: d/dz = -(z - mu)/var, d/dmu = (z - mu)/var,
+ * d/dlv = ((z - mu)^2/var - 1)/2. */
+static void log_normal_backward(const hvae_mixture *g, const float *z, float *dz, int64_t c,
+                                double s)
 {
-    double term = 0.0;
-    for (int64_t c = 0; c < g->K; c++) {
-        double log_gamma = log_weight(g, c) + log_normal(g, z, c) - lse;
-        double A = kl_to(g, mu_q, lv_q, c) + log_gamma - log_weight(g, c);
-        term += exp(log_gamma) * A;
+    const float *mu = g->mu + c * g->d, *lv = logvar_of(g, c);
+    for (int64_t j = 0; j < g->d; j++) {
+        double inv_var = exp(-(double)lv[j]), diff = (double)z[j] - mu[j];
+        double gz = diff * inv_var;
+        if (dz)
+            dz[j] -= (float)(s * gz);
+        if (g->dmu) {
+            g->dmu[c * g->d + j] += (float)(g->row_weight * s * gz);
+            g->dshape[c * g->d + j] += (float)(g->row_weight * s * 0.5 * (diff * gz - 1.0));
+        }
     }
-    return term;
 }
 
-static double row_log_q(const float *eps, const float *lv_q, int64_t d)
+/* Accumulates s_q * dKL/d(mu_q, lv_q) (gaussian.c's kernel), then
+ * s_prior * dKL(q || N(mu_c, var_c)) / d(mu_c, lv_c):
+ * dKL/dmu_c = -(mu_q - mu_c)/var_c, dKL/dlv_c = (1 - (var_q + diff^2)/var_c)/2. */
+static void kl_backward(const hvae_mixture *g, float *dmu_q, float *dlv_q, const float *mu_q,
+                        const float *lv_q, int64_t c, double s_q, double s_prior)
 {
-    double sum = 0.0;
-    for (int64_t j = 0; j < d; j++)
-        sum += LOG_2PI + lv_q[j] + (double)eps[j] * eps[j];
-    return -0.5 * sum;
+    const float *mu = g->mu + c * g->d, *lv = logvar_of(g, c);
+    if (dmu_q && dlv_q)
+        hvae_gaussian_kl_backward(dmu_q, dlv_q, NULL, NULL, (float)s_q, mu_q, lv_q, mu, lv, 1,
+                                  g->d);
+    if (!g->dmu)
+        return;
+    for (int64_t j = 0; j < g->d; j++) {
+        double inv_var = exp(-(double)lv[j]), diff = (double)mu_q[j] - mu[j];
+        g->dmu[c * g->d + j] -= (float)(s_prior * diff * inv_var);
+        g->dshape[c * g->d + j] +=
+            (float)(s_prior * 0.5 * (1.0 - (exp((double)lv_q[j]) + diff * diff) * inv_var));
+    }
 }
+
+static void sample_component(const hvae_mixture *g, float *z, int64_t c, hvae_rng *rng)
+{
+    const float *mu = g->mu + c * g->d, *lv = logvar_of(g, c);
+    hvae_rng_normal(rng, z, g->d);
+    for (int64_t j = 0; j < g->d; j++)
+        z[j] = mu[j] + hvae_expf(0.5f * lv[j]) * z[j];
+}
+
+static const hvae_mixture_component_ops diagonal = {
+    .log_density = log_normal,
+    .kl = kl_to,
+    .log_density_backward = log_normal_backward,
+    .kl_backward = kl_backward,
+    .sample = sample_component,
+};
 
 static int32_t gmm_n_tensors(const hvae_config *config)
 {
@@ -165,140 +153,29 @@ static void gmm_tensor(const hvae_config *config, int32_t k, hvae_tensor_info *i
 static void gmm_init(const hvae_config *config, float *params, hvae_rng *rng)
 {
     int64_t K = config->n_components, d = config->latent_dims[config->n_layers - 1];
-    for (int64_t c = 0; c < K; c++)
-        params[c] = 0.0f;
-    hvae_rng_normal(rng, params + K, K * d);
+    hvae_mixture_init_weights_means(params, K, d, rng);
     for (int64_t k = 0; k < K * d; k++)
         params[K + K * d + k] = 0.0f;
 }
 
 static void gmm_term_forward(double *term, const hvae_prior_args *a, int closed_form)
 {
-    gmm_view g = view_of(a, 0);
-    int64_t d = a->d;
-    for (int64_t b = 0; b < a->B; b++) {
-        const float *z = a->z + b * d, *lv_q = a->lv_q + b * d;
-        double lse = log_marginal(&g, z);
-        term[b] = closed_form ? row_term(&g, z, a->mu_q + b * d, lv_q, lse)
-                              : row_log_q(a->eps + b * d, lv_q, d) - lse;
-    }
-}
-
-/* Accumulates s * d log N(z; mu_c, var_c) into dz and (mu_c, lv_c)'s
- * gradients: d/dz = -(z - mu)/var, d/dmu = (z - mu)/var,
- * d/dlv = ((z - mu)^2/var - 1)/2. */
-static void log_normal_backward(const gmm_view *g, const float *z, float *dz, int64_t c,
-                                double s)
-{
-    const float *mu = g->mu + c * g->d, *lv = g->lv + c * g->d;
-    for (int64_t j = 0; j < g->d; j++) {
-        double inv_var = exp(-(double)lv[j]), diff = (double)z[j] - mu[j];
-        double gz = diff * inv_var;
-        if (dz)
-            dz[j] -= (float)(s * gz);
-        if (g->dmu) {
-            g->dmu[c * g->d + j] += (float)(g->row_weight * s * gz);
-            g->dlv[c * g->d + j] += (float)(g->row_weight * s * 0.5 * (diff * gz - 1.0));
-        }
-    }
-}
-
-/* Accumulates s * dKL(q || N(mu_c, var_c)) / d(mu_c, lv_c):
- * dKL/dmu_c = -(mu_q - mu_c)/var_c, dKL/dlv_c = (1 - (var_q + diff^2)/var_c)/2. */
-static void kl_prior_backward(const gmm_view *g, const float *mu_q, const float *lv_q,
-                              int64_t c, double s)
-{
-    const float *mu = g->mu + c * g->d, *lv = g->lv + c * g->d;
-    for (int64_t j = 0; j < g->d; j++) {
-        double inv_var = exp(-(double)lv[j]), diff = (double)mu_q[j] - mu[j];
-        g->dmu[c * g->d + j] -= (float)(s * diff * inv_var);
-        g->dlv[c * g->d + j] +=
-            (float)(s * 0.5 * (1.0 - (exp((double)lv_q[j]) + diff * diff) * inv_var));
-    }
+    hvae_mixture_term_forward(&diagonal, term, a, closed_form);
 }
 
 static void gmm_term_backward(const hvae_prior_args *a, float scale, int closed_form)
 {
-    gmm_view g0 = view_of(a, 1);
-    int64_t d = a->d;
-    for (int64_t b = 0; b < a->B; b++) {
-        /* Row weights (IWAE) reach the prior's tensors here; the model
-         * weights the rows of dz, dmu_q and dlv_q itself. */
-        gmm_view g = g0;
-        g.row_weight = a->row_weight ? a->row_weight[b] : 1.0;
-        const float *z = a->z + b * d, *mu_q = a->mu_q + b * d, *lv_q = a->lv_q + b * d;
-        float *dz = a->dz ? a->dz + b * d : NULL;
-        double lse = log_marginal(&g, z);
-        if (!closed_form) {
-            /* -d log p(z): -sum_c gamma_c d log N_c; log q sends -1/2 to lv_q. */
-            if (a->dlv_q)
-                for (int64_t j = 0; j < d; j++)
-                    a->dlv_q[b * d + j] -= 0.5f * scale;
-            for (int64_t c = 0; c < g.K; c++) {
-                double gamma = exp(log_weight(&g, c) + log_normal(&g, z, c) - lse);
-                log_normal_backward(&g, z, dz, c, -scale * gamma);
-                if (g.dpi_logits)
-                    g.dpi_logits[c] +=
-                        (float)(g.row_weight * scale * (exp(log_weight(&g, c)) - gamma));
-            }
-            continue;
-        }
-        double term = row_term(&g, z, mu_q, lv_q, lse);
-        for (int64_t c = 0; c < g.K; c++) {
-            double log_gamma = log_weight(&g, c) + log_normal(&g, z, c) - lse;
-            double gamma = exp(log_gamma);
-            double A = kl_to(&g, mu_q, lv_q, c) + log_gamma - log_weight(&g, c);
-            double w = gamma * (A - term);
-            if (g.dpi_logits)
-                g.dpi_logits[c] +=
-                    (float)(g.row_weight * scale * (exp(log_weight(&g, c)) - gamma + w));
-            if (a->dmu_q && a->dlv_q)
-                hvae_gaussian_kl_backward(a->dmu_q + b * d, a->dlv_q + b * d, NULL, NULL,
-                                          (float)(scale * gamma), mu_q, lv_q,
-                                          g.mu + c * d, g.lv + c * d, 1, d);
-            if (g.dmu)
-                kl_prior_backward(&g, mu_q, lv_q, c, g.row_weight * scale * gamma);
-            log_normal_backward(&g, z, dz, c, scale * w);
-        }
-    }
+    hvae_mixture_term_backward(&diagonal, a, scale, closed_form);
 }
 
 static void gmm_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
 {
-    gmm_view g = view_of(a, 0);
-    int64_t d = a->d;
-    for (int64_t b = 0; b < a->B; b++) {
-        /* c by inversion of the cumulative weights. */
-        double u = hvae_rng_uniform_float(rng), cum = 0.0;
-        int64_t c = g.K - 1;
-        for (int64_t k = 0; k < g.K; k++) {
-            cum += exp(log_weight(&g, k));
-            if (u < cum) {
-                c = k;
-                break;
-            }
-        }
-        float *zb = z + b * d;
-        hvae_rng_normal(rng, zb, d);
-        for (int64_t j = 0; j < d; j++)
-            zb[j] = g.mu[c * d + j] + hvae_expf(0.5f * g.lv[c * d + j]) * zb[j];
-    }
-}
-
-static int64_t gmm_n_components(const hvae_config *config)
-{
-    return config->n_components;
+    hvae_mixture_sample(&diagonal, z, a, rng);
 }
 
 static void gmm_responsibilities(double *gamma, const hvae_prior_args *a)
 {
-    gmm_view g = view_of(a, 0);
-    for (int64_t b = 0; b < a->B; b++) {
-        const float *z = a->z + b * a->d;
-        double lse = log_marginal(&g, z);
-        for (int64_t c = 0; c < g.K; c++)
-            gamma[b * g.K + c] = exp(log_weight(&g, c) + log_normal(&g, z, c) - lse);
-    }
+    hvae_mixture_responsibilities(&diagonal, gamma, a);
 }
 
 const hvae_prior_ops hvae_prior_gmm = {
@@ -308,6 +185,6 @@ const hvae_prior_ops hvae_prior_gmm = {
     .term_forward = gmm_term_forward,
     .term_backward = gmm_term_backward,
     .sample = gmm_sample,
-    .n_components = gmm_n_components,
+    .n_components = hvae_mixture_n_components,
     .responsibilities = gmm_responsibilities,
 };

@@ -13,3 +13,10 @@ const hvae_latent_family_ops *const hvae_latent_family_table[HVAE_LATENT_FAMILY_
     [HVAE_LATENT_GAUSSIAN] = &hvae_latent_gaussian,
     [HVAE_LATENT_CATEGORICAL] = &hvae_latent_categorical,
 };
+
+const hvae_prior_ops *hvae_prior_ops_for(const hvae_config *config)
+{
+    if (config->prior == HVAE_PRIOR_GMM && config->prior_covariance == HVAE_COVARIANCE_FULL)
+        return &hvae_prior_gmm_full;
+    return hvae_prior_table[config->prior];
+}

@@ -12,6 +12,7 @@ except ImportError:
 
 from ._core import (  # noqa: E402
     ACTIVATIONS,
+    COVARIANCE_TYPES,
     DECODER_VARIANCES,
     DISCRIMINATOR_RECORD_KEYS,
     EPOCH_RECORD_KEYS,
@@ -22,6 +23,7 @@ from ._core import (  # noqa: E402
     MARKOV_KLS,
     MAX_BATCH_SIZE,
     MAX_COMPONENTS,
+    MAX_FULL_COVARIANCE_DIM,
     MAX_HIDDEN,
     MAX_LAYERS,
     MAX_SAMPLES,
@@ -40,7 +42,7 @@ from ._core import (  # noqa: E402
 
 # Names the C core accepts for each option (hvae.h, "Names") and the keys of
 # Model.fit's per-epoch records.
-__all__ = ["ACTIVATIONS", "DECODER_VARIANCES", "DISCRIMINATOR_RECORD_KEYS", "EPOCH_RECORD_KEYS",
+__all__ = ["ACTIVATIONS", "COVARIANCE_TYPES", "MAX_FULL_COVARIANCE_DIM", "DECODER_VARIANCES", "DISCRIMINATOR_RECORD_KEYS", "EPOCH_RECORD_KEYS",
            "TCVAE_RECORD_KEYS", "GRADIENT_ESTIMATORS", "INFERENCES", "SCORE_BASELINES",
            "LATENT_FAMILIES", "LIKELIHOODS", "MARKOV_KLS", "OBJECTIVES", "OPTIMIZERS",
            "PRIORS", "MAX_BATCH_SIZE", "MAX_COMPONENTS", "MAX_HIDDEN", "MAX_LAYERS", "MAX_SAMPLES",

@@ -19,10 +19,10 @@ import numpy as np
 
 # The names of every choice come from the C core (csrc/hvae.h, "Names"),
 # never spelled again here.
-from ._native import (ACTIVATIONS, DECODER_VARIANCES, GRADIENT_ESTIMATORS, INFERENCES,
-                      LATENT_FAMILIES, LIKELIHOODS, MARKOV_KLS, MAX_BATCH_SIZE, MAX_COMPONENTS,
-                      MAX_HIDDEN, MAX_LAYERS, MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS,
-                      PRIORS, SCORE_BASELINES)
+from ._native import (ACTIVATIONS, COVARIANCE_TYPES, DECODER_VARIANCES, GRADIENT_ESTIMATORS,
+                      INFERENCES, LATENT_FAMILIES, LIKELIHOODS, MARKOV_KLS, MAX_BATCH_SIZE,
+                      MAX_COMPONENTS, MAX_FULL_COVARIANCE_DIM, MAX_HIDDEN, MAX_LAYERS,
+                      MAX_SAMPLES, MAX_THREADS, OBJECTIVES, OPTIMIZERS, PRIORS, SCORE_BASELINES)
 
 #: The largest count (epochs, patience, warm-up) a parameter may hold.
 MAX_COUNT = 2**48
@@ -249,6 +249,7 @@ PARAMETER_CONSTRAINTS = {
     "random_state": Unchecked(),
     "prior": OneOf(PRIORS),
     "n_components": Integer(1, MAX_COMPONENTS),
+    "prior_covariance_type": OneOf(COVARIANCE_TYPES),
     "prior_learning_rate": Optional(FiniteNumber(positive=True)),
     "n_pseudo_inputs": Integer(1, 2**31 - 1),
 }
@@ -304,6 +305,13 @@ def _check_prior_settings(params):
     if params["prior"] == "vamp" and params["conditional"]:
         raise ValueError("prior='vamp' cannot be conditional: its pseudo-inputs have no "
                          "condition; use conditional=False or another prior")
+    covariance = params["prior_covariance_type"]
+    if covariance != "diag" and params["prior"] != "gmm":
+        raise ValueError(f"prior_covariance_type={covariance!r} is the mixture prior's: it "
+                         f"needs prior='gmm'; got prior={params['prior']!r}")
+    if covariance == "full" and params["latent_dims"][-1] > MAX_FULL_COVARIANCE_DIM:
+        raise ValueError(f"prior_covariance_type='full' takes a top latent layer of at most "
+                         f"{MAX_FULL_COVARIANCE_DIM} units; got {params['latent_dims'][-1]}")
 
 
 def _check_discriminator_settings(params):

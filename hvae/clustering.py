@@ -13,13 +13,14 @@ import inspect
 import numbers
 
 import numpy as np
+from scipy.linalg import solve_triangular
 from sklearn.base import ClusterMixin
 from sklearn.manifold import TSNE
 from sklearn.mixture import GaussianMixture
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from ._native import DivergenceError
+from ._native import COVARIANCE_TYPES, DivergenceError
 from ._params import MAX_COUNT, FiniteNumber, Integer, OneOf, validate_parameters
 from ._training import HISTORY_KEYS, VALIDATION_KEYS, fitted_state, restore_fitted_state
 from .estimator import HierarchicalVAE, _model_options
@@ -42,11 +43,11 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     """Variational Deep Embedding (VaDE): a VAE whose prior is a mixture of
     Gaussians, so that one model embeds, generates and clusters.
 
-    p(c) = softmax(pi_logits), p(z | c) = N(mu_c, diag(exp(logvar_c))),
-    p(x | z) the decoder (z the top latent layer): the ELBO has VaDE's term
-    sum_c gamma_c [KL(q(z|x) || N(mu_c, var_c)) + log gamma_c - log p(c)],
+    p(c) = softmax(pi_logits), p(z | c) = N(mu_c, Sigma_c) (Sigma_c full or
+    diagonal, ``covariance_type``), p(x | z) the decoder (z the top latent layer): the ELBO has VaDE's term
+    sum_c gamma_c [KL(q(z|x) || N(mu_c, Sigma_c)) + log gamma_c - log p(c)],
     gamma_c = p(c | z) at the sampled z, with gradients through gamma as in
-    the authors' code (see csrc/prior_gmm.c). A row's cluster is
+    the authors' code (see csrc/prior_gmm.c, csrc/prior_gmm_full.c). A row's cluster is
     argmax_c q(c | x), computed in C at the posterior mean of z (so
     ``predict`` is deterministic; VaDE's own script reads gamma at a
     sampled z).
@@ -64,8 +65,8 @@ class VaDE(ClusterMixin, HierarchicalVAE):
        ``init_covariance_type``) clusters the posterior means of the top
        layer, or (``init_params='tsne'``, the default) a two-dimensional
        t-SNE map of them, and each cluster's codes initialise the weight,
-       mean and (diagonal) variance of one component of the prior (moment
-       matching, see ``_mixture_init``);
+       mean and covariance (``covariance_type``) of one component of the
+       prior (moment matching, see ``_mixture_init``);
     3. ``n_epochs`` epochs of the whole model, the prior's tensors at
        ``prior_learning_rate`` (None: ``learning_rate``).
 
@@ -98,9 +99,17 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         the mixture from the codes of the untrained network.
     pretrain_beta : float, default=0.01
         Weight of the KL term in pretraining (see above).
+    covariance_type : {'full', 'diag'}, default='full'
+        Covariance of the prior's components (GaussianMixture's name):
+        'full', N(mu_c, Sigma_c) with a learned precision Cholesky factor
+        (HierarchicalVAE's ``prior_covariance_type='full'``); 'diag', the
+        authors' N(mu_c, diag(var_c)). A cluster of correlated codes keeps
+        its shape with 'full', and the start's clusters survive the moment
+        matching (see ``_full_moments`` and the README's clustering
+        section for the measurements). Top layer of at most 512 units.
     init_covariance_type : {'full', 'diag'}, default='full'
         Covariance of the GaussianMixture that finds the initial clusters
-        (the prior's components stay diagonal). The authors fit 'diag';
+        (the prior's own is ``covariance_type``). The authors fit 'diag';
         'full' follows the codes' correlated units, and the clusters VaDE
         starts from decide most of its result (its training moves few rows
         between clusters). Measured in the README's clustering section.
@@ -184,9 +193,14 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         Mixture weights p(c) (float64).
     means_ : ndarray of shape (n_components, d_T)
         Component means.
-    covariances_ : ndarray of shape (n_components, d_T)
-        Component variances (diagonal covariances, as GaussianMixture's
-        ``covariance_type='diag'``).
+    covariances_ : ndarray of shape (n_components, d_T, d_T) or (n_components, d_T)
+        Component covariances ('full'), or variances ('diag'), as
+        GaussianMixture's for its ``covariance_type``.
+    precisions_cholesky_ : ndarray of shape (n_components, d_T, d_T) or (n_components, d_T)
+        'full': the prior's factors P_c, lower triangular with a positive
+        diagonal, precision P_c P_c^T (GaussianMixture's factor is the upper
+        triangular one with the same product A A^T); 'diag': 1 / standard
+        deviations, as GaussianMixture's.
     model_, history_, n_iter_, best_epoch_, n_features_in_, feature_names_in_
         As in HierarchicalVAE; ``history_`` holds the final stage's epochs
         of the kept restart.
@@ -225,7 +239,8 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     def __init__(self, n_components=10, *, latent_dims=(10,), hidden_dims=(256, 256),
                  likelihood="gaussian", activation="relu", decoder_variance="learned",
                  n_epochs=50, pretrain_epochs=20, pretrain_beta=0.01,
-                 init_covariance_type="full", init_params="tsne", n_init=1,
+                 covariance_type="full", init_covariance_type="full", init_params="tsne",
+                 n_init=1,
                  batch_size=100, learning_rate=2e-3, prior_learning_rate=2e-4, optimizer="adam", beta=1.0,
                  weight_decay=0.0, shuffle=True, warm_start=False, random_state=None,
                  n_threads=None, verbose=0, validation_fraction=None, early_stopping=False,
@@ -241,6 +256,7 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         self.n_epochs = n_epochs
         self.pretrain_epochs = pretrain_epochs
         self.pretrain_beta = pretrain_beta
+        self.covariance_type = covariance_type
         self.init_covariance_type = init_covariance_type
         self.init_params = init_params
         self.n_init = n_init
@@ -268,9 +284,18 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         self.free_bits = free_bits
         self.markov_kl = markov_kl
 
+    @property
+    def prior_covariance_type(self):
+        """HierarchicalVAE's name of ``covariance_type`` (read by its
+        parameter table and by the stages)."""
+        return self.covariance_type
+
     # ---- fitting -------------------------------------------------------------
 
     def _validate_vade(self):
+        # Checked first, under its own name (the table checks it again as
+        # HierarchicalVAE's prior_covariance_type).
+        OneOf(COVARIANCE_TYPES)("covariance_type", self.covariance_type)
         params = validate_parameters(self)
         for name, constraint in _VADE_CONSTRAINTS.items():
             params[name] = constraint(name, getattr(self, name))
@@ -340,7 +365,8 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         stage, from one seed."""
         quiet = dict(random_state=seed, warm_start=False, validation_fraction=None,
                      early_stopping=False, callbacks=None)
-        pre = self._stage(prior="standard", n_epochs=self.pretrain_epochs,
+        pre = self._stage(prior="standard", prior_covariance_type="diag",
+                          n_epochs=self.pretrain_epochs,
                           beta=self.pretrain_beta, kl_warmup_epochs=0, **quiet).fit(X)
         run = self._stage(n_epochs=0, **quiet).fit(X)
         offset = run.model_.prior_offset
@@ -348,11 +374,10 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         mu, logvar = (a.astype(np.float64) for a in pre.model_.encode(X)[-1])
         rows, resp = _initial_clusters(mu, self.n_components, self.init_params,
                                        self.init_covariance_type, seed, self.n_threads)
-        pi_logits, means, log_variances = _mixture_init(mu[rows], logvar[rows], resp)
+        init = _mixture_init(mu[rows], logvar[rows], resp, self.covariance_type)
         tensors = dict(run.model_.named_parameters())
-        tensors["prior.pi_logits"][...] = pi_logits
-        tensors["prior.mu"][...] = means
-        tensors["prior.logvar"][...] = log_variances
+        for name, value in init.items():
+            tensors[name][...] = value
         run.set_params(n_epochs=self.n_epochs, warm_start=True,
                        validation_fraction=self.validation_fraction,
                        early_stopping=self.early_stopping, callbacks=self.callbacks)
@@ -447,8 +472,12 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         if not isinstance(component, numbers.Integral) or not 0 <= component < K:
             raise ValueError(f"component must be an int in [0, {K}); got {component!r}")
         rng = check_random_state(random_state)
-        std = np.sqrt(self.covariances_[component])
-        z = self.means_[component] + std * rng.standard_normal((int(n_samples), std.size))
+        eps = rng.standard_normal((int(n_samples), self.means_.shape[1]))
+        factor = self.precisions_cholesky_[component]
+        if factor.ndim == 1:  # 'diag': 1 / std
+            z = self.means_[component] + eps / factor
+        else:  # z = mu + x, P^T x = eps: Cov(x) = (P P^T)^-1
+            z = self.means_[component] + solve_triangular(factor.T, eps.T, lower=False).T
         return self.model_.sample_top(z.astype(np.float32),
                                       seed=int(rng.randint(np.iinfo(np.int32).max)),
                                       observation_noise=bool(observation_noise))
@@ -469,7 +498,21 @@ class VaDE(ClusterMixin, HierarchicalVAE):
 
     @property
     def covariances_(self):
-        return np.exp(self._prior_tensor("prior.logvar"))
+        factor = self.precisions_cholesky_
+        if factor.ndim == 2:
+            return factor ** -2.0
+        eye = np.eye(factor.shape[1])
+        inverse = np.stack([solve_triangular(p, eye, lower=True) for p in factor])
+        return np.einsum("kji,kjl->kil", inverse, inverse)  # P^-T P^-1
+
+    @property
+    def precisions_cholesky_(self):
+        check_is_fitted(self)
+        if self.model_.prior_covariance_type == "diag":
+            return np.exp(-0.5 * self._prior_tensor("prior.logvar"))
+        tensors = dict(self.model_.named_parameters())
+        return precision_factor(tensors["prior.prec_log_diag"],
+                                tensors.get("prior.prec_lower"))
 
 
 def _initial_clusters(mu, n_components, init_params, covariance_type, seed, n_threads):
@@ -511,28 +554,97 @@ def _initial_clusters(mu, n_components, init_params, covariance_type, seed, n_th
     return rows, mixture.predict_proba(features)
 
 
-def _mixture_init(mu, logvar, resp):
-    """The mixture prior's initial tensors from the pretrained codes and
-    their initial clusters.
+def _mixture_init(mu, logvar, resp, prior_covariance_type="diag"):
+    """The mixture prior's initial tensors, by name, from the pretrained
+    codes mu, shape (n, d), and their initial clusters' responsibilities
+    resp, shape (n, K) ('full' components by ``_full_moments``).
 
-    Each component's diagonal Gaussian is matched to the codes mu, shape
-    (n, d), it holds, weighted by the responsibilities resp, shape (n, K):
-    weight sum_n r_nc / n, mean the weighted mean of mu, variance the
-    weighted variance of mu plus the weighted mean of the posteriors'
-    variances exp(logvar) (moment matching: Var = Var(means) + E[variance],
-    which keeps a component as wide as the codes it holds, about N(0, 1)
-    on an inactive unit, rather than the near-zero spread of its means).
+    A diagonal component is matched to the codes it holds, weighted by the
+    responsibilities r: weight sum_n r_nc / n, mean the weighted mean of
+    mu, variance the weighted variance of mu plus the weighted mean of the
+    posteriors' variances exp(logvar) (moment matching: Var = Var(means) +
+    E[variance], which keeps a component as wide as the codes it holds,
+    about N(0, 1) on an inactive unit, rather than the near-zero spread of
+    its means).
 
     Returns
     -------
-    pi_logits : ndarray of shape (K,)
-    means, log_variances : ndarrays of shape (K, d)
+    tensors : dict of str to ndarray
+        'diag': "prior.pi_logits" (n_components,), "prior.mu" and
+        "prior.logvar" (n_components, d).
     """
+    if prior_covariance_type == "full":
+        return _full_moments(mu, logvar, resp)
     counts = np.maximum(resp.sum(axis=0), 1e-12)
     means = resp.T @ mu / counts[:, None]
     spread = resp.T @ (mu ** 2 + np.exp(logvar)) / counts[:, None] - means ** 2
     # GaussianMixture's reg_covar keeps a variance positive in a tight component.
-    return np.log(counts / counts.sum()), means, np.log(np.maximum(spread, 0.0) + 1e-6)
+    return {"prior.pi_logits": np.log(counts / counts.sum()), "prior.mu": means,
+            "prior.logvar": np.log(np.maximum(spread, 0.0) + 1e-6)}
+
+
+def _full_moments(mu, logvar, resp, reg_covar=1e-6):
+    """The full-covariance prior's tensors matched to the codes of each
+    cluster: with responsibilities resp (n, K), component c's weight is
+    sum_n r_nc / n, its mean m_c the weighted mean of the posterior means mu
+    (n, d), and its covariance
+
+        Sigma_c = sum_n r_nc [(mu_n - m_c)(mu_n - m_c)^T + diag(exp(logvar_n))] / N_c
+                  + reg_covar I,
+
+    the law of total covariance over q(z | x_n) (the codes' spread plus
+    their posteriors' own; reg_covar as GaussianMixture's). The precision
+    Sigma_c^-1 = P_c P_c^T gives the tensors: its Cholesky factor P_c's log
+    diagonal and strictly-lower entries, packed row by row.
+
+    Returns
+    -------
+    tensors : dict of str to ndarray
+        "prior.pi_logits" (K,), "prior.mu" (K, d), "prior.prec_log_diag"
+        (K, d) and, when d > 1, "prior.prec_lower" (K, d (d - 1) / 2).
+    """
+    n, d = mu.shape
+    counts = np.maximum(resp.sum(axis=0), 1e-12)
+    means = resp.T @ mu / counts[:, None]
+    log_diag, lower = [], []
+    rows, cols = np.tril_indices(d, -1)
+    for c in range(resp.shape[1]):
+        centred = mu - means[c]
+        cov = (resp[:, c, None] * centred).T @ centred / counts[c]
+        cov += np.diag(resp[:, c] @ np.exp(logvar) / counts[c] + reg_covar)
+        factor = np.linalg.cholesky(np.linalg.inv(cov))
+        log_diag.append(np.log(np.diag(factor)))
+        lower.append(factor[rows, cols])
+    tensors = {"prior.pi_logits": np.log(counts / counts.sum()), "prior.mu": means,
+               "prior.prec_log_diag": np.array(log_diag)}
+    if d > 1:
+        tensors["prior.prec_lower"] = np.array(lower)
+    return tensors
+
+
+def precision_factor(log_diag, lower=None):
+    """The full-covariance prior's factors P (K, d, d), lower triangular,
+    from its tensors: log_diag (K, d), log P_jj; lower (K, d (d - 1) / 2),
+    the strictly-lower P_ij packed row by row (None when d = 1). The
+    component's precision is P P^T.
+
+    Parameters
+    ----------
+    log_diag : array-like of shape (K, d)
+    lower : array-like of shape (K, d (d - 1) / 2) or None
+
+    Returns
+    -------
+    P : ndarray of shape (K, d, d), float64
+    """
+    log_diag = np.asarray(log_diag, dtype=np.float64)
+    K, d = log_diag.shape
+    P = np.zeros((K, d, d))
+    P[:, np.arange(d), np.arange(d)] = np.exp(log_diag)
+    if d > 1:
+        rows, cols = np.tril_indices(d, -1)
+        P[:, rows, cols] = np.asarray(lower, dtype=np.float64)
+    return P
 
 
 def _check_labels(labels, model):
@@ -550,5 +662,7 @@ def _validate_for_file(estimator):
     return _model_options(validate_parameters(estimator))
 
 
+# Files written before covariance_type hold diagonal models.
 register_estimator(VaDE, history_keys=HISTORY_KEYS, validation_keys=VALIDATION_KEYS,
-                   validate=_validate_for_file, attribute_checks={"labels_": _check_labels})
+                   validate=_validate_for_file, attribute_checks={"labels_": _check_labels},
+                   params_before={"covariance_type": "diag"})

@@ -35,7 +35,7 @@ from .file_format import register_estimator
 #: are unchanged.
 _MODEL_OPTIONS = ("latent_dims", "hidden_dims", "likelihood", "activation",
                   "decoder_variance", "inference", "markov_kl", "prior", "n_components",
-                  "n_pseudo_inputs", "discriminator_hidden")
+                  "n_pseudo_inputs", "discriminator_hidden", "prior_covariance_type")
 #: The Model options latent_types and n_categories make, as Model reports them.
 _LATENT_OPTIONS = ("latent_family", "n_categories")
 
@@ -281,7 +281,8 @@ default='auto'
     prior : {'standard', 'gmm', 'vamp', 'density_ratio'}, default='standard'
         p(z_T), the top layer's prior. 'standard': N(0, I). 'gmm': a mixture
         of ``n_components`` diagonal Gaussians, p(c) = softmax(pi_logits),
-        p(z_T | c) = N(mu_c, diag(exp(logvar_c))), all learned, with VaDE's
+        p(z_T | c) = N(mu_c, diag(exp(logvar_c))) (full covariances with
+        ``prior_covariance_type='full'``), all learned, with VaDE's
         ELBO term (Jiang et al. 2017; see csrc/prior_gmm.c): the model
         embeds, generates and clusters, its tensors ``prior.pi_logits``,
         ``prior.mu``, ``prior.logvar`` in ``model_.named_parameters()``.
@@ -313,6 +314,18 @@ default='auto'
     n_components : int, default=1
         Components K of the 'gmm' prior; ignored by 'standard'. Part of the
         model.
+    prior_covariance_type : {'diag', 'full'}, default='diag'
+        Covariance of the 'gmm' prior's components (GaussianMixture's
+        ``covariance_type``): 'diag', N(mu_c, diag(exp(logvar_c))); 'full',
+        N(mu_c, Sigma_c) with Sigma_c^-1 = P_c P_c^T, P_c lower triangular
+        with a positive diagonal (the precision's Cholesky factor, as
+        GaussianMixture's ``precisions_cholesky_``), learned as the tensors
+        ``prior.prec_log_diag`` (n_components, d_T), log P_jj, and
+        ``prior.prec_lower`` (n_components, d_T (d_T - 1) / 2), the
+        strictly-lower entries packed row by row (absent when d_T = 1);
+        initialised to identity precisions. Same ELBO term and estimator as
+        'diag' (see csrc/prior_gmm_full.c); O(K d_T^2) work per row, d_T at
+        most 512. 'full' needs ``prior='gmm'``. Part of the model.
     prior_learning_rate : float or None, default=None
         Step size of the prior's own tensors (the 'gmm' mixture), None for
         ``learning_rate``: VaDE trains its mixture at its own rate.
@@ -434,8 +447,8 @@ default='auto'
                  markov_kl="sampled", latent_types="gaussian", n_categories=10,
                  temperature=1.0, temperature_min=0.5, temperature_decay=3e-5,
                  straight_through=False, gradient_estimator="auto", score_baseline="auto",
-                 prior="standard", n_components=1, prior_learning_rate=None,
-                 n_pseudo_inputs=500, tc_weight=0.0, tcvae_weights=None,
+                 prior="standard", n_components=1, prior_covariance_type="diag",
+                 prior_learning_rate=None, n_pseudo_inputs=500, tc_weight=0.0, tcvae_weights=None,
                  discriminator_hidden=(256, 256), discriminator_learning_rate=1e-4,
                  discriminator_betas=(0.5, 0.9)):
         self.latent_dims = latent_dims
@@ -478,6 +491,7 @@ default='auto'
         self.score_baseline = score_baseline
         self.prior = prior
         self.n_components = n_components
+        self.prior_covariance_type = prior_covariance_type
         self.prior_learning_rate = prior_learning_rate
         self.n_pseudo_inputs = n_pseudo_inputs
         self.tc_weight = tc_weight
@@ -705,6 +719,7 @@ default='auto'
                              "differs from the parameters' now (latent_dims, hidden_dims, "
                              "likelihood, activation, decoder_variance, inference, "
                              "markov_kl, latent_types, n_categories, prior, n_components, "
+                             "prior_covariance_type, "
                              "n_pseudo_inputs, the discriminator (tc_weight > 0 or not, "
                              "discriminator_hidden) or conditional); call fit to train a "
                              "new model")

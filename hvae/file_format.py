@@ -136,6 +136,7 @@ class _EstimatorSpec(NamedTuple):
     history_keys: tuple
     validation_keys: tuple
     attribute_checks: dict = {}
+    params_before: dict = {}
 
 
 # Loadable estimator classes by name. The estimator module registers its
@@ -144,7 +145,7 @@ _ESTIMATORS = {}
 
 
 def register_estimator(cls, *, validate, history_keys, validation_keys=(),
-                       attribute_checks=None):
+                       attribute_checks=None, params_before=None):
     """Make ``cls`` savable and loadable.
 
     Parameters
@@ -165,10 +166,15 @@ def register_estimator(cls, *, validate, history_keys, validation_keys=(),
         Fitted attributes of the class beyond those above (``labels_`` of a
         clusterer), each with ``check(value, model)`` that returns None when
         the value is valid for the model and otherwise a message.
+    params_before : dict or None
+        Parameters added after files of the class were first written, each
+        with the value that such a file's model has (rather than the
+        parameter's default, which may describe another model).
     """
     _ESTIMATORS[cls.__name__] = _EstimatorSpec(cls, validate, tuple(history_keys),
                                                tuple(validation_keys),
-                                               dict(attribute_checks or {}))
+                                               dict(attribute_checks or {}),
+                                               dict(params_before or {}))
 
 
 class _Unencodable(TypeError):
@@ -485,7 +491,7 @@ def _check_model_arguments(arguments, n_params):
              f"model discriminator_hidden must be None or a tuple of positive ints; "
              f"got {value!r:.100}")
     for key in ("likelihood", "activation", "decoder_variance", "inference", "markov_kl",
-                "prior"):
+                "prior", "prior_covariance_type"):
         if key in arguments:
             _require(isinstance(arguments[key], str),
                      f"model {key} must be a string; got {arguments[key]!r:.100}")
@@ -504,7 +510,7 @@ def _check_model_arguments(arguments, n_params):
                  f"model n_categories must be a tuple of {n_layers} ints in [0, n_params]; "
                  f"got {K!r:.100}")
     if "n_components" in arguments:
-        # A mixture prior holds 1 + 2 d_T floats per component.
+        # A mixture prior holds at least 1 + 2 d_T floats per component.
         _check_int(arguments["n_components"], "model n_components", 1, max(n_params, 1))
     if "n_pseudo_inputs" in arguments:
         # The VampPrior's (K, n_features) pseudo-inputs are among the parameters.
@@ -935,6 +941,7 @@ def _read_estimator_fields(metadata, arrays, model, spec):
     attributes = _decode(metadata["attributes"], arrays)
     if not isinstance(params, dict) or not isinstance(attributes, dict):
         raise _Damaged("the metadata's 'params' or 'attributes' is not an object")
+    params = {**spec.params_before, **params}
     unknown = set(params) - _argument_names(spec.cls)
     if unknown:
         raise ValueError(f"the estimator uses parameters this hvae ({__version__}) does not "

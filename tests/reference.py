@@ -22,6 +22,11 @@ Model (x = z_0 in R^D, latent layers z_1..z_T of sizes d_1..d_T):
   tensors prior.pi_logits (K,), prior.mu (K, d_T), prior.logvar (K, d_T);
   the top layer's term sum_c gamma_c [KL(q || N(mu_c, var_c)) + log gamma_c
   - log p(c)] with gamma_c = p(c | z_T) at the sampled z_T (see gmm_term).
+  With prior_covariance_type="full", N(mu_c, Lambda_c^-1), the precision
+  Lambda_c = P_c P_c^T from tensors prior.prec_log_diag (K, d_T), log of
+  P_c's diagonal, and prior.prec_lower (K, d_T (d_T - 1) / 2), its
+  strictly-lower entries row by row (see gmm_precisions); the densities and
+  KLs are written with the matrices (slogdet, traces), not with P.
 
 Categorical layers (``Config.latent_families``): layer i holds M_i =
 latent_dims[i] variables of K_i = n_categories[i] classes, z_i of M_i * K_i
@@ -171,6 +176,7 @@ class Config:
     n_categories: tuple = ()      # per layer, K for categorical layers
     prior: str = "standard"
     n_components: int = 1
+    prior_covariance_type: str = "diag"
 
     @property
     def n_layers(self):
@@ -198,6 +204,8 @@ class Config:
                     markov_kl=self.markov_kl,
                     prior=self.prior,
                     n_components=self.n_components,
+                    **(dict(prior_covariance_type=self.prior_covariance_type)
+                       if self.prior_covariance_type != "diag" else {}),
                     **(dict(latent_family=tuple(self.latent_families),
                             n_categories=tuple(self.n_categories))
                        if self.latent_families else {}))
@@ -240,7 +248,13 @@ def parameter_shapes(cfg):
                                 tuple(reversed(cfg.hidden_dims)), heads, cfg.n_conditions)
     if cfg.prior == "gmm":
         K, d = cfg.n_components, dims[-1]
-        shapes += [("prior.pi_logits", (K,)), ("prior.mu", (K, d)), ("prior.logvar", (K, d))]
+        shapes += [("prior.pi_logits", (K,)), ("prior.mu", (K, d))]
+        if cfg.prior_covariance_type == "full":
+            shapes.append(("prior.prec_log_diag", (K, d)))
+            if d > 1:
+                shapes.append(("prior.prec_lower", (K, d * (d - 1) // 2)))
+        else:
+            shapes.append(("prior.logvar", (K, d)))
     return shapes
 
 
@@ -355,10 +369,40 @@ def _logsumexp(a, axis):
     return np.squeeze(top, axis) + np.log(np.sum(np.exp(a - top), axis=axis))
 
 
+def gmm_precisions(params):
+    """The full-covariance mixture's precisions Lambda_c = P_c P_c^T,
+    shape (K, d, d), P_c lower triangular from its tensors."""
+    log_diag = params["prior.prec_log_diag"]
+    K, d = log_diag.shape
+    P = np.zeros((K, d, d), dtype=log_diag.dtype)
+    for c in range(K):
+        P[c][np.diag_indices(d)] = np.exp(log_diag[c])
+        if d > 1:
+            P[c][np.tril_indices(d, -1)] = params["prior.prec_lower"][c]
+    return P @ np.transpose(P, (0, 2, 1))
+
+
+def gaussian_kl_full(mu_q, logvar_q, mu_p, precision):
+    """Per-row KL(N(mu_q, diag exp(logvar_q)) || N(mu_p, precision^-1))."""
+    d = mu_q.shape[1]
+    u = mu_q - mu_p
+    trace = np.exp(logvar_q) @ np.diag(precision)
+    quad = np.einsum("ni,ij,nj->n", u, precision, u)
+    return 0.5 * (trace + quad - d - np.linalg.slogdet(precision)[1]
+                  - np.sum(logvar_q, axis=1))
+
+
 def gmm_log_joint(params, z):
     """l_c = log p(c) + log N(z; mu_c, var_c), shape (n, K)."""
     logits = params["prior.pi_logits"]
     log_pi = logits - _logsumexp(logits, 0)
+    if "prior.prec_log_diag" in params:
+        mu, d = params["prior.mu"], z.shape[1]
+        lam = gmm_precisions(params)
+        diff = z[:, None, :] - mu[None]
+        log_n = 0.5 * (-d * LOG_2PI + np.linalg.slogdet(lam)[1][None]
+                       - np.einsum("nki,kij,nkj->nk", diff, lam, diff))
+        return log_pi[None] + log_n, log_pi
     mu, logvar = params["prior.mu"], params["prior.logvar"]
     log_n = -0.5 * np.sum(LOG_2PI + logvar[None] + (z[:, None, :] - mu[None]) ** 2
                           * np.exp(-logvar[None]), axis=2)
@@ -375,6 +419,11 @@ def gmm_term(params, mu_q, logvar_q, z, eps, sampled=False):
     if sampled:
         return gaussian_loglik(z, mu_q, logvar_q) - lse
     log_gamma = l - lse[:, None]
+    if "prior.prec_log_diag" in params:
+        lam = gmm_precisions(params)
+        kl = np.stack([gaussian_kl_full(mu_q, logvar_q, params["prior.mu"][c], lam[c])
+                       for c in range(l.shape[1])], axis=1)
+        return np.sum(np.exp(log_gamma) * (kl + log_gamma - log_pi[None]), axis=1)
     kl = np.stack([gaussian_kl(mu_q, logvar_q, params["prior.mu"][c], params["prior.logvar"][c])
                    for c in range(l.shape[1])], axis=1)
     return np.sum(np.exp(log_gamma) * (kl + log_gamma - log_pi[None]), axis=1)

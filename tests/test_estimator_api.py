@@ -28,11 +28,13 @@ CHOICES = {
     "gradient_estimator": _core.GRADIENT_ESTIMATORS,
     "score_baseline": _core.SCORE_BASELINES,
     "prior": _core.PRIORS,
+    "prior_covariance_type": _core.COVARIANCE_TYPES,
 }
 #: The settings a choice needs to be usable at all (Gumbel-softmax relaxes a
 #: categorical layer).
 NEEDS = {("gradient_estimator", "gumbel_softmax"): dict(latent_types="categorical",
-                                                        n_categories=3)}
+                                                        n_categories=3),
+         ("prior_covariance_type", "full"): dict(prior="gmm", n_components=2)}
 
 
 def init_parameters(cls):

@@ -188,6 +188,21 @@ static void test_invalid_configs(void)
     c = ok; c.prior = HVAE_PRIOR_COUNT;
     CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
     CHECK(m == NULL);
+    /* Full covariances: the mixture prior's only, a known kind, a top layer
+     * within HVAE_MAX_FULL_COVARIANCE_DIM. */
+    c = ok; c.prior_covariance = HVAE_COVARIANCE_FULL;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    c = ok; c.prior = HVAE_PRIOR_GMM; c.prior_covariance = HVAE_COVARIANCE_COUNT;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    {
+        int64_t wide[2] = {3, HVAE_MAX_FULL_COVARIANCE_DIM + 1};
+        c = ok; c.latent_dims = wide; c.prior = HVAE_PRIOR_GMM;
+        c.prior_covariance = HVAE_COVARIANCE_FULL;
+        CHECK_STATUS(hvae_model_create(&c, &m), HVAE_ERR_INVALID_ARGUMENT);
+    }
+    CHECK(m == NULL);
+    CHECK(strcmp(hvae_covariance_type_name(HVAE_COVARIANCE_FULL), "full") == 0);
+    CHECK(hvae_covariance_type_name(HVAE_COVARIANCE_COUNT) == NULL);
 
     /* Destructors accept NULL. */
     hvae_model_free(NULL);
@@ -1007,16 +1022,17 @@ static void test_variants(void)
 {
     current_test = "variants";
     /* Ladder inference, a conditional model, the IWAE objective and the
-     * mixture prior (variants 4, 5): every entry point once, results
-     * finite, training runs. */
+     * mixture prior (variants 4, 5; with full covariances 6, 7): every
+     * entry point once, results finite, training runs. */
     const int64_t n = 10, D = 5, C = 2;
     int64_t latent[2] = {3, 2}, hidden[1] = {6};
-    for (int variant = 0; variant < 6; variant++) {
+    for (int variant = 0; variant < 8; variant++) {
         hvae_config cfg = hvae_config_default(D, 2, latent, 1, hidden);
         cfg.inference = variant & 1 ? HVAE_INFERENCE_LADDER : HVAE_INFERENCE_MARKOV;
         cfg.n_conditions = variant & 2 ? C : 0;
         cfg.prior = variant >= 4 ? HVAE_PRIOR_GMM : HVAE_PRIOR_NORMAL;
         cfg.n_components = 3;
+        cfg.prior_covariance = variant >= 6 ? HVAE_COVARIANCE_FULL : HVAE_COVARIANCE_DIAG;
         hvae_model *m = NULL;
         hvae_workspace *ws = NULL;
         hvae_optimizer *opt = NULL;
@@ -1065,8 +1081,8 @@ static void test_variants(void)
         hvae_rng_seed(&rng, 3);
         hvae_train_options to = hvae_train_options_default();
         to.batch_size = 2;
-        to.objective.objective = variant == 3 || variant == 5 ? HVAE_OBJECTIVE_IWAE
-                                                             : HVAE_OBJECTIVE_ELBO;
+        to.objective.objective = variant & 1 && variant >= 3 ? HVAE_OBJECTIVE_IWAE
+                                                            : HVAE_OBJECTIVE_ELBO;
         if (variant >= 4)
             CHECK_STATUS(hvae_optimizer_set_lr_scale(opt, hvae_model_prior_offset(m),
                                                      hvae_model_n_params(m), 0.1f), HVAE_OK);
