@@ -64,6 +64,10 @@ typedef struct {
      * at a->z into gamma (B, K). */
     int64_t (*n_components)(const hvae_config *config);
     void (*responsibilities)(double *gamma, const hvae_prior_args *a);
+    /* Optional: constant data of the table, for operations shared by
+     * several tables (the mixture's component formulas, prior_mixture.h),
+     * read through a->model->prior. */
+    const void *data;
 } hvae_prior_ops;
 
 /* What a latent family's operations see of one call: B rows of d columns

@@ -158,33 +158,14 @@ static void gmm_init(const hvae_config *config, float *params, hvae_rng *rng)
         params[K + K * d + k] = 0.0f;
 }
 
-static void gmm_term_forward(double *term, const hvae_prior_args *a, int closed_form)
-{
-    hvae_mixture_term_forward(&diagonal, term, a, closed_form);
-}
-
-static void gmm_term_backward(const hvae_prior_args *a, float scale, int closed_form)
-{
-    hvae_mixture_term_backward(&diagonal, a, scale, closed_form);
-}
-
-static void gmm_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
-{
-    hvae_mixture_sample(&diagonal, z, a, rng);
-}
-
-static void gmm_responsibilities(double *gamma, const hvae_prior_args *a)
-{
-    hvae_mixture_responsibilities(&diagonal, gamma, a);
-}
-
 const hvae_prior_ops hvae_prior_gmm = {
     .n_tensors = gmm_n_tensors,
     .tensor = gmm_tensor,
     .init = gmm_init,
-    .term_forward = gmm_term_forward,
-    .term_backward = gmm_term_backward,
-    .sample = gmm_sample,
+    .term_forward = hvae_mixture_term_forward,
+    .term_backward = hvae_mixture_term_backward,
+    .sample = hvae_mixture_sample,
     .n_components = hvae_mixture_n_components,
-    .responsibilities = gmm_responsibilities,
+    .responsibilities = hvae_mixture_responsibilities,
+    .data = &diagonal,
 };

@@ -247,34 +247,15 @@ static void full_init(const hvae_config *config, float *params, hvae_rng *rng)
         params[K + K * d + k] = 0.0f;
 }
 
-static void full_term_forward(double *term, const hvae_prior_args *a, int closed_form)
-{
-    hvae_mixture_term_forward(&full, term, a, closed_form);
-}
-
-static void full_term_backward(const hvae_prior_args *a, float scale, int closed_form)
-{
-    hvae_mixture_term_backward(&full, a, scale, closed_form);
-}
-
-static void full_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
-{
-    hvae_mixture_sample(&full, z, a, rng);
-}
-
-static void full_responsibilities(double *gamma, const hvae_prior_args *a)
-{
-    hvae_mixture_responsibilities(&full, gamma, a);
-}
-
 const hvae_prior_ops hvae_prior_gmm_full = {
     .check_config = full_check_config,
     .n_tensors = full_n_tensors,
     .tensor = full_tensor,
     .init = full_init,
-    .term_forward = full_term_forward,
-    .term_backward = full_term_backward,
-    .sample = full_sample,
+    .term_forward = hvae_mixture_term_forward,
+    .term_backward = hvae_mixture_term_backward,
+    .sample = hvae_mixture_sample,
     .n_components = hvae_mixture_n_components,
-    .responsibilities = full_responsibilities,
+    .responsibilities = hvae_mixture_responsibilities,
+    .data = &full,
 };

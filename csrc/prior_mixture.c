@@ -13,11 +13,12 @@
 
 #include <math.h>
 
-hvae_mixture hvae_mixture_view(const hvae_mixture_component_ops *ops, const hvae_prior_args *a,
-                               int grad)
+/* The mixture at a's tensors (with their gradients when grad); its
+ * component formulas are the model's prior table's data. */
+static hvae_mixture view_of(const hvae_prior_args *a, int grad)
 {
     hvae_mixture g;
-    g.ops = ops;
+    g.ops = a->model ? a->model->prior->data : NULL;
     g.K = a->model ? hvae_model_n_components(a->model) : 0;
     g.d = a->d;
     g.pi_logits = a->params + a->offset;
@@ -90,10 +91,9 @@ static double row_log_q(const float *eps, const float *lv_q, int64_t d)
     return -0.5 * sum;
 }
 
-void hvae_mixture_term_forward(const hvae_mixture_component_ops *ops, double *term,
-                               const hvae_prior_args *a, int closed_form)
+void hvae_mixture_term_forward(double *term, const hvae_prior_args *a, int closed_form)
 {
-    hvae_mixture g = hvae_mixture_view(ops, a, 0);
+    hvae_mixture g = view_of(a, 0);
     int64_t d = a->d;
     for (int64_t b = 0; b < a->B; b++) {
         const float *z = a->z + b * d, *lv_q = a->lv_q + b * d;
@@ -103,10 +103,10 @@ void hvae_mixture_term_forward(const hvae_mixture_component_ops *ops, double *te
     }
 }
 
-void hvae_mixture_term_backward(const hvae_mixture_component_ops *ops, const hvae_prior_args *a,
-                                float scale, int closed_form)
+void hvae_mixture_term_backward(const hvae_prior_args *a, float scale, int closed_form)
 {
-    hvae_mixture g0 = hvae_mixture_view(ops, a, 1);
+    hvae_mixture g0 = view_of(a, 1);
+    const hvae_mixture_component_ops *ops = g0.ops;
     int64_t d = a->d;
     for (int64_t b = 0; b < a->B; b++) {
         /* Row weights (IWAE) reach the prior's tensors here; the model
@@ -147,10 +147,9 @@ void hvae_mixture_term_backward(const hvae_mixture_component_ops *ops, const hva
     }
 }
 
-void hvae_mixture_sample(const hvae_mixture_component_ops *ops, float *z,
-                         const hvae_prior_args *a, hvae_rng *rng)
+void hvae_mixture_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
 {
-    hvae_mixture g = hvae_mixture_view(ops, a, 0);
+    hvae_mixture g = view_of(a, 0);
     for (int64_t b = 0; b < a->B; b++) {
         /* c by inversion of the cumulative weights. */
         double u = hvae_rng_uniform_float(rng), cum = 0.0;
@@ -162,18 +161,17 @@ void hvae_mixture_sample(const hvae_mixture_component_ops *ops, float *z,
                 break;
             }
         }
-        ops->sample(&g, z + b * a->d, c, rng);
+        g.ops->sample(&g, z + b * a->d, c, rng);
     }
 }
 
-void hvae_mixture_responsibilities(const hvae_mixture_component_ops *ops, double *gamma,
-                                   const hvae_prior_args *a)
+void hvae_mixture_responsibilities(double *gamma, const hvae_prior_args *a)
 {
-    hvae_mixture g = hvae_mixture_view(ops, a, 0);
+    hvae_mixture g = view_of(a, 0);
     for (int64_t b = 0; b < a->B; b++) {
         const float *z = a->z + b * a->d;
         double lse = log_marginal(&g, z);
         for (int64_t c = 0; c < g.K; c++)
-            gamma[b * g.K + c] = exp(log_weight(&g, c) + ops->log_density(&g, z, c) - lse);
+            gamma[b * g.K + c] = exp(log_weight(&g, c) + g.ops->log_density(&g, z, c) - lse);
     }
 }

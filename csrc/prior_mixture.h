@@ -59,19 +59,12 @@ struct hvae_mixture {
     double row_weight;           /* multiplies the prior's gradients */
 };
 
-/* The mixture at a's tensors (with their gradients when grad). */
-hvae_mixture hvae_mixture_view(const hvae_mixture_component_ops *ops, const hvae_prior_args *a,
-                               int grad);
-
-/* The hvae_prior_ops operations of a mixture of `ops` components. */
-void hvae_mixture_term_forward(const hvae_mixture_component_ops *ops, double *term,
-                               const hvae_prior_args *a, int closed_form);
-void hvae_mixture_term_backward(const hvae_mixture_component_ops *ops, const hvae_prior_args *a,
-                                float scale, int closed_form);
-void hvae_mixture_sample(const hvae_mixture_component_ops *ops, float *z,
-                         const hvae_prior_args *a, hvae_rng *rng);
-void hvae_mixture_responsibilities(const hvae_mixture_component_ops *ops, double *gamma,
-                                   const hvae_prior_args *a);
+/* The hvae_prior_ops operations of a mixture prior, the same for every
+ * component family: the table's `data` is its hvae_mixture_component_ops. */
+void hvae_mixture_term_forward(double *term, const hvae_prior_args *a, int closed_form);
+void hvae_mixture_term_backward(const hvae_prior_args *a, float scale, int closed_form);
+void hvae_mixture_sample(float *z, const hvae_prior_args *a, hvae_rng *rng);
+void hvae_mixture_responsibilities(double *gamma, const hvae_prior_args *a);
 /* hvae_config.n_components. */
 int64_t hvae_mixture_n_components(const hvae_config *config);
 /* Equal weights, means N(0, I) draws (so that the components differ);

@@ -44,11 +44,12 @@ class VaDE(ClusterMixin, HierarchicalVAE):
     Gaussians, so that one model embeds, generates and clusters.
 
     p(c) = softmax(pi_logits), p(z | c) = N(mu_c, Sigma_c) (Sigma_c full or
-    diagonal, ``covariance_type``), p(x | z) the decoder (z the top latent layer): the ELBO has VaDE's term
+    diagonal: ``covariance_type``), p(x | z) the decoder (z the top latent
+    layer): the ELBO has VaDE's term
     sum_c gamma_c [KL(q(z|x) || N(mu_c, Sigma_c)) + log gamma_c - log p(c)],
     gamma_c = p(c | z) at the sampled z, with gradients through gamma as in
-    the authors' code (see csrc/prior_gmm.c, csrc/prior_gmm_full.c). A row's cluster is
-    argmax_c q(c | x), computed in C at the posterior mean of z (so
+    the authors' code (see csrc/prior_gmm.c, csrc/prior_gmm_full.c). A
+    row's cluster is argmax_c q(c | x), computed in C at the posterior mean of z (so
     ``predict`` is deterministic; VaDE's own script reads gamma at a
     sampled z).
 
@@ -472,12 +473,13 @@ class VaDE(ClusterMixin, HierarchicalVAE):
         if not isinstance(component, numbers.Integral) or not 0 <= component < K:
             raise ValueError(f"component must be an int in [0, {K}); got {component!r}")
         rng = check_random_state(random_state)
-        eps = rng.standard_normal((int(n_samples), self.means_.shape[1]))
-        factor = self.precisions_cholesky_[component]
-        if factor.ndim == 1:  # 'diag': 1 / std
-            z = self.means_[component] + eps / factor
+        mean = self.means_[component]
+        eps = rng.standard_normal((int(n_samples), mean.size))
+        if self.model_.prior_covariance_type == "diag":
+            z = mean + np.sqrt(self.covariances_[component]) * eps
         else:  # z = mu + x, P^T x = eps: Cov(x) = (P P^T)^-1
-            z = self.means_[component] + solve_triangular(factor.T, eps.T, lower=False).T
+            P = self.precisions_cholesky_[component]
+            z = mean + solve_triangular(P.T, eps.T, lower=False).T
         return self.model_.sample_top(z.astype(np.float32),
                                       seed=int(rng.randint(np.iinfo(np.int32).max)),
                                       observation_noise=bool(observation_noise))
@@ -498,11 +500,12 @@ class VaDE(ClusterMixin, HierarchicalVAE):
 
     @property
     def covariances_(self):
-        factor = self.precisions_cholesky_
-        if factor.ndim == 2:
-            return factor ** -2.0
-        eye = np.eye(factor.shape[1])
-        inverse = np.stack([solve_triangular(p, eye, lower=True) for p in factor])
+        check_is_fitted(self)
+        if self.model_.prior_covariance_type == "diag":
+            return np.exp(self._prior_tensor("prior.logvar"))
+        eye = np.eye(self.means_.shape[1])
+        inverse = np.stack([solve_triangular(P, eye, lower=True)
+                            for P in self.precisions_cholesky_])
         return np.einsum("kji,kjl->kil", inverse, inverse)  # P^-T P^-1
 
     @property
@@ -603,7 +606,7 @@ def _full_moments(mu, logvar, resp, reg_covar=1e-6):
         "prior.pi_logits" (K,), "prior.mu" (K, d), "prior.prec_log_diag"
         (K, d) and, when d > 1, "prior.prec_lower" (K, d (d - 1) / 2).
     """
-    n, d = mu.shape
+    d = mu.shape[1]
     counts = np.maximum(resp.sum(axis=0), 1e-12)
     means = resp.T @ mu / counts[:, None]
     log_diag, lower = [], []
