@@ -172,8 +172,12 @@ static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
             out[i] = 0.0f;
         return;
     }
-    for (int64_t k0 = 0; k0 < n_in; k0 += RW_KC) {
-        int64_t kc = n_in - k0 < RW_KC ? n_in - k0 : RW_KC;
+    /* k blocks of equal length (784 = 4 x 196, not 3 x 256 + 16): a short
+     * last block would pay a tile's loads and stores for a few FMAs. */
+    int64_t n_kblocks = (n_in + RW_KC - 1) / RW_KC;
+    int64_t kblock = (n_in + n_kblocks - 1) / (n_kblocks > 0 ? n_kblocks : 1);
+    for (int64_t k0 = 0; k0 < n_in; k0 += kblock) {
+        int64_t kc = n_in - k0 < kblock ? n_in - k0 : kblock;
         int load_out = k0 > 0 || accumulate;
         for (int64_t b0 = 0; b0 < B; b0 += RW_MC) {
             int64_t b1 = B - b0 < RW_MC ? B : b0 + RW_MC;
@@ -183,10 +187,21 @@ static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                     _mm256_store_ps(panel + 16 * k, _mm256_loadu_ps(w + k * n_out));
                     _mm256_store_ps(panel + 16 * k + 8, _mm256_loadu_ps(w + k * n_out + 8));
                 }
+                /* The next panel's rows of W (the next 16 columns, or the
+                 * first 16 again for the next block of rows) are 64-byte
+                 * pieces n_out floats apart, a stride the hardware does not
+                 * prefetch across pages: ask for them while the tiles run. */
+                const float *next = weight + k0 * n_out + (j0 + RW_COLS < full_cols ? j0 + RW_COLS : 0);
+                int64_t n_tiles = (b1 - b0) / RW_TILE_ROWS;
+                int64_t per_tile = n_tiles > 0 ? (kc + n_tiles - 1) / n_tiles : 0;
+                int64_t pk = 0;
                 int64_t b = b0;
-                for (; b + RW_TILE_ROWS <= b1; b += RW_TILE_ROWS)
+                for (; b + RW_TILE_ROWS <= b1; b += RW_TILE_ROWS) {
+                    for (int64_t e = pk + per_tile; pk < e && pk < kc; pk++)
+                        _mm_prefetch((const char *)(next + pk * n_out), _MM_HINT_T1);
                     rowwise_tile6(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
                                   panel, kc, load_out);
+                }
                 for (; b < b1; b++)
                     rowwise_tile1(out + b * n_out + j0, inp + b * n_in + k0, panel, kc,
                                   load_out);
