@@ -574,6 +574,7 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->kl);
     free(ws->dx);
     free(ws->prior_rows);
+    hvae_packed_free(ws->packed);
     hvae_workspace_free(ws->prior_ws);
     free(ws);
 }
@@ -611,9 +612,10 @@ void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
         const hvae_dense_layer *L = &blk->layer[l];
         float *out = ws_act(ws, L->col);
         int64_t n_cond = L->n_in - L->n_data;
-        hvae_dense_cond_forward(out, in, n_cond ? cond : NULL, m->params + L->W,
-                                m->params + L->b, L->act, B, L->n_data, n_cond, L->n_out,
-                                rowwise);
+        hvae_dense_packed_forward(out, in, n_cond ? cond : NULL, m->params + L->W,
+                                  hvae_packed_layer(ws, blk, l, 0),
+                                  hvae_packed_layer(ws, blk, l, 1), m->params + L->b, L->act,
+                                  B, L->n_data, n_cond, L->n_out, rowwise);
         if (l < blk->n_hidden)
             in = out;
     }
@@ -1076,15 +1078,24 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
 
 /* ---- noise --------------------------------------------------------------- */
 
+/* A row's noise stream: FNV-1a over the row's bit patterns, mixed with the
+ * seed, then splitmix64. */
+static inline uint64_t row_hash_start(uint64_t seed)
+{
+    return 0xcbf29ce484222325ULL ^ seed;
+}
+static inline uint64_t row_hash_step(uint64_t h, float value)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return (h ^ bits) * 0x100000001b3ULL;
+}
+
 void hvae_row_rng(hvae_rng *rng, const float *row, int64_t D, uint64_t seed)
 {
-    /* FNV-1a over the row's bit patterns, mixed with the seed. */
-    uint64_t h = 0xcbf29ce484222325ULL ^ seed;
-    for (int64_t j = 0; j < D; j++) {
-        uint32_t bits;
-        memcpy(&bits, &row[j], sizeof bits);
-        h = (h ^ bits) * 0x100000001b3ULL;
-    }
+    uint64_t h = row_hash_start(seed);
+    for (int64_t j = 0; j < D; j++)
+        h = row_hash_step(h, row[j]);
     hvae_rng_seed(rng, hvae_splitmix64(&h));
 }
 
@@ -1105,17 +1116,36 @@ typedef struct {
     uint64_t noise_seed;
 } noise_args;
 
-/* Rows are hashed and drawn independently: split between the threads. */
+/* Rows are hashed and drawn independently: split between the threads.
+ * FNV-1a is one chain of dependent multiplies per row (about 4 cycles a
+ * pixel), so four rows' chains run side by side: the same hashes, in a
+ * quarter of the time. */
+#define NOISE_HASH_ROWS 4
 static void hashed_noise_part(void *ctx, int part, int n_parts)
 {
     const noise_args *a = ctx;
     int64_t D = a->m->config.n_features, lo, hi;
     hvae_split(a->B, part, n_parts, 1, &lo, &hi);
-    for (int64_t b = lo; b < hi; b++) {
-        hvae_rng rng;
-        hvae_row_rng(&rng, a->x + b * D, D, a->noise_seed);
-        for (int64_t s = 0; s < a->S; s++)
-            row_noise(a->m, a->ws, &rng, b * a->S + s);
+    for (int64_t b0 = lo; b0 < hi; b0 += NOISE_HASH_ROWS) {
+        int64_t rows = hi - b0 < NOISE_HASH_ROWS ? hi - b0 : NOISE_HASH_ROWS;
+        hvae_rng rng[NOISE_HASH_ROWS];
+        if (rows == NOISE_HASH_ROWS) {
+            uint64_t h[NOISE_HASH_ROWS];
+            const float *x = a->x + b0 * D;
+            for (int r = 0; r < NOISE_HASH_ROWS; r++)
+                h[r] = row_hash_start(a->noise_seed);
+            for (int64_t j = 0; j < D; j++)
+                for (int r = 0; r < NOISE_HASH_ROWS; r++)
+                    h[r] = row_hash_step(h[r], x[r * D + j]);
+            for (int r = 0; r < NOISE_HASH_ROWS; r++)
+                hvae_rng_seed(&rng[r], hvae_splitmix64(&h[r]));
+        } else {
+            for (int64_t r = 0; r < rows; r++)
+                hvae_row_rng(&rng[r], a->x + (b0 + r) * D, D, a->noise_seed);
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t s = 0; s < a->S; s++)
+                row_noise(a->m, a->ws, &rng[r], (b0 + r) * a->S + s);
     }
 }
 
@@ -1247,10 +1277,13 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
     int32_t T = m->config.n_layers;
     int64_t D = m->config.n_features, C = m->config.n_conditions;
     const float *noise[HVAE_MAX_LAYERS];
+    hvae_packed_begin(m, ws, n);
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        if (ws_stop(ws))
+        if (ws_stop(ws)) {
+            hvae_packed_end(ws);
             return HVAE_ERR_STOPPED;
+        }
         for (int32_t i = 0; eps && i < T; i++)
             noise[i] = eps[i] + r0 * m->latent_dims[i];
         elbo_args a = {m, ws, x + r0 * D, rows_of(cond, r0, C), eps ? noise : NULL, B,
@@ -1261,6 +1294,7 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
         else
             elbo_rows(&a, ws, 0, B);
     }
+    hvae_packed_end(ws);
     return HVAE_OK;
 }
 
@@ -1399,10 +1433,13 @@ static hvae_status encode(hvae_model *m, hvae_workspace *ws, const float *x,
     hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK)
         return st;
+    hvae_packed_begin(m, ws, n);
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        if (ws_stop(ws))
+        if (ws_stop(ws)) {
+            hvae_packed_end(ws);
             return HVAE_ERR_STOPPED;
+        }
         encode_args a = {m, ws, x + r0 * m->config.n_features,
                          rows_of(cond, r0, m->config.n_conditions), B, mu, logvar, r0};
         if (split && rows_split(m, ws, B))
@@ -1410,6 +1447,7 @@ static hvae_status encode(hvae_model *m, hvae_workspace *ws, const float *x,
         else
             encode_rows(&a, ws, 0, B);
     }
+    hvae_packed_end(ws);
     return HVAE_OK;
 }
 
