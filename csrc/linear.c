@@ -60,43 +60,55 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
  * (one row at a time) and the column tail (tiles on a copy) agree with the
  * tiles and with the scalar fallback. */
 
-__attribute__((target("avx,fma")))
-static inline void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
-                                 const float *panel, int64_t kc, int load_out)
+/* A tile of `rows` (1..6) rows x 16 columns; always inlined with a constant
+ * `rows`, so each size is its own unrolled loop. The rows left over by the
+ * 6-row tiles (a part of 508 rows leaves 4) run as one tile of 2..5 rows:
+ * one row at a time they would load two panel vectors for every two
+ * FMAs. */
+__attribute__((target("avx,fma"), always_inline))
+static inline void rowwise_tile(float *out, int64_t n_out, const float *x, int64_t n_in,
+                                const float *panel, int64_t kc, int load_out, int rows)
 {
     __m256 acc[RW_TILE_ROWS][2];
-    for (int r = 0; r < RW_TILE_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         acc[r][0] = load_out ? _mm256_loadu_ps(out + r * n_out) : _mm256_setzero_ps();
         acc[r][1] = load_out ? _mm256_loadu_ps(out + r * n_out + 8) : _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < kc; k++) {
         __m256 w0 = _mm256_load_ps(panel + 16 * k);
         __m256 w1 = _mm256_load_ps(panel + 16 * k + 8);
-        for (int r = 0; r < RW_TILE_ROWS; r++) {
+        for (int r = 0; r < rows; r++) {
             __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
             acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
         }
     }
-    for (int r = 0; r < RW_TILE_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         _mm256_storeu_ps(out + r * n_out, acc[r][0]);
         _mm256_storeu_ps(out + r * n_out + 8, acc[r][1]);
     }
 }
 
 __attribute__((target("avx,fma")))
-static inline void rowwise_tile1(float *out, const float *x, const float *panel,
-                                 int64_t kc, int load_out)
+static void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
+                          const float *panel, int64_t kc, int load_out)
 {
-    __m256 a0 = load_out ? _mm256_loadu_ps(out) : _mm256_setzero_ps();
-    __m256 a1 = load_out ? _mm256_loadu_ps(out + 8) : _mm256_setzero_ps();
-    for (int64_t k = 0; k < kc; k++) {
-        __m256 v = _mm256_broadcast_ss(x + k);
-        a0 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k), a0);
-        a1 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k + 8), a1);
+    rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, RW_TILE_ROWS);
+}
+
+/* The last rows % 6 rows of a block (1..5), at once. */
+__attribute__((target("avx,fma")))
+static void rowwise_tile_rest(float *out, int64_t n_out, const float *x, int64_t n_in,
+                              const float *panel, int64_t kc, int load_out, int64_t rows)
+{
+    switch (rows) {
+    case 5: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 5); break;
+    case 4: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 4); break;
+    case 3: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 3); break;
+    case 2: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 2); break;
+    case 1: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 1); break;
+    default: break;
     }
-    _mm256_storeu_ps(out, a0);
-    _mm256_storeu_ps(out + 8, a1);
 }
 
 /* The last n_out % 16 columns of up to 6 rows: the same tile run on a
@@ -116,8 +128,7 @@ static void rowwise_tail(float *out, int64_t n_out, const float *x, int64_t n_in
     if (rows == RW_TILE_ROWS)
         rowwise_tile6(tile, RW_COLS, x, n_in, panel, kc, load_out);
     else
-        for (int64_t r = 0; r < rows; r++)
-            rowwise_tile1(tile + r * RW_COLS, x + r * n_in, panel, kc, load_out);
+        rowwise_tile_rest(tile, RW_COLS, x, n_in, panel, kc, load_out, rows);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < tail; j++)
             out[r * n_out + j] = tile[r * RW_COLS + j];
@@ -244,9 +255,9 @@ static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
                     rowwise_tile6(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
                                   panel, kc, load_out);
                 }
-                for (; b < b1; b++)
-                    rowwise_tile1(out + b * n_out + j0, inp + b * n_in + k0, panel, kc,
-                                  load_out);
+                if (b < b1)
+                    rowwise_tile_rest(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
+                                      panel, kc, load_out, b1 - b);
             }
             if (tail == 0)
                 continue;

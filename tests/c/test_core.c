@@ -1013,7 +1013,7 @@ static void test_packed_kernel(void)
     static const int64_t shapes[][4] = {/* B, n_in, n_cond, n_out */
         {13, 5, 0, 1}, {7, 9, 0, 8}, {1, 3, 0, 15}, {6, 20, 0, 16}, {11, 300, 3, 21},
         {100, 33, 2, 40}, {9, 257, 0, 47}, {4, 0, 2, 5}, {30, 784, 0, 40}, {25, 513, 1, 9},
-        {19, 600, 0, 33}};
+        {19, 600, 0, 33}, {14, 70, 0, 24}, {98, 50, 2, 16}};
     hvae_rng rng;
     hvae_rng_seed(&rng, 12);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
