@@ -30,12 +30,25 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-# Matrix-product FLOPs per row (2 * sum n_in * n_out): encoders for
-# transform, every dense layer for score.
-FLOPS = {
-    "W1": {"transform": 2 * (64 * 64 + 64 * 16), "score": 2 * (64 * 64 + 64 * 16 + 8 * 64 + 64 * 64)},
-    "W2": {"transform": 1097728, "score": 2179072},
-}
+sys.path.insert(0, str(HERE))
+from inference_cpu import WORKLOADS  # noqa: E402
+
+
+def row_flops(n_features, latent_dims, hidden_dims):
+    """Matrix-product FLOPs of a row (2 * sum of n_in * n_out), as bench/run.py
+    counts them: the encoders for transform, every dense layer for score (a
+    Bernoulli model: one head on the bottom decoder)."""
+    enc = dec = 0
+    inp = n_features
+    for d in latent_dims:
+        widths = [inp, *hidden_dims]
+        enc += sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * 2 * d
+        inp = d
+    for i, d in enumerate(latent_dims):
+        widths = [d, *reversed(hidden_dims)]
+        out = n_features if i == 0 else 2 * latent_dims[i - 1]
+        dec += sum(a * b for a, b in zip(widths, widths[1:])) + widths[-1] * out
+    return {"transform": 2 * enc, "score": 2 * (enc + dec)}
 
 
 def peak_gflops(n=2048, repeats=3):
@@ -65,7 +78,7 @@ def main():
     parser.add_argument("old")
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workloads", nargs="+", default=["W2"], choices=sorted(FLOPS))
+    parser.add_argument("--workloads", nargs="+", default=["W2"], choices=sorted(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -85,7 +98,8 @@ def main():
     peak = max(max(p.values()) for p in peaks)
     summary = {}
     for name in args.workloads:
-        summary[name] = {}
+        flops = row_flops(*WORKLOADS[name])
+        summary[name] = {"flops_per_row": flops}
         for what in ("transform", "score"):
             rates = {f"{tree}_hvae": [r["workloads"][name][what]["hvae_rows_per_cpu_s"]
                                       for r in runs[tree]] for tree in runs}
@@ -95,8 +109,8 @@ def main():
             med = {k: statistics.median(v) for k, v in rates.items()}
             peer = max(med["eager"], med["compiled"])
             row = {k: {"rows_per_cpu_s": round(m), "raw": v,
-                       "gflops": round(m * FLOPS[name][what] / 1e9, 1),
-                       "percent_of_peak": round(100 * m * FLOPS[name][what] / 1e9 / peak, 1)}
+                       "gflops": round(m * flops[what] / 1e9, 1),
+                       "percent_of_peak": round(100 * m * flops[what] / 1e9 / peak, 1)}
                    for (k, v), m in zip(rates.items(), med.values())}
             row["peer_variant"] = "eager" if med["eager"] >= med["compiled"] else "compiled"
             row["old_ratio_to_peer"] = round(med["old_hvae"] / peer, 3)

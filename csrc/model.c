@@ -1184,9 +1184,10 @@ static const float *rows_of(const float *a, int64_t r0, int64_t width)
  * the results are the same bits. A prior with a workspace of its own
  * (VampPrior's pseudo-inputs) is shared by all rows: such models keep the
  * pass over all rows. The slices have no poll hook (it may need the
- * caller's thread); the callers poll between chunks. */
-/* Parts of a chunk's rows (each row costs about one multiply-add per
- * parameter). */
+ * caller's thread); the callers poll between chunks.
+ *
+ * Parts of a chunk's rows: each row costs about one multiply-add per
+ * parameter. */
 static int rows_parts(const hvae_model *m, int64_t B)
 {
     return hvae_parts((double)B * (double)m->n_params, 1 << 18);
