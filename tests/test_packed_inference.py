@@ -76,6 +76,12 @@ def test_writes_through_the_views_reach_evaluation(digits, threads):
     m.parameters[:] = make().parameters
     np.testing.assert_array_equal(m.elbo(X), before[0])
     np.testing.assert_array_equal(m.encode(X)[0][0], before[1])
+    # Re-initialised in place, and another model's state set into this one.
+    m.init_parameters(seed=5)
+    np.testing.assert_array_equal(m.elbo(X), make(seed=5).elbo(X))
+    other = make(seed=9)
+    m.__setstate__(other.__getstate__())
+    np.testing.assert_array_equal(m.elbo(X), other.elbo(X))
 
 
 def test_training_steps_reach_evaluation(digits):
