@@ -518,7 +518,7 @@ HVAE_API void hvae_workspace_set_poll(hvae_workspace *ws, hvae_poll_hook poll, v
 /* Every row's result is independent of the other rows, bit for bit (and of  */
 /* the thread count): hvae_elbo, hvae_encode and hvae_decode compute each    */
 /* output element by the same operations in the same order whatever the     */
-/* batch. Calls of 512 rows or more to hvae_elbo and                        */
+/* batch. Calls of 2048 rows or more to hvae_elbo and                       */
 /* hvae_encode keep the weights packed for their product kernel with the     */
 /* workspace (two copies of the encoder and decoder parameters, allocated at */
 /* the first such call, freed with the workspace); each such call compares   */

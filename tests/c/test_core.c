@@ -1067,7 +1067,7 @@ static void test_packed_kernel(void)
 static void test_packed_cache(void)
 {
     current_test = "packed_cache";
-    const int64_t n = 700, D = 24, small = 37;
+    const int64_t n = 2100, D = 24, small = 37; /* packed from 2048 rows on */
     int64_t latent[2] = {5, 3}, hidden[2] = {40, 20};
     hvae_config cfg = hvae_config_default(D, 2, latent, 2, hidden);
     cfg.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
