@@ -29,7 +29,9 @@ static inline float hvae_expf(float x)
     /* Round to nearest by adding and removing 1.5 * 2^23 (|t| < 128):
      * branch-free, so the loop vectorises on every ISA. */
     float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    int32_t n = (int32_t)nf;
+    /* A NaN converts to no integer (undefined behaviour in C): take 0; the
+     * result is NaN all the same. */
+    int32_t n = (int32_t)(nf == nf ? nf : 0.0f);
     /* Cody-Waite: ln 2 split in two so that r = x - n ln 2 is exact. */
     float r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
     float p = 1.9875691500e-4f;

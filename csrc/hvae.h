@@ -520,7 +520,9 @@ HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
  * HVAE_ERR_STOPPED: outputs (and hvae_model_grads) are then undefined, no
  * optimizer step is applied after it, the parameters are untouched. Once
  * it has returned nonzero it must keep doing so until the call returns.
- * NULL (the default) removes it. */
+ * NULL (the default) removes it. On several threads hvae_elbo and
+ * hvae_encode poll between chunks only (each thread takes its rows of a
+ * chunk through the whole network at once). */
 typedef int (*hvae_poll_hook)(void *ctx);
 HVAE_API void hvae_workspace_set_poll(hvae_workspace *ws, hvae_poll_hook poll, void *ctx);
 
@@ -532,6 +534,16 @@ HVAE_API void hvae_workspace_set_poll(hvae_workspace *ws, hvae_poll_hook poll, v
 /* (n, d_{i+1}) standard-normal draws. With NULL, each row's noise is drawn  */
 /* from a generator seeded by a hash of the row's values and `noise_seed`:  */
 /* a row always gets the same draw, wherever it sits in x.                   */
+/*                                                                           */
+/* Every row's result is independent of the other rows, bit for bit (and of  */
+/* the thread count): hvae_elbo, hvae_encode and hvae_decode compute each    */
+/* output element by the same operations in the same order whatever the     */
+/* batch. Calls of 2048 rows or more to hvae_elbo and                       */
+/* hvae_encode keep the weights packed for their product kernel with the     */
+/* workspace (two copies of the encoder and decoder parameters, allocated at */
+/* the first such call, freed with the workspace); each such call compares   */
+/* the parameters with the packed version and repacks when they changed, by */
+/* whatever means (training, hvae_model_params writes).                      */
 
 /* Conditions: every function taking data also takes `cond`, (n, C) with the
  * rows' conditions for a conditional model (C = n_conditions), or NULL when

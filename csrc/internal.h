@@ -155,7 +155,23 @@ struct hvae_workspace {
      * minibatch (train.c: mu and lv, their gradients, z_T) */
     float *gathered;
     unsigned char *mine;     /* (max_rows): a data-parallel step's rows held here */
+    /* packed.c: the weights packed for the row-wise kernel (NULL until a
+     * large evaluation call), and whether the current call reads them. */
+    struct hvae_packed_cache *packed;
+    int packed_on;
 };
+
+/* packed.c: an evaluation call of n_rows rows brackets its passes with
+ * hvae_packed_begin (checks the packed weights against the parameters,
+ * repacks if they differ, and turns them on for calls large enough to gain)
+ * and hvae_packed_end; hvae_packed_layer is layer l's packed W (part 0: its
+ * data rows, 1: its condition rows) while on, else NULL. */
+typedef struct hvae_packed_cache hvae_packed_cache;
+void hvae_packed_begin(const hvae_model *m, hvae_workspace *ws, int64_t n_rows);
+void hvae_packed_end(hvae_workspace *ws);
+const float *hvae_packed_layer(const hvae_workspace *ws, const hvae_block *blk, int32_t l,
+                               int part);
+void hvae_packed_free(hvae_packed_cache *c);
 
 /* Whether the workspace's poll hook asks the current call to stop. */
 static inline int ws_stop(const hvae_workspace *ws)
@@ -241,6 +257,20 @@ void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
                              const float *weight, const float *bias,
                              hvae_activation act, int64_t B, int64_t n_in,
                              int64_t n_cond, int64_t n_out, int rowwise);
+/* The row-wise kernel's weights packed once (linear.c): W (n_in, n_out) in
+ * the order its panels are read, hvae_rowwise_packed_floats(n_in, n_out)
+ * floats, 32-byte aligned (0 when the kernel that reads them is not
+ * available: then nothing is packed). hvae_dense_packed_forward is
+ * hvae_dense_cond_forward reading the packed copies of W's data rows and
+ * condition rows (either may be NULL: copied from weight as usual); the
+ * results are the same bits. */
+int64_t hvae_rowwise_packed_floats(int64_t n_in, int64_t n_out);
+void hvae_rowwise_pack(float *packed, const float *weight, int64_t n_in, int64_t n_out);
+void hvae_dense_packed_forward(float *out, const float *inp, const float *cond,
+                               const float *weight, const float *packed,
+                               const float *packed_cond, const float *bias,
+                               hvae_activation act, int64_t B, int64_t n_in,
+                               int64_t n_cond, int64_t n_out, int rowwise);
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
                               float *dout, const float *out, const float *inp,
                               const float *cond, const float *weight,

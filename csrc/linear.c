@@ -60,43 +60,55 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
  * (one row at a time) and the column tail (tiles on a copy) agree with the
  * tiles and with the scalar fallback. */
 
-__attribute__((target("avx,fma")))
-static inline void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
-                                 const float *panel, int64_t kc, int load_out)
+/* A tile of `rows` (1..6) rows x 16 columns; always inlined with a constant
+ * `rows`, so each size is its own unrolled loop. The rows left over by the
+ * 6-row tiles (a part of 508 rows leaves 4) run as one tile of 2..5 rows:
+ * one row at a time they would load two panel vectors for every two
+ * FMAs. */
+__attribute__((target("avx,fma"), always_inline))
+static inline void rowwise_tile(float *out, int64_t n_out, const float *x, int64_t n_in,
+                                const float *panel, int64_t kc, int load_out, int rows)
 {
     __m256 acc[RW_TILE_ROWS][2];
-    for (int r = 0; r < RW_TILE_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         acc[r][0] = load_out ? _mm256_loadu_ps(out + r * n_out) : _mm256_setzero_ps();
         acc[r][1] = load_out ? _mm256_loadu_ps(out + r * n_out + 8) : _mm256_setzero_ps();
     }
     for (int64_t k = 0; k < kc; k++) {
         __m256 w0 = _mm256_load_ps(panel + 16 * k);
         __m256 w1 = _mm256_load_ps(panel + 16 * k + 8);
-        for (int r = 0; r < RW_TILE_ROWS; r++) {
+        for (int r = 0; r < rows; r++) {
             __m256 v = _mm256_broadcast_ss(x + r * n_in + k);
             acc[r][0] = _mm256_fmadd_ps(v, w0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(v, w1, acc[r][1]);
         }
     }
-    for (int r = 0; r < RW_TILE_ROWS; r++) {
+    for (int r = 0; r < rows; r++) {
         _mm256_storeu_ps(out + r * n_out, acc[r][0]);
         _mm256_storeu_ps(out + r * n_out + 8, acc[r][1]);
     }
 }
 
 __attribute__((target("avx,fma")))
-static inline void rowwise_tile1(float *out, const float *x, const float *panel,
-                                 int64_t kc, int load_out)
+static void rowwise_tile6(float *out, int64_t n_out, const float *x, int64_t n_in,
+                          const float *panel, int64_t kc, int load_out)
 {
-    __m256 a0 = load_out ? _mm256_loadu_ps(out) : _mm256_setzero_ps();
-    __m256 a1 = load_out ? _mm256_loadu_ps(out + 8) : _mm256_setzero_ps();
-    for (int64_t k = 0; k < kc; k++) {
-        __m256 v = _mm256_broadcast_ss(x + k);
-        a0 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k), a0);
-        a1 = _mm256_fmadd_ps(v, _mm256_load_ps(panel + 16 * k + 8), a1);
+    rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, RW_TILE_ROWS);
+}
+
+/* The last rows % 6 rows of a block (1..5), at once. */
+__attribute__((target("avx,fma")))
+static void rowwise_tile_rest(float *out, int64_t n_out, const float *x, int64_t n_in,
+                              const float *panel, int64_t kc, int load_out, int64_t rows)
+{
+    switch (rows) {
+    case 5: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 5); break;
+    case 4: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 4); break;
+    case 3: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 3); break;
+    case 2: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 2); break;
+    case 1: rowwise_tile(out, n_out, x, n_in, panel, kc, load_out, 1); break;
+    default: break;
     }
-    _mm256_storeu_ps(out, a0);
-    _mm256_storeu_ps(out + 8, a1);
 }
 
 /* The last n_out % 16 columns of up to 6 rows: the same tile run on a
@@ -116,8 +128,7 @@ static void rowwise_tail(float *out, int64_t n_out, const float *x, int64_t n_in
     if (rows == RW_TILE_ROWS)
         rowwise_tile6(tile, RW_COLS, x, n_in, panel, kc, load_out);
     else
-        for (int64_t r = 0; r < rows; r++)
-            rowwise_tile1(tile + r * RW_COLS, x + r * n_in, panel, kc, load_out);
+        rowwise_tile_rest(tile, RW_COLS, x, n_in, panel, kc, load_out, rows);
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < tail; j++)
             out[r * n_out + j] = tile[r * RW_COLS + j];
@@ -160,53 +171,108 @@ static void rowwise_tail8(float *out, int64_t n_out, const float *x, int64_t n_i
             out[r * n_out + j] = tile[r * 8 + j];
 }
 
+/* k blocks of equal length, at most RW_KC (784 = 4 x 196, not 3 x 256 +
+ * 16): a short last block would pay a tile's loads and stores for a few
+ * FMAs. */
+static int64_t rowwise_kblock(int64_t n_in)
+{
+    int64_t n_kblocks = (n_in + RW_KC - 1) / RW_KC;
+    return n_kblocks > 0 ? (n_in + n_kblocks - 1) / n_kblocks : 1;
+}
+
+/* Panel columns of the last n_out % 16 columns: none, 8 (at most 8 of them)
+ * or 16 (zero beyond n_out). */
+static int64_t rowwise_tail_width(int64_t n_out)
+{
+    int64_t tail = n_out % RW_COLS;
+    return tail == 0 ? 0 : tail <= 8 ? 8 : RW_COLS;
+}
+
+/* Rows k0..k0+kc of columns j0..j0+width of W (n_in, n_out) as the kernel
+ * reads them: kc rows of `width` floats, zero past n_out. */
+__attribute__((target("avx,fma")))
+static void rowwise_pack_panel(float *panel, const float *weight, int64_t n_out, int64_t k0,
+                               int64_t kc, int64_t j0, int64_t width)
+{
+    const float *w = weight + k0 * n_out + j0;
+    int64_t cols = n_out - j0 < width ? n_out - j0 : width;
+    if (cols == RW_COLS) {
+        for (int64_t k = 0; k < kc; k++) {
+            _mm256_store_ps(panel + 16 * k, _mm256_loadu_ps(w + k * n_out));
+            _mm256_store_ps(panel + 16 * k + 8, _mm256_loadu_ps(w + k * n_out + 8));
+        }
+        return;
+    }
+    for (int64_t k = 0; k < kc; k++)
+        for (int64_t j = 0; j < width; j++)
+            panel[width * k + j] = j < cols ? w[k * n_out + j] : 0.0f;
+}
+
+/* packed (see hvae_rowwise_pack) or NULL: then each panel is copied from
+ * weight into an L1-resident buffer for every block of rows. The panels'
+ * contents are the same either way, so are the results. */
 __attribute__((target("avx,fma")))
 static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
-                             int64_t B, int64_t n_in, int64_t n_out, int accumulate)
+                             const float *packed, int64_t B, int64_t n_in, int64_t n_out,
+                             int accumulate)
 {
-    float panel[RW_KC * RW_COLS] __attribute__((aligned(32)));
+    float buffer[RW_KC * RW_COLS] __attribute__((aligned(32)));
     int64_t full_cols = n_out - n_out % RW_COLS;
-    int64_t tail = n_out - full_cols;
+    int64_t tail = n_out - full_cols, tail_width = rowwise_tail_width(n_out);
+    int64_t packed_cols = full_cols + tail_width, kblock = rowwise_kblock(n_in);
     if (n_in == 0 && !accumulate) {
         for (int64_t i = 0; i < B * n_out; i++)
             out[i] = 0.0f;
         return;
     }
-    for (int64_t k0 = 0; k0 < n_in; k0 += RW_KC) {
-        int64_t kc = n_in - k0 < RW_KC ? n_in - k0 : RW_KC;
+    for (int64_t k0 = 0; k0 < n_in; k0 += kblock) {
+        int64_t kc = n_in - k0 < kblock ? n_in - k0 : kblock;
         int load_out = k0 > 0 || accumulate;
+        const float *panels = packed ? packed + k0 * packed_cols : NULL;
         for (int64_t b0 = 0; b0 < B; b0 += RW_MC) {
             int64_t b1 = B - b0 < RW_MC ? B : b0 + RW_MC;
             for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
-                const float *w = weight + k0 * n_out + j0;
-                for (int64_t k = 0; k < kc; k++) {
-                    _mm256_store_ps(panel + 16 * k, _mm256_loadu_ps(w + k * n_out));
-                    _mm256_store_ps(panel + 16 * k + 8, _mm256_loadu_ps(w + k * n_out + 8));
+                const float *panel = buffer;
+                const float *next = NULL;
+                if (panels) {
+                    panel = panels + kc * j0;
+                } else {
+                    rowwise_pack_panel(buffer, weight, n_out, k0, kc, j0, RW_COLS);
+                    /* The next panel's rows of W (the next 16 columns, or
+                     * the first 16 again for the next block of rows) are
+                     * 64-byte pieces n_out floats apart, a stride the
+                     * hardware does not prefetch across pages: ask for them
+                     * while the tiles run. */
+                    next = weight + k0 * n_out + (j0 + RW_COLS < full_cols ? j0 + RW_COLS : 0);
                 }
+                int64_t n_tiles = (b1 - b0) / RW_TILE_ROWS;
+                int64_t per_tile = n_tiles > 0 ? (kc + n_tiles - 1) / n_tiles : 0;
+                int64_t pk = 0;
                 int64_t b = b0;
-                for (; b + RW_TILE_ROWS <= b1; b += RW_TILE_ROWS)
+                for (; b + RW_TILE_ROWS <= b1; b += RW_TILE_ROWS) {
+                    for (int64_t e = pk + per_tile; next && pk < e && pk < kc; pk++)
+                        _mm_prefetch((const char *)(next + pk * n_out), _MM_HINT_T1);
                     rowwise_tile6(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
                                   panel, kc, load_out);
-                for (; b < b1; b++)
-                    rowwise_tile1(out + b * n_out + j0, inp + b * n_in + k0, panel, kc,
-                                  load_out);
+                }
+                if (b < b1)
+                    rowwise_tile_rest(out + b * n_out + j0, n_out, inp + b * n_in + k0, n_in,
+                                      panel, kc, load_out, b1 - b);
             }
             if (tail == 0)
                 continue;
-            const float *w = weight + k0 * n_out + full_cols;
-            if (tail <= 8) {
-                for (int64_t k = 0; k < kc; k++)
-                    for (int64_t j = 0; j < 8; j++)
-                        panel[8 * k + j] = j < tail ? w[k * n_out + j] : 0.0f;
+            const float *panel = buffer;
+            if (panels)
+                panel = panels + kc * full_cols;
+            else
+                rowwise_pack_panel(buffer, weight, n_out, k0, kc, full_cols, tail_width);
+            if (tail_width == 8) {
                 for (int64_t b = b0; b < b1; b += RW_NARROW_ROWS)
                     rowwise_tail8(out + b * n_out + full_cols, n_out, inp + b * n_in + k0,
                                   n_in, panel, kc, load_out,
                                   b1 - b < RW_NARROW_ROWS ? b1 - b : RW_NARROW_ROWS, tail);
                 continue;
             }
-            for (int64_t k = 0; k < kc; k++)
-                for (int64_t j = 0; j < RW_COLS; j++)
-                    panel[16 * k + j] = j < tail ? w[k * n_out + j] : 0.0f;
             for (int64_t b = b0; b < b1; b += RW_TILE_ROWS)
                 rowwise_tail(out + b * n_out + full_cols, n_out, inp + b * n_in + k0, n_in,
                              panel, kc, load_out,
@@ -214,17 +280,55 @@ static void gemm_rowwise_fma(float *out, const float *inp, const float *weight,
         }
     }
 }
+
+static int rowwise_fma_available(void)
+{
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("fma");
+}
 #endif
 
-static void gemm_rowwise(float *out, const float *inp, const float *weight,
-                         int64_t B, int64_t n_in, int64_t n_out, int accumulate)
+int64_t hvae_rowwise_packed_floats(int64_t n_in, int64_t n_out)
 {
 #ifdef HVAE_HAVE_FMA_KERNEL
-    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("fma")) {
-        gemm_rowwise_fma(out, inp, weight, B, n_in, n_out, accumulate);
+    if (rowwise_fma_available())
+        return n_in * (n_out - n_out % RW_COLS + rowwise_tail_width(n_out));
+#endif
+    (void)n_in, (void)n_out;
+    return 0;
+}
+
+void hvae_rowwise_pack(float *packed, const float *weight, int64_t n_in, int64_t n_out)
+{
+#ifdef HVAE_HAVE_FMA_KERNEL
+    if (!rowwise_fma_available())
+        return;
+    int64_t full_cols = n_out - n_out % RW_COLS, tail_width = rowwise_tail_width(n_out);
+    int64_t packed_cols = full_cols + tail_width, kblock = rowwise_kblock(n_in);
+    for (int64_t k0 = 0; k0 < n_in; k0 += kblock) {
+        int64_t kc = n_in - k0 < kblock ? n_in - k0 : kblock;
+        float *panels = packed + k0 * packed_cols;
+        for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS)
+            rowwise_pack_panel(panels + kc * j0, weight, n_out, k0, kc, j0, RW_COLS);
+        if (tail_width)
+            rowwise_pack_panel(panels + kc * full_cols, weight, n_out, k0, kc, full_cols,
+                               tail_width);
+    }
+#else
+    (void)packed, (void)weight, (void)n_in, (void)n_out;
+#endif
+}
+
+static void gemm_rowwise(float *out, const float *inp, const float *weight,
+                         const float *packed, int64_t B, int64_t n_in, int64_t n_out,
+                         int accumulate)
+{
+#ifdef HVAE_HAVE_FMA_KERNEL
+    if (rowwise_fma_available()) {
+        gemm_rowwise_fma(out, inp, weight, packed, B, n_in, n_out, accumulate);
         return;
     }
 #endif
+    (void)packed;
     int64_t full_cols = n_out - n_out % RW_COLS;
     for (int64_t j0 = 0; j0 < full_cols; j0 += RW_COLS) {
         const float *w = weight + j0;
@@ -285,6 +389,7 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
 typedef struct {
     float *out;           /* forward output, or backward dout/dpre */
     const float *inp, *cond, *weight, *bias;
+    const float *packed, *packed_cond; /* rowwise: hvae_rowwise_pack's, or NULL */
     const float *act_out; /* backward: the forward output */
     float *dweight, *dbias;
     hvae_activation act;
@@ -324,10 +429,11 @@ static void dense_forward_part(void *ctx, int part, int n_parts)
         if (hi <= lo)
             return;
         float *out = a->out + lo * n_out;
-        gemm_rowwise(out, a->inp + lo * a->n_in, a->weight, hi - lo, a->n_in, n_out, 0);
+        gemm_rowwise(out, a->inp + lo * a->n_in, a->weight, a->packed, hi - lo, a->n_in,
+                     n_out, 0);
         if (a->n_cond > 0)
             gemm_rowwise(out, a->cond + lo * a->n_cond, a->weight + a->n_in * n_out,
-                         hi - lo, a->n_cond, n_out, 1);
+                         a->packed_cond, hi - lo, a->n_cond, n_out, 1);
         for (int64_t b = 0; b < hi - lo; b++)
             hvae_bias_activation_row_inplace(out + b * n_out, a->bias, a->act, n_out);
         return;
@@ -346,11 +452,23 @@ void hvae_dense_cond_forward(float *out, const float *inp, const float *cond,
                              hvae_activation act, int64_t B, int64_t n_in,
                              int64_t n_cond, int64_t n_out, int rowwise)
 {
+    hvae_dense_packed_forward(out, inp, cond, weight, NULL, NULL, bias, act, B, n_in, n_cond,
+                              n_out, rowwise);
+}
+
+void hvae_dense_packed_forward(float *out, const float *inp, const float *cond,
+                               const float *weight, const float *packed,
+                               const float *packed_cond, const float *bias,
+                               hvae_activation act, int64_t B, int64_t n_in,
+                               int64_t n_cond, int64_t n_out, int rowwise)
+{
     if (B <= 0 || n_out <= 0)
         return;
     dense_args a = {.out = out, .inp = inp, .cond = cond, .weight = weight,
-                    .bias = bias, .act = act, .B = B, .n_in = n_in,
-                    .n_cond = n_cond, .n_out = n_out, .rowwise = rowwise};
+                    .packed = rowwise ? packed : NULL,
+                    .packed_cond = rowwise ? packed_cond : NULL, .bias = bias, .act = act,
+                    .B = B, .n_in = n_in, .n_cond = n_cond, .n_out = n_out,
+                    .rowwise = rowwise};
     hvae_parallel(dense_forward_part, &a, dense_parts(B, n_in + n_cond, n_out));
 }
 

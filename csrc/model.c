@@ -578,6 +578,7 @@ void hvae_workspace_free(hvae_workspace *ws)
     free(ws->kl);
     free(ws->dx);
     free(ws->prior_rows);
+    hvae_packed_free(ws->packed);
     hvae_workspace_free(ws->prior_ws);
     free(ws);
 }
@@ -615,9 +616,10 @@ void hvae_block_forward(const hvae_model *m, const hvae_workspace *ws,
         const hvae_dense_layer *L = &blk->layer[l];
         float *out = ws_act(ws, L->col);
         int64_t n_cond = L->n_in - L->n_data;
-        hvae_dense_cond_forward(out, in, n_cond ? cond : NULL, m->params + L->W,
-                                m->params + L->b, L->act, B, L->n_data, n_cond, L->n_out,
-                                rowwise);
+        hvae_dense_packed_forward(out, in, n_cond ? cond : NULL, m->params + L->W,
+                                  hvae_packed_layer(ws, blk, l, 0),
+                                  hvae_packed_layer(ws, blk, l, 1), m->params + L->b, L->act,
+                                  B, L->n_data, n_cond, L->n_out, rowwise);
         if (l < blk->n_hidden)
             in = out;
     }
@@ -1080,15 +1082,24 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
 
 /* ---- noise --------------------------------------------------------------- */
 
+/* A row's noise stream: FNV-1a over the row's bit patterns, mixed with the
+ * seed, then splitmix64. */
+static inline uint64_t row_hash_start(uint64_t seed)
+{
+    return 0xcbf29ce484222325ULL ^ seed;
+}
+static inline uint64_t row_hash_step(uint64_t h, float value)
+{
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return (h ^ bits) * 0x100000001b3ULL;
+}
+
 void hvae_row_rng(hvae_rng *rng, const float *row, int64_t D, uint64_t seed)
 {
-    /* FNV-1a over the row's bit patterns, mixed with the seed. */
-    uint64_t h = 0xcbf29ce484222325ULL ^ seed;
-    for (int64_t j = 0; j < D; j++) {
-        uint32_t bits;
-        memcpy(&bits, &row[j], sizeof bits);
-        h = (h ^ bits) * 0x100000001b3ULL;
-    }
+    uint64_t h = row_hash_start(seed);
+    for (int64_t j = 0; j < D; j++)
+        h = row_hash_step(h, row[j]);
     hvae_rng_seed(rng, hvae_splitmix64(&h));
 }
 
@@ -1109,17 +1120,36 @@ typedef struct {
     uint64_t noise_seed;
 } noise_args;
 
-/* Rows are hashed and drawn independently: split between the threads. */
+/* Rows are hashed and drawn independently: split between the threads.
+ * FNV-1a is one chain of dependent multiplies per row (about 4 cycles a
+ * pixel), so four rows' chains run side by side: the same hashes, in a
+ * quarter of the time. */
+#define NOISE_HASH_ROWS 4
 static void hashed_noise_part(void *ctx, int part, int n_parts)
 {
     const noise_args *a = ctx;
     int64_t D = a->m->config.n_features, lo, hi;
     hvae_split(a->B, part, n_parts, 1, &lo, &hi);
-    for (int64_t b = lo; b < hi; b++) {
-        hvae_rng rng;
-        hvae_row_rng(&rng, a->x + b * D, D, a->noise_seed);
-        for (int64_t s = 0; s < a->S; s++)
-            row_noise(a->m, a->ws, &rng, b * a->S + s);
+    for (int64_t b0 = lo; b0 < hi; b0 += NOISE_HASH_ROWS) {
+        int64_t rows = hi - b0 < NOISE_HASH_ROWS ? hi - b0 : NOISE_HASH_ROWS;
+        hvae_rng rng[NOISE_HASH_ROWS];
+        if (rows == NOISE_HASH_ROWS) {
+            uint64_t h[NOISE_HASH_ROWS];
+            const float *x = a->x + b0 * D;
+            for (int r = 0; r < NOISE_HASH_ROWS; r++)
+                h[r] = row_hash_start(a->noise_seed);
+            for (int64_t j = 0; j < D; j++)
+                for (int r = 0; r < NOISE_HASH_ROWS; r++)
+                    h[r] = row_hash_step(h[r], x[r * D + j]);
+            for (int r = 0; r < NOISE_HASH_ROWS; r++)
+                hvae_rng_seed(&rng[r], hvae_splitmix64(&h[r]));
+        } else {
+            for (int64_t r = 0; r < rows; r++)
+                hvae_row_rng(&rng[r], a->x + (b0 + r) * D, D, a->noise_seed);
+        }
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t s = 0; s < a->S; s++)
+                row_noise(a->m, a->ws, &rng[r], (b0 + r) * a->S + s);
     }
 }
 
@@ -1147,6 +1177,100 @@ static const float *rows_of(const float *a, int64_t r0, int64_t width)
     return a ? a + r0 * width : NULL;
 }
 
+/* Evaluation without a barrier per layer: every evaluation pass is row by
+ * row (rowwise products, per-row noise, likelihood and KL), so the pool's
+ * threads can each take a block of the chunk's rows through the whole
+ * network in one parallel region, instead of meeting at the end of every
+ * layer. Each part works in its own slice of the workspace, a workspace of
+ * hi - lo rows laid out as usual (a B-row matrix of `cols` columns at
+ * base + B * col) in the floats of rows lo..hi: the slices do not overlap,
+ * and each row meets the same operations as in one pass over all rows, so
+ * the results are the same bits. A prior with a workspace of its own
+ * (VampPrior's pseudo-inputs) is shared by all rows: such models keep the
+ * pass over all rows. The slices have no poll hook (it may need the
+ * caller's thread); the callers poll between chunks.
+ *
+ * Parts of a chunk's rows: each row costs about one multiply-add per
+ * parameter. */
+static int rows_parts(const hvae_model *m, int64_t B)
+{
+    return hvae_parts((double)B * (double)m->n_params, 1 << 18);
+}
+
+static int rows_split(const hvae_model *m, const hvae_workspace *ws, int64_t B)
+{
+    return ws->prior_ws == NULL && hvae_pool_threads() > 1 && rows_parts(m, B) > 1;
+}
+
+static hvae_workspace row_slice(const hvae_workspace *ws, int64_t lo, int64_t hi)
+{
+    const hvae_model *m = ws->model;
+    int32_t T = m->config.n_layers;
+    hvae_workspace v = *ws;
+    v.max_rows = hi - lo;
+    v.x = ws->x + lo * m->config.n_features;
+    v.cond = ws->cond + lo * (m->config.n_conditions + 1);
+    v.row_weight = ws->row_weight + lo;
+    v.score_weight = ws->score_weight + lo;
+    v.lse_max = ws->lse_max + lo;
+    v.lse_sum = ws->lse_sum + lo;
+    v.row_rng = ws->row_rng + lo;
+    v.eps = ws->eps + lo * m->eps_cols;
+    v.acts = ws->acts + lo * m->act_cols;
+    v.dacts = ws->dacts + lo * m->act_cols;
+    v.reconstruction = ws->reconstruction + lo;
+    v.kl = ws->kl + lo * T;
+    v.tc_scratch = NULL; /* training only */
+    v.gathered = NULL;
+    v.mine = NULL;
+    v.poll = NULL;
+    v.poll_ctx = NULL;
+    return v;
+}
+
+typedef struct {
+    const hvae_model *m;
+    const hvae_workspace *ws;
+    const float *x, *cond;
+    const float *const *eps; /* the caller's noise at the chunk's rows, or NULL */
+    int64_t B;
+    uint64_t noise_seed;
+    double *elbo, *reconstruction, *kl; /* at the chunk's first row, or NULL */
+} elbo_args;
+
+/* Rows lo..hi of a chunk: noise, the forward pass, the row terms. */
+static void elbo_rows(const elbo_args *a, const hvae_workspace *ws, int64_t lo, int64_t hi)
+{
+    const hvae_model *m = a->m;
+    int32_t T = m->config.n_layers;
+    int64_t D = m->config.n_features, C = m->config.n_conditions, B = hi - lo;
+    const float *noise[HVAE_MAX_LAYERS];
+    const float *xb = a->x + lo * D;
+    for (int32_t i = 0; i < T; i++)
+        noise[i] = a->eps ? a->eps[i] + lo * m->latent_dims[i] : ws_eps(ws, i);
+    if (!a->eps)
+        hvae_hashed_noise(m, ws, xb, B, 1, a->noise_seed);
+    hvae_forward(m, ws, xb, rows_of(a->cond, lo, C), noise, B, 1, 0);
+    for (int64_t b = 0; b < B; b++) {
+        hvae_row_terms(ws, b, a->kl ? a->kl + (lo + b) * T : NULL,
+                       a->elbo ? a->elbo + lo + b : NULL);
+        if (a->reconstruction)
+            a->reconstruction[lo + b] = ws->reconstruction[b];
+    }
+}
+
+static void elbo_rows_part(void *ctx, int part, int n_parts)
+{
+    const elbo_args *a = ctx;
+    int64_t lo, hi;
+    /* Whole 12-row tiles of the products per part. */
+    hvae_split(a->B, part, n_parts, 12, &lo, &hi);
+    if (hi <= lo)
+        return;
+    hvae_workspace slice = row_slice(a->ws, lo, hi);
+    elbo_rows(a, &slice, lo, hi);
+}
+
 hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
                       const float *cond, int64_t n, const float *const *eps,
                       uint64_t noise_seed, double *elbo, double *reconstruction,
@@ -1158,23 +1282,24 @@ hvae_status hvae_elbo(hvae_model *m, hvae_workspace *ws, const float *x,
     int32_t T = m->config.n_layers;
     int64_t D = m->config.n_features, C = m->config.n_conditions;
     const float *noise[HVAE_MAX_LAYERS];
+    hvae_packed_begin(m, ws, n);
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        if (ws_stop(ws))
+        if (ws_stop(ws)) {
+            hvae_packed_end(ws);
             return HVAE_ERR_STOPPED;
-        const float *xb = x + r0 * D;
-        for (int32_t i = 0; i < T; i++)
-            noise[i] = eps ? eps[i] + r0 * m->latent_dims[i] : ws_eps(ws, i);
-        if (!eps)
-            hvae_hashed_noise(m, ws, xb, B, 1, noise_seed);
-        hvae_forward(m, ws, xb, rows_of(cond, r0, C), noise, B, 1, 0);
-        for (int64_t b = 0; b < B; b++) {
-            hvae_row_terms(ws, b, kl ? kl + (r0 + b) * T : NULL,
-                           elbo ? elbo + r0 + b : NULL);
-            if (reconstruction)
-                reconstruction[r0 + b] = ws->reconstruction[b];
         }
+        for (int32_t i = 0; eps && i < T; i++)
+            noise[i] = eps[i] + r0 * m->latent_dims[i];
+        elbo_args a = {m, ws, x + r0 * D, rows_of(cond, r0, C), eps ? noise : NULL, B,
+                       noise_seed, elbo ? elbo + r0 : NULL,
+                       reconstruction ? reconstruction + r0 : NULL, kl ? kl + r0 * T : NULL};
+        if (rows_split(m, ws, B))
+            hvae_parallel(elbo_rows_part, &a, rows_parts(m, B));
+        else
+            elbo_rows(&a, ws, 0, B);
     }
+    hvae_packed_end(ws);
     return HVAE_OK;
 }
 
@@ -1236,59 +1361,106 @@ hvae_status hvae_log_likelihood(hvae_model *m, hvae_workspace *ws, const float *
     return HVAE_OK;
 }
 
-hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
-                        const float *cond, int64_t n, float *const *mu,
-                        float *const *logvar)
+typedef struct {
+    const hvae_model *m;
+    const hvae_workspace *ws;
+    const float *x, *cond; /* at the chunk's first row */
+    int64_t B;
+    float *const *mu, *const *logvar; /* the caller's, or NULL */
+    int64_t r0;                       /* the chunk's first row in them */
+} encode_args;
+
+/* Rows lo..hi of a chunk, in ws (the chunk's workspace or a slice of it). */
+static void encode_rows(const encode_args *a, const hvae_workspace *ws, int64_t lo, int64_t hi)
+{
+    const hvae_model *m = a->m;
+    int32_t T = m->config.n_layers;
+    int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
+    int64_t B = hi - lo;
+    const float *cb = rows_of(a->cond, lo, m->config.n_conditions);
+    const float *inp = a->x + lo * m->config.n_features;
+    for (int32_t i = 0; i < T; i++) {
+        hvae_block_forward(m, ws, &m->enc[i], inp, cb, B, 1);
+        inp = block_head(ws, &m->enc[i], 0);
+        if (m->latent[i].family->n_heads == 1) {
+            /* A categorical layer passes up its class probabilities. */
+            hvae_latent_call c = latent_call(m, NULL, i, B);
+            float *probs = ws_act(ws, m->latent[i].z_col);
+            m->latent[i].family->summary(probs, NULL, inp, NULL, &c);
+            inp = probs;
+        }
+    }
+    if (ladder) {
+        /* Top-down at the means: z_T = mu_hat_T, then each layer's
+         * merged posterior with the prior at the mean above. */
+        float *z_top = ws_act(ws, m->latent[T - 1].z_col);
+        memcpy(z_top, post(m, ws, T - 1, 0),
+               (size_t)(B * m->latent_dims[T - 1]) * sizeof(float));
+        for (int32_t i = T - 1; i >= 1; i--) {
+            int64_t count = B * m->latent_dims[i - 1];
+            hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cb, B, 1);
+            hvae_precision_merge_forward(post(m, ws, i - 1, 0), post(m, ws, i - 1, 1),
+                                         block_head(ws, &m->enc[i - 1], 0),
+                                         block_head(ws, &m->enc[i - 1], 1),
+                                         prior(m, ws, i - 1, 0),
+                                         prior(m, ws, i - 1, 1), count);
+            memcpy(ws_act(ws, m->latent[i - 1].z_col), post(m, ws, i - 1, 0),
+                   (size_t)count * sizeof(float));
+        }
+    }
+    for (int32_t i = 0; i < T; i++) {
+        int64_t d = m->latent_dims[i], row = a->r0 + lo;
+        hvae_latent_call c = latent_call(m, NULL, i, B);
+        m->latent[i].family->summary(a->mu && a->mu[i] ? a->mu[i] + row * d : NULL,
+                                     a->logvar && a->logvar[i] ? a->logvar[i] + row * d : NULL,
+                                     post(m, ws, i, 0), post(m, ws, i, 1), &c);
+    }
+}
+
+static void encode_rows_part(void *ctx, int part, int n_parts)
+{
+    const encode_args *a = ctx;
+    int64_t lo, hi;
+    hvae_split(a->B, part, n_parts, 12, &lo, &hi);
+    if (hi <= lo)
+        return;
+    hvae_workspace slice = row_slice(a->ws, lo, hi);
+    encode_rows(a, &slice, lo, hi);
+}
+
+/* split: the pool's threads may each take rows in a slice of ws; without,
+ * the chunk's posteriors stay in ws's own layout (hvae_responsibilities
+ * reads them there). */
+static hvae_status encode(hvae_model *m, hvae_workspace *ws, const float *x,
+                          const float *cond, int64_t n, float *const *mu,
+                          float *const *logvar, int split)
 {
     hvae_status st = check_call(m, ws, n, cond);
     if (st != HVAE_OK)
         return st;
-    int32_t T = m->config.n_layers;
-    int ladder = m->config.inference == HVAE_INFERENCE_LADDER;
+    hvae_packed_begin(m, ws, n);
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
-        if (ws_stop(ws))
+        if (ws_stop(ws)) {
+            hvae_packed_end(ws);
             return HVAE_ERR_STOPPED;
-        const float *cb = rows_of(cond, r0, m->config.n_conditions);
-        const float *inp = x + r0 * m->config.n_features;
-        for (int32_t i = 0; i < T; i++) {
-            hvae_block_forward(m, ws, &m->enc[i], inp, cb, B, 1);
-            inp = block_head(ws, &m->enc[i], 0);
-            if (m->latent[i].family->n_heads == 1) {
-                /* A categorical layer passes up its class probabilities. */
-                hvae_latent_call c = latent_call(m, NULL, i, B);
-                float *probs = ws_act(ws, m->latent[i].z_col);
-                m->latent[i].family->summary(probs, NULL, inp, NULL, &c);
-                inp = probs;
-            }
         }
-        if (ladder) {
-            /* Top-down at the means: z_T = mu_hat_T, then each layer's
-             * merged posterior with the prior at the mean above. */
-            float *z_top = ws_act(ws, m->latent[T - 1].z_col);
-            memcpy(z_top, post(m, ws, T - 1, 0),
-                   (size_t)(B * m->latent_dims[T - 1]) * sizeof(float));
-            for (int32_t i = T - 1; i >= 1; i--) {
-                int64_t count = B * m->latent_dims[i - 1];
-                hvae_block_forward(m, ws, &m->dec[i], ws_act(ws, m->latent[i].z_col), cb, B, 1);
-                hvae_precision_merge_forward(post(m, ws, i - 1, 0), post(m, ws, i - 1, 1),
-                                             block_head(ws, &m->enc[i - 1], 0),
-                                             block_head(ws, &m->enc[i - 1], 1),
-                                             prior(m, ws, i - 1, 0),
-                                             prior(m, ws, i - 1, 1), count);
-                memcpy(ws_act(ws, m->latent[i - 1].z_col), post(m, ws, i - 1, 0),
-                       (size_t)count * sizeof(float));
-            }
-        }
-        for (int32_t i = 0; i < T; i++) {
-            int64_t d = m->latent_dims[i];
-            hvae_latent_call c = latent_call(m, NULL, i, B);
-            m->latent[i].family->summary(mu && mu[i] ? mu[i] + r0 * d : NULL,
-                                         logvar && logvar[i] ? logvar[i] + r0 * d : NULL,
-                                         post(m, ws, i, 0), post(m, ws, i, 1), &c);
-        }
+        encode_args a = {m, ws, x + r0 * m->config.n_features,
+                         rows_of(cond, r0, m->config.n_conditions), B, mu, logvar, r0};
+        if (split && rows_split(m, ws, B))
+            hvae_parallel(encode_rows_part, &a, rows_parts(m, B));
+        else
+            encode_rows(&a, ws, 0, B);
     }
+    hvae_packed_end(ws);
     return HVAE_OK;
+}
+
+hvae_status hvae_encode(hvae_model *m, hvae_workspace *ws, const float *x,
+                        const float *cond, int64_t n, float *const *mu,
+                        float *const *logvar)
+{
+    return encode(m, ws, x, cond, n, mu, logvar, 1);
 }
 
 /* Mean (and log-variance) of p(x | z_1) for the B rows in dec[0]'s heads. */
@@ -1410,8 +1582,8 @@ hvae_status hvae_responsibilities(hvae_model *m, hvae_workspace *ws, const float
     for (int64_t r0 = 0; r0 < n; r0 += ws->max_rows) {
         int64_t B = n - r0 < ws->max_rows ? n - r0 : ws->max_rows;
         /* The top layer's posterior mean stays in the workspace. */
-        st = hvae_encode(m, ws, x + r0 * m->config.n_features,
-                         rows_of(cond, r0, m->config.n_conditions), B, NULL, NULL);
+        st = encode(m, ws, x + r0 * m->config.n_features,
+                    rows_of(cond, r0, m->config.n_conditions), B, NULL, NULL, 0);
         if (st != HVAE_OK)
             return st;
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 0, NULL);
