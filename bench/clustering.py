@@ -51,11 +51,11 @@ PUBLISHED_VADE_MNIST = 0.9446  # Jiang et al. 2017, all 70k MNIST images
 
 #: VaDE's settings per data set (epoch counts before --scale).
 CONFIGS = {
-    "digits": dict(latent_dims=(8,), hidden_dims=(256, 256), pretrain_epochs=30,
+    "digits": dict(latent_dims=(8,), hidden_dims=(256, 256), pretrain_epochs=100,
                    n_epochs=20, n_init=4, batch_size=32),
     "mnist": dict(latent_dims=(10,), hidden_dims=(500, 500), pretrain_epochs=20,
                   n_epochs=30, n_init=1, batch_size=100),
-    "fashion": dict(latent_dims=(10,), hidden_dims=(500, 500), pretrain_epochs=20,
+    "fashion": dict(latent_dims=(10,), hidden_dims=(500, 500), pretrain_epochs=100,
                     n_epochs=30, n_init=1, batch_size=100),
 }
 N_PCA = {"digits": 20, "mnist": 50, "fashion": 50}
