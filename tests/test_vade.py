@@ -62,27 +62,24 @@ def test_recovers_well_separated_clusters():
 
 def test_against_kmeans_on_the_digits():
     """The issue's test: on the 1797 digits, VaDE's clustering accuracy
-    against KMeans' on the same rows (0.792), at a short budget (30 + 20
-    epochs, one run, a few seconds on a quiet machine). Here VaDE scores
-    0.815 (NMI 0.845 against 0.742) with its default full-covariance
-    prior, 0.803 (NMI 0.825) with the diagonal one. Over 14 runs of this recipe
-    (8-dimensional codes, the full-covariance mixture's clusters as the
-    start; random_state 0..5 here and 8 seeds of the same pipeline) it
-    scored 0.78 to 0.92, mean 0.83, below KMeans once: not the several
-    points on every seed the issue asks (see the README's clustering
-    section), so the margin asserted on accuracy is small and NMI carries
-    the clear one."""
+    against KMeans' on the same rows (0.792), at the bench's budget (100 +
+    20 epochs, one run; the t-SNE map takes most of the time). With the
+    defaults (clusters found on a t-SNE map of the codes, full-covariance
+    prior) six seeds of this recipe on one thread scored 0.81 to 0.93, mean
+    0.87 (NMI 0.85 to 0.89 against KMeans' 0.742); the former recipe (the
+    codes' own GaussianMixture, diagonal prior, 30 pretraining epochs)
+    scored 0.78 to 0.92, mean 0.83, once below KMeans."""
     X, y = load_digits()
     kmeans = KMeans(10, n_init=10, random_state=0).fit_predict(X)
-    vade = VaDE(10, latent_dims=(8,), likelihood="bernoulli", pretrain_epochs=30,
+    vade = VaDE(10, latent_dims=(8,), likelihood="bernoulli", pretrain_epochs=100,
                 n_epochs=20, batch_size=32, n_init=1, random_state=0, n_threads=2).fit(X)
     acc_vade, acc_kmeans = clustering_accuracy(y, vade.labels_), clustering_accuracy(y, kmeans)
     nmi_vade = normalized_mutual_info_score(y, vade.labels_)
     nmi_kmeans = normalized_mutual_info_score(y, kmeans)
     print(f"digits: VaDE accuracy {acc_vade:.3f} NMI {nmi_vade:.3f}; "
           f"KMeans accuracy {acc_kmeans:.3f} NMI {nmi_kmeans:.3f}")
-    assert acc_vade > acc_kmeans + 0.005, (acc_vade, acc_kmeans)
-    assert nmi_vade > nmi_kmeans + 0.05, (nmi_vade, nmi_kmeans)
+    assert acc_vade > acc_kmeans + 0.01, (acc_vade, acc_kmeans)
+    assert nmi_vade > nmi_kmeans + 0.08, (nmi_vade, nmi_kmeans)
 
 
 def test_tsne_initialisation():
