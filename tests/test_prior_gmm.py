@@ -41,17 +41,18 @@ def prior_values(cfg, rng):
 
 
 class GmmProblem(tg.Problem):
-    """test_gradients.Problem with the mixture prior on the top layer."""
+    """test_gradients.Problem with a mixture prior on the top layer, its
+    tensors drawn by values(cfg, rng) (the diagonal prior's by default; the
+    full-covariance tests pass their own, and their case_id)."""
 
-    def __init__(self, cfg, seed=0):
+    def __init__(self, cfg, seed=0, values=prior_values, case_id=gmm_id):
         self.cfg = cfg
-        rng = np.random.default_rng(list(f"{seed}:{gmm_id(cfg)}".encode()))
+        rng = np.random.default_rng(list(f"{seed}:{case_id(cfg)}".encode()))
         self.model = hvae.Model(seed=seed, **cfg.model_kwargs())
-        p0 = ref.random_parameters(cfg, rng, scale=1.5)
-        params = ref.unflatten(p0, cfg)
-        for name, value in prior_values(cfg, rng).items():
+        self.p0 = ref.random_parameters(cfg, rng, scale=1.5)
+        params = ref.unflatten(self.p0, cfg)
+        for name, value in values(cfg, rng).items():
             params[name][...] = value
-        self.p0 = p0
         self.model.parameters[:] = self.p0
         self.x = ref.random_data(cfg, tg.N_ROWS, rng)
         self.noise = ref.random_noise(cfg, tg.N_ROWS, rng)

@@ -23,6 +23,7 @@ import test_gradients as tg  # noqa: E402
 # The two gradient checks, run here on the full-covariance problems below.
 from test_gradients import (test_gradient_matches_float64_reference,  # noqa: E402,F401
                             test_gradient_matches_own_finite_differences)
+from test_prior_gmm import GmmProblem  # noqa: E402
 from test_vade import small_vade, synthetic_clusters  # noqa: E402
 
 import hvae  # noqa: E402
@@ -56,25 +57,9 @@ def prior_values(cfg, rng):
     return values
 
 
-class FullProblem(tg.Problem):
+def FullProblem(cfg, seed=0):
     """test_gradients.Problem with the full-covariance mixture on top."""
-
-    def __init__(self, cfg, seed=0):
-        self.cfg = cfg
-        rng = np.random.default_rng(list(f"{seed}:{full_id(cfg)}".encode()))
-        self.model = hvae.Model(seed=seed, **cfg.model_kwargs())
-        self.p0 = ref.random_parameters(cfg, rng, scale=1.5)
-        params = ref.unflatten(self.p0, cfg)
-        for name, value in prior_values(cfg, rng).items():
-            params[name][...] = value
-        self.model.parameters[:] = self.p0
-        self.x = ref.random_data(cfg, tg.N_ROWS, rng)
-        self.noise = ref.random_noise(cfg, tg.N_ROWS, rng)
-        loss, grad = self.model.loss_and_grad(self.x, noise=self.noise)
-        self.loss0 = float(loss)
-        self.grad0 = np.array(grad, dtype=np.float64)
-        self.kinked = (cfg.activation in ref.KINKED_ACTIVATIONS
-                       and len(cfg.hidden_dims) > 0)
+    return GmmProblem(cfg, seed, values=prior_values, case_id=full_id)
 
 
 @pytest.fixture(scope="module", params=FULL_CASES, ids=full_id)
