@@ -95,26 +95,32 @@ def test_elbo_terms_and_log_weights_match_the_reference(problem):
     assert abs(loss_iwae + sampled["elbo"].mean()) <= 1e-5 * (1 + abs(loss_iwae))
 
 
-def test_iwae_gradient_matches_reference_finite_differences():
-    """objective='iwae' differentiates the sampled log-ratio (its own backward)."""
-    cfg = GMM_CASES[0]
-    problem = GmmProblem(cfg, seed=3)
-    S = 3
+def check_iwae_against_the_reference(problem, what, S=3):
+    """objective='iwae' on problem (a GmmProblem): the loss against the
+    reference's, the gradient against the reference's central differences."""
+    cfg = problem.cfg
     rng = np.random.default_rng(5)
     noise = [rng.standard_normal((tg.N_ROWS * S, d)).astype(np.float32)
              for d in cfg.latent_dims]
-    _, grad = problem.model.loss_and_grad(problem.x, noise=noise, objective="iwae",
-                                          n_samples=S)
+    loss, grad = problem.model.loss_and_grad(problem.x, noise=noise, objective="iwae",
+                                             n_samples=S)
     grad = np.array(grad, np.float64)
     p64 = problem.p0.astype(np.float64)
 
-    def loss(flat):
+    def ref_loss(flat):
         return ref.objective_loss(ref.unflatten(flat, cfg), cfg, problem.x, noise,
                                   n_samples=S, objective="iwae")
 
-    g_ref = ref.central_differences(loss, p64)
+    assert abs(loss - ref_loss(p64)) <= 1e-5 * (1 + abs(loss))
+    g_ref = ref.central_differences(ref_loss, p64)
     scale = np.abs(g_ref).max()
-    ref.assert_close(grad, g_ref, 1e-3, 1e-5 * scale, "IWAE gradient with the mixture prior")
+    ref.assert_close(grad, g_ref, 1e-3, 1e-5 * scale, what)
+
+
+def test_iwae_gradient_matches_reference_finite_differences():
+    """objective='iwae' differentiates the sampled log-ratio (its own backward)."""
+    check_iwae_against_the_reference(GmmProblem(GMM_CASES[0], seed=3),
+                                     "IWAE gradient with the mixture prior")
 
 
 @pytest.mark.parametrize("inference", ["markov", "ladder"])

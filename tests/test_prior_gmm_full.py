@@ -23,7 +23,7 @@ import test_gradients as tg  # noqa: E402
 # The two gradient checks, run here on the full-covariance problems below.
 from test_gradients import (test_gradient_matches_float64_reference,  # noqa: E402,F401
                             test_gradient_matches_own_finite_differences)
-from test_prior_gmm import GmmProblem  # noqa: E402
+from test_prior_gmm import GmmProblem, check_iwae_against_the_reference  # noqa: E402
 from test_vade import small_vade, synthetic_clusters  # noqa: E402
 
 import hvae  # noqa: E402
@@ -100,25 +100,8 @@ def test_iwae_loss_and_gradient_match_the_reference(case):
     """objective='iwae' (the sampled term with the full marginal, several
     draws per row): the loss against the reference, the gradient against
     the reference's central differences."""
-    cfg = FULL_CASES[case]
-    problem = FullProblem(cfg, seed=3)
-    S = 3
-    rng = np.random.default_rng(5)
-    noise = [rng.standard_normal((tg.N_ROWS * S, d)).astype(np.float32)
-             for d in cfg.latent_dims]
-    loss, grad = problem.model.loss_and_grad(problem.x, noise=noise, objective="iwae",
-                                             n_samples=S)
-    grad = np.array(grad, np.float64)
-    p64 = problem.p0.astype(np.float64)
-
-    def ref_loss(flat):
-        return ref.objective_loss(ref.unflatten(flat, cfg), cfg, problem.x, noise,
-                                  n_samples=S, objective="iwae")
-
-    assert abs(loss - ref_loss(p64)) <= 1e-5 * (1 + abs(loss))
-    g_ref = ref.central_differences(ref_loss, p64)
-    scale = np.abs(g_ref).max()
-    ref.assert_close(grad, g_ref, 1e-3, 1e-5 * scale, "IWAE gradient, full covariances")
+    check_iwae_against_the_reference(FullProblem(FULL_CASES[case], seed=3),
+                                     "IWAE gradient, full covariances")
 
 
 def diagonal_twin(inference="markov", K=3, seed=4):

@@ -974,6 +974,29 @@ static void test_kernels(void)
     CHECK(fabs(ll - 3.0 * log(0.5)) < 1e-5);
 }
 
+/* The elements of an evaluation product (rowwise) that differ, bit for bit,
+ * from the chain acc = fmaf(x[k], w[k][j], acc) over k in order, the
+ * condition block after, then + bias (and ReLU when relu). */
+static int64_t rowwise_differences(const float *out, const float *inp, const float *cond,
+                                   const float *w, const float *bias, int64_t B, int64_t I,
+                                   int64_t C, int64_t O, int relu)
+{
+    int64_t differ = 0;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < O; j++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < I; k++)
+                acc = fmaf(inp[b * I + k], w[k * O + j], acc);
+            for (int64_t k = 0; k < C; k++)
+                acc = fmaf(cond[b * C + k], w[(I + k) * O + j], acc);
+            acc += bias[j];
+            if (relu)
+                acc = acc > 0.0f ? acc : 0.0f;
+            differ += memcmp(&acc, &out[b * O + j], sizeof acc) != 0;
+        }
+    return differ;
+}
+
 /* The evaluation product (rowwise) is, for every element, the chain
  * acc = fmaf(x[k], w[k][j], acc) over k in order, then + bias: checked bit
  * for bit on shapes with column tails (n_out % 16 != 0, n_out < 16), row
@@ -999,18 +1022,7 @@ static void test_rowwise_bits(void)
         hvae_rng_normal(&rng, bias, O);
         hvae_dense_cond_forward(out, inp, C ? cond : NULL, w, bias, HVAE_ACT_IDENTITY, B, I,
                                 C, O, 1);
-        int64_t differ = 0;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t j = 0; j < O; j++) {
-                float acc = 0.0f;
-                for (int64_t k = 0; k < I; k++)
-                    acc = fmaf(inp[b * I + k], w[k * O + j], acc);
-                for (int64_t k = 0; k < C; k++)
-                    acc = fmaf(cond[b * C + k], w[(I + k) * O + j], acc);
-                acc += bias[j];
-                differ += memcmp(&acc, &out[b * O + j], sizeof acc) != 0;
-            }
-        CHECK(differ == 0);
+        CHECK(rowwise_differences(out, inp, cond, w, bias, B, I, C, O, 0) == 0);
         free(inp);
         free(cond);
         free(w);
@@ -1055,19 +1067,7 @@ static void test_packed_kernel(void)
         hvae_dense_packed_forward(packed_out, inp, C ? cond : NULL, w, nw ? pw : NULL,
                                   nc ? pc : NULL, bias, HVAE_ACT_RELU, B, I, C, O, 1);
         CHECK(memcmp(copied, packed_out, (size_t)(B * O) * sizeof(float)) == 0);
-        int64_t differ = 0;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t j = 0; j < O; j++) {
-                float acc = 0.0f;
-                for (int64_t k = 0; k < I; k++)
-                    acc = fmaf(inp[b * I + k], w[k * O + j], acc);
-                for (int64_t k = 0; k < C; k++)
-                    acc = fmaf(cond[b * C + k], w[(I + k) * O + j], acc);
-                acc += bias[j];
-                acc = acc > 0.0f ? acc : 0.0f;
-                differ += memcmp(&acc, &packed_out[b * O + j], sizeof acc) != 0;
-            }
-        CHECK(differ == 0);
+        CHECK(rowwise_differences(packed_out, inp, cond, w, bias, B, I, C, O, 1) == 0);
         free(inp), free(cond), free(w), free(bias), free(copied), free(packed_out);
         free(pw), free(pc);
     }
