@@ -88,7 +88,8 @@ def test_elbo_terms_and_log_weights_match_the_reference(problem):
     ref.assert_close(terms["kl"], out["kl"], 1e-5, 1e-5, "per-layer terms")
     ref.assert_close(terms["elbo"], out["elbo"], 1e-5, 1e-5, "elbo")
     # The sampled path (IWAE's log-weights): log q(z) - log p(z), p the
-    # mixture's marginal.
+    # mixture's marginal (diagonal or full: test_prior_gmm_full runs this
+    # test on its own problems).
     sampled = ref.forward(params, cfg, problem.x, problem.noise, sampled=True)
     loss_iwae, _ = problem.model.loss_and_grad(problem.x, noise=problem.noise,
                                                objective="iwae", n_samples=1)
