@@ -133,6 +133,8 @@ static const char *phase_names[N_PHASES] = {
     "backward GEMM", "backward other", "finite check", "optimizer", "step total",
     "forward waits", "backward waits", "regions"};
 
+int main(int argc, char **argv);
+
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -144,6 +146,53 @@ static double median_of(double *v, int n)
     qsort(v, (size_t)n, sizeof *v, cmp_double);
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
+
+#ifdef HVAE_POOL_TRACE
+/* HVAE_PROFILE_TRACE=1: the pool's regions of a step, in order, medians
+ * over the last steps that the trace holds (us): the caller's part, how
+ * late the first worker started, its part, the caller's wait at the end,
+ * and the time since the previous region ended (serial work on the caller,
+ * the step's gap before its first region). Each region's function is
+ * printed as fn=+offset from main; profile_step.sh names them. */
+static void print_trace(long regions_before, long regions_after, int steps)
+{
+    long per = (regions_after - regions_before) / steps;
+    if (per <= 0 || (regions_after - regions_before) % steps != 0) {
+        printf("trace: %ld regions over %d steps, not a fixed number per step\n",
+               regions_after - regions_before, steps);
+        return;
+    }
+    long n = HVAE_POOL_TRACE / per - 1 < steps ? HVAE_POOL_TRACE / per - 1 : steps;
+    double *v[5];
+    for (int c = 0; c < 5; c++)
+        v[c] = calloc((size_t)n, sizeof(double));
+    static const char *names[5] = {"caller", "worker late", "worker", "wait", "gap before"};
+    printf("regions per step %ld (medians over %ld steps, us):", per, n);
+    for (int c = 0; c < 5; c++)
+        printf(" %s%s", names[c], c < 4 ? "," : "\n");
+    for (long k = 0; k < per; k++) {
+        for (long s = 0; s < n; s++) {
+            long r = regions_after - (n - s) * per + k;
+            const hvae_pool_trace_entry *e = &hvae_pool_trace[r % HVAE_POOL_TRACE];
+            const hvae_pool_trace_entry *prev = &hvae_pool_trace[(r - 1) % HVAE_POOL_TRACE];
+            v[0][s] = 1e-3 * (double)(e->caller_end - e->start);
+            v[1][s] = 1e-3 * (double)(e->worker_start - e->start);
+            v[2][s] = 1e-3 * (double)(e->worker_end - e->worker_start);
+            v[3][s] = 1e-3 * (double)(e->end - e->caller_end);
+            v[4][s] = 1e-3 * (double)(e->start - prev->end);
+        }
+        const hvae_pool_trace_entry *last =
+            &hvae_pool_trace[(regions_after - per + k) % HVAE_POOL_TRACE];
+        printf("  %3ld fn=%+ld", k, (long)((const char *)(void *)last->fn -
+                                           (const char *)(void *)main));
+        for (int c = 0; c < 5; c++)
+            printf(" %8.1f", median_of(v[c], (int)n));
+        printf("\n");
+    }
+    for (int c = 0; c < 5; c++)
+        free(v[c]);
+}
+#endif
 
 int main(int argc, char **argv)
 {
@@ -209,8 +258,11 @@ int main(int argc, char **argv)
     for (int p = 0; p < N_PHASES; p++)
         times[p] = calloc((size_t)steps, sizeof(double));
     int warm = 20;
+    long regions_timed = 0;
     double wall0 = wall_now(), busy0 = system_busy(), own0 = own_cpu();
     for (int s = -warm; s < steps; s++) {
+        if (s == 0)
+            regions_timed = hvae_pool_regions;
         double t[N_PHASES] = {0};
         int64_t start = ((int64_t)(s + warm) * batch) % (n - batch);
         double t0 = now(), step0 = t0;
@@ -272,6 +324,11 @@ int main(int argc, char **argv)
             for (int p = 0; p < N_PHASES; p++)
                 times[p][s] = t[p];
     }
+#ifdef HVAE_POOL_TRACE
+    if (getenv("HVAE_PROFILE_TRACE"))
+        print_trace(regions_timed, hvae_pool_regions, steps);
+#endif
+    (void)regions_timed;
     double gemm_flops_step = 0.0;
     for (int c = 0; c < n_recorded; c++)
         gemm_flops_step += 2.0 * recorded[c].M * recorded[c].N * recorded[c].K;

@@ -5,8 +5,9 @@
 #
 #   bench/profile_step.sh [threads] [steps] [latent...] [-- hidden...]
 #   bench/profile_step.sh 2 300                 # W2 on two threads
-#   bench/profile_step.sh 1 200 32 16           # W3 on one thread
+#   bench/profile_step.sh 1 200 32 16 -- 512 256          # W3 on one thread
 #   bench/profile_step.sh 1 200 64 32 16 8 4 -- 256 128   # W4
+#   HVAE_PROFILE_TRACE=1 bench/profile_step.sh 2 300      # and each parallel region
 set -euo pipefail
 # HVAE_PROFILE_SRC: another tree's csrc/ (say, an older commit's) to build.
 here=$(cd "$(dirname "$0")" && pwd)
@@ -31,4 +32,21 @@ done
 # shellcheck disable=SC2086
 ${CC:-gcc} $flags "$here/profile_step.c" "${objs[@]}" -L"$libdir" -lscipy_openblas \
     -Wl,-rpath,"$libdir" -lm -o "$out/profile_step"
-"$out/profile_step" "$@"
+if [ -z "${HVAE_PROFILE_TRACE:-}" ]; then
+    "$out/profile_step" "$@"
+    exit
+fi
+# The trace prints each region's function as an offset from main: name it
+# from the binary's symbol table.
+"$out/profile_step" "$@" | python3 -c '
+import bisect, re, subprocess, sys
+table = subprocess.run(["nm", sys.argv[1]], capture_output=True, text=True).stdout.split("\n")
+symbols = sorted((int(f[0], 16), f[2]) for f in (l.split() for l in table)
+                 if len(f) == 3 and f[1] in "tT")
+starts = [a for a, _ in symbols]
+main = dict((n, a) for a, n in symbols)["main"]
+def name(match):
+    return symbols[bisect.bisect_right(starts, main + int(match.group(1))) - 1][1].ljust(24)
+for line in sys.stdin:
+    sys.stdout.write(re.sub(r"fn=([+-][0-9]+)", name, line))
+' "$out/profile_step"

@@ -210,6 +210,22 @@ static inline float *block_dhead(const hvae_workspace *ws,
  * are done (n = 1 when the pool is busy or the call is nested). */
 #define HVAE_MAX_THREADS 64
 typedef void (*hvae_task_fn)(void *ctx, int part, int n_parts);
+
+#ifdef HVAE_POOL_STATS
+/* bench/profile_step.c's view of the pool (parallel.c, profile builds
+ * only): the last HVAE_POOL_TRACE regions, entry hvae_pool_regions %
+ * HVAE_POOL_TRACE, times in CLOCK_MONOTONIC ns: the region's start, the end
+ * of the caller's part, the first worker's part, the end of the caller's
+ * wait for the workers. */
+#define HVAE_POOL_TRACE 8192
+typedef struct {
+    hvae_task_fn fn;
+    int64_t start, caller_end, worker_start, worker_end, end;
+} hvae_pool_trace_entry;
+extern hvae_pool_trace_entry hvae_pool_trace[HVAE_POOL_TRACE];
+extern long hvae_pool_regions;
+extern double hvae_pool_wait_seconds;
+#endif
 void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts);
 /* Makes the pool n_threads strong (n_threads - 1 workers); returns the
  * thread count it has (fewer if threads could not be made). */

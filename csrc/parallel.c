@@ -91,6 +91,18 @@ static struct {
 } worker_start[MAX_WORKERS];
 
 static _Thread_local int in_region;
+
+#ifdef HVAE_POOL_STATS
+/* For bench/profile_step.c (internal.h): regions run, the time callers
+ * spent waiting for workers at their end, the trace of the last regions. */
+long hvae_pool_regions;
+double hvae_pool_wait_seconds;
+hvae_pool_trace_entry hvae_pool_trace[HVAE_POOL_TRACE];
+static hvae_pool_trace_entry *trace_entry(void)
+{
+    return &hvae_pool_trace[hvae_pool_regions % HVAE_POOL_TRACE];
+}
+#endif
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static int64_t monotonic_ns(void)
@@ -133,8 +145,17 @@ static void *worker_main(void *arg)
         seen = g;
         if (atomic_load(&pool.stop))
             break;
+#ifdef HVAE_POOL_STATS
+        /* hvae_pool_regions changes only after every worker has left */
+        if (part == 1)
+            trace_entry()->worker_start = monotonic_ns();
+#endif
         if (part < pool.n_parts)
             pool.fn(pool.ctx, part, pool.n_parts);
+#ifdef HVAE_POOL_STATS
+        if (part == 1)
+            trace_entry()->worker_end = monotonic_ns();
+#endif
         atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
     }
     return NULL;
@@ -152,19 +173,8 @@ static void wake_workers(void)
     }
 }
 
-#ifdef HVAE_POOL_STATS
-/* For bench/profile_step.c: regions run and the time callers spent
- * waiting for workers at their end. */
-long hvae_pool_regions;
-double hvae_pool_wait_seconds;
-#endif
-
 static void wait_workers(void)
 {
-#ifdef HVAE_POOL_STATS
-    int64_t t0 = monotonic_ns();
-    hvae_pool_regions++;
-#endif
     int spins = 0;
     while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
         if (++spins % WAIT_SPINS_BEFORE_YIELD == 0)
@@ -172,9 +182,6 @@ static void wait_workers(void)
         else
             cpu_relax();
     }
-#ifdef HVAE_POOL_STATS
-    hvae_pool_wait_seconds += 1e-9 * (double)(monotonic_ns() - t0);
-#endif
 }
 
 /* Joins every worker; the caller holds resize and owner. */
@@ -290,9 +297,22 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts)
     pool.ctx = ctx;
     pool.n_parts = n_parts < workers + 1 ? n_parts : workers + 1;
     in_region = 1;
+#ifdef HVAE_POOL_STATS
+    hvae_pool_trace_entry *trace = trace_entry();
+    trace->fn = fn;
+    trace->start = monotonic_ns();
+#endif
     wake_workers();
     fn(ctx, 0, pool.n_parts);
+#ifdef HVAE_POOL_STATS
+    trace->caller_end = monotonic_ns();
+#endif
     wait_workers();
+#ifdef HVAE_POOL_STATS
+    trace->end = monotonic_ns();
+    hvae_pool_wait_seconds += 1e-9 * (double)(trace->end - trace->caller_end);
+    hvae_pool_regions++;
+#endif
     in_region = 0;
     pthread_mutex_unlock(&pool.owner);
 }
