@@ -161,3 +161,32 @@ def test_the_headline_model_uses_its_latent_units(workdir):
     vae, X = namespace["vae"], namespace["X"]
     assert vae.active_units(X) == [8, 4]
     assert vae.score(X) > -26.0           # a collapsed model scores about -27.3
+
+
+def _heading_anchors(text):
+    """GitHub's anchors of the Markdown headings outside fenced blocks."""
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if _FENCE.match(line.strip()) or line.startswith("```"):
+            fenced = not fenced
+            continue
+        match = re.match(r"^#{1,6} (.+)$", line)
+        if match and not fenced:
+            title = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower())
+            anchors.add(title.replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_within_the_readme_finds_its_heading():
+    """The contents list and the cross-references ([text](#anchor)) lead
+    somewhere: a heading renamed without its links fails here."""
+    text = README.read_text(encoding="utf-8")
+    anchors = _heading_anchors(text)
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert len(links) >= 20  # the contents list alone has more
+    assert sorted(set(links) - anchors) == []
+    # every top-level section is in the contents list
+    sections = re.findall(r"^## (.+)$", text, re.M)
+    contents = text[text.index("**Contents**"):text.index("## Install and run")]
+    for title in sections:
+        assert f"[{title}](#" in contents, title
