@@ -411,7 +411,7 @@ HVAE_API void hvae_precision_merge_backward(float *dmu_hat, float *dlv_hat,
                                             const float *lv_p, int64_t n);
 
 /* Per-row log N(x; mu, exp(lv)) in nats, constants included, into ll (B).
- * lv may be NULL for unit variance. */
+ * mu may be NULL for zero mean, lv for unit variance. */
 HVAE_API void hvae_gaussian_loglik_forward(double *ll, const float *x,
                                            const float *mu, const float *lv,
                                            int64_t B, int64_t D);
@@ -743,6 +743,18 @@ HVAE_API int64_t hvae_model_n_components(const hvae_model *model);
 HVAE_API hvae_status hvae_responsibilities(hvae_model *model, hvae_workspace *ws,
                                            const float *x, const float *cond,
                                            int64_t n, double *gamma);
+
+/* The top layer's prior density, log p(z_T), at n rows z (n, d_T) into out
+ * (n), in nats: N(0, I)'s; a mixture's logsumexp_c [log p(c) + log
+ * N(z; mu_c, Sigma_c)]; the VampPrior's log (1/K) sum_k q(z | u_k); the
+ * density ratio's log N(z; 0, I) + T(z), UNNORMALISED (normalised only at
+ * the discriminator's optimum, as the log-likelihood under it). Each row
+ * is computed alone (the same bits whatever the other rows and the thread
+ * count); ws provides the VampPrior's pass over its pseudo-inputs (any
+ * max_rows). HVAE_ERR_INVALID_ARGUMENT for a categorical top layer (its
+ * uniform prior is over classes, not a density over z_T). */
+HVAE_API hvae_status hvae_prior_log_density(hvae_model *model, hvae_workspace *ws,
+                                            const float *z, int64_t n, double *out);
 
 /* Where the prior's own tensors ("prior.*") start in the flat parameter
  * buffer; they run to its end (hvae_model_n_params). */

@@ -53,6 +53,14 @@ static void dr_term_backward(const hvae_prior_args *a, float scale, int closed_f
         hvae_discriminator_term_backward(a->model, a->z, a->B, -scale, a->dz);
 }
 
+/* log N(z; 0, I) + T(z): unnormalised, exactly the density the term and the
+ * log-likelihood use (normalised when E_N[exp T] = 1, at T's optimum). */
+static void dr_log_density(double *out, const hvae_prior_args *a)
+{
+    hvae_prior_normal.log_density(out, a);
+    hvae_discriminator_rows_forward(a->model, a->z, a->B, 1.0, out);
+}
+
 static void dr_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
 {
     const hvae_model *m = a->model;
@@ -88,4 +96,5 @@ const hvae_prior_ops hvae_prior_density_ratio = {
     .term_forward = dr_term_forward,
     .term_backward = dr_term_backward,
     .sample = dr_sample,
+    .log_density = dr_log_density,
 };
