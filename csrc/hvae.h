@@ -1029,7 +1029,8 @@ HVAE_API void hvae_permute_dims(float *out, const float *z, int64_t B, int64_t d
 /* initialises them, gives each row's term of the top layer (the closed-form */
 /* KL(q(z_T|.) || p(z_T)) from q's (mu, logvar) when it has one, else       */
 /* log q(z_T) - log p(z_T) at the sample) and its gradient into dz, dmu_q,   */
-/* dlogvar_q and the prior's own parameter gradients, and draws z_T. Its    */
+/* dlogvar_q and the prior's own parameter gradients, draws z_T, and gives  */
+/* log p(z_T) at given rows (hvae_prior_log_density, row by row). Its       */
 /* create/free hooks own any state: a mixture of Gaussians (learned          */
 /* weights, means, variances; per-component closed-form KL and              */
 /* responsibilities as in VaDE) needs only tensors; a VampPrior runs the    */
