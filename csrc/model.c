@@ -1199,7 +1199,10 @@ static int rows_parts(const hvae_model *m, int64_t B)
 
 static int rows_split(const hvae_model *m, const hvae_workspace *ws, int64_t B)
 {
-    return ws->prior_ws == NULL && hvae_pool_threads() > 1 && rows_parts(m, B) > 1;
+    /* Nor can the density ratio's term split: it runs the model's one
+     * discriminator, whose MLP has one set of activation buffers. */
+    return ws->prior_ws == NULL && m->config.prior != HVAE_PRIOR_DENSITY_RATIO &&
+           hvae_pool_threads() > 1 && rows_parts(m, B) > 1;
 }
 
 static hvae_workspace row_slice(const hvae_workspace *ws, int64_t lo, int64_t hi)
