@@ -10,7 +10,8 @@
  * p is normalised only when T is exact: an ELBO or log-likelihood under it
  * estimates log p(x) under the unnormalised prior N exp(T), whose
  * normaliser E_N[exp T] is 1 at the optimum (hvae_discriminator_log_ratio
- * lets a caller estimate it). Sampling: sampling-importance-resampling,
+ * lets a caller estimate it); hvae_prior_log_density gives log N + T, that
+ * unnormalised density. Sampling: sampling-importance-resampling,
  * HVAE_DISC_CHUNK draws from N(0, I) per sample, one kept with probability
  * proportional to exp(T). No parameters of its own: the discriminator's
  * close the buffer. */

@@ -34,6 +34,10 @@
  * Cost: per call, one encoder pass over the K pseudo-inputs (in the
  * workspace's prior_ws, computed once per minibatch, not per row), and
  * B * K * d multiply-adds for the mixture (three passes in the backward).
+ *
+ * log p(z) itself (hvae_prior_log_density) is the term's row log-sum-exp
+ * with the 2 pi constants put back, after a pass over the pseudo-inputs
+ * with rowwise products (the same bits on any number of threads).
  */
 #include "internal.h"
 #include "fastmath.h"
