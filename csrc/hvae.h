@@ -752,7 +752,8 @@ HVAE_API hvae_status hvae_responsibilities(hvae_model *model, hvae_workspace *ws
  * is computed alone (the same bits whatever the other rows and the thread
  * count); ws provides the VampPrior's pass over its pseudo-inputs (any
  * max_rows). HVAE_ERR_INVALID_ARGUMENT for a categorical top layer (its
- * uniform prior is over classes, not a density over z_T). */
+ * uniform prior is over classes, not a density over z_T) or a prior table
+ * without the operation. */
 HVAE_API hvae_status hvae_prior_log_density(hvae_model *model, hvae_workspace *ws,
                                             const float *z, int64_t n, double *out);
 

@@ -1607,7 +1607,7 @@ hvae_status hvae_prior_log_density(hvae_model *m, hvae_workspace *ws, const floa
      * model's NULL one. */
     int32_t top = m ? m->config.n_layers - 1 : 0;
     if (!m || !ws || ws->model != m || n < 0 || (n > 0 && (!z || !out)) ||
-        !m->latent[top].family->top_prior_table)
+        !m->latent[top].family->top_prior_table || !m->prior->log_density)
         return HVAE_ERR_INVALID_ARGUMENT;
     int64_t d = m->latent_dims[top];
     for (int64_t r0 = 0; r0 < n; r0 += PRIOR_DENSITY_ROWS) {
