@@ -68,15 +68,19 @@ void hvae_discriminator_init(hvae_model *m, uint64_t seed)
         hvae_mlp_init(m->disc, seed ^ 0xd15c0d15c0ULL);
 }
 
-/* term[r] += coeff * T(z_r) over B rows; returns sum_r T(z_r). */
-double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int64_t B,
-                                       double coeff, double *term)
+/* term[r] += coeff * T(z_r) over B rows; returns sum_r T(z_r). rowwise:
+ * each row computed alone (evaluation), else BLAS's products (training). */
+static double term_forward(const hvae_model *m, const float *z, int64_t B, double coeff,
+                           double *term, int rowwise)
 {
     int64_t d = hvae_mlp_n_in(m->disc);
     double sum = 0.0;
     for (int64_t r0 = 0; r0 < B; r0 += 2 * HVAE_DISC_CHUNK) {
         int64_t n = B - r0 < 2 * HVAE_DISC_CHUNK ? B - r0 : 2 * HVAE_DISC_CHUNK;
-        hvae_mlp_forward(m->disc, z + r0 * d, n, NULL);
+        if (rowwise)
+            hvae_mlp_forward_rowwise(m->disc, z + r0 * d, n, NULL);
+        else
+            hvae_mlp_forward(m->disc, z + r0 * d, n, NULL);
         const float *t = hvae_mlp_output(m->disc);
         for (int64_t r = 0; r < n; r++) {
             sum += t[r];
@@ -85,6 +89,18 @@ double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int6
         }
     }
     return sum;
+}
+
+double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int64_t B,
+                                       double coeff, double *term)
+{
+    return term_forward(m, z, B, coeff, term, 0);
+}
+
+double hvae_discriminator_rows_forward(const hvae_model *m, const float *z, int64_t B,
+                                       double coeff, double *term)
+{
+    return term_forward(m, z, B, coeff, term, 1);
 }
 
 /* dz (B, d) += coeff * dT/dz at each row (the forward recomputed per chunk,

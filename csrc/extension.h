@@ -60,6 +60,12 @@ typedef struct {
     void (*term_backward)(const hvae_prior_args *a, float scale, int closed_form);
     /* Draws z (B, d) from the prior. */
     void (*sample)(float *z, const hvae_prior_args *a, hvae_rng *rng);
+    /* log p(z_T) at the B rows a->z into out (B) (hvae_prior_log_density):
+     * each row computed alone, so the same bits whatever the other rows and
+     * the thread count. The density ratio's is unnormalised (its
+     * normaliser is 1 only at the discriminator's optimum). Every prior
+     * here has one; NULL makes hvae_prior_log_density refuse the model. */
+    void (*log_density)(double *out, const hvae_prior_args *a);
     /* A mixture prior's components (NULL: none): how many, and p(c | z)
      * at a->z into gamma (B, K). */
     int64_t (*n_components)(const hvae_config *config);

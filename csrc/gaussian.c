@@ -170,7 +170,7 @@ void hvae_gaussian_loglik_forward(double *ll, const float *x, const float *mu,
         double sum = 0.0;
         for (int64_t j0 = 0; j0 < D; j0 += HVAE_CHUNK) {
             int64_t len = D - j0 < HVAE_CHUNK ? D - j0 : HVAE_CHUNK, at = b * D + j0;
-            const float *xb = x + at, *mb = mu + at, *lb = lv ? lv + at : zeros;
+            const float *xb = x + at, *mb = mu ? mu + at : zeros, *lb = lv ? lv + at : zeros;
             for (int64_t j = 0; j < len; j++)
                 terms[j] = gaussian_ll_term(xb[j], mb[j], lb[j]);
             sum += hvae_sum_chunk(terms, len);

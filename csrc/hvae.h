@@ -411,7 +411,7 @@ HVAE_API void hvae_precision_merge_backward(float *dmu_hat, float *dlv_hat,
                                             const float *lv_p, int64_t n);
 
 /* Per-row log N(x; mu, exp(lv)) in nats, constants included, into ll (B).
- * lv may be NULL for unit variance. */
+ * mu may be NULL for zero mean, lv for unit variance. */
 HVAE_API void hvae_gaussian_loglik_forward(double *ll, const float *x,
                                            const float *mu, const float *lv,
                                            int64_t B, int64_t D);
@@ -744,6 +744,19 @@ HVAE_API hvae_status hvae_responsibilities(hvae_model *model, hvae_workspace *ws
                                            const float *x, const float *cond,
                                            int64_t n, double *gamma);
 
+/* The top layer's prior density, log p(z_T), at n rows z (n, d_T) into out
+ * (n), in nats: N(0, I)'s; a mixture's logsumexp_c [log p(c) + log
+ * N(z; mu_c, Sigma_c)]; the VampPrior's log (1/K) sum_k q(z | u_k); the
+ * density ratio's log N(z; 0, I) + T(z), UNNORMALISED (normalised only at
+ * the discriminator's optimum, as the log-likelihood under it). Each row
+ * is computed alone (the same bits whatever the other rows and the thread
+ * count); ws provides the VampPrior's pass over its pseudo-inputs (any
+ * max_rows). HVAE_ERR_INVALID_ARGUMENT for a categorical top layer (its
+ * uniform prior is over classes, not a density over z_T) or a prior table
+ * without the operation. */
+HVAE_API hvae_status hvae_prior_log_density(hvae_model *model, hvae_workspace *ws,
+                                            const float *z, int64_t n, double *out);
+
 /* Where the prior's own tensors ("prior.*") start in the flat parameter
  * buffer; they run to its end (hvae_model_n_params). */
 HVAE_API int64_t hvae_model_prior_offset(const hvae_model *model);
@@ -1017,7 +1030,8 @@ HVAE_API void hvae_permute_dims(float *out, const float *z, int64_t B, int64_t d
 /* initialises them, gives each row's term of the top layer (the closed-form */
 /* KL(q(z_T|.) || p(z_T)) from q's (mu, logvar) when it has one, else       */
 /* log q(z_T) - log p(z_T) at the sample) and its gradient into dz, dmu_q,   */
-/* dlogvar_q and the prior's own parameter gradients, and draws z_T. Its    */
+/* dlogvar_q and the prior's own parameter gradients, draws z_T, and gives  */
+/* log p(z_T) at given rows (hvae_prior_log_density, row by row). Its       */
 /* create/free hooks own any state: a mixture of Gaussians (learned          */
 /* weights, means, variances; per-component closed-form KL and              */
 /* responsibilities as in VaDE) needs only tensors; a VampPrior runs the    */

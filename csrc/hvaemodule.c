@@ -1972,6 +1972,53 @@ done:
     return result;
 }
 
+/* prior_log_density(Z): Z is checked (2-D, d_T columns, finite) before any
+ * work; the call needs the workspace only for the VampPrior's pass over its
+ * pseudo-inputs, so any workspace will do (no rows of its own). The model
+ * takes no condition here: the top layer's prior has none. */
+static PyObject *Model_prior_log_density(ModelObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"Z", NULL};
+    PyObject *z_obj, *out = NULL;
+    PyArrayObject *z = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:prior_log_density", kwlist, &z_obj))
+        return NULL;
+    const hvae_config *c = hvae_model_config(self->model);
+    int32_t top = c->n_layers - 1;
+    if (c->latent_families[top] != HVAE_LATENT_GAUSSIAN) {
+        PyErr_Format(PyExc_ValueError, "prior_log_density needs a Gaussian top layer: this "
+                     "model's top layer is '%s', whose uniform prior is over classes, not "
+                     "a density over z_T", choice_name(CHOICE_LATENT_FAMILY,
+                                                       c->latent_families[top]));
+        return NULL;
+    }
+    if (model_enter(self) < 0)
+        return NULL;
+    z = as_finite_matrix(z_obj, hvae_model_latent_width(self->model, top), "Z");
+    if (!z || ensure_workspace(self, 1) < 0)
+        goto done;
+    npy_intp n = PyArray_DIM(z, 0);
+    out = new_array(1, &n, NPY_FLOAT64);
+    if (!out)
+        goto done;
+    poll_ctx pc;
+    poll_begin(&pc, self);
+    hvae_status st = hvae_prior_log_density(self->model, self->ws, PyArray_DATA(z), n,
+                                            out_data(out));
+    /* -inf is an answer (a code so far out that its density underflows). */
+    const double *v = out_data(out);
+    int bad = 0;
+    for (npy_intp k = 0; st == HVAE_OK && k < n; k++)
+        bad |= v[k] != v[k] || v[k] == HUGE_VAL;
+    if (poll_end(&pc, self, st, "prior_log_density failed") < 0 ||
+        check_outputs("prior_log_density", !bad) < 0)
+        Py_CLEAR(out);
+done:
+    model_leave(self);
+    Py_XDECREF(z);
+    return out;
+}
+
 /* ---- fit ----------------------------------------------------------------- */
 
 
@@ -2929,6 +2976,13 @@ static PyMethodDef Model_methods[] = {
      "responsibilities(X, cond=None)\n--\n\n"
      "q(c | x) of a mixture prior's components, (n, K) float64 rows summing to 1:\n"
      "p(c | z_T) at the posterior mean of z_T (deterministic; hvae_responsibilities)."},
+    {"prior_log_density", (PyCFunction)(void (*)(void))Model_prior_log_density,
+     METH_VARARGS | METH_KEYWORDS,
+     "prior_log_density(Z)\n--\n\n"
+     "log p(z_T) of the top layer's prior at rows Z (n, d_T), (n,) float64 in nats\n"
+     "(hvae_prior_log_density): N(0, I), the mixture's or the VampPrior's density; for\n"
+     "prior='density_ratio' log N(z; 0, I) + T(z), unnormalised. Each row alone: the\n"
+     "same bits whatever the other rows and the thread count."},
     {"sample_top", (PyCFunction)(void (*)(void))Model_sample_top, METH_VARARGS | METH_KEYWORDS,
      "sample_top(Z, seed=None, observation_noise=False, cond=None)\n--\n\n"
      "Ancestral samples (n, D) below given top-layer codes Z (n, d_T): the rest as\n"

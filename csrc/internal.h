@@ -12,6 +12,9 @@
  * a reduction it may not reorder. */
 #define HVAE_LANES 8
 
+/* log(2 pi), for the Gaussian densities' constants. */
+#define HVAE_LOG_2PI 1.83787706640934548356
+
 /* Hot elementwise kernels are compiled twice, for AVX2 and for the baseline
  * ISA, and picked at load time by CPU feature (GCC function multiversioning);
  * the evaluation GEMM likewise for FMA. */
@@ -310,6 +313,9 @@ void hvae_optimizer_restore(hvae_optimizer *opt, float *params);
  * floats (its own are freed); its input width. */
 void hvae_mlp_bind(hvae_mlp *mlp, float *params);
 int64_t hvae_mlp_n_in(const hvae_mlp *mlp);
+/* hvae_mlp_forward with linear.c's rowwise products: a row's output does
+ * not depend on the other rows or on the thread count (evaluation). */
+hvae_status hvae_mlp_forward_rowwise(hvae_mlp *mlp, const float *x, int64_t B, float *out);
 
 /* discriminator.c: real rows per MLP pass of a discriminator step. */
 #define HVAE_DISC_CHUNK 256
@@ -318,6 +324,10 @@ void hvae_discriminator_detach(hvae_model *m);
 void hvae_discriminator_init(hvae_model *m, uint64_t seed);
 /* term[r] += coeff * T(z_r) (term may be NULL); returns sum_r T(z_r). */
 double hvae_discriminator_term_forward(const hvae_model *m, const float *z, int64_t B,
+                                       double coeff, double *term);
+/* The same with each row computed alone (hvae_mlp_forward_rowwise): the
+ * same bits whatever the other rows and the thread count (evaluation). */
+double hvae_discriminator_rows_forward(const hvae_model *m, const float *z, int64_t B,
                                        double coeff, double *term);
 /* dz += coeff * dT/dz over B rows. */
 void hvae_discriminator_term_backward(const hvae_model *m, const float *z, int64_t B,

@@ -129,23 +129,34 @@ static float *mlp_dact(const hvae_mlp *mlp, int32_t l)
     return mlp->dacts + mlp->max_rows * mlp->layer[l].col;
 }
 
-/* h_0 = x (B, n_in); h_l = act(h_{l-1} @ W_l + b_l); the last layer linear.
- * The output (B, n_out) is copied to out when not NULL, and stays readable
- * through hvae_mlp_output until the next forward. */
-hvae_status hvae_mlp_forward(hvae_mlp *mlp, const float *x, int64_t B, float *out)
+static hvae_status mlp_forward(hvae_mlp *mlp, const float *x, int64_t B, float *out,
+                               int rowwise)
 {
     if (!mlp || !x || B < 0 || B > mlp->max_rows)
         return !mlp || !x || B < 0 ? HVAE_ERR_INVALID_ARGUMENT : HVAE_ERR_BATCH_TOO_LARGE;
     const float *in = x;
     for (int32_t l = 0; l < mlp->n_layers; l++) {
         const hvae_dense_layer *L = &mlp->layer[l];
-        hvae_dense_forward(mlp_act(mlp, l), in, mlp->params + L->W, mlp->params + L->b,
-                           L->act, B, L->n_in, L->n_out);
+        hvae_dense_cond_forward(mlp_act(mlp, l), in, NULL, mlp->params + L->W,
+                                mlp->params + L->b, L->act, B, L->n_in, 0, L->n_out, rowwise);
         in = mlp_act(mlp, l);
     }
     if (out)
         memcpy(out, in, (size_t)(B * hvae_mlp_n_out(mlp)) * sizeof(float));
     return HVAE_OK;
+}
+
+/* h_0 = x (B, n_in); h_l = act(h_{l-1} @ W_l + b_l); the last layer linear.
+ * The output (B, n_out) is copied to out when not NULL, and stays readable
+ * through hvae_mlp_output until the next forward. */
+hvae_status hvae_mlp_forward(hvae_mlp *mlp, const float *x, int64_t B, float *out)
+{
+    return mlp_forward(mlp, x, B, out, 0);
+}
+
+hvae_status hvae_mlp_forward_rowwise(hvae_mlp *mlp, const float *x, int64_t B, float *out)
+{
+    return mlp_forward(mlp, x, B, out, 1);
 }
 
 const float *hvae_mlp_output(const hvae_mlp *mlp)

@@ -1199,7 +1199,10 @@ static int rows_parts(const hvae_model *m, int64_t B)
 
 static int rows_split(const hvae_model *m, const hvae_workspace *ws, int64_t B)
 {
-    return ws->prior_ws == NULL && hvae_pool_threads() > 1 && rows_parts(m, B) > 1;
+    /* Nor can the density ratio's term split: it runs the model's one
+     * discriminator, whose MLP has one set of activation buffers. */
+    return ws->prior_ws == NULL && m->config.prior != HVAE_PRIOR_DENSITY_RATIO &&
+           hvae_pool_threads() > 1 && rows_parts(m, B) > 1;
 }
 
 static hvae_workspace row_slice(const hvae_workspace *ws, int64_t lo, int64_t hi)
@@ -1589,6 +1592,32 @@ hvae_status hvae_responsibilities(hvae_model *m, hvae_workspace *ws, const float
         hvae_prior_args a = top_prior_args(m, ws, NULL, B, 0, NULL);
         a.z = post(m, ws, top, 0);
         m->prior->responsibilities(gamma + r0 * K, &a);
+    }
+    return HVAE_OK;
+}
+
+/* Rows per call of the prior's log_density: the VampPrior's pass over its
+ * pseudo-inputs runs once per chunk, and the caller's poll between them. */
+#define PRIOR_DENSITY_ROWS 65536
+
+hvae_status hvae_prior_log_density(hvae_model *m, hvae_workspace *ws, const float *z,
+                                   int64_t n, double *out)
+{
+    /* The prior takes no condition: check_call's would refuse a conditional
+     * model's NULL one. */
+    int32_t top = m ? m->config.n_layers - 1 : 0;
+    if (!m || !ws || ws->model != m || n < 0 || (n > 0 && (!z || !out)) ||
+        !m->latent[top].family->top_prior_table || !m->prior->log_density)
+        return HVAE_ERR_INVALID_ARGUMENT;
+    int64_t d = m->latent_dims[top];
+    for (int64_t r0 = 0; r0 < n; r0 += PRIOR_DENSITY_ROWS) {
+        if (ws_stop(ws))
+            return HVAE_ERR_STOPPED;
+        int64_t B = n - r0 < PRIOR_DENSITY_ROWS ? n - r0 : PRIOR_DENSITY_ROWS;
+        hvae_prior_args a = top_prior_args(m, NULL, NULL, B, 0, NULL);
+        a.ws = ws;
+        a.z = z + r0 * d;
+        m->prior->log_density(out + r0, &a);
     }
     return HVAE_OK;
 }

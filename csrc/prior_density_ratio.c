@@ -10,7 +10,8 @@
  * p is normalised only when T is exact: an ELBO or log-likelihood under it
  * estimates log p(x) under the unnormalised prior N exp(T), whose
  * normaliser E_N[exp T] is 1 at the optimum (hvae_discriminator_log_ratio
- * lets a caller estimate it). Sampling: sampling-importance-resampling,
+ * lets a caller estimate it); hvae_prior_log_density gives log N + T, that
+ * unnormalised density. Sampling: sampling-importance-resampling,
  * HVAE_DISC_CHUNK draws from N(0, I) per sample, one kept with probability
  * proportional to exp(T). No parameters of its own: the discriminator's
  * close the buffer. */
@@ -53,6 +54,14 @@ static void dr_term_backward(const hvae_prior_args *a, float scale, int closed_f
         hvae_discriminator_term_backward(a->model, a->z, a->B, -scale, a->dz);
 }
 
+/* log N(z; 0, I) + T(z): unnormalised, exactly the density the term and the
+ * log-likelihood use (normalised when E_N[exp T] = 1, at T's optimum). */
+static void dr_log_density(double *out, const hvae_prior_args *a)
+{
+    hvae_prior_normal.log_density(out, a);
+    hvae_discriminator_rows_forward(a->model, a->z, a->B, 1.0, out);
+}
+
 static void dr_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
 {
     const hvae_model *m = a->model;
@@ -88,4 +97,5 @@ const hvae_prior_ops hvae_prior_density_ratio = {
     .term_forward = dr_term_forward,
     .term_backward = dr_term_backward,
     .sample = dr_sample,
+    .log_density = dr_log_density,
 };

@@ -255,6 +255,7 @@ const hvae_prior_ops hvae_prior_gmm_full = {
     .term_forward = hvae_mixture_term_forward,
     .term_backward = hvae_mixture_term_backward,
     .sample = hvae_mixture_sample,
+    .log_density = hvae_mixture_log_density,
     .n_components = hvae_mixture_n_components,
     .responsibilities = hvae_mixture_responsibilities,
     .data = &full,

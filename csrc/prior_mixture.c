@@ -165,6 +165,13 @@ void hvae_mixture_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
     }
 }
 
+void hvae_mixture_log_density(double *out, const hvae_prior_args *a)
+{
+    hvae_mixture g = view_of(a, 0);
+    for (int64_t b = 0; b < a->B; b++)
+        out[b] = log_marginal(&g, a->z + b * a->d);
+}
+
 void hvae_mixture_responsibilities(double *gamma, const hvae_prior_args *a)
 {
     hvae_mixture g = view_of(a, 0);

@@ -20,7 +20,8 @@
  *   d term / d (component c) = gamma_c dKL_c + w_c d log N_c(z)
  *   d term / d (mu_q, lv_q) = sum_c gamma_c dKL_c / d(mu_q, lv_q)
  *
- * and the sampled term (IWAE, log-likelihood) log q(z) - logsumexp_c l_c.
+ * and the sampled term (IWAE, log-likelihood) log q(z) - logsumexp_c l_c,
+ * its log p(z) = logsumexp_c l_c also the prior's log-density.
  */
 #ifndef HVAE_PRIOR_MIXTURE_H
 #define HVAE_PRIOR_MIXTURE_H
@@ -65,12 +66,12 @@ void hvae_mixture_term_forward(double *term, const hvae_prior_args *a, int close
 void hvae_mixture_term_backward(const hvae_prior_args *a, float scale, int closed_form);
 void hvae_mixture_sample(float *z, const hvae_prior_args *a, hvae_rng *rng);
 void hvae_mixture_responsibilities(double *gamma, const hvae_prior_args *a);
+/* log p(z) = logsumexp_c l_c per row (the sampled term's, written once). */
+void hvae_mixture_log_density(double *out, const hvae_prior_args *a);
 /* hvae_config.n_components. */
 int64_t hvae_mixture_n_components(const hvae_config *config);
 /* Equal weights, means N(0, I) draws (so that the components differ);
  * the shape tensors are the caller's. */
 void hvae_mixture_init_weights_means(float *params, int64_t K, int64_t d, hvae_rng *rng);
-
-#define HVAE_LOG_2PI 1.83787706640934548356
 
 #endif

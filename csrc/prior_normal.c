@@ -1,7 +1,8 @@
 /* prior_normal.c -- the standard normal prior p(z_T) = N(0, I): no
  * parameters;
  *   KL(N(mu, exp(lv)) || N(0, I)) = sum_j (exp(lv) + mu^2 - 1 - lv) / 2,
- *   log q(z) - log p(z) = sum_j (z^2 - lv - eps^2) / 2  at z = mu + exp(lv/2) eps. */
+ *   log q(z) - log p(z) = sum_j (z^2 - lv - eps^2) / 2  at z = mu + exp(lv/2) eps,
+ *   log p(z) = -sum_j (log 2pi + z^2) / 2  (gaussian.c's log-density). */
 #include "extension.h"
 
 /* n_pseudo_inputs belongs to the VampPrior. */
@@ -53,6 +54,11 @@ static void normal_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
     hvae_rng_normal(rng, z, a->B * a->d);
 }
 
+static void normal_log_density(double *out, const hvae_prior_args *a)
+{
+    hvae_gaussian_loglik_forward(out, a->z, NULL, NULL, a->B, a->d);
+}
+
 const hvae_prior_ops hvae_prior_normal = {
     .check_config = normal_check_config,
     .n_tensors = normal_n_tensors,
@@ -61,4 +67,5 @@ const hvae_prior_ops hvae_prior_normal = {
     .term_forward = normal_term_forward,
     .term_backward = normal_term_backward,
     .sample = normal_sample,
+    .log_density = normal_log_density,
 };

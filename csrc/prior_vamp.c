@@ -34,6 +34,10 @@
  * Cost: per call, one encoder pass over the K pseudo-inputs (in the
  * workspace's prior_ws, computed once per minibatch, not per row), and
  * B * K * d multiply-adds for the mixture (three passes in the backward).
+ *
+ * log p(z) itself (hvae_prior_log_density) is the term's row log-sum-exp
+ * with the 2 pi constants put back, after a pass over the pseudo-inputs
+ * with rowwise products (the same bits on any number of threads).
  */
 #include "internal.h"
 #include "fastmath.h"
@@ -85,11 +89,13 @@ static void vamp_init(const hvae_config *config, float *params, hvae_rng *rng)
 
 /* ---- the pseudo-inputs' encoder pass ----------------------------------- */
 
-/* u = constrain(P) into pw->x, then encoder blocks 1..T at the means:
+/* u = constrain(P) into pw->x, then encoder blocks 1..T at the means
+ * (rowwise: hvae_block_forward's products):
  * afterwards the top block's heads in pw hold (m_k, l_k) for k < K; the
  * inverse variances exp(-l_kj) go to pw's (otherwise unused) top sample
  * column and -sum_j l_kj / 2 - log K to pw->reconstruction. */
-static void pseudo_forward(const hvae_model *m, const hvae_workspace *pw, const float *P)
+static void pseudo_forward(const hvae_model *m, const hvae_workspace *pw, const float *P,
+                           int rowwise)
 {
     const hvae_config *c = &m->config;
     int32_t T = c->n_layers;
@@ -99,7 +105,7 @@ static void pseudo_forward(const hvae_model *m, const hvae_workspace *pw, const 
         u[k] = clipped(c) ? fminf(fmaxf(P[k], 0.0f), 1.0f) : P[k];
     const float *inp = u;
     for (int32_t i = 0; i < T; i++) {
-        hvae_block_forward(m, pw, &m->enc[i], inp, NULL, K, 0);
+        hvae_block_forward(m, pw, &m->enc[i], inp, NULL, K, rowwise);
         inp = block_head(pw, &m->enc[i], 0);
     }
     const float *lv = block_head(pw, &m->enc[T - 1], 1);
@@ -195,7 +201,7 @@ static void vamp_term_forward(double *term, const hvae_prior_args *a, int closed
 {
     (void)closed_form; /* no closed form */
     const hvae_workspace *pw = a->ws->prior_ws;
-    pseudo_forward(a->model, pw, a->params + a->offset);
+    pseudo_forward(a->model, pw, a->params + a->offset, 0);
     vamp_part_args pa = {a, pw, term, 0.0f};
     vamp_parts(term_forward_part, &pa, a->B);
 }
@@ -294,6 +300,36 @@ static void vamp_term_backward(const hvae_prior_args *a, float scale, int closed
             dP[k] += pw->dx[k];
 }
 
+/* ---- log-density ------------------------------------------------------- */
+
+/* log p(z) = row_log_prior's log-sum-exp (the term's, without the 2 pi
+ * constants that cancel there) - d/2 log 2 pi. */
+static void log_density_part(void *ctx, int part, int n_parts)
+{
+    const vamp_part_args *pa = ctx;
+    const hvae_prior_args *a = pa->a;
+    const hvae_model *m = a->model;
+    int32_t T = m->config.n_layers;
+    int64_t K = m->config.n_pseudo_inputs, d = a->d, lo, hi;
+    const float *mu = block_head(pa->pw, &m->enc[T - 1], 0);
+    const float *inv_var = ws_act(pa->pw, m->latent[T - 1].z_col);
+    hvae_split(a->B, part, n_parts, 1, &lo, &hi);
+    for (int64_t b = lo; b < hi; b++)
+        pa->term[b] = row_log_prior(pa->pw, mu, inv_var, a->z + b * d, K, d) -
+                      0.5 * (double)d * HVAE_LOG_2PI;
+}
+
+/* The pseudo-inputs' pass with rowwise products here (the term's BLAS
+ * products round their last bit by the threads' column split): the same
+ * components to rounding, and the same bits on any number of threads. */
+static void vamp_log_density(double *out, const hvae_prior_args *a)
+{
+    const hvae_workspace *pw = a->ws->prior_ws;
+    pseudo_forward(a->model, pw, a->params + a->offset, 1);
+    vamp_part_args pa = {a, pw, out, 0.0f};
+    vamp_parts(log_density_part, &pa, a->B);
+}
+
 /* A component uniformly, then z_T ~ q(z_T | u_k) = N(m_k, diag(exp(l_k))). */
 static void vamp_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
 {
@@ -301,7 +337,7 @@ static void vamp_sample(float *z, const hvae_prior_args *a, hvae_rng *rng)
     const hvae_workspace *pw = a->ws->prior_ws;
     int32_t T = m->config.n_layers;
     int64_t K = m->config.n_pseudo_inputs, d = a->d;
-    pseudo_forward(m, pw, a->params + a->offset);
+    pseudo_forward(m, pw, a->params + a->offset, 0);
     const float *mu = block_head(pw, &m->enc[T - 1], 0);
     const float *lv = block_head(pw, &m->enc[T - 1], 1);
     hvae_rng_normal(rng, z, a->B * d);
@@ -322,4 +358,5 @@ const hvae_prior_ops hvae_prior_vamp = {
     .term_forward = vamp_term_forward,
     .term_backward = vamp_term_backward,
     .sample = vamp_sample,
+    .log_density = vamp_log_density,
 };

@@ -1049,6 +1049,56 @@ default='auto'
         X, C = self._fitted_X(X, y)
         return self.model_.log_likelihood(X, n_samples=int(n_samples), cond=C)
 
+    def prior_log_density(self, Z):
+        """log p(z_T) of the fitted top-layer prior at given codes, in nats.
+
+        The prior the model was trained with: N(0, I) (``prior='standard'``),
+        the mixture of Gaussians (``'gmm'``, VaDE's), the VampPrior's mixture
+        of the pseudo-inputs' posteriors (``'vamp'``), or for
+        ``'density_ratio'`` log N(z; 0, I) + T(z), T the discriminator's
+        logit: an UNNORMALISED density (normalised only where the
+        discriminator is optimal), as the ELBO and ``log_likelihood`` use
+        it. Compare it with the aggregate posterior, e.g. ``encode(X)[-1][0]``
+        (the top layer's posterior means). Each row is computed alone, so a
+        row's value does not depend on the other rows.
+
+        Parameters
+        ----------
+        Z : array-like of shape (n_samples, latent_dims[-1])
+            Points of the top latent layer z_T.
+
+        Returns
+        -------
+        log_p : ndarray of shape (n_samples,), float64
+
+        Raises
+        ------
+        ValueError
+            For a categorical top layer (its prior is uniform over classes,
+            not a density over z_T), or a Z of the wrong shape, or with NaN
+            or infinity.
+        """
+        check_is_fitted(self)
+        family = self.model_.latent_family
+        top = family if isinstance(family, str) else family[-1]
+        if top != "gaussian":
+            raise ValueError(f"prior_log_density needs a Gaussian top layer: this model's is "
+                             f"{top!r}, whose uniform prior is over classes, not a density "
+                             f"over z_T")
+        self.model_.n_threads = self.n_threads or _available_cores()
+        # float32 first (once): values beyond its range become inf and are
+        # refused with the rest.
+        with np.errstate(over="ignore"):
+            Z = check_array(Z, dtype=np.float32, order="C", ensure_all_finite=False,
+                            input_name="Z")
+        width = self.model_.latent_widths[-1]
+        if Z.shape[1] != width:
+            raise ValueError(f"Z must have shape (n_samples, {width}) (the top layer's "
+                             f"width, latent_dims[-1]); got {Z.shape}")
+        if not np.all(np.isfinite(Z)):
+            raise ValueError("Z contains NaN or infinity (or values beyond float32's range)")
+        return self.model_.prior_log_density(Z)
+
     def inverse_transform(self, Z, y=None):
         """The mean of p(x | z_1) (probabilities for a Bernoulli likelihood).
 

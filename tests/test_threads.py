@@ -153,3 +153,18 @@ def test_two_models_share_the_pool_from_two_threads(data):
         t.join(timeout=300)
     assert not errors
     assert results == ["same", "same"]
+
+
+def test_density_ratio_evaluation_is_repeatable_on_two_threads():
+    """The density ratio's term runs the model's one discriminator (one set of
+    MLP buffers): evaluation must not split its rows between threads, or the
+    threads overwrite each other's activations and the ELBO changes from call
+    to call."""
+    rng = np.random.default_rng(0)
+    X = (rng.random((600, 64)) < 0.3).astype(np.float32)
+    model = hvae.Model(64, latent_dims=(2,), hidden_dims=(128,), likelihood="bernoulli",
+                       prior="density_ratio", discriminator_hidden=(64, 64), seed=0)
+    model.n_threads = 2
+    first = model.elbo(X)
+    for _ in range(40):
+        assert np.array_equal(model.elbo(X), first)

@@ -2200,6 +2200,89 @@ static void test_discriminator(void)
     free(x);
 }
 
+static void test_prior_log_density(void)
+{
+    current_test = "prior_log_density";
+    /* Every prior: log p(z_T) finite, each row alone (a subset of the rows
+     * gives the same bits), N(0, I)'s and a one-component mixture's (at
+     * identity covariances) by formula, the density ratio's N(0, I) + T(z);
+     * bad arguments and a categorical top layer refused. */
+    const double log_2pi = 1.8378770664093453;
+    const int64_t n = 50, D = 6;
+    int64_t latent[2] = {3, 2}, hidden[1] = {4};
+    float *zraw = make_data(n, 2, 9), z[100];
+    for (int64_t k = 0; k < 2 * n; k++)
+        z[k] = 6.0f * (zraw[k] - 0.5f);
+    hvae_model *other = NULL;
+    hvae_workspace *other_ws = NULL;
+    for (int kind = 0; kind < 5; kind++) {
+        hvae_config c = hvae_config_default(D, 2, latent, 1, hidden);
+        c.likelihood = HVAE_LIKELIHOOD_BERNOULLI;
+        c.prior = kind == 0 ? HVAE_PRIOR_NORMAL : kind <= 2 ? HVAE_PRIOR_GMM
+                  : kind == 3 ? HVAE_PRIOR_VAMP : HVAE_PRIOR_DENSITY_RATIO;
+        c.n_components = 1;
+        c.prior_covariance = kind == 2 ? HVAE_COVARIANCE_FULL : HVAE_COVARIANCE_DIAG;
+        c.n_pseudo_inputs = kind == 3 ? 4 : 0;
+        c.discriminator = kind == 4;
+        c.discriminator_n_hidden = 1;
+        c.discriminator_hidden[0] = 5;
+        hvae_model *m = NULL;
+        hvae_workspace *ws = NULL;
+        CHECK_STATUS(hvae_model_create(&c, &m), HVAE_OK);
+        if (!m)
+            continue;
+        hvae_model_init(m, 7);
+        CHECK_STATUS(hvae_workspace_create(m, 3, &ws), HVAE_OK); /* no rows of its own */
+        double out[50], part[50];
+        CHECK_STATUS(hvae_prior_log_density(m, ws, z, n, out), HVAE_OK);
+        CHECK(all_finite_d(out, n));
+        CHECK_STATUS(hvae_prior_log_density(m, ws, z + 2 * 17, n - 17, part), HVAE_OK);
+        CHECK(memcmp(part, out + 17, (size_t)(n - 17) * sizeof(double)) == 0);
+        const float *mu = hvae_model_params(m) + hvae_model_prior_offset(m) + 1;
+        float T[50];
+        if (kind == 4)
+            CHECK_STATUS(hvae_discriminator_log_ratio(m, z, n, T), HVAE_OK);
+        double worst = 0.0;
+        for (int64_t r = 0; r < n && kind != 3; r++) {
+            double a = (double)z[2 * r] - (kind == 1 || kind == 2 ? mu[0] : 0.0);
+            double b = (double)z[2 * r + 1] - (kind == 1 || kind == 2 ? mu[1] : 0.0);
+            double want = -log_2pi - 0.5 * (a * a + b * b) + (kind == 4 ? T[r] : 0.0);
+            worst = fmax(worst, fabs(out[r] - want));
+        }
+        CHECK(worst < 1e-5);
+        CHECK_STATUS(hvae_prior_log_density(m, ws, z, 0, NULL), HVAE_OK);
+        CHECK_STATUS(hvae_prior_log_density(m, ws, z, -1, out), HVAE_ERR_INVALID_ARGUMENT);
+        CHECK_STATUS(hvae_prior_log_density(m, NULL, z, n, out), HVAE_ERR_INVALID_ARGUMENT);
+        CHECK_STATUS(hvae_prior_log_density(m, ws, NULL, n, out), HVAE_ERR_INVALID_ARGUMENT);
+        if (other_ws)
+            CHECK_STATUS(hvae_prior_log_density(m, other_ws, z, n, out),
+                         HVAE_ERR_INVALID_ARGUMENT);
+        hvae_workspace_free(other_ws);
+        hvae_model_free(other);
+        other = m;
+        other_ws = ws;
+    }
+    hvae_workspace_free(other_ws);
+    hvae_model_free(other);
+
+    hvae_latent_family families[2] = {HVAE_LATENT_GAUSSIAN, HVAE_LATENT_CATEGORICAL};
+    int64_t K[2] = {0, 3};
+    hvae_config c = hvae_config_default(D, 2, latent, 1, hidden);
+    c.latent_families = families;
+    c.n_categories = K;
+    hvae_model *m = NULL;
+    hvae_workspace *ws = NULL;
+    CHECK_STATUS(hvae_model_create(&c, &m), HVAE_OK);
+    if (m && hvae_workspace_create(m, 3, &ws) == HVAE_OK) {
+        double out[2];
+        float zc[12] = {0};
+        CHECK_STATUS(hvae_prior_log_density(m, ws, zc, 2, out), HVAE_ERR_INVALID_ARGUMENT);
+    }
+    hvae_workspace_free(ws);
+    hvae_model_free(m);
+    free(zraw);
+}
+
 int main(void)
 {
     test_status_strings();
@@ -2232,6 +2315,7 @@ int main(void)
     test_thread_counts();
     test_poll_stops_long_calls();
     test_vampprior();
+    test_prior_log_density();
     printf("%d passed, %d failed\n", n_passed, n_failed);
     return n_failed ? 1 : 0;
 }
