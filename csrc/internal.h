@@ -179,6 +179,20 @@ static inline int ws_stop(const hvae_workspace *ws)
     return ws->poll && ws->poll(ws->poll_ctx);
 }
 
+/* Long row-wise passes (a training minibatch of a million rows times draws:
+ * its noise, its staging, the likelihood passes, an activation's backward)
+ * run in pieces of about HVAE_POLL_VALUES values, a millisecond or so of
+ * work, and poll between them: in one piece such a pass ran for 0.1-0.5 s
+ * unpolled. Only passes whose every value is computed alone, or summed in
+ * row order whatever the pieces, are cut, so the pieces change no result.
+ * ws_poll_rows: the rows of a piece of a pass `width` values wide. */
+#define HVAE_POLL_VALUES ((int64_t)1 << 20)
+static inline int64_t ws_poll_rows(int64_t width)
+{
+    int64_t rows = HVAE_POLL_VALUES / (width > 0 ? width : 1);
+    return rows > 0 ? rows : 1;
+}
+
 static inline float *ws_act(const hvae_workspace *ws, int64_t col)
 {
     return ws->acts + ws->max_rows * col;
@@ -271,11 +285,13 @@ void hvae_dense_packed_forward(float *out, const float *inp, const float *cond,
                                const float *packed_cond, const float *bias,
                                hvae_activation act, int64_t B, int64_t n_in,
                                int64_t n_cond, int64_t n_out, int rowwise);
+/* ws (NULL: none): a long backward polls its poll hook between pieces
+ * (ws_poll_rows) and stops half done when it fires. */
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
                               float *dout, const float *out, const float *inp,
                               const float *cond, const float *weight,
                               hvae_activation act, int64_t B, int64_t n_in,
-                              int64_t n_cond, int64_t n_out);
+                              int64_t n_cond, int64_t n_out, const hvae_workspace *ws);
 
 /* optim.c: the training loop's update. When every gradient is finite,
  * applies one optimizer step and zeroes the gradient (fused into the same
