@@ -127,6 +127,7 @@ struct hvae_workspace {
     float *eps;     /* noise, eps_cols per row, layer-blocked */
     float *acts;
     float *dacts;
+    int64_t acts_touched;    /* floats of acts whose pages a write has mapped (train.c) */
     double *reconstruction;  /* (max_rows) */
     double *kl;              /* (T, max_rows), layer-major */
     hvae_poll_hook poll;     /* hvae_workspace_set_poll, or NULL */
