@@ -575,6 +575,30 @@ int hvae_all_finite(const float *v, int64_t n)
     return sum == 0.0f;
 }
 
+/* Maps the activations' pages ahead of a workspace's first training step
+ * or hvae_loss_and_grad, in polled pieces: calloc leaves them unmapped, and
+ * their first writes, inside products that cannot poll, took 0.2 s for one
+ * layer of a million rows. Each page's first float is written back
+ * unchanged, so nothing changes; once done, never again for this
+ * workspace. Nonzero when a poll stopped it. */
+static int touch_activations(hvae_workspace *ws)
+{
+    enum { PAGE_FLOATS = 1024 };
+    volatile float *acts = ws->acts;
+    int64_t total = ws->max_rows * ws->model->act_cols;
+    while (ws->acts_touched < total) {
+        int64_t end = total - ws->acts_touched < HVAE_POLL_VALUES
+                          ? total
+                          : ws->acts_touched + HVAE_POLL_VALUES;
+        for (int64_t i = ws->acts_touched; i < end; i += PAGE_FLOATS)
+            acts[i] = acts[i];
+        ws->acts_touched = end;
+        if (ws_stop(ws))
+            return 1;
+    }
+    return 0;
+}
+
 hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
                                const float *x, const float *cond, int64_t n,
                                const float *const *eps, uint64_t noise_seed,
@@ -591,6 +615,8 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
         return HVAE_ERR_BATCH_TOO_LARGE;
     memset(stats, 0, sizeof *stats);
     memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
+    if (touch_activations(ws))
+        return HVAE_ERR_STOPPED;
     const float *noise[HVAE_MAX_LAYERS];
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
         int64_t B = n - r0 < rows ? n - r0 : rows;
@@ -689,30 +715,6 @@ static int draw_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *r
             if (ws_stop(ws))
                 return 1;
         }
-    }
-    return 0;
-}
-
-/* Maps the activations' pages ahead of a workspace's first training step,
- * in polled pieces: calloc leaves them unmapped, and their first writes,
- * inside products that cannot poll, took 0.2 s for one layer of a million
- * rows. Each page's first float is written back unchanged, so nothing
- * changes; once done, never again for this workspace. Nonzero when a poll
- * stopped it. */
-static int touch_activations(hvae_workspace *ws)
-{
-    enum { PAGE_FLOATS = 1024 };
-    volatile float *acts = ws->acts;
-    int64_t total = ws->max_rows * ws->model->act_cols;
-    while (ws->acts_touched < total) {
-        int64_t end = total - ws->acts_touched < HVAE_POLL_VALUES
-                          ? total
-                          : ws->acts_touched + HVAE_POLL_VALUES;
-        for (int64_t i = ws->acts_touched; i < end; i += PAGE_FLOATS)
-            acts[i] = acts[i];
-        ws->acts_touched = end;
-        if (ws_stop(ws))
-            return 1;
     }
     return 0;
 }
