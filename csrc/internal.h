@@ -383,7 +383,9 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
  * kl (T, or NULL) and its ELBO into *elbo (or NULL). */
 double hvae_row_terms(const hvae_workspace *ws, int64_t r, double *kl, double *elbo);
 /* Fills the workspace noise for B data rows, each replicated S times (row
- * b * S + s), from each data row's hashed generator. */
+ * b * S + s), from each data row's hashed generator. One row's long run of
+ * draws polls between pieces (ws_poll_rows) and stops half done when the
+ * poll fires. */
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S,
                        uint64_t noise_seed);

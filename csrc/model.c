@@ -1175,6 +1175,20 @@ static void hashed_noise_part(void *ctx, int part, int n_parts)
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S, uint64_t noise_seed)
 {
+    int64_t piece = ws_poll_rows(m->eps_cols);
+    if (B == 1 && S > piece) {
+        /* One row's draws (loss_and_grad's n_samples=2**20) are one stream,
+         * drawn by one thread anyway: in pieces, polling between them. */
+        hvae_rng rng;
+        hvae_row_rng(&rng, x, m->config.n_features, noise_seed);
+        for (int64_t s0 = 0; s0 < S; s0 += piece) {
+            for (int64_t s = s0; s < S && s < s0 + piece; s++)
+                row_noise(m, ws, &rng, s);
+            if (ws_stop(ws))
+                return; /* the caller sees the stop at its next poll */
+        }
+        return;
+    }
     noise_args a = {m, ws, x, B, S, noise_seed};
     int64_t work = B * (m->config.n_features + S * m->eps_cols);
     hvae_parallel(hashed_noise_part, &a, hvae_parts((double)work, 1 << 14));
