@@ -94,7 +94,7 @@ typedef struct {
     int top_prior_table;
     /* The layer's noise, c->B * c->d values (standard normal; Gumbel).
      * Training draws a large minibatch's in pieces of an even length
-     * (HVAE_POLL_VALUES, internal.h), polling between them: pieces must
+     * (HVAE_POLL_DRAWS, internal.h), polling between them: pieces must
      * give the values one call would. */
     void (*noise)(float *eps, hvae_rng *rng, int64_t n);
     /* The sample z = f(q heads, eps) (reparameterised, relaxed or exact per

@@ -1175,7 +1175,7 @@ static void hashed_noise_part(void *ctx, int part, int n_parts)
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S, uint64_t noise_seed)
 {
-    int64_t piece = ws_poll_rows(m->eps_cols);
+    int64_t piece = HVAE_POLL_DRAWS / m->eps_cols + 1;
     if (B == 1 && S > piece) {
         /* One row's draws (loss_and_grad's n_samples=2**20) are one stream,
          * drawn by one thread anyway: in pieces, polling between them. */

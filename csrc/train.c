@@ -701,7 +701,7 @@ static void unpack_sums(const double *v, int32_t T, int tcvae, hvae_epoch_stats 
 }
 
 /* The minibatch's noise, R rows of every layer, in pieces of
- * HVAE_POLL_VALUES values with a poll after each (a family draws pieces as
+ * HVAE_POLL_DRAWS values with a poll after each (a family draws pieces as
  * it would draw them at once: extension.h). Nonzero when a poll stopped it:
  * the generator has then drawn part of the noise. */
 static int draw_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *rng, int64_t R)
@@ -709,9 +709,9 @@ static int draw_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *r
     for (int32_t i = 0; i < m->config.n_layers; i++) {
         float *eps = ws_eps(ws, i);
         int64_t n = R * m->latent_dims[i];
-        for (int64_t k = 0; k < n; k += HVAE_POLL_VALUES) {
+        for (int64_t k = 0; k < n; k += HVAE_POLL_DRAWS) {
             m->latent[i].family->noise(eps + k, rng,
-                                       n - k < HVAE_POLL_VALUES ? n - k : HVAE_POLL_VALUES);
+                                       n - k < HVAE_POLL_DRAWS ? n - k : HVAE_POLL_DRAWS);
             if (ws_stop(ws))
                 return 1;
         }
