@@ -518,7 +518,7 @@ HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
  * milliseconds of work; rate-limit in poll itself), and before every
  * optimizer step of training; within a layer's long row-wise passes too
  * (a large training minibatch's noise, staging, likelihood, activation
- * backward), every million values or so. The longest stretch without a
+ * backward), every few million values. The longest stretch without a
  * poll is one matrix product over all the rows of a call's chunk or of a
  * training minibatch (times draws): about 50 ms a million rows on one
  * core. A nonzero return stops the call with HVAE_ERR_STOPPED: outputs
