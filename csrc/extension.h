@@ -98,7 +98,10 @@ typedef struct {
     /* 1: the top layer's p is the prior table's (hvae_prior_ops); 0: the
      * family's standard prior (p heads NULL) */
     int top_prior_table;
-    /* The layer's noise, c->B * c->d values (standard normal; Gumbel). */
+    /* The layer's noise, c->B * c->d values (standard normal; Gumbel).
+     * Training draws a large minibatch's in pieces of an even length
+     * (HVAE_POLL_DRAWS, internal.h), polling between them: pieces must
+     * give the values one call would. */
     void (*noise)(float *eps, hvae_rng *rng, int64_t n);
     /* The sample z = f(q heads, eps) (reparameterised, relaxed or exact per
      * c) and its pathwise backward. */

@@ -516,9 +516,15 @@ HVAE_API int64_t hvae_workspace_max_rows(const hvae_workspace *ws);
  * between the chunks and the layers of hvae_elbo, hvae_loss_and_grad,
  * hvae_log_likelihood, hvae_encode, hvae_decode and hvae_sample (every few
  * milliseconds of work; rate-limit in poll itself), and before every
- * optimizer step of training. A nonzero return stops the call with
- * HVAE_ERR_STOPPED: outputs (and hvae_model_grads) are then undefined, no
- * optimizer step is applied after it, the parameters are untouched. Once
+ * optimizer step of training; within a layer's long row-wise passes too
+ * (a large training minibatch's noise, staging, likelihood, activation
+ * backward), every few million values. The longest stretch without a
+ * poll is one matrix product over all the rows of a call's chunk or of a
+ * training minibatch (times draws): about 50 ms a million rows on one
+ * core. A nonzero return stops the call with HVAE_ERR_STOPPED: outputs
+ * (and hvae_model_grads) are then undefined, no optimizer step is applied
+ * after it, the parameters are untouched (the generator stands wherever
+ * the draws of a minibatch cut short had got to). Once
  * it has returned nonzero it must keep doing so until the call returns.
  * NULL (the default) removes it. On several threads hvae_elbo and
  * hvae_encode poll between chunks only (each thread takes its rows of a

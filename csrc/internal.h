@@ -130,6 +130,7 @@ struct hvae_workspace {
     float *eps;     /* noise, eps_cols per row, layer-blocked */
     float *acts;
     float *dacts;
+    int64_t acts_touched;    /* floats of acts whose pages a write has mapped (train.c) */
     double *reconstruction;  /* (max_rows) */
     double *kl;              /* (T, max_rows), layer-major */
     hvae_poll_hook poll;     /* hvae_workspace_set_poll, or NULL */
@@ -180,6 +181,24 @@ void hvae_packed_free(hvae_packed_cache *c);
 static inline int ws_stop(const hvae_workspace *ws)
 {
     return ws->poll && ws->poll(ws->poll_ctx);
+}
+
+/* Long row-wise passes (a training minibatch of a million rows times draws:
+ * its staging, the likelihood passes, an activation's backward) run in
+ * pieces of about HVAE_POLL_VALUES values, a few milliseconds of work, and
+ * poll between them: in one piece such a pass ran for 0.1-0.5 s unpolled.
+ * Random draws cost more (about 16 ns a normal): the noise is drawn in
+ * pieces of HVAE_POLL_DRAWS values. Smaller pieces would cost parallel
+ * regions (pieces of 2**20 values made a step 7% slower on two threads).
+ * Only passes whose every value is computed alone, or summed in row order
+ * whatever the pieces, are cut, so the pieces change no result.
+ * ws_poll_rows: the rows of a piece of a pass `width` values wide. */
+#define HVAE_POLL_VALUES ((int64_t)1 << 22)
+#define HVAE_POLL_DRAWS ((int64_t)1 << 20)
+static inline int64_t ws_poll_rows(int64_t width)
+{
+    int64_t rows = HVAE_POLL_VALUES / (width > 0 ? width : 1);
+    return rows > 0 ? rows : 1;
 }
 
 static inline float *ws_act(const hvae_workspace *ws, int64_t col)
@@ -290,11 +309,13 @@ void hvae_dense_packed_forward(float *out, const float *inp, const float *cond,
                                const float *packed_cond, const float *bias,
                                hvae_activation act, int64_t B, int64_t n_in,
                                int64_t n_cond, int64_t n_out, int rowwise);
+/* ws (NULL: none): a long backward polls its poll hook between pieces
+ * (ws_poll_rows) and stops half done when it fires. */
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
                               float *dout, const float *out, const float *inp,
                               const float *cond, const float *weight,
                               hvae_activation act, int64_t B, int64_t n_in,
-                              int64_t n_cond, int64_t n_out);
+                              int64_t n_cond, int64_t n_out, const hvae_workspace *ws);
 
 /* optim.c: the training loop's update. When every gradient is finite,
  * applies one optimizer step and zeroes the gradient (fused into the same
@@ -392,7 +413,9 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
  * kl (T, or NULL) and its ELBO into *elbo (or NULL). */
 double hvae_row_terms(const hvae_workspace *ws, int64_t r, double *kl, double *elbo);
 /* Fills the workspace noise for B data rows, each replicated S times (row
- * b * S + s), from each data row's hashed generator. */
+ * b * S + s), from each data row's hashed generator. One row's long run of
+ * draws polls between pieces (ws_poll_rows) and stops half done when the
+ * poll fires. */
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S,
                        uint64_t noise_seed);

@@ -22,7 +22,7 @@ void hvae_dense_backward(float *dinp, float *dweight, float *dbias,
      * inp^T @ dpre; dbias += column sums of dpre; dinp (B, n_in) +=
      * dpre @ weight^T. */
     hvae_dense_cond_backward(dinp, dweight, dbias, dout, out, inp, NULL, weight, act,
-                             B, n_in, 0, n_out);
+                             B, n_in, 0, n_out, NULL);
 }
 
 /*
@@ -394,6 +394,7 @@ typedef struct {
     float *dweight, *dbias;
     hvae_activation act;
     int64_t B, n_in, n_cond, n_out;
+    int64_t row0, row1;   /* backward: the rows of dpre a region computes */
     int rowwise;
 } dense_args;
 
@@ -472,18 +473,22 @@ void hvae_dense_packed_forward(float *out, const float *inp, const float *cond,
     hvae_parallel(dense_forward_part, &a, dense_parts(B, n_in + n_cond, n_out));
 }
 
-/* Columns j0..j1 of dpre (from dout, in place), dbias and dW. */
-static void dense_backward_part(void *ctx, int part, int n_parts)
+/* Columns j0..j1 of dpre (from dout, in place) and dbias, over rows
+ * row0 .. row1 - 1. */
+static void activation_backward_columns(const dense_args *a, int64_t j0, int64_t j1)
 {
-    const dense_args *a = ctx;
-    int64_t n_out = a->n_out, j0, j1;
-    hvae_split(n_out, part, n_parts, 16, &j0, &j1);
-    if (j1 <= j0)
-        return;
+    int64_t n_out = a->n_out;
     float *dpre = a->out;
-    for (int64_t b = 0; b < a->B; b++)
+    for (int64_t b = a->row0; b < a->row1; b++)
         hvae_activation_backward_row_inplace(dpre + b * n_out + j0, a->dbias + j0,
                                              a->act_out + b * n_out + j0, a->act, j1 - j0);
+}
+
+/* Columns j0..j1 of dW += inp^T @ dpre, over all rows. */
+static void weight_gradient_columns(const dense_args *a, int64_t j0, int64_t j1)
+{
+    int64_t n_out = a->n_out;
+    const float *dpre = a->out;
     hvae_sgemm(HVAE_CBLAS_TRANS, HVAE_CBLAS_NO_TRANS, (int)a->n_in, (int)(j1 - j0),
                (int)a->B, 1.0f, a->inp, (int)a->n_in, dpre + j0, (int)n_out, 1.0f,
                a->dweight + j0, (int)n_out);
@@ -495,18 +500,66 @@ static void dense_backward_part(void *ctx, int part, int n_parts)
                    a->dweight + a->n_in * n_out + j0, (int)n_out);
 }
 
+/* Columns j0..j1 of dpre, dbias and dW: both of the above in one region. */
+static void dense_backward_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t j0, j1;
+    hvae_split(a->n_out, part, n_parts, 16, &j0, &j1);
+    if (j1 <= j0)
+        return;
+    activation_backward_columns(a, j0, j1);
+    weight_gradient_columns(a, j0, j1);
+}
+
+static void activation_backward_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t j0, j1;
+    hvae_split(a->n_out, part, n_parts, 16, &j0, &j1);
+    if (j1 > j0)
+        activation_backward_columns(a, j0, j1);
+}
+
+static void weight_gradient_part(void *ctx, int part, int n_parts)
+{
+    const dense_args *a = ctx;
+    int64_t j0, j1;
+    hvae_split(a->n_out, part, n_parts, 16, &j0, &j1);
+    if (j1 > j0)
+        weight_gradient_columns(a, j0, j1);
+}
+
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
                               float *dout, const float *out, const float *inp,
                               const float *cond, const float *weight,
                               hvae_activation act, int64_t B, int64_t n_in,
-                              int64_t n_cond, int64_t n_out)
+                              int64_t n_cond, int64_t n_out, const hvae_workspace *ws)
 {
     if (B <= 0 || n_out <= 0)
         return;
     dense_args a = {.out = dout, .inp = inp, .cond = cond, .act_out = out,
                     .dweight = dweight, .dbias = dbias, .act = act, .B = B,
-                    .n_in = n_in, .n_cond = n_cond, .n_out = n_out};
-    hvae_parallel(dense_backward_part, &a, dense_parts(B, n_in + n_cond, n_out));
+                    .n_in = n_in, .n_cond = n_cond, .n_out = n_out, .row0 = 0, .row1 = B};
+    int parts = dense_parts(B, n_in + n_cond, n_out);
+    int64_t piece = ws ? ws_poll_rows(n_out) : B;
+    if (piece >= B) {
+        hvae_parallel(dense_backward_part, &a, parts);
+    } else {
+        /* A long pass: dpre and dbias in pieces of rows with a poll after
+         * each (the same column split, each column's rows still in order,
+         * so dbias sums alike), then dW over all rows at once. */
+        for (int64_t r0 = 0; r0 < B; r0 += piece) {
+            a.row0 = r0;
+            a.row1 = B - r0 < piece ? B : r0 + piece;
+            hvae_parallel(activation_backward_part, &a, parts);
+            if (ws_stop(ws))
+                return; /* the caller sees the stop at its next poll */
+        }
+        hvae_parallel(weight_gradient_part, &a, parts);
+        if (ws_stop(ws))
+            return;
+    }
     if (dinp)
         hvae_sgemm(HVAE_CBLAS_NO_TRANS, HVAE_CBLAS_TRANS, (int)B, (int)n_in, (int)n_out,
                    1.0f, dout, (int)n_out, weight, (int)n_out, 1.0f, dinp, (int)n_in);

@@ -645,7 +645,7 @@ void hvae_block_backward(hvae_model *m, const hvae_workspace *ws,
         int64_t n_cond = L->n_in - L->n_data;
         hvae_dense_cond_backward(din, m->grads + L->W, m->grads + L->b, ws_dact(ws, L->col),
                                  ws_act(ws, L->col), in, n_cond ? cond : NULL,
-                                 m->params + L->W, L->act, B, L->n_data, n_cond, L->n_out);
+                                 m->params + L->W, L->act, B, L->n_data, n_cond, L->n_out, ws);
     }
 }
 
@@ -724,18 +724,34 @@ static float *enc_input(const hvae_model *m, const hvae_workspace *ws, int32_t i
 }
 
 /* The likelihood terms, over rows split between the pool's threads (each
- * row's terms are computed alone, so the split changes nothing). */
+ * row's terms are computed alone, so the split changes nothing): rows
+ * first .. first + B - 1 of the pass. */
 typedef struct {
     const hvae_model *m;
     const hvae_workspace *ws;
     const float *x;
-    int64_t B;
+    int64_t first, B;
     float scale; /* backward: the likelihood gradient's scale */
 } likelihood_args;
 
 static int likelihood_parts(const hvae_model *m, int64_t B)
 {
     return hvae_parts((double)(B * m->config.n_features), 1 << 14);
+}
+
+/* Runs fn over the pass's B rows in pieces of `width`-wide rows
+ * (ws_poll_rows), polling after each. Nonzero when a poll stopped it. */
+static int likelihood_pass(likelihood_args *a, hvae_task_fn fn, int64_t B, int64_t width)
+{
+    int64_t piece = ws_poll_rows(width);
+    for (int64_t first = 0; first < B; first += piece) {
+        a->first = first;
+        a->B = B - first < piece ? B - first : piece;
+        hvae_parallel(fn, a, likelihood_parts(a->m, a->B));
+        if (ws_stop(a->ws))
+            return 1;
+    }
+    return 0;
 }
 
 static void likelihood_forward_part(void *ctx, int part, int n_parts)
@@ -747,6 +763,8 @@ static void likelihood_forward_part(void *ctx, int part, int n_parts)
     hvae_split(a->B, part, n_parts, 1, &lo, &hi);
     if (hi <= lo)
         return;
+    lo += a->first;
+    hi += a->first;
     const float *head = block_head(a->ws, dec1, 0) + lo * D;
     if (m->config.likelihood == HVAE_LIKELIHOOD_BERNOULLI) {
         hvae_bernoulli_loglik_forward(a->ws->reconstruction + lo, a->x + lo * D, head,
@@ -778,6 +796,8 @@ static void backward_start_part(void *ctx, int part, int n_parts)
     hvae_split(a->B, part, n_parts, 1, &lo, &hi);
     if (hi <= lo)
         return;
+    lo += a->first;
+    hi += a->first;
     for (int32_t e = 0; e < 2 * T; e++) {
         const hvae_block *blk = e < T ? &m->enc[e] : &m->dec[e - T];
         for (int32_t l = 0; l < blk->n_hidden + blk->n_heads; l++)
@@ -925,9 +945,8 @@ void hvae_forward(const hvae_model *m, const hvae_workspace *ws,
 
     if (ws_stop(ws))
         return;
-    likelihood_args la = {m, ws, x, B, 0.0f};
-    hvae_parallel(likelihood_forward_part, &la, likelihood_parts(m, B));
-    if (ws_stop(ws))
+    likelihood_args la = {m, ws, x, 0, 0, 0.0f};
+    if (likelihood_pass(&la, likelihood_forward_part, B, m->config.n_features))
         return;
     layer_terms_forward(m, ws, eps, B, sampled);
 }
@@ -1065,9 +1084,9 @@ void hvae_backward(hvae_model *m, const hvae_workspace *ws, const float *x,
     float s = row_weight ? 1.0f : scale;
     if (ws_stop(ws))
         return;
-    likelihood_args la = {m, ws, x, B, -s};
-    hvae_parallel(backward_start_part, &la, likelihood_parts(m, B));
-    if (ws_stop(ws))
+    /* It zeroes every gradient matrix's rows too: act_cols values a row. */
+    likelihood_args la = {m, ws, x, 0, 0, -s};
+    if (likelihood_pass(&la, backward_start_part, B, m->act_cols + m->config.n_features))
         return;
     layer_terms_backward(m, ws, B, s, kl_weight, sampled, row_weight, top_terms);
     if (row_weight && !ws_stop(ws))
@@ -1156,6 +1175,20 @@ static void hashed_noise_part(void *ctx, int part, int n_parts)
 void hvae_hashed_noise(const hvae_model *m, const hvae_workspace *ws,
                        const float *x, int64_t B, int64_t S, uint64_t noise_seed)
 {
+    int64_t piece = HVAE_POLL_DRAWS / m->eps_cols + 1;
+    if (B == 1 && S > piece) {
+        /* One row's draws (loss_and_grad's n_samples=2**20) are one stream,
+         * drawn by one thread anyway: in pieces, polling between them. */
+        hvae_rng rng;
+        hvae_row_rng(&rng, x, m->config.n_features, noise_seed);
+        for (int64_t s0 = 0; s0 < S; s0 += piece) {
+            for (int64_t s = s0; s < S && s < s0 + piece; s++)
+                row_noise(m, ws, &rng, s);
+            if (ws_stop(ws))
+                return; /* the caller sees the stop at its next poll */
+        }
+        return;
+    }
     noise_args a = {m, ws, x, B, S, noise_seed};
     int64_t work = B * (m->config.n_features + S * m->eps_cols);
     hvae_parallel(hashed_noise_part, &a, hvae_parts((double)work, 1 << 14));

@@ -282,19 +282,25 @@ hvae_status hvae_tcvae_terms(hvae_model *m, hvae_workspace *ws, const float *x,
  * data-parallel process's shard; one process holds them all), into the
  * workspace, each repeated S times (row b * S + s), with their conditions,
  * and moves their noise rows to the same positions. Returns how many it
- * holds. */
+ * holds. Polls every ws_poll_rows staged rows, and stops half done when
+ * the poll fires (the caller's next poll sees it). */
 static int64_t stage_shard_rows(const hvae_model *m, const hvae_workspace *ws,
                                 const float *x, const float *cond,
                                 const int64_t *order, int64_t start, int64_t B,
                                 int64_t S, int64_t first, int64_t n)
 {
     int64_t D = m->config.n_features, C = m->config.n_conditions;
-    int64_t k = 0;
+    int64_t k = 0, piece = ws_poll_rows(D + C), since = 0;
     for (int64_t j = 0; j < B; j++) {
         int64_t g = order ? order[start + j] : start + j;
         if (g < first || g >= first + n)
             continue;
         for (int64_t s = 0; s < S; s++) {
+            if (++since == piece) {
+                since = 0;
+                if (ws_stop(ws))
+                    return k;
+            }
             memcpy(ws->x + (k * S + s) * D, x + (g - first) * D, (size_t)D * sizeof(float));
             if (C > 0)
                 memcpy(ws->cond + (k * S + s) * C, cond + (g - first) * C,
@@ -569,6 +575,30 @@ int hvae_all_finite(const float *v, int64_t n)
     return sum == 0.0f;
 }
 
+/* Maps the activations' pages ahead of a workspace's first training step
+ * or hvae_loss_and_grad, in polled pieces: calloc leaves them unmapped, and
+ * their first writes, inside products that cannot poll, took 0.2 s for one
+ * layer of a million rows. Each page's first float is written back
+ * unchanged, so nothing changes; once done, never again for this
+ * workspace. Nonzero when a poll stopped it. */
+static int touch_activations(hvae_workspace *ws)
+{
+    enum { PAGE_FLOATS = 1024 };
+    volatile float *acts = ws->acts;
+    int64_t total = ws->max_rows * ws->model->act_cols;
+    while (ws->acts_touched < total) {
+        int64_t end = total - ws->acts_touched < HVAE_POLL_VALUES
+                          ? total
+                          : ws->acts_touched + HVAE_POLL_VALUES;
+        for (int64_t i = ws->acts_touched; i < end; i += PAGE_FLOATS)
+            acts[i] = acts[i];
+        ws->acts_touched = end;
+        if (ws_stop(ws))
+            return 1;
+    }
+    return 0;
+}
+
 hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
                                const float *x, const float *cond, int64_t n,
                                const float *const *eps, uint64_t noise_seed,
@@ -585,6 +615,8 @@ hvae_status hvae_loss_and_grad(hvae_model *m, hvae_workspace *ws,
         return HVAE_ERR_BATCH_TOO_LARGE;
     memset(stats, 0, sizeof *stats);
     memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
+    if (touch_activations(ws))
+        return HVAE_ERR_STOPPED;
     const float *noise[HVAE_MAX_LAYERS];
     for (int64_t r0 = 0; r0 < n; r0 += rows) {
         int64_t B = n - r0 < rows ? n - r0 : rows;
@@ -666,6 +698,25 @@ static void unpack_sums(const double *v, int32_t T, int tcvae, hvae_epoch_stats 
         s->kl[i] = v[PACKED_SUMS + i];
     for (int k = 0; tcvae && k < 3; k++)
         s->tcvae[k] = v[PACKED_SUMS + T + k];
+}
+
+/* The minibatch's noise, R rows of every layer, in pieces of
+ * HVAE_POLL_DRAWS values with a poll after each (a family draws pieces as
+ * it would draw them at once: extension.h). Nonzero when a poll stopped it:
+ * the generator has then drawn part of the noise. */
+static int draw_noise(const hvae_model *m, const hvae_workspace *ws, hvae_rng *rng, int64_t R)
+{
+    for (int32_t i = 0; i < m->config.n_layers; i++) {
+        float *eps = ws_eps(ws, i);
+        int64_t n = R * m->latent_dims[i];
+        for (int64_t k = 0; k < n; k += HVAE_POLL_DRAWS) {
+            m->latent[i].family->noise(eps + k, rng,
+                                       n - k < HVAE_POLL_DRAWS ? n - k : HVAE_POLL_DRAWS);
+            if (ws_stop(ws))
+                return 1;
+        }
+    }
+    return 0;
 }
 
 /* The rows of the minibatch start .. start + B - 1 of `order` this process
@@ -807,12 +858,16 @@ static hvae_status train_steps(hvae_model *m, hvae_workspace *ws, hvae_optimizer
     hvae_status status = HVAE_OK;
     /* Zeroed here once; each optimizer step zeroes it again as it goes. */
     memset(m->grads, 0, (size_t)m->n_params * sizeof(float));
-    for (int64_t start = 0; start < N; start += o->batch_size) {
+    if (touch_activations(ws))
+        status = HVAE_ERR_STOPPED;
+    for (int64_t start = 0; status == HVAE_OK && start < N; start += o->batch_size) {
         int64_t B = N - start < o->batch_size ? N - start : o->batch_size;
         /* Every process draws the whole minibatch's noise, so each row
          * gets the same draws wherever it is held. */
-        for (int32_t i = 0; i < T; i++)
-            m->latent[i].family->noise(ws_eps(ws, i), rng, B * S * m->latent_dims[i]);
+        if (draw_noise(m, ws, rng, B * S)) {
+            status = HVAE_ERR_STOPPED;
+            break;
+        }
         /* The annealed temperature of this step (hvae_objective_options). */
         hvae_objective_options step_objective = annealed_objective(&o->objective, opt);
         const float *cb;
