@@ -386,7 +386,7 @@ static void gemm_rowwise(float *out, const float *inp, const float *weight,
  * (bias sums run down the rows in order), so results do not depend on the
  * thread count.
  */
-typedef struct {
+typedef struct dense_args {
     float *out;           /* forward output, or backward dout/dpre */
     const float *inp, *cond, *weight, *bias;
     const float *packed, *packed_cond; /* rowwise: hvae_rowwise_pack's, or NULL */
@@ -396,6 +396,8 @@ typedef struct {
     int64_t B, n_in, n_cond, n_out;
     int64_t row0, row1;   /* backward: the rows of dpre a region computes */
     int rowwise;
+    /* backward: what columns_part runs on each part's output columns */
+    void (*columns)(const struct dense_args *a, int64_t j0, int64_t j1);
 } dense_args;
 
 /* Splits of fewer multiply-adds run on one thread. */
@@ -501,33 +503,21 @@ static void weight_gradient_columns(const dense_args *a, int64_t j0, int64_t j1)
 }
 
 /* Columns j0..j1 of dpre, dbias and dW: both of the above in one region. */
-static void dense_backward_part(void *ctx, int part, int n_parts)
+static void backward_columns(const dense_args *a, int64_t j0, int64_t j1)
 {
-    const dense_args *a = ctx;
-    int64_t j0, j1;
-    hvae_split(a->n_out, part, n_parts, 16, &j0, &j1);
-    if (j1 <= j0)
-        return;
     activation_backward_columns(a, j0, j1);
     weight_gradient_columns(a, j0, j1);
 }
 
-static void activation_backward_part(void *ctx, int part, int n_parts)
+/* A backward region: each part takes a block of output columns (multiples
+ * of 16) and runs a->columns on it. */
+static void columns_part(void *ctx, int part, int n_parts)
 {
     const dense_args *a = ctx;
     int64_t j0, j1;
     hvae_split(a->n_out, part, n_parts, 16, &j0, &j1);
     if (j1 > j0)
-        activation_backward_columns(a, j0, j1);
-}
-
-static void weight_gradient_part(void *ctx, int part, int n_parts)
-{
-    const dense_args *a = ctx;
-    int64_t j0, j1;
-    hvae_split(a->n_out, part, n_parts, 16, &j0, &j1);
-    if (j1 > j0)
-        weight_gradient_columns(a, j0, j1);
+        a->columns(a, j0, j1);
 }
 
 void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
@@ -544,7 +534,8 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
     int parts = dense_parts(B, n_in + n_cond, n_out);
     int64_t piece = ws ? ws_poll_rows(n_out) : B;
     if (piece >= B) {
-        hvae_parallel(dense_backward_part, &a, parts);
+        a.columns = backward_columns;
+        hvae_parallel(columns_part, &a, parts);
     } else {
         /* A long pass: dpre and dbias in pieces of rows with a poll after
          * each (the same column split, each column's rows still in order,
@@ -552,11 +543,13 @@ void hvae_dense_cond_backward(float *dinp, float *dweight, float *dbias,
         for (int64_t r0 = 0; r0 < B; r0 += piece) {
             a.row0 = r0;
             a.row1 = B - r0 < piece ? B : r0 + piece;
-            hvae_parallel(activation_backward_part, &a, parts);
+            a.columns = activation_backward_columns;
+            hvae_parallel(columns_part, &a, parts);
             if (ws_stop(ws))
                 return; /* the caller sees the stop at its next poll */
         }
-        hvae_parallel(weight_gradient_part, &a, parts);
+        a.columns = weight_gradient_columns;
+        hvae_parallel(columns_part, &a, parts);
         if (ws_stop(ws))
             return;
     }

@@ -177,15 +177,23 @@ static void vamp_parts(hvae_task_fn fn, vamp_part_args *pa, int64_t rows)
 
 /* ---- term --------------------------------------------------------------- */
 
+/* row_log_prior of row b of a->z, the components being the pseudo-inputs'
+ * posteriors in pa->pw. */
+static double part_log_prior(const vamp_part_args *pa, int64_t b)
+{
+    const hvae_prior_args *a = pa->a;
+    const hvae_model *m = a->model;
+    int32_t T = m->config.n_layers;
+    return row_log_prior(pa->pw, block_head(pa->pw, &m->enc[T - 1], 0),
+                         ws_act(pa->pw, m->latent[T - 1].z_col), a->z + b * a->d,
+                         m->config.n_pseudo_inputs, a->d);
+}
+
 static void term_forward_part(void *ctx, int part, int n_parts)
 {
     const vamp_part_args *pa = ctx;
     const hvae_prior_args *a = pa->a;
-    const hvae_model *m = a->model;
-    int32_t T = m->config.n_layers;
-    int64_t K = m->config.n_pseudo_inputs, d = a->d, lo, hi;
-    const float *mu = block_head(pa->pw, &m->enc[T - 1], 0);
-    const float *inv_var = ws_act(pa->pw, m->latent[T - 1].z_col);
+    int64_t d = a->d, lo, hi;
     hvae_split(a->B, part, n_parts, 1, &lo, &hi);
     for (int64_t b = lo; b < hi; b++) {
         double log_q = 0.0;
@@ -193,7 +201,7 @@ static void term_forward_part(void *ctx, int part, int n_parts)
             float e = a->eps[b * d + j];
             log_q -= 0.5 * ((double)a->lv_q[b * d + j] + (double)(e * e));
         }
-        pa->term[b] = log_q - row_log_prior(pa->pw, mu, inv_var, a->z + b * d, K, d);
+        pa->term[b] = log_q - part_log_prior(pa, b);
     }
 }
 
@@ -307,16 +315,10 @@ static void vamp_term_backward(const hvae_prior_args *a, float scale, int closed
 static void log_density_part(void *ctx, int part, int n_parts)
 {
     const vamp_part_args *pa = ctx;
-    const hvae_prior_args *a = pa->a;
-    const hvae_model *m = a->model;
-    int32_t T = m->config.n_layers;
-    int64_t K = m->config.n_pseudo_inputs, d = a->d, lo, hi;
-    const float *mu = block_head(pa->pw, &m->enc[T - 1], 0);
-    const float *inv_var = ws_act(pa->pw, m->latent[T - 1].z_col);
-    hvae_split(a->B, part, n_parts, 1, &lo, &hi);
+    int64_t lo, hi;
+    hvae_split(pa->a->B, part, n_parts, 1, &lo, &hi);
     for (int64_t b = lo; b < hi; b++)
-        pa->term[b] = row_log_prior(pa->pw, mu, inv_var, a->z + b * d, K, d) -
-                      0.5 * (double)d * HVAE_LOG_2PI;
+        pa->term[b] = part_log_prior(pa, b) - 0.5 * (double)pa->a->d * HVAE_LOG_2PI;
 }
 
 /* The pseudo-inputs' pass with rowwise products here (the term's BLAS
