@@ -19,8 +19,8 @@
  * function sees only (ctx, part, n_parts).
  *
  * A region costs about a microsecond: workers spin (with pause) for a
- * while after each region, so that the next one of a training step finds
- * them awake, then sleep on a condition variable. The caller waits for
+ * short while after each region, so that the next one of a training step
+ * finds them awake, then sleep on a condition variable. The caller waits for
  * parts still running by spinning too, yielding its core now and then so
  * that a worker that lost its own core to another process can run.
  *
@@ -67,8 +67,15 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts)
 
 #define MAX_WORKERS (HVAE_MAX_THREADS - 1)
 /* How long an idle worker spins before it sleeps, and how often a caller
- * waiting for the workers yields its core. */
-#define SPIN_NANOSECONDS 200000
+ * waiting for the workers yields its core. The spin is short: on a machine
+ * shared with another busy process, a worker spinning while the caller
+ * shares the other core with that process holds a core for nothing (W2 on
+ * two threads beside one busy process: 12.5 ms a step spinning 200 us,
+ * 9.9 ms spinning 20 us, one thread 8.9 ms). On a quiet machine the
+ * regions of a step follow each other within microseconds; a worker that
+ * sleeps through the start of one costs little, as the caller takes the
+ * parts it has not claimed. */
+#define SPIN_NANOSECONDS 20000
 #define WAIT_SPINS_BEFORE_YIELD 4096
 
 /* The claim word: a region's generation (bits 32..63), its part count
