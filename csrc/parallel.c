@@ -70,11 +70,12 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts)
  * waiting for the workers yields its core. The spin is short: on a machine
  * shared with another busy process, a worker spinning while the caller
  * shares the other core with that process holds a core for nothing (W2 on
- * two threads beside one busy process: 12.5 ms a step spinning 200 us,
- * 9.9 ms spinning 20 us, one thread 8.9 ms). On a quiet machine the
- * regions of a step follow each other within microseconds; a worker that
- * sleeps through the start of one costs little, as the caller takes the
- * parts it has not claimed. */
+ * two threads beside one busy process: 12.7 ms a step spinning 200 us,
+ * 9.8 ms spinning 20 us, one thread 9.0 ms). On a quiet machine the
+ * regions of a step follow each other within microseconds, but a worker
+ * now sleeps through the serial start of a step (gathering rows, drawing
+ * noise) and begins the first product about 40 us late: up to 1-2% of a
+ * W2 step of 5 ms, within the measurements' drift. */
 #define SPIN_NANOSECONDS 20000
 #define WAIT_SPINS_BEFORE_YIELD 4096
 

@@ -1583,7 +1583,7 @@ static void test_pool_claims(void)
     for (int i = 0; i < N; i++)
         data[i] = 1.0 / (1.0 + i);
     /* A worker asleep when a region starts (it sleeps after spinning
-     * 200 us) takes some microseconds to wake: meanwhile the caller, done
+     * 20 us) takes some microseconds to wake: meanwhile the caller, done
      * with its short part 0, takes part 1. Parts run once each, whoever
      * runs them, with the same results. (With parts assigned, part 1 was
      * always the worker's.) */
