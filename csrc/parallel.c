@@ -74,8 +74,8 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts)
  * 9.8 ms spinning 20 us, one thread 9.0 ms). On a quiet machine the
  * regions of a step follow each other within microseconds, but a worker
  * now sleeps through the serial start of a step (gathering rows, drawing
- * noise) and begins the first product about 40 us late: up to 1-2% of a
- * W2 step of 5 ms, within the measurements' drift. */
+ * noise) and begins the first product about 40 us late: about 1.7% of a
+ * W2 step of 5 ms (200 us here keeps the quiet step as it was). */
 #define SPIN_NANOSECONDS 20000
 #define WAIT_SPINS_BEFORE_YIELD 4096
 
