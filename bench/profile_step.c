@@ -153,7 +153,10 @@ static double median_of(double *v, int n)
  * late the first worker started, its part, the caller's wait at the end,
  * and the time since the previous region ended (serial work on the caller,
  * the step's gap before its first region). Each region's function is
- * printed as fn=+offset from main; profile_step.sh names them. */
+ * printed as fn=+offset from main; profile_step.sh names them. Where parts
+ * are claimed (HVAE_POOL_CLAIMS), "caller" is every part the caller ran,
+ * "worker" is part 1 whoever ran it, and the last column the share of the
+ * steps in which the caller ran part 1 itself (no worker had claimed it). */
 static void print_trace(long regions_before, long regions_after, int steps)
 {
     long per = (regions_after - regions_before) / steps;
@@ -169,7 +172,11 @@ static void print_trace(long regions_before, long regions_after, int steps)
     static const char *names[5] = {"caller", "worker late", "worker", "wait", "gap before"};
     printf("regions per step %ld (medians over %ld steps, us):", per, n);
     for (int c = 0; c < 5; c++)
-        printf(" %s%s", names[c], c < 4 ? "," : "\n");
+        printf(" %s%s", names[c], c < 4 ? "," : "");
+#ifdef HVAE_POOL_CLAIMS
+    printf(", part 1 by the caller");
+#endif
+    printf("\n");
     for (long k = 0; k < per; k++) {
         for (long s = 0; s < n; s++) {
             long r = regions_after - (n - s) * per + k;
@@ -187,6 +194,13 @@ static void print_trace(long regions_before, long regions_after, int steps)
                                            (const char *)(void *)main));
         for (int c = 0; c < 5; c++)
             printf(" %8.1f", median_of(v[c], (int)n));
+#ifdef HVAE_POOL_CLAIMS
+        long by_caller = 0;
+        for (long s = 0; s < n; s++)
+            by_caller += hvae_pool_trace[(regions_after - (n - s) * per + k) %
+                                         HVAE_POOL_TRACE].part1_by_caller;
+        printf(" %7.1f%%", 100.0 * (double)by_caller / (double)n);
+#endif
         printf("\n");
     }
     for (int c = 0; c < 5; c++)

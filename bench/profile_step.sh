@@ -19,6 +19,8 @@ flags="-std=c11 -O3 -Wall -Wextra -fno-math-errno -fno-trapping-math -pthread -D
 # The training loop's zeroing and finite check fused into the optimizer step?
 grep -q hvae_optimizer_step_if_finite csrc/internal.h && flags="$flags -DHVAE_FUSED_STEP"
 [ -f csrc/parallel.c ] && flags="$flags -DHVAE_HAVE_POOL -DHVAE_POOL_STATS"
+# Parts claimed by whichever thread is free (the trace says who ran part 1)?
+grep -q part1_by_caller csrc/internal.h && flags="$flags -DHVAE_POOL_CLAIMS"
 objs=()
 for src in csrc/*.c; do
     case $src in csrc/hvaemodule.c) continue ;; esac

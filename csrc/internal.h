@@ -228,8 +228,11 @@ static inline float *block_dhead(const hvae_workspace *ws,
 
 /* parallel.c: hvae's thread pool (see there). A task computes part `part`
  * of n_parts; hvae_parallel runs parts 0..n-1 of it, n at most n_parts and
- * the pool's thread count, the caller taking part 0, and returns when all
- * are done (n = 1 when the pool is busy or the call is nested). */
+ * the pool's thread count, the caller taking part 0 and any part no worker
+ * has claimed, and returns when all are done (n = 1 when the pool is busy
+ * or the call is nested). Any thread may run any part: a task must depend
+ * on (ctx, part, n_parts) only, never on the thread that runs it, and its
+ * parts must not wait for each other. */
 #define HVAE_MAX_THREADS 64
 typedef void (*hvae_task_fn)(void *ctx, int part, int n_parts);
 
@@ -237,12 +240,14 @@ typedef void (*hvae_task_fn)(void *ctx, int part, int n_parts);
 /* bench/profile_step.c's view of the pool (parallel.c, profile builds
  * only): the last HVAE_POOL_TRACE regions, entry hvae_pool_regions %
  * HVAE_POOL_TRACE, times in CLOCK_MONOTONIC ns: the region's start, the end
- * of the caller's part, the first worker's part, the end of the caller's
- * wait for the workers. */
+ * of the caller's parts (part 0 and any it took), part 1 (run by a worker,
+ * or by the caller when part1_by_caller), the end of the caller's wait for
+ * the workers. */
 #define HVAE_POOL_TRACE 8192
 typedef struct {
     hvae_task_fn fn;
     int64_t start, caller_end, worker_start, worker_end, end;
+    int part1_by_caller;
 } hvae_pool_trace_entry;
 extern hvae_pool_trace_entry hvae_pool_trace[HVAE_POOL_TRACE];
 extern long hvae_pool_regions;
@@ -265,9 +270,6 @@ static inline int hvae_parts(double work, double min_work)
         return HVAE_MAX_THREADS;
     return work < least ? 1 : (int)(work / least);
 }
-/* Inside a task: returns when all n_parts parts of the region have called
- * it (immediately for one part). */
-void hvae_barrier(int n_parts);
 
 /* Part `part` of [0, n) in n_parts pieces whose bounds are multiples of
  * align (but the last). */

@@ -335,9 +335,10 @@ void hvae_optimizer_step_block(hvae_optimizer *opt, float *params, const float *
                   parts_for(a.n));
 }
 
-/* Both passes in one region: every part checks its range of the gradient,
- * the parts meet, and if all were finite each updates its range. */
-static void checked_step_part(void *ctx, int part, int n_parts)
+/* Two regions: every part checks its range of the gradient, then, if all
+ * were finite, every part updates its range (any thread may run any part of
+ * a region, so the parts of one region cannot wait for each other). */
+static void check_part(void *ctx, int part, int n_parts)
 {
     update_args *a = ctx;
     int64_t lo, hi;
@@ -345,11 +346,6 @@ static void checked_step_part(void *ctx, int part, int n_parts)
     a->finite[part] = hvae_all_finite(a->grads + lo, hi - lo);
     if (part == 0)
         a->n_parts = n_parts;
-    hvae_barrier(n_parts);
-    for (int k = 0; k < n_parts; k++)
-        if (!a->finite[k])
-            return;
-    scaled_ranges(a, lo, hi, a->v ? adam_range : sgd_range);
 }
 
 int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model)
@@ -360,17 +356,17 @@ int hvae_optimizer_step_if_finite(hvae_optimizer *opt, hvae_model *model)
 
 int hvae_optimizer_block_step_if_finite(hvae_optimizer *opt, float *params, float *grads)
 {
+    update_args check = {0};
+    check.grads = grads;
+    check.n = opt->n_params;
+    hvae_parallel(check_part, &check, parts_for(check.n));
+    for (int k = 0; k < check.n_parts; k++)
+        if (!check.finite[k])
+            return 0;
     opt->step++;
     update_args a = step_args(opt, params, grads, 1);
-    if (opt->config.kind != HVAE_OPTIMIZER_ADAM)
-        a.v = NULL;
-    hvae_parallel(checked_step_part, &a, parts_for(a.n));
-    for (int k = 0; k < a.n_parts; k++) {
-        if (!a.finite[k]) {
-            opt->step--;
-            return 0;
-        }
-    }
+    hvae_parallel(opt->config.kind == HVAE_OPTIMIZER_ADAM ? adam_part : sgd_part, &a,
+                  parts_for(a.n));
     return 1;
 }
 

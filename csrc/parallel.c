@@ -2,7 +2,7 @@
  * parallel.c -- hvae's own small thread pool: n_threads - 1 workers, made
  * by hvae_set_num_threads and kept until the count changes, that run the
  * parts of a parallel region (a GEMM split in column or row blocks, an
- * elementwise pass split in ranges) with the calling thread taking part 0.
+ * elementwise pass split in ranges) with the calling thread.
  *
  * Why a pool of our own: with OpenBLAS's threads for the products and a
  * second pool for the elementwise work, two sets of threads would take
@@ -10,11 +10,19 @@
  * at every barrier. One pool runs everything, and OpenBLAS runs on one
  * thread inside each part.
  *
+ * Parts are claimed, not assigned: the caller runs part 0, then takes any
+ * part that no worker has claimed yet, and the region ends when every part
+ * is done. On a machine shared with another busy process, a worker that
+ * has lost its core when a region starts costs the region nothing (the
+ * caller runs its part); only a worker preempted inside a part it already
+ * took is waited for. Which thread runs a part changes no result: a part
+ * function sees only (ctx, part, n_parts).
+ *
  * A region costs about a microsecond: workers spin (with pause) for a
- * while after each region, so that the next one of a training step finds
- * them awake, then sleep on a condition variable. The caller waits for the
- * workers by spinning too, yielding its core now and then so that a worker
- * that lost its own core to another process can run.
+ * short while after each region, so that the next one of a training step
+ * finds them awake, then sleep on a condition variable. The caller waits for
+ * parts still running by spinning too, yielding its core now and then so
+ * that a worker that lost its own core to another process can run.
  *
  * The pool is process-wide. A region is run by one caller at a time: a
  * second caller (another model used from another thread), or a region
@@ -41,13 +49,13 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts)
     (void)n_parts;
     fn(ctx, 0, 1);
 }
-void hvae_barrier(int n_parts) { (void)n_parts; }
 
 #else
 
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -59,9 +67,31 @@ void hvae_barrier(int n_parts) { (void)n_parts; }
 
 #define MAX_WORKERS (HVAE_MAX_THREADS - 1)
 /* How long an idle worker spins before it sleeps, and how often a caller
- * waiting for the workers yields its core. */
-#define SPIN_NANOSECONDS 200000
+ * waiting for the workers yields its core. The spin is short: on a machine
+ * shared with another busy process, a worker spinning while the caller
+ * shares the other core with that process holds a core for nothing (W2 on
+ * two threads beside one busy process: 12.7 ms a step spinning 200 us,
+ * 9.8 ms spinning 20 us, one thread 9.0 ms). On a quiet machine the
+ * regions of a step follow each other within microseconds, but a worker
+ * now sleeps through the serial start of a step (gathering rows, drawing
+ * noise) and begins the first product about 40 us late: about 1.7% of a
+ * W2 step of 5 ms (200 us here keeps the quiet step as it was). */
+#define SPIN_NANOSECONDS 20000
 #define WAIT_SPINS_BEFORE_YIELD 4096
+
+/* The claim word: a region's generation (bits 32..63), its part count
+ * (16..31) and the next part to claim (0..15), in one atomic, so that a
+ * claim (fetch_add 1) names the region it belongs to: a worker that wakes
+ * late claims in whatever region is current when it claims, never in the
+ * one it woke for. The next-part field cannot overflow: in one region it
+ * grows by at most n_parts successful claims plus one failed claim per
+ * thread (a thread stops claiming in a region at its first failure), at
+ * most 2 HVAE_MAX_THREADS in all. */
+#define CLAIM_WORD(gen, n_parts, next) \
+    (((uint64_t)(gen) << 32) | ((uint64_t)(n_parts) << 16) | (uint64_t)(next))
+#define CLAIM_GEN(w) ((unsigned)((w) >> 32))
+#define CLAIM_PARTS(w) ((int)(((w) >> 16) & 0xffff))
+#define CLAIM_NEXT(w) ((int)((w) & 0xffff))
 
 static struct {
     pthread_mutex_t owner;   /* held by the thread running a region */
@@ -70,25 +100,22 @@ static struct {
     pthread_cond_t wake;
     pthread_t threads[MAX_WORKERS];
     _Atomic int n_workers;   /* running workers */
-    _Atomic unsigned generation; /* bumped to start a region */
-    _Atomic int pending;     /* workers still in the current region */
     _Atomic int sleepers;
     _Atomic int stop;
-    _Atomic int barrier_count; /* parts arrived at the current barrier */
-    _Atomic unsigned barrier_round;
-    hvae_task_fn fn;         /* the current region */
+    /* The current region: written by the owner before it publishes the
+     * claim word, read by a worker only after it won a claim of that
+     * region (which cannot end, so these cannot change, before the part is
+     * done). */
+    hvae_task_fn fn;
     void *ctx;
-    int n_parts;
+    unsigned generation;     /* the owner's: regions started */
+    /* The claim word, which idle workers spin on, and the parts of the
+     * current region that workers have finished, which the caller spins on,
+     * on lines of their own. */
+    _Alignas(64) _Atomic uint64_t claim;
+    _Alignas(64) _Atomic int done;
 } pool = {.owner = PTHREAD_MUTEX_INITIALIZER, .resize = PTHREAD_MUTEX_INITIALIZER,
           .sleep_lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
-
-/* Each worker's part number and the generation it starts from (the one
- * current when it was made: a region started before it first runs must
- * still be its next). */
-static struct {
-    int part;
-    unsigned seen;
-} worker_start[MAX_WORKERS];
 
 static _Thread_local int in_region;
 
@@ -112,16 +139,53 @@ static int64_t monotonic_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
+/* Part `part` of the region whose claim this thread has won (the trace
+ * records part 1, whoever runs it). */
+static void run_part(int part, int n_parts, int by_caller)
+{
+#ifdef HVAE_POOL_STATS
+    /* hvae_pool_regions changes only after every part is done */
+    hvae_pool_trace_entry *trace = trace_entry();
+    if (part == 1)
+        trace->worker_start = monotonic_ns();
+#else
+    (void)by_caller;
+#endif
+    pool.fn(pool.ctx, part, n_parts);
+#ifdef HVAE_POOL_STATS
+    if (part == 1) {
+        trace->worker_end = monotonic_ns();
+        trace->part1_by_caller = by_caller;
+    }
+#endif
+}
+
+/* Claims and runs parts of the current region until none is left; returns
+ * the claim word of its failed claim. The fetch_add is acq_rel: acquire
+ * for fn and ctx (published before the word), and each claim continues the
+ * release sequence of the owner's store of the word. */
+static uint64_t run_parts(int by_caller, int *ran)
+{
+    for (;;) {
+        uint64_t w = atomic_fetch_add_explicit(&pool.claim, 1, memory_order_acq_rel);
+        if (CLAIM_NEXT(w) >= CLAIM_PARTS(w))
+            return w;
+        run_part(CLAIM_NEXT(w), CLAIM_PARTS(w), by_caller);
+        if (by_caller)
+            (*ran)++;
+        else
+            atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
 static void *worker_main(void *arg)
 {
-    int part = worker_start[(intptr_t)arg].part; /* 1..n_workers */
-    unsigned seen = worker_start[(intptr_t)arg].seen;
+    unsigned seen = (unsigned)(uintptr_t)arg; /* generation at its making */
     in_region = 1;
     for (;;) {
-        unsigned g;
         int64_t spin_until = 0;
         int spins = 0;
-        while ((g = atomic_load(&pool.generation)) == seen) {
+        while (CLAIM_GEN(atomic_load(&pool.claim)) == seen) {
             if (++spins % 64 != 0) {
                 cpu_relax();
                 continue;
@@ -131,41 +195,37 @@ static void *worker_main(void *arg)
                 spin_until = t + SPIN_NANOSECONDS;
             if (t < spin_until)
                 continue;
-            /* Sleep. sleepers is raised before generation is read again and
-             * the dispatcher bumps generation before reading sleepers (both
+            /* Sleep. sleepers is raised before the claim word is read again
+             * and the owner stores the word before reading sleepers (both
              * sequentially consistent), so one of them sees the other. */
             pthread_mutex_lock(&pool.sleep_lock);
             atomic_fetch_add(&pool.sleepers, 1);
-            while (atomic_load(&pool.generation) == seen)
+            while (CLAIM_GEN(atomic_load(&pool.claim)) == seen)
                 pthread_cond_wait(&pool.wake, &pool.sleep_lock);
             atomic_fetch_sub(&pool.sleepers, 1);
             pthread_mutex_unlock(&pool.sleep_lock);
             spin_until = 0;
         }
-        seen = g;
+        /* The region this worker fails to claim in is the one it has seen,
+         * whichever it woke for. stop is set before stop_workers publishes
+         * its empty region, so a worker that failed in that one sees it. */
+        seen = CLAIM_GEN(run_parts(0, NULL));
         if (atomic_load(&pool.stop))
             break;
-#ifdef HVAE_POOL_STATS
-        /* hvae_pool_regions changes only after every worker has left */
-        if (part == 1)
-            trace_entry()->worker_start = monotonic_ns();
-#endif
-        if (part < pool.n_parts)
-            pool.fn(pool.ctx, part, pool.n_parts);
-#ifdef HVAE_POOL_STATS
-        if (part == 1)
-            trace_entry()->worker_end = monotonic_ns();
-#endif
-        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
     }
     return NULL;
 }
 
-/* Starts a region run by the workers (pool.fn etc. already set). */
-static void wake_workers(void)
+/* Starts region pool.generation + 1 of n_parts parts, part 0 taken by the
+ * caller (pool.fn and ctx already set; n_parts 0 for stop_workers). done
+ * is reset before the word is published: every worker increment of the
+ * previous region came before the owner saw it end, and every one of this
+ * region comes after a claim of the word. */
+static void start_region(int n_parts)
 {
-    atomic_store(&pool.pending, atomic_load(&pool.n_workers));
-    atomic_fetch_add(&pool.generation, 1);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    pool.generation++;
+    atomic_store(&pool.claim, CLAIM_WORD(pool.generation, n_parts, n_parts > 0));
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.sleep_lock);
         pthread_cond_broadcast(&pool.wake);
@@ -173,10 +233,12 @@ static void wake_workers(void)
     }
 }
 
-static void wait_workers(void)
+/* Until the workers have finished `parts` parts (acquire: their writes are
+ * the caller's after it). */
+static void wait_parts(int parts)
 {
     int spins = 0;
-    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0) {
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < parts) {
         if (++spins % WAIT_SPINS_BEFORE_YIELD == 0)
             sched_yield();
         else
@@ -191,7 +253,7 @@ static void stop_workers(void)
     if (n == 0)
         return;
     atomic_store(&pool.stop, 1);
-    wake_workers();
+    start_region(0);
     for (int i = 0; i < n; i++)
         pthread_join(pool.threads[i], NULL);
     atomic_store(&pool.stop, 0);
@@ -213,7 +275,7 @@ static void after_fork_child(void)
 {
     atomic_store(&pool.n_workers, 0);
     atomic_store(&pool.sleepers, 0);
-    atomic_store(&pool.pending, 0);
+    atomic_store(&pool.done, 0);
     atomic_store(&pool.stop, 0);
     pthread_mutex_init(&pool.sleep_lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
@@ -238,40 +300,17 @@ int hvae_pool_resize(int n_threads)
     if (atomic_load(&pool.n_workers) != want) {
         stop_workers();
         int made = 0;
-        for (; made < want; made++) {
-            worker_start[made].part = made + 1;
-            worker_start[made].seen = atomic_load(&pool.generation);
+        for (; made < want; made++)
             if (pthread_create(&pool.threads[made], NULL, worker_main,
-                               (void *)(intptr_t)made) != 0)
+                               (void *)(uintptr_t)pool.generation) != 0)
                 break;
-        }
-        /* Workers read n_workers only through pending; a partial pool
-         * (pthread_create failed) simply has fewer parts. */
+        /* A partial pool (pthread_create failed) simply has fewer parts. */
         atomic_store(&pool.n_workers, made);
     }
     int threads = atomic_load(&pool.n_workers) + 1;
     pthread_mutex_unlock(&pool.owner);
     pthread_mutex_unlock(&pool.resize);
     return threads;
-}
-
-void hvae_barrier(int n_parts)
-{
-    if (n_parts <= 1)
-        return;
-    unsigned round = atomic_load(&pool.barrier_round);
-    if (atomic_fetch_add(&pool.barrier_count, 1) == n_parts - 1) {
-        atomic_store(&pool.barrier_count, 0);
-        atomic_fetch_add(&pool.barrier_round, 1);
-        return;
-    }
-    int spins = 0;
-    while (atomic_load(&pool.barrier_round) == round) {
-        if (++spins % WAIT_SPINS_BEFORE_YIELD == 0)
-            sched_yield();
-        else
-            cpu_relax();
-    }
 }
 
 int hvae_pool_threads(void)
@@ -295,19 +334,23 @@ void hvae_parallel(hvae_task_fn fn, void *ctx, int n_parts)
     }
     pool.fn = fn;
     pool.ctx = ctx;
-    pool.n_parts = n_parts < workers + 1 ? n_parts : workers + 1;
+    n_parts = n_parts < workers + 1 ? n_parts : workers + 1;
     in_region = 1;
 #ifdef HVAE_POOL_STATS
     hvae_pool_trace_entry *trace = trace_entry();
     trace->fn = fn;
     trace->start = monotonic_ns();
 #endif
-    wake_workers();
-    fn(ctx, 0, pool.n_parts);
+    start_region(n_parts);
+    fn(ctx, 0, n_parts);
+    /* Then any part no worker has claimed yet; the region ends when the
+     * workers have finished the rest. */
+    int ran = 1;
+    run_parts(1, &ran);
 #ifdef HVAE_POOL_STATS
     trace->caller_end = monotonic_ns();
 #endif
-    wait_workers();
+    wait_parts(n_parts - ran);
 #ifdef HVAE_POOL_STATS
     trace->end = monotonic_ns();
     hvae_pool_wait_seconds += 1e-9 * (double)(trace->end - trace->caller_end);

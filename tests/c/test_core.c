@@ -12,20 +12,24 @@
  * larger than the workspace, a stopping hook, a diverging step), and checks
  * results: finite outputs, a loss that decreases, bit-identical reruns,
  * chunking invariance, a gradient against finite differences, the thread
- * pool (regions, barriers, nesting, many resizes) and equal results on one
- * and several threads. The last line
+ * pool (regions, nesting, many resizes, parts claimed by whichever thread
+ * is free, late workers) and equal results on one and several threads. The last line
  * is "N passed, M failed"; the exit status is 1 when a check failed.
  */
+#define _POSIX_C_SOURCE 200809L /* nanosleep, for the thread pool's tests */
 #include "hvae.h"
 #include "internal.h" /* the thread pool's entry points, for test_pool */
 #include "fastmath.h" /* hvae_softplusf, the scalar reference of the likelihood */
 
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static int n_passed, n_failed;
 static const char *current_test = "";
@@ -1462,9 +1466,15 @@ static void logging_part(void *ctx, int part, int n_parts)
     log->runs[part]++;
     log->n_parts_seen[part] = n_parts;
     hvae_parallel(nested_part, &log->nested_parts[part], HVAE_MAX_THREADS);
-    /* Around a barrier: every part's first write is visible to all after it. */
     log->before[part] = part + 1;
-    hvae_barrier(n_parts);
+}
+
+/* The region after logging_part's: every part of a region sees every
+ * part's writes of the region before (what hvae_optimizer_step_if_finite's
+ * check, then update, relies on). */
+static void summing_part(void *ctx, int part, int n_parts)
+{
+    region_log *log = ctx;
     int sum = 0;
     for (int k = 0; k < n_parts; k++)
         sum += log->before[k];
@@ -1486,6 +1496,7 @@ static void test_pool(void)
             region_log log;
             memset(&log, 0, sizeof log);
             hvae_parallel(logging_part, &log, want);
+            hvae_parallel(summing_part, &log, want);
             int n = want < threads ? want : threads;
             for (int p = 0; p < HVAE_MAX_THREADS; p++) {
                 int expected = p < n;
@@ -1501,6 +1512,166 @@ static void test_pool(void)
     /* Back to one thread: the workers are joined (valgrind sees no leak). */
     hvae_set_num_threads(1);
     CHECK(hvae_pool_threads() == 1);
+}
+
+/* ---- parts claimed by whichever thread is free ---------------------------- */
+
+static _Thread_local char thread_tag; /* its address names the thread */
+static const char *caller_tag;        /* the main thread's */
+
+static void sleep_us(long us)
+{
+    struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
+    nanosleep(&ts, NULL);
+}
+
+typedef struct {
+    const char *ran_by[HVAE_MAX_THREADS];
+    int runs[HVAE_MAX_THREADS];
+    double sums[HVAE_MAX_THREADS];
+    const double *data;
+    int64_t n;
+    _Atomic int delay_us; /* the first worker part to take it sleeps so long */
+} claim_log;
+
+static void claim_part(void *ctx, int part, int n_parts)
+{
+    claim_log *log = ctx;
+    log->ran_by[part] = &thread_tag;
+    log->runs[part]++;
+    if (&thread_tag != caller_tag) {
+        int delay = atomic_exchange(&log->delay_us, 0);
+        if (delay)
+            sleep_us(delay);
+    }
+    int64_t lo, hi;
+    hvae_split(log->n, part, n_parts, 1, &lo, &hi);
+    double sum = 0.0;
+    for (int64_t i = lo; i < hi; i++)
+        sum += log->data[i] * log->data[i];
+    log->sums[part] = sum;
+}
+
+/* Part p of n's sum, computed here on one thread. */
+static double claim_sum(const double *data, int64_t n, int part, int n_parts)
+{
+    int64_t lo, hi;
+    hvae_split(n, part, n_parts, 1, &lo, &hi);
+    double sum = 0.0;
+    for (int64_t i = lo; i < hi; i++)
+        sum += data[i] * data[i];
+    return sum;
+}
+
+static int claim_log_is_right(const claim_log *log, int n_parts)
+{
+    int ok = log->ran_by[0] == caller_tag; /* part 0 is always the caller's */
+    for (int p = 0; p < HVAE_MAX_THREADS; p++) {
+        ok &= log->runs[p] == (p < n_parts);
+        if (p < n_parts)
+            ok &= log->sums[p] == claim_sum(log->data, log->n, p, n_parts);
+    }
+    return ok;
+}
+
+static void test_pool_claims(void)
+{
+    current_test = "pool_claims";
+    caller_tag = &thread_tag;
+    enum { N = 4096, TRIALS = 60 };
+    static double data[N];
+    for (int i = 0; i < N; i++)
+        data[i] = 1.0 / (1.0 + i);
+    /* A worker asleep when a region starts (it sleeps after spinning
+     * 20 us) takes some microseconds to wake: meanwhile the caller, done
+     * with its short part 0, takes part 1. Parts run once each, whoever
+     * runs them, with the same results. (With parts assigned, part 1 was
+     * always the worker's.) */
+    hvae_set_num_threads(2);
+    int ok = 1, caller_took = 0;
+    for (int trial = 0; trial < TRIALS; trial++) {
+        if (trial % 2)
+            sleep_us(2000);
+        claim_log log;
+        memset(&log, 0, sizeof log);
+        log.data = data;
+        log.n = N;
+        hvae_parallel(claim_part, &log, 2);
+        ok &= claim_log_is_right(&log, 2);
+        caller_took += log.ran_by[1] == caller_tag;
+    }
+    printf("pool claims: the caller ran part 1 in %d of %d regions\n", caller_took, TRIALS);
+    CHECK(ok);
+    CHECK(caller_took > 0);
+    /* A worker that stalls inside the part it claimed: the region ends only
+     * when that part is done, the other parts run by the caller and the
+     * other worker. */
+    hvae_set_num_threads(3);
+    for (int trial = 0; trial < 4; trial++) {
+        claim_log log;
+        memset(&log, 0, sizeof log);
+        log.data = data;
+        log.n = N;
+        atomic_store(&log.delay_us, 20000);
+        hvae_parallel(claim_part, &log, 3);
+        ok &= claim_log_is_right(&log, 3);
+    }
+    CHECK(ok);
+    hvae_set_num_threads(1);
+}
+
+/* Many short regions back to back with resizes, workers late (asleep, or
+ * held up in a part): every region's ctx is new and dies when it returns,
+ * so a worker that ran a part of a region other than the one it claimed,
+ * or read a newer region's fn/ctx with an older part count, is caught. */
+typedef struct {
+    int id, alive, n_expected;
+    int runs[HVAE_MAX_THREADS];
+} stale_ctx;
+
+static _Atomic int current_region, stale_errors;
+
+static void stale_part(void *ctx, int part, int n_parts)
+{
+    stale_ctx *c = ctx;
+    if (!c->alive || c->id != atomic_load(&current_region) || n_parts != c->n_expected ||
+        part < 0 || part >= n_parts) {
+        atomic_fetch_add(&stale_errors, 1);
+        return;
+    }
+    c->runs[part]++;
+    if (&thread_tag != caller_tag && c->id % 7 == part && c->id % 3 == 0)
+        sleep_us(50);
+}
+
+static void test_pool_late_workers(void)
+{
+    current_test = "pool_late_workers";
+    caller_tag = &thread_tag;
+    enum { REGIONS = 4000, PER_SIZE = 400, RING = 3 };
+    static stale_ctx ring[RING];
+    int ok = 1, threads = 1;
+    atomic_store(&stale_errors, 0);
+    for (int r = 0; r < REGIONS && ok; r++) {
+        if (r % PER_SIZE == 0)
+            threads = hvae_pool_resize(1 + (r / PER_SIZE) % 4);
+        if (r % 97 == 0)
+            sleep_us(400); /* the workers fall asleep */
+        int want = 1 + r % 5;
+        stale_ctx *c = &ring[r % RING];
+        memset(c, 0, sizeof *c);
+        c->id = r;
+        c->alive = 1;
+        c->n_expected = want < threads ? want : threads;
+        atomic_store(&current_region, r);
+        hvae_parallel(stale_part, c, want);
+        c->alive = 0;
+        for (int p = 0; p < HVAE_MAX_THREADS; p++)
+            ok &= c->runs[p] == (p < c->n_expected);
+    }
+    CHECK(ok);
+    CHECK(atomic_load(&stale_errors) == 0);
+    hvae_set_num_threads(1);
 }
 
 /* On `threads` threads with every split forced: evaluates and
@@ -1616,6 +1787,46 @@ static void test_thread_counts(void)
     hvae_optimizer_free(a);
     hvae_optimizer_free(b);
     free_model(&f);
+    hvae_parallel_min_scale = 1.0;
+    hvae_set_num_threads(1);
+}
+
+/* Two threads while a third, busy thread competes for the two cores (the
+ * caller now and then runs a part a worker could not claim in time): the
+ * same bits as two threads alone. */
+static _Atomic int competitor_stop;
+
+static void *competitor_main(void *arg)
+{
+    (void)arg;
+    volatile double x = 0.0;
+    while (!atomic_load_explicit(&competitor_stop, memory_order_relaxed))
+        x += 1.0;
+    return NULL;
+}
+
+static void test_threads_with_competitor(void)
+{
+    current_test = "threads_with_competitor";
+    enum { P_MAX = 4096, N = 96 };
+    static float params[2][P_MAX], grad[2][P_MAX], mu[2][N * 5];
+    static double elbo[2][N];
+    hvae_parallel_min_scale = 0.0; /* split even these small products */
+    run_on_threads(2, params[0], elbo[0], mu[0], grad[0]);
+    pthread_t competitor;
+    atomic_store(&competitor_stop, 0);
+    int started = pthread_create(&competitor, NULL, competitor_main, NULL) == 0;
+    run_on_threads(2, params[1], elbo[1], mu[1], grad[1]);
+    if (started) {
+        atomic_store(&competitor_stop, 1);
+        pthread_join(competitor, NULL);
+    }
+    CHECK(started);
+    CHECK(memcmp(mu[0], mu[1], sizeof mu[0]) == 0);
+    CHECK(memcmp(elbo[0], elbo[1], sizeof elbo[0]) == 0);
+    CHECK(memcmp(grad[0], grad[1], sizeof grad[0]) == 0);
+    CHECK(memcmp(params[0], params[1], sizeof params[0]) == 0);
+    CHECK(all_finite_f(params[1], P_MAX));
     hvae_parallel_min_scale = 1.0;
     hvae_set_num_threads(1);
 }
@@ -2312,7 +2523,10 @@ int main(void)
     test_categorical();
     test_many_models();
     test_pool();
+    test_pool_claims();
+    test_pool_late_workers();
     test_thread_counts();
+    test_threads_with_competitor();
     test_poll_stops_long_calls();
     test_vampprior();
     test_prior_log_density();
