@@ -1714,35 +1714,45 @@ static void run_on_threads(int threads, float *params, double *elbo, float *mu,
     free_model(&f);
 }
 
+/* Two runs of run_on_threads, side by side. */
+enum { RUNS_P_MAX = 4096, RUNS_N = 96 };
+typedef struct {
+    float params[2][RUNS_P_MAX], grad[2][RUNS_P_MAX], mu[2][RUNS_N * 5];
+    double elbo[2][RUNS_N];
+} thread_runs;
+
+static void run_into(thread_runs *r, int k, int n_threads)
+{
+    run_on_threads(n_threads, r->params[k], r->elbo[k], r->mu[k], r->grad[k]);
+}
+
 static void test_thread_counts(void)
 {
     current_test = "thread_counts";
-    enum { P_MAX = 4096, N = 96 };
-    static float params[2][P_MAX], grad[2][P_MAX], mu[2][N * 5];
-    static double elbo[2][N];
+    static thread_runs r;
     hvae_parallel_min_scale = 0.0; /* split even these small products */
     for (int t = 0; t < 2; t++)
-        run_on_threads(1 + t, params[t], elbo[t], mu[t], grad[t]);
+        run_into(&r, t, 1 + t);
     /* Evaluation is bitwise the same on any number of threads. Training
      * splits products in column blocks; the plain-C GEMM computes each
      * element alone, so it too is bitwise the same (OpenBLAS's kernels can
      * differ in the last bit between block widths). */
-    CHECK(memcmp(mu[0], mu[1], sizeof mu[0]) == 0);
-    CHECK(memcmp(elbo[0], elbo[1], sizeof elbo[0]) == 0);
+    CHECK(memcmp(r.mu[0], r.mu[1], sizeof r.mu[0]) == 0);
+    CHECK(memcmp(r.elbo[0], r.elbo[1], sizeof r.elbo[0]) == 0);
 #ifdef HVAE_NO_BLAS
-    CHECK(memcmp(params[0], params[1], sizeof params[0]) == 0);
-    CHECK(memcmp(grad[0], grad[1], sizeof grad[0]) == 0);
+    CHECK(memcmp(r.params[0], r.params[1], sizeof r.params[0]) == 0);
+    CHECK(memcmp(r.grad[0], r.grad[1], sizeof r.grad[0]) == 0);
 #else
     double worst = 0.0, worst_grad = 0.0;
-    for (int i = 0; i < P_MAX; i++) {
-        worst = fmax(worst, fabs((double)params[0][i] - params[1][i]));
-        worst_grad = fmax(worst_grad, fabs((double)grad[0][i] - grad[1][i]));
+    for (int i = 0; i < RUNS_P_MAX; i++) {
+        worst = fmax(worst, fabs((double)r.params[0][i] - r.params[1][i]));
+        worst_grad = fmax(worst_grad, fabs((double)r.grad[0][i] - r.grad[1][i]));
     }
     printf("thread counts: largest difference 1 vs 2 threads, gradient %.2e, "
            "parameters after 9 steps %.2e\n", worst_grad, worst);
     CHECK(worst_grad < 1e-5 && worst < 1e-4);
 #endif
-    CHECK(all_finite_f(params[1], P_MAX) && all_finite_d(elbo[1], N));
+    CHECK(all_finite_f(r.params[1], RUNS_P_MAX) && all_finite_d(r.elbo[1], RUNS_N));
 
     /* The checked optimizer step on two threads: a NaN in the second half
      * of the gradient stops the whole update; a finite gradient is applied
@@ -1808,25 +1818,23 @@ static void *competitor_main(void *arg)
 static void test_threads_with_competitor(void)
 {
     current_test = "threads_with_competitor";
-    enum { P_MAX = 4096, N = 96 };
-    static float params[2][P_MAX], grad[2][P_MAX], mu[2][N * 5];
-    static double elbo[2][N];
+    static thread_runs r;
     hvae_parallel_min_scale = 0.0; /* split even these small products */
-    run_on_threads(2, params[0], elbo[0], mu[0], grad[0]);
+    run_into(&r, 0, 2);
     pthread_t competitor;
     atomic_store(&competitor_stop, 0);
     int started = pthread_create(&competitor, NULL, competitor_main, NULL) == 0;
-    run_on_threads(2, params[1], elbo[1], mu[1], grad[1]);
+    run_into(&r, 1, 2);
     if (started) {
         atomic_store(&competitor_stop, 1);
         pthread_join(competitor, NULL);
     }
     CHECK(started);
-    CHECK(memcmp(mu[0], mu[1], sizeof mu[0]) == 0);
-    CHECK(memcmp(elbo[0], elbo[1], sizeof elbo[0]) == 0);
-    CHECK(memcmp(grad[0], grad[1], sizeof grad[0]) == 0);
-    CHECK(memcmp(params[0], params[1], sizeof params[0]) == 0);
-    CHECK(all_finite_f(params[1], P_MAX));
+    CHECK(memcmp(r.mu[0], r.mu[1], sizeof r.mu[0]) == 0);
+    CHECK(memcmp(r.elbo[0], r.elbo[1], sizeof r.elbo[0]) == 0);
+    CHECK(memcmp(r.grad[0], r.grad[1], sizeof r.grad[0]) == 0);
+    CHECK(memcmp(r.params[0], r.params[1], sizeof r.params[0]) == 0);
+    CHECK(all_finite_f(r.params[1], RUNS_P_MAX));
     hvae_parallel_min_scale = 1.0;
     hvae_set_num_threads(1);
 }
