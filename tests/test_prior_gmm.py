@@ -151,8 +151,7 @@ def test_one_standard_component_is_the_standard_prior_exactly(inference):
     np.testing.assert_allclose(ll_g, ll_s, rtol=1e-5, atol=1e-4)
 
 
-def test_responsibilities_are_p_c_given_the_posterior_mean():
-    problem = GmmProblem(GMM_CASES[1], seed=1)
+def test_responsibilities_are_p_c_given_the_posterior_mean(problem):
     cfg = problem.cfg
     params = ref.unflatten(problem.p0.astype(np.float64), cfg)
     gamma = problem.model.responsibilities(problem.x)

@@ -25,7 +25,8 @@ from test_gradients import (test_gradient_matches_float64_reference,  # noqa: E4
                             test_gradient_matches_own_finite_differences)
 # The diagonal prior's reference check, run here on this module's problems.
 from test_prior_gmm import (GmmProblem, check_iwae_against_the_reference,  # noqa: E402
-                            test_elbo_terms_and_log_weights_match_the_reference)  # noqa: F401
+                            test_elbo_terms_and_log_weights_match_the_reference,  # noqa: F401
+                            test_responsibilities_are_p_c_given_the_posterior_mean)  # noqa: F401
 from test_vade import small_vade, synthetic_clusters  # noqa: E402
 
 import hvae  # noqa: E402
@@ -169,17 +170,6 @@ def test_one_standard_component_is_the_standard_prior(inference):
     np.testing.assert_allclose(full.log_likelihood(x, n_samples=50, seed=1),
                                standard.log_likelihood(x, n_samples=50, seed=1),
                                rtol=1e-5, atol=1e-4)
-
-
-def test_responsibilities_are_p_c_given_the_posterior_mean():
-    problem = FullProblem(FULL_CASES[1], seed=1)
-    cfg = problem.cfg
-    params = ref.unflatten(problem.p0.astype(np.float64), cfg)
-    gamma = problem.model.responsibilities(problem.x)
-    assert gamma.shape == (tg.N_ROWS, cfg.n_components) and gamma.dtype == np.float64
-    mu_top = ref.encode(params, cfg, problem.x)[-1][0]
-    ref.assert_close(gamma, ref.gmm_responsibilities(params, mu_top), 1e-4, 1e-6,
-                     "responsibilities")
 
 
 def identity_decoder_model(pi, means, covariances):
