@@ -7,6 +7,7 @@
 
 #include "hvae.h"
 #include "extension.h"
+#include <math.h>
 
 /* Independent partial sums per row reduction; lets the compiler vectorise
  * a reduction it may not reorder. */
@@ -178,6 +179,19 @@ const float *hvae_packed_layer(const hvae_workspace *ws, const hvae_block *blk, 
 void hvae_packed_free(hvae_packed_cache *c);
 
 /* Whether the workspace's poll hook asks the current call to stop. */
+/* One term l into a running log-sum-exp (*top, *sum): afterwards
+ * *top + log(*sum) is log sum_i exp(l_i) over the terms so far. Start from
+ * top = -INFINITY, sum = 0. */
+static inline void hvae_lse_add(double *top, double *sum, double l)
+{
+    if (l > *top) {
+        *sum = *sum * exp(*top - l) + 1.0;
+        *top = l;
+    } else {
+        *sum += exp(l - *top);
+    }
+}
+
 static inline int ws_stop(const hvae_workspace *ws)
 {
     return ws->poll && ws->poll(ws->poll_ctx);

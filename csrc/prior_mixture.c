@@ -59,13 +59,7 @@ static double log_marginal(const hvae_mixture *g, const float *z)
 {
     double top = -INFINITY, sum = 0.0;
     for (int64_t c = 0; c < g->K; c++) {
-        double l = log_weight(g, c) + g->ops->log_density(g, z, c);
-        if (l > top) {
-            sum = sum * exp(top - l) + 1.0;
-            top = l;
-        } else {
-            sum += exp(l - top);
-        }
+        hvae_lse_add(&top, &sum, log_weight(g, c) + g->ops->log_density(g, z, c));
     }
     return top + log(sum);
 }

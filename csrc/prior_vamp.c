@@ -150,13 +150,8 @@ static double row_log_prior(const hvae_workspace *pw, const float *mu, const flo
 {
     double max = -INFINITY, sum = 0.0;
     for (int64_t k = 0; k < K; k++) {
-        double a = component_logdensity(z, mu + k * d, inv_var + k * d, pw->reconstruction[k], d);
-        if (a > max) {
-            sum = sum * exp(max - a) + 1.0;
-            max = a;
-        } else {
-            sum += exp(a - max);
-        }
+        hvae_lse_add(&max, &sum,
+                     component_logdensity(z, mu + k * d, inv_var + k * d, pw->reconstruction[k], d));
     }
     return max + log(sum);
 }
